@@ -1,0 +1,224 @@
+//! Codec names and their storage cost (DESIGN §5).
+//!
+//! A codec says how one page — the keys or the values of one (layer, kv head) in one block — is
+//! stored. This module is the single place that knows each codec's name and its exact byte size,
+//! so capacity planning and the prefix-hash `extra` key agree with the arenas.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{KvError, Result};
+
+/// Whether a page holds keys or values: the quantized codecs group them differently
+/// (keys per channel over the block's tokens, values per token, as KIVI does).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Key vectors.
+    Key,
+    /// Value vectors.
+    Value,
+}
+
+/// Group size of the per-token value scales of the integer codecs.
+pub const VALUE_GROUP: usize = 32;
+
+/// The codecs the library knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Codec {
+    /// IEEE f32, stored as is.
+    F32,
+    /// IEEE half precision.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// FP8 e4m3 with scales (per channel for keys, per token for values).
+    Fp8E4m3,
+    /// FP8 e5m2 with scales.
+    Fp8E5m2,
+    /// 8-bit asymmetric integers with f16 scale and zero point.
+    Int8,
+    /// 4-bit asymmetric integers, two per byte, with f16 scale and zero point.
+    Int4,
+    /// FibQuant vector quantization: blocks of `k` coordinates, `n` codewords.
+    FibQuant {
+        /// Coordinates per codeword.
+        k: u8,
+        /// Codebook size.
+        n: u32,
+    },
+}
+
+impl Codec {
+    /// Every fixed codec name, for error messages and help text.
+    pub const FIXED: [Codec; 7] = [
+        Codec::F32,
+        Codec::F16,
+        Codec::Bf16,
+        Codec::Fp8E4m3,
+        Codec::Fp8E5m2,
+        Codec::Int8,
+        Codec::Int4,
+    ];
+
+    /// The list of valid names as shown to users.
+    pub fn valid_names() -> String {
+        let mut names: Vec<String> = Self::FIXED.iter().map(|c| c.to_string()).collect();
+        names.push("fibquant-k{K}n{N} (e.g. fibquant-k2n256, fibquant-k4n256)".to_string());
+        names.join(", ")
+    }
+
+    /// True for codecs whose pages are stored as plain floats (no sealing step needed).
+    pub fn is_full_precision(self) -> bool {
+        matches!(self, Codec::F32 | Codec::F16 | Codec::Bf16)
+    }
+
+    /// Bytes of one page: `block_size` tokens of `head_dim` elements for one (layer, kv head).
+    pub fn page_bytes(self, role: Role, block_size: usize, head_dim: usize) -> Result<usize> {
+        let overflow = |what| KvError::SizeOverflow { what };
+        let elements = block_size
+            .checked_mul(head_dim)
+            .ok_or(overflow("page elements"))?;
+        let scale_pairs = match role {
+            // one f16 scale + one f16 zero (or a single f16 scale for fp8) per channel
+            Role::Key => head_dim,
+            // per token, per group of VALUE_GROUP channels
+            Role::Value => block_size
+                .checked_mul(head_dim.div_ceil(VALUE_GROUP))
+                .ok_or(overflow("value groups"))?,
+        };
+        let bytes = match self {
+            Codec::F32 => elements.checked_mul(4),
+            Codec::F16 | Codec::Bf16 => elements.checked_mul(2),
+            Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+                let scales = match role {
+                    Role::Key => head_dim,
+                    Role::Value => block_size,
+                };
+                scales.checked_mul(2).and_then(|s| elements.checked_add(s))
+            }
+            Codec::Int8 => scale_pairs.checked_mul(4).and_then(|s| elements.checked_add(s)),
+            Codec::Int4 => block_size
+                .checked_mul(head_dim.div_ceil(2))
+                .and_then(|packed| scale_pairs.checked_mul(4).and_then(|s| packed.checked_add(s))),
+            Codec::FibQuant { k, n } => {
+                let index_bits = fibquant_index_bits(n);
+                let codewords = head_dim / k as usize;
+                codewords
+                    .checked_mul(index_bits)
+                    .map(|bits| bits.div_ceil(8) + 2) // packed indices + f16 norm
+                    .and_then(|per_token| per_token.checked_mul(block_size))
+            }
+        };
+        bytes.ok_or(overflow("page bytes"))
+    }
+
+    /// Storage cost in bits per stored element, scales and norms included.
+    pub fn bits_per_element(self, role: Role, block_size: usize, head_dim: usize) -> Result<f64> {
+        let bytes = self.page_bytes(role, block_size, head_dim)?;
+        Ok(bytes as f64 * 8.0 / (block_size * head_dim) as f64)
+    }
+
+    /// Checks that the codec can store vectors of `head_dim` elements.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
+        if let Codec::FibQuant { k, .. } = self {
+            if head_dim % k as usize != 0 {
+                return Err(KvError::UnsupportedCodec {
+                    codec: self.to_string(),
+                    reason: "head_dim must be a multiple of the FibQuant block size k",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Bits of one FibQuant codeword index: ⌈log2 N⌉.
+fn fibquant_index_bits(n: u32) -> usize {
+    (u32::BITS - (n - 1).leading_zeros()) as usize
+}
+
+impl fmt::Display for Codec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Codec::F32 => f.write_str("f32"),
+            Codec::F16 => f.write_str("f16"),
+            Codec::Bf16 => f.write_str("bf16"),
+            Codec::Fp8E4m3 => f.write_str("fp8-e4m3"),
+            Codec::Fp8E5m2 => f.write_str("fp8-e5m2"),
+            Codec::Int8 => f.write_str("int8"),
+            Codec::Int4 => f.write_str("int4"),
+            Codec::FibQuant { k, n } => write!(f, "fibquant-k{k}n{n}"),
+        }
+    }
+}
+
+impl FromStr for Codec {
+    type Err = KvError;
+
+    fn from_str(name: &str) -> Result<Self> {
+        let unknown = || KvError::UnknownCodec {
+            name: name.to_string(),
+            valid: Codec::valid_names(),
+        };
+        if let Some(fixed) = Self::FIXED.iter().find(|c| c.to_string() == name) {
+            return Ok(*fixed);
+        }
+        let rest = name.strip_prefix("fibquant-k").ok_or_else(unknown)?;
+        let (k, n) = rest.split_once('n').ok_or_else(unknown)?;
+        let k: u8 = k.parse().map_err(|_| unknown())?;
+        let n: u32 = n.parse().map_err(|_| unknown())?;
+        // k: coordinates per codeword; N: at least 2 codewords, indices up to 16 bits.
+        if !(1..=8).contains(&k) || !(2..=65_536).contains(&n) {
+            return Err(unknown());
+        }
+        Ok(Codec::FibQuant { k, n })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for c in Codec::FIXED {
+            assert_eq!(c.to_string().parse::<Codec>().unwrap(), c);
+        }
+        let fq: Codec = "fibquant-k4n256".parse().unwrap();
+        assert_eq!(fq, Codec::FibQuant { k: 4, n: 256 });
+        assert_eq!(fq.to_string(), "fibquant-k4n256");
+    }
+
+    #[test]
+    fn unknown_names_list_valid_ones() {
+        for bad in ["int3", "", "fibquant-k0n16", "fibquant-k2n1", "fibquant-k2n70000", "F16"] {
+            match bad.parse::<Codec>() {
+                Err(KvError::UnknownCodec { valid, .. }) => assert!(valid.contains("int4")),
+                other => panic!("{bad}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn page_bytes_match_the_design_table() {
+        let (bs, d) = (16, 64);
+        assert_eq!(Codec::F32.page_bytes(Role::Key, bs, d).unwrap(), 4096);
+        assert_eq!(Codec::F16.page_bytes(Role::Value, bs, d).unwrap(), 2048);
+        // int8 keys: 1 byte per element + f16 scale and zero per channel
+        assert_eq!(Codec::Int8.page_bytes(Role::Key, bs, d).unwrap(), 1024 + 64 * 4);
+        // int4 values: half a byte per element + scale and zero per token per 32 channels
+        assert_eq!(Codec::Int4.page_bytes(Role::Value, bs, d).unwrap(), 512 + 16 * 2 * 4);
+        // fibquant k2 N256: 32 indices of 8 bits + f16 norm per token = 4.25 bits/element
+        let fq = Codec::FibQuant { k: 2, n: 256 };
+        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 4.25);
+        let fq = Codec::FibQuant { k: 4, n: 256 };
+        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 2.25);
+    }
+
+    #[test]
+    fn fibquant_needs_divisible_head_dim() {
+        let fq = Codec::FibQuant { k: 3, n: 64 };
+        assert!(fq.check_head_dim(64).is_err());
+        assert!(fq.check_head_dim(63).is_ok());
+    }
+}

@@ -1,0 +1,282 @@
+//! The geometry of a KV cache (DESIGN §2), validated once and then trusted.
+//!
+//! One block id covers every layer. Within a layer the arena of keys (and the one of values) is
+//!
+//! ```text
+//!   [block 0][block 1] ...            one block = kv_heads pages
+//!   [head 0 page][head 1 page] ...    one page  = block_size tokens × head_dim (or a codec's packing)
+//!   [tok 0: d0 d1 .. d(h-1)][tok 1: ...]
+//! ```
+//!
+//! so attention for one (sequence, kv head) streams contiguous pages, and one pass serves all
+//! query heads of a GQA group.
+
+use crate::codec::{Codec, Role};
+use crate::error::{KvError, Result};
+
+/// Upper bounds that keep every derived size far from overflow and catch absurd input early.
+const MAX_LAYERS: usize = 1024;
+const MAX_HEADS: usize = 4096;
+const MAX_HEAD_DIM: usize = 4096;
+const MAX_BLOCK_SIZE: usize = 4096;
+
+/// Unvalidated layout request; [`KvLayout::new`] checks it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayoutSpec {
+    /// Transformer layers.
+    pub layers: usize,
+    /// Key/value heads per layer.
+    pub kv_heads: usize,
+    /// Query heads per layer (a multiple of `kv_heads`).
+    pub query_heads: usize,
+    /// Elements per head vector.
+    pub head_dim: usize,
+    /// Tokens per block (16 by default).
+    pub block_size: usize,
+    /// Codec of the keys.
+    pub key_codec: Codec,
+    /// Codec of the values.
+    pub value_codec: Codec,
+}
+
+impl LayoutSpec {
+    /// A spec with the default block size (16) and the same codec for keys and values.
+    pub fn new(layers: usize, kv_heads: usize, query_heads: usize, head_dim: usize, codec: Codec) -> Self {
+        Self {
+            layers,
+            kv_heads,
+            query_heads,
+            head_dim,
+            block_size: 16,
+            key_codec: codec,
+            value_codec: codec,
+        }
+    }
+}
+
+/// How query heads map onto kv heads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// One kv head per query head.
+    MultiHead,
+    /// Each kv head serves `group` query heads.
+    GroupedQuery {
+        /// Query heads per kv head.
+        group: usize,
+    },
+    /// A single kv head serves every query head.
+    MultiQuery,
+}
+
+/// A validated KV-cache layout. Fields are private so a `KvLayout` is always valid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvLayout {
+    spec: LayoutSpec,
+    key_page_bytes: usize,
+    value_page_bytes: usize,
+    block_bytes: usize,
+}
+
+impl KvLayout {
+    /// Validates a spec: positive sizes within bounds, query heads a multiple of kv heads,
+    /// codecs able to store `head_dim`, and every derived size free of overflow.
+    pub fn new(spec: LayoutSpec) -> Result<Self> {
+        let bounded = [
+            ("layers", spec.layers, MAX_LAYERS),
+            ("kv_heads", spec.kv_heads, MAX_HEADS),
+            ("query_heads", spec.query_heads, MAX_HEADS),
+            ("head_dim", spec.head_dim, MAX_HEAD_DIM),
+            ("block_size", spec.block_size, MAX_BLOCK_SIZE),
+        ];
+        for (field, value, max) in bounded {
+            if value == 0 {
+                return Err(KvError::ZeroDimension { field });
+            }
+            if value > max {
+                return Err(KvError::TooLarge { field, value, max });
+            }
+        }
+        if spec.query_heads % spec.kv_heads != 0 {
+            return Err(KvError::QueryHeadsNotMultiple {
+                query_heads: spec.query_heads,
+                kv_heads: spec.kv_heads,
+            });
+        }
+        spec.key_codec.check_head_dim(spec.head_dim)?;
+        spec.value_codec.check_head_dim(spec.head_dim)?;
+        let key_page_bytes = spec.key_codec.page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
+        let value_page_bytes = spec.value_codec.page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
+        let overflow = KvError::SizeOverflow { what: "block bytes" };
+        let block_bytes = key_page_bytes
+            .checked_add(value_page_bytes)
+            .and_then(|per_head| per_head.checked_mul(spec.kv_heads))
+            .and_then(|per_layer| per_layer.checked_mul(spec.layers))
+            .ok_or(overflow)?;
+        Ok(Self {
+            spec,
+            key_page_bytes,
+            value_page_bytes,
+            block_bytes,
+        })
+    }
+
+    /// The spec this layout was built from.
+    pub fn spec(&self) -> &LayoutSpec {
+        &self.spec
+    }
+    /// Transformer layers.
+    pub fn layers(&self) -> usize {
+        self.spec.layers
+    }
+    /// Key/value heads per layer.
+    pub fn kv_heads(&self) -> usize {
+        self.spec.kv_heads
+    }
+    /// Query heads per layer.
+    pub fn query_heads(&self) -> usize {
+        self.spec.query_heads
+    }
+    /// Elements per head vector.
+    pub fn head_dim(&self) -> usize {
+        self.spec.head_dim
+    }
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.spec.block_size
+    }
+    /// Codec of the keys.
+    pub fn key_codec(&self) -> Codec {
+        self.spec.key_codec
+    }
+    /// Codec of the values.
+    pub fn value_codec(&self) -> Codec {
+        self.spec.value_codec
+    }
+    /// Query heads served by each kv head.
+    pub fn group_size(&self) -> usize {
+        self.spec.query_heads / self.spec.kv_heads
+    }
+
+    /// MHA, GQA or MQA, derived from the head counts.
+    pub fn attention_kind(&self) -> AttentionKind {
+        match (self.spec.kv_heads, self.group_size()) {
+            (_, 1) => AttentionKind::MultiHead,
+            (1, _) => AttentionKind::MultiQuery,
+            (_, group) => AttentionKind::GroupedQuery { group },
+        }
+    }
+
+    /// Elements of one token's K (or V) across all kv heads of a layer: `kv_heads × head_dim`.
+    pub fn token_width(&self) -> usize {
+        self.spec.kv_heads * self.spec.head_dim
+    }
+
+    /// Elements of one full-precision page: `block_size × head_dim`.
+    pub fn page_elements(&self) -> usize {
+        self.spec.block_size * self.spec.head_dim
+    }
+
+    /// Bytes of one key page (one layer, one kv head, one block) in the key codec.
+    pub fn key_page_bytes(&self) -> usize {
+        self.key_page_bytes
+    }
+    /// Bytes of one value page in the value codec.
+    pub fn value_page_bytes(&self) -> usize {
+        self.value_page_bytes
+    }
+
+    /// Bytes of one block across all layers, keys and values, in the layout's codecs.
+    pub fn block_bytes(&self) -> usize {
+        self.block_bytes
+    }
+
+    /// KV bytes per cached token (block bytes / block size).
+    pub fn kv_bytes_per_token(&self) -> f64 {
+        self.block_bytes as f64 / self.spec.block_size as f64
+    }
+
+    /// Average bits per stored K/V element, scales and norms included.
+    pub fn bits_per_element(&self) -> f64 {
+        let elements = 2 * self.page_elements();
+        (self.key_page_bytes + self.value_page_bytes) as f64 * 8.0 / elements as f64
+    }
+
+    /// How many whole blocks fit in `budget_bytes`.
+    pub fn blocks_in_budget(&self, budget_bytes: u64) -> u64 {
+        budget_bytes / self.block_bytes as u64
+    }
+
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for_tokens(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.spec.block_size)
+    }
+
+    /// Bytes that name this layout in prefix-hash keys and tier payload headers: any change to
+    /// geometry or codec changes the stored bytes, so it must change the key.
+    pub fn digest_bytes(&self) -> Vec<u8> {
+        let s = &self.spec;
+        format!(
+            "pagedkv-layout-v1;layers={};kv_heads={};query_heads={};head_dim={};block_size={};k={};v={}",
+            s.layers, s.kv_heads, s.query_heads, s.head_dim, s.block_size, s.key_codec, s.value_codec
+        )
+        .into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn smollm(codec: Codec) -> LayoutSpec {
+        LayoutSpec::new(30, 3, 9, 64, codec)
+    }
+
+    #[test]
+    fn smollm_geometry() {
+        let layout = KvLayout::new(smollm(Codec::F16)).unwrap();
+        assert_eq!(layout.attention_kind(), AttentionKind::GroupedQuery { group: 3 });
+        // 30 layers × 3 heads × 64 dims × (K+V) × 2 bytes = 23,040 bytes per token
+        assert_eq!(layout.kv_bytes_per_token(), 23_040.0);
+        assert_eq!(layout.block_bytes(), 23_040 * 16);
+        assert_eq!(layout.blocks_in_budget(1 << 30), (1u64 << 30) / (23_040 * 16));
+        assert_eq!(layout.bits_per_element(), 16.0);
+        assert_eq!(layout.blocks_for_tokens(33), 3);
+    }
+
+    #[test]
+    fn mha_and_mqa_are_derived() {
+        let mha = KvLayout::new(LayoutSpec::new(2, 4, 4, 8, Codec::F32)).unwrap();
+        assert_eq!(mha.attention_kind(), AttentionKind::MultiHead);
+        let mqa = KvLayout::new(LayoutSpec::new(2, 1, 8, 8, Codec::F32)).unwrap();
+        assert_eq!(mqa.attention_kind(), AttentionKind::MultiQuery);
+    }
+
+    #[test]
+    fn invalid_geometry_is_a_typed_error() {
+        let mut spec = smollm(Codec::F16);
+        spec.head_dim = 0;
+        assert_eq!(KvLayout::new(spec), Err(KvError::ZeroDimension { field: "head_dim" }));
+        let mut spec = smollm(Codec::F16);
+        spec.query_heads = 10;
+        assert_eq!(
+            KvLayout::new(spec),
+            Err(KvError::QueryHeadsNotMultiple { query_heads: 10, kv_heads: 3 })
+        );
+        let mut spec = smollm(Codec::F16);
+        spec.block_size = usize::MAX;
+        assert!(matches!(KvLayout::new(spec), Err(KvError::TooLarge { field: "block_size", .. })));
+        let mut spec = smollm(Codec::FibQuant { k: 3, n: 64 });
+        spec.head_dim = 64;
+        assert!(matches!(KvLayout::new(spec), Err(KvError::UnsupportedCodec { .. })));
+    }
+
+    #[test]
+    fn compressed_codecs_shrink_blocks() {
+        let f16 = KvLayout::new(smollm(Codec::F16)).unwrap();
+        let int4 = KvLayout::new(smollm(Codec::Int4)).unwrap();
+        // 4-bit data + f16 scales and zeros: 1,408 vs 4,096 bytes per page pair at bs=16, d=64
+        assert_eq!(int4.key_page_bytes() + int4.value_page_bytes(), 1408);
+        assert!(int4.block_bytes() * 2 < f16.block_bytes());
+        assert_ne!(f16.digest_bytes(), int4.digest_bytes());
+    }
+}

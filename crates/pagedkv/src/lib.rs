@@ -1,0 +1,24 @@
+//! pagedkv: the KV-cache layer of an LLM inference engine.
+//!
+//! It decides where every key and value vector lives ([`KvLayout`], [`KvStorage`]), shares them
+//! between sequences ([`BlockPool`], prefix cache, copy-on-write fork), and is driven through
+//! [`KvCacheManager`]. See `DESIGN.md` §2–4 for the data layout and algorithms.
+#![warn(missing_docs)]
+
+pub mod block;
+pub mod codec;
+pub mod error;
+pub mod layout;
+pub mod manager;
+pub mod prefix;
+pub mod storage;
+pub mod table;
+
+pub use block::{BlockId, BlockPool, PoolCounts};
+pub use codec::{Codec, Role};
+pub use error::{KvError, Result};
+pub use layout::{AttentionKind, KvLayout, LayoutSpec};
+pub use manager::{Admission, KvCacheManager};
+pub use prefix::{hash_block, BlockHash, PrefixStats};
+pub use storage::{KvStorage, PageRef};
+pub use table::{BlockTable, SeqId};

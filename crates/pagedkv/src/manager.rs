@@ -1,0 +1,325 @@
+//! The cache manager: block pool + prefix cache + block tables + storage (DESIGN §3–4).
+//!
+//! A step of a sequence goes through three calls, each all-or-nothing:
+//! 1. [`KvCacheManager::reserve`] makes room for `n` more tokens (new blocks, and a private copy
+//!    of a shared, partly filled last block: copy-on-write);
+//! 2. [`KvCacheManager::write_token`] stores each layer's K and V at the new positions;
+//! 3. [`KvCacheManager::commit`] records their token ids; every block that becomes full gets its
+//!    chained prefix key and is offered to the prefix cache.
+//!
+//! A new request starts with [`KvCacheManager::admit`], which takes the longest chain of cached
+//! blocks for its prompt and reserves the rest under the admission watermark.
+
+use std::collections::HashMap;
+
+use crate::block::{BlockId, BlockPool, PoolCounts};
+use crate::error::{KvError, Result};
+use crate::layout::KvLayout;
+use crate::prefix::{hash_block, BlockHash, PrefixStats};
+use crate::storage::KvStorage;
+use crate::table::{BlockTable, SeqId};
+
+/// Result of admitting a prompt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    /// Leading prompt tokens whose K/V came from the prefix cache (already committed).
+    pub cached_tokens: usize,
+}
+
+/// Owns every block of one cache and the sequences using them.
+#[derive(Debug, Clone)]
+pub struct KvCacheManager {
+    layout: KvLayout,
+    pool: BlockPool,
+    storage: KvStorage,
+    seqs: HashMap<SeqId, BlockTable>,
+    extra: BlockHash,
+    watermark_blocks: usize,
+}
+
+impl KvCacheManager {
+    /// A cache of `num_blocks` blocks. `extra` names whatever besides tokens and layout changes
+    /// the stored K/V (the model, usually); the layout's codecs are always part of the key.
+    pub fn new(layout: KvLayout, num_blocks: usize, extra: &[u8]) -> Result<Self> {
+        let pool = BlockPool::new(num_blocks)?;
+        let storage = KvStorage::new(layout, num_blocks)?;
+        let mut key = layout.digest_bytes();
+        key.push(0);
+        key.extend_from_slice(extra);
+        Ok(Self {
+            layout,
+            pool,
+            storage,
+            seqs: HashMap::new(),
+            extra: BlockHash::of_bytes(&key),
+            watermark_blocks: 0,
+        })
+    }
+
+    /// A cache holding as many blocks as fit in `budget_bytes` for this layout.
+    pub fn with_budget(layout: KvLayout, budget_bytes: u64, extra: &[u8]) -> Result<Self> {
+        let blocks = layout.blocks_in_budget(budget_bytes);
+        let blocks = usize::try_from(blocks).map_err(|_| KvError::SizeOverflow { what: "block count" })?;
+        Self::new(layout, blocks, extra)
+    }
+
+    /// Blocks kept in reserve at admission so running sequences can still grow.
+    pub fn set_watermark_blocks(&mut self, blocks: usize) {
+        self.watermark_blocks = blocks;
+    }
+
+    /// The cache's layout.
+    pub fn layout(&self) -> &KvLayout {
+        &self.layout
+    }
+    /// The block pool (read-only view).
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+    /// The K/V arenas, for attention kernels.
+    pub fn storage(&self) -> &KvStorage {
+        &self.storage
+    }
+    /// Prefix-cache counters.
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.pool.stats()
+    }
+    /// Blocks by state.
+    pub fn counts(&self) -> PoolCounts {
+        self.pool.counts()
+    }
+    /// Free plus evictable blocks.
+    pub fn num_available_blocks(&self) -> usize {
+        self.pool.num_available()
+    }
+    /// Registered sequences.
+    pub fn sequences(&self) -> impl Iterator<Item = (SeqId, &BlockTable)> {
+        self.seqs.iter().map(|(id, t)| (*id, t))
+    }
+    /// The block table of a sequence.
+    pub fn table(&self, seq: SeqId) -> Result<&BlockTable> {
+        self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))
+    }
+    /// Prefix key of a chain of full blocks, as the cache computes it (for tests and tiers).
+    pub fn prefix_key(&self, tokens: &[u32]) -> Option<BlockHash> {
+        let bs = self.layout.block_size();
+        tokens
+            .chunks_exact(bs)
+            .fold(None, |parent, block| Some(hash_block(parent, self.extra, block)))
+    }
+
+    /// Blocks the free queue would have to supply to admit `prompt` (prefix hits excluded, but
+    /// hits on blocks with no owner counted, since taking them removes them from the queue).
+    pub fn blocks_to_admit(&self, prompt: &[u32]) -> usize {
+        let (hits, _) = self.match_prefix(prompt);
+        let idle_hits = hits.iter().filter(|b| self.pool.ref_count(**b) == Ok(0)).count();
+        self.layout.blocks_for_tokens(prompt.len()) - hits.len() + idle_hits
+    }
+
+    /// Whether `prompt` would be admitted now (its blocks plus the watermark fit).
+    pub fn can_admit(&self, prompt: &[u32]) -> bool {
+        self.blocks_to_admit(prompt) + self.watermark_blocks <= self.pool.num_available()
+    }
+
+    /// Registers a new sequence for `prompt`: takes the longest chain of cached full blocks (at
+    /// most up to the prompt's last token, which is always computed so the model has logits) and
+    /// reserves blocks for the rest. Refused with `OutOfBlocks` (changing nothing) unless the
+    /// blocks plus the watermark fit.
+    pub fn admit(&mut self, seq: SeqId, prompt: &[u32]) -> Result<Admission> {
+        if self.seqs.contains_key(&seq) {
+            return Err(KvError::SequenceExists(seq));
+        }
+        if prompt.is_empty() {
+            return Err(KvError::EmptyPrompt(seq));
+        }
+        let needed = self.blocks_to_admit(prompt) + self.watermark_blocks;
+        if needed > self.pool.num_available() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.pool.num_available(),
+            });
+        }
+        let (hits, hashes) = self.match_prefix(prompt);
+        let bs = self.layout.block_size();
+        let lookups = ((prompt.len() - 1) / bs) as u64;
+        self.pool.record_lookups(hits.len() as u64, lookups - hits.len() as u64);
+        for block in &hits {
+            self.pool.retain(*block)?;
+        }
+        let cached_tokens = hits.len() * bs;
+        let mut table = BlockTable {
+            blocks: hits,
+            tokens: prompt[..cached_tokens].to_vec(),
+            hashes,
+        };
+        let fresh = self.layout.blocks_for_tokens(prompt.len()) - table.blocks.len();
+        self.pool.allocate(fresh, &mut table.blocks)?;
+        self.seqs.insert(seq, table);
+        Ok(Admission { cached_tokens })
+    }
+
+    /// Longest chain of cached blocks for the prompt's full blocks, excluding a block that would
+    /// hold the prompt's last token.
+    fn match_prefix(&self, prompt: &[u32]) -> (Vec<BlockId>, Vec<BlockHash>) {
+        let bs = self.layout.block_size();
+        let matchable = prompt.len().saturating_sub(1) / bs;
+        let mut blocks = Vec::new();
+        let mut hashes = Vec::new();
+        let mut parent = None;
+        for chunk in prompt.chunks_exact(bs).take(matchable) {
+            let hash = hash_block(parent, self.extra, chunk);
+            match self.pool.lookup(hash) {
+                Some(block) => {
+                    blocks.push(block);
+                    hashes.push(hash);
+                    parent = Some(hash);
+                }
+                None => break,
+            }
+        }
+        (blocks, hashes)
+    }
+
+    /// Makes room for `n` more tokens after the committed ones: allocates blocks as needed and,
+    /// if the partly filled last block is shared, replaces it by a private copy (all layers).
+    pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<()> {
+        let bs = self.layout.block_size();
+        let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let target = table.tokens.len().checked_add(n).ok_or(KvError::SizeOverflow { what: "sequence length" })?;
+        let grow = self.layout.blocks_for_tokens(target).saturating_sub(table.blocks.len());
+        let open_slot = table.tokens.len() % bs;
+        let shared_tail = if n > 0 && open_slot != 0 {
+            let tail = table.blocks[table.tokens.len() / bs];
+            (self.pool.ref_count(tail)? > 1).then_some(tail)
+        } else {
+            None
+        };
+        let needed = grow + usize::from(shared_tail.is_some());
+        if needed > self.pool.num_available() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.pool.num_available(),
+            });
+        }
+        let table = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        if let Some(shared) = shared_tail {
+            let copy = self.pool.allocate_one()?;
+            self.storage.copy_block(shared, copy)?;
+            self.pool.release(shared)?;
+            let idx = table.tokens.len() / bs;
+            table.blocks[idx] = copy;
+        }
+        self.pool.allocate(grow, &mut table.blocks)?;
+        Ok(())
+    }
+
+    /// Writes one token's K and V for one layer at position `pos`, which must be reserved and not
+    /// yet committed (committed positions may be shared and are read-only).
+    pub fn write_token(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
+        let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let bs = self.layout.block_size();
+        let capacity = table.blocks.len() * bs;
+        if pos < table.tokens.len() || pos >= capacity {
+            return Err(KvError::PositionNotWritable {
+                seq,
+                pos,
+                committed: table.tokens.len(),
+                capacity,
+            });
+        }
+        if !k.iter().chain(v).all(|x| x.is_finite()) {
+            return Err(KvError::NonFinite { what: "K/V row" });
+        }
+        let block = table.blocks[pos / bs];
+        self.storage.write_token(layer, block, pos % bs, k, v)
+    }
+
+    /// Reads one committed or written token's K and V back as f32 (for tests and inspection).
+    pub fn read_token(&self, seq: SeqId, layer: usize, pos: usize, k: &mut [f32], v: &mut [f32]) -> Result<()> {
+        let table = self.table(seq)?;
+        let bs = self.layout.block_size();
+        let limit = table.blocks.len() * bs;
+        if pos >= limit {
+            return Err(KvError::IndexOutOfRange { what: "position", index: pos, limit });
+        }
+        self.storage.read_token(layer, table.blocks[pos / bs], pos % bs, k, v)
+    }
+
+    /// Records the token ids of the next `tokens.len()` written positions. Blocks that become full
+    /// get their chained prefix key and are offered to the prefix cache.
+    pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
+        let bs = self.layout.block_size();
+        let table = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let capacity = table.blocks.len() * bs;
+        let end = table.tokens.len() + tokens.len();
+        if end > capacity {
+            return Err(KvError::PositionNotWritable {
+                seq,
+                pos: end - 1,
+                committed: table.tokens.len(),
+                capacity,
+            });
+        }
+        table.tokens.extend_from_slice(tokens);
+        for block_idx in table.hashes.len()..table.tokens.len() / bs {
+            let parent = table.hashes.last().copied();
+            let hash = hash_block(parent, self.extra, &table.tokens[block_idx * bs..(block_idx + 1) * bs]);
+            table.hashes.push(hash);
+            self.pool.register(table.blocks[block_idx], hash)?;
+        }
+        Ok(())
+    }
+
+    /// Registers `child` as a copy of `parent` sharing all its blocks (ref counts + 1). The first
+    /// write either makes into a shared, partly filled block copies it first.
+    pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
+        if self.seqs.contains_key(&child) {
+            return Err(KvError::SequenceExists(child));
+        }
+        let table = self.table(parent)?.clone();
+        for block in &table.blocks {
+            self.pool.retain(*block)?;
+        }
+        self.seqs.insert(child, table);
+        Ok(())
+    }
+
+    /// Removes a sequence and releases its blocks, tail first, so that the head of a shared
+    /// prefix is the last to be evicted.
+    pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        let table = self.seqs.remove(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        for block in table.blocks.iter().rev() {
+            self.pool.release(*block)?;
+        }
+        Ok(())
+    }
+
+    /// Checks the manager's invariants (pool structure, ref count = number of tables holding the
+    /// block, table shapes, prefix keys of committed blocks); the first violation is returned.
+    pub fn check_invariants(&self) -> std::result::Result<(), String> {
+        self.pool.check_invariants()?;
+        let bs = self.layout.block_size();
+        let mut holders = vec![0u32; self.pool.num_blocks()];
+        for (id, table) in &self.seqs {
+            if table.blocks.len() * bs < table.tokens.len() {
+                return Err(format!("{id:?} has more tokens than block capacity"));
+            }
+            if table.hashes.len() != table.tokens.len() / bs {
+                return Err(format!("{id:?} has {} keys for {} tokens", table.hashes.len(), table.tokens.len()));
+            }
+            if self.prefix_key(&table.tokens[..table.hashes.len() * bs]) != table.hashes.last().copied() {
+                return Err(format!("{id:?} has a stale prefix key"));
+            }
+            for block in &table.blocks {
+                holders[block.index()] += 1;
+            }
+        }
+        for (i, holders) in holders.iter().enumerate() {
+            let refs = self.pool.ref_count(BlockId(i as u32)).map_err(|e| e.to_string())?;
+            if refs != *holders {
+                return Err(format!("block {i}: ref count {refs} but {holders} tables hold it"));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,169 @@
+//! Block-manager behaviour with exact block ids, and every error path leaving state unchanged.
+
+mod common;
+
+use common::*;
+use pagedkv::{BlockId, KvCacheManager, KvError, SeqId};
+
+fn manager(blocks: usize) -> KvCacheManager {
+    KvCacheManager::new(small_layout(), blocks, b"test-model").unwrap()
+}
+
+fn ids(v: &[u32]) -> Vec<BlockId> {
+    v.iter().map(|i| BlockId(*i)).collect()
+}
+
+#[test]
+fn admit_allocates_and_prefix_hits_share_blocks() {
+    let mut m = manager(8);
+    let prompt: Vec<u32> = (0..10).collect();
+    assert_eq!(m.admit(SeqId(1), &prompt).unwrap().cached_tokens, 0);
+    assert_eq!(m.table(SeqId(1)).unwrap().blocks(), ids(&[0, 1, 2]));
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    // the same 8-token prefix followed by something else: two blocks hit
+    let mut other = prompt[..8].to_vec();
+    other.extend([99, 98, 97]);
+    assert_eq!(m.admit(SeqId(2), &other).unwrap().cached_tokens, 8);
+    assert_eq!(m.table(SeqId(2)).unwrap().blocks(), ids(&[0, 1, 3]));
+    assert_eq!(m.pool().ref_count(BlockId(0)).unwrap(), 2);
+    write_and_commit(&mut m, SeqId(2), &other[8..]);
+    check_contents(&m, SeqId(2)).unwrap();
+    let stats = m.prefix_stats();
+    // seq 1 looked up 2 full blocks and missed both; seq 2 hit both
+    assert_eq!((stats.hits, stats.misses), (2, 2));
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn last_prompt_token_is_always_computed() {
+    let mut m = manager(8);
+    let prompt: Vec<u32> = (0..8).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    // an identical prompt may reuse only the first block: the second holds the last token
+    assert_eq!(m.admit(SeqId(2), &prompt).unwrap().cached_tokens, 4);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn freed_prefix_stays_cached_until_evicted_tail_first() {
+    let mut m = manager(4);
+    let prompt: Vec<u32> = (0..12).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    m.free(SeqId(1)).unwrap();
+    // freed tail first: queue is [3, 2, 1, 0], blocks 0..2 still cached
+    assert_eq!(m.pool().free_queue().collect::<Vec<_>>(), ids(&[3, 2, 1, 0]));
+    assert_eq!(m.counts().cached, 3);
+    // a new, unrelated 8-token request takes 3 then 2: evicting the tail of the old prefix
+    m.admit(SeqId(2), &[50, 51, 52, 53, 54, 55, 56, 57]).unwrap();
+    assert_eq!(m.table(SeqId(2)).unwrap().blocks(), ids(&[3, 2]));
+    assert_eq!(m.prefix_stats().evictions, 1);
+    // the head of the old prefix is still there
+    let again: Vec<u32> = (0..5).collect();
+    assert_eq!(m.admit(SeqId(3), &again).unwrap().cached_tokens, 4);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn fork_then_write_copies_the_shared_block() {
+    let mut m = manager(8);
+    let prompt: Vec<u32> = (0..6).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    m.fork(SeqId(1), SeqId(2)).unwrap();
+    assert_eq!(m.pool().ref_count(BlockId(1)).unwrap(), 2);
+    m.reserve(SeqId(2), 1).unwrap();
+    // the child got a private copy of the partly filled block 1
+    assert_eq!(m.table(SeqId(2)).unwrap().blocks(), ids(&[0, 2]));
+    assert_eq!(m.pool().ref_count(BlockId(1)).unwrap(), 1);
+    write_and_commit(&mut m, SeqId(2), &[77]);
+    m.reserve(SeqId(1), 1).unwrap();
+    write_and_commit(&mut m, SeqId(1), &[88]);
+    check_contents(&m, SeqId(1)).unwrap();
+    check_contents(&m, SeqId(2)).unwrap();
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn running_out_of_blocks_changes_nothing() {
+    let mut m = manager(3);
+    let prompt: Vec<u32> = (0..6).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    let before = fingerprint(&m);
+    assert_eq!(m.admit(SeqId(2), &[9; 9]), Err(KvError::OutOfBlocks { needed: 3, free: 1 }));
+    assert_eq!(m.reserve(SeqId(1), 7), Err(KvError::OutOfBlocks { needed: 2, free: 1 }));
+    assert_eq!(fingerprint(&m), before);
+
+    // copy-on-write of the shared tail plus one more block: 2 needed, 1 free
+    m.fork(SeqId(1), SeqId(2)).unwrap();
+    let before = fingerprint(&m);
+    assert_eq!(m.reserve(SeqId(2), 3), Err(KvError::OutOfBlocks { needed: 2, free: 1 }));
+    assert_eq!(fingerprint(&m), before);
+    m.reserve(SeqId(2), 2).unwrap();
+    // seq 1's tail is private again (ref 1): growing within it needs no block, past it one
+    m.reserve(SeqId(1), 2).unwrap();
+    assert_eq!(m.reserve(SeqId(1), 3), Err(KvError::OutOfBlocks { needed: 1, free: 0 }));
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn watermark_holds_back_admission_only() {
+    let mut m = manager(4);
+    m.set_watermark_blocks(2);
+    assert!(!m.can_admit(&[1; 9]));
+    assert_eq!(m.admit(SeqId(1), &[1; 9]), Err(KvError::OutOfBlocks { needed: 5, free: 4 }));
+    assert!(m.can_admit(&[1; 8]));
+    m.admit(SeqId(1), &[1; 8]).unwrap();
+    // a running sequence may grow into the reserve
+    m.reserve(SeqId(1), 8).unwrap();
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn evictable_cached_blocks_count_as_free_for_admission() {
+    let mut m = manager(3);
+    let prompt: Vec<u32> = (0..12).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    m.free(SeqId(1)).unwrap();
+    assert_eq!(m.counts().cached, 3);
+    assert!(m.can_admit(&[7; 12]));
+    m.admit(SeqId(2), &[7; 12]).unwrap();
+    assert_eq!(m.prefix_stats().evictions, 3);
+    m.check_invariants().unwrap();
+}
+
+#[test]
+fn unknown_sequences_and_bad_positions_are_errors() {
+    let mut m = manager(4);
+    let ghost = SeqId(42);
+    let row = vec![0.0; small_layout().token_width()];
+    assert_eq!(m.reserve(ghost, 1), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(m.commit(ghost, &[1]), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(m.free(ghost), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(m.fork(ghost, SeqId(1)), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(m.write_token(ghost, 0, 0, &row, &row), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(m.admit(SeqId(1), &[]), Err(KvError::EmptyPrompt(SeqId(1))));
+
+    m.admit(SeqId(1), &[1, 2, 3]).unwrap();
+    assert_eq!(m.admit(SeqId(1), &[1]), Err(KvError::SequenceExists(SeqId(1))));
+    write_and_commit(&mut m, SeqId(1), &[1, 2]);
+    let snapshot = fingerprint(&m);
+    // committed positions are read-only; positions past the reservation are not writable
+    assert!(matches!(m.write_token(SeqId(1), 0, 1, &row, &row), Err(KvError::PositionNotWritable { .. })));
+    assert!(matches!(m.write_token(SeqId(1), 0, 4, &row, &row), Err(KvError::PositionNotWritable { .. })));
+    assert!(matches!(m.commit(SeqId(1), &[5, 6, 7]), Err(KvError::PositionNotWritable { .. })));
+    let mut nan = row.clone();
+    nan[1] = f32::NAN;
+    assert_eq!(m.write_token(SeqId(1), 0, 2, &nan, &row), Err(KvError::NonFinite { what: "K/V row" }));
+    assert!(matches!(m.write_token(SeqId(1), 0, 2, &row[1..], &row), Err(KvError::ShapeMismatch { .. })));
+    assert!(matches!(m.write_token(SeqId(1), 5, 2, &row, &row), Err(KvError::IndexOutOfRange { .. })));
+    assert_eq!(fingerprint(&m), snapshot);
+
+    // no double free through the public API: the second free names an unknown sequence
+    m.free(SeqId(1)).unwrap();
+    assert_eq!(m.free(SeqId(1)), Err(KvError::UnknownSequence(SeqId(1))));
+    m.check_invariants().unwrap();
+}
