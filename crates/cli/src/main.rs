@@ -5,7 +5,11 @@ use clap::{Parser, Subcommand};
 use pagedkv::{Codec, KvCacheManager, KvLayout, LayoutSpec, SeqId};
 
 #[derive(Parser)]
-#[command(name = "pagedkv", version, about = "Paged, compressed KV cache for LLM inference")]
+#[command(
+    name = "pagedkv",
+    version,
+    about = "Paged, compressed KV cache for LLM inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

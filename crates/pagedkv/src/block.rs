@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use crate::error::{KvError, Result};
-use crate::prefix::{BlockHash, PrefixStats};
+use crate::prefix::{BlockHash, KeyHashBuilder, PrefixStats};
 
 /// Index of a block in the pool; the same id addresses the block in every layer's storage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,7 +56,7 @@ pub struct BlockPool {
     head: u32,
     tail: u32,
     queue_len: usize,
-    cached: HashMap<BlockHash, BlockId>,
+    cached: HashMap<BlockHash, BlockId, KeyHashBuilder>,
     stats: PrefixStats,
 }
 
@@ -64,7 +64,9 @@ impl BlockPool {
     /// A pool whose blocks are all free, queued in id order.
     pub fn new(num_blocks: usize) -> Result<Self> {
         if num_blocks == 0 {
-            return Err(KvError::ZeroDimension { field: "num_blocks" });
+            return Err(KvError::ZeroDimension {
+                field: "num_blocks",
+            });
         }
         if num_blocks >= NIL as usize {
             return Err(KvError::TooLarge {
@@ -87,7 +89,7 @@ impl BlockPool {
             head: 0,
             tail: n - 1,
             queue_len: num_blocks,
-            cached: HashMap::new(),
+            cached: HashMap::default(),
             stats: PrefixStats::default(),
         })
     }
@@ -163,9 +165,10 @@ impl BlockPool {
         if ref_count == 0 {
             self.unlink(id);
         }
-        self.metas[id.index()].ref_count = ref_count
-            .checked_add(1)
-            .ok_or(KvError::SizeOverflow { what: "block ref count" })?;
+        self.metas[id.index()].ref_count =
+            ref_count.checked_add(1).ok_or(KvError::SizeOverflow {
+                what: "block ref count",
+            })?;
         Ok(())
     }
 
@@ -225,7 +228,11 @@ impl BlockPool {
 
     /// Counts blocks by state (scans the pool; for reports and tests, not hot paths).
     pub fn counts(&self) -> PoolCounts {
-        let mut counts = PoolCounts { free: 0, cached: 0, owned: 0 };
+        let mut counts = PoolCounts {
+            free: 0,
+            cached: 0,
+            owned: 0,
+        };
         for meta in &self.metas {
             match (meta.ref_count, meta.hash) {
                 (0, None) => counts.free += 1,
@@ -247,7 +254,10 @@ impl BlockPool {
             }
             let meta = &self.metas[id.index()];
             if meta.ref_count != 0 {
-                return Err(format!("{id:?} is queued with ref count {}", meta.ref_count));
+                return Err(format!(
+                    "{id:?} is queued with ref count {}",
+                    meta.ref_count
+                ));
             }
             if meta.prev != prev {
                 return Err(format!("{id:?} has a broken prev link"));
@@ -267,7 +277,9 @@ impl BlockPool {
             }
             if let Some(hash) = meta.hash {
                 if self.cached.get(&hash) != Some(&BlockId(i as u32)) {
-                    return Err(format!("block {i} holds a key the map does not point back from"));
+                    return Err(format!(
+                        "block {i} holds a key the map does not point back from"
+                    ));
                 }
             }
         }
@@ -290,7 +302,11 @@ impl BlockPool {
     /// Removes a queued block from the free queue in O(1).
     fn unlink(&mut self, id: BlockId) {
         let BlockMeta { prev, next, .. } = self.metas[id.index()];
-        debug_assert_eq!(self.metas[id.index()].ref_count, 0, "unlinking an owned block");
+        debug_assert_eq!(
+            self.metas[id.index()].ref_count,
+            0,
+            "unlinking an owned block"
+        );
         if prev == NIL {
             self.head = next;
         } else {
@@ -369,8 +385,14 @@ mod tests {
         let id = pool.allocate_one().unwrap();
         pool.release(id).unwrap();
         assert_eq!(pool.release(id), Err(KvError::InvalidBlock(id)));
-        assert_eq!(pool.release(BlockId(7)), Err(KvError::InvalidBlock(BlockId(7))));
-        assert_eq!(pool.retain(BlockId(2)), Err(KvError::InvalidBlock(BlockId(2))));
+        assert_eq!(
+            pool.release(BlockId(7)),
+            Err(KvError::InvalidBlock(BlockId(7)))
+        );
+        assert_eq!(
+            pool.retain(BlockId(2)),
+            Err(KvError::InvalidBlock(BlockId(2)))
+        );
         assert!(BlockPool::new(0).is_err());
         pool.check_invariants().unwrap();
     }

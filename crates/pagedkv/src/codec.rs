@@ -96,10 +96,16 @@ impl Codec {
                 };
                 scales.checked_mul(2).and_then(|s| elements.checked_add(s))
             }
-            Codec::Int8 => scale_pairs.checked_mul(4).and_then(|s| elements.checked_add(s)),
+            Codec::Int8 => scale_pairs
+                .checked_mul(4)
+                .and_then(|s| elements.checked_add(s)),
             Codec::Int4 => block_size
                 .checked_mul(head_dim.div_ceil(2))
-                .and_then(|packed| scale_pairs.checked_mul(4).and_then(|s| packed.checked_add(s))),
+                .and_then(|packed| {
+                    scale_pairs
+                        .checked_mul(4)
+                        .and_then(|s| packed.checked_add(s))
+                }),
             Codec::FibQuant { k, n } => {
                 let index_bits = fibquant_index_bits(n);
                 let codewords = head_dim / k as usize;
@@ -191,7 +197,14 @@ mod tests {
 
     #[test]
     fn unknown_names_list_valid_ones() {
-        for bad in ["int3", "", "fibquant-k0n16", "fibquant-k2n1", "fibquant-k2n70000", "F16"] {
+        for bad in [
+            "int3",
+            "",
+            "fibquant-k0n16",
+            "fibquant-k2n1",
+            "fibquant-k2n70000",
+            "F16",
+        ] {
             match bad.parse::<Codec>() {
                 Err(KvError::UnknownCodec { valid, .. }) => assert!(valid.contains("int4")),
                 other => panic!("{bad}: {other:?}"),
@@ -205,9 +218,15 @@ mod tests {
         assert_eq!(Codec::F32.page_bytes(Role::Key, bs, d).unwrap(), 4096);
         assert_eq!(Codec::F16.page_bytes(Role::Value, bs, d).unwrap(), 2048);
         // int8 keys: 1 byte per element + f16 scale and zero per channel
-        assert_eq!(Codec::Int8.page_bytes(Role::Key, bs, d).unwrap(), 1024 + 64 * 4);
+        assert_eq!(
+            Codec::Int8.page_bytes(Role::Key, bs, d).unwrap(),
+            1024 + 64 * 4
+        );
         // int4 values: half a byte per element + scale and zero per token per 32 channels
-        assert_eq!(Codec::Int4.page_bytes(Role::Value, bs, d).unwrap(), 512 + 16 * 2 * 4);
+        assert_eq!(
+            Codec::Int4.page_bytes(Role::Value, bs, d).unwrap(),
+            512 + 16 * 2 * 4
+        );
         // fibquant k2 N256: 32 indices of 8 bits + f16 norm per token = 4.25 bits/element
         let fq = Codec::FibQuant { k: 2, n: 256 };
         assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 4.25);

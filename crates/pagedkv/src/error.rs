@@ -14,7 +14,9 @@ pub enum KvError {
         field: &'static str,
     },
     /// Grouped-query attention needs every kv head to serve the same number of query heads.
-    #[error("invalid layout: query_heads ({query_heads}) is not a multiple of kv_heads ({kv_heads})")]
+    #[error(
+        "invalid layout: query_heads ({query_heads}) is not a multiple of kv_heads ({kv_heads})"
+    )]
     QueryHeadsNotMultiple {
         /// Query heads requested.
         query_heads: usize,

@@ -41,7 +41,13 @@ pub struct LayoutSpec {
 
 impl LayoutSpec {
     /// A spec with the default block size (16) and the same codec for keys and values.
-    pub fn new(layers: usize, kv_heads: usize, query_heads: usize, head_dim: usize, codec: Codec) -> Self {
+    pub fn new(
+        layers: usize,
+        kv_heads: usize,
+        query_heads: usize,
+        head_dim: usize,
+        codec: Codec,
+    ) -> Self {
         Self {
             layers,
             kv_heads,
@@ -104,9 +110,15 @@ impl KvLayout {
         }
         spec.key_codec.check_head_dim(spec.head_dim)?;
         spec.value_codec.check_head_dim(spec.head_dim)?;
-        let key_page_bytes = spec.key_codec.page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
-        let value_page_bytes = spec.value_codec.page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
-        let overflow = KvError::SizeOverflow { what: "block bytes" };
+        let key_page_bytes =
+            spec.key_codec
+                .page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
+        let value_page_bytes =
+            spec.value_codec
+                .page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
+        let overflow = KvError::SizeOverflow {
+            what: "block bytes",
+        };
         let block_bytes = key_page_bytes
             .checked_add(value_page_bytes)
             .and_then(|per_head| per_head.checked_mul(spec.kv_heads))
@@ -234,11 +246,17 @@ mod tests {
     #[test]
     fn smollm_geometry() {
         let layout = KvLayout::new(smollm(Codec::F16)).unwrap();
-        assert_eq!(layout.attention_kind(), AttentionKind::GroupedQuery { group: 3 });
+        assert_eq!(
+            layout.attention_kind(),
+            AttentionKind::GroupedQuery { group: 3 }
+        );
         // 30 layers × 3 heads × 64 dims × (K+V) × 2 bytes = 23,040 bytes per token
         assert_eq!(layout.kv_bytes_per_token(), 23_040.0);
         assert_eq!(layout.block_bytes(), 23_040 * 16);
-        assert_eq!(layout.blocks_in_budget(1 << 30), (1u64 << 30) / (23_040 * 16));
+        assert_eq!(
+            layout.blocks_in_budget(1 << 30),
+            (1u64 << 30) / (23_040 * 16)
+        );
         assert_eq!(layout.bits_per_element(), 16.0);
         assert_eq!(layout.blocks_for_tokens(33), 3);
     }
@@ -255,19 +273,34 @@ mod tests {
     fn invalid_geometry_is_a_typed_error() {
         let mut spec = smollm(Codec::F16);
         spec.head_dim = 0;
-        assert_eq!(KvLayout::new(spec), Err(KvError::ZeroDimension { field: "head_dim" }));
+        assert_eq!(
+            KvLayout::new(spec),
+            Err(KvError::ZeroDimension { field: "head_dim" })
+        );
         let mut spec = smollm(Codec::F16);
         spec.query_heads = 10;
         assert_eq!(
             KvLayout::new(spec),
-            Err(KvError::QueryHeadsNotMultiple { query_heads: 10, kv_heads: 3 })
+            Err(KvError::QueryHeadsNotMultiple {
+                query_heads: 10,
+                kv_heads: 3
+            })
         );
         let mut spec = smollm(Codec::F16);
         spec.block_size = usize::MAX;
-        assert!(matches!(KvLayout::new(spec), Err(KvError::TooLarge { field: "block_size", .. })));
+        assert!(matches!(
+            KvLayout::new(spec),
+            Err(KvError::TooLarge {
+                field: "block_size",
+                ..
+            })
+        ));
         let mut spec = smollm(Codec::FibQuant { k: 3, n: 64 });
         spec.head_dim = 64;
-        assert!(matches!(KvLayout::new(spec), Err(KvError::UnsupportedCodec { .. })));
+        assert!(matches!(
+            KvLayout::new(spec),
+            Err(KvError::UnsupportedCodec { .. })
+        ));
     }
 
     #[test]

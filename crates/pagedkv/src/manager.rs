@@ -59,7 +59,9 @@ impl KvCacheManager {
     /// A cache holding as many blocks as fit in `budget_bytes` for this layout.
     pub fn with_budget(layout: KvLayout, budget_bytes: u64, extra: &[u8]) -> Result<Self> {
         let blocks = layout.blocks_in_budget(budget_bytes);
-        let blocks = usize::try_from(blocks).map_err(|_| KvError::SizeOverflow { what: "block count" })?;
+        let blocks = usize::try_from(blocks).map_err(|_| KvError::SizeOverflow {
+            what: "block count",
+        })?;
         Self::new(layout, blocks, extra)
     }
 
@@ -103,16 +105,22 @@ impl KvCacheManager {
     /// Prefix key of a chain of full blocks, as the cache computes it (for tests and tiers).
     pub fn prefix_key(&self, tokens: &[u32]) -> Option<BlockHash> {
         let bs = self.layout.block_size();
-        tokens
-            .chunks_exact(bs)
-            .fold(None, |parent, block| Some(hash_block(parent, self.extra, block)))
+        tokens.chunks_exact(bs).fold(None, |parent, block| {
+            Some(hash_block(parent, self.extra, block))
+        })
     }
 
     /// Blocks the free queue would have to supply to admit `prompt` (prefix hits excluded, but
     /// hits on blocks with no owner counted, since taking them removes them from the queue).
     pub fn blocks_to_admit(&self, prompt: &[u32]) -> usize {
-        let (hits, _) = self.match_prefix(prompt);
-        let idle_hits = hits.iter().filter(|b| self.pool.ref_count(**b) == Ok(0)).count();
+        self.queue_demand(prompt, &self.match_prefix(prompt).0)
+    }
+
+    fn queue_demand(&self, prompt: &[u32], hits: &[BlockId]) -> usize {
+        let idle_hits = hits
+            .iter()
+            .filter(|b| self.pool.ref_count(**b) == Ok(0))
+            .count();
         self.layout.blocks_for_tokens(prompt.len()) - hits.len() + idle_hits
     }
 
@@ -132,17 +140,18 @@ impl KvCacheManager {
         if prompt.is_empty() {
             return Err(KvError::EmptyPrompt(seq));
         }
-        let needed = self.blocks_to_admit(prompt) + self.watermark_blocks;
+        let (hits, hashes) = self.match_prefix(prompt);
+        let needed = self.queue_demand(prompt, &hits) + self.watermark_blocks;
         if needed > self.pool.num_available() {
             return Err(KvError::OutOfBlocks {
                 needed,
                 free: self.pool.num_available(),
             });
         }
-        let (hits, hashes) = self.match_prefix(prompt);
         let bs = self.layout.block_size();
         let lookups = ((prompt.len() - 1) / bs) as u64;
-        self.pool.record_lookups(hits.len() as u64, lookups - hits.len() as u64);
+        self.pool
+            .record_lookups(hits.len() as u64, lookups - hits.len() as u64);
         for block in &hits {
             self.pool.retain(*block)?;
         }
@@ -185,8 +194,17 @@ impl KvCacheManager {
     pub fn reserve(&mut self, seq: SeqId, n: usize) -> Result<()> {
         let bs = self.layout.block_size();
         let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
-        let target = table.tokens.len().checked_add(n).ok_or(KvError::SizeOverflow { what: "sequence length" })?;
-        let grow = self.layout.blocks_for_tokens(target).saturating_sub(table.blocks.len());
+        let target = table
+            .tokens
+            .len()
+            .checked_add(n)
+            .ok_or(KvError::SizeOverflow {
+                what: "sequence length",
+            })?;
+        let grow = self
+            .layout
+            .blocks_for_tokens(target)
+            .saturating_sub(table.blocks.len());
         let open_slot = table.tokens.len() % bs;
         let shared_tail = if n > 0 && open_slot != 0 {
             let tail = table.blocks[table.tokens.len() / bs];
@@ -201,7 +219,10 @@ impl KvCacheManager {
                 free: self.pool.num_available(),
             });
         }
-        let table = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let table = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         if let Some(shared) = shared_tail {
             let copy = self.pool.allocate_one()?;
             self.storage.copy_block(shared, copy)?;
@@ -215,7 +236,14 @@ impl KvCacheManager {
 
     /// Writes one token's K and V for one layer at position `pos`, which must be reserved and not
     /// yet committed (committed positions may be shared and are read-only).
-    pub fn write_token(&mut self, seq: SeqId, layer: usize, pos: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub fn write_token(
+        &mut self,
+        seq: SeqId,
+        layer: usize,
+        pos: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let bs = self.layout.block_size();
         let capacity = table.blocks.len() * bs;
@@ -235,21 +263,36 @@ impl KvCacheManager {
     }
 
     /// Reads one committed or written token's K and V back as f32 (for tests and inspection).
-    pub fn read_token(&self, seq: SeqId, layer: usize, pos: usize, k: &mut [f32], v: &mut [f32]) -> Result<()> {
+    pub fn read_token(
+        &self,
+        seq: SeqId,
+        layer: usize,
+        pos: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<()> {
         let table = self.table(seq)?;
         let bs = self.layout.block_size();
         let limit = table.blocks.len() * bs;
         if pos >= limit {
-            return Err(KvError::IndexOutOfRange { what: "position", index: pos, limit });
+            return Err(KvError::IndexOutOfRange {
+                what: "position",
+                index: pos,
+                limit,
+            });
         }
-        self.storage.read_token(layer, table.blocks[pos / bs], pos % bs, k, v)
+        self.storage
+            .read_token(layer, table.blocks[pos / bs], pos % bs, k, v)
     }
 
     /// Records the token ids of the next `tokens.len()` written positions. Blocks that become full
     /// get their chained prefix key and are offered to the prefix cache.
     pub fn commit(&mut self, seq: SeqId, tokens: &[u32]) -> Result<()> {
         let bs = self.layout.block_size();
-        let table = self.seqs.get_mut(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let table = self
+            .seqs
+            .get_mut(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         let capacity = table.blocks.len() * bs;
         let end = table.tokens.len() + tokens.len();
         if end > capacity {
@@ -263,7 +306,11 @@ impl KvCacheManager {
         table.tokens.extend_from_slice(tokens);
         for block_idx in table.hashes.len()..table.tokens.len() / bs {
             let parent = table.hashes.last().copied();
-            let hash = hash_block(parent, self.extra, &table.tokens[block_idx * bs..(block_idx + 1) * bs]);
+            let hash = hash_block(
+                parent,
+                self.extra,
+                &table.tokens[block_idx * bs..(block_idx + 1) * bs],
+            );
             table.hashes.push(hash);
             self.pool.register(table.blocks[block_idx], hash)?;
         }
@@ -287,7 +334,10 @@ impl KvCacheManager {
     /// Removes a sequence and releases its blocks, tail first, so that the head of a shared
     /// prefix is the last to be evicted.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
-        let table = self.seqs.remove(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let table = self
+            .seqs
+            .remove(&seq)
+            .ok_or(KvError::UnknownSequence(seq))?;
         for block in table.blocks.iter().rev() {
             self.pool.release(*block)?;
         }
@@ -305,9 +355,15 @@ impl KvCacheManager {
                 return Err(format!("{id:?} has more tokens than block capacity"));
             }
             if table.hashes.len() != table.tokens.len() / bs {
-                return Err(format!("{id:?} has {} keys for {} tokens", table.hashes.len(), table.tokens.len()));
+                return Err(format!(
+                    "{id:?} has {} keys for {} tokens",
+                    table.hashes.len(),
+                    table.tokens.len()
+                ));
             }
-            if self.prefix_key(&table.tokens[..table.hashes.len() * bs]) != table.hashes.last().copied() {
+            if self.prefix_key(&table.tokens[..table.hashes.len() * bs])
+                != table.hashes.last().copied()
+            {
                 return Err(format!("{id:?} has a stale prefix key"));
             }
             for block in &table.blocks {
@@ -315,9 +371,14 @@ impl KvCacheManager {
             }
         }
         for (i, holders) in holders.iter().enumerate() {
-            let refs = self.pool.ref_count(BlockId(i as u32)).map_err(|e| e.to_string())?;
+            let refs = self
+                .pool
+                .ref_count(BlockId(i as u32))
+                .map_err(|e| e.to_string())?;
             if refs != *holders {
-                return Err(format!("block {i}: ref count {refs} but {holders} tables hold it"));
+                return Err(format!(
+                    "block {i}: ref count {refs} but {holders} tables hold it"
+                ));
             }
         }
         Ok(())

@@ -36,6 +36,29 @@ pub fn hash_block(parent: Option<BlockHash>, extra: BlockHash, tokens: &[u32]) -
     BlockHash(hasher.digest128())
 }
 
+/// Hasher for maps keyed by [`BlockHash`]: the key is already a uniform 128-bit hash, so its
+/// low 64 bits serve directly (no second hashing pass on every lookup).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only reached for non-u128 keys; fold the bytes so the hasher stays correct anyway.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.0 = n as u64;
+    }
+}
+
+/// `BuildHasher` for [`KeyHasher`].
+pub type KeyHashBuilder = std::hash::BuildHasherDefault<KeyHasher>;
+
 /// Prefix-cache counters, in blocks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PrefixStats {
@@ -69,7 +92,10 @@ mod tests {
         let a = hash_block(None, extra, &[1, 2, 3, 4]);
         assert_eq!(a, hash_block(None, extra, &[1, 2, 3, 4]));
         assert_ne!(a, hash_block(None, extra, &[1, 2, 3, 5]));
-        assert_ne!(a, hash_block(None, BlockHash::of_bytes(b"model;int4"), &[1, 2, 3, 4]));
+        assert_ne!(
+            a,
+            hash_block(None, BlockHash::of_bytes(b"model;int4"), &[1, 2, 3, 4])
+        );
         let b = hash_block(Some(a), extra, &[5, 6, 7, 8]);
         let other_parent = hash_block(None, extra, &[9, 9, 9, 9]);
         assert_ne!(b, hash_block(Some(other_parent), extra, &[5, 6, 7, 8]));

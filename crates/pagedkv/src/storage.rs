@@ -86,8 +86,14 @@ impl Arena {
         let range = offset..offset + src.len();
         match self {
             Arena::F32(a) => a[range].copy_from_slice(src),
-            Arena::F16(a) => a[range].iter_mut().zip(src).for_each(|(o, x)| *o = f16::from_f32(*x)),
-            Arena::Bf16(a) => a[range].iter_mut().zip(src).for_each(|(o, x)| *o = bf16::from_f32(*x)),
+            Arena::F16(a) => a[range]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, x)| *o = f16::from_f32(*x)),
+            Arena::Bf16(a) => a[range]
+                .iter_mut()
+                .zip(src)
+                .for_each(|(o, x)| *o = bf16::from_f32(*x)),
         }
     }
 
@@ -124,7 +130,9 @@ impl KvStorage {
         let elements = num_blocks
             .checked_mul(layout.kv_heads())
             .and_then(|n| n.checked_mul(layout.page_elements()))
-            .ok_or(KvError::SizeOverflow { what: "arena elements" })?;
+            .ok_or(KvError::SizeOverflow {
+                what: "arena elements",
+            })?;
         let mut keys = Vec::with_capacity(layout.layers());
         let mut values = Vec::with_capacity(layout.layers());
         for _ in 0..layout.layers() {
@@ -164,12 +172,23 @@ impl KvStorage {
     }
 
     /// Writes one token's K and V (each `kv_heads × head_dim`, head-major) into `slot` of `block`.
-    pub fn write_token(&mut self, layer: usize, block: BlockId, slot: usize, k: &[f32], v: &[f32]) -> Result<()> {
+    pub fn write_token(
+        &mut self,
+        layer: usize,
+        block: BlockId,
+        slot: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Result<()> {
         self.check(layer, block)?;
         let width = self.layout.token_width();
         for (what, got) in [("key row", k.len()), ("value row", v.len())] {
             if got != width {
-                return Err(KvError::ShapeMismatch { what, expected: width, got });
+                return Err(KvError::ShapeMismatch {
+                    what,
+                    expected: width,
+                    got,
+                });
             }
         }
         if slot >= self.layout.block_size() {
@@ -189,19 +208,34 @@ impl KvStorage {
     }
 
     /// Reads one token's K and V back as f32 (head-major), e.g. for tests and tiers.
-    pub fn read_token(&self, layer: usize, block: BlockId, slot: usize, k: &mut [f32], v: &mut [f32]) -> Result<()> {
+    pub fn read_token(
+        &self,
+        layer: usize,
+        block: BlockId,
+        slot: usize,
+        k: &mut [f32],
+        v: &mut [f32],
+    ) -> Result<()> {
         self.check(layer, block)?;
         let width = self.layout.token_width();
         for (what, got) in [("key row", k.len()), ("value row", v.len())] {
             if got != width {
-                return Err(KvError::ShapeMismatch { what, expected: width, got });
+                return Err(KvError::ShapeMismatch {
+                    what,
+                    expected: width,
+                    got,
+                });
             }
         }
         let d = self.layout.head_dim();
         for head in 0..self.layout.kv_heads() {
             let offset = self.page_offset(block, head) + slot * d;
-            self.keys[layer].slice(offset, d).to_f32(&mut k[head * d..(head + 1) * d]);
-            self.values[layer].slice(offset, d).to_f32(&mut v[head * d..(head + 1) * d]);
+            self.keys[layer]
+                .slice(offset, d)
+                .to_f32(&mut k[head * d..(head + 1) * d]);
+            self.values[layer]
+                .slice(offset, d)
+                .to_f32(&mut v[head * d..(head + 1) * d]);
         }
         Ok(())
     }
@@ -263,13 +297,17 @@ mod tests {
         let k: Vec<f32> = (0..8).map(|x| x as f32).collect();
         let v: Vec<f32> = (0..8).map(|x| -(x as f32)).collect();
         s.write_token(1, BlockId(2), 1, &k, &v).unwrap();
-        let PageRef::F32(page) = s.key_page(1, BlockId(2), 1).unwrap() else { panic!() };
+        let PageRef::F32(page) = s.key_page(1, BlockId(2), 1).unwrap() else {
+            panic!()
+        };
         assert_eq!(page, &[0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0]);
         let (mut k2, mut v2) = (vec![0.0; 8], vec![0.0; 8]);
         s.read_token(1, BlockId(2), 1, &mut k2, &mut v2).unwrap();
         assert_eq!((k2, v2), (k, v));
         // other layers and blocks untouched
-        assert!(matches!(s.key_page(0, BlockId(2), 1).unwrap(), PageRef::F32(p) if p.iter().all(|x| *x == 0.0)));
+        assert!(
+            matches!(s.key_page(0, BlockId(2), 1).unwrap(), PageRef::F32(p) if p.iter().all(|x| *x == 0.0))
+        );
     }
 
     #[test]
@@ -291,11 +329,32 @@ mod tests {
     fn bad_indices_and_shapes_are_errors() {
         let mut s = KvStorage::new(layout(Codec::F32), 2).unwrap();
         let row = [0.0; 8];
-        assert!(matches!(s.write_token(2, BlockId(0), 0, &row, &row), Err(KvError::IndexOutOfRange { what: "layer", .. })));
-        assert_eq!(s.write_token(0, BlockId(2), 0, &row, &row), Err(KvError::InvalidBlock(BlockId(2))));
-        assert!(matches!(s.write_token(0, BlockId(0), 2, &row, &row), Err(KvError::IndexOutOfRange { what: "slot", .. })));
-        assert!(matches!(s.write_token(0, BlockId(0), 0, &row[..7], &row), Err(KvError::ShapeMismatch { .. })));
-        assert!(matches!(s.key_page(0, BlockId(0), 2), Err(KvError::IndexOutOfRange { what: "kv head", .. })));
-        assert!(matches!(KvStorage::new(layout(Codec::Int8), 2), Err(KvError::UnsupportedCodec { .. })));
+        assert!(matches!(
+            s.write_token(2, BlockId(0), 0, &row, &row),
+            Err(KvError::IndexOutOfRange { what: "layer", .. })
+        ));
+        assert_eq!(
+            s.write_token(0, BlockId(2), 0, &row, &row),
+            Err(KvError::InvalidBlock(BlockId(2)))
+        );
+        assert!(matches!(
+            s.write_token(0, BlockId(0), 2, &row, &row),
+            Err(KvError::IndexOutOfRange { what: "slot", .. })
+        ));
+        assert!(matches!(
+            s.write_token(0, BlockId(0), 0, &row[..7], &row),
+            Err(KvError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            s.key_page(0, BlockId(0), 2),
+            Err(KvError::IndexOutOfRange {
+                what: "kv head",
+                ..
+            })
+        ));
+        assert!(matches!(
+            KvStorage::new(layout(Codec::Int8), 2),
+            Err(KvError::UnsupportedCodec { .. })
+        ));
     }
 }

@@ -3,7 +3,9 @@
 
 #![allow(dead_code)]
 
-use pagedkv::{BlockHash, BlockId, BlockTable, Codec, KvCacheManager, KvLayout, LayoutSpec, PrefixStats, SeqId};
+use pagedkv::{
+    BlockHash, BlockId, BlockTable, Codec, KvCacheManager, KvLayout, LayoutSpec, PrefixStats, SeqId,
+};
 
 pub const BLOCK: usize = 4;
 
@@ -36,8 +38,12 @@ pub fn prefix_hashes(tokens: &[u32]) -> Vec<u64> {
 /// The K and V rows a "model" writes at a position whose prefix hash is `h`.
 pub fn rows(layout: &KvLayout, layer: usize, h: u64) -> (Vec<f32>, Vec<f32>) {
     let w = layout.token_width();
-    let k = (0..w).map(|e| (mix(h, (layer * 1000 + e) as u64) % 2001) as f32 - 1000.0).collect();
-    let v = (0..w).map(|e| (mix(h, (layer * 1000 + e + 500) as u64) % 2001) as f32 - 1000.0).collect();
+    let k = (0..w)
+        .map(|e| (mix(h, (layer * 1000 + e) as u64) % 2001) as f32 - 1000.0)
+        .collect();
+    let v = (0..w)
+        .map(|e| (mix(h, (layer * 1000 + e + 500) as u64) % 2001) as f32 - 1000.0)
+        .collect();
     (k, v)
 }
 
@@ -48,9 +54,9 @@ pub fn write_and_commit(m: &mut KvCacheManager, seq: SeqId, tokens: &[u32]) {
     all.extend_from_slice(tokens);
     let hashes = prefix_hashes(&all);
     let layout = *m.layout();
-    for pos in start..all.len() {
+    for (pos, h) in hashes.iter().enumerate().skip(start) {
         for layer in 0..layout.layers() {
-            let (k, v) = rows(&layout, layer, hashes[pos]);
+            let (k, v) = rows(&layout, layer, *h);
             m.write_token(seq, layer, pos, &k, &v).unwrap();
         }
     }
@@ -62,12 +68,18 @@ pub fn check_contents(m: &KvCacheManager, seq: SeqId) -> Result<(), String> {
     let layout = *m.layout();
     let table = m.table(seq).map_err(|e| e.to_string())?;
     let hashes = prefix_hashes(table.tokens());
-    let (mut k, mut v) = (vec![0.0; layout.token_width()], vec![0.0; layout.token_width()]);
+    let (mut k, mut v) = (
+        vec![0.0; layout.token_width()],
+        vec![0.0; layout.token_width()],
+    );
     for (pos, h) in hashes.iter().enumerate() {
         for layer in 0..layout.layers() {
-            m.read_token(seq, layer, pos, &mut k, &mut v).map_err(|e| e.to_string())?;
+            m.read_token(seq, layer, pos, &mut k, &mut v)
+                .map_err(|e| e.to_string())?;
             if (k.clone(), v.clone()) != rows(&layout, layer, *h) {
-                return Err(format!("{seq:?} position {pos} layer {layer} holds the wrong K/V"));
+                return Err(format!(
+                    "{seq:?} position {pos} layer {layer} holds the wrong K/V"
+                ));
             }
         }
     }

@@ -53,10 +53,14 @@ fn freed_prefix_stays_cached_until_evicted_tail_first() {
     write_and_commit(&mut m, SeqId(1), &prompt);
     m.free(SeqId(1)).unwrap();
     // freed tail first: queue is [3, 2, 1, 0], blocks 0..2 still cached
-    assert_eq!(m.pool().free_queue().collect::<Vec<_>>(), ids(&[3, 2, 1, 0]));
+    assert_eq!(
+        m.pool().free_queue().collect::<Vec<_>>(),
+        ids(&[3, 2, 1, 0])
+    );
     assert_eq!(m.counts().cached, 3);
     // a new, unrelated 8-token request takes 3 then 2: evicting the tail of the old prefix
-    m.admit(SeqId(2), &[50, 51, 52, 53, 54, 55, 56, 57]).unwrap();
+    m.admit(SeqId(2), &[50, 51, 52, 53, 54, 55, 56, 57])
+        .unwrap();
     assert_eq!(m.table(SeqId(2)).unwrap().blocks(), ids(&[3, 2]));
     assert_eq!(m.prefix_stats().evictions, 1);
     // the head of the old prefix is still there
@@ -92,19 +96,31 @@ fn running_out_of_blocks_changes_nothing() {
     m.admit(SeqId(1), &prompt).unwrap();
     write_and_commit(&mut m, SeqId(1), &prompt);
     let before = fingerprint(&m);
-    assert_eq!(m.admit(SeqId(2), &[9; 9]), Err(KvError::OutOfBlocks { needed: 3, free: 1 }));
-    assert_eq!(m.reserve(SeqId(1), 7), Err(KvError::OutOfBlocks { needed: 2, free: 1 }));
+    assert_eq!(
+        m.admit(SeqId(2), &[9; 9]),
+        Err(KvError::OutOfBlocks { needed: 3, free: 1 })
+    );
+    assert_eq!(
+        m.reserve(SeqId(1), 7),
+        Err(KvError::OutOfBlocks { needed: 2, free: 1 })
+    );
     assert_eq!(fingerprint(&m), before);
 
     // copy-on-write of the shared tail plus one more block: 2 needed, 1 free
     m.fork(SeqId(1), SeqId(2)).unwrap();
     let before = fingerprint(&m);
-    assert_eq!(m.reserve(SeqId(2), 3), Err(KvError::OutOfBlocks { needed: 2, free: 1 }));
+    assert_eq!(
+        m.reserve(SeqId(2), 3),
+        Err(KvError::OutOfBlocks { needed: 2, free: 1 })
+    );
     assert_eq!(fingerprint(&m), before);
     m.reserve(SeqId(2), 2).unwrap();
     // seq 1's tail is private again (ref 1): growing within it needs no block, past it one
     m.reserve(SeqId(1), 2).unwrap();
-    assert_eq!(m.reserve(SeqId(1), 3), Err(KvError::OutOfBlocks { needed: 1, free: 0 }));
+    assert_eq!(
+        m.reserve(SeqId(1), 3),
+        Err(KvError::OutOfBlocks { needed: 1, free: 0 })
+    );
     m.check_invariants().unwrap();
 }
 
@@ -113,7 +129,10 @@ fn watermark_holds_back_admission_only() {
     let mut m = manager(4);
     m.set_watermark_blocks(2);
     assert!(!m.can_admit(&[1; 9]));
-    assert_eq!(m.admit(SeqId(1), &[1; 9]), Err(KvError::OutOfBlocks { needed: 5, free: 4 }));
+    assert_eq!(
+        m.admit(SeqId(1), &[1; 9]),
+        Err(KvError::OutOfBlocks { needed: 5, free: 4 })
+    );
     assert!(m.can_admit(&[1; 8]));
     m.admit(SeqId(1), &[1; 8]).unwrap();
     // a running sequence may grow into the reserve
@@ -143,23 +162,50 @@ fn unknown_sequences_and_bad_positions_are_errors() {
     assert_eq!(m.reserve(ghost, 1), Err(KvError::UnknownSequence(ghost)));
     assert_eq!(m.commit(ghost, &[1]), Err(KvError::UnknownSequence(ghost)));
     assert_eq!(m.free(ghost), Err(KvError::UnknownSequence(ghost)));
-    assert_eq!(m.fork(ghost, SeqId(1)), Err(KvError::UnknownSequence(ghost)));
-    assert_eq!(m.write_token(ghost, 0, 0, &row, &row), Err(KvError::UnknownSequence(ghost)));
+    assert_eq!(
+        m.fork(ghost, SeqId(1)),
+        Err(KvError::UnknownSequence(ghost))
+    );
+    assert_eq!(
+        m.write_token(ghost, 0, 0, &row, &row),
+        Err(KvError::UnknownSequence(ghost))
+    );
     assert_eq!(m.admit(SeqId(1), &[]), Err(KvError::EmptyPrompt(SeqId(1))));
 
     m.admit(SeqId(1), &[1, 2, 3]).unwrap();
-    assert_eq!(m.admit(SeqId(1), &[1]), Err(KvError::SequenceExists(SeqId(1))));
+    assert_eq!(
+        m.admit(SeqId(1), &[1]),
+        Err(KvError::SequenceExists(SeqId(1)))
+    );
     write_and_commit(&mut m, SeqId(1), &[1, 2]);
     let snapshot = fingerprint(&m);
     // committed positions are read-only; positions past the reservation are not writable
-    assert!(matches!(m.write_token(SeqId(1), 0, 1, &row, &row), Err(KvError::PositionNotWritable { .. })));
-    assert!(matches!(m.write_token(SeqId(1), 0, 4, &row, &row), Err(KvError::PositionNotWritable { .. })));
-    assert!(matches!(m.commit(SeqId(1), &[5, 6, 7]), Err(KvError::PositionNotWritable { .. })));
+    assert!(matches!(
+        m.write_token(SeqId(1), 0, 1, &row, &row),
+        Err(KvError::PositionNotWritable { .. })
+    ));
+    assert!(matches!(
+        m.write_token(SeqId(1), 0, 4, &row, &row),
+        Err(KvError::PositionNotWritable { .. })
+    ));
+    assert!(matches!(
+        m.commit(SeqId(1), &[5, 6, 7]),
+        Err(KvError::PositionNotWritable { .. })
+    ));
     let mut nan = row.clone();
     nan[1] = f32::NAN;
-    assert_eq!(m.write_token(SeqId(1), 0, 2, &nan, &row), Err(KvError::NonFinite { what: "K/V row" }));
-    assert!(matches!(m.write_token(SeqId(1), 0, 2, &row[1..], &row), Err(KvError::ShapeMismatch { .. })));
-    assert!(matches!(m.write_token(SeqId(1), 5, 2, &row, &row), Err(KvError::IndexOutOfRange { .. })));
+    assert_eq!(
+        m.write_token(SeqId(1), 0, 2, &nan, &row),
+        Err(KvError::NonFinite { what: "K/V row" })
+    );
+    assert!(matches!(
+        m.write_token(SeqId(1), 0, 2, &row[1..], &row),
+        Err(KvError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        m.write_token(SeqId(1), 5, 2, &row, &row),
+        Err(KvError::IndexOutOfRange { .. })
+    ));
     assert_eq!(fingerprint(&m), snapshot);
 
     // no double free through the public API: the second free names an unknown sequence

@@ -33,7 +33,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-const BASES: [[u32; 9]; 3] = [[5, 6, 7, 8, 9, 10, 11, 12, 13], [5, 6, 7, 8, 20, 21, 22, 23, 24], [30, 31, 32, 33, 34, 35, 36, 37, 38]];
+const BASES: [[u32; 9]; 3] = [
+    [5, 6, 7, 8, 9, 10, 11, 12, 13],
+    [5, 6, 7, 8, 20, 21, 22, 23, 24],
+    [30, 31, 32, 33, 34, 35, 36, 37, 38],
+];
 
 struct Harness {
     m: KvCacheManager,
@@ -56,11 +60,16 @@ impl Harness {
                 match self.m.admit(seq, &prompt) {
                     Ok(adm) => {
                         prop_assert_eq!(adm.cached_tokens % BLOCK, 0);
-                        prop_assert_eq!(&self.m.table(seq).unwrap().tokens()[..], &prompt[..adm.cached_tokens]);
+                        prop_assert_eq!(
+                            self.m.table(seq).unwrap().tokens(),
+                            &prompt[..adm.cached_tokens]
+                        );
                         write_and_commit(&mut self.m, seq, &prompt[adm.cached_tokens..]);
                         self.live.push((seq, prompt));
                     }
-                    Err(KvError::OutOfBlocks { .. }) => prop_assert_eq!(fingerprint(&self.m), before),
+                    Err(KvError::OutOfBlocks { .. }) => {
+                        prop_assert_eq!(fingerprint(&self.m), before)
+                    }
                     Err(e) => return Err(TestCaseError::fail(e.to_string())),
                 }
             }
@@ -76,7 +85,9 @@ impl Harness {
                         write_and_commit(&mut self.m, id, &tokens);
                         self.live[idx].1.extend(tokens);
                     }
-                    Err(KvError::OutOfBlocks { .. }) => prop_assert_eq!(fingerprint(&self.m), before),
+                    Err(KvError::OutOfBlocks { .. }) => {
+                        prop_assert_eq!(fingerprint(&self.m), before)
+                    }
                     Err(e) => return Err(TestCaseError::fail(e.to_string())),
                 }
             }
@@ -87,7 +98,9 @@ impl Harness {
                 let (parent, tokens) = self.live[seq % self.live.len()].clone();
                 let child = SeqId(self.next_id);
                 self.next_id += 1;
-                self.m.fork(parent, child).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                self.m
+                    .fork(parent, child)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 self.live.push((child, tokens));
             }
             Op::Free { seq } => {
@@ -95,7 +108,9 @@ impl Harness {
                     return Ok(());
                 }
                 let (id, _) = self.live.swap_remove(seq % self.live.len());
-                self.m.free(id).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                self.m
+                    .free(id)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(self.m.free(id), Err(KvError::UnknownSequence(id)));
             }
         }
@@ -114,15 +129,28 @@ impl Harness {
             check_contents(&self.m, *id).map_err(TestCaseError::fail)?;
         }
         // every prefix-map entry points at a block that holds exactly that prefix's K/V
-        let (mut k, mut v) = (vec![0.0; layout.token_width()], vec![0.0; layout.token_width()]);
+        let (mut k, mut v) = (
+            vec![0.0; layout.token_width()],
+            vec![0.0; layout.token_width()],
+        );
         for (hash, block) in self.m.pool().cached_entries() {
-            let prefix = self.known.get(&hash).ok_or_else(|| TestCaseError::fail("unknown key in map"))?;
+            let prefix = self
+                .known
+                .get(&hash)
+                .ok_or_else(|| TestCaseError::fail("unknown key in map"))?;
             let hashes = prefix_hashes(prefix);
             for slot in 0..BLOCK {
                 let pos = prefix.len() - BLOCK + slot;
                 for layer in 0..layout.layers() {
-                    self.m.storage().read_token(layer, block, slot, &mut k, &mut v).unwrap();
-                    prop_assert!((k.clone(), v.clone()) == rows(&layout, layer, hashes[pos]), "cached {:?} holds wrong data", block);
+                    self.m
+                        .storage()
+                        .read_token(layer, block, slot, &mut k, &mut v)
+                        .unwrap();
+                    prop_assert!(
+                        (k.clone(), v.clone()) == rows(&layout, layer, hashes[pos]),
+                        "cached {:?} holds wrong data",
+                        block
+                    );
                 }
             }
         }
@@ -131,7 +159,10 @@ impl Harness {
 }
 
 fn cases() -> u32 {
-    std::env::var("PAGEDKV_PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(1000)
+    std::env::var("PAGEDKV_PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000)
 }
 
 proptest! {
