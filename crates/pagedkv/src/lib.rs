@@ -5,6 +5,7 @@
 //! [`KvCacheManager`]. See `DESIGN.md` §2–4 for the data layout and algorithms.
 #![warn(missing_docs)]
 
+pub mod attention;
 pub mod block;
 pub mod codec;
 pub mod error;

@@ -1,0 +1,50 @@
+//! The engine's error type.
+
+use std::path::PathBuf;
+
+/// Errors of the model runner, tokenizer and scheduler.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The KV cache refused an operation.
+    #[error(transparent)]
+    Kv(#[from] pagedkv::KvError),
+    /// candle failed (reading GGUF tensors, matmul).
+    #[error("model computation failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The model file is not the GGUF this engine runs, or is damaged.
+    #[error("model file {path}: {reason}")]
+    BadModel {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// Fetching the model failed.
+    #[error("fetching the model failed: {0}")]
+    Fetch(String),
+    /// The tokenizer could not be built or failed on input.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A prompt does not fit the model's context or the cache.
+    #[error("prompt of {tokens} tokens does not fit: limit {limit}")]
+    PromptTooLong {
+        /// Prompt length in tokens.
+        tokens: usize,
+        /// The limit it exceeds.
+        limit: usize,
+    },
+    /// An argument is invalid (e.g. a negative temperature).
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}
+
+/// Result alias for the engine.
+pub type Result<T> = std::result::Result<T, EngineError>;

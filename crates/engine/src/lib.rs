@@ -1,0 +1,13 @@
+//! Model runner for pagedkv: SmolLM2-135M-Instruct (GGUF, Llama architecture) whose attention
+//! reads the paged cache, its tokenizer, sampling and a continuous-batching scheduler
+//! (DESIGN §9).
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod fetch;
+pub mod model;
+pub mod tokenizer;
+
+pub use error::{EngineError, Result};
+pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
+pub use tokenizer::{ChatMessage, GgufTokenizer};

@@ -1,0 +1,402 @@
+//! SmolLM2 (Llama architecture, GGUF) whose attention reads the paged cache (DESIGN §9).
+//!
+//! Straight-line Llama: embedding → 30 × [RMSNorm → Q/K/V → RoPE (interleaved pairs, as GGUF
+//! Llama weights expect) → K/V into the cache → paged attention → output projection → residual →
+//! RMSNorm → SwiGLU → residual] → RMSNorm → tied output matrix. Activations are plain `Vec<f32>`
+//! rows of all tokens of the batch; candle does the quantized matrix products.
+//!
+//! One forward serves a batch of sequences each bringing any number of new tokens (prefill
+//! chunks and single decode tokens together): the matmuls run over all rows at once, attention
+//! per token over its own sequence's blocks.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::{Device, Module, Tensor};
+use pagedkv::attention::{self, Context, Scratch};
+use pagedkv::{Codec, KvCacheManager, KvLayout, LayoutSpec, SeqId};
+use rayon::prelude::*;
+
+use crate::error::{EngineError, Result};
+use crate::tokenizer::GgufTokenizer;
+
+/// How the weight matrices are held in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightMode {
+    /// As stored in the file (Q4_1 here), through candle's quantized kernels: the reference mode
+    /// that matches candle-transformers' `quantized_llama` on the same file.
+    Exact,
+    /// Dequantized to f32 once at load: no activation quantization inside matmuls (for `eval`).
+    F32,
+    /// Requantized at load to Q8_0, which has SIMD kernels in candle (for speed).
+    Q8,
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ModelConfig {
+    /// Transformer layers.
+    pub layers: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Elements per head.
+    pub head_dim: usize,
+    /// Hidden size.
+    pub hidden: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// RoPE frequency base.
+    pub rope_base: f32,
+    /// RMSNorm epsilon.
+    pub rms_eps: f32,
+    /// Trained context length.
+    pub context_len: usize,
+}
+
+impl ModelConfig {
+    /// The KV layout of this model for the given codecs and block size.
+    pub fn kv_layout(&self, key_codec: Codec, value_codec: Codec, block_size: usize) -> Result<KvLayout> {
+        Ok(KvLayout::new(LayoutSpec {
+            layers: self.layers,
+            kv_heads: self.kv_heads,
+            query_heads: self.heads,
+            head_dim: self.head_dim,
+            block_size,
+            key_codec,
+            value_codec,
+        })?)
+    }
+}
+
+struct Layer {
+    attn_norm: Vec<f32>,
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    ffn_norm: Vec<f32>,
+    w_gate: QMatMul,
+    w_up: QMatMul,
+    w_down: QMatMul,
+}
+
+/// The loaded model.
+pub struct Model {
+    config: ModelConfig,
+    embedding: Vec<f32>,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    output: QMatMul,
+    mode: WeightMode,
+    device: Device,
+}
+
+/// Which logits a batch item wants back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (a prefill chunk that is not the prompt's end).
+    None,
+    /// The last new token's (prefill end, decode).
+    Last,
+    /// Every new token's (evaluation).
+    All,
+}
+
+/// New tokens of one sequence for one forward. Room for them must be reserved in the cache.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchItem<'a> {
+    /// The sequence.
+    pub seq: SeqId,
+    /// Tokens following the sequence's committed ones.
+    pub tokens: &'a [u32],
+    /// Which logits to return.
+    pub logits: Logits,
+}
+
+fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
+    EngineError::BadModel {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+impl Model {
+    /// Loads model and tokenizer from a GGUF file.
+    pub fn load(path: &Path, mode: WeightMode) -> Result<(Self, GgufTokenizer)> {
+        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+        let mut file = File::open(path).map_err(io)?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| bad_model(path, format!("not a readable GGUF file: {e}")))?;
+        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        if arch.as_deref() != Some("llama") {
+            return Err(bad_model(path, format!("architecture {arch:?} is not llama")));
+        }
+        let get = |key: &str| -> Result<&gguf_file::Value> {
+            ct.metadata.get(key).ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
+        };
+        let uint = |key: &str| -> Result<usize> {
+            get(key)?.to_u32().map(|v| v as usize).map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
+        };
+        let float = |key: &str| -> Result<f32> { get(key)?.to_f32().map_err(|_| bad_model(path, format!("`{key}` is not an f32"))) };
+        let heads = uint("llama.attention.head_count")?;
+        let hidden = uint("llama.embedding_length")?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(bad_model(path, "embedding length is not a multiple of the head count"));
+        }
+        let config = ModelConfig {
+            layers: uint("llama.block_count")?,
+            heads,
+            kv_heads: uint("llama.attention.head_count_kv")?,
+            head_dim: hidden / heads,
+            hidden,
+            vocab: uint("llama.vocab_size")?,
+            rope_base: float("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: float("llama.attention.layer_norm_rms_epsilon")?,
+            context_len: uint("llama.context_length")?,
+        };
+        let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+
+        let device = Device::Cpu;
+        let mut tensor = |name: &str| -> Result<QTensor> {
+            if !ct.tensor_infos.contains_key(name) {
+                return Err(bad_model(path, format!("missing tensor `{name}`")));
+            }
+            Ok(ct.tensor(&mut file, name, &device)?)
+        };
+        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?) };
+        let matrix = |q: QTensor| -> Result<QMatMul> {
+            Ok(match mode {
+                WeightMode::Exact => QMatMul::from_qtensor(q)?,
+                WeightMode::F32 => QMatMul::Tensor(q.dequantize(&device)?),
+                WeightMode::Q8 => QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&device)?, GgmlDType::Q8_0)?)?,
+            })
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
+            layers.push(Layer {
+                attn_norm: vector(tensor(&name("attn_norm"))?)?,
+                wq: matrix(tensor(&name("attn_q"))?)?,
+                wk: matrix(tensor(&name("attn_k"))?)?,
+                wv: matrix(tensor(&name("attn_v"))?)?,
+                wo: matrix(tensor(&name("attn_output"))?)?,
+                ffn_norm: vector(tensor(&name("ffn_norm"))?)?,
+                w_gate: matrix(tensor(&name("ffn_gate"))?)?,
+                w_up: matrix(tensor(&name("ffn_up"))?)?,
+                w_down: matrix(tensor(&name("ffn_down"))?)?,
+            });
+        }
+        let embedding_q = tensor("token_embd.weight")?;
+        let embedding = vector(QTensor::quantize(&embedding_q.dequantize(&device)?, embedding_q.dtype())?)?;
+        if embedding.len() != config.vocab * config.hidden {
+            return Err(bad_model(path, "token_embd has the wrong shape"));
+        }
+        // No `output.weight` in this file: the embedding matrix doubles as the output matrix.
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            matrix(tensor("output.weight")?)?
+        } else {
+            match mode {
+                WeightMode::F32 => QMatMul::Tensor(embedding_q.dequantize(&device)?),
+                // Q8_0 in this file already: keep it as stored in both other modes
+                WeightMode::Exact | WeightMode::Q8 => QMatMul::from_qtensor(embedding_q)?,
+            }
+        };
+        let out_norm = vector(tensor("output_norm.weight")?)?;
+        Ok((
+            Self {
+                config,
+                embedding,
+                layers,
+                out_norm,
+                output,
+                mode,
+                device,
+            },
+            tokenizer,
+        ))
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// How weights are held.
+    pub fn weight_mode(&self) -> WeightMode {
+        self.mode
+    }
+
+    fn matmul(&self, w: &QMatMul, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
+        Ok(w.forward(&input)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// Runs one forward over the batch: writes every new token's K/V into the cache, commits the
+    /// tokens, and returns the requested logits (rows of `vocab`), item by item in order.
+    pub fn forward(&self, cache: &mut KvCacheManager, batch: &[BatchItem]) -> Result<Vec<Vec<f32>>> {
+        let c = &self.config;
+        let bs = cache.layout().block_size();
+        // (seq, position) of every new token, and the checks that make the rest infallible
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        for (item_idx, item) in batch.iter().enumerate() {
+            let table = cache.table(item.seq)?;
+            let start = table.len();
+            let end = start + item.tokens.len();
+            if end > c.context_len {
+                return Err(EngineError::PromptTooLong { tokens: end, limit: c.context_len });
+            }
+            if end > table.blocks().len() * bs {
+                return Err(pagedkv::KvError::PositionNotWritable {
+                    seq: item.seq,
+                    pos: end - 1,
+                    committed: start,
+                    capacity: table.blocks().len() * bs,
+                }
+                .into());
+            }
+            if let Some(bad) = item.tokens.iter().find(|t| **t as usize >= c.vocab) {
+                return Err(EngineError::InvalidArgument(format!("token id {bad} is outside the vocabulary")));
+            }
+            rows.extend((start..end).map(|pos| (item_idx, pos)));
+        }
+        let n = rows.len();
+        if n == 0 {
+            return Ok(batch.iter().map(|_| Vec::new()).collect());
+        }
+        let (d, h) = (c.head_dim, c.hidden);
+        let (q_width, kv_width) = (c.heads * d, c.kv_heads * d);
+        let tokens: Vec<u32> = batch.iter().flat_map(|i| i.tokens.iter().copied()).collect();
+        let mut x = Vec::with_capacity(n * h);
+        for t in &tokens {
+            x.extend_from_slice(&self.embedding[*t as usize * h..(*t as usize + 1) * h]);
+        }
+        let rope = RopeTable::new(c.rope_base, d, rows.iter().map(|(_, pos)| *pos));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut attn_out = vec![0f32; n * q_width];
+        let mut normed = vec![0f32; n * h];
+        for (layer_idx, layer) in self.layers.iter().enumerate() {
+            rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
+            let mut q = self.matmul(&layer.wq, &normed, n)?;
+            let mut k = self.matmul(&layer.wk, &normed, n)?;
+            let v = self.matmul(&layer.wv, &normed, n)?;
+            for (r, (qr, kr)) in q.chunks_exact_mut(q_width).zip(k.chunks_exact_mut(kv_width)).enumerate() {
+                rope.apply(r, qr);
+                rope.apply(r, kr);
+            }
+            for (r, (item_idx, pos)) in rows.iter().enumerate() {
+                let span = r * kv_width..(r + 1) * kv_width;
+                cache.write_token(batch[*item_idx].seq, layer_idx, *pos, &k[span.clone()], &v[span])?;
+            }
+            let tables = batch
+                .iter()
+                .map(|i| cache.table(i.seq).map(|t| t.blocks()))
+                .collect::<pagedkv::Result<Vec<_>>>()?;
+            let storage = cache.storage();
+            attn_out
+                .par_chunks_mut(q_width)
+                .zip(q.par_chunks(q_width))
+                .zip(rows.par_iter())
+                .try_for_each_init(Scratch::default, |scratch, ((out, qr), (item_idx, pos))| {
+                    let ctx = Context { blocks: tables[*item_idx], len: pos + 1 };
+                    attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
+                })?;
+            let o = self.matmul(&layer.wo, &attn_out, n)?;
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+
+            rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
+            let gate = self.matmul(&layer.w_gate, &normed, n)?;
+            let mut up = self.matmul(&layer.w_up, &normed, n)?;
+            up.iter_mut().zip(&gate).for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
+            let down = self.matmul(&layer.w_down, &up, n)?;
+            x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
+        }
+        for item in batch {
+            cache.commit(item.seq, item.tokens)?;
+        }
+        // logits for the rows that asked for them
+        let mut wanted: Vec<usize> = Vec::new();
+        let mut row = 0;
+        for item in batch {
+            let len = item.tokens.len();
+            match item.logits {
+                Logits::None => {}
+                Logits::Last if len > 0 => wanted.push(row + len - 1),
+                Logits::Last => {}
+                Logits::All => wanted.extend(row..row + len),
+            }
+            row += len;
+        }
+        let mut out: Vec<Vec<f32>> = batch.iter().map(|_| Vec::new()).collect();
+        if wanted.is_empty() {
+            return Ok(out);
+        }
+        let mut selected = Vec::with_capacity(wanted.len() * h);
+        for r in &wanted {
+            selected.extend_from_slice(&x[r * h..(r + 1) * h]);
+        }
+        let mut final_norm = vec![0f32; selected.len()];
+        rms_norm(&selected, &self.out_norm, c.rms_eps, &mut final_norm);
+        let logits = self.matmul(&self.output, &final_norm, wanted.len())?;
+        let mut chunks = logits.chunks_exact(c.vocab);
+        for (item, dst) in batch.iter().zip(out.iter_mut()) {
+            let count = match item.logits {
+                Logits::None => 0,
+                Logits::Last => usize::from(!item.tokens.is_empty()),
+                Logits::All => item.tokens.len(),
+            };
+            for _ in 0..count {
+                dst.extend_from_slice(chunks.next().expect("one logits row per wanted row"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// RMSNorm of each row of `x` (computed as candle does, so exact mode matches it).
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (row, dst) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let sum2: f32 = row.iter().map(|v| v * v).sum();
+        let m = (sum2 / dim as f32 + eps).sqrt();
+        for ((o, v), w) in dst.iter_mut().zip(row).zip(weight) {
+            *o = *v / m * *w;
+        }
+    }
+}
+
+/// cos/sin of every (token, frequency) of a batch; frequencies as candle computes them.
+struct RopeTable {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(base: f32, head_dim: usize, positions: impl Iterator<Item = usize>) -> Self {
+        let theta: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            for t in &theta {
+                let angle = pos as f32 * t;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { half: head_dim / 2, cos, sin }
+    }
+
+    /// Rotates interleaved pairs (2i, 2i+1) of every head in `row` by the token's angles.
+    fn apply(&self, token: usize, row: &mut [f32]) {
+        let cos = &self.cos[token * self.half..(token + 1) * self.half];
+        let sin = &self.sin[token * self.half..(token + 1) * self.half];
+        for head in row.chunks_exact_mut(2 * self.half) {
+            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                let (x0, x1) = (pair[0], pair[1]);
+                pair[0] = x0 * cos[i] - x1 * sin[i];
+                pair[1] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}

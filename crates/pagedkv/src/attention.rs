@@ -1,0 +1,255 @@
+//! Paged attention over the cache (DESIGN §7): a scalar f64 reference (the test oracle) and the
+//! f32 kernel the model runs. One pass per kv head over the sequence's blocks serves every query
+//! head of its GQA group; softmax is computed online, one block at a time, so no score vector of
+//! the whole context is ever built.
+//!
+//! Query head `j` reads kv head `j / group` (the Llama `repeat_kv` convention), so the query rows
+//! of one kv head are contiguous in `q`: `q[(h·group + g)·head_dim ..]`.
+
+use half::{bf16, f16};
+
+use crate::block::BlockId;
+use crate::error::{KvError, Result};
+use crate::storage::{KvStorage, PageRef};
+
+/// The part of a sequence one query attends to: its block table and the number of positions
+/// visible to the query (causal limit), `1 ..= blocks.len() · block_size`.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The sequence's block table.
+    pub blocks: &'a [BlockId],
+    /// Positions `0 .. len` are attended to.
+    pub len: usize,
+}
+
+/// Reusable buffers of the f32 kernel, sized on first use.
+#[derive(Debug, Default, Clone)]
+pub struct Scratch {
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+    max: Vec<f32>,
+    sum: Vec<f32>,
+}
+
+fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
+    let layout = storage.layout();
+    let width = layout.query_heads() * layout.head_dim();
+    if q.len() != width {
+        return Err(KvError::ShapeMismatch { what: "query", expected: width, got: q.len() });
+    }
+    if out.len() != width {
+        return Err(KvError::ShapeMismatch { what: "attention output", expected: width, got: out.len() });
+    }
+    let capacity = ctx.blocks.len() * layout.block_size();
+    if ctx.len == 0 || ctx.len > capacity {
+        return Err(KvError::IndexOutOfRange { what: "context length", index: ctx.len, limit: capacity + 1 });
+    }
+    Ok(())
+}
+
+/// Element types the kernel reads in place.
+trait Elem: Copy {
+    fn to_f32(self) -> f32;
+}
+impl Elem for f32 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+impl Elem for f16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+impl Elem for bf16 {
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        bf16::to_f32(self)
+    }
+}
+
+#[inline]
+fn dot<E: Elem>(q: &[f32], k: &[E]) -> f32 {
+    q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum()
+}
+
+#[inline]
+fn axpy<E: Elem>(acc: &mut [f32], p: f32, v: &[E]) {
+    acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x.to_f32());
+}
+
+/// Scores of `n` keys of a page against the group's queries: `scores[g·block_size + t]`.
+fn score_page<E: Elem>(qs: &[f32], keys: &[E], n: usize, d: usize, bs: usize, scale: f32, scores: &mut [f32]) {
+    for (g, qg) in qs.chunks_exact(d).enumerate() {
+        for (t, key) in keys.chunks_exact(d).take(n).enumerate() {
+            scores[g * bs + t] = dot(qg, key) * scale;
+        }
+    }
+}
+
+fn accumulate_page<E: Elem>(acc: &mut [f32], probs: &[f32], values: &[E], n: usize, d: usize) {
+    for (p, v) in probs.iter().zip(values.chunks_exact(d)).take(n) {
+        axpy(acc, *p, v);
+    }
+}
+
+/// Attention of one query token (all query heads) over `ctx`, written to `out`
+/// (`query_heads × head_dim`). f32 arithmetic, stored elements converted in registers.
+pub fn attend(
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    check(storage, &ctx, q, out)?;
+    let layout = storage.layout();
+    let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
+    scratch.scores.resize(group * bs, 0.0);
+    scratch.acc.resize(group * d, 0.0);
+    scratch.max.resize(group, 0.0);
+    scratch.sum.resize(group, 0.0);
+    for head in 0..layout.kv_heads() {
+        let qs = &q[head * group * d..(head + 1) * group * d];
+        scratch.acc.fill(0.0);
+        scratch.max.fill(f32::NEG_INFINITY);
+        scratch.sum.fill(0.0);
+        for (block_idx, block) in ctx.blocks.iter().enumerate() {
+            let start = block_idx * bs;
+            if start >= ctx.len {
+                break;
+            }
+            let n = (ctx.len - start).min(bs);
+            match storage.key_page(layer, *block, head)? {
+                PageRef::F32(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
+                PageRef::F16(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
+                PageRef::Bf16(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
+            }
+            // online softmax: rescale the running sums once per block
+            for g in 0..group {
+                let scores = &mut scratch.scores[g * bs..g * bs + n];
+                let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let new_max = scratch.max[g].max(block_max);
+                let correction = (scratch.max[g] - new_max).exp();
+                scratch.max[g] = new_max;
+                scratch.sum[g] *= correction;
+                scratch.acc[g * d..(g + 1) * d].iter_mut().for_each(|a| *a *= correction);
+                for s in scores.iter_mut() {
+                    *s = (*s - new_max).exp();
+                    scratch.sum[g] += *s;
+                }
+            }
+            let values = storage.value_page(layer, *block, head)?;
+            for g in 0..group {
+                let probs = &scratch.scores[g * bs..g * bs + n];
+                let acc = &mut scratch.acc[g * d..(g + 1) * d];
+                match values {
+                    PageRef::F32(v) => accumulate_page(acc, probs, v, n, d),
+                    PageRef::F16(v) => accumulate_page(acc, probs, v, n, d),
+                    PageRef::Bf16(v) => accumulate_page(acc, probs, v, n, d),
+                }
+            }
+        }
+        for g in 0..group {
+            let inv = 1.0 / scratch.sum[g];
+            let dst = &mut out[(head * group + g) * d..(head * group + g + 1) * d];
+            dst.iter_mut().zip(&scratch.acc[g * d..(g + 1) * d]).for_each(|(o, a)| *o = a * inv);
+        }
+    }
+    Ok(())
+}
+
+/// The oracle: the same attention with f64 accumulation and a plain two-pass softmax.
+pub fn attend_reference(storage: &KvStorage, layer: usize, ctx: Context, q: &[f32], scale: f32, out: &mut [f32]) -> Result<()> {
+    check(storage, &ctx, q, out)?;
+    let layout = storage.layout();
+    let (d, bs) = (layout.head_dim(), layout.block_size());
+    for qh in 0..layout.query_heads() {
+        let head = qh / layout.group_size();
+        let qv = &q[qh * d..(qh + 1) * d];
+        let mut scores = Vec::with_capacity(ctx.len);
+        for pos in 0..ctx.len {
+            let page = storage.key_page(layer, ctx.blocks[pos / bs], head)?;
+            let off = (pos % bs) * d;
+            let s: f64 = (0..d).map(|i| qv[i] as f64 * page.get(off + i) as f64).sum();
+            scores.push(s * scale as f64);
+        }
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        let mut acc = vec![0f64; d];
+        for (pos, w) in weights.iter().enumerate() {
+            let page = storage.value_page(layer, ctx.blocks[pos / bs], head)?;
+            let off = (pos % bs) * d;
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a += w * page.get(off + i) as f64;
+            }
+        }
+        for (o, a) in out[qh * d..(qh + 1) * d].iter_mut().zip(&acc) {
+            *o = (a / total) as f32;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Codec;
+    use crate::layout::{KvLayout, LayoutSpec};
+
+    fn filled(codec: Codec, kv_heads: usize, query_heads: usize, tokens: usize) -> (KvStorage, Vec<BlockId>) {
+        let mut spec = LayoutSpec::new(1, kv_heads, query_heads, 8, codec);
+        spec.block_size = 4;
+        let layout = KvLayout::new(spec).unwrap();
+        let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).rev().map(BlockId).collect();
+        let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+        let mut x = 0.37f32;
+        let mut next = || {
+            x = (x * 9.1 + 0.3).fract();
+            x * 4.0 - 2.0
+        };
+        for pos in 0..tokens {
+            let k: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
+            let v: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
+            s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
+        }
+        (s, blocks)
+    }
+
+    #[test]
+    fn kernel_matches_reference_for_mha_gqa_mqa() {
+        for codec in [Codec::F32, Codec::F16, Codec::Bf16] {
+            for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
+                for tokens in [1, 3, 4, 13] {
+                    let (s, blocks) = filled(codec, kv, qh, tokens);
+                    let q: Vec<f32> = (0..qh * 8).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
+                    let ctx = Context { blocks: &blocks, len: tokens };
+                    let (mut fast, mut slow) = (vec![0.0; qh * 8], vec![0.0; qh * 8]);
+                    attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
+                    attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
+                    let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    for (a, b) in fast.iter().zip(&slow) {
+                        assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{codec} {kv}/{qh} {tokens}: {a} vs {b}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_errors() {
+        let (s, blocks) = filled(Codec::F32, 3, 9, 5);
+        let q = vec![0.0; 72];
+        let mut out = vec![0.0; 72];
+        let ctx = |len| Context { blocks: &blocks, len };
+        assert!(matches!(attend(&s, 0, ctx(0), &q, 1.0, &mut out, &mut Scratch::default()), Err(KvError::IndexOutOfRange { .. })));
+        assert!(matches!(attend(&s, 0, ctx(9), &q, 1.0, &mut out, &mut Scratch::default()), Err(KvError::IndexOutOfRange { .. })));
+        assert!(matches!(attend(&s, 0, ctx(5), &q[1..], 1.0, &mut out, &mut Scratch::default()), Err(KvError::ShapeMismatch { .. })));
+        assert!(matches!(attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]), Err(KvError::ShapeMismatch { .. })));
+    }
+}
