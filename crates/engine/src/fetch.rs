@@ -16,7 +16,9 @@ pub fn cache_dir() -> PathBuf {
     if let Some(home) = std::env::var_os("PAGEDKV_HOME") {
         return PathBuf::from(home);
     }
-    let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."));
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."));
     home.join(".cache").join("pagedkv")
 }
 

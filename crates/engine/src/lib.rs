@@ -6,8 +6,12 @@
 pub mod error;
 pub mod fetch;
 pub mod model;
+pub mod sampler;
+pub mod scheduler;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};
 pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
+pub use sampler::{Sampler, SamplingParams};
+pub use scheduler::{Event, FinishReason, Request, Scheduler, SchedulerConfig, SchedulerStats};
 pub use tokenizer::{ChatMessage, GgufTokenizer};

@@ -58,7 +58,12 @@ pub struct ModelConfig {
 
 impl ModelConfig {
     /// The KV layout of this model for the given codecs and block size.
-    pub fn kv_layout(&self, key_codec: Codec, value_codec: Codec, block_size: usize) -> Result<KvLayout> {
+    pub fn kv_layout(
+        &self,
+        key_codec: Codec,
+        value_codec: Codec,
+        block_size: usize,
+    ) -> Result<KvLayout> {
         Ok(KvLayout::new(LayoutSpec {
             layers: self.layers,
             kv_heads: self.kv_heads,
@@ -92,6 +97,7 @@ pub struct Model {
     output: QMatMul,
     mode: WeightMode,
     device: Device,
+    stop_tokens: Vec<u32>,
 }
 
 /// Which logits a batch item wants back.
@@ -126,24 +132,47 @@ fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
 impl Model {
     /// Loads model and tokenizer from a GGUF file.
     pub fn load(path: &Path, mode: WeightMode) -> Result<(Self, GgufTokenizer)> {
-        let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+        let io = |source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
         let mut file = File::open(path).map_err(io)?;
-        let ct = gguf_file::Content::read(&mut file).map_err(|e| bad_model(path, format!("not a readable GGUF file: {e}")))?;
-        let arch = ct.metadata.get("general.architecture").and_then(|v| v.to_string().ok()).cloned();
+        let ct = gguf_file::Content::read(&mut file)
+            .map_err(|e| bad_model(path, format!("not a readable GGUF file: {e}")))?;
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
         if arch.as_deref() != Some("llama") {
-            return Err(bad_model(path, format!("architecture {arch:?} is not llama")));
+            return Err(bad_model(
+                path,
+                format!("architecture {arch:?} is not llama"),
+            ));
         }
         let get = |key: &str| -> Result<&gguf_file::Value> {
-            ct.metadata.get(key).ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
+            ct.metadata
+                .get(key)
+                .ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
         };
         let uint = |key: &str| -> Result<usize> {
-            get(key)?.to_u32().map(|v| v as usize).map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
+            get(key)?
+                .to_u32()
+                .map(|v| v as usize)
+                .map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
         };
-        let float = |key: &str| -> Result<f32> { get(key)?.to_f32().map_err(|_| bad_model(path, format!("`{key}` is not an f32"))) };
+        let float = |key: &str| -> Result<f32> {
+            get(key)?
+                .to_f32()
+                .map_err(|_| bad_model(path, format!("`{key}` is not an f32")))
+        };
         let heads = uint("llama.attention.head_count")?;
         let hidden = uint("llama.embedding_length")?;
         if heads == 0 || hidden % heads != 0 {
-            return Err(bad_model(path, "embedding length is not a multiple of the head count"));
+            return Err(bad_model(
+                path,
+                "embedding length is not a multiple of the head count",
+            ));
         }
         let config = ModelConfig {
             layers: uint("llama.block_count")?,
@@ -165,12 +194,17 @@ impl Model {
             }
             Ok(ct.tensor(&mut file, name, &device)?)
         };
-        let vector = |q: QTensor| -> Result<Vec<f32>> { Ok(q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?) };
+        let vector = |q: QTensor| -> Result<Vec<f32>> {
+            Ok(q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?)
+        };
         let matrix = |q: QTensor| -> Result<QMatMul> {
             Ok(match mode {
                 WeightMode::Exact => QMatMul::from_qtensor(q)?,
                 WeightMode::F32 => QMatMul::Tensor(q.dequantize(&device)?),
-                WeightMode::Q8 => QMatMul::from_qtensor(QTensor::quantize(&q.dequantize(&device)?, GgmlDType::Q8_0)?)?,
+                WeightMode::Q8 => QMatMul::from_qtensor(QTensor::quantize(
+                    &q.dequantize(&device)?,
+                    GgmlDType::Q8_0,
+                )?)?,
             })
         };
         let mut layers = Vec::with_capacity(config.layers);
@@ -189,7 +223,10 @@ impl Model {
             });
         }
         let embedding_q = tensor("token_embd.weight")?;
-        let embedding = vector(QTensor::quantize(&embedding_q.dequantize(&device)?, embedding_q.dtype())?)?;
+        let embedding = vector(QTensor::quantize(
+            &embedding_q.dequantize(&device)?,
+            embedding_q.dtype(),
+        )?)?;
         if embedding.len() != config.vocab * config.hidden {
             return Err(bad_model(path, "token_embd has the wrong shape"));
         }
@@ -213,6 +250,7 @@ impl Model {
                 output,
                 mode,
                 device,
+                stop_tokens: tokenizer.stop_tokens(),
             },
             tokenizer,
         ))
@@ -221,6 +259,11 @@ impl Model {
     /// Hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// True for tokens that end a generation (end of text, end of turn).
+    pub fn is_stop_token(&self, token: u32) -> bool {
+        self.stop_tokens.contains(&token)
     }
 
     /// How weights are held.
@@ -235,7 +278,11 @@ impl Model {
 
     /// Runs one forward over the batch: writes every new token's K/V into the cache, commits the
     /// tokens, and returns the requested logits (rows of `vocab`), item by item in order.
-    pub fn forward(&self, cache: &mut KvCacheManager, batch: &[BatchItem]) -> Result<Vec<Vec<f32>>> {
+    pub fn forward(
+        &self,
+        cache: &mut KvCacheManager,
+        batch: &[BatchItem],
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let bs = cache.layout().block_size();
         // (seq, position) of every new token, and the checks that make the rest infallible
@@ -245,7 +292,10 @@ impl Model {
             let start = table.len();
             let end = start + item.tokens.len();
             if end > c.context_len {
-                return Err(EngineError::PromptTooLong { tokens: end, limit: c.context_len });
+                return Err(EngineError::PromptTooLong {
+                    tokens: end,
+                    limit: c.context_len,
+                });
             }
             if end > table.blocks().len() * bs {
                 return Err(pagedkv::KvError::PositionNotWritable {
@@ -257,7 +307,9 @@ impl Model {
                 .into());
             }
             if let Some(bad) = item.tokens.iter().find(|t| **t as usize >= c.vocab) {
-                return Err(EngineError::InvalidArgument(format!("token id {bad} is outside the vocabulary")));
+                return Err(EngineError::InvalidArgument(format!(
+                    "token id {bad} is outside the vocabulary"
+                )));
             }
             rows.extend((start..end).map(|pos| (item_idx, pos)));
         }
@@ -267,7 +319,10 @@ impl Model {
         }
         let (d, h) = (c.head_dim, c.hidden);
         let (q_width, kv_width) = (c.heads * d, c.kv_heads * d);
-        let tokens: Vec<u32> = batch.iter().flat_map(|i| i.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = batch
+            .iter()
+            .flat_map(|i| i.tokens.iter().copied())
+            .collect();
         let mut x = Vec::with_capacity(n * h);
         for t in &tokens {
             x.extend_from_slice(&self.embedding[*t as usize * h..(*t as usize + 1) * h]);
@@ -281,13 +336,23 @@ impl Model {
             let mut q = self.matmul(&layer.wq, &normed, n)?;
             let mut k = self.matmul(&layer.wk, &normed, n)?;
             let v = self.matmul(&layer.wv, &normed, n)?;
-            for (r, (qr, kr)) in q.chunks_exact_mut(q_width).zip(k.chunks_exact_mut(kv_width)).enumerate() {
+            for (r, (qr, kr)) in q
+                .chunks_exact_mut(q_width)
+                .zip(k.chunks_exact_mut(kv_width))
+                .enumerate()
+            {
                 rope.apply(r, qr);
                 rope.apply(r, kr);
             }
             for (r, (item_idx, pos)) in rows.iter().enumerate() {
                 let span = r * kv_width..(r + 1) * kv_width;
-                cache.write_token(batch[*item_idx].seq, layer_idx, *pos, &k[span.clone()], &v[span])?;
+                cache.write_token(
+                    batch[*item_idx].seq,
+                    layer_idx,
+                    *pos,
+                    &k[span.clone()],
+                    &v[span],
+                )?;
             }
             let tables = batch
                 .iter()
@@ -299,7 +364,10 @@ impl Model {
                 .zip(q.par_chunks(q_width))
                 .zip(rows.par_iter())
                 .try_for_each_init(Scratch::default, |scratch, ((out, qr), (item_idx, pos))| {
-                    let ctx = Context { blocks: tables[*item_idx], len: pos + 1 };
+                    let ctx = Context {
+                        blocks: tables[*item_idx],
+                        len: pos + 1,
+                    };
                     attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
                 })?;
             let o = self.matmul(&layer.wo, &attn_out, n)?;
@@ -308,7 +376,9 @@ impl Model {
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
             let gate = self.matmul(&layer.w_gate, &normed, n)?;
             let mut up = self.matmul(&layer.w_up, &normed, n)?;
-            up.iter_mut().zip(&gate).for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
+            up.iter_mut()
+                .zip(&gate)
+                .for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
             let down = self.matmul(&layer.w_down, &up, n)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
@@ -375,7 +445,10 @@ struct RopeTable {
 
 impl RopeTable {
     fn new(base: f32, head_dim: usize, positions: impl Iterator<Item = usize>) -> Self {
-        let theta: Vec<f32> = (0..head_dim).step_by(2).map(|i| 1f32 / base.powf(i as f32 / head_dim as f32)).collect();
+        let theta: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
+            .collect();
         let (mut cos, mut sin) = (Vec::new(), Vec::new());
         for pos in positions {
             for t in &theta {
@@ -384,7 +457,11 @@ impl RopeTable {
                 sin.push(angle.sin());
             }
         }
-        Self { half: head_dim / 2, cos, sin }
+        Self {
+            half: head_dim / 2,
+            cos,
+            sin,
+        }
     }
 
     /// Rotates interleaved pairs (2i, 2i+1) of every head in `row` by the token's angles.

@@ -54,7 +54,7 @@ fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
     v.to_vec()
         .map_err(|_| err())?
         .iter()
-        .map(|s| s.to_string().map(Clone::clone).map_err(|_| err()))
+        .map(|s| s.to_string().cloned().map_err(|_| err()))
         .collect()
 }
 
@@ -79,21 +79,33 @@ impl GgufTokenizer {
             .to_string()
             .map_err(|_| EngineError::Tokenizer("tokenizer.ggml.model is not a string".into()))?;
         if model != "gpt2" {
-            return Err(EngineError::Tokenizer(format!("unsupported tokenizer model `{model}` (only gpt2 byte-level BPE)")));
+            return Err(EngineError::Tokenizer(format!(
+                "unsupported tokenizer model `{model}` (only gpt2 byte-level BPE)"
+            )));
         }
         let pre = metadata(ct, "tokenizer.ggml.pre")?
             .to_string()
             .map_err(|_| EngineError::Tokenizer("tokenizer.ggml.pre is not a string".into()))?;
-        let tokens = strings(metadata(ct, "tokenizer.ggml.tokens")?, "tokenizer.ggml.tokens")?;
-        let merges = strings(metadata(ct, "tokenizer.ggml.merges")?, "tokenizer.ggml.merges")?
-            .into_iter()
-            .map(|m| {
-                m.split_once(' ')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-                    .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge `{m}`")))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+        let tokens = strings(
+            metadata(ct, "tokenizer.ggml.tokens")?,
+            "tokenizer.ggml.tokens",
+        )?;
+        let merges = strings(
+            metadata(ct, "tokenizer.ggml.merges")?,
+            "tokenizer.ggml.merges",
+        )?
+        .into_iter()
+        .map(|m| {
+            m.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge `{m}`")))
+        })
+        .collect::<Result<Vec<_>>>()?;
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.clone(), i as u32))
+            .collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -102,24 +114,39 @@ impl GgufTokenizer {
         match pre.as_str() {
             // SmolLM: every digit is its own pre-token, then GPT-2's byte-level split.
             "smollm" => {
-                let seq = Sequence::new(vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()]);
+                let seq = Sequence::new(vec![
+                    Digits::new(true).into(),
+                    ByteLevel::new(false, true, true).into(),
+                ]);
                 tokenizer.with_pre_tokenizer(Some(seq));
             }
             "gpt2" | "default" => {
                 tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
             }
-            other => return Err(EngineError::Tokenizer(format!("unsupported pre-tokenizer `{other}`"))),
+            other => {
+                return Err(EngineError::Tokenizer(format!(
+                    "unsupported pre-tokenizer `{other}`"
+                )))
+            }
         }
         tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
 
         let types = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v.to_vec().map_err(|_| EngineError::Tokenizer("token_type is not an array".into()))?.clone(),
+            Some(v) => v
+                .to_vec()
+                .map_err(|_| EngineError::Tokenizer("token_type is not an array".into()))?
+                .clone(),
             None => Vec::new(),
         };
         let specials: Vec<AddedToken> = types
             .iter()
             .enumerate()
-            .filter(|(_, t)| matches!(integer(t), Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)))
+            .filter(|(_, t)| {
+                matches!(
+                    integer(t),
+                    Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
+                )
+            })
             .filter_map(|(i, _)| tokens.get(i))
             .map(|t| AddedToken::from(t.clone(), true))
             .collect();
@@ -130,8 +157,12 @@ impl GgufTokenizer {
         let eos = metadata(ct, "tokenizer.ggml.eos_token_id")
             .ok()
             .and_then(integer)
-            .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))? as u32;
-        let im_end = tokens.iter().position(|t| t == "<|im_end|>").map(|i| i as u32);
+            .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))?
+            as u32;
+        let im_end = tokens
+            .iter()
+            .position(|t| t == "<|im_end|>")
+            .map(|i| i as u32);
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
         Ok(Self {
@@ -154,21 +185,32 @@ impl GgufTokenizer {
     }
 
     fn ids(t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-        let enc = t.encode(text, false).map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let enc = t
+            .encode(text, false)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
     /// Text of token ids; special tokens are kept unless `skip_special`.
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         if let Some(bad) = ids.iter().find(|id| **id as usize >= self.token_count) {
-            return Err(EngineError::Tokenizer(format!("token id {bad} is outside the vocabulary")));
+            return Err(EngineError::Tokenizer(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
         }
-        self.special.decode(ids, skip_special).map_err(|e| EngineError::Tokenizer(e.to_string()))
+        self.special
+            .decode(ids, skip_special)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
     /// Tokens that end a generation: `eos` and `<|im_end|>`.
     pub fn is_stop(&self, id: u32) -> bool {
         id == self.eos || Some(id) == self.im_end
+    }
+
+    /// All stop tokens.
+    pub fn stop_tokens(&self) -> Vec<u32> {
+        std::iter::once(self.eos).chain(self.im_end).collect()
     }
 
     /// Vocabulary size.

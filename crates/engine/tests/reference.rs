@@ -9,10 +9,18 @@ mod common;
 
 #[test]
 fn exact_weights_agree_within_activation_quantization_noise() {
-    for (i, c) in common::compare(pagedkv_engine::WeightMode::Exact, 16).iter().enumerate() {
+    for (i, c) in common::compare(pagedkv_engine::WeightMode::Exact, 16)
+        .iter()
+        .enumerate()
+    {
         assert!(c.max_diff <= 1.0, "prompt {i}: max |Δlogit| {}", c.max_diff);
         assert_eq!(c.ours[0], c.theirs[0], "prompt {i}: next token differs");
-        let common_prefix = c.ours.iter().zip(&c.theirs).take_while(|(a, b)| a == b).count();
+        let common_prefix = c
+            .ours
+            .iter()
+            .zip(&c.theirs)
+            .take_while(|(a, b)| a == b)
+            .count();
         println!("prompt {i}: greedy tokens identical for {common_prefix} of 16");
     }
 }

@@ -9,8 +9,15 @@ mod common;
 fn f32_weights_logits_within_1e3_and_greedy_identical() {
     // SAFETY-free: this binary has a single test, so no other thread reads the environment now.
     std::env::set_var("CANDLE_DEQUANTIZE_ALL", "1");
-    for (i, c) in common::compare(pagedkv_engine::WeightMode::F32, 64).iter().enumerate() {
-        assert!(c.max_diff <= 1e-3, "prompt {i}: max |Δlogit| {}", c.max_diff);
+    for (i, c) in common::compare(pagedkv_engine::WeightMode::F32, 64)
+        .iter()
+        .enumerate()
+    {
+        assert!(
+            c.max_diff <= 1e-3,
+            "prompt {i}: max |Δlogit| {}",
+            c.max_diff
+        );
         assert_eq!(c.ours, c.theirs, "prompt {i}: greedy continuations differ");
     }
 }

@@ -17,15 +17,30 @@ fn tokenizer() -> GgufTokenizer {
 #[test]
 fn ids_match_llama_cpp_and_text_round_trips() {
     let t = tokenizer();
-    let reference: serde_json::Value = serde_json::from_str(include_str!("data/tokenizer-reference.json")).unwrap();
+    let reference: serde_json::Value =
+        serde_json::from_str(include_str!("data/tokenizer-reference.json")).unwrap();
     let cases = reference["cases"].as_array().unwrap();
     assert!(cases.len() >= 10);
     for case in cases {
         let text = case["text"].as_str().unwrap();
-        let expected: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
-        let ids = if case["special"].as_bool().unwrap() { t.encode_with_specials(text) } else { t.encode(text) }.unwrap();
+        let expected: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        let ids = if case["special"].as_bool().unwrap() {
+            t.encode_with_specials(text)
+        } else {
+            t.encode(text)
+        }
+        .unwrap();
         assert_eq!(ids, expected, "ids for {text:?}");
-        assert_eq!(t.decode(&ids, false).unwrap(), text, "round trip of {text:?}");
+        assert_eq!(
+            t.decode(&ids, false).unwrap(),
+            text,
+            "round trip of {text:?}"
+        );
     }
 }
 
@@ -61,7 +76,11 @@ fn arbitrary_utf8_round_trips() {
         for _ in 0..50 {
             let s: String = (0..len).map(|_| next_char()).collect();
             let ids = t.encode(&s).unwrap();
-            assert_eq!(t.decode(&ids, false).unwrap(), expected_round_trip(&s), "round trip of {s:?}");
+            assert_eq!(
+                t.decode(&ids, false).unwrap(),
+                expected_round_trip(&s),
+                "round trip of {s:?}"
+            );
             if !s.bytes().any(|b| UNREPRESENTABLE.contains(&b)) {
                 assert_eq!(t.decode(&ids, false).unwrap(), s);
             }
@@ -83,7 +102,10 @@ fn control_names_in_plain_text_stay_text() {
 #[test]
 fn chat_prompt_follows_the_template() {
     let t = tokenizer();
-    let messages = [ChatMessage { role: "user".into(), content: "What is a KV cache?".into() }];
+    let messages = [ChatMessage {
+        role: "user".into(),
+        content: "What is a KV cache?".into(),
+    }];
     let expected = t
         .encode_with_specials(&format!("{DEFAULT_SYSTEM}<|im_start|>user\nWhat is a KV cache?<|im_end|>\n<|im_start|>assistant\n"))
         .unwrap();

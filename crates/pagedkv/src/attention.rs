@@ -35,14 +35,26 @@ fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<(
     let layout = storage.layout();
     let width = layout.query_heads() * layout.head_dim();
     if q.len() != width {
-        return Err(KvError::ShapeMismatch { what: "query", expected: width, got: q.len() });
+        return Err(KvError::ShapeMismatch {
+            what: "query",
+            expected: width,
+            got: q.len(),
+        });
     }
     if out.len() != width {
-        return Err(KvError::ShapeMismatch { what: "attention output", expected: width, got: out.len() });
+        return Err(KvError::ShapeMismatch {
+            what: "attention output",
+            expected: width,
+            got: out.len(),
+        });
     }
     let capacity = ctx.blocks.len() * layout.block_size();
     if ctx.len == 0 || ctx.len > capacity {
-        return Err(KvError::IndexOutOfRange { what: "context length", index: ctx.len, limit: capacity + 1 });
+        return Err(KvError::IndexOutOfRange {
+            what: "context length",
+            index: ctx.len,
+            limit: capacity + 1,
+        });
     }
     Ok(())
 }
@@ -77,11 +89,21 @@ fn dot<E: Elem>(q: &[f32], k: &[E]) -> f32 {
 
 #[inline]
 fn axpy<E: Elem>(acc: &mut [f32], p: f32, v: &[E]) {
-    acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x.to_f32());
+    acc.iter_mut()
+        .zip(v)
+        .for_each(|(a, x)| *a += p * x.to_f32());
 }
 
 /// Scores of `n` keys of a page against the group's queries: `scores[g·block_size + t]`.
-fn score_page<E: Elem>(qs: &[f32], keys: &[E], n: usize, d: usize, bs: usize, scale: f32, scores: &mut [f32]) {
+fn score_page<E: Elem>(
+    qs: &[f32],
+    keys: &[E],
+    n: usize,
+    d: usize,
+    bs: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
     for (g, qg) in qs.chunks_exact(d).enumerate() {
         for (t, key) in keys.chunks_exact(d).take(n).enumerate() {
             scores[g * bs + t] = dot(qg, key) * scale;
@@ -137,7 +159,9 @@ pub fn attend(
                 let correction = (scratch.max[g] - new_max).exp();
                 scratch.max[g] = new_max;
                 scratch.sum[g] *= correction;
-                scratch.acc[g * d..(g + 1) * d].iter_mut().for_each(|a| *a *= correction);
+                scratch.acc[g * d..(g + 1) * d]
+                    .iter_mut()
+                    .for_each(|a| *a *= correction);
                 for s in scores.iter_mut() {
                     *s = (*s - new_max).exp();
                     scratch.sum[g] += *s;
@@ -157,14 +181,23 @@ pub fn attend(
         for g in 0..group {
             let inv = 1.0 / scratch.sum[g];
             let dst = &mut out[(head * group + g) * d..(head * group + g + 1) * d];
-            dst.iter_mut().zip(&scratch.acc[g * d..(g + 1) * d]).for_each(|(o, a)| *o = a * inv);
+            dst.iter_mut()
+                .zip(&scratch.acc[g * d..(g + 1) * d])
+                .for_each(|(o, a)| *o = a * inv);
         }
     }
     Ok(())
 }
 
 /// The oracle: the same attention with f64 accumulation and a plain two-pass softmax.
-pub fn attend_reference(storage: &KvStorage, layer: usize, ctx: Context, q: &[f32], scale: f32, out: &mut [f32]) -> Result<()> {
+pub fn attend_reference(
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, bs) = (layout.head_dim(), layout.block_size());
@@ -175,7 +208,9 @@ pub fn attend_reference(storage: &KvStorage, layer: usize, ctx: Context, q: &[f3
         for pos in 0..ctx.len {
             let page = storage.key_page(layer, ctx.blocks[pos / bs], head)?;
             let off = (pos % bs) * d;
-            let s: f64 = (0..d).map(|i| qv[i] as f64 * page.get(off + i) as f64).sum();
+            let s: f64 = (0..d)
+                .map(|i| qv[i] as f64 * page.get(off + i) as f64)
+                .sum();
             scores.push(s * scale as f64);
         }
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -202,7 +237,12 @@ mod tests {
     use crate::codec::Codec;
     use crate::layout::{KvLayout, LayoutSpec};
 
-    fn filled(codec: Codec, kv_heads: usize, query_heads: usize, tokens: usize) -> (KvStorage, Vec<BlockId>) {
+    fn filled(
+        codec: Codec,
+        kv_heads: usize,
+        query_heads: usize,
+        tokens: usize,
+    ) -> (KvStorage, Vec<BlockId>) {
         let mut spec = LayoutSpec::new(1, kv_heads, query_heads, 8, codec);
         spec.block_size = 4;
         let layout = KvLayout::new(spec).unwrap();
@@ -227,14 +267,22 @@ mod tests {
             for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
                 for tokens in [1, 3, 4, 13] {
                     let (s, blocks) = filled(codec, kv, qh, tokens);
-                    let q: Vec<f32> = (0..qh * 8).map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0).collect();
-                    let ctx = Context { blocks: &blocks, len: tokens };
+                    let q: Vec<f32> = (0..qh * 8)
+                        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+                        .collect();
+                    let ctx = Context {
+                        blocks: &blocks,
+                        len: tokens,
+                    };
                     let (mut fast, mut slow) = (vec![0.0; qh * 8], vec![0.0; qh * 8]);
                     attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
                     attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
                     let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs()));
                     for (a, b) in fast.iter().zip(&slow) {
-                        assert!((a - b).abs() <= 1e-5 * scale.max(1.0), "{codec} {kv}/{qh} {tokens}: {a} vs {b}");
+                        assert!(
+                            (a - b).abs() <= 1e-5 * scale.max(1.0),
+                            "{codec} {kv}/{qh} {tokens}: {a} vs {b}"
+                        );
                     }
                 }
             }
@@ -246,10 +294,33 @@ mod tests {
         let (s, blocks) = filled(Codec::F32, 3, 9, 5);
         let q = vec![0.0; 72];
         let mut out = vec![0.0; 72];
-        let ctx = |len| Context { blocks: &blocks, len };
-        assert!(matches!(attend(&s, 0, ctx(0), &q, 1.0, &mut out, &mut Scratch::default()), Err(KvError::IndexOutOfRange { .. })));
-        assert!(matches!(attend(&s, 0, ctx(9), &q, 1.0, &mut out, &mut Scratch::default()), Err(KvError::IndexOutOfRange { .. })));
-        assert!(matches!(attend(&s, 0, ctx(5), &q[1..], 1.0, &mut out, &mut Scratch::default()), Err(KvError::ShapeMismatch { .. })));
-        assert!(matches!(attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]), Err(KvError::ShapeMismatch { .. })));
+        let ctx = |len| Context {
+            blocks: &blocks,
+            len,
+        };
+        assert!(matches!(
+            attend(&s, 0, ctx(0), &q, 1.0, &mut out, &mut Scratch::default()),
+            Err(KvError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            attend(&s, 0, ctx(9), &q, 1.0, &mut out, &mut Scratch::default()),
+            Err(KvError::IndexOutOfRange { .. })
+        ));
+        assert!(matches!(
+            attend(
+                &s,
+                0,
+                ctx(5),
+                &q[1..],
+                1.0,
+                &mut out,
+                &mut Scratch::default()
+            ),
+            Err(KvError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]),
+            Err(KvError::ShapeMismatch { .. })
+        ));
     }
 }

@@ -110,6 +110,24 @@ impl KvCacheManager {
         })
     }
 
+    /// Chained prefix keys of every full block of `tokens`, as the cache computes them.
+    pub fn prefix_keys(&self, tokens: &[u32]) -> Vec<BlockHash> {
+        let mut parent = None;
+        tokens
+            .chunks_exact(self.layout.block_size())
+            .map(|block| {
+                let key = hash_block(parent, self.extra, block);
+                parent = Some(key);
+                key
+            })
+            .collect()
+    }
+
+    /// Whether a block with this prefix key is in the prefix cache.
+    pub fn is_cached(&self, key: BlockHash) -> bool {
+        self.pool.lookup(key).is_some()
+    }
+
     /// Blocks the free queue would have to supply to admit `prompt` (prefix hits excluded, but
     /// hits on blocks with no owner counted, since taking them removes them from the queue).
     pub fn blocks_to_admit(&self, prompt: &[u32]) -> usize {

@@ -16,7 +16,16 @@ pub const PROMPTS: [&str; 3] = [
 ];
 
 pub fn argmax(v: &[f32]) -> u32 {
-    v.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, x)| if *x > best.1 { (i, *x) } else { best }).0 as u32
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, x)| {
+            if *x > best.1 {
+                (i, *x)
+            } else {
+                best
+            }
+        })
+        .0 as u32
 }
 
 /// Per prompt: max |Δ logit| on the prompt's last token, and both 64-token greedy continuations.
@@ -30,37 +39,80 @@ pub struct Comparison {
 pub fn compare(mode: WeightMode, steps: usize) -> Vec<Comparison> {
     let path = ensure_model(None).expect("model");
     let (model, tokenizer) = Model::load(&path, mode).unwrap();
-    let layout = model.config().kv_layout(Codec::F32, Codec::F32, 16).unwrap();
+    let layout = model
+        .config()
+        .kv_layout(Codec::F32, Codec::F32, 16)
+        .unwrap();
     let mut cache = KvCacheManager::new(layout, 64, b"reference-test").unwrap();
     let mut file = std::fs::File::open(&path).unwrap();
     let content = candle_core::quantized::gguf_file::Content::read(&mut file).unwrap();
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu).unwrap();
     let mut run = |tokens: &[u32], pos: usize| -> Vec<f32> {
-        let input = Tensor::new(tokens, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        reference.forward(&input, pos).unwrap().squeeze(0).unwrap().to_vec1::<f32>().unwrap()
+        let input = Tensor::new(tokens, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        reference
+            .forward(&input, pos)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
     };
     let mut results = Vec::new();
     for (i, prompt) in PROMPTS.iter().enumerate() {
         let ids = tokenizer.encode_with_specials(prompt).unwrap();
         let seq = SeqId(i as u64);
         cache.admit(seq, &ids).unwrap();
-        let ours = model.forward(&mut cache, &[BatchItem { seq, tokens: &ids, logits: Logits::Last }]).unwrap().remove(0);
+        let ours = model
+            .forward(
+                &mut cache,
+                &[BatchItem {
+                    seq,
+                    tokens: &ids,
+                    logits: Logits::Last,
+                }],
+            )
+            .unwrap()
+            .remove(0);
         let theirs = run(&ids, 0);
-        let max_diff = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max_diff = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         let (mut ours_next, mut theirs_next) = (argmax(&ours), argmax(&theirs));
         let (mut ours_gen, mut theirs_gen) = (Vec::new(), Vec::new());
         for step in 0..steps {
             ours_gen.push(ours_next);
             theirs_gen.push(theirs_next);
             cache.reserve(seq, 1).unwrap();
-            let l = model.forward(&mut cache, &[BatchItem { seq, tokens: &[ours_next], logits: Logits::Last }]).unwrap();
+            let l = model
+                .forward(
+                    &mut cache,
+                    &[BatchItem {
+                        seq,
+                        tokens: &[ours_next],
+                        logits: Logits::Last,
+                    }],
+                )
+                .unwrap();
             ours_next = argmax(&l[0]);
             theirs_next = argmax(&run(&[theirs_next], ids.len() + step));
         }
         cache.free(seq).unwrap();
         let text = tokenizer.decode(&ours_gen, false).unwrap();
-        println!("prompt {i}: {} tokens, max |Δlogit| = {max_diff:.2e}, continuation {text:?}", ids.len());
-        results.push(Comparison { max_diff, ours: ours_gen, theirs: theirs_gen, text });
+        println!(
+            "prompt {i}: {} tokens, max |Δlogit| = {max_diff:.2e}, continuation {text:?}",
+            ids.len()
+        );
+        results.push(Comparison {
+            max_diff,
+            ours: ours_gen,
+            theirs: theirs_gen,
+            text,
+        });
     }
     results
 }

@@ -1,0 +1,104 @@
+//! Flags shared by every command, and building model + cache from them.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use pagedkv::{Codec, KvCacheManager, KvLayout};
+use pagedkv_engine::fetch::ensure_model;
+use pagedkv_engine::{GgufTokenizer, Model, WeightMode};
+
+/// How weights are held (see `WeightMode`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Weights {
+    /// As stored (Q4_1), candle's kernels: the reference mode.
+    Exact,
+    /// Dequantized to f32 (no activation quantization in matmuls).
+    F32,
+    /// Requantized to Q8_0 at load (SIMD kernels).
+    Q8,
+}
+
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// GGUF model file (default: fetched into $PAGEDKV_HOME or ~/.cache/pagedkv).
+    #[arg(long, global = true)]
+    pub model: Option<PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true)]
+    pub threads: Option<usize>,
+    /// Codec of keys and values.
+    #[arg(long, global = true, default_value = "f16")]
+    pub codec: String,
+    /// Codec of keys (overrides --codec).
+    #[arg(long, global = true)]
+    pub key_codec: Option<String>,
+    /// Codec of values (overrides --codec).
+    #[arg(long, global = true)]
+    pub value_codec: Option<String>,
+    /// Tokens per cache block.
+    #[arg(long, global = true, default_value_t = 16)]
+    pub block_size: usize,
+    /// How weights are held in memory.
+    #[arg(long, global = true, value_enum, default_value_t = Weights::Q8)]
+    pub weights: Weights,
+}
+
+impl CommonArgs {
+    /// Sizes the thread pools: rayon's (attention) and candle's (matmuls; it reads the same
+    /// variable as rayon).
+    pub fn apply_threads(&self) -> Result<()> {
+        if let Some(n) = self.threads {
+            anyhow::ensure!(n > 0, "--threads must be at least 1");
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global()?;
+        }
+        Ok(())
+    }
+
+    /// Key and value codecs from the flags.
+    pub fn codecs(&self) -> Result<(Codec, Codec)> {
+        let key = self
+            .key_codec
+            .as_deref()
+            .unwrap_or(&self.codec)
+            .parse::<Codec>()?;
+        let value = self
+            .value_codec
+            .as_deref()
+            .unwrap_or(&self.codec)
+            .parse::<Codec>()?;
+        Ok((key, value))
+    }
+
+    /// Loads (fetching if needed) the model and its tokenizer.
+    pub fn load_model(&self) -> Result<(Model, GgufTokenizer)> {
+        let path = ensure_model(self.model.as_deref())?;
+        let mode = match self.weights {
+            Weights::Exact => WeightMode::Exact,
+            Weights::F32 => WeightMode::F32,
+            Weights::Q8 => WeightMode::Q8,
+        };
+        Model::load(&path, mode).with_context(|| format!("loading {}", path.display()))
+    }
+
+    /// The model's KV layout for the chosen codecs.
+    pub fn layout(&self, model: &Model) -> Result<KvLayout> {
+        let (key, value) = self.codecs()?;
+        Ok(model.config().kv_layout(key, value, self.block_size)?)
+    }
+
+    /// A cache of `budget_mib` MiB for the model.
+    pub fn cache(&self, model: &Model, budget_mib: u64) -> Result<KvCacheManager> {
+        let layout = self.layout(model)?;
+        let cache =
+            KvCacheManager::with_budget(layout, budget_mib << 20, b"SmolLM2-135M-Instruct.Q4_1")?;
+        anyhow::ensure!(
+            cache.pool().num_blocks() > 0,
+            "a {budget_mib} MiB cache holds no block"
+        );
+        Ok(cache)
+    }
+}

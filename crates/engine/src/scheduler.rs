@@ -1,0 +1,427 @@
+//! Continuous batching over the paged cache (DESIGN §9).
+//!
+//! Each [`Scheduler::step`]:
+//! 1. admits waiting requests, oldest first, while the cache's watermark allows (a prompt's
+//!    cached prefix is reused, only the rest is computed); a request whose first block is being
+//!    computed right now by a running sequence waits for it, so a shared system prompt is
+//!    computed once, not once per request that arrived together;
+//! 2. gives every running sequence its pending tokens — one decode token, or a chunk of its
+//!    prompt within the step's token budget — reserving cache room first; when the pool is out
+//!    of blocks, the most recently admitted sequence is preempted (its blocks freed, its
+//!    generated tokens kept; it is re-admitted later and recomputes, mostly from the prefix cache);
+//! 3. runs one batched forward and samples a token for every sequence that reached the end of
+//!    its known tokens. Finished requests free their blocks. No request is ever dropped.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use pagedkv::{KvCacheManager, KvError, SeqId};
+
+use crate::error::{EngineError, Result};
+use crate::model::{BatchItem, Logits, Model};
+use crate::sampler::{Sampler, SamplingParams};
+
+/// A generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Caller's id, echoed in events.
+    pub id: u64,
+    /// Prompt token ids (non-empty).
+    pub prompt: Vec<u32>,
+    /// Generate at most this many tokens.
+    pub max_tokens: usize,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+}
+
+/// Why a request finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced a stop token (not included in the output).
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The model's context is full.
+    ContextFull,
+}
+
+/// What happened in a step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A request produced a token.
+    Token {
+        /// Request id.
+        id: u64,
+        /// The token.
+        token: u32,
+    },
+    /// A request finished.
+    Finished {
+        /// Request id.
+        id: u64,
+        /// Why.
+        reason: FinishReason,
+    },
+    /// A request was preempted to free blocks (it will resume).
+    Preempted {
+        /// Request id.
+        id: u64,
+    },
+}
+
+/// Scheduler limits.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Most new tokens one forward processes (decode tokens plus prefill chunks).
+    pub max_step_tokens: usize,
+    /// Most sequences running at once.
+    pub max_running: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_step_tokens: 512,
+            max_running: 64,
+        }
+    }
+}
+
+/// Counters of a run.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SchedulerStats {
+    /// Requests finished.
+    pub finished: usize,
+    /// Prompt tokens submitted.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+    /// Tokens run through the model (prefill, recompute and decode).
+    pub computed_tokens: usize,
+    /// Prompt tokens served from the prefix cache at admission.
+    pub cached_tokens: usize,
+    /// Preemptions.
+    pub preemptions: usize,
+    /// Forward passes.
+    pub steps: usize,
+    /// Most blocks owned at once.
+    pub peak_blocks: usize,
+    /// Time spent in forward passes.
+    pub forward_time: Duration,
+}
+
+struct Sequence {
+    request: Request,
+    seq: SeqId,
+    generated: Vec<u32>,
+    sampler: Sampler,
+}
+
+impl Sequence {
+    /// Prompt followed by the generated tokens: everything the cache must hold before sampling.
+    fn tokens(&self) -> Vec<u32> {
+        let mut all = self.request.prompt.clone();
+        all.extend_from_slice(&self.generated);
+        all
+    }
+}
+
+/// Runs requests to completion on one model and one cache.
+pub struct Scheduler<'m> {
+    model: &'m Model,
+    cache: KvCacheManager,
+    config: SchedulerConfig,
+    waiting: VecDeque<Sequence>,
+    running: Vec<Sequence>,
+    next_seq: u64,
+    stats: SchedulerStats,
+}
+
+impl<'m> Scheduler<'m> {
+    /// A scheduler over `cache` (whose layout must be the model's).
+    pub fn new(model: &'m Model, cache: KvCacheManager, config: SchedulerConfig) -> Result<Self> {
+        let c = model.config();
+        let l = cache.layout();
+        if (l.layers(), l.kv_heads(), l.query_heads(), l.head_dim())
+            != (c.layers, c.kv_heads, c.heads, c.head_dim)
+        {
+            return Err(EngineError::InvalidArgument(
+                "the cache layout does not match the model".into(),
+            ));
+        }
+        if config.max_step_tokens == 0 || config.max_running == 0 {
+            return Err(EngineError::InvalidArgument(
+                "scheduler limits must be positive".into(),
+            ));
+        }
+        Ok(Self {
+            model,
+            cache,
+            config,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_seq: 0,
+            stats: SchedulerStats::default(),
+        })
+    }
+
+    /// Queues a request. Prompts that could never fit (longer than the context, or than the
+    /// whole pool) are refused here rather than stalling the queue.
+    pub fn submit(&mut self, request: Request) -> Result<()> {
+        let context = self.model.config().context_len;
+        if request.prompt.is_empty() {
+            return Err(EngineError::InvalidArgument(format!(
+                "request {} has an empty prompt",
+                request.id
+            )));
+        }
+        if request.prompt.len() >= context {
+            return Err(EngineError::PromptTooLong {
+                tokens: request.prompt.len(),
+                limit: context - 1,
+            });
+        }
+        let pool_tokens = self.cache.pool().num_blocks() * self.cache.layout().block_size();
+        if request.prompt.len() + 1 > pool_tokens {
+            return Err(EngineError::PromptTooLong {
+                tokens: request.prompt.len(),
+                limit: pool_tokens - 1,
+            });
+        }
+        if let Some(bad) = request
+            .prompt
+            .iter()
+            .find(|t| **t as usize >= self.model.config().vocab)
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "token id {bad} is outside the vocabulary"
+            )));
+        }
+        let sampler = Sampler::new(request.sampling, request.id)?;
+        self.stats.prompt_tokens += request.prompt.len();
+        let seq = SeqId(self.next_seq);
+        self.next_seq += 1;
+        self.waiting.push_back(Sequence {
+            request,
+            seq,
+            generated: Vec::new(),
+            sampler,
+        });
+        Ok(())
+    }
+
+    /// True when nothing is waiting or running.
+    pub fn is_idle(&self) -> bool {
+        self.waiting.is_empty() && self.running.is_empty()
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> SchedulerStats {
+        self.stats
+    }
+
+    /// The cache (for its statistics).
+    pub fn cache(&self) -> &KvCacheManager {
+        &self.cache
+    }
+
+    /// Number of running sequences.
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+
+    fn admit(&mut self) -> Result<()> {
+        while self.running.len() < self.config.max_running {
+            let Some(next) = self.waiting.front() else {
+                break;
+            };
+            let tokens = next.tokens();
+            if self.first_block_in_flight(&tokens)? {
+                break;
+            }
+            // with nothing running, admit without the reserve so a lone long request progresses
+            if !self.running.is_empty() && !self.cache.can_admit(&tokens) {
+                break;
+            }
+            match self.cache.admit(next.seq, &tokens) {
+                Ok(admission) => {
+                    if next.generated.is_empty() {
+                        self.stats.cached_tokens += admission.cached_tokens;
+                    }
+                    let seq = self.waiting.pop_front().expect("front exists");
+                    self.running.push(seq);
+                }
+                Err(KvError::OutOfBlocks { .. }) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+
+    /// True when the first full block of `tokens` is not cached but a running sequence is about
+    /// to compute the same block (it lies among its uncommitted tokens).
+    fn first_block_in_flight(&self, tokens: &[u32]) -> Result<bool> {
+        let bs = self.cache.layout().block_size();
+        let Some(first) = self
+            .cache
+            .prefix_keys(&tokens[..bs.min(tokens.len())])
+            .first()
+            .copied()
+        else {
+            return Ok(false);
+        };
+        if self.cache.is_cached(first) {
+            return Ok(false);
+        }
+        for s in &self.running {
+            if self.cache.table(s.seq)?.len() < bs
+                && s.request.prompt.len() >= bs
+                && s.request.prompt[..bs] == tokens[..bs]
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Frees the most recently admitted running sequence and puts it first in the queue.
+    fn preempt_last(&mut self, events: &mut Vec<Event>) -> Result<()> {
+        let victim = self
+            .running
+            .pop()
+            .expect("caller checks running is non-empty");
+        self.cache.free(victim.seq)?;
+        self.stats.preemptions += 1;
+        events.push(Event::Preempted {
+            id: victim.request.id,
+        });
+        self.waiting.push_front(victim);
+        Ok(())
+    }
+
+    /// One scheduling step: admission, one batched forward, sampling. Returns its events.
+    pub fn step(&mut self) -> Result<Vec<Event>> {
+        let mut events = Vec::new();
+        self.admit()?;
+        if self.running.is_empty() {
+            return Ok(events);
+        }
+        // pending tokens of every running sequence, within the step budget; reserve room, and
+        // preempt from the back until the reservations fit
+        let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (running idx, start, len)
+        let mut budget = self.config.max_step_tokens;
+        let mut idx = 0;
+        while idx < self.running.len() {
+            let s = &self.running[idx];
+            let committed = self.cache.table(s.seq)?.len();
+            let total = s.request.prompt.len() + s.generated.len();
+            let len = (total - committed).min(budget);
+            if len == 0 {
+                idx += 1;
+                continue;
+            }
+            match self.cache.reserve(s.seq, len) {
+                Ok(()) => {
+                    plan.push((idx, committed, len));
+                    budget -= len;
+                    idx += 1;
+                }
+                Err(KvError::OutOfBlocks { .. }) => {
+                    if self.running.len() == 1 {
+                        return Err(EngineError::PromptTooLong {
+                            tokens: total,
+                            limit: committed,
+                        });
+                    }
+                    let victim = self.running.len() - 1;
+                    self.preempt_last(&mut events)?;
+                    plan.retain(|(i, _, _)| *i != victim);
+                    if victim == idx {
+                        break;
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if plan.is_empty() {
+            return Ok(events);
+        }
+        let token_lists: Vec<Vec<u32>> = plan
+            .iter()
+            .map(|(i, _, _)| self.running[*i].tokens())
+            .collect();
+        let batch: Vec<BatchItem> = plan
+            .iter()
+            .zip(&token_lists)
+            .map(|((i, start, len), all)| BatchItem {
+                seq: self.running[*i].seq,
+                tokens: &all[*start..start + len],
+                logits: if start + len == all.len() {
+                    Logits::Last
+                } else {
+                    Logits::None
+                },
+            })
+            .collect();
+        let started = Instant::now();
+        let logits = self.model.forward(&mut self.cache, &batch)?;
+        self.stats.forward_time += started.elapsed();
+        self.stats.steps += 1;
+        self.stats.computed_tokens += plan.iter().map(|p| p.2).sum::<usize>();
+        self.stats.peak_blocks = self
+            .stats
+            .peak_blocks
+            .max(self.cache.pool().num_blocks() - self.cache.num_available_blocks());
+
+        let model = self.model;
+        let context = model.config().context_len;
+        let mut finished = Vec::new();
+        for ((i, _, _), row) in plan.iter().zip(&logits) {
+            if row.is_empty() {
+                continue;
+            }
+            let s = &mut self.running[*i];
+            let token = s.sampler.sample(row);
+            let reason = if model.is_stop_token(token) {
+                Some(FinishReason::Stop)
+            } else {
+                s.generated.push(token);
+                self.stats.generated_tokens += 1;
+                events.push(Event::Token {
+                    id: s.request.id,
+                    token,
+                });
+                if s.generated.len() >= s.request.max_tokens {
+                    Some(FinishReason::Length)
+                } else if s.request.prompt.len() + s.generated.len() >= context {
+                    Some(FinishReason::ContextFull)
+                } else {
+                    None
+                }
+            };
+            if let Some(reason) = reason {
+                events.push(Event::Finished {
+                    id: s.request.id,
+                    reason,
+                });
+                finished.push(*i);
+            }
+        }
+        for i in finished.into_iter().rev() {
+            let s = self.running.remove(i);
+            self.cache.free(s.seq)?;
+            self.stats.finished += 1;
+        }
+        Ok(events)
+    }
+
+    /// Steps until every request has finished, passing each event to `on_event`.
+    pub fn run(&mut self, mut on_event: impl FnMut(&Event)) -> Result<SchedulerStats> {
+        while !self.is_idle() {
+            for event in self.step()? {
+                on_event(&event);
+            }
+        }
+        Ok(self.stats)
+    }
+}

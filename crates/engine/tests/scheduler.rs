@@ -1,0 +1,183 @@
+//! The scheduler on the real model (fetched when absent; never skipped), Q8 weights for speed.
+//! Matmul rows and attention queries are computed independently of one another, so a sequence's
+//! greedy tokens must not depend on what it was batched with, on preemption, or on prefix reuse.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use pagedkv::{Codec, KvCacheManager};
+use pagedkv_engine::fetch::ensure_model;
+use pagedkv_engine::{
+    ChatMessage, Event, GgufTokenizer, Model, Request, SamplingParams, Scheduler, SchedulerConfig,
+    SchedulerStats, WeightMode,
+};
+
+fn model() -> &'static (Model, GgufTokenizer) {
+    static MODEL: OnceLock<(Model, GgufTokenizer)> = OnceLock::new();
+    MODEL.get_or_init(|| Model::load(&ensure_model(None).unwrap(), WeightMode::Q8).unwrap())
+}
+
+fn cache(blocks: usize) -> KvCacheManager {
+    let layout = model()
+        .0
+        .config()
+        .kv_layout(Codec::F16, Codec::F16, 16)
+        .unwrap();
+    KvCacheManager::new(layout, blocks, b"scheduler-test").unwrap()
+}
+
+/// Runs requests to completion; returns every request's tokens and the run's counters.
+fn run(
+    requests: &[Request],
+    blocks: usize,
+    config: SchedulerConfig,
+) -> (BTreeMap<u64, Vec<u32>>, SchedulerStats) {
+    let mut scheduler = Scheduler::new(&model().0, cache(blocks), config).unwrap();
+    for r in requests {
+        scheduler.submit(r.clone()).unwrap();
+    }
+    let mut out: BTreeMap<u64, Vec<u32>> = requests.iter().map(|r| (r.id, Vec::new())).collect();
+    let stats = scheduler
+        .run(|e| {
+            if let Event::Token { id, token } = e {
+                out.get_mut(id).unwrap().push(*token);
+            }
+        })
+        .unwrap();
+    assert_eq!(stats.finished, requests.len(), "every request completes");
+    scheduler.cache().check_invariants().unwrap();
+    assert_eq!(
+        scheduler.cache().counts().owned,
+        0,
+        "finished requests free their blocks"
+    );
+    (out, stats)
+}
+
+fn request(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Request {
+    Request {
+        id,
+        prompt,
+        max_tokens,
+        sampling: SamplingParams::default(),
+    }
+}
+
+const TOPICS: [&str; 16] = [
+    "rivers",
+    "volcanoes",
+    "bread",
+    "bicycles",
+    "owls",
+    "glaciers",
+    "chess",
+    "tea",
+    "bridges",
+    "comets",
+    "honey bees",
+    "lighthouses",
+    "maps",
+    "violins",
+    "deserts",
+    "coral reefs",
+];
+
+fn plain_prompt(i: usize) -> Vec<u32> {
+    // different lengths: a topic sentence repeated 1..=4 times
+    let sentence = format!("Here is a short note about {}. ", TOPICS[i]);
+    model().1.encode(&sentence.repeat(1 + i % 4)).unwrap()
+}
+
+#[test]
+fn batched_decode_equals_each_alone() {
+    let requests: Vec<Request> = (0..16)
+        .map(|i| request(i as u64, plain_prompt(i), 12))
+        .collect();
+    let lengths: Vec<usize> = requests.iter().map(|r| r.prompt.len()).collect();
+    assert!(lengths.iter().min() < lengths.iter().max());
+    let (batched, stats) = run(&requests, 256, SchedulerConfig::default());
+    assert!(
+        stats.steps < 16 * 12,
+        "sequences were decoded together ({} steps)",
+        stats.steps
+    );
+    for r in &requests {
+        let (alone, _) = run(std::slice::from_ref(r), 256, SchedulerConfig::default());
+        assert_eq!(
+            batched[&r.id], alone[&r.id],
+            "request {} differs when batched",
+            r.id
+        );
+    }
+}
+
+#[test]
+fn shared_system_prompt_is_computed_once() {
+    let tokenizer = &model().1;
+    let system = "You are a careful assistant. ".repeat(33); // ~200 tokens
+    let prompts: Vec<Vec<u32>> = TOPICS
+        .iter()
+        .map(|t| {
+            tokenizer
+                .chat_prompt(&[
+                    ChatMessage {
+                        role: "system".into(),
+                        content: system.clone(),
+                    },
+                    ChatMessage {
+                        role: "user".into(),
+                        content: format!("Tell me about {t}."),
+                    },
+                ])
+                .unwrap()
+        })
+        .collect();
+    let shared = prompts[0]
+        .iter()
+        .zip(&prompts[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared >= 200, "shared prefix is {shared} tokens");
+    let shared_blocks = shared / 16;
+    let requests: Vec<Request> = prompts
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| request(i as u64, p, 4))
+        .collect();
+    let (_, stats) = run(&requests, 512, SchedulerConfig::default());
+    // every request after the first takes all shared full blocks from the cache
+    assert_eq!(stats.cached_tokens, 15 * shared_blocks * 16);
+    let total_prompt: usize = requests.iter().map(|r| r.prompt.len()).sum();
+    let hit_rate = stats.cached_tokens as f64 / total_prompt as f64;
+    println!(
+        "prefix reuse: {} of {} prompt tokens from the cache ({:.1}%)",
+        stats.cached_tokens,
+        total_prompt,
+        100.0 * hit_rate
+    );
+    assert!(hit_rate > 0.85);
+}
+
+#[test]
+fn preemption_under_a_quarter_sized_pool_completes_everything_identically() {
+    let requests: Vec<Request> = (0..16)
+        .map(|i| request(i as u64, plain_prompt(i), 24))
+        .collect();
+    let need: usize = requests
+        .iter()
+        .map(|r| (r.prompt.len() + r.max_tokens).div_ceil(16))
+        .sum();
+    let (free_run, free_stats) = run(&requests, need * 2, SchedulerConfig::default());
+    assert_eq!(free_stats.preemptions, 0);
+    let (tight_run, tight_stats) = run(&requests, need / 4, SchedulerConfig::default());
+    println!(
+        "pool {} blocks for a load of {need}: {} preemptions",
+        need / 4,
+        tight_stats.preemptions
+    );
+    assert!(
+        tight_stats.preemptions > 0,
+        "the small pool forced preemption"
+    );
+    assert_eq!(free_run, tight_run);
+}
