@@ -58,6 +58,17 @@ impl CommonArgs {
         Ok(())
     }
 
+    /// The thread count for reports.
+    pub fn threads_label(&self) -> String {
+        match self.threads {
+            Some(n) => n.to_string(),
+            None => format!(
+                "{} (all cores)",
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            ),
+        }
+    }
+
     /// Key and value codecs from the flags.
     pub fn codecs(&self) -> Result<(Codec, Codec)> {
         let key = self

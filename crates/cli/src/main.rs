@@ -1,5 +1,6 @@
 //! The `pagedkv` binary (DESIGN §10): demo, generate.
 
+mod bench;
 mod common;
 mod demo;
 mod generate;
@@ -26,6 +27,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Generate a continuation of one prompt.
     Generate(generate::GenerateArgs),
+    /// Benchmarks with their baselines measured in the same run.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn main() -> Result<()> {
@@ -34,5 +38,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(&cli.common, args),
         Command::Generate(args) => generate::run(&cli.common, args),
+        Command::Bench(command) => bench::run(&cli.common, command),
     }
 }

@@ -6,6 +6,7 @@
 pub mod error;
 pub mod fetch;
 pub mod model;
+pub mod qgemm;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;

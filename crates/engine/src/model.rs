@@ -12,13 +12,14 @@
 use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use pagedkv::attention::{self, Context, Scratch};
 use pagedkv::{Codec, KvCacheManager, KvLayout, LayoutSpec, SeqId};
 use rayon::prelude::*;
 
 use crate::error::{EngineError, Result};
+use crate::qgemm::{QActivations, QWeights};
 use crate::tokenizer::GgufTokenizer;
 
 /// How the weight matrices are held in memory.
@@ -29,7 +30,8 @@ pub enum WeightMode {
     Exact,
     /// Dequantized to f32 once at load: no activation quantization inside matmuls (for `eval`).
     F32,
-    /// Requantized at load to Q8_0, which has SIMD kernels in candle (for speed).
+    /// Requantized at load to 8 bits per weight (f32 scale per 32) for our AVX-512 VNNI kernel,
+    /// which reuses each weight across the rows of a batch (for speed; see `qgemm`).
     Q8,
 }
 
@@ -76,16 +78,22 @@ impl ModelConfig {
     }
 }
 
+/// A linear layer: candle's matmul on weights as stored or dequantized, or our 8-bit kernel.
+enum Linear {
+    Candle(QMatMul),
+    Q8(QWeights),
+}
+
 struct Layer {
     attn_norm: Vec<f32>,
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     ffn_norm: Vec<f32>,
-    w_gate: QMatMul,
-    w_up: QMatMul,
-    w_down: QMatMul,
+    w_gate: Linear,
+    w_up: Linear,
+    w_down: Linear,
 }
 
 /// The loaded model.
@@ -94,7 +102,7 @@ pub struct Model {
     embedding: Vec<f32>,
     layers: Vec<Layer>,
     out_norm: Vec<f32>,
-    output: QMatMul,
+    output: Linear,
     mode: WeightMode,
     device: Device,
     stop_tokens: Vec<u32>,
@@ -197,14 +205,15 @@ impl Model {
         let vector = |q: QTensor| -> Result<Vec<f32>> {
             Ok(q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?)
         };
-        let matrix = |q: QTensor| -> Result<QMatMul> {
+        let matrix = |q: QTensor| -> Result<Linear> {
             Ok(match mode {
-                WeightMode::Exact => QMatMul::from_qtensor(q)?,
-                WeightMode::F32 => QMatMul::Tensor(q.dequantize(&device)?),
-                WeightMode::Q8 => QMatMul::from_qtensor(QTensor::quantize(
-                    &q.dequantize(&device)?,
-                    GgmlDType::Q8_0,
-                )?)?,
+                WeightMode::Exact => Linear::Candle(QMatMul::from_qtensor(q)?),
+                WeightMode::F32 => Linear::Candle(QMatMul::Tensor(q.dequantize(&device)?)),
+                WeightMode::Q8 => {
+                    let (n, k) = q.shape().dims2()?;
+                    let w = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
+                    Linear::Q8(QWeights::new(&w, n, k).map_err(|e| bad_model(path, e.to_string()))?)
+                }
             })
         };
         let mut layers = Vec::with_capacity(config.layers);
@@ -223,10 +232,10 @@ impl Model {
             });
         }
         let embedding_q = tensor("token_embd.weight")?;
-        let embedding = vector(QTensor::quantize(
-            &embedding_q.dequantize(&device)?,
-            embedding_q.dtype(),
-        )?)?;
+        let embedding = embedding_q
+            .dequantize(&device)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         if embedding.len() != config.vocab * config.hidden {
             return Err(bad_model(path, "token_embd has the wrong shape"));
         }
@@ -234,11 +243,7 @@ impl Model {
         let output = if ct.tensor_infos.contains_key("output.weight") {
             matrix(tensor("output.weight")?)?
         } else {
-            match mode {
-                WeightMode::F32 => QMatMul::Tensor(embedding_q.dequantize(&device)?),
-                // Q8_0 in this file already: keep it as stored in both other modes
-                WeightMode::Exact | WeightMode::Q8 => QMatMul::from_qtensor(embedding_q)?,
-            }
+            matrix(embedding_q)?
         };
         let out_norm = vector(tensor("output_norm.weight")?)?;
         Ok((
@@ -271,9 +276,33 @@ impl Model {
         self.mode
     }
 
-    fn matmul(&self, w: &QMatMul, x: &[f32], rows: usize) -> Result<Vec<f32>> {
-        let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
-        Ok(w.forward(&input)?.flatten_all()?.to_vec1::<f32>()?)
+    /// Applies several linear layers to the same input; for 8-bit weights the input is quantized
+    /// once and shared.
+    fn project<const N: usize>(
+        &self,
+        ws: [&Linear; N],
+        x: &[f32],
+        rows: usize,
+    ) -> Result<[Vec<f32>; N]> {
+        let mut acts: Option<QActivations> = None;
+        let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        for (w, out) in ws.iter().zip(outs.iter_mut()) {
+            match w {
+                Linear::Candle(m) => {
+                    let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
+                    *out = m.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
+                }
+                Linear::Q8(q) => {
+                    let acts = acts.get_or_insert_with(|| {
+                        let mut a = QActivations::default();
+                        a.quantize(x, rows, q.k());
+                        a
+                    });
+                    q.matmul(acts, out);
+                }
+            }
+        }
+        Ok(outs)
     }
 
     /// Runs one forward over the batch: writes every new token's K/V into the cache, commits the
@@ -333,9 +362,7 @@ impl Model {
         let mut normed = vec![0f32; n * h];
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
-            let mut q = self.matmul(&layer.wq, &normed, n)?;
-            let mut k = self.matmul(&layer.wk, &normed, n)?;
-            let v = self.matmul(&layer.wv, &normed, n)?;
+            let [mut q, mut k, v] = self.project([&layer.wq, &layer.wk, &layer.wv], &normed, n)?;
             for (r, (qr, kr)) in q
                 .chunks_exact_mut(q_width)
                 .zip(k.chunks_exact_mut(kv_width))
@@ -370,16 +397,15 @@ impl Model {
                     };
                     attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
                 })?;
-            let o = self.matmul(&layer.wo, &attn_out, n)?;
+            let [o] = self.project([&layer.wo], &attn_out, n)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
-            let gate = self.matmul(&layer.w_gate, &normed, n)?;
-            let mut up = self.matmul(&layer.w_up, &normed, n)?;
+            let [gate, mut up] = self.project([&layer.w_gate, &layer.w_up], &normed, n)?;
             up.iter_mut()
                 .zip(&gate)
                 .for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
-            let down = self.matmul(&layer.w_down, &up, n)?;
+            let [down] = self.project([&layer.w_down], &up, n)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         for item in batch {
@@ -408,7 +434,7 @@ impl Model {
         }
         let mut final_norm = vec![0f32; selected.len()];
         rms_norm(&selected, &self.out_norm, c.rms_eps, &mut final_norm);
-        let logits = self.matmul(&self.output, &final_norm, wanted.len())?;
+        let [logits] = self.project([&self.output], &final_norm, wanted.len())?;
         let mut chunks = logits.chunks_exact(c.vocab);
         for (item, dst) in batch.iter().zip(out.iter_mut()) {
             let count = match item.logits {

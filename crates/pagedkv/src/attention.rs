@@ -6,7 +6,7 @@
 //! Query head `j` reads kv head `j / group` (the Llama `repeat_kv` convention), so the query rows
 //! of one kv head are contiguous in `q`: `q[(h·group + g)·head_dim ..]`.
 
-use half::{bf16, f16};
+use half::slice::HalfFloatSliceExt;
 
 use crate::block::BlockId;
 use crate::error::{KvError, Result};
@@ -29,6 +29,7 @@ pub struct Scratch {
     acc: Vec<f32>,
     max: Vec<f32>,
     sum: Vec<f32>,
+    page: Vec<f32>,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -59,61 +60,43 @@ fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<(
     Ok(())
 }
 
-/// Element types the kernel reads in place.
-trait Elem: Copy {
-    fn to_f32(self) -> f32;
-}
-impl Elem for f32 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-impl Elem for f16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
-    }
-}
-impl Elem for bf16 {
-    #[inline(always)]
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
+/// Dot product with 16 independent partial sums, so the compiler can keep them in vector lanes
+/// (a single running sum forces strictly sequential float adds).
 #[inline]
-fn dot<E: Elem>(q: &[f32], k: &[E]) -> f32 {
-    q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum()
-}
-
-#[inline]
-fn axpy<E: Elem>(acc: &mut [f32], p: f32, v: &[E]) {
-    acc.iter_mut()
-        .zip(v)
-        .for_each(|(a, x)| *a += p * x.to_f32());
-}
-
-/// Scores of `n` keys of a page against the group's queries: `scores[g·block_size + t]`.
-fn score_page<E: Elem>(
-    qs: &[f32],
-    keys: &[E],
-    n: usize,
-    d: usize,
-    bs: usize,
-    scale: f32,
-    scores: &mut [f32],
-) {
-    for (g, qg) in qs.chunks_exact(d).enumerate() {
-        for (t, key) in keys.chunks_exact(d).take(n).enumerate() {
-            scores[g * bs + t] = dot(qg, key) * scale;
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
         }
     }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
 }
 
-fn accumulate_page<E: Elem>(acc: &mut [f32], probs: &[f32], values: &[E], n: usize, d: usize) {
-    for (p, v) in probs.iter().zip(values.chunks_exact(d)).take(n) {
-        axpy(acc, *p, v);
+#[inline]
+fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
+}
+
+/// The first `len` elements of a page as f32: borrowed for f32 pages, converted in bulk (F16C
+/// where available) into `buf` otherwise. One page at a time, never the whole context.
+fn page_f32<'a>(page: PageRef<'a>, len: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
+    match page {
+        PageRef::F32(p) => &p[..len],
+        PageRef::F16(p) => {
+            buf.resize(len, 0.0);
+            p[..len].convert_to_f32_slice(buf);
+            buf
+        }
+        PageRef::Bf16(p) => {
+            buf.resize(len, 0.0);
+            p[..len].convert_to_f32_slice(buf);
+            buf
+        }
     }
 }
 
@@ -146,10 +129,15 @@ pub fn attend(
                 break;
             }
             let n = (ctx.len - start).min(bs);
-            match storage.key_page(layer, *block, head)? {
-                PageRef::F32(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
-                PageRef::F16(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
-                PageRef::Bf16(k) => score_page(qs, k, n, d, bs, scale, &mut scratch.scores),
+            let keys = page_f32(
+                storage.key_page(layer, *block, head)?,
+                n * d,
+                &mut scratch.page,
+            );
+            for (g, qg) in qs.chunks_exact(d).enumerate() {
+                for (t, key) in keys.chunks_exact(d).enumerate() {
+                    scratch.scores[g * bs + t] = dot(qg, key) * scale;
+                }
             }
             // online softmax: rescale the running sums once per block
             for g in 0..group {
@@ -167,14 +155,16 @@ pub fn attend(
                     scratch.sum[g] += *s;
                 }
             }
-            let values = storage.value_page(layer, *block, head)?;
+            let values = page_f32(
+                storage.value_page(layer, *block, head)?,
+                n * d,
+                &mut scratch.page,
+            );
             for g in 0..group {
                 let probs = &scratch.scores[g * bs..g * bs + n];
                 let acc = &mut scratch.acc[g * d..(g + 1) * d];
-                match values {
-                    PageRef::F32(v) => accumulate_page(acc, probs, v, n, d),
-                    PageRef::F16(v) => accumulate_page(acc, probs, v, n, d),
-                    PageRef::Bf16(v) => accumulate_page(acc, probs, v, n, d),
+                for (p, v) in probs.iter().zip(values.chunks_exact(d)) {
+                    axpy(acc, *p, v);
                 }
             }
         }

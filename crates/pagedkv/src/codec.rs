@@ -127,7 +127,7 @@ impl Codec {
     /// Checks that the codec can store vectors of `head_dim` elements.
     pub fn check_head_dim(self, head_dim: usize) -> Result<()> {
         if let Codec::FibQuant { k, .. } = self {
-            if head_dim % k as usize != 0 {
+            if !head_dim.is_multiple_of(k as usize) {
                 return Err(KvError::UnsupportedCodec {
                     codec: self.to_string(),
                     reason: "head_dim must be a multiple of the FibQuant block size k",

@@ -102,7 +102,7 @@ impl KvLayout {
                 return Err(KvError::TooLarge { field, value, max });
             }
         }
-        if spec.query_heads % spec.kv_heads != 0 {
+        if !spec.query_heads.is_multiple_of(spec.kv_heads) {
             return Err(KvError::QueryHeadsNotMultiple {
                 query_heads: spec.query_heads,
                 kv_heads: spec.kv_heads,

@@ -1,0 +1,351 @@
+//! 8-bit weight matrix products for the model's linear layers, fast for one row and for a batch.
+//!
+//! Weights are quantized per 32-element block to i8 with an f32 scale, then repacked so that each
+//! 32-bit lane of a 512-bit register belongs to a different output column:
+//!
+//! ```text
+//!  group g = columns 16g .. 16g+15, block b = inputs 32b .. 32b+31
+//!  [g][b][t = 0..8][lane = column 0..16][4 bytes: inputs 32b+4t .. 32b+4t+3]   (512 bytes)
+//!  scales [g][b][lane]                                                         (16 × f32)
+//! ```
+//!
+//! Activations are quantized per row and block the same way. One `vpdpbusd` (AVX-512 VNNI) then
+//! adds 4 products for 16 columns at once; 8 of them give the block's integer dot product for 16
+//! columns, scaled and accumulated in f32. A group's weights are loaded once per block and reused
+//! for every row of the batch, so batched decode costs little more than one row.
+//!
+//! Every (row, column) goes through the same operations in the same order whatever the batch size
+//! and whichever path runs, so a sequence's logits do not depend on what it is batched with, and
+//! the scalar twin gives bit-identical results (tested).
+
+use rayon::prelude::*;
+
+/// Inputs per quantization block.
+const BLOCK: usize = 32;
+/// Output columns per group (lanes of a 512-bit register).
+const LANES: usize = 16;
+/// Rows computed together per pass over a group's weights.
+const ROW_TILE: usize = 4;
+
+/// A weight matrix `[n outputs × k inputs]` in the repacked 8-bit layout.
+#[derive(Debug, Clone)]
+pub struct QWeights {
+    n: usize,
+    k: usize,
+    /// Weight + 128 as u8 (VNNI multiplies unsigned × signed); see the module diagram.
+    packed: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+/// Activations quantized per row and block.
+#[derive(Debug, Clone, Default)]
+pub struct QActivations {
+    rows: usize,
+    k: usize,
+    q: Vec<i8>,
+    scale: Vec<f32>,
+    /// Σ q per (row, block): undoes the +128 offset of the weights.
+    sum: Vec<i32>,
+}
+
+/// Shape errors of [`QWeights::new`].
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("weight matrix {n}×{k}: outputs must be a multiple of 16 and inputs of 32")]
+pub struct ShapeError {
+    n: usize,
+    k: usize,
+}
+
+/// Quantizes one block to i8 with `scale = max|x| / 127`, rounding half to even (one
+/// instruction, so the loop vectorizes; `round` is a library call).
+fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let scale = amax / 127.0;
+    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+    let mut sum = 0i32;
+    for (o, v) in out.iter_mut().zip(x) {
+        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        *o = q;
+        sum += q as i32;
+    }
+    (scale, sum)
+}
+
+impl QWeights {
+    /// Quantizes a row-major f32 matrix of `n` rows (outputs) by `k` columns (inputs).
+    pub fn new(weights: &[f32], n: usize, k: usize) -> Result<Self, ShapeError> {
+        if n == 0
+            || k == 0
+            || !n.is_multiple_of(LANES)
+            || !k.is_multiple_of(BLOCK)
+            || weights.len() != n * k
+        {
+            return Err(ShapeError { n, k });
+        }
+        let blocks = k / BLOCK;
+        let groups = n / LANES;
+        let mut packed = vec![0u8; n * k];
+        let mut scales = vec![0f32; groups * blocks * LANES];
+        let mut q = [0i8; BLOCK];
+        for col in 0..n {
+            let (g, lane) = (col / LANES, col % LANES);
+            for b in 0..blocks {
+                let (scale, _) = quantize_block(
+                    &weights[col * k + b * BLOCK..col * k + (b + 1) * BLOCK],
+                    &mut q,
+                );
+                scales[(g * blocks + b) * LANES + lane] = scale;
+                for t in 0..BLOCK / 4 {
+                    for byte in 0..4 {
+                        let dst = (((g * blocks + b) * 8 + t) * LANES + lane) * 4 + byte;
+                        packed[dst] = (q[t * 4 + byte] as i16 + 128) as u8;
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            n,
+            k,
+            packed,
+            scales,
+        })
+    }
+
+    /// Output size.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+    /// Input size.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for the quantized rows of `x`; `out` is `rows × n`.
+    pub fn matmul(&self, x: &QActivations, out: &mut Vec<f32>) {
+        assert_eq!(x.k, self.k, "activation width must match the weights");
+        let rows = x.rows;
+        let groups = self.n / LANES;
+        // per-group results [g][row][lane], then scattered to row-major
+        let mut by_group = vec![0f32; groups * rows * LANES];
+        let simd = vnni_available();
+        by_group
+            .par_chunks_mut(rows * LANES)
+            .with_min_len(4)
+            .enumerate()
+            .for_each(|(g, dst)| {
+                if simd {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `vnni_available` checked avx512f, avx512bw and avx512vnni at run time.
+                    unsafe {
+                        self.group_avx512(g, x, dst)
+                    };
+                } else {
+                    self.group_scalar(g, x, dst);
+                }
+            });
+        out.clear();
+        out.resize(rows * self.n, 0.0);
+        for g in 0..groups {
+            for r in 0..rows {
+                let src = &by_group[(g * rows + r) * LANES..(g * rows + r + 1) * LANES];
+                out[r * self.n + g * LANES..r * self.n + (g + 1) * LANES].copy_from_slice(src);
+            }
+        }
+    }
+
+    /// The scalar twin of the SIMD kernel: the same integer sums, and per (row, column) the same
+    /// f32 operations in the same order (scale product, then one fused multiply-add per block).
+    fn group_scalar(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        let blocks = self.k / BLOCK;
+        for r in 0..x.rows {
+            for lane in 0..LANES {
+                let mut acc = 0f32;
+                for b in 0..blocks {
+                    let xq = &x.q[r * self.k + b * BLOCK..r * self.k + (b + 1) * BLOCK];
+                    let mut dot = 0i32;
+                    for t in 0..BLOCK / 4 {
+                        for byte in 0..4 {
+                            let w =
+                                self.packed[(((g * blocks + b) * 8 + t) * LANES + lane) * 4 + byte];
+                            dot += w as i32 * xq[t * 4 + byte] as i32;
+                        }
+                    }
+                    dot -= 128 * x.sum[r * blocks + b];
+                    let s = self.scales[(g * blocks + b) * LANES + lane] * x.scale[r * blocks + b];
+                    acc = (dot as f32).mul_add(s, acc);
+                }
+                dst[r * LANES + lane] = acc;
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn group_avx512(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let blocks = self.k / BLOCK;
+        let mut row = 0;
+        while row < x.rows {
+            let tile = (x.rows - row).min(ROW_TILE);
+            let mut acc = [_mm512_setzero_ps(); ROW_TILE];
+            for b in 0..blocks {
+                let base = (g * blocks + b) * 8 * LANES * 4;
+                let mut w = [_mm512_setzero_si512(); 8];
+                for (t, reg) in w.iter_mut().enumerate() {
+                    // SAFETY: `packed` holds groups·blocks·512 bytes; this reads bytes
+                    // base + 64t .. base + 64t + 64 of group g, block b (unaligned load).
+                    *reg = unsafe {
+                        _mm512_loadu_si512(self.packed.as_ptr().add(base + t * 64) as *const _)
+                    };
+                }
+                // SAFETY: 16 scales of (g, b) lie at (g·blocks + b)·16 within `scales`.
+                let wscale =
+                    unsafe { _mm512_loadu_ps(self.scales.as_ptr().add((g * blocks + b) * LANES)) };
+                for (i, acc) in acc.iter_mut().enumerate().take(tile) {
+                    let r = row + i;
+                    let xq = &x.q[r * self.k + b * BLOCK..r * self.k + (b + 1) * BLOCK];
+                    let mut dot = _mm512_setzero_si512();
+                    for (t, reg) in w.iter().enumerate() {
+                        // SAFETY: xq has 32 bytes; bytes 4t..4t+4 are in bounds for t < 8.
+                        let four = unsafe {
+                            std::ptr::read_unaligned(xq.as_ptr().add(t * 4) as *const i32)
+                        };
+                        dot = _mm512_dpbusd_epi32(dot, *reg, _mm512_set1_epi32(four));
+                    }
+                    dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * x.sum[r * blocks + b]));
+                    let s = _mm512_mul_ps(wscale, _mm512_set1_ps(x.scale[r * blocks + b]));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(tile) {
+                // SAFETY: dst is rows × 16 floats; row + i < rows.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((row + i) * LANES), *acc) };
+            }
+            row += tile;
+        }
+    }
+}
+
+impl QActivations {
+    /// Quantizes `rows` rows of width `k` (a multiple of 32), reusing this buffer.
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
+        assert!(
+            k.is_multiple_of(BLOCK) && x.len() == rows * k,
+            "activations must be rows × k with k a multiple of 32"
+        );
+        let blocks = k / BLOCK;
+        self.rows = rows;
+        self.k = k;
+        self.q.resize(rows * k, 0);
+        self.scale.resize(rows * blocks, 0.0);
+        self.sum.resize(rows * blocks, 0);
+        for (i, (src, dst)) in x
+            .chunks_exact(BLOCK)
+            .zip(self.q.chunks_exact_mut(BLOCK))
+            .enumerate()
+        {
+            let (scale, sum) = quantize_block(src, dst);
+            self.scale[i] = scale;
+            self.sum[i] = sum;
+        }
+    }
+}
+
+/// Whether the AVX-512 VNNI kernel can run on this machine.
+pub fn vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::env::var_os("PAGEDKV_FORCE_SCALAR").is_some() {
+            return false;
+        }
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..len)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((s >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 4.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_f64_reference_within_quantization_error() {
+        let (n, k, rows) = (48, 96, 5);
+        let w = data(n * k, 1);
+        let x = data(rows * k, 2);
+        let qw = QWeights::new(&w, n, k).unwrap();
+        let mut qa = QActivations::default();
+        qa.quantize(&x, rows, k);
+        let mut out = Vec::new();
+        qw.matmul(&qa, &mut out);
+        for r in 0..rows {
+            for c in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                    .sum();
+                // two 8-bit roundings per product: ≤ 1% of Σ|x·w| (values in ±2)
+                let bound = (0..k)
+                    .map(|i| (x[r * k + i] * w[c * k + i]).abs() as f64)
+                    .sum::<f64>()
+                    * 0.01;
+                assert!(
+                    (out[r * n + c] as f64 - exact).abs() <= bound,
+                    "({r},{c}): {} vs {exact}",
+                    out[r * n + c]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_are_bit_identical_and_rows_independent() {
+        let (n, k) = (64, 128);
+        let w = QWeights::new(&data(n * k, 3), n, k).unwrap();
+        let x = data(9 * k, 4);
+        let mut batch = QActivations::default();
+        batch.quantize(&x, 9, k);
+        let groups = n / LANES;
+        for g in 0..groups {
+            let mut scalar = vec![0f32; 9 * LANES];
+            w.group_scalar(g, &batch, &mut scalar);
+            #[cfg(target_arch = "x86_64")]
+            if vnni_available() {
+                let mut simd = vec![0f32; 9 * LANES];
+                // SAFETY: features checked just above.
+                unsafe { w.group_avx512(g, &batch, &mut simd) };
+                assert_eq!(scalar, simd);
+            }
+        }
+        // a row alone gives exactly its row of the batch
+        let mut all = Vec::new();
+        w.matmul(&batch, &mut all);
+        for r in 0..9 {
+            let mut one = QActivations::default();
+            one.quantize(&x[r * k..(r + 1) * k], 1, k);
+            let mut out = Vec::new();
+            w.matmul(&one, &mut out);
+            assert_eq!(out, all[r * n..(r + 1) * n]);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_rejected() {
+        assert!(QWeights::new(&[0.0; 15 * 32], 15, 32).is_err());
+        assert!(QWeights::new(&[0.0; 16 * 33], 16, 33).is_err());
+        assert!(QWeights::new(&[0.0; 10], 16, 32).is_err());
+    }
+}
