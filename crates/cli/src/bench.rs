@@ -34,6 +34,10 @@ pub struct GenerateBench {
     /// Codecs to measure (comma-separated).
     #[arg(long, default_value = "f32,f16")]
     codecs: String,
+    /// Rounds; baseline, single and batched runs are interleaved and medians reported, since this
+    /// machine's speed drifts.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -48,10 +52,8 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
 
 /// candle's quantized_llama: greedy decode of `tokens` tokens after the prompt; decode tokens/s.
-fn candle_baseline(path: &std::path::Path, prompt: &[u32], tokens: usize) -> Result<f64> {
-    let mut file = std::fs::File::open(path)?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
-    let mut model = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+/// `forward` at position 0 starts a fresh KV cache, so one loaded model serves every round.
+fn candle_baseline(model: &mut ModelWeights, prompt: &[u32], tokens: usize) -> Result<f64> {
     let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
     let logits = model.forward(&input, 0)?.squeeze(0)?.to_vec1::<f32>()?;
     let mut next = argmax(&logits);
@@ -65,6 +67,11 @@ fn candle_baseline(path: &std::path::Path, prompt: &[u32], tokens: usize) -> Res
         next = argmax(&logits);
     }
     Ok(tokens as f64 / started.elapsed().as_secs_f64())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
 }
 
 /// Our scheduler: `n` requests of `tokens` tokens each; aggregate decode tokens/s, counted from
@@ -113,35 +120,71 @@ fn ours(
 }
 
 fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
+    anyhow::ensure!(
+        args.rounds > 0 && args.tokens > 0 && args.concurrent > 0,
+        "rounds, tokens and concurrent must be positive"
+    );
     let path = ensure_model(common.model.as_deref())?;
     let (model, tokenizer) = common.load_model()?;
+    let mut file = std::fs::File::open(&path)?;
+    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+    let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
     let prompt = tokenizer.encode(PROMPT)?;
+    let codecs = args
+        .codecs
+        .split(',')
+        .map(|c| c.trim().parse::<Codec>())
+        .collect::<pagedkv::Result<Vec<_>>>()?;
     println!(
-        "bench generate: {} tokens per sequence, weights {:?}, threads {}",
+        "bench generate: {} tokens per sequence, {} concurrent, weights {:?}, threads {}, median of {} interleaved rounds",
         args.tokens,
+        args.concurrent,
         model.weight_mode(),
-        common.threads_label()
+        common.threads_label(),
+        args.rounds
     );
-    let baseline = candle_baseline(&path, &prompt, args.tokens)?;
+    let mut baseline = Vec::new();
+    let mut single = vec![Vec::new(); codecs.len()];
+    let mut batched = vec![Vec::new(); codecs.len()];
+    for _ in 0..args.rounds {
+        baseline.push(candle_baseline(&mut reference, &prompt, args.tokens)?);
+        for (i, codec) in codecs.iter().enumerate() {
+            single[i].push(ours(&model, common, *codec, &prompt, 1, args.tokens)?);
+            batched[i].push(ours(
+                &model,
+                common,
+                *codec,
+                &prompt,
+                args.concurrent,
+                args.tokens,
+            )?);
+        }
+    }
+    let baseline = median(baseline);
     println!(
         "  baseline candle-transformers quantized_llama (Q4_1 as stored): {baseline:.1} tokens/s"
     );
     let mut rows = Vec::new();
-    for name in args.codecs.split(',') {
-        let codec: Codec = name.trim().parse()?;
-        // each run sends prompts that differ, so a fresh cache per run keeps them comparable
-        let single = ours(&model, common, codec, &prompt, 1, args.tokens)?;
-        let batched = ours(&model, common, codec, &prompt, args.concurrent, args.tokens)?;
+    for (i, codec) in codecs.iter().enumerate() {
+        let (one, many) = (median(single[i].clone()), median(batched[i].clone()));
+        // the ratio of medians can hide drift; the median of per-round ratios is printed too
+        let per_round = median(
+            single[i]
+                .iter()
+                .zip(&batched[i])
+                .map(|(s, b)| b / s)
+                .collect(),
+        );
         println!(
-            "  {codec:>9}: 1 sequence {single:.1} tokens/s ({:.2}x candle); {} concurrent {batched:.1} tokens/s aggregate ({:.2}x our 1-sequence rate)",
-            single / baseline,
+            "  {codec:>9}: 1 sequence {one:.1} tokens/s ({:.2}x candle); {} concurrent {many:.1} tokens/s aggregate ({:.2}x our 1-sequence rate; per-round median {per_round:.2}x)",
+            one / baseline,
             args.concurrent,
-            batched / single
+            many / one,
         );
         rows.push(serde_json::json!({
-            "codec": codec.to_string(), "tokens_per_s_1": single, "tokens_per_s_batched": batched,
+            "codec": codec.to_string(), "tokens_per_s_1": one, "tokens_per_s_batched": many,
             "concurrent": args.concurrent, "candle_tokens_per_s": baseline,
-            "ratio_vs_candle": single / baseline, "batched_over_single": batched / single,
+            "ratio_vs_candle": one / baseline, "batched_over_single": many / one,
         }));
     }
     if let Some(path) = args.json {

@@ -56,15 +56,19 @@ pub struct ShapeError {
     k: usize,
 }
 
-/// Quantizes one block to i8 with `scale = max|x| / 127`, rounding half to even (one
-/// instruction, so the loop vectorizes; `round` is a library call).
+/// 1.5·2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer,
+/// ties to even, with two plain additions (the x86-64 baseline has no rounding instruction, so
+/// `round` and `round_ties_even` become library calls that stop the loop from vectorizing).
+const ROUNDING_MAGIC: f32 = 12_582_912.0;
+
+/// Quantizes one block to i8 with `scale = max|x| / 127`, rounding half to even.
 fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let scale = amax / 127.0;
     let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
     let mut sum = 0i32;
     for (o, v) in out.iter_mut().zip(x) {
-        let q = (v * inv).round_ties_even().clamp(-127.0, 127.0) as i8;
+        let q = (((v * inv) + ROUNDING_MAGIC) - ROUNDING_MAGIC).clamp(-127.0, 127.0) as i8;
         *o = q;
         sum += q as i32;
     }
@@ -340,6 +344,19 @@ mod tests {
             w.matmul(&one, &mut out);
             assert_eq!(out, all[r * n..(r + 1) * n]);
         }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        let x: Vec<f32> = [127.0, -0.5, 0.5, 1.5, 2.5, -1.5, 3.49, -3.51]
+            .into_iter()
+            .chain(std::iter::repeat_n(0.0, 24))
+            .collect();
+        let mut q = [0i8; BLOCK];
+        let (scale, sum) = quantize_block(&x, &mut q);
+        assert_eq!(scale, 1.0);
+        assert_eq!(&q[..8], &[127, 0, 0, 2, 2, -2, 3, -4]);
+        assert_eq!(sum, 127 + 2 + 2 - 2 + 3 - 4);
     }
 
     #[test]
