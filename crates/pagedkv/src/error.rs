@@ -5,7 +5,7 @@ use crate::block::BlockId;
 use crate::table::SeqId;
 
 /// Errors returned by `pagedkv`. A failed operation leaves the cache exactly as it was.
-#[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
+#[derive(Debug, thiserror::Error, PartialEq, Clone)]
 pub enum KvError {
     /// A layout field that must be positive was zero.
     #[error("invalid layout: `{field}` must be greater than zero")]
@@ -109,6 +109,14 @@ pub enum KvError {
     NonFinite {
         /// What was being passed.
         what: &'static str,
+    },
+    /// A value is too large for the codec's f16 scales and zero points.
+    #[error("value out of range for codec `{codec}`: magnitudes above {max} cannot be stored")]
+    ValueOutOfRange {
+        /// Codec name.
+        codec: String,
+        /// The largest accepted magnitude.
+        max: f32,
     },
     /// A prompt must hold at least one token.
     #[error("empty prompt for {0:?}")]

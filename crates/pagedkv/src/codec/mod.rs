@@ -4,6 +4,8 @@
 //! stored. This module is the single place that knows each codec's name and its exact byte size,
 //! so capacity planning and the prefix-hash `extra` key agree with the arenas.
 
+pub mod scalar;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -1,0 +1,601 @@
+//! Scalar codecs of one page (`block_size` tokens × `head_dim`, token-major f32 rows), DESIGN §5.
+//!
+//! ```text
+//!  page = [data][parameters]
+//!  f32/f16/bf16  data only, little-endian
+//!  int8          data: 1 byte per element (token-major)      int4: 2 elements per byte (low nibble first)
+//!                keys:   per channel over the block's tokens   [scale f16, zero f16] × head_dim
+//!                values: per token, per group of 32 channels   [scale f16, zero f16] × block_size × groups
+//!  fp8 e4m3/e5m2 data: 1 code per element; keys: f16 scale × head_dim; values: f16 scale × block_size
+//! ```
+//!
+//! Integer codecs are asymmetric: `x̂ = q·scale + zero` with `zero` the group minimum rounded
+//! down to f16 and `scale` rounded up to f16, so every input lies inside the grid and the error is
+//! at most half a step: `|x − x̂| ≤ scale/2` (plus f32 rounding). FP8 scales map the group's
+//! largest magnitude onto the format's largest finite value (rounded up, so nothing saturates):
+//! relative error ≤ 2⁻⁴ (e4m3) or 2⁻³ (e5m2), plus half the smallest subnormal step near zero.
+//! Rounding is to nearest, ties to even. NaN or infinity in the input is an error.
+
+use float8::{F8E4M3, F8E5M2};
+use half::{bf16, f16};
+
+use super::{Codec, Role, VALUE_GROUP};
+use crate::error::{KvError, Result};
+
+/// Largest magnitude a scalar codec accepts: scales and zero points are f16.
+pub const MAX_MAGNITUDE: f32 = 60_000.0;
+
+/// Smallest f16 ≥ `v` (v finite, |v| ≤ 65504).
+fn f16_up(v: f32) -> f16 {
+    let h = f16::from_f32(v);
+    if h.to_f32() >= v {
+        return h;
+    }
+    // step one ulp towards +inf
+    if h.is_sign_negative() && h.to_f32() != 0.0 {
+        f16::from_bits(h.to_bits() - 1)
+    } else if h.to_f32() == 0.0 {
+        f16::from_bits(1)
+    } else {
+        f16::from_bits(h.to_bits() + 1)
+    }
+}
+
+/// Largest f16 ≤ `v`.
+fn f16_down(v: f32) -> f16 {
+    let h = f16::from_f32(v);
+    if h.to_f32() <= v {
+        return h;
+    }
+    if h.is_sign_positive() && h.to_f32() != 0.0 {
+        f16::from_bits(h.to_bits() - 1)
+    } else if h.to_f32() == 0.0 {
+        f16::from_bits(0x8001)
+    } else {
+        f16::from_bits(h.to_bits() + 1)
+    }
+}
+
+fn put_f16(out: &mut [u8], idx: usize, v: f16) {
+    out[idx * 2..idx * 2 + 2].copy_from_slice(&v.to_le_bytes());
+}
+
+fn get_f16(bytes: &[u8], idx: usize) -> f32 {
+    f16::from_le_bytes([bytes[idx * 2], bytes[idx * 2 + 1]]).to_f32()
+}
+
+/// Levels of an integer codec: q ∈ 0..=levels.
+fn levels(codec: Codec) -> u32 {
+    if codec == Codec::Int4 {
+        15
+    } else {
+        255
+    }
+}
+
+/// Bytes of the data part of a page.
+pub fn data_bytes(codec: Codec, block_size: usize, head_dim: usize) -> usize {
+    match codec {
+        Codec::F32 => block_size * head_dim * 4,
+        Codec::F16 | Codec::Bf16 => block_size * head_dim * 2,
+        Codec::Int4 => block_size * head_dim.div_ceil(2),
+        _ => block_size * head_dim,
+    }
+}
+
+/// Asymmetric (scale, zero) covering `[min, max]` with `levels` steps, both as f16.
+fn affine_params(min: f32, max: f32, levels: u32) -> (f16, f16) {
+    let zero = f16_down(min);
+    let scale = f16_up((max - zero.to_f32()) / levels as f32);
+    (scale, zero)
+}
+
+#[inline]
+fn quantize(x: f32, scale: f32, zero: f32, levels: u32) -> u32 {
+    if scale == 0.0 {
+        return 0;
+    }
+    ((x - zero) / scale)
+        .round_ties_even()
+        .clamp(0.0, levels as f32) as u32
+}
+
+/// The groups of one page for a role: lists of (token, channel range) sharing one parameter set.
+/// Keys: one group per channel, spanning every token. Values: per token, per 32 channels.
+fn for_each_group(
+    role: Role,
+    block_size: usize,
+    head_dim: usize,
+    mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>),
+) {
+    match role {
+        Role::Key => {
+            for c in 0..head_dim {
+                f(c, &mut (0..block_size).map(move |t| t * head_dim + c));
+            }
+        }
+        Role::Value => {
+            let groups = head_dim.div_ceil(VALUE_GROUP);
+            for t in 0..block_size {
+                for g in 0..groups {
+                    let range = t * head_dim + g * VALUE_GROUP
+                        ..t * head_dim + ((g + 1) * VALUE_GROUP).min(head_dim);
+                    f(t * groups + g, &mut range.into_iter());
+                }
+            }
+        }
+    }
+}
+
+/// The fp8 scale groups: keys per channel, values per token.
+fn fp8_groups(
+    role: Role,
+    block_size: usize,
+    head_dim: usize,
+    mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>),
+) {
+    match role {
+        Role::Key => {
+            for c in 0..head_dim {
+                f(c, &mut (0..block_size).map(move |t| t * head_dim + c));
+            }
+        }
+        Role::Value => {
+            for t in 0..block_size {
+                f(t, &mut (t * head_dim..(t + 1) * head_dim));
+            }
+        }
+    }
+}
+
+/// Largest finite value of the format (OCP FP8: e4m3 code 0x7E = 448, e5m2 code 0x7B = 57344).
+/// Not the `float8` crate's `MAX` constants: in 0.7.0 they are one code short (416, 49152).
+fn fp8_max(codec: Codec) -> f32 {
+    if codec == Codec::Fp8E4m3 {
+        448.0
+    } else {
+        57_344.0
+    }
+}
+
+fn fp8_encode(codec: Codec, x: f32) -> u8 {
+    if codec == Codec::Fp8E4m3 {
+        F8E4M3::from_f32(x).to_bits()
+    } else {
+        F8E5M2::from_f32(x).to_bits()
+    }
+}
+
+/// Decode table of an fp8 format: all 256 codes as f32.
+pub fn fp8_table(codec: Codec) -> [f32; 256] {
+    std::array::from_fn(|code| {
+        if codec == Codec::Fp8E4m3 {
+            F8E4M3::from_bits(code as u8).to_f32()
+        } else {
+            F8E5M2::from_bits(code as u8).to_f32()
+        }
+    })
+}
+
+fn check_page(
+    codec: Codec,
+    role: Role,
+    block_size: usize,
+    head_dim: usize,
+    rows: usize,
+    bytes: usize,
+) -> Result<()> {
+    let elements = block_size * head_dim;
+    if rows != elements {
+        return Err(KvError::ShapeMismatch {
+            what: "page rows",
+            expected: elements,
+            got: rows,
+        });
+    }
+    let expected = codec.page_bytes(role, block_size, head_dim)?;
+    if bytes != expected {
+        return Err(KvError::ShapeMismatch {
+            what: "page bytes",
+            expected,
+            got: bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Encodes one page of f32 rows (`block_size × head_dim`, token-major) into `out`, which must be
+/// exactly `codec.page_bytes(role, …)` long. FibQuant pages are encoded by the fibquant crate.
+pub fn encode_page(
+    codec: Codec,
+    role: Role,
+    rows: &[f32],
+    block_size: usize,
+    head_dim: usize,
+    out: &mut [u8],
+) -> Result<()> {
+    check_page(codec, role, block_size, head_dim, rows.len(), out.len())?;
+    if !rows.iter().all(|x| x.is_finite()) {
+        return Err(KvError::NonFinite {
+            what: "page to encode",
+        });
+    }
+    if !codec.is_full_precision() && rows.iter().any(|x| x.abs() > MAX_MAGNITUDE) {
+        return Err(KvError::ValueOutOfRange {
+            codec: codec.to_string(),
+            max: MAX_MAGNITUDE,
+        });
+    }
+    let data_len = data_bytes(codec, block_size, head_dim);
+    let (data, params) = out.split_at_mut(data_len);
+    match codec {
+        Codec::F32 => rows
+            .iter()
+            .zip(data.chunks_exact_mut(4))
+            .for_each(|(x, o)| o.copy_from_slice(&x.to_le_bytes())),
+        Codec::F16 => rows
+            .iter()
+            .zip(data.chunks_exact_mut(2))
+            .for_each(|(x, o)| o.copy_from_slice(&f16::from_f32(*x).to_le_bytes())),
+        Codec::Bf16 => rows
+            .iter()
+            .zip(data.chunks_exact_mut(2))
+            .for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_le_bytes())),
+        Codec::Int8 | Codec::Int4 => {
+            let lv = levels(codec);
+            let mut codes = vec![0u8; rows.len()];
+            for_each_group(role, block_size, head_dim, |g, idx| {
+                let members: Vec<usize> = idx.collect();
+                let (min, max) = members
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(lo, hi), i| {
+                        (lo.min(rows[*i]), hi.max(rows[*i]))
+                    });
+                let (scale, zero) = affine_params(min, max, lv);
+                put_f16(params, 2 * g, scale);
+                put_f16(params, 2 * g + 1, zero);
+                for i in members {
+                    codes[i] = quantize(rows[i], scale.to_f32(), zero.to_f32(), lv) as u8;
+                }
+            });
+            if codec == Codec::Int8 {
+                data.copy_from_slice(&codes);
+            } else {
+                let packed_row = head_dim.div_ceil(2);
+                for t in 0..block_size {
+                    for (i, byte) in data[t * packed_row..(t + 1) * packed_row]
+                        .iter_mut()
+                        .enumerate()
+                    {
+                        let lo = codes[t * head_dim + 2 * i];
+                        let hi = if 2 * i + 1 < head_dim {
+                            codes[t * head_dim + 2 * i + 1]
+                        } else {
+                            0
+                        };
+                        *byte = lo | (hi << 4);
+                    }
+                }
+            }
+        }
+        Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            let top = fp8_max(codec);
+            fp8_groups(role, block_size, head_dim, |g, idx| {
+                let members: Vec<usize> = idx.collect();
+                let amax = members.iter().fold(0f32, |m, i| m.max(rows[*i].abs()));
+                let scale = if amax > 0.0 {
+                    f16_up(amax / top)
+                } else {
+                    f16::ONE
+                };
+                put_f16(params, g, scale);
+                let inv = 1.0 / scale.to_f32();
+                for i in members {
+                    // x·(1/s) may round just past the top code; the crate saturates to it
+                    data[i] = fp8_encode(codec, rows[i] * inv);
+                }
+            });
+        }
+        Codec::FibQuant { .. } => {
+            return Err(KvError::UnsupportedCodec {
+                codec: codec.to_string(),
+                reason: "FibQuant pages are encoded by the fibquant crate",
+            })
+        }
+    }
+    Ok(())
+}
+
+/// Decodes one page into f32 rows (`block_size × head_dim`, token-major).
+pub fn decode_page(
+    codec: Codec,
+    role: Role,
+    page: &[u8],
+    block_size: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) -> Result<()> {
+    check_page(codec, role, block_size, head_dim, out.len(), page.len())?;
+    let data_len = data_bytes(codec, block_size, head_dim);
+    let (data, params) = page.split_at(data_len);
+    match codec {
+        Codec::F32 => data
+            .chunks_exact(4)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        Codec::F16 => data
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Codec::Bf16 => data
+            .chunks_exact(2)
+            .zip(out.iter_mut())
+            .for_each(|(b, o)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        Codec::Int8 | Codec::Int4 => {
+            let packed_row = head_dim.div_ceil(2);
+            let code = |i: usize| -> u32 {
+                if codec == Codec::Int8 {
+                    data[i] as u32
+                } else {
+                    let (t, c) = (i / head_dim, i % head_dim);
+                    let byte = data[t * packed_row + c / 2];
+                    (if c % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as u32
+                }
+            };
+            for_each_group(role, block_size, head_dim, |g, idx| {
+                let (scale, zero) = (get_f16(params, 2 * g), get_f16(params, 2 * g + 1));
+                for i in idx {
+                    out[i] = code(i) as f32 * scale + zero;
+                }
+            });
+        }
+        Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            let table = fp8_table(codec);
+            fp8_groups(role, block_size, head_dim, |g, idx| {
+                let scale = get_f16(params, g);
+                for i in idx {
+                    out[i] = table[data[i] as usize] * scale;
+                }
+            });
+        }
+        Codec::FibQuant { .. } => {
+            return Err(KvError::UnsupportedCodec {
+                codec: codec.to_string(),
+                reason: "FibQuant pages are decoded by the fibquant crate",
+            })
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BS: usize = 16;
+
+    /// Deterministic standard-normal samples (Box–Muller over an LCG).
+    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        let mut uniform = move || {
+            s = s
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        (0..n)
+            .map(|_| {
+                ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32
+            })
+            .collect()
+    }
+
+    /// Heavy-tailed K/V-like data: Student-t-ish tails plus a few outlier channels ×40.
+    fn outliers(head_dim: usize, seed: u64) -> Vec<f32> {
+        let g = gaussian(BS * head_dim, seed);
+        let h = gaussian(BS * head_dim, seed + 1);
+        g.iter()
+            .zip(&h)
+            .enumerate()
+            .map(|(i, (a, b))| {
+                let tail = a / (0.3 + b.abs());
+                if i % head_dim == 3 || i % head_dim == 17 {
+                    tail * 40.0
+                } else {
+                    tail
+                }
+            })
+            .collect()
+    }
+
+    fn round_trip(codec: Codec, role: Role, rows: &[f32], d: usize) -> (Vec<u8>, Vec<f32>) {
+        let mut page = vec![0u8; codec.page_bytes(role, BS, d).unwrap()];
+        encode_page(codec, role, rows, BS, d, &mut page).unwrap();
+        let mut back = vec![0f32; rows.len()];
+        decode_page(codec, role, &page, BS, d, &mut back).unwrap();
+        (page, back)
+    }
+
+    /// The worst-case error each codec states, per element, from the page's own parameters.
+    fn bound(codec: Codec, role: Role, page: &[u8], rows: &[f32], d: usize) -> Vec<f32> {
+        let params = &page[data_bytes(codec, BS, d)..];
+        let mut b = vec![0f32; rows.len()];
+        match codec {
+            Codec::F32 => {}
+            Codec::F16 => rows
+                .iter()
+                .zip(&mut b)
+                .for_each(|(x, o)| *o = x.abs() * 2f32.powi(-11) + 2f32.powi(-25)),
+            Codec::Bf16 => rows
+                .iter()
+                .zip(&mut b)
+                .for_each(|(x, o)| *o = x.abs() * 2f32.powi(-8)),
+            Codec::Int8 | Codec::Int4 => for_each_group(role, BS, d, |g, idx| {
+                let scale = get_f16(params, 2 * g);
+                for i in idx {
+                    b[i] = 0.5 * scale * (1.0 + 1e-5) + 1e-6 * rows[i].abs();
+                }
+            }),
+            Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+                let (rel, sub) = if codec == Codec::Fp8E4m3 {
+                    (2f32.powi(-4), 2f32.powi(-10))
+                } else {
+                    (2f32.powi(-3), 2f32.powi(-17))
+                };
+                fp8_groups(role, BS, d, |g, idx| {
+                    let scale = get_f16(params, g);
+                    for i in idx {
+                        b[i] = rel * (1.0 + 1e-5) * rows[i].abs() + sub * scale * (1.0 + 1e-5);
+                    }
+                });
+            }
+            Codec::FibQuant { .. } => unreachable!(),
+        }
+        b
+    }
+
+    const SCALAR: [Codec; 7] = [
+        Codec::F32,
+        Codec::F16,
+        Codec::Bf16,
+        Codec::Fp8E4m3,
+        Codec::Fp8E5m2,
+        Codec::Int8,
+        Codec::Int4,
+    ];
+
+    #[test]
+    fn round_trip_errors_stay_within_stated_bounds() {
+        for codec in SCALAR {
+            for role in [Role::Key, Role::Value] {
+                for d in [64, 128, 40] {
+                    for (name, rows) in [
+                        ("gaussian", gaussian(BS * d, d as u64)),
+                        ("outliers", outliers(d, d as u64 + 7)),
+                    ] {
+                        let (page, back) = round_trip(codec, role, &rows, d);
+                        let b = bound(codec, role, &page, &rows, d);
+                        for i in 0..rows.len() {
+                            let err = (rows[i] - back[i]).abs();
+                            assert!(err <= b[i], "{codec} {role:?} d={d} {name}: element {i}: |{} - {}| = {err} > {}", rows[i], back[i], b[i]);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn constant_and_zero_pages_are_exact() {
+        for codec in [Codec::Int8, Codec::Int4] {
+            for role in [Role::Key, Role::Value] {
+                for v in [0.0f32, 1.5, -3.25] {
+                    let rows = vec![v; BS * 64];
+                    let (_, back) = round_trip(codec, role, &rows, 64);
+                    assert!(
+                        back.iter().all(|x| *x == v),
+                        "{codec} {role:?} constant {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn bad_input_is_a_typed_error() {
+        for codec in SCALAR {
+            let mut rows = gaussian(BS * 64, 1);
+            let mut page = vec![0u8; codec.page_bytes(Role::Key, BS, 64).unwrap()];
+            rows[5] = f32::NAN;
+            assert_eq!(
+                encode_page(codec, Role::Key, &rows, BS, 64, &mut page),
+                Err(KvError::NonFinite {
+                    what: "page to encode"
+                })
+            );
+            rows[5] = f32::INFINITY;
+            assert!(encode_page(codec, Role::Key, &rows, BS, 64, &mut page).is_err());
+            rows[5] = 1.0;
+            assert!(matches!(
+                encode_page(codec, Role::Key, &rows[1..], BS, 64, &mut page),
+                Err(KvError::ShapeMismatch { .. })
+            ));
+            assert!(matches!(
+                encode_page(codec, Role::Value, &rows, BS, 64, &mut page[1..]),
+                Err(KvError::ShapeMismatch { .. })
+            ));
+            if !codec.is_full_precision() {
+                rows[5] = 1e6;
+                assert!(matches!(
+                    encode_page(codec, Role::Key, &rows, BS, 64, &mut page),
+                    Err(KvError::ValueOutOfRange { .. })
+                ));
+            }
+        }
+    }
+
+    /// fp8 decoding by the formula of the OCP FP8 formats, independent of the crate.
+    fn fp8_by_formula(code: u8, exp_bits: u32, man_bits: u32, e4m3: bool) -> f32 {
+        let sign = if code & 0x80 != 0 { -1.0 } else { 1.0 };
+        let exp = ((code as u32) >> man_bits) & ((1 << exp_bits) - 1);
+        let man = (code as u32) & ((1 << man_bits) - 1);
+        let bias = (1 << (exp_bits - 1)) - 1;
+        let all_ones = (1 << exp_bits) - 1;
+        if e4m3 && exp == all_ones && man == (1 << man_bits) - 1 {
+            return f32::NAN;
+        }
+        if !e4m3 && exp == all_ones {
+            return if man == 0 {
+                sign * f32::INFINITY
+            } else {
+                f32::NAN
+            };
+        }
+        let frac = man as f32 / (1 << man_bits) as f32;
+        if exp == 0 {
+            sign * frac * 2f32.powi(1 - bias)
+        } else {
+            sign * (1.0 + frac) * 2f32.powi(exp as i32 - bias)
+        }
+    }
+
+    #[test]
+    fn fp8_tables_agree_with_the_reference_crate_on_all_256_codes() {
+        for (codec, e, m, e4m3) in [(Codec::Fp8E4m3, 4, 3, true), (Codec::Fp8E5m2, 5, 2, false)] {
+            let table = fp8_table(codec);
+            for code in 0..=255u8 {
+                let formula = fp8_by_formula(code, e, m, e4m3);
+                let ours = table[code as usize];
+                if formula.is_nan() {
+                    assert!(ours.is_nan(), "{codec} code {code:#04x}");
+                    continue;
+                }
+                assert_eq!(
+                    ours.to_bits(),
+                    formula.to_bits(),
+                    "{codec} code {code:#04x}"
+                );
+                if formula.is_finite() {
+                    // encoding a representable value gives its code back (±0 both map to their own sign)
+                    assert_eq!(fp8_encode(codec, ours), code, "{codec} re-encode of {ours}");
+                }
+            }
+        }
+        assert_eq!(fp8_table(Codec::Fp8E4m3)[0x7E], fp8_max(Codec::Fp8E4m3));
+        assert_eq!(fp8_table(Codec::Fp8E5m2)[0x7B], fp8_max(Codec::Fp8E5m2));
+        // values past the top saturate to it (the scale is rounded up, so only rounding reaches it)
+        assert_eq!(fp8_encode(Codec::Fp8E4m3, 470.0), 0x7E);
+        assert_eq!(fp8_encode(Codec::Fp8E5m2, 60_000.0), 0x7B);
+    }
+
+    #[test]
+    fn f16_directed_rounding() {
+        for v in [0.1f32, -0.1, 1e-7, -1e-7, 3.0, 65000.0, 0.0] {
+            assert!(f16_up(v).to_f32() >= v && f16_down(v).to_f32() <= v, "{v}");
+            assert!(
+                f16_up(v).to_f32() - f16_down(v).to_f32() <= v.abs() * 2f32.powi(-10) + 6e-8,
+                "{v}"
+            );
+        }
+    }
+}
