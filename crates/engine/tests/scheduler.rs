@@ -18,11 +18,11 @@ fn model() -> &'static (Model, GgufTokenizer) {
 }
 
 fn cache(blocks: usize) -> KvCacheManager {
-    let layout = model()
-        .0
-        .config()
-        .kv_layout(Codec::F16, Codec::F16, 16)
-        .unwrap();
+    cache_with(blocks, Codec::F16)
+}
+
+fn cache_with(blocks: usize, codec: Codec) -> KvCacheManager {
+    let layout = model().0.config().kv_layout(codec, codec, 16).unwrap();
     KvCacheManager::new(layout, blocks, b"scheduler-test").unwrap()
 }
 
@@ -32,7 +32,15 @@ fn run(
     blocks: usize,
     config: SchedulerConfig,
 ) -> (BTreeMap<u64, Vec<u32>>, SchedulerStats) {
-    let mut scheduler = Scheduler::new(&model().0, cache(blocks), config).unwrap();
+    run_on(requests, cache(blocks), config)
+}
+
+fn run_on(
+    requests: &[Request],
+    cache: KvCacheManager,
+    config: SchedulerConfig,
+) -> (BTreeMap<u64, Vec<u32>>, SchedulerStats) {
+    let mut scheduler = Scheduler::new(&model().0, cache, config).unwrap();
     for r in requests {
         scheduler.submit(r.clone()).unwrap();
     }
@@ -46,6 +54,11 @@ fn run(
         .unwrap();
     assert_eq!(stats.finished, requests.len(), "every request completes");
     scheduler.cache().check_invariants().unwrap();
+    assert_eq!(
+        scheduler.cache().storage().open_blocks(),
+        0,
+        "no staging left behind"
+    );
     assert_eq!(
         scheduler.cache().counts().owned,
         0,
@@ -103,6 +116,31 @@ fn batched_decode_equals_each_alone() {
     );
     for r in &requests {
         let (alone, _) = run(std::slice::from_ref(r), 256, SchedulerConfig::default());
+        assert_eq!(
+            batched[&r.id], alone[&r.id],
+            "request {} differs when batched",
+            r.id
+        );
+    }
+}
+
+#[test]
+fn batched_decode_equals_each_alone_on_a_sealed_int4_cache() {
+    // blocks are sealed (int4) as they fill, per sequence, whatever it is batched with
+    let requests: Vec<Request> = (0..6)
+        .map(|i| request(i as u64, plain_prompt(i), 20))
+        .collect();
+    let (batched, _) = run_on(
+        &requests,
+        cache_with(128, Codec::Int4),
+        SchedulerConfig::default(),
+    );
+    for r in &requests {
+        let (alone, _) = run_on(
+            std::slice::from_ref(r),
+            cache_with(128, Codec::Int4),
+            SchedulerConfig::default(),
+        );
         assert_eq!(
             batched[&r.id], alone[&r.id],
             "request {} differs when batched",

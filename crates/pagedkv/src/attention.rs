@@ -82,10 +82,18 @@ fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
     acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
 }
 
-/// The first `len` elements of a page as f32: borrowed for f32 pages, converted in bulk (F16C
-/// where available) into `buf` otherwise. One page at a time, never the whole context.
-fn page_f32<'a>(page: PageRef<'a>, len: usize, buf: &'a mut Vec<f32>) -> &'a [f32] {
-    match page {
+/// The first `len` elements of a page as f32: borrowed for f32 pages (and open blocks' staging),
+/// converted in bulk (F16C where available) or decoded by the codec into `buf` otherwise. One
+/// page at a time, never the whole context; fused per-codec reading is the kernel work of
+/// DESIGN §7.
+fn page_f32<'a>(
+    page: PageRef<'a>,
+    len: usize,
+    bs: usize,
+    d: usize,
+    buf: &'a mut Vec<f32>,
+) -> Result<&'a [f32]> {
+    Ok(match page {
         PageRef::F32(p) => &p[..len],
         PageRef::F16(p) => {
             buf.resize(len, 0.0);
@@ -97,7 +105,12 @@ fn page_f32<'a>(page: PageRef<'a>, len: usize, buf: &'a mut Vec<f32>) -> &'a [f3
             p[..len].convert_to_f32_slice(buf);
             buf
         }
-    }
+        packed @ PageRef::Packed { .. } => {
+            buf.resize(len, 0.0);
+            packed.to_f32(bs, d, buf)?;
+            buf
+        }
+    })
 }
 
 /// Attention of one query token (all query heads) over `ctx`, written to `out`
@@ -132,8 +145,10 @@ pub fn attend(
             let keys = page_f32(
                 storage.key_page(layer, *block, head)?,
                 n * d,
+                bs,
+                d,
                 &mut scratch.page,
-            );
+            )?;
             for (g, qg) in qs.chunks_exact(d).enumerate() {
                 for (t, key) in keys.chunks_exact(d).enumerate() {
                     scratch.scores[g * bs + t] = dot(qg, key) * scale;
@@ -158,8 +173,10 @@ pub fn attend(
             let values = page_f32(
                 storage.value_page(layer, *block, head)?,
                 n * d,
+                bs,
+                d,
                 &mut scratch.page,
-            );
+            )?;
             for g in 0..group {
                 let probs = &scratch.scores[g * bs..g * bs + n];
                 let acc = &mut scratch.acc[g * d..(g + 1) * d];
@@ -179,7 +196,8 @@ pub fn attend(
     Ok(())
 }
 
-/// The oracle: the same attention with f64 accumulation and a plain two-pass softmax.
+/// The oracle: the same attention on the stored values (the codec's reconstruction) with f64
+/// accumulation and a plain two-pass softmax.
 pub fn attend_reference(
     storage: &KvStorage,
     layer: usize,
@@ -191,27 +209,44 @@ pub fn attend_reference(
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, bs) = (layout.head_dim(), layout.block_size());
+    // every visible token's K and V per kv head, as f32
+    let mut keys = vec![vec![0f32; ctx.len * d]; layout.kv_heads()];
+    let mut values = vec![vec![0f32; ctx.len * d]; layout.kv_heads()];
+    let mut page = vec![0f32; bs * d];
+    for head in 0..layout.kv_heads() {
+        for (block_idx, block) in ctx.blocks.iter().enumerate().take(ctx.len.div_ceil(bs)) {
+            let n = (ctx.len - block_idx * bs).min(bs);
+            let span = block_idx * bs * d..(block_idx * bs + n) * d;
+            storage
+                .key_page(layer, *block, head)?
+                .to_f32(bs, d, &mut page)?;
+            keys[head][span.clone()].copy_from_slice(&page[..n * d]);
+            storage
+                .value_page(layer, *block, head)?
+                .to_f32(bs, d, &mut page)?;
+            values[head][span].copy_from_slice(&page[..n * d]);
+        }
+    }
     for qh in 0..layout.query_heads() {
         let head = qh / layout.group_size();
         let qv = &q[qh * d..(qh + 1) * d];
-        let mut scores = Vec::with_capacity(ctx.len);
-        for pos in 0..ctx.len {
-            let page = storage.key_page(layer, ctx.blocks[pos / bs], head)?;
-            let off = (pos % bs) * d;
-            let s: f64 = (0..d)
-                .map(|i| qv[i] as f64 * page.get(off + i) as f64)
-                .sum();
-            scores.push(s * scale as f64);
-        }
+        let scores: Vec<f64> = keys[head]
+            .chunks_exact(d)
+            .map(|k| {
+                qv.iter()
+                    .zip(k)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut acc = vec![0f64; d];
-        for (pos, w) in weights.iter().enumerate() {
-            let page = storage.value_page(layer, ctx.blocks[pos / bs], head)?;
-            let off = (pos % bs) * d;
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a += w * page.get(off + i) as f64;
+        for (w, v) in weights.iter().zip(values[head].chunks_exact(d)) {
+            for (a, x) in acc.iter_mut().zip(v) {
+                *a += w * *x as f64;
             }
         }
         for (o, a) in out[qh * d..(qh + 1) * d].iter_mut().zip(&acc) {
@@ -233,7 +268,7 @@ mod tests {
         query_heads: usize,
         tokens: usize,
     ) -> (KvStorage, Vec<BlockId>) {
-        let mut spec = LayoutSpec::new(1, kv_heads, query_heads, 8, codec);
+        let mut spec = LayoutSpec::new(1, kv_heads, query_heads, 32, codec);
         spec.block_size = 4;
         let layout = KvLayout::new(spec).unwrap();
         let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).rev().map(BlockId).collect();
@@ -247,24 +282,37 @@ mod tests {
             let k: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
             let v: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
             s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
+            if pos % 4 == 3 {
+                // full blocks are sealed; the last, partial one stays open (f32 staging)
+                s.seal(blocks[pos / 4]).unwrap();
+            }
         }
         (s, blocks)
     }
 
     #[test]
     fn kernel_matches_reference_for_mha_gqa_mqa() {
-        for codec in [Codec::F32, Codec::F16, Codec::Bf16] {
+        let codecs = [
+            Codec::F32,
+            Codec::F16,
+            Codec::Bf16,
+            Codec::Fp8E4m3,
+            Codec::Fp8E5m2,
+            Codec::Int8,
+            Codec::Int4,
+        ];
+        for codec in codecs {
             for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
                 for tokens in [1, 3, 4, 13] {
                     let (s, blocks) = filled(codec, kv, qh, tokens);
-                    let q: Vec<f32> = (0..qh * 8)
+                    let q: Vec<f32> = (0..qh * 32)
                         .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
                         .collect();
                     let ctx = Context {
                         blocks: &blocks,
                         len: tokens,
                     };
-                    let (mut fast, mut slow) = (vec![0.0; qh * 8], vec![0.0; qh * 8]);
+                    let (mut fast, mut slow) = (vec![0.0; qh * 32], vec![0.0; qh * 32]);
                     attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
                     attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
                     let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -282,8 +330,8 @@ mod tests {
     #[test]
     fn bad_shapes_are_errors() {
         let (s, blocks) = filled(Codec::F32, 3, 9, 5);
-        let q = vec![0.0; 72];
-        let mut out = vec![0.0; 72];
+        let q = vec![0.0; 9 * 32];
+        let mut out = vec![0.0; 9 * 32];
         let ctx = |len| Context {
             blocks: &blocks,
             len,

@@ -331,6 +331,8 @@ impl KvCacheManager {
             );
             table.hashes.push(hash);
             self.pool.register(table.blocks[block_idx], hash)?;
+            // a full block is sealed: encoded once with the layout's codecs
+            self.storage.seal(table.blocks[block_idx])?;
         }
         Ok(())
     }
@@ -358,6 +360,10 @@ impl KvCacheManager {
             .ok_or(KvError::UnknownSequence(seq))?;
         for block in table.blocks.iter().rev() {
             self.pool.release(*block)?;
+            // a partial block never enters the prefix cache: its staging can go now
+            if self.pool.ref_count(*block)? == 0 {
+                self.storage.discard(*block);
+            }
         }
         Ok(())
     }
@@ -386,6 +392,12 @@ impl KvCacheManager {
             }
             for block in &table.blocks {
                 holders[block.index()] += 1;
+            }
+        }
+        for i in 0..self.pool.num_blocks() {
+            let block = BlockId(i as u32);
+            if self.storage.is_open(block) && self.pool.ref_count(block) == Ok(0) {
+                return Err(format!("block {i} holds staging but has no owner"));
             }
         }
         for (i, holders) in holders.iter().enumerate() {

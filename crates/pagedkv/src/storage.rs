@@ -1,85 +1,84 @@
-//! Per-layer arenas of K and V addressed by block id (DESIGN §2), for the full-precision codecs.
+//! Per-layer arenas of K and V addressed by block id (DESIGN §2, §5).
 //!
 //! ```text
 //!  keys[layer]:  [block 0: head 0 page | head 1 page | ...][block 1: ...] ...
-//!  page:         [slot 0: d0 .. d(h-1)][slot 1] ... [slot block_size-1]
-//!  element offset = ((block · kv_heads + head) · block_size + slot) · head_dim + dim
+//!  page:         full precision: [slot 0: d0 .. d(h-1)][slot 1] ... [slot block_size-1]
+//!                compressed:     the codec's packed page (`codec::scalar`), page_bytes long
 //! ```
 //!
-//! A block's data for one layer is contiguous (`kv_heads` pages), so copy-on-write is one
-//! `copy_within` per layer and arena.
+//! Full-precision layouts (both codecs f32/f16/bf16) write tokens straight into typed arenas.
+//! A layout with a compressed codec keeps each block that is being written ("open") in f32
+//! staging — one slot holds every layer's K and V of one block — and encodes it into the packed
+//! arenas when it fills ([`KvStorage::seal`]), so quantization never re-encodes a block and never
+//! waits on a partial group. Reads of an open block see the staging rows; reads of a sealed block
+//! see the codec's reconstruction.
 
 use half::{bf16, f16};
 
 use crate::block::BlockId;
-use crate::codec::Codec;
+use crate::codec::scalar::{decode_page, encode_page};
+use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 use crate::layout::KvLayout;
 
-/// One layer's keys or values in the element type of its codec.
+/// No staging slot.
+const NO_SLOT: u32 = u32::MAX;
+
+/// One layer's keys or values.
 #[derive(Debug, Clone)]
 enum Arena {
     F32(Vec<f32>),
     F16(Vec<f16>),
     Bf16(Vec<bf16>),
+    /// Packed pages of a codec, `page_bytes` each.
+    Packed(Vec<u8>),
 }
 
-/// A borrowed page (or any run of elements) in its stored element type.
+/// A borrowed page in its stored form.
 #[derive(Debug, Clone, Copy)]
 pub enum PageRef<'a> {
-    /// f32 elements.
+    /// f32 elements (also the staging rows of an open block).
     F32(&'a [f32]),
     /// f16 elements.
     F16(&'a [f16]),
     /// bf16 elements.
     Bf16(&'a [bf16]),
+    /// A sealed, packed page.
+    Packed {
+        /// Its codec.
+        codec: Codec,
+        /// Keys or values (the codecs group them differently).
+        role: Role,
+        /// The page's bytes.
+        bytes: &'a [u8],
+    },
 }
 
 impl PageRef<'_> {
-    /// Number of elements.
-    pub fn len(&self) -> usize {
+    /// Writes the first `len` elements (whole tokens) of the page as f32 into `out[..len]`.
+    pub fn to_f32(&self, block_size: usize, head_dim: usize, out: &mut [f32]) -> Result<()> {
+        let len = out.len();
         match self {
-            PageRef::F32(s) => s.len(),
-            PageRef::F16(s) => s.len(),
-            PageRef::Bf16(s) => s.len(),
+            PageRef::F32(s) => out.copy_from_slice(&s[..len]),
+            PageRef::F16(s) => s[..len].iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
+            PageRef::Bf16(s) => s[..len].iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
+            PageRef::Packed { codec, role, bytes } => {
+                let mut full = vec![0f32; block_size * head_dim];
+                decode_page(*codec, *role, bytes, block_size, head_dim, &mut full)?;
+                out.copy_from_slice(&full[..len]);
+            }
         }
-    }
-    /// True when the page has no elements.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    /// Converts element `i` to f32.
-    #[inline]
-    pub fn get(&self, i: usize) -> f32 {
-        match self {
-            PageRef::F32(s) => s[i],
-            PageRef::F16(s) => s[i].to_f32(),
-            PageRef::Bf16(s) => s[i].to_f32(),
-        }
-    }
-    /// Converts all elements into `out` (which must have the same length).
-    pub fn to_f32(&self, out: &mut [f32]) {
-        match self {
-            PageRef::F32(s) => out.copy_from_slice(s),
-            PageRef::F16(s) => s.iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
-            PageRef::Bf16(s) => s.iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
-        }
+        Ok(())
     }
 }
 
 impl Arena {
-    fn new(codec: Codec, elements: usize) -> Result<Self> {
-        Ok(match codec {
+    fn typed(codec: Codec, elements: usize) -> Self {
+        match codec {
             Codec::F32 => Arena::F32(vec![0.0; elements]),
             Codec::F16 => Arena::F16(vec![f16::ZERO; elements]),
-            Codec::Bf16 => Arena::Bf16(vec![bf16::ZERO; elements]),
-            other => {
-                return Err(KvError::UnsupportedCodec {
-                    codec: other.to_string(),
-                    reason: "the block arena stores full-precision codecs only",
-                })
-            }
-        })
+            _ => Arena::Bf16(vec![bf16::ZERO; elements]),
+        }
     }
 
     fn write(&mut self, offset: usize, src: &[f32]) {
@@ -94,15 +93,14 @@ impl Arena {
                 .iter_mut()
                 .zip(src)
                 .for_each(|(o, x)| *o = bf16::from_f32(*x)),
+            Arena::Packed(_) => unreachable!("packed arenas are written by sealing"),
         }
     }
 
-    fn slice(&self, offset: usize, len: usize) -> PageRef<'_> {
-        let range = offset..offset + len;
+    fn slice(&self, offset: usize, len: usize) -> &[u8] {
         match self {
-            Arena::F32(a) => PageRef::F32(&a[range]),
-            Arena::F16(a) => PageRef::F16(&a[range]),
-            Arena::Bf16(a) => PageRef::Bf16(&a[range]),
+            Arena::Packed(a) => &a[offset..offset + len],
+            _ => unreachable!("typed arenas are read through PageRef"),
         }
     }
 
@@ -111,6 +109,47 @@ impl Arena {
             Arena::F32(a) => a.copy_within(src..src + len, dst),
             Arena::F16(a) => a.copy_within(src..src + len, dst),
             Arena::Bf16(a) => a.copy_within(src..src + len, dst),
+            Arena::Packed(a) => a.copy_within(src..src + len, dst),
+        }
+    }
+}
+
+/// f32 staging for open blocks of a compressed layout: slots of
+/// `[layer][K|V][kv_head][token][dim]`, taken on first write and returned when the block is
+/// sealed or discarded.
+#[derive(Debug, Clone, Default)]
+struct Staging {
+    rows: Vec<f32>,
+    free: Vec<u32>,
+    slot_of: Vec<u32>,
+    slot_len: usize,
+}
+
+impl Staging {
+    fn slot(&self, block: BlockId) -> Option<usize> {
+        match self.slot_of[block.index()] {
+            NO_SLOT => None,
+            s => Some(s as usize),
+        }
+    }
+
+    fn open(&mut self, block: BlockId) -> usize {
+        if let Some(s) = self.slot(block) {
+            return s;
+        }
+        let slot = self.free.pop().unwrap_or_else(|| {
+            let s = (self.rows.len() / self.slot_len) as u32;
+            self.rows.resize(self.rows.len() + self.slot_len, 0.0);
+            s
+        });
+        self.slot_of[block.index()] = slot;
+        slot as usize
+    }
+
+    fn close(&mut self, block: BlockId) {
+        if let Some(s) = self.slot(block) {
+            self.free.push(s as u32);
+            self.slot_of[block.index()] = NO_SLOT;
         }
     }
 }
@@ -122,28 +161,59 @@ pub struct KvStorage {
     num_blocks: usize,
     keys: Vec<Arena>,
     values: Vec<Arena>,
+    /// Present for layouts with a compressed codec.
+    staging: Option<Staging>,
 }
 
 impl KvStorage {
-    /// Allocates zeroed arenas. Both codecs must be full precision (f32, f16, bf16).
+    /// Allocates zeroed arenas for the layout's codecs.
     pub fn new(layout: KvLayout, num_blocks: usize) -> Result<Self> {
-        let elements = num_blocks
+        for codec in [layout.key_codec(), layout.value_codec()] {
+            if let Codec::FibQuant { .. } = codec {
+                return Err(KvError::UnsupportedCodec {
+                    codec: codec.to_string(),
+                    reason: "FibQuant block storage is not implemented yet",
+                });
+            }
+        }
+        let overflow = KvError::SizeOverflow { what: "arena size" };
+        let pages = num_blocks
             .checked_mul(layout.kv_heads())
-            .and_then(|n| n.checked_mul(layout.page_elements()))
-            .ok_or(KvError::SizeOverflow {
-                what: "arena elements",
-            })?;
+            .ok_or(overflow.clone())?;
+        let compressed =
+            !(layout.key_codec().is_full_precision() && layout.value_codec().is_full_precision());
+        let arena = |codec: Codec, page_bytes: usize| -> Result<Arena> {
+            Ok(if compressed {
+                Arena::Packed(vec![
+                    0u8;
+                    pages.checked_mul(page_bytes).ok_or(overflow.clone())?
+                ])
+            } else {
+                Arena::typed(
+                    codec,
+                    pages
+                        .checked_mul(layout.page_elements())
+                        .ok_or(overflow.clone())?,
+                )
+            })
+        };
         let mut keys = Vec::with_capacity(layout.layers());
         let mut values = Vec::with_capacity(layout.layers());
         for _ in 0..layout.layers() {
-            keys.push(Arena::new(layout.key_codec(), elements)?);
-            values.push(Arena::new(layout.value_codec(), elements)?);
+            keys.push(arena(layout.key_codec(), layout.key_page_bytes())?);
+            values.push(arena(layout.value_codec(), layout.value_page_bytes())?);
         }
+        let staging = compressed.then(|| Staging {
+            slot_of: vec![NO_SLOT; num_blocks],
+            slot_len: layout.layers() * 2 * layout.kv_heads() * layout.page_elements(),
+            ..Staging::default()
+        });
         Ok(Self {
             layout,
             num_blocks,
             keys,
             values,
+            staging,
         })
     }
 
@@ -152,9 +222,18 @@ impl KvStorage {
         &self.layout
     }
 
-    /// Elements of one block in one layer's arena.
-    fn block_elements(&self) -> usize {
-        self.layout.kv_heads() * self.layout.page_elements()
+    /// Whether `block` is open (being written, in f32 staging).
+    pub fn is_open(&self, block: BlockId) -> bool {
+        self.staging
+            .as_ref()
+            .is_some_and(|s| s.slot(block).is_some())
+    }
+
+    /// Open blocks currently holding staging memory.
+    pub fn open_blocks(&self) -> usize {
+        self.staging
+            .as_ref()
+            .map_or(0, |s| s.slot_of.iter().filter(|x| **x != NO_SLOT).count())
     }
 
     fn check(&self, layer: usize, block: BlockId) -> Result<()> {
@@ -171,7 +250,30 @@ impl KvStorage {
         Ok(())
     }
 
+    fn check_rows(&self, k: usize, v: usize) -> Result<()> {
+        let width = self.layout.token_width();
+        for (what, got) in [("key row", k), ("value row", v)] {
+            if got != width {
+                return Err(KvError::ShapeMismatch {
+                    what,
+                    expected: width,
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Offset of (layer, K or V, head, slot 0) inside a staging slot.
+    fn staging_offset(&self, slot: usize, layer: usize, role: Role, head: usize) -> usize {
+        let l = &self.layout;
+        let kv = usize::from(role == Role::Value);
+        slot * self.staging.as_ref().map_or(0, |s| s.slot_len)
+            + ((layer * 2 + kv) * l.kv_heads() + head) * l.page_elements()
+    }
+
     /// Writes one token's K and V (each `kv_heads × head_dim`, head-major) into `slot` of `block`.
+    /// In a compressed layout this opens the block (f32 staging) until it is sealed.
     pub fn write_token(
         &mut self,
         layer: usize,
@@ -181,16 +283,7 @@ impl KvStorage {
         v: &[f32],
     ) -> Result<()> {
         self.check(layer, block)?;
-        let width = self.layout.token_width();
-        for (what, got) in [("key row", k.len()), ("value row", v.len())] {
-            if got != width {
-                return Err(KvError::ShapeMismatch {
-                    what,
-                    expected: width,
-                    got,
-                });
-            }
-        }
+        self.check_rows(k.len(), v.len())?;
         if slot >= self.layout.block_size() {
             return Err(KvError::IndexOutOfRange {
                 what: "slot",
@@ -199,15 +292,78 @@ impl KvStorage {
             });
         }
         let d = self.layout.head_dim();
+        if let Some(staging) = self.staging.as_mut() {
+            let s = staging.open(block);
+            for head in 0..self.layout.kv_heads() {
+                for (role, src) in [(Role::Key, k), (Role::Value, v)] {
+                    let offset = self.staging_offset(s, layer, role, head) + slot * d;
+                    let staging = self.staging.as_mut().expect("checked above");
+                    staging.rows[offset..offset + d]
+                        .copy_from_slice(&src[head * d..(head + 1) * d]);
+                }
+            }
+            return Ok(());
+        }
         for head in 0..self.layout.kv_heads() {
-            let offset = self.page_offset(block, head) + slot * d;
+            let offset = self.typed_offset(block, head) + slot * d;
             self.keys[layer].write(offset, &k[head * d..(head + 1) * d]);
             self.values[layer].write(offset, &v[head * d..(head + 1) * d]);
         }
         Ok(())
     }
 
-    /// Reads one token's K and V back as f32 (head-major), e.g. for tests and tiers.
+    /// Encodes an open block's pages (every layer, head, K and V) with the layout's codecs and
+    /// releases its staging. A no-op for full-precision layouts and for blocks not open.
+    pub fn seal(&mut self, block: BlockId) -> Result<()> {
+        self.check(0, block)?;
+        let Some(slot) = self.staging.as_ref().and_then(|s| s.slot(block)) else {
+            return Ok(());
+        };
+        let l = self.layout;
+        for layer in 0..l.layers() {
+            for head in 0..l.kv_heads() {
+                for role in [Role::Key, Role::Value] {
+                    let src = self.staging_offset(slot, layer, role, head);
+                    let (codec, page_bytes, arena) = match role {
+                        Role::Key => (l.key_codec(), l.key_page_bytes(), &mut self.keys[layer]),
+                        Role::Value => (
+                            l.value_codec(),
+                            l.value_page_bytes(),
+                            &mut self.values[layer],
+                        ),
+                    };
+                    let Arena::Packed(bytes) = arena else {
+                        unreachable!("compressed layouts use packed arenas")
+                    };
+                    let dst = (block.index() * l.kv_heads() + head) * page_bytes;
+                    let rows =
+                        &self.staging.as_ref().expect("open").rows[src..src + l.page_elements()];
+                    encode_page(
+                        codec,
+                        role,
+                        rows,
+                        l.block_size(),
+                        l.head_dim(),
+                        &mut bytes[dst..dst + page_bytes],
+                    )?;
+                }
+            }
+        }
+        self.staging.as_mut().expect("open").close(block);
+        Ok(())
+    }
+
+    /// Drops an open block's staging without encoding it (the block was freed while partial).
+    pub fn discard(&mut self, block: BlockId) {
+        if let Some(s) = self.staging.as_mut() {
+            if block.index() < self.num_blocks {
+                s.close(block);
+            }
+        }
+    }
+
+    /// Reads one token's K and V back as f32 (head-major): staging rows if the block is open,
+    /// the codec's reconstruction if sealed.
     pub fn read_token(
         &self,
         layer: usize,
@@ -217,53 +373,30 @@ impl KvStorage {
         v: &mut [f32],
     ) -> Result<()> {
         self.check(layer, block)?;
-        let width = self.layout.token_width();
-        for (what, got) in [("key row", k.len()), ("value row", v.len())] {
-            if got != width {
-                return Err(KvError::ShapeMismatch {
-                    what,
-                    expected: width,
-                    got,
-                });
-            }
-        }
-        let d = self.layout.head_dim();
+        self.check_rows(k.len(), v.len())?;
+        let (d, bs) = (self.layout.head_dim(), self.layout.block_size());
+        let mut page = vec![0f32; (slot + 1) * d];
         for head in 0..self.layout.kv_heads() {
-            let offset = self.page_offset(block, head) + slot * d;
-            self.keys[layer]
-                .slice(offset, d)
-                .to_f32(&mut k[head * d..(head + 1) * d]);
-            self.values[layer]
-                .slice(offset, d)
-                .to_f32(&mut v[head * d..(head + 1) * d]);
+            for (role, dst) in [(Role::Key, &mut *k), (Role::Value, &mut *v)] {
+                self.page(layer, block, head, role)?
+                    .to_f32(bs, d, &mut page)?;
+                dst[head * d..(head + 1) * d].copy_from_slice(&page[slot * d..]);
+            }
         }
         Ok(())
     }
 
-    /// The key page of (layer, block, kv head): `block_size × head_dim` contiguous elements.
+    /// The key page of (layer, block, kv head).
     pub fn key_page(&self, layer: usize, block: BlockId, head: usize) -> Result<PageRef<'_>> {
-        self.check_page(layer, block, head)?;
-        Ok(self.keys[layer].slice(self.page_offset(block, head), self.layout.page_elements()))
+        self.page(layer, block, head, Role::Key)
     }
 
     /// The value page of (layer, block, kv head).
     pub fn value_page(&self, layer: usize, block: BlockId, head: usize) -> Result<PageRef<'_>> {
-        self.check_page(layer, block, head)?;
-        Ok(self.values[layer].slice(self.page_offset(block, head), self.layout.page_elements()))
+        self.page(layer, block, head, Role::Value)
     }
 
-    /// Copies every layer's K and V of `src` into `dst` (copy-on-write).
-    pub fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<()> {
-        self.check(0, src)?;
-        self.check(0, dst)?;
-        let len = self.block_elements();
-        for arena in self.keys.iter_mut().chain(self.values.iter_mut()) {
-            arena.copy_within(src.index() * len, len, dst.index() * len);
-        }
-        Ok(())
-    }
-
-    fn check_page(&self, layer: usize, block: BlockId, head: usize) -> Result<()> {
+    fn page(&self, layer: usize, block: BlockId, head: usize, role: Role) -> Result<PageRef<'_>> {
         self.check(layer, block)?;
         if head >= self.layout.kv_heads() {
             return Err(KvError::IndexOutOfRange {
@@ -272,10 +405,72 @@ impl KvStorage {
                 limit: self.layout.kv_heads(),
             });
         }
+        let l = &self.layout;
+        let arena = if role == Role::Key {
+            &self.keys[layer]
+        } else {
+            &self.values[layer]
+        };
+        if let Some(staging) = &self.staging {
+            if let Some(slot) = staging.slot(block) {
+                let offset = self.staging_offset(slot, layer, role, head);
+                return Ok(PageRef::F32(
+                    &staging.rows[offset..offset + l.page_elements()],
+                ));
+            }
+            let (codec, page_bytes) = match role {
+                Role::Key => (l.key_codec(), l.key_page_bytes()),
+                Role::Value => (l.value_codec(), l.value_page_bytes()),
+            };
+            let offset = (block.index() * l.kv_heads() + head) * page_bytes;
+            return Ok(PageRef::Packed {
+                codec,
+                role,
+                bytes: arena.slice(offset, page_bytes),
+            });
+        }
+        let (offset, len) = (self.typed_offset(block, head), l.page_elements());
+        Ok(match arena {
+            Arena::F32(a) => PageRef::F32(&a[offset..offset + len]),
+            Arena::F16(a) => PageRef::F16(&a[offset..offset + len]),
+            Arena::Bf16(a) => PageRef::Bf16(&a[offset..offset + len]),
+            Arena::Packed(_) => unreachable!("typed layouts have typed arenas"),
+        })
+    }
+
+    /// Copies every layer's K and V of `src` into `dst` (copy-on-write): the staging rows of an
+    /// open block (dst becomes open), or the stored pages of a sealed one.
+    pub fn copy_block(&mut self, src: BlockId, dst: BlockId) -> Result<()> {
+        self.check(0, src)?;
+        self.check(0, dst)?;
+        if let Some(staging) = self.staging.as_mut() {
+            if let Some(from) = staging.slot(src) {
+                let to = staging.open(dst);
+                let len = staging.slot_len;
+                staging
+                    .rows
+                    .copy_within(from * len..(from + 1) * len, to * len);
+                return Ok(());
+            }
+            staging.close(dst);
+        }
+        let l = self.layout;
+        for (arenas, page_len) in [
+            (&mut self.keys, l.key_page_bytes()),
+            (&mut self.values, l.value_page_bytes()),
+        ] {
+            for arena in arenas.iter_mut() {
+                let block_len = match arena {
+                    Arena::Packed(_) => l.kv_heads() * page_len,
+                    _ => l.kv_heads() * l.page_elements(),
+                };
+                arena.copy_within(src.index() * block_len, block_len, dst.index() * block_len);
+            }
+        }
         Ok(())
     }
 
-    fn page_offset(&self, block: BlockId, head: usize) -> usize {
+    fn typed_offset(&self, block: BlockId, head: usize) -> usize {
         (block.index() * self.layout.kv_heads() + head) * self.layout.page_elements()
     }
 }
@@ -286,63 +481,105 @@ mod tests {
     use crate::layout::LayoutSpec;
 
     fn layout(codec: Codec) -> KvLayout {
-        let mut spec = LayoutSpec::new(2, 2, 4, 4, codec);
+        let mut spec = LayoutSpec::new(2, 2, 4, 32, codec);
         spec.block_size = 2;
         KvLayout::new(spec).unwrap()
+    }
+
+    fn row(seed: f32) -> Vec<f32> {
+        (0..64)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 3.0)
+            .collect()
     }
 
     #[test]
     fn token_lands_in_its_page_and_slot() {
         let mut s = KvStorage::new(layout(Codec::F32), 3).unwrap();
-        let k: Vec<f32> = (0..8).map(|x| x as f32).collect();
-        let v: Vec<f32> = (0..8).map(|x| -(x as f32)).collect();
+        let (k, v) = (row(1.0), row(2.0));
         s.write_token(1, BlockId(2), 1, &k, &v).unwrap();
         let PageRef::F32(page) = s.key_page(1, BlockId(2), 1).unwrap() else {
             panic!()
         };
-        assert_eq!(page, &[0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 6.0, 7.0]);
-        let (mut k2, mut v2) = (vec![0.0; 8], vec![0.0; 8]);
+        assert_eq!(&page[32..64], &k[32..64]);
+        assert!(page[..32].iter().all(|x| *x == 0.0));
+        let (mut k2, mut v2) = (vec![0.0; 64], vec![0.0; 64]);
         s.read_token(1, BlockId(2), 1, &mut k2, &mut v2).unwrap();
         assert_eq!((k2, v2), (k, v));
-        // other layers and blocks untouched
-        assert!(
-            matches!(s.key_page(0, BlockId(2), 1).unwrap(), PageRef::F32(p) if p.iter().all(|x| *x == 0.0))
-        );
     }
 
     #[test]
     fn f16_storage_rounds_and_copy_block_copies_all_layers() {
         let mut s = KvStorage::new(layout(Codec::F16), 2).unwrap();
-        let k = [1.0, 0.1, -2.5, 3.0, 4.0, 5.0, 6.0, 7.0];
+        let k = row(0.5);
         for layer in 0..2 {
             s.write_token(layer, BlockId(0), 0, &k, &k).unwrap();
         }
         s.copy_block(BlockId(0), BlockId(1)).unwrap();
-        let (mut k2, mut v2) = (vec![0.0; 8], vec![0.0; 8]);
+        let (mut k2, mut v2) = (vec![0.0; 64], vec![0.0; 64]);
         s.read_token(1, BlockId(1), 0, &mut k2, &mut v2).unwrap();
-        assert_eq!(k2[1], f16::from_f32(0.1).to_f32());
-        assert_eq!(k2[2], -2.5);
+        assert_eq!(k2[1], f16::from_f32(k[1]).to_f32());
         assert_eq!(k2, v2);
+    }
+
+    #[test]
+    fn compressed_blocks_stage_in_f32_then_seal_to_the_codec() {
+        for codec in [Codec::Int8, Codec::Int4, Codec::Fp8E4m3] {
+            let mut s = KvStorage::new(layout(codec), 3).unwrap();
+            let rows = [row(0.1), row(0.9)];
+            for (slot, r) in rows.iter().enumerate() {
+                for layer in 0..2 {
+                    s.write_token(layer, BlockId(1), slot, r, r).unwrap();
+                }
+            }
+            assert!(s.is_open(BlockId(1)));
+            let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+            s.read_token(1, BlockId(1), 1, &mut k, &mut v).unwrap();
+            assert_eq!(k, rows[1], "open blocks read back exactly");
+            // CoW of an open block copies the staging rows
+            s.copy_block(BlockId(1), BlockId(2)).unwrap();
+            assert!(s.is_open(BlockId(2)));
+            s.seal(BlockId(1)).unwrap();
+            assert!(!s.is_open(BlockId(1)));
+            s.read_token(1, BlockId(1), 1, &mut k, &mut v).unwrap();
+            let err = k
+                .iter()
+                .zip(&rows[1])
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                err > 0.0 && err < 0.5,
+                "{codec}: sealed pages hold the codec's reconstruction (err {err})"
+            );
+            assert!(matches!(
+                s.key_page(0, BlockId(1), 0).unwrap(),
+                PageRef::Packed { .. }
+            ));
+            // a sealed block copied stays sealed; discarding an open block frees its staging
+            s.copy_block(BlockId(1), BlockId(0)).unwrap();
+            assert!(!s.is_open(BlockId(0)));
+            s.discard(BlockId(2));
+            assert_eq!(s.open_blocks(), 0);
+        }
     }
 
     #[test]
     fn bad_indices_and_shapes_are_errors() {
         let mut s = KvStorage::new(layout(Codec::F32), 2).unwrap();
-        let row = [0.0; 8];
+        let r = vec![0.0; 64];
         assert!(matches!(
-            s.write_token(2, BlockId(0), 0, &row, &row),
+            s.write_token(2, BlockId(0), 0, &r, &r),
             Err(KvError::IndexOutOfRange { what: "layer", .. })
         ));
         assert_eq!(
-            s.write_token(0, BlockId(2), 0, &row, &row),
+            s.write_token(0, BlockId(2), 0, &r, &r),
             Err(KvError::InvalidBlock(BlockId(2)))
         );
         assert!(matches!(
-            s.write_token(0, BlockId(0), 2, &row, &row),
+            s.write_token(0, BlockId(0), 2, &r, &r),
             Err(KvError::IndexOutOfRange { what: "slot", .. })
         ));
         assert!(matches!(
-            s.write_token(0, BlockId(0), 0, &row[..7], &row),
+            s.write_token(0, BlockId(0), 0, &r[..7], &r),
             Err(KvError::ShapeMismatch { .. })
         ));
         assert!(matches!(
@@ -353,7 +590,7 @@ mod tests {
             })
         ));
         assert!(matches!(
-            KvStorage::new(layout(Codec::Int8), 2),
+            KvStorage::new(layout(Codec::FibQuant { k: 2, n: 256 }), 2),
             Err(KvError::UnsupportedCodec { .. })
         ));
     }

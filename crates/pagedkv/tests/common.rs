@@ -9,6 +9,13 @@ use pagedkv::{
 
 pub const BLOCK: usize = 4;
 
+/// The small geometry with int8 K/V (head_dim 32, one value group).
+pub fn int8_layout() -> KvLayout {
+    let mut spec = LayoutSpec::new(2, 2, 4, 32, Codec::Int8);
+    spec.block_size = BLOCK;
+    KvLayout::new(spec).unwrap()
+}
+
 pub fn small_layout() -> KvLayout {
     let mut spec = LayoutSpec::new(2, 2, 4, 4, Codec::F32);
     spec.block_size = BLOCK;
@@ -106,4 +113,33 @@ pub fn fingerprint(m: &KvCacheManager) -> Fingerprint {
         cached,
         stats: m.prefix_stats(),
     }
+}
+
+/// Like `check_contents`, within int8's bound: every row spans [-1000, 1000], so a group's step
+/// is at most 2000/255 and the error at most half of it.
+pub fn check_contents_approx(m: &KvCacheManager, seq: SeqId) -> Result<(), String> {
+    let layout = *m.layout();
+    let table = m.table(seq).map_err(|e| e.to_string())?;
+    let hashes = prefix_hashes(table.tokens());
+    let (mut k, mut v) = (
+        vec![0.0; layout.token_width()],
+        vec![0.0; layout.token_width()],
+    );
+    for (pos, h) in hashes.iter().enumerate() {
+        for layer in 0..layout.layers() {
+            m.read_token(seq, layer, pos, &mut k, &mut v)
+                .map_err(|e| e.to_string())?;
+            let (ek, ev) = rows(&layout, layer, *h);
+            let err = k
+                .iter()
+                .zip(&ek)
+                .chain(v.iter().zip(&ev))
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            if err > 2000.0 / 255.0 / 2.0 * 1.01 {
+                return Err(format!("{seq:?} position {pos} layer {layer}: error {err}"));
+            }
+        }
+    }
+    Ok(())
 }

@@ -213,3 +213,25 @@ fn unknown_sequences_and_bad_positions_are_errors() {
     assert_eq!(m.free(SeqId(1)), Err(KvError::UnknownSequence(SeqId(1))));
     m.check_invariants().unwrap();
 }
+
+#[test]
+fn compressed_layout_seals_full_blocks_and_frees_staging() {
+    let mut spec = pagedkv::LayoutSpec::new(2, 2, 4, 32, pagedkv::Codec::Int8);
+    spec.block_size = 4;
+    let layout = pagedkv::KvLayout::new(spec).unwrap();
+    let mut m = KvCacheManager::new(layout, 8, b"t").unwrap();
+    let row = vec![0.25f32; layout.token_width()];
+    let prompt: Vec<u32> = (0..6).collect();
+    m.admit(SeqId(1), &prompt).unwrap();
+    for pos in 0..6 {
+        for layer in 0..2 {
+            m.write_token(SeqId(1), layer, pos, &row, &row).unwrap();
+        }
+    }
+    m.commit(SeqId(1), &prompt).unwrap();
+    // block 0 is full and sealed; block 1 holds 2 tokens and is open
+    assert_eq!(m.storage().open_blocks(), 1);
+    m.free(SeqId(1)).unwrap();
+    assert_eq!(m.storage().open_blocks(), 0);
+    m.check_invariants().unwrap();
+}
