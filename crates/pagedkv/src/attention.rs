@@ -292,16 +292,7 @@ mod tests {
 
     #[test]
     fn kernel_matches_reference_for_mha_gqa_mqa() {
-        let codecs = [
-            Codec::F32,
-            Codec::F16,
-            Codec::Bf16,
-            Codec::Fp8E4m3,
-            Codec::Fp8E5m2,
-            Codec::Int8,
-            Codec::Int4,
-        ];
-        for codec in codecs {
+        for codec in Codec::FIXED {
             for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
                 for tokens in [1, 3, 4, 13] {
                     let (s, blocks) = filled(codec, kv, qh, tokens);

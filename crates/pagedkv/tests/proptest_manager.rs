@@ -131,7 +131,8 @@ impl Harness {
             if self.exact {
                 check_contents(&self.m, *id).map_err(TestCaseError::fail)?;
             } else {
-                check_contents_approx(&self.m, *id).map_err(TestCaseError::fail)?;
+                check_contents_within(&self.m, *id, 2000.0 / 255.0 / 2.0 * 1.01)
+                    .map_err(TestCaseError::fail)?;
             }
         }
         if !self.exact {
