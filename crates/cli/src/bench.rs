@@ -21,6 +21,18 @@ use crate::common::CommonArgs;
 pub enum BenchCommand {
     /// Generation speed against candle's quantized_llama.
     Generate(GenerateBench),
+    /// Codec storage cost, error and encode/decode throughput on synthetic K/V.
+    Codecs(CodecsBench),
+}
+
+#[derive(Debug, Args)]
+pub struct CodecsBench {
+    /// Pages (of 16 tokens) per measurement.
+    #[arg(long, default_value_t = 2048)]
+    pages: usize,
+    /// Write the figures as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -46,6 +58,7 @@ pub struct GenerateBench {
 pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(common, args),
+        BenchCommand::Codecs(args) => codecs(args),
     }
 }
 
@@ -187,6 +200,101 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
             "ratio_vs_candle": one / baseline, "batched_over_single": many / one,
         }));
     }
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
+    }
+    Ok(())
+}
+
+/// Relative MSE Σ(x − x̂)² / Σx² of a codec over `pages` pages of `data`.
+fn relative_mse(original: &[f32], decoded: &[f32]) -> f64 {
+    let err: f64 = original
+        .iter()
+        .zip(decoded)
+        .map(|(a, b)| ((a - b) as f64).powi(2))
+        .sum();
+    let norm: f64 = original.iter().map(|a| (*a as f64).powi(2)).sum();
+    err / norm
+}
+
+fn codecs(args: CodecsBench) -> Result<()> {
+    use pagedkv::codec::scalar::{decode_page, encode_page};
+    use pagedkv::codec::synthetic::{gaussian, outliers};
+    use pagedkv::Role;
+    anyhow::ensure!(args.pages > 0, "--pages must be positive");
+    const BS: usize = 16;
+    let smollm = |codec| pagedkv::KvLayout::new(pagedkv::LayoutSpec::new(30, 3, 9, 64, codec));
+    println!(
+        "bench codecs: {} pages of {BS} tokens; keys per channel, values per token (groups of 32)",
+        args.pages
+    );
+    println!(
+        "{:>9} {:>4} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>14}",
+        "codec",
+        "d",
+        "bits/elem",
+        "KV B/token",
+        "relMSE gauss",
+        "relMSE outl.",
+        "relMSE V",
+        "encode Mtok/s",
+        "decode Mtok/s"
+    );
+    let mut rows = Vec::new();
+    for codec in pagedkv::Codec::FIXED {
+        for d in [64usize, 128] {
+            let n = args.pages * BS * d;
+            let gauss = gaussian(n, 11);
+            let outl = outliers(args.pages * BS, d, 12);
+            let page_bytes = codec.page_bytes(Role::Key, BS, d)?;
+            let mut packed = vec![0u8; page_bytes * args.pages];
+            let mut decoded = vec![0f32; n];
+            let mut measure = |data: &[f32], role: Role| -> Result<(f64, f64, f64)> {
+                let page_bytes = codec.page_bytes(role, BS, d)?;
+                packed.resize(page_bytes * args.pages, 0);
+                let started = Instant::now();
+                for (rows, out) in data
+                    .chunks_exact(BS * d)
+                    .zip(packed.chunks_exact_mut(page_bytes))
+                {
+                    encode_page(codec, role, rows, BS, d, out)?;
+                }
+                let encode = started.elapsed().as_secs_f64();
+                let started = Instant::now();
+                for (page, out) in packed
+                    .chunks_exact(page_bytes)
+                    .zip(decoded.chunks_exact_mut(BS * d))
+                {
+                    decode_page(codec, role, page, BS, d, out)?;
+                }
+                let decode = started.elapsed().as_secs_f64();
+                Ok((relative_mse(data, &decoded), encode, decode))
+            };
+            let (mse_gauss, enc, dec) = measure(&gauss, Role::Key)?;
+            let (mse_outliers, _, _) = measure(&outl, Role::Key)?;
+            let (mse_values, _, _) = measure(&outl, Role::Value)?;
+            let tokens = (args.pages * BS) as f64;
+            let bits = (codec.page_bytes(Role::Key, BS, d)?
+                + codec.page_bytes(Role::Value, BS, d)?) as f64
+                * 8.0
+                / (2 * BS * d) as f64;
+            let kv_bytes = smollm(codec)?.kv_bytes_per_token();
+            println!(
+                "{:>9} {d:>4} {bits:>10.2} {:>12} {mse_gauss:>12.2e} {mse_outliers:>12.2e} {mse_values:>12.2e} {:>14.2} {:>14.2}",
+                codec.to_string(),
+                if d == 64 { format!("{kv_bytes:.0}") } else { "-".into() },
+                tokens / enc / 1e6,
+                tokens / dec / 1e6
+            );
+            rows.push(serde_json::json!({
+                "codec": codec.to_string(), "head_dim": d, "bits_per_element": bits,
+                "smollm2_kv_bytes_per_token": if d == 64 { Some(kv_bytes) } else { None },
+                "rel_mse_gaussian_keys": mse_gauss, "rel_mse_outlier_keys": mse_outliers, "rel_mse_outlier_values": mse_values,
+                "encode_tokens_per_s": tokens / enc, "decode_tokens_per_s": tokens / dec,
+            }));
+        }
+    }
+    println!("(relMSE outl./V: heavy-tailed data with two ×40 outlier channels, stored as keys / as values)");
     if let Some(path) = args.json {
         std::fs::write(&path, serde_json::to_string_pretty(&rows)?)?;
     }

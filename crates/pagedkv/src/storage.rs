@@ -62,6 +62,10 @@ impl PageRef<'_> {
             PageRef::F32(s) => out.copy_from_slice(&s[..len]),
             PageRef::F16(s) => s[..len].iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
             PageRef::Bf16(s) => s[..len].iter().zip(out).for_each(|(x, o)| *o = x.to_f32()),
+            // sealed blocks are full, so attention always asks for the whole page
+            PageRef::Packed { codec, role, bytes } if len == block_size * head_dim => {
+                decode_page(*codec, *role, bytes, block_size, head_dim, out)?;
+            }
             PageRef::Packed { codec, role, bytes } => {
                 let mut full = vec![0f32; block_size * head_dim];
                 decode_page(*codec, *role, bytes, block_size, head_dim, &mut full)?;

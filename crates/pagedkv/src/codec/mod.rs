@@ -5,6 +5,7 @@
 //! so capacity planning and the prefix-hash `extra` key agree with the arenas.
 
 pub mod scalar;
+pub mod synthetic;
 
 use std::fmt;
 use std::str::FromStr;

@@ -306,6 +306,61 @@ pub fn encode_page(
     Ok(())
 }
 
+/// Integer pages: codes unpacked a row at a time, then `q·scale + zero` with the row's (values)
+/// or the channel's (keys) parameters, in plain loops the compiler vectorizes.
+fn decode_int(
+    codec: Codec,
+    role: Role,
+    data: &[u8],
+    params: &[u8],
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let packed_row = if codec == Codec::Int4 {
+        head_dim.div_ceil(2)
+    } else {
+        head_dim
+    };
+    let groups = head_dim.div_ceil(VALUE_GROUP);
+    // per-channel (keys) parameters are shared by every row of the page
+    let (mut scale, mut zero) = (vec![0f32; head_dim], vec![0f32; head_dim]);
+    if role == Role::Key {
+        for c in 0..head_dim {
+            scale[c] = get_f16(params, 2 * c);
+            zero[c] = get_f16(params, 2 * c + 1);
+        }
+    }
+    for (t, row) in out.chunks_exact_mut(head_dim).enumerate() {
+        let codes = &data[t * packed_row..(t + 1) * packed_row];
+        if codec == Codec::Int4 {
+            for (i, pair) in row.chunks_mut(2).enumerate() {
+                pair[0] = (codes[i] & 0x0F) as f32;
+                if let Some(hi) = pair.get_mut(1) {
+                    *hi = (codes[i] >> 4) as f32;
+                }
+            }
+        } else {
+            row.iter_mut().zip(codes).for_each(|(o, q)| *o = *q as f32);
+        }
+        if role == Role::Value {
+            for g in 0..groups {
+                let (s, z) = (
+                    get_f16(params, 2 * (t * groups + g)),
+                    get_f16(params, 2 * (t * groups + g) + 1),
+                );
+                let end = ((g + 1) * VALUE_GROUP).min(head_dim);
+                row[g * VALUE_GROUP..end]
+                    .iter_mut()
+                    .for_each(|x| *x = *x * s + z);
+            }
+        } else {
+            for ((x, s), z) in row.iter_mut().zip(&scale).zip(&zero) {
+                *x = *x * s + z;
+            }
+        }
+    }
+}
+
 /// Decodes one page into f32 rows (`block_size × head_dim`, token-major).
 pub fn decode_page(
     codec: Codec,
@@ -331,24 +386,7 @@ pub fn decode_page(
             .chunks_exact(2)
             .zip(out.iter_mut())
             .for_each(|(b, o)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        Codec::Int8 | Codec::Int4 => {
-            let packed_row = head_dim.div_ceil(2);
-            let code = |i: usize| -> u32 {
-                if codec == Codec::Int8 {
-                    data[i] as u32
-                } else {
-                    let (t, c) = (i / head_dim, i % head_dim);
-                    let byte = data[t * packed_row + c / 2];
-                    (if c % 2 == 0 { byte & 0x0F } else { byte >> 4 }) as u32
-                }
-            };
-            for_each_group(role, block_size, head_dim, |g, idx| {
-                let (scale, zero) = (get_f16(params, 2 * g), get_f16(params, 2 * g + 1));
-                for i in idx {
-                    out[i] = code(i) as f32 * scale + zero;
-                }
-            });
-        }
+        Codec::Int8 | Codec::Int4 => decode_int(codec, role, data, params, head_dim, out),
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let table = fp8_table(codec);
             fp8_groups(role, block_size, head_dim, |g, idx| {
@@ -371,42 +409,9 @@ pub fn decode_page(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::synthetic::{gaussian, outliers};
 
     const BS: usize = 16;
-
-    /// Deterministic standard-normal samples (Box–Muller over an LCG).
-    fn gaussian(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed;
-        let mut uniform = move || {
-            s = s
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
-            ((s >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-        };
-        (0..n)
-            .map(|_| {
-                ((-2.0 * uniform().ln()).sqrt() * (std::f64::consts::TAU * uniform()).cos()) as f32
-            })
-            .collect()
-    }
-
-    /// Heavy-tailed K/V-like data: Student-t-ish tails plus a few outlier channels ×40.
-    fn outliers(head_dim: usize, seed: u64) -> Vec<f32> {
-        let g = gaussian(BS * head_dim, seed);
-        let h = gaussian(BS * head_dim, seed + 1);
-        g.iter()
-            .zip(&h)
-            .enumerate()
-            .map(|(i, (a, b))| {
-                let tail = a / (0.3 + b.abs());
-                if i % head_dim == 3 || i % head_dim == 17 {
-                    tail * 40.0
-                } else {
-                    tail
-                }
-            })
-            .collect()
-    }
 
     fn round_trip(codec: Codec, role: Role, rows: &[f32], d: usize) -> (Vec<u8>, Vec<f32>) {
         let mut page = vec![0u8; codec.page_bytes(role, BS, d).unwrap()];
@@ -463,7 +468,7 @@ mod tests {
                 for d in [64, 128, 40] {
                     for (name, rows) in [
                         ("gaussian", gaussian(BS * d, d as u64)),
-                        ("outliers", outliers(d, d as u64 + 7)),
+                        ("outliers", outliers(BS, d, d as u64 + 7)),
                     ] {
                         let (page, back) = round_trip(codec, role, &rows, d);
                         let b = bound(codec, role, &page, &rows, d);
