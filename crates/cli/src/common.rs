@@ -27,8 +27,8 @@ pub struct CommonArgs {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
-    /// Codec of keys and values.
-    #[arg(long, global = true, default_value = "f16")]
+    /// Codec of keys and values: f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8, int4.
+    #[arg(long, global = true, default_value = "int8")]
     pub codec: String,
     /// Codec of keys (overrides --codec).
     #[arg(long, global = true)]

@@ -5,6 +5,8 @@ mod common;
 mod demo;
 mod generate;
 
+use std::process::ExitCode;
+
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
@@ -32,8 +34,19 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // the message and its causes, no backtrace: this is for users
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     cli.common.apply_threads()?;
     match cli.command {
         Command::Demo(args) => demo::run(&cli.common, args),

@@ -9,14 +9,15 @@ pub enum EngineError {
     #[error(transparent)]
     Kv(#[from] pagedkv::KvError),
     /// candle failed (reading GGUF tensors, matmul).
-    #[error("model computation failed: {0}")]
+    #[error("model computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io {
         /// The file.
         path: PathBuf,
         /// The cause.
+        #[source]
         source: std::io::Error,
     },
     /// The model file is not the GGUF this engine runs, or is damaged.
@@ -48,3 +49,12 @@ pub enum EngineError {
 
 /// Result alias for the engine.
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// candle's message without the backtrace that its `WithBacktrace` variant prints when
+/// `RUST_BACKTRACE` is set: users get the cause, not a stack.
+pub fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other.to_string(),
+    }
+}

@@ -18,7 +18,7 @@ use pagedkv::attention::{self, Context, Scratch};
 use pagedkv::{Codec, KvCacheManager, KvLayout, LayoutSpec, SeqId};
 use rayon::prelude::*;
 
-use crate::error::{EngineError, Result};
+use crate::error::{candle_message, EngineError, Result};
 use crate::qgemm::{QActivations, QWeights};
 use crate::tokenizer::GgufTokenizer;
 
@@ -145,8 +145,12 @@ impl Model {
             source,
         };
         let mut file = File::open(path).map_err(io)?;
-        let ct = gguf_file::Content::read(&mut file)
-            .map_err(|e| bad_model(path, format!("not a readable GGUF file: {e}")))?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| {
+            bad_model(
+                path,
+                format!("not a readable GGUF file: {}", candle_message(&e)),
+            )
+        })?;
         let arch = ct
             .metadata
             .get("general.architecture")
