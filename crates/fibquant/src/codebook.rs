@@ -1,0 +1,230 @@
+//! The radial–angular FibQuant codebook (DESIGN §6): N codewords `c_n = r_n · u_n` in R^k from one
+//! spiral sequence, then Lloyd–Max refinement on samples of the source.
+//!
+//! - radii: `r_n² = F⁻¹(q_n)`, `q_n = (n − ½)/N`, F the CDF of Beta(k/2, β) with
+//!   `β = k/(k+2) · (d−k−2)/2 + 1` — the source's block-norm law Beta(k/2, (d−k)/2) companded so
+//!   point density ∝ density^(k/(k+2)); for k = 2 this is `r_n² = 1 − (1 − q_n)^(4/d)`;
+//! - directions: Fibonacci spiral (k = 2), Fibonacci sphere (k = 3), Roberts–Kronecker points
+//!   mapped through the normal inverse CDF (k ≥ 4), alternating signs (k = 1).
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use statrs::distribution::{Beta, ContinuousCDF, Normal};
+
+/// Golden ratio.
+const PHI: f64 = 1.618_033_988_749_895;
+/// Lloyd–Max is run only up to this codebook size (cost grows as N² samples·codewords).
+pub const MAX_REFINED_N: usize = 4096;
+/// Samples per codeword for refinement (DESIGN: at least 1000·N; fewer overfits).
+const SAMPLES_PER_CODEWORD: usize = 1000;
+const LLOYD_ITERATIONS: usize = 12;
+
+/// N codewords of dimension k, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Codebook {
+    k: usize,
+    words: Vec<f32>,
+}
+
+/// Standard normal samples by Box–Muller over ChaCha8 (value-stable for a given seed).
+pub(crate) fn normal(rng: &mut ChaCha8Rng) -> f64 {
+    let u1 = (rng.random::<u64>() >> 11) as f64 / (1u64 << 53) as f64 + 1e-300;
+    let u2 = (rng.random::<u64>() >> 11) as f64 / (1u64 << 53) as f64;
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// The largest root of x^(k+1) = x + 1 (Newton from 2): the generalized golden ratio.
+fn generalized_phi(k: usize) -> f64 {
+    let mut x = 2.0f64;
+    for _ in 0..100 {
+        let f = x.powi(k as i32 + 1) - x - 1.0;
+        let df = (k as f64 + 1.0) * x.powi(k as i32) - 1.0;
+        x -= f / df;
+    }
+    x
+}
+
+/// Unit direction number `n` (1-based) of N in R^k.
+fn direction(k: usize, n: usize, count: usize, out: &mut [f64]) {
+    let golden_angle = std::f64::consts::TAU * (1.0 - 1.0 / PHI);
+    match k {
+        1 => out[0] = if n % 2 == 1 { 1.0 } else { -1.0 },
+        2 => {
+            let theta = golden_angle * n as f64;
+            out[0] = theta.cos();
+            out[1] = theta.sin();
+        }
+        3 => {
+            let z = 1.0 - (2.0 * n as f64 - 1.0) / count as f64;
+            let rho = (1.0 - z * z).max(0.0).sqrt();
+            let theta = golden_angle * n as f64;
+            out[0] = rho * theta.cos();
+            out[1] = rho * theta.sin();
+            out[2] = z;
+        }
+        _ => {
+            let phi_k = generalized_phi(k);
+            let normal = Normal::new(0.0, 1.0).expect("valid normal");
+            for (j, o) in out.iter_mut().enumerate() {
+                let xi = ((n as f64 + 0.5) * phi_k.powi(-(j as i32 + 1))).fract();
+                *o = normal.inverse_cdf(xi.clamp(1e-12, 1.0 - 1e-12));
+            }
+            let norm = out.iter().map(|v| v * v).sum::<f64>().sqrt();
+            out.iter_mut().for_each(|v| *v /= norm);
+        }
+    }
+}
+
+impl Codebook {
+    /// The spiral codebook for vectors of dimension `d` split into blocks of `k`, before refinement.
+    pub fn spiral(d: usize, k: usize, count: usize) -> Self {
+        let beta = k as f64 / (k as f64 + 2.0) * (d as f64 - k as f64 - 2.0) / 2.0 + 1.0;
+        let law = Beta::new(k as f64 / 2.0, beta.max(1e-3)).expect("valid beta parameters");
+        let mut words = Vec::with_capacity(count * k);
+        let mut u = vec![0f64; k];
+        for n in 1..=count {
+            let q = (n as f64 - 0.5) / count as f64;
+            let r = law.inverse_cdf(q).max(0.0).sqrt();
+            direction(k, n, count, &mut u);
+            words.extend(u.iter().map(|v| (r * v) as f32));
+        }
+        Self { k, words }
+    }
+
+    /// The spiral codebook refined by Lloyd–Max on `1000·N` blocks of uniform unit vectors of
+    /// dimension `d` (the law of a rotated, normalized vector), kept only if it lowers the
+    /// distortion on held-out samples. Deterministic in `seed`.
+    pub fn build(d: usize, k: usize, count: usize, seed: u64) -> Self {
+        let spiral = Self::spiral(d, k, count);
+        if count > MAX_REFINED_N {
+            return spiral;
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xF1B0_C0DE);
+        let train = source_blocks(d, k, SAMPLES_PER_CODEWORD * count, &mut rng);
+        let held_out = source_blocks(d, k, SAMPLES_PER_CODEWORD * count / 4, &mut rng);
+        let mut refined = spiral.clone();
+        let mut sums = vec![0f64; count * k];
+        let mut counts = vec![0usize; count];
+        for _ in 0..LLOYD_ITERATIONS {
+            sums.fill(0.0);
+            counts.fill(0);
+            for sample in train.chunks_exact(k) {
+                let i = refined.nearest(sample);
+                counts[i] += 1;
+                for (s, v) in sums[i * k..(i + 1) * k].iter_mut().zip(sample) {
+                    *s += *v as f64;
+                }
+            }
+            for (i, c) in counts.iter().enumerate() {
+                if *c > 0 {
+                    for j in 0..k {
+                        refined.words[i * k + j] = (sums[i * k + j] / *c as f64) as f32;
+                    }
+                }
+            }
+        }
+        if refined.distortion(&held_out) < spiral.distortion(&held_out) {
+            refined
+        } else {
+            spiral
+        }
+    }
+
+    /// Coordinates per codeword.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    /// Number of codewords.
+    pub fn len(&self) -> usize {
+        self.words.len() / self.k
+    }
+
+    /// True for an empty codebook (never built by this crate).
+    pub fn is_empty(&self) -> bool {
+        self.words.is_empty()
+    }
+
+    /// Codeword `i`.
+    pub fn word(&self, i: usize) -> &[f32] {
+        &self.words[i * self.k..(i + 1) * self.k]
+    }
+
+    /// All codewords, row-major.
+    pub fn words(&self) -> &[f32] {
+        &self.words
+    }
+
+    /// Index of the codeword nearest to `x` (exact search; the first on ties).
+    pub fn nearest(&self, x: &[f32]) -> usize {
+        let mut best = (0, f32::INFINITY);
+        for (i, w) in self.words.chunks_exact(self.k).enumerate() {
+            let dist: f32 = w.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum();
+            if dist < best.1 {
+                best = (i, dist);
+            }
+        }
+        best.0
+    }
+
+    /// Mean squared error of quantizing `samples` (blocks of k) to their nearest codewords.
+    pub fn distortion(&self, samples: &[f32]) -> f64 {
+        let total: f64 = samples
+            .chunks_exact(self.k)
+            .map(|s| {
+                let w = self.word(self.nearest(s));
+                w.iter()
+                    .zip(s)
+                    .map(|(a, b)| ((a - b) as f64).powi(2))
+                    .sum::<f64>()
+            })
+            .sum();
+        total / (samples.len() / self.k) as f64
+    }
+}
+
+/// `count` blocks of k coordinates of uniform unit vectors in R^d.
+fn source_blocks(d: usize, k: usize, count: usize, rng: &mut ChaCha8Rng) -> Vec<f32> {
+    let mut out = Vec::with_capacity(count * k);
+    let mut v = vec![0f64; d];
+    while out.len() < count * k {
+        v.iter_mut().for_each(|x| *x = normal(rng));
+        let norm = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        out.extend(v.iter().map(|x| (x / norm) as f32));
+    }
+    out.truncate(count * k);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k2_radii_follow_the_closed_form() {
+        let (d, n) = (128usize, 64usize);
+        let cb = Codebook::spiral(d, 2, n);
+        for i in 1..=n {
+            let q = (i as f64 - 0.5) / n as f64;
+            let r = (1.0 - (1.0 - q).powf(4.0 / d as f64)).sqrt();
+            let w = cb.word(i - 1);
+            let got = ((w[0] * w[0] + w[1] * w[1]) as f64).sqrt();
+            assert!((got - r).abs() < 1e-5, "codeword {i}: {got} vs {r}");
+        }
+    }
+
+    #[test]
+    fn generalized_golden_ratios() {
+        assert!((generalized_phi(1) - PHI).abs() < 1e-12);
+        assert!((generalized_phi(2) - 1.324_717_957_244_746).abs() < 1e-12); // plastic number
+    }
+
+    #[test]
+    fn refinement_is_deterministic_and_not_worse() {
+        let a = Codebook::build(64, 2, 16, 7);
+        assert_eq!(a, Codebook::build(64, 2, 16, 7));
+        let mut rng = ChaCha8Rng::seed_from_u64(99);
+        let test = source_blocks(64, 2, 20_000, &mut rng);
+        assert!(a.distortion(&test) <= Codebook::spiral(64, 2, 16).distortion(&test) * 1.01);
+    }
+}
