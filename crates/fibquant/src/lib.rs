@@ -14,6 +14,9 @@ pub mod codebook;
 pub mod pack;
 pub mod rotation;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use half::f16;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -106,6 +109,24 @@ impl FibQuant {
             codebook,
             bits,
         })
+    }
+
+    /// The quantizer of `profile`, built once per process and shared: building refines the
+    /// codebook (about a second for N = 256), encoding and decoding only read it.
+    pub fn shared(profile: Profile) -> Result<Arc<Self>, FibQuantError> {
+        static CACHE: OnceLock<Mutex<HashMap<Profile, Arc<FibQuant>>>> = OnceLock::new();
+        let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(q) = cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&profile)
+        {
+            return Ok(q.clone());
+        }
+        // built outside the lock; two threads racing build the same deterministic quantizer
+        let built = Arc::new(Self::new(profile)?);
+        let mut guard = cache.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(guard.entry(profile).or_insert(built).clone())
     }
 
     /// The profile.

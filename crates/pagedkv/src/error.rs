@@ -118,6 +118,9 @@ pub enum KvError {
         /// The largest accepted magnitude.
         max: f32,
     },
+    /// The FibQuant quantizer refused a vector or a code.
+    #[error(transparent)]
+    FibQuant(#[from] fibquant::FibQuantError),
     /// A prompt must hold at least one token.
     #[error("empty prompt for {0:?}")]
     EmptyPrompt(SeqId),

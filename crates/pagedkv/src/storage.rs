@@ -173,11 +173,9 @@ impl KvStorage {
     /// Allocates zeroed arenas for the layout's codecs.
     pub fn new(layout: KvLayout, num_blocks: usize) -> Result<Self> {
         for codec in [layout.key_codec(), layout.value_codec()] {
-            if let Codec::FibQuant { .. } = codec {
-                return Err(KvError::UnsupportedCodec {
-                    codec: codec.to_string(),
-                    reason: "FibQuant block storage is not implemented yet",
-                });
+            // build (or fetch) the shared quantizer now: a bad profile fails here, not mid-run
+            if let Some(profile) = codec.fibquant_profile(layout.head_dim()) {
+                fibquant::FibQuant::shared(profile)?;
             }
         }
         let overflow = KvError::SizeOverflow { what: "arena size" };
@@ -527,7 +525,12 @@ mod tests {
 
     #[test]
     fn compressed_blocks_stage_in_f32_then_seal_to_the_codec() {
-        for codec in [Codec::Int8, Codec::Int4, Codec::Fp8E4m3] {
+        for codec in [
+            Codec::Int8,
+            Codec::Int4,
+            Codec::Fp8E4m3,
+            Codec::FibQuant { k: 2, n: 256 },
+        ] {
             let mut s = KvStorage::new(layout(codec), 3).unwrap();
             let rows = [row(0.1), row(0.9)];
             for (slot, r) in rows.iter().enumerate() {
@@ -593,8 +596,10 @@ mod tests {
                 ..
             })
         ));
+        let mut spec = LayoutSpec::new(1, 1, 1, 48, Codec::FibQuant { k: 2, n: 16 });
+        spec.block_size = 2;
         assert!(matches!(
-            KvStorage::new(layout(Codec::FibQuant { k: 2, n: 256 }), 2),
+            KvLayout::new(spec),
             Err(KvError::UnsupportedCodec { .. })
         ));
     }

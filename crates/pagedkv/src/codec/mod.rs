@@ -6,6 +6,7 @@
 
 pub mod scalar;
 pub mod synthetic;
+pub mod vector;
 
 use std::fmt;
 use std::str::FromStr;
@@ -21,6 +22,9 @@ pub enum Role {
     /// Value vectors.
     Value,
 }
+
+/// Seed of every FibQuant codebook and rotation in the cache.
+pub const FIBQUANT_SEED: u64 = 0x5EED_F1B0;
 
 /// Group size of the per-token value scales of the integer codecs.
 pub const VALUE_GROUP: usize = 32;
@@ -136,8 +140,28 @@ impl Codec {
                     reason: "head_dim must be a multiple of the FibQuant block size k",
                 });
             }
+            if !head_dim.is_power_of_two() {
+                return Err(KvError::UnsupportedCodec {
+                    codec: self.to_string(),
+                    reason: "FibQuant's fast rotation needs a power-of-two head_dim",
+                });
+            }
         }
         Ok(())
+    }
+
+    /// The FibQuant profile of this codec for vectors of `head_dim` (one fixed seed, so every
+    /// cache of the same codec shares codebook and rotation).
+    pub fn fibquant_profile(self, head_dim: usize) -> Option<fibquant::Profile> {
+        match self {
+            Codec::FibQuant { k, n } => Some(fibquant::Profile {
+                d: head_dim,
+                k: k as usize,
+                n: n as usize,
+                seed: FIBQUANT_SEED,
+            }),
+            _ => None,
+        }
     }
 }
 
@@ -238,9 +262,9 @@ mod tests {
     }
 
     #[test]
-    fn fibquant_needs_divisible_head_dim() {
-        let fq = Codec::FibQuant { k: 3, n: 64 };
-        assert!(fq.check_head_dim(64).is_err());
-        assert!(fq.check_head_dim(63).is_ok());
+    fn fibquant_needs_a_divisible_power_of_two_head_dim() {
+        assert!(Codec::FibQuant { k: 3, n: 64 }.check_head_dim(64).is_err());
+        assert!(Codec::FibQuant { k: 2, n: 64 }.check_head_dim(96).is_err());
+        assert!(Codec::FibQuant { k: 2, n: 64 }.check_head_dim(64).is_ok());
     }
 }

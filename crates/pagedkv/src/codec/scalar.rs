@@ -1,4 +1,5 @@
-//! Scalar codecs of one page (`block_size` tokens × `head_dim`, token-major f32 rows), DESIGN §5.
+//! Page encode/decode for every codec: the scalar ones here, FibQuant pages in `vector`. Scalar
+//! codecs of one page (`block_size` tokens × `head_dim`, token-major f32 rows), DESIGN §5.
 //!
 //! ```text
 //!  page = [data][parameters]
@@ -220,11 +221,17 @@ pub fn encode_page(
             what: "page to encode",
         });
     }
-    if !codec.is_full_precision() && rows.iter().any(|x| x.abs() > MAX_MAGNITUDE) {
+    if !codec.is_full_precision()
+        && !matches!(codec, Codec::FibQuant { .. })
+        && rows.iter().any(|x| x.abs() > MAX_MAGNITUDE)
+    {
         return Err(KvError::ValueOutOfRange {
             codec: codec.to_string(),
             max: MAX_MAGNITUDE,
         });
+    }
+    if let Codec::FibQuant { .. } = codec {
+        return super::vector::encode_page(codec, rows, head_dim, out);
     }
     let data_len = data_bytes(codec, block_size, head_dim);
     let (data, params) = out.split_at_mut(data_len);
@@ -296,12 +303,7 @@ pub fn encode_page(
                 }
             });
         }
-        Codec::FibQuant { .. } => {
-            return Err(KvError::UnsupportedCodec {
-                codec: codec.to_string(),
-                reason: "FibQuant pages are encoded by the fibquant crate",
-            })
-        }
+        Codec::FibQuant { .. } => unreachable!("dispatched before the split"),
     }
     Ok(())
 }
@@ -371,6 +373,9 @@ pub fn decode_page(
     out: &mut [f32],
 ) -> Result<()> {
     check_page(codec, role, block_size, head_dim, out.len(), page.len())?;
+    if let Codec::FibQuant { .. } = codec {
+        return super::vector::decode_page(codec, page, head_dim, out);
+    }
     let data_len = data_bytes(codec, block_size, head_dim);
     let (data, params) = page.split_at(data_len);
     match codec {
@@ -396,12 +401,7 @@ pub fn decode_page(
                 }
             });
         }
-        Codec::FibQuant { .. } => {
-            return Err(KvError::UnsupportedCodec {
-                codec: codec.to_string(),
-                reason: "FibQuant pages are decoded by the fibquant crate",
-            })
-        }
+        Codec::FibQuant { .. } => unreachable!("dispatched before the split"),
     }
     Ok(())
 }
