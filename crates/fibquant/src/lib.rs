@@ -12,6 +12,7 @@
 
 pub mod codebook;
 pub mod pack;
+pub mod payload;
 pub mod rotation;
 
 use std::collections::HashMap;
