@@ -97,7 +97,7 @@ impl FibQuant {
     /// Wraps `codes` (a whole number of codes of this quantizer) in a payload.
     pub fn to_payload(&self, codes: &[u8]) -> Result<Vec<u8>, PayloadError> {
         let code = self.code_bytes();
-        if codes.len() % code != 0 {
+        if !codes.len().is_multiple_of(code) {
             return Err(PayloadError::Length {
                 expected: codes.len() / code * code,
                 got: codes.len(),
@@ -157,7 +157,7 @@ impl FibQuant {
         }
         let count = u32_at(content, 32) as usize;
         let body = &content[HEADER..];
-        let expected = count.checked_mul(self.code_bytes()).unwrap_or(usize::MAX);
+        let expected = count.saturating_mul(self.code_bytes());
         if body.len() != expected {
             return Err(PayloadError::Length {
                 expected,
