@@ -17,7 +17,7 @@ const PHI: f64 = 1.618_033_988_749_895;
 pub const MAX_REFINED_N: usize = 4096;
 /// Samples per codeword for refinement (DESIGN: at least 1000·N; fewer overfits).
 const SAMPLES_PER_CODEWORD: usize = 1000;
-const LLOYD_ITERATIONS: usize = 12;
+const LLOYD_ITERATIONS: usize = 30;
 
 /// N codewords of dimension k, row-major.
 #[derive(Debug, Clone, PartialEq)]
