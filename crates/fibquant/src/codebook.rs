@@ -19,11 +19,15 @@ pub const MAX_REFINED_N: usize = 4096;
 const SAMPLES_PER_CODEWORD: usize = 1000;
 const LLOYD_ITERATIONS: usize = 30;
 
-/// N codewords of dimension k, row-major.
+/// N codewords of dimension k, row-major, plus a search layout.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Codebook {
     k: usize,
     words: Vec<f32>,
+    /// Coordinate j of every codeword, contiguous (`[j][i]`), for vectorized search.
+    columns: Vec<f32>,
+    /// ‖c_i‖² of every codeword.
+    norms: Vec<f32>,
 }
 
 /// Standard normal samples by Box–Muller over ChaCha8 (value-stable for a given seed).
@@ -88,7 +92,7 @@ impl Codebook {
             direction(k, n, count, &mut u);
             words.extend(u.iter().map(|v| (r * v) as f32));
         }
-        Self { k, words }
+        Self::from_words(k, words)
     }
 
     /// The spiral codebook refined by Lloyd–Max on `1000·N` blocks of uniform unit vectors of
@@ -115,18 +119,40 @@ impl Codebook {
                     *s += *v as f64;
                 }
             }
+            let mut words = refined.words.clone();
             for (i, c) in counts.iter().enumerate() {
                 if *c > 0 {
                     for j in 0..k {
-                        refined.words[i * k + j] = (sums[i * k + j] / *c as f64) as f32;
+                        words[i * k + j] = (sums[i * k + j] / *c as f64) as f32;
                     }
                 }
             }
+            refined = Self::from_words(k, words);
         }
         if refined.distortion(&held_out) < spiral.distortion(&held_out) {
             refined
         } else {
             spiral
+        }
+    }
+
+    fn from_words(k: usize, words: Vec<f32>) -> Self {
+        let n = words.len() / k;
+        let mut columns = vec![0f32; words.len()];
+        for (i, w) in words.chunks_exact(k).enumerate() {
+            for (j, v) in w.iter().enumerate() {
+                columns[j * n + i] = *v;
+            }
+        }
+        let norms = words
+            .chunks_exact(k)
+            .map(|w| w.iter().map(|v| v * v).sum())
+            .collect();
+        Self {
+            k,
+            words,
+            columns,
+            norms,
         }
     }
 
@@ -155,13 +181,30 @@ impl Codebook {
         &self.words
     }
 
-    /// Index of the codeword nearest to `x` (exact search; the first on ties).
+    /// Index of the codeword nearest to `x`: exact search over all codewords, minimizing
+    /// ‖c‖² − 2⟨x, c⟩ (= ‖x − c‖² − ‖x‖²) in loops over the codeword columns that vectorize;
+    /// the first index on ties.
     pub fn nearest(&self, x: &[f32]) -> usize {
+        const CHUNK: usize = 256;
+        let n = self.norms.len();
+        let mut scores = [0f32; CHUNK];
         let mut best = (0, f32::INFINITY);
-        for (i, w) in self.words.chunks_exact(self.k).enumerate() {
-            let dist: f32 = w.iter().zip(x).map(|(a, b)| (a - b) * (a - b)).sum();
-            if dist < best.1 {
-                best = (i, dist);
+        for start in (0..n).step_by(CHUNK) {
+            let len = CHUNK.min(n - start);
+            let scores = &mut scores[..len];
+            scores.copy_from_slice(&self.norms[start..start + len]);
+            for (j, xj) in x.iter().enumerate() {
+                let column = &self.columns[j * n + start..j * n + start + len];
+                let twice = 2.0 * xj;
+                scores
+                    .iter_mut()
+                    .zip(column)
+                    .for_each(|(s, c)| *s -= twice * c);
+            }
+            for (i, s) in scores.iter().enumerate() {
+                if *s < best.1 {
+                    best = (start + i, *s);
+                }
             }
         }
         best.0
