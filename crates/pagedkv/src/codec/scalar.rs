@@ -101,12 +101,14 @@ fn quantize(x: f32, scale: f32, zero: f32, levels: u32) -> u32 {
         .clamp(0.0, levels as f32) as u32
 }
 
-/// The groups of one page for a role: lists of (token, channel range) sharing one parameter set.
-/// Keys: one group per channel, spanning every token. Values: per token, per 32 channels.
+/// The groups of one page that share one parameter set, as element indices. Keys: one group per
+/// channel, spanning every token. Values: per token, per `value_group` channels (32 for the
+/// integer codecs, the whole row for fp8).
 fn for_each_group(
     role: Role,
     block_size: usize,
     head_dim: usize,
+    value_group: usize,
     mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>),
 ) {
     match role {
@@ -116,34 +118,13 @@ fn for_each_group(
             }
         }
         Role::Value => {
-            let groups = head_dim.div_ceil(VALUE_GROUP);
+            let groups = head_dim.div_ceil(value_group);
             for t in 0..block_size {
                 for g in 0..groups {
-                    let range = t * head_dim + g * VALUE_GROUP
-                        ..t * head_dim + ((g + 1) * VALUE_GROUP).min(head_dim);
+                    let range = t * head_dim + g * value_group
+                        ..t * head_dim + ((g + 1) * value_group).min(head_dim);
                     f(t * groups + g, &mut range.into_iter());
                 }
-            }
-        }
-    }
-}
-
-/// The fp8 scale groups: keys per channel, values per token.
-fn fp8_groups(
-    role: Role,
-    block_size: usize,
-    head_dim: usize,
-    mut f: impl FnMut(usize, &mut dyn Iterator<Item = usize>),
-) {
-    match role {
-        Role::Key => {
-            for c in 0..head_dim {
-                f(c, &mut (0..block_size).map(move |t| t * head_dim + c));
-            }
-        }
-        Role::Value => {
-            for t in 0..block_size {
-                f(t, &mut (t * head_dim..(t + 1) * head_dim));
             }
         }
     }
@@ -251,7 +232,7 @@ pub fn encode_page(
         Codec::Int8 | Codec::Int4 => {
             let lv = levels(codec);
             let mut codes = vec![0u8; rows.len()];
-            for_each_group(role, block_size, head_dim, |g, idx| {
+            for_each_group(role, block_size, head_dim, VALUE_GROUP, |g, idx| {
                 let members: Vec<usize> = idx.collect();
                 let (min, max) = members
                     .iter()
@@ -287,7 +268,7 @@ pub fn encode_page(
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let top = fp8_max(codec);
-            fp8_groups(role, block_size, head_dim, |g, idx| {
+            for_each_group(role, block_size, head_dim, head_dim, |g, idx| {
                 let members: Vec<usize> = idx.collect();
                 let amax = members.iter().fold(0f32, |m, i| m.max(rows[*i].abs()));
                 let scale = if amax > 0.0 {
@@ -394,7 +375,7 @@ pub fn decode_page(
         Codec::Int8 | Codec::Int4 => decode_int(codec, role, data, params, head_dim, out),
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let table = fp8_table(codec);
-            fp8_groups(role, block_size, head_dim, |g, idx| {
+            for_each_group(role, block_size, head_dim, head_dim, |g, idx| {
                 let scale = get_f16(params, g);
                 for i in idx {
                     out[i] = table[data[i] as usize] * scale;
@@ -435,7 +416,7 @@ mod tests {
                 .iter()
                 .zip(&mut b)
                 .for_each(|(x, o)| *o = x.abs() * 2f32.powi(-8)),
-            Codec::Int8 | Codec::Int4 => for_each_group(role, BS, d, |g, idx| {
+            Codec::Int8 | Codec::Int4 => for_each_group(role, BS, d, VALUE_GROUP, |g, idx| {
                 let scale = get_f16(params, 2 * g);
                 for i in idx {
                     b[i] = 0.5 * scale * (1.0 + 1e-5) + 1e-6 * rows[i].abs();
@@ -447,7 +428,7 @@ mod tests {
                 } else {
                     (2f32.powi(-3), 2f32.powi(-17))
                 };
-                fp8_groups(role, BS, d, |g, idx| {
+                for_each_group(role, BS, d, d, |g, idx| {
                     let scale = get_f16(params, g);
                     for i in idx {
                         b[i] = rel * (1.0 + 1e-5) * rows[i].abs() + sub * scale * (1.0 + 1e-5);
