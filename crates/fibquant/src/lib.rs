@@ -25,6 +25,17 @@ use rand_chacha::ChaCha8Rng;
 pub use codebook::Codebook;
 pub use rotation::HadamardRotation;
 
+/// Bits of one codeword index: ⌈log2 N⌉ (N ≥ 2).
+pub fn index_bits(n: usize) -> u32 {
+    usize::BITS - (n - 1).leading_zeros()
+}
+
+/// Bytes of one encoded vector of dimension `d` in blocks of `k` with `n` codewords: the f16
+/// norm plus the packed indices. The single source of this size (the KV cache's page sizes use it).
+pub fn code_bytes(d: usize, k: usize, n: usize) -> usize {
+    2 + pack::packed_len(d / k, index_bits(n))
+}
+
 /// What defines a quantizer; codebook and rotation depend on nothing else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Profile {
@@ -103,7 +114,7 @@ impl FibQuant {
         let mut rng = ChaCha8Rng::seed_from_u64(profile.seed);
         let rotation = HadamardRotation::new(profile.d, &mut rng);
         let codebook = Codebook::build(profile.d, profile.k, profile.n, profile.seed);
-        let bits = usize::BITS - (profile.n - 1).leading_zeros();
+        let bits = index_bits(profile.n);
         Ok(Self {
             profile,
             rotation,
@@ -142,7 +153,7 @@ impl FibQuant {
 
     /// Bytes of one encoded vector.
     pub fn code_bytes(&self) -> usize {
-        2 + pack::packed_len(self.profile.d / self.profile.k, self.bits)
+        code_bytes(self.profile.d, self.profile.k, self.profile.n)
     }
 
     /// Bits per coordinate, norm included.

@@ -114,12 +114,7 @@ impl Codec {
                         .and_then(|s| packed.checked_add(s))
                 }),
             Codec::FibQuant { k, n } => {
-                let index_bits = fibquant_index_bits(n);
-                let codewords = head_dim / k as usize;
-                codewords
-                    .checked_mul(index_bits)
-                    .map(|bits| bits.div_ceil(8) + 2) // packed indices + f16 norm
-                    .and_then(|per_token| per_token.checked_mul(block_size))
+                fibquant::code_bytes(head_dim, k as usize, n as usize).checked_mul(block_size)
             }
         };
         bytes.ok_or(overflow("page bytes"))
@@ -163,11 +158,6 @@ impl Codec {
             _ => None,
         }
     }
-}
-
-/// Bits of one FibQuant codeword index: ⌈log2 N⌉.
-fn fibquant_index_bits(n: u32) -> usize {
-    (u32::BITS - (n - 1).leading_zeros()) as usize
 }
 
 impl fmt::Display for Codec {
