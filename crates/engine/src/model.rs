@@ -364,6 +364,11 @@ impl Model {
         let scale = 1.0 / (d as f32).sqrt();
         let mut attn_out = vec![0f32; n * q_width];
         let mut normed = vec![0f32; n * h];
+        // block tables do not change during a forward: collected once, not once per layer
+        let tables = batch
+            .iter()
+            .map(|i| cache.table(i.seq).map(|t| t.blocks().to_vec()))
+            .collect::<pagedkv::Result<Vec<_>>>()?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
             let [mut q, mut k, v] = self.project([&layer.wq, &layer.wk, &layer.wv], &normed, n)?;
@@ -385,10 +390,6 @@ impl Model {
                     &v[span],
                 )?;
             }
-            let tables = batch
-                .iter()
-                .map(|i| cache.table(i.seq).map(|t| t.blocks()))
-                .collect::<pagedkv::Result<Vec<_>>>()?;
             let storage = cache.storage();
             attn_out
                 .par_chunks_mut(q_width)
@@ -396,7 +397,7 @@ impl Model {
                 .zip(rows.par_iter())
                 .try_for_each_init(Scratch::default, |scratch, ((out, qr), (item_idx, pos))| {
                     let ctx = Context {
-                        blocks: tables[*item_idx],
+                        blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
                     attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
