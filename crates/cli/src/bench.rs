@@ -30,6 +30,12 @@ pub struct CodecsBench {
     /// Pages (of 16 tokens) per measurement.
     #[arg(long, default_value_t = 2048)]
     pages: usize,
+    /// Codecs to measure (comma-separated).
+    #[arg(
+        long,
+        default_value = "f32,f16,bf16,fp8-e4m3,fp8-e5m2,int8,int4,fibquant-k2n256,fibquant-k2n64,fibquant-k4n256,fibquant-k2n16"
+    )]
+    codecs: String,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -143,11 +149,7 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
     let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
     let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
     let prompt = tokenizer.encode(PROMPT)?;
-    let codecs = args
-        .codecs
-        .split(',')
-        .map(|c| c.trim().parse::<Codec>())
-        .collect::<pagedkv::Result<Vec<_>>>()?;
+    let codecs = parse_codecs(&args.codecs)?;
     println!(
         "bench generate: {} tokens per sequence, {} concurrent, weights {:?}, threads {}, median of {} interleaved rounds",
         args.tokens,
@@ -217,6 +219,14 @@ fn relative_mse(original: &[f32], decoded: &[f32]) -> f64 {
     err / norm
 }
 
+/// A comma-separated codec list.
+fn parse_codecs(list: &str) -> Result<Vec<Codec>> {
+    Ok(list
+        .split(',')
+        .map(|c| c.trim().parse::<Codec>())
+        .collect::<pagedkv::Result<Vec<_>>>()?)
+}
+
 fn codecs(args: CodecsBench) -> Result<()> {
     use pagedkv::codec::scalar::{decode_page, encode_page};
     use pagedkv::codec::synthetic::{gaussian, outliers};
@@ -240,8 +250,9 @@ fn codecs(args: CodecsBench) -> Result<()> {
         "encode Mtok/s",
         "decode Mtok/s"
     );
+    let codecs = parse_codecs(&args.codecs)?;
     let mut rows = Vec::new();
-    for codec in pagedkv::Codec::FIXED {
+    for codec in codecs {
         for d in [64usize, 128] {
             let n = args.pages * BS * d;
             let gauss = gaussian(n, 11);
@@ -252,6 +263,15 @@ fn codecs(args: CodecsBench) -> Result<()> {
             let mut measure = |data: &[f32], role: Role| -> Result<(f64, f64, f64)> {
                 let page_bytes = codec.page_bytes(role, BS, d)?;
                 packed.resize(page_bytes * args.pages, 0);
+                // warm-up: builds a FibQuant codebook once, outside the timing
+                encode_page(
+                    codec,
+                    role,
+                    &data[..BS * d],
+                    BS,
+                    d,
+                    &mut packed[..page_bytes],
+                )?;
                 let started = Instant::now();
                 for (rows, out) in data
                     .chunks_exact(BS * d)

@@ -14,6 +14,7 @@ pub mod codebook;
 pub mod pack;
 pub mod payload;
 pub mod rotation;
+pub mod scan;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -163,50 +164,76 @@ impl FibQuant {
 
     /// Encodes `x` (length d) into `out` (`code_bytes` long).
     pub fn encode(&self, x: &[f32], out: &mut [u8]) -> Result<(), FibQuantError> {
+        self.encode_rows(x, out)
+    }
+
+    /// Encodes consecutive vectors (`rows`: a multiple of d) into consecutive codes (`out`:
+    /// as many times `code_bytes`), reusing one scratch buffer. On error `out` may be
+    /// partly written.
+    pub fn encode_rows(&self, rows: &[f32], out: &mut [u8]) -> Result<(), FibQuantError> {
         let (d, k) = (self.profile.d, self.profile.k);
-        check_len("vector", d, x.len())?;
-        check_len("code", self.code_bytes(), out.len())?;
-        if !x.iter().all(|v| v.is_finite()) {
+        let count = rows.len() / d;
+        check_len("vectors", count * d, rows.len())?;
+        check_len("codes", count * self.code_bytes(), out.len())?;
+        if !rows.iter().all(|v| v.is_finite()) {
             return Err(FibQuantError::NonFinite);
         }
-        let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
-        if norm > f16::MAX.to_f32() {
-            return Err(FibQuantError::NormOutOfRange { norm });
-        }
-        out[..2].copy_from_slice(&f16::from_f32(norm).to_le_bytes());
         let mut u = vec![0f32; d];
-        if norm > 0.0 {
-            u.iter_mut().zip(x).for_each(|(o, v)| *o = v / norm);
+        let mut indices = vec![0u16; d / k];
+        for (x, code) in rows
+            .chunks_exact(d)
+            .zip(out.chunks_exact_mut(self.code_bytes()))
+        {
+            let norm = x.iter().map(|v| (*v as f64).powi(2)).sum::<f64>().sqrt() as f32;
+            if norm > f16::MAX.to_f32() {
+                return Err(FibQuantError::NormOutOfRange { norm });
+            }
+            code[..2].copy_from_slice(&f16::from_f32(norm).to_le_bytes());
+            if norm > 0.0 {
+                u.iter_mut().zip(x).for_each(|(o, v)| *o = v / norm);
+            } else {
+                u.fill(0.0);
+            }
+            self.rotation.apply(&mut u);
+            for (index, block) in indices.iter_mut().zip(u.chunks_exact(k)) {
+                *index = self.codebook.nearest(block) as u16;
+            }
+            pack::pack(&indices, self.bits, &mut code[2..]);
         }
-        self.rotation.apply(&mut u);
-        let indices: Vec<u16> = u
-            .chunks_exact(k)
-            .map(|block| self.codebook.nearest(block) as u16)
-            .collect();
-        pack::pack(&indices, self.bits, &mut out[2..]);
         Ok(())
     }
 
     /// Decodes a code into `out` (length d): gather codewords, inverse rotation, scale by ν.
     pub fn decode(&self, code: &[u8], out: &mut [f32]) -> Result<(), FibQuantError> {
+        self.decode_rows(code, out)
+    }
+
+    /// Decodes consecutive codes into consecutive vectors (the inverse of
+    /// [`encode_rows`](Self::encode_rows)).
+    pub fn decode_rows(&self, codes: &[u8], out: &mut [f32]) -> Result<(), FibQuantError> {
         let (d, k) = (self.profile.d, self.profile.k);
-        check_len("code", self.code_bytes(), code.len())?;
-        check_len("output", d, out.len())?;
-        let norm = f16::from_le_bytes([code[0], code[1]]).to_f32();
+        let count = out.len() / d;
+        check_len("output", count * d, out.len())?;
+        check_len("codes", count * self.code_bytes(), codes.len())?;
         let mut indices = vec![0u16; d / k];
-        pack::unpack(&code[2..], self.bits, &mut indices);
-        for (block, idx) in out.chunks_exact_mut(k).zip(&indices) {
-            let index = *idx as usize;
-            if index >= self.profile.n {
-                return Err(FibQuantError::BadIndex {
-                    index,
-                    n: self.profile.n,
-                });
+        for (code, row) in codes
+            .chunks_exact(self.code_bytes())
+            .zip(out.chunks_exact_mut(d))
+        {
+            let norm = f16::from_le_bytes([code[0], code[1]]).to_f32();
+            pack::unpack(&code[2..], self.bits, &mut indices);
+            for (block, idx) in row.chunks_exact_mut(k).zip(&indices) {
+                let index = *idx as usize;
+                if index >= self.profile.n {
+                    return Err(FibQuantError::BadIndex {
+                        index,
+                        n: self.profile.n,
+                    });
+                }
+                block.copy_from_slice(self.codebook.word(index));
             }
-            block.copy_from_slice(self.codebook.word(index));
+            self.rotation.inverse_scaled(row, norm);
         }
-        self.rotation.inverse(out);
-        out.iter_mut().for_each(|v| *v *= norm);
         Ok(())
     }
 }

@@ -5,38 +5,50 @@ pub fn packed_len(count: usize, bits: u32) -> usize {
     (count * bits as usize).div_ceil(8)
 }
 
-/// Packs `indices` (each < 2^bits) into `out` (`packed_len` bytes, zeroed here).
+/// Packs `indices` (each < 2^bits) into `out` (`packed_len` bytes, every byte written).
 pub fn pack(indices: &[u16], bits: u32, out: &mut [u8]) {
-    out.fill(0);
-    let mut bit = 0usize;
+    if bits == 8 {
+        out.iter_mut().zip(indices).for_each(|(o, i)| *o = *i as u8);
+        return;
+    }
+    // a bit accumulator, flushed a byte at a time
+    let (mut acc, mut held) = (0u64, 0u32);
+    let mut bytes = out.iter_mut();
     for &idx in indices {
-        let mut value = idx as u32;
-        let mut remaining = bits;
-        while remaining > 0 {
-            let (byte, offset) = (bit / 8, (bit % 8) as u32);
-            let take = remaining.min(8 - offset);
-            out[byte] |= ((value & ((1 << take) - 1)) << offset) as u8;
-            value >>= take;
-            remaining -= take;
-            bit += take as usize;
+        acc |= (idx as u64) << held;
+        held += bits;
+        while held >= 8 {
+            if let Some(b) = bytes.next() {
+                *b = acc as u8;
+            }
+            acc >>= 8;
+            held -= 8;
+        }
+    }
+    if held > 0 {
+        if let Some(b) = bytes.next() {
+            *b = acc as u8;
         }
     }
 }
 
-/// Unpacks `out.len()` indices of `bits` bits from `bytes`.
+/// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes).
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u16]) {
-    let mut bit = 0usize;
+    if bits == 8 {
+        out.iter_mut().zip(bytes).for_each(|(o, b)| *o = *b as u16);
+        return;
+    }
+    let mask = (1u64 << bits) - 1;
+    let (mut acc, mut held) = (0u64, 0u32);
+    let mut next = bytes.iter();
     for idx in out.iter_mut() {
-        let mut value = 0u32;
-        let mut got = 0;
-        while got < bits {
-            let (byte, offset) = (bit / 8, (bit % 8) as u32);
-            let take = (bits - got).min(8 - offset);
-            value |= ((bytes[byte] as u32 >> offset) & ((1 << take) - 1)) << got;
-            got += take;
-            bit += take as usize;
+        while held < bits {
+            acc |= (*next.next().unwrap_or(&0) as u64) << held;
+            held += 8;
         }
-        *idx = value as u16;
+        *idx = (acc & mask) as u16;
+        acc >>= bits;
+        held -= bits;
     }
 }
 

@@ -29,14 +29,7 @@ pub(crate) fn encode_page(
     head_dim: usize,
     out: &mut [u8],
 ) -> Result<()> {
-    let q = quantizer(codec, head_dim)?;
-    for (row, code) in rows
-        .chunks_exact(head_dim)
-        .zip(out.chunks_exact_mut(q.code_bytes()))
-    {
-        q.encode(row, code)?;
-    }
-    Ok(())
+    Ok(quantizer(codec, head_dim)?.encode_rows(rows, out)?)
 }
 
 /// Decodes a page token by token into `out` (block_size × head_dim).
@@ -46,12 +39,5 @@ pub(crate) fn decode_page(
     head_dim: usize,
     out: &mut [f32],
 ) -> Result<()> {
-    let q = quantizer(codec, head_dim)?;
-    for (code, row) in page
-        .chunks_exact(q.code_bytes())
-        .zip(out.chunks_exact_mut(head_dim))
-    {
-        q.decode(code, row)?;
-    }
-    Ok(())
+    Ok(quantizer(codec, head_dim)?.decode_rows(page, out)?)
 }

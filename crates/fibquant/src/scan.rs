@@ -1,0 +1,185 @@
+//! Exhaustive nearest-codeword scan, SIMD with runtime dispatch and a portable twin.
+//!
+//! The codebook is stored by column (`columns[j·stride + i]` = coordinate j of codeword i) and
+//! padded to a multiple of [`LANES`] with norm +∞, so every path scans whole registers. Score
+//! of codeword i: `‖c_i‖² − Σ_j (2·x_j)·c_ij`, computed multiply-then-subtract in j order by
+//! every path, so all paths agree bit for bit and return the first index of the minimum.
+
+/// Codewords per scan step (one AVX-512 register of f32); the padding unit.
+pub const LANES: usize = 16;
+
+/// Index of the codeword with the smallest score for the block `x` (length k).
+pub fn nearest(columns: &[f32], norms: &[f32], stride: usize, x: &[f32]) -> usize {
+    debug_assert_eq!(columns.len(), stride * x.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY (each arm): the CPU supports AVX-512F, checked on the line above.
+            return match x.len() {
+                1 => unsafe { x86::nearest_avx512::<1>(columns, norms, stride, x) },
+                2 => unsafe { x86::nearest_avx512::<2>(columns, norms, stride, x) },
+                3 => unsafe { x86::nearest_avx512::<3>(columns, norms, stride, x) },
+                4 => unsafe { x86::nearest_avx512::<4>(columns, norms, stride, x) },
+                _ => unsafe { x86::nearest_avx512::<0>(columns, norms, stride, x) },
+            };
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU supports AVX, checked on the line above.
+            return unsafe { x86::nearest_avx(columns, norms, stride, x) };
+        }
+    }
+    nearest_portable(columns, norms, stride, x)
+}
+
+/// The scalar reference of [`nearest`].
+pub fn nearest_portable(columns: &[f32], norms: &[f32], stride: usize, x: &[f32]) -> usize {
+    let mut best = (f32::INFINITY, 0usize);
+    for (i, norm) in norms.iter().enumerate().take(stride) {
+        let mut score = *norm;
+        for (j, xj) in x.iter().enumerate() {
+            score -= (2.0 * xj) * columns[j * stride + i];
+        }
+        if score < best.0 {
+            best = (score, i);
+        }
+    }
+    best.1
+}
+
+/// Picks the smallest score over lanes, the smaller index on ties.
+fn reduce(scores: &[f32], indices: &[u32]) -> usize {
+    let mut best = (f32::INFINITY, 0u32);
+    for (s, i) in scores.iter().zip(indices) {
+        if *s < best.0 || (*s == best.0 && *i < best.1) {
+            best = (*s, *i);
+        }
+    }
+    best.1 as usize
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{reduce, LANES};
+
+    /// Sixteen codewords per step; `K` = k specializes the common block sizes (0: any k).
+    /// Each lane keeps its first strict minimum, so indices within a lane stay the first
+    /// ones; `reduce` breaks ties across lanes.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn nearest_avx512<const K: usize>(
+        columns: &[f32],
+        norms: &[f32],
+        stride: usize,
+        x: &[f32],
+    ) -> usize {
+        let k = if K == 0 { x.len() } else { K };
+        assert!(x.len() == k && columns.len() >= stride * k && norms.len() >= stride);
+        assert!(stride.is_multiple_of(LANES) && k <= 8);
+        let mut twice = [_mm512_setzero_ps(); 8];
+        for (t, xj) in twice.iter_mut().zip(x) {
+            *t = _mm512_set1_ps(2.0 * xj);
+        }
+        let mut best = _mm512_set1_ps(f32::INFINITY);
+        let mut best_index = _mm512_setzero_si512();
+        let mut index = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let step = _mm512_set1_epi32(LANES as i32);
+        for base in (0..stride).step_by(LANES) {
+            // SAFETY: base + 16 ≤ stride ≤ norms.len() and j·stride + base + 16 ≤ columns.len()
+            // for j < k (asserted above), so every 16-float load is in bounds.
+            let mut scores = unsafe { _mm512_loadu_ps(norms.as_ptr().add(base)) };
+            for (j, t) in twice.iter().enumerate().take(k) {
+                // SAFETY: in bounds, see above.
+                let column = unsafe { _mm512_loadu_ps(columns.as_ptr().add(j * stride + base)) };
+                scores = _mm512_sub_ps(scores, _mm512_mul_ps(*t, column));
+            }
+            let better = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(scores, best);
+            best = _mm512_mask_mov_ps(best, better, scores);
+            best_index = _mm512_mask_mov_epi32(best_index, better, index);
+            index = _mm512_add_epi32(index, step);
+        }
+        // the smallest score, then the smallest index among the lanes that hold it
+        let min = _mm512_reduce_min_ps(best);
+        let holds = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(best, _mm512_set1_ps(min));
+        if holds == 0 {
+            return 0; // all scores infinite: x was not finite
+        }
+        let candidates = _mm512_mask_mov_epi32(_mm512_set1_epi32(-1), holds, best_index);
+        _mm512_reduce_min_epu32(candidates) as usize
+    }
+
+    /// Eight codewords per step (AVX), otherwise as [`nearest_avx512`].
+    #[target_feature(enable = "avx")]
+    pub(super) fn nearest_avx(columns: &[f32], norms: &[f32], stride: usize, x: &[f32]) -> usize {
+        let k = x.len();
+        assert!(columns.len() >= stride * k && norms.len() >= stride && stride.is_multiple_of(8));
+        let mut best = _mm256_set1_ps(f32::INFINITY);
+        let mut best_index = _mm256_setzero_ps();
+        // indices are carried as f32 (exact below 2^24, far above any codebook size)
+        let mut index = _mm256_setr_ps(0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0);
+        let step = _mm256_set1_ps(8.0);
+        for base in (0..stride).step_by(8) {
+            // SAFETY: base + 8 ≤ stride ≤ norms.len() and j·stride + base + 8 ≤ columns.len()
+            // (asserted above), so every 8-float load is in bounds.
+            let mut scores = unsafe { _mm256_loadu_ps(norms.as_ptr().add(base)) };
+            for (j, xj) in x.iter().enumerate() {
+                let twice = _mm256_set1_ps(2.0 * xj);
+                // SAFETY: in bounds, see above.
+                let column = unsafe { _mm256_loadu_ps(columns.as_ptr().add(j * stride + base)) };
+                scores = _mm256_sub_ps(scores, _mm256_mul_ps(twice, column));
+            }
+            let better = _mm256_cmp_ps::<_CMP_LT_OQ>(scores, best);
+            best = _mm256_blendv_ps(best, scores, better);
+            best_index = _mm256_blendv_ps(best_index, index, better);
+            index = _mm256_add_ps(index, step);
+        }
+        let mut scores = [0f32; 8];
+        let mut lanes = [0f32; 8];
+        // SAFETY: both arrays hold exactly 8 lanes.
+        unsafe {
+            _mm256_storeu_ps(scores.as_mut_ptr(), best);
+            _mm256_storeu_ps(lanes.as_mut_ptr(), best_index);
+        }
+        let indices = lanes.map(|v| v as u32);
+        reduce(&scores, &indices)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_path_returns_the_first_minimum() {
+        // 40 codewords padded to 48, with exact ties planted: codewords 3 and 37 are equal
+        let (k, n, stride) = (2usize, 40usize, 48usize);
+        let mut columns = vec![0f32; k * stride];
+        let mut norms = vec![f32::INFINITY; stride];
+        for i in 0..n {
+            let c = if i == 3 || i == 37 {
+                [0.25, -0.5]
+            } else {
+                [
+                    ((i * 7) % 13) as f32 / 13.0 - 0.5,
+                    ((i * 5) % 11) as f32 / 11.0 - 0.5,
+                ]
+            };
+            columns[i] = c[0];
+            columns[stride + i] = c[1];
+            norms[i] = c[0] * c[0] + c[1] * c[1];
+        }
+        for x in [[0.25f32, -0.5], [0.0, 0.0], [0.9, 0.9], [-0.3, 0.1]] {
+            let want = nearest_portable(&columns, &norms, stride, &x);
+            assert_eq!(nearest(&columns, &norms, stride, &x), want);
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx") {
+                // SAFETY: AVX is present (checked).
+                assert_eq!(
+                    unsafe { x86::nearest_avx(&columns, &norms, stride, &x) },
+                    want
+                );
+            }
+        }
+        assert_eq!(nearest(&columns, &norms, stride, &[0.25, -0.5]), 3);
+    }
+}
