@@ -148,7 +148,7 @@ impl Codebook {
         }
     }
 
-    fn from_words(k: usize, words: Vec<f32>) -> Self {
+    pub(crate) fn from_words(k: usize, words: Vec<f32>) -> Self {
         let n = words.len() / k;
         let stride = n.next_multiple_of(LANES);
         let mut columns = vec![0f32; stride * k];

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use codebook::Codebook;
-pub use rotation::HadamardRotation;
+pub use rotation::{HadamardRotation, Rotation, RotationKind};
 
 /// Bits of one codeword index: ⌈log2 N⌉ (N ≥ 2).
 pub fn index_bits(n: usize) -> u32 {
@@ -48,6 +48,26 @@ pub struct Profile {
     pub n: usize,
     /// Seed of the rotation and of the refinement samples.
     pub seed: u64,
+    /// The rotation (randomized Hadamard unless chosen otherwise).
+    pub rotation: RotationKind,
+}
+
+impl Profile {
+    /// A profile with the default (Hadamard) rotation.
+    pub fn new(d: usize, k: usize, n: usize, seed: u64) -> Self {
+        Self {
+            d,
+            k,
+            n,
+            seed,
+            rotation: RotationKind::Hadamard,
+        }
+    }
+
+    /// The same profile with another rotation.
+    pub fn with_rotation(self, rotation: RotationKind) -> Self {
+        Self { rotation, ..self }
+    }
 }
 
 /// Errors of the crate.
@@ -94,7 +114,7 @@ pub enum FibQuantError {
 #[derive(Debug, Clone)]
 pub struct FibQuant {
     profile: Profile,
-    rotation: HadamardRotation,
+    rotation: Rotation,
     codebook: Codebook,
     bits: u32,
 }
@@ -102,18 +122,9 @@ pub struct FibQuant {
 impl FibQuant {
     /// Builds rotation and codebook (Lloyd–Max refinement included; deterministic in the seed).
     pub fn new(profile: Profile) -> Result<Self, FibQuantError> {
-        let invalid = |reason| Err(FibQuantError::InvalidProfile { profile, reason });
-        if profile.d == 0 || !profile.d.is_power_of_two() || profile.d > 1 << 16 {
-            return invalid("d must be a power of two up to 65,536");
-        }
-        if profile.k == 0 || profile.k > 8 || !profile.d.is_multiple_of(profile.k) {
-            return invalid("k must be 1..=8 and divide d");
-        }
-        if !(2..=65_536).contains(&profile.n) {
-            return invalid("N must be 2..=65,536");
-        }
+        validate(profile)?;
         let mut rng = ChaCha8Rng::seed_from_u64(profile.seed);
-        let rotation = HadamardRotation::new(profile.d, &mut rng);
+        let rotation = Rotation::new(profile.rotation, profile.d, &mut rng);
         let codebook = Codebook::build(profile.d, profile.k, profile.n, profile.seed);
         let bits = index_bits(profile.n);
         Ok(Self {
@@ -121,6 +132,25 @@ impl FibQuant {
             rotation,
             codebook,
             bits,
+        })
+    }
+
+    /// A quantizer of `profile` with a codebook built before (e.g. read back with
+    /// [`payload::codebook_from_bytes`]), skipping the refinement.
+    pub fn with_codebook(profile: Profile, codebook: Codebook) -> Result<Self, FibQuantError> {
+        validate(profile)?;
+        if codebook.k() != profile.k || codebook.len() != profile.n {
+            return Err(FibQuantError::InvalidProfile {
+                profile,
+                reason: "the codebook's k or N differs from the profile's",
+            });
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(profile.seed);
+        Ok(Self {
+            profile,
+            rotation: Rotation::new(profile.rotation, profile.d, &mut rng),
+            codebook,
+            bits: index_bits(profile.n),
         })
     }
 
@@ -238,6 +268,29 @@ impl FibQuant {
     }
 }
 
+/// Checks that a profile can be built.
+fn validate(profile: Profile) -> Result<(), FibQuantError> {
+    let invalid = |reason| Err(FibQuantError::InvalidProfile { profile, reason });
+    match profile.rotation {
+        RotationKind::Hadamard
+            if profile.d == 0 || !profile.d.is_power_of_two() || profile.d > 1 << 16 =>
+        {
+            return invalid("d must be a power of two up to 65,536 (Hadamard rotation)");
+        }
+        RotationKind::Haar if profile.d == 0 || profile.d > 4096 => {
+            return invalid("d must be 1..=4096 (dense Haar rotation)");
+        }
+        _ => {}
+    }
+    if profile.k == 0 || profile.k > 8 || !profile.d.is_multiple_of(profile.k) {
+        return invalid("k must be 1..=8 and divide d");
+    }
+    if !(2..=65_536).contains(&profile.n) {
+        return invalid("N must be 2..=65,536");
+    }
+    Ok(())
+}
+
 fn check_len(what: &'static str, expected: usize, got: usize) -> Result<(), FibQuantError> {
     if expected != got {
         return Err(FibQuantError::ShapeMismatch {
@@ -284,21 +337,9 @@ mod tests {
             (2, 256, 0.996),
             (4, 256, 0.948),
         ] {
-            let q = FibQuant::new(Profile {
-                d: 128,
-                k,
-                n,
-                seed: 1,
-            })
-            .unwrap();
+            let q = FibQuant::new(Profile::new(128, k, n, 1)).unwrap();
             let cos = mean_cosine(&q, 500);
-            let q64 = FibQuant::new(Profile {
-                d: 64,
-                k,
-                n,
-                seed: 1,
-            })
-            .unwrap();
+            let q64 = FibQuant::new(Profile::new(64, k, n, 1)).unwrap();
             println!(
                 "k{k}N{n}: d=128 mean cosine {cos:.5} (floor {floor}); d=64 {:.5}; rate {:.3} bits",
                 mean_cosine(&q64, 500),
@@ -306,6 +347,45 @@ mod tests {
             );
             assert!(cos >= floor, "k{k}N{n}: mean cosine {cos} < {floor}");
         }
+    }
+
+    #[test]
+    fn dense_haar_rotation_is_an_option_of_equal_quality() {
+        // the codebook does not depend on the rotation: both make the blocks follow one law
+        let hadamard = FibQuant::new(Profile::new(64, 2, 64, 1)).unwrap();
+        let haar =
+            FibQuant::new(Profile::new(64, 2, 64, 1).with_rotation(RotationKind::Haar)).unwrap();
+        let (a, b) = (mean_cosine(&hadamard, 300), mean_cosine(&haar, 300));
+        assert!((a - b).abs() < 0.003, "Hadamard {a} vs Haar {b}");
+        // Haar needs no power of two
+        let odd =
+            FibQuant::new(Profile::new(48, 2, 64, 1).with_rotation(RotationKind::Haar)).unwrap();
+        assert!(mean_cosine(&odd, 100) > 0.98);
+        assert!(FibQuant::new(Profile::new(48, 2, 64, 1)).is_err());
+    }
+
+    #[test]
+    fn codebooks_serialize_and_reject_corruption() {
+        let q = FibQuant::new(Profile::new(64, 2, 16, 9)).unwrap();
+        let bytes = payload::codebook_to_bytes(q.codebook());
+        let back = payload::codebook_from_bytes(&bytes).unwrap();
+        assert_eq!(&back, q.codebook());
+        let again = FibQuant::with_codebook(q.profile(), back).unwrap();
+        assert_eq!(again.codebook_digest(), q.codebook_digest());
+        let x: Vec<f32> = (0..64).map(|i| (i as f32).sin()).collect();
+        let (mut a, mut b) = (vec![0u8; q.code_bytes()], vec![0u8; q.code_bytes()]);
+        q.encode(&x, &mut a).unwrap();
+        again.encode(&x, &mut b).unwrap();
+        assert_eq!(a, b);
+        for i in 0..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 0x10;
+            assert!(payload::codebook_from_bytes(&bad).is_err(), "byte {i}");
+        }
+        for len in 0..bytes.len() {
+            assert!(payload::codebook_from_bytes(&bytes[..len]).is_err());
+        }
+        assert!(FibQuant::with_codebook(Profile::new(64, 2, 32, 9), q.codebook().clone()).is_err());
     }
 
     #[test]
@@ -319,17 +399,11 @@ mod tests {
         ];
         for (d, k, n) in bad {
             assert!(
-                FibQuant::new(Profile { d, k, n, seed: 0 }).is_err(),
+                FibQuant::new(Profile::new(d, k, n, 0)).is_err(),
                 "{d} {k} {n}"
             );
         }
-        let q = FibQuant::new(Profile {
-            d: 64,
-            k: 2,
-            n: 16,
-            seed: 0,
-        })
-        .unwrap();
+        let q = FibQuant::new(Profile::new(64, 2, 16, 0)).unwrap();
         let mut code = vec![0u8; q.code_bytes()];
         assert_eq!(
             q.encode(&[f32::NAN; 64], &mut code),

@@ -4,8 +4,9 @@
 //! ```text
 //!  offset  size  field
 //!       0     4  magic "FQPL"
-//!       4     2  format version (1), little-endian
-//!       6     4  d        10  2  k        12  4  N        16  8  seed
+//!       4     2  format version (2), little-endian
+//!       6     4  d        10  1  k        11  1  rotation (0 Hadamard, 1 Haar)
+//!      12     4  N        16  8  seed
 //!      24     8  codebook digest (xxh3-64 of the codewords' f32 bytes)
 //!      32     4  vector count
 //!      36     …  count × code_bytes codes
@@ -17,11 +18,11 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::{FibQuant, Profile};
+use crate::{Codebook, FibQuant, Profile, RotationKind};
 
 const MAGIC: &[u8; 4] = b"FQPL";
 /// Current format version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const HEADER: usize = 36;
 const CHECKSUM: usize = 8;
 
@@ -54,6 +55,12 @@ pub enum PayloadError {
         /// Ours.
         expected: Profile,
     },
+    /// A rotation code this build does not know.
+    #[error("unknown rotation code {code} in payload header")]
+    BadRotation {
+        /// The byte found.
+        code: u8,
+    },
     /// Same profile, different codebook (another build or version of the construction).
     #[error("payload codebook digest {found:#018x} does not match {expected:#018x}")]
     CodebookMismatch {
@@ -82,6 +89,60 @@ fn u64_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
 }
 
+const CODEBOOK_MAGIC: &[u8; 4] = b"FQCB";
+const CODEBOOK_HEADER: usize = 12;
+
+/// Serializes a codebook: magic "FQCB", version (u16), k (u8), 0 (u8), N (u32), the N·k
+/// codewords as little-endian f32, then xxh3-64 of every byte before it (which doubles as the
+/// codebook's digest on disk).
+pub fn codebook_to_bytes(codebook: &Codebook) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CODEBOOK_HEADER + codebook.words().len() * 4 + CHECKSUM);
+    out.extend_from_slice(CODEBOOK_MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.push(codebook.k() as u8);
+    out.push(0);
+    out.extend_from_slice(&(codebook.len() as u32).to_le_bytes());
+    out.extend(codebook.words().iter().flat_map(|w| w.to_le_bytes()));
+    let checksum = xxh3_64(&out);
+    out.extend_from_slice(&checksum.to_le_bytes());
+    out
+}
+
+/// Reads a codebook written by [`codebook_to_bytes`]; anything else is a typed error.
+pub fn codebook_from_bytes(bytes: &[u8]) -> Result<Codebook, PayloadError> {
+    if bytes.len() < CODEBOOK_HEADER + CHECKSUM {
+        return Err(PayloadError::Truncated { len: bytes.len() });
+    }
+    let (content, checksum) = bytes.split_at(bytes.len() - CHECKSUM);
+    if xxh3_64(content) != u64_at(checksum, 0) {
+        return Err(PayloadError::Checksum);
+    }
+    if &content[..4] != CODEBOOK_MAGIC {
+        return Err(PayloadError::BadMagic);
+    }
+    let version = u16_at(content, 4);
+    if version != VERSION {
+        return Err(PayloadError::Version { found: version });
+    }
+    let (k, n) = (content[6] as usize, u32_at(content, 8) as usize);
+    let body = &content[CODEBOOK_HEADER..];
+    let expected = n.saturating_mul(k).saturating_mul(4);
+    if !(1..=8).contains(&k) || !(2..=65_536).contains(&n) || body.len() != expected {
+        return Err(PayloadError::Length {
+            expected,
+            got: body.len(),
+        });
+    }
+    let words: Vec<f32> = body
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    if !words.iter().all(|w| w.is_finite()) {
+        return Err(PayloadError::Checksum);
+    }
+    Ok(Codebook::from_words(k, words))
+}
+
 impl FibQuant {
     /// Digest of the codebook: xxh3-64 of its codewords' little-endian f32 bytes.
     pub fn codebook_digest(&self) -> u64 {
@@ -108,7 +169,8 @@ impl FibQuant {
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
         out.extend_from_slice(&(p.d as u32).to_le_bytes());
-        out.extend_from_slice(&(p.k as u16).to_le_bytes());
+        out.push(p.k as u8);
+        out.push(p.rotation.code());
         out.extend_from_slice(&(p.n as u32).to_le_bytes());
         out.extend_from_slice(&p.seed.to_le_bytes());
         out.extend_from_slice(&self.codebook_digest().to_le_bytes());
@@ -138,9 +200,11 @@ impl FibQuant {
         }
         let found = Profile {
             d: u32_at(content, 6) as usize,
-            k: u16_at(content, 10) as usize,
+            k: content[10] as usize,
             n: u32_at(content, 12) as usize,
             seed: u64_at(content, 16),
+            rotation: RotationKind::from_code(content[11])
+                .ok_or(PayloadError::BadRotation { code: content[11] })?,
         };
         if found != self.profile {
             return Err(PayloadError::ForeignProfile {

@@ -1,9 +1,134 @@
-//! Randomized fast Walsh–Hadamard rotation: random signs, then the orthonormal FWHT, O(d log d).
-//! It spreads a vector's energy evenly over coordinates, so after normalization each block of k
-//! coordinates follows the same known law, whatever the input's outlier channels.
+//! Random rotations that spread a vector's energy evenly over coordinates, so after
+//! normalization each block of k coordinates follows the same known law, whatever the input's
+//! outlier channels:
+//! - randomized fast Walsh–Hadamard (random signs, then the orthonormal FWHT), O(d log d), d a
+//!   power of two: the default;
+//! - dense Haar (uniform over the orthogonal group: QR of a Gaussian matrix with the signs of
+//!   R's diagonal folded in), O(d²), any d: the textbook rotation, as an option.
 
 use rand::Rng;
 use rand_chacha::ChaCha8Rng;
+
+/// Which rotation a profile uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RotationKind {
+    /// Randomized Hadamard (d a power of two).
+    #[default]
+    Hadamard,
+    /// Dense Haar-random orthogonal matrix.
+    Haar,
+}
+
+impl RotationKind {
+    /// Its byte in payload headers.
+    pub fn code(self) -> u8 {
+        match self {
+            RotationKind::Hadamard => 0,
+            RotationKind::Haar => 1,
+        }
+    }
+
+    /// The kind of a header byte.
+    pub fn from_code(code: u8) -> Option<Self> {
+        match code {
+            0 => Some(RotationKind::Hadamard),
+            1 => Some(RotationKind::Haar),
+            _ => None,
+        }
+    }
+}
+
+/// A built rotation of either kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rotation {
+    /// Randomized Hadamard.
+    Hadamard(HadamardRotation),
+    /// Dense Haar.
+    Haar(HaarRotation),
+}
+
+impl Rotation {
+    /// Draws a rotation of `kind` for dimension `d` from `rng`.
+    pub fn new(kind: RotationKind, d: usize, rng: &mut ChaCha8Rng) -> Self {
+        match kind {
+            RotationKind::Hadamard => Rotation::Hadamard(HadamardRotation::new(d, rng)),
+            RotationKind::Haar => Rotation::Haar(HaarRotation::new(d, rng)),
+        }
+    }
+
+    /// Rotates `x` in place.
+    pub fn apply(&self, x: &mut [f32]) {
+        match self {
+            Rotation::Hadamard(r) => r.apply(x),
+            Rotation::Haar(r) => r.apply(x),
+        }
+    }
+
+    /// Undoes [`apply`](Self::apply) and multiplies by `scale`.
+    pub fn inverse_scaled(&self, x: &mut [f32], scale: f32) {
+        match self {
+            Rotation::Hadamard(r) => r.inverse_scaled(x, scale),
+            Rotation::Haar(r) => r.inverse_scaled(x, scale),
+        }
+    }
+}
+
+/// `x ↦ Q·x` with Q Haar-distributed on the orthogonal group, row-major f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HaarRotation {
+    d: usize,
+    q: Vec<f32>,
+}
+
+impl HaarRotation {
+    /// Gram–Schmidt (twice, in f64) on the columns of a Gaussian matrix: Q of its QR with R's
+    /// diagonal positive, which makes Q exactly Haar-distributed.
+    pub fn new(d: usize, rng: &mut ChaCha8Rng) -> Self {
+        let mut cols: Vec<Vec<f64>> = (0..d)
+            .map(|_| (0..d).map(|_| crate::codebook::normal(rng)).collect())
+            .collect();
+        for j in 0..d {
+            for _ in 0..2 {
+                for i in 0..j {
+                    let dot: f64 = cols[i].iter().zip(&cols[j]).map(|(a, b)| a * b).sum();
+                    let (done, rest) = cols.split_at_mut(j);
+                    rest[0]
+                        .iter_mut()
+                        .zip(&done[i])
+                        .for_each(|(v, u)| *v -= dot * u);
+                }
+            }
+            let norm = cols[j].iter().map(|v| v * v).sum::<f64>().sqrt();
+            cols[j].iter_mut().for_each(|v| *v /= norm);
+        }
+        // Q's columns are `cols`; store Q row-major
+        let mut q = vec![0f32; d * d];
+        for (j, col) in cols.iter().enumerate() {
+            for (i, v) in col.iter().enumerate() {
+                q[i * d + j] = *v as f32;
+            }
+        }
+        Self { d, q }
+    }
+
+    /// `x ← Q·x`.
+    pub fn apply(&self, x: &mut [f32]) {
+        let input = x.to_vec();
+        for (out, row) in x.iter_mut().zip(self.q.chunks_exact(self.d)) {
+            *out = row.iter().zip(&input).map(|(a, b)| a * b).sum();
+        }
+    }
+
+    /// `x ← scale·Qᵀ·x`.
+    pub fn inverse_scaled(&self, x: &mut [f32], scale: f32) {
+        let input = x.to_vec();
+        x.fill(0.0);
+        for (row, v) in self.q.chunks_exact(self.d).zip(&input) {
+            let v = v * scale;
+            x.iter_mut().zip(row).for_each(|(o, a)| *o += a * v);
+        }
+    }
+}
 
 /// `x ↦ H·diag(s)·x / √d`, orthonormal; `d` a power of two.
 #[derive(Debug, Clone, PartialEq)]
@@ -117,6 +242,26 @@ mod tests {
                     .sum();
                 assert!((*got as f64 - want).abs() < 1e-3, "d={d} i={i}");
             }
+        }
+    }
+
+    #[test]
+    fn haar_rotation_is_orthonormal_and_invertible() {
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        let r = HaarRotation::new(48, &mut rng);
+        for i in 0..48 {
+            for j in 0..48 {
+                let dot: f32 = (0..48).map(|t| r.q[t * 48 + i] * r.q[t * 48 + j]).sum();
+                let want = if i == j { 1.0 } else { 0.0 };
+                assert!((dot - want).abs() < 1e-5, "{i} {j}: {dot}");
+            }
+        }
+        let x: Vec<f32> = (0..48).map(|i| (i as f32 * 0.3).cos() * 2.0).collect();
+        let mut y = x.clone();
+        r.apply(&mut y);
+        r.inverse_scaled(&mut y, 2.0);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((2.0 * a - b).abs() < 1e-4);
         }
     }
 

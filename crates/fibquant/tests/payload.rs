@@ -10,15 +10,7 @@ use proptest::prelude::*;
 
 fn quantizer() -> &'static FibQuant {
     static Q: OnceLock<FibQuant> = OnceLock::new();
-    Q.get_or_init(|| {
-        FibQuant::new(Profile {
-            d: 64,
-            k: 2,
-            n: 64,
-            seed: 3,
-        })
-        .unwrap()
-    })
+    Q.get_or_init(|| FibQuant::new(Profile::new(64, 2, 64, 3)).unwrap())
 }
 
 fn payload() -> Vec<u8> {
@@ -38,13 +30,7 @@ fn valid_payload_round_trips_and_foreign_ones_are_refused() {
     let q = quantizer();
     let p = payload();
     assert_eq!(q.from_payload(&p).unwrap().len(), q.code_bytes() * 5);
-    let other = FibQuant::new(Profile {
-        d: 64,
-        k: 2,
-        n: 64,
-        seed: 4,
-    })
-    .unwrap();
+    let other = FibQuant::new(Profile::new(64, 2, 64, 4)).unwrap();
     assert!(matches!(
         other.from_payload(&p),
         Err(PayloadError::ForeignProfile { .. })

@@ -149,12 +149,12 @@ impl Codec {
     /// cache of the same codec shares codebook and rotation).
     pub fn fibquant_profile(self, head_dim: usize) -> Option<fibquant::Profile> {
         match self {
-            Codec::FibQuant { k, n } => Some(fibquant::Profile {
-                d: head_dim,
-                k: k as usize,
-                n: n as usize,
-                seed: FIBQUANT_SEED,
-            }),
+            Codec::FibQuant { k, n } => Some(fibquant::Profile::new(
+                head_dim,
+                k as usize,
+                n as usize,
+                FIBQUANT_SEED,
+            )),
             _ => None,
         }
     }
