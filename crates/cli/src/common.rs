@@ -39,9 +39,9 @@ pub struct CommonArgs {
     /// Tokens per cache block.
     #[arg(long, global = true, default_value_t = 16)]
     pub block_size: usize,
-    /// How weights are held in memory.
-    #[arg(long, global = true, value_enum, default_value_t = Weights::Q8)]
-    pub weights: Weights,
+    /// How weights are held in memory (default: q8; f32 for `eval`).
+    #[arg(long, global = true, value_enum)]
+    pub weights: Option<Weights>,
 }
 
 impl CommonArgs {
@@ -84,13 +84,20 @@ impl CommonArgs {
         Ok((key, value))
     }
 
-    /// Loads (fetching if needed) the model and its tokenizer.
+    /// Loads (fetching if needed) the model and its tokenizer, weights held as `--weights`
+    /// says or else as q8.
     pub fn load_model(&self) -> Result<(Model, GgufTokenizer)> {
+        self.load_model_or(WeightMode::Q8)
+    }
+
+    /// Loads the model with `default` weights unless `--weights` is given.
+    pub fn load_model_or(&self, default: WeightMode) -> Result<(Model, GgufTokenizer)> {
         let path = ensure_model(self.model.as_deref())?;
         let mode = match self.weights {
-            Weights::Exact => WeightMode::Exact,
-            Weights::F32 => WeightMode::F32,
-            Weights::Q8 => WeightMode::Q8,
+            Some(Weights::Exact) => WeightMode::Exact,
+            Some(Weights::F32) => WeightMode::F32,
+            Some(Weights::Q8) => WeightMode::Q8,
+            None => default,
         };
         Model::load(&path, mode).with_context(|| format!("loading {}", path.display()))
     }

@@ -1,9 +1,11 @@
-//! The `pagedkv` binary (DESIGN §10): demo, generate.
+//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, bench.
 
 mod bench;
 mod common;
 mod demo;
+mod eval;
 mod generate;
+mod plot;
 
 use std::process::ExitCode;
 
@@ -29,6 +31,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Generate a continuation of one prompt.
     Generate(generate::GenerateArgs),
+    /// Codec quality on real text: perplexity, KL to the f32 cache, top-1 agreement.
+    Eval(eval::EvalArgs),
     /// Benchmarks with their baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -51,6 +55,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Demo(args) => demo::run(&cli.common, args),
         Command::Generate(args) => generate::run(&cli.common, args),
+        Command::Eval(args) => eval::run(&cli.common, args),
         Command::Bench(command) => bench::run(&cli.common, command),
     }
 }

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod eval;
 pub mod fetch;
 pub mod model;
 pub mod qgemm;

@@ -1,0 +1,270 @@
+//! Codec quality on real text (DESIGN §9–10): perplexity, KL divergence to the f32 cache and
+//! top-1 agreement, per codec setting.
+//!
+//! The text is cut into non-overlapping windows of `window` tokens. Each window is fed one
+//! block (`block_size` tokens) per forward, so every earlier block is sealed — stored in the
+//! codec — before later tokens attend to it, exactly as in generation; within a block, tokens
+//! see the open block in full precision. The f32 cache on the same weights is the reference.
+
+use pagedkv::{Codec, KvCacheManager, SeqId};
+
+use crate::error::{EngineError, Result};
+use crate::model::{BatchItem, Logits, Model};
+
+/// Key and value codecs of one evaluated setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CodecPair {
+    /// Codec of keys.
+    pub key: Codec,
+    /// Codec of values.
+    pub value: Codec,
+}
+
+impl CodecPair {
+    /// The same codec for keys and values.
+    pub fn same(codec: Codec) -> Self {
+        Self {
+            key: codec,
+            value: codec,
+        }
+    }
+}
+
+impl std::fmt::Display for CodecPair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.key == self.value {
+            write!(f, "{}", self.key)
+        } else {
+            write!(f, "{}/{}", self.key, self.value)
+        }
+    }
+}
+
+impl std::str::FromStr for CodecPair {
+    type Err = pagedkv::KvError;
+
+    /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`.
+    fn from_str(s: &str) -> pagedkv::Result<Self> {
+        match s.split_once('/') {
+            Some((k, v)) => Ok(Self {
+                key: k.trim().parse()?,
+                value: v.trim().parse()?,
+            }),
+            None => Ok(Self::same(s.trim().parse()?)),
+        }
+    }
+}
+
+/// How to evaluate.
+#[derive(Debug, Clone, Copy)]
+pub struct EvalConfig {
+    /// Tokens per window (each window starts with an empty cache).
+    pub window: usize,
+    /// Tokens per cache block.
+    pub block_size: usize,
+    /// At most this many windows (None: every whole window of the text).
+    pub max_windows: Option<usize>,
+}
+
+/// Results of one codec setting.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRow {
+    /// The setting.
+    pub codecs: CodecPair,
+    /// Stored bits per K/V element, parameters included (keys and values averaged).
+    pub bits_per_element: f64,
+    /// KV bytes per token for this model.
+    pub kv_bytes_per_token: f64,
+    /// exp(mean negative log-likelihood of the next token).
+    pub ppl: f64,
+    /// Mean KL(f32 cache ‖ this setting) per predicted token, in nats.
+    pub kl_mean: f64,
+    /// Share of positions whose most likely next token equals the f32 cache's.
+    pub top1: f64,
+    /// Predicted tokens the figures are over.
+    pub tokens: usize,
+}
+
+/// Running sums of one setting.
+#[derive(Debug, Clone, Copy, Default)]
+struct Totals {
+    nll: f64,
+    kl: f64,
+    agree: usize,
+    count: usize,
+}
+
+/// Evaluates `settings` on `tokens`; the f32 reference row comes first in the result.
+/// `progress(done, total)` is called after each window's settings are done.
+pub fn evaluate(
+    model: &Model,
+    tokens: &[u32],
+    settings: &[CodecPair],
+    config: EvalConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<Vec<EvalRow>> {
+    let (w, bs) = (config.window, config.block_size);
+    if w < 2 || bs == 0 {
+        return Err(EngineError::InvalidArgument(format!(
+            "window ({w}) must be at least 2 tokens and block size ({bs}) positive"
+        )));
+    }
+    if w > model.config().context_len {
+        return Err(EngineError::InvalidArgument(format!(
+            "window of {w} tokens exceeds the model's context of {}",
+            model.config().context_len
+        )));
+    }
+    let mut windows = tokens.len() / w;
+    if let Some(max) = config.max_windows {
+        windows = windows.min(max);
+    }
+    if windows == 0 {
+        return Err(EngineError::InvalidArgument(format!(
+            "the text has {} tokens, fewer than one window of {w}",
+            tokens.len()
+        )));
+    }
+    let reference = CodecPair::same(Codec::F32);
+    let all: Vec<CodecPair> = std::iter::once(reference)
+        .chain(settings.iter().copied().filter(|s| *s != reference))
+        .collect();
+    // layouts first, so a bad codec (e.g. FibQuant on an unsupported head size) fails early
+    let layouts = all
+        .iter()
+        .map(|s| model.config().kv_layout(s.key, s.value, bs))
+        .collect::<Result<Vec<_>>>()?;
+    let vocab = model.config().vocab;
+    let mut totals = vec![Totals::default(); all.len()];
+    let mut reference_logp = vec![0f32; (w - 1) * vocab];
+    let mut logp = vec![0f32; vocab];
+    for win in 0..windows {
+        let text = &tokens[win * w..(win + 1) * w];
+        for (i, layout) in layouts.iter().enumerate() {
+            let logits = window_logits(model, *layout, text, bs)?;
+            // position p predicts token p + 1; the window's last logits predict nothing here
+            for (p, row) in logits.chunks_exact(vocab).take(w - 1).enumerate() {
+                log_softmax(row, &mut logp);
+                let t = &mut totals[i];
+                t.nll -= logp[text[p + 1] as usize] as f64;
+                t.count += 1;
+                let reference_row = &mut reference_logp[p * vocab..(p + 1) * vocab];
+                if i == 0 {
+                    reference_row.copy_from_slice(&logp);
+                    t.agree += 1;
+                    continue;
+                }
+                t.kl += kl(reference_row, &logp);
+                if argmax(reference_row) == argmax(&logp) {
+                    t.agree += 1;
+                }
+            }
+        }
+        progress(win + 1, windows);
+    }
+    Ok(all
+        .iter()
+        .zip(&layouts)
+        .zip(&totals)
+        .map(|((codecs, layout), t)| {
+            let (d, bs) = (layout.head_dim(), layout.block_size());
+            let bits = (layout.key_page_bytes() + layout.value_page_bytes()) as f64 * 8.0
+                / (2 * bs * d) as f64;
+            EvalRow {
+                codecs: *codecs,
+                bits_per_element: bits,
+                kv_bytes_per_token: layout.kv_bytes_per_token(),
+                ppl: (t.nll / t.count as f64).exp(),
+                kl_mean: t.kl / t.count as f64,
+                top1: t.agree as f64 / t.count as f64,
+                tokens: t.count,
+            }
+        })
+        .collect())
+}
+
+/// Logits of every position of `text` on a fresh cache, fed one block per forward.
+fn window_logits(
+    model: &Model,
+    layout: pagedkv::KvLayout,
+    text: &[u32],
+    block_size: usize,
+) -> Result<Vec<f32>> {
+    let blocks = layout.blocks_for_tokens(text.len());
+    let mut cache = KvCacheManager::new(layout, blocks, b"eval")?;
+    let seq = SeqId(0);
+    cache.admit(seq, text)?;
+    let mut logits = Vec::with_capacity(text.len() * model.config().vocab);
+    for chunk in text.chunks(block_size) {
+        let out = model.forward(
+            &mut cache,
+            &[BatchItem {
+                seq,
+                tokens: chunk,
+                logits: Logits::All,
+            }],
+        )?;
+        logits.extend_from_slice(&out[0]);
+    }
+    Ok(logits)
+}
+
+/// `out = row − logsumexp(row)`, in f64 for the sum.
+fn log_softmax(row: &[f32], out: &mut [f32]) {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, x| m.max(*x));
+    let sum: f64 = row.iter().map(|x| ((x - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    for (o, x) in out.iter_mut().zip(row) {
+        *o = (*x as f64 - lse) as f32;
+    }
+}
+
+/// KL(p ‖ q) from log-probabilities.
+fn kl(log_p: &[f32], log_q: &[f32]) -> f64 {
+    log_p
+        .iter()
+        .zip(log_q)
+        .map(|(p, q)| (*p as f64).exp() * (*p as f64 - *q as f64))
+        .sum::<f64>()
+        .max(0.0)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, x)| {
+            if *x > best.1 {
+                (i, *x)
+            } else {
+                best
+            }
+        })
+        .0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_of_identical_distributions_is_zero_and_positive_otherwise() {
+        let mut p = vec![0f32; 4];
+        let mut q = vec![0f32; 4];
+        log_softmax(&[1.0, 2.0, 3.0, 4.0], &mut p);
+        log_softmax(&[1.0, 2.0, 3.0, 3.5], &mut q);
+        assert_eq!(kl(&p, &p), 0.0);
+        assert!(kl(&p, &q) > 0.0);
+        let total: f64 = p.iter().map(|x| (*x as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn codec_pairs_parse_and_print() {
+        let pair: CodecPair = "int8/int4".parse().unwrap();
+        assert_eq!(pair.key, Codec::Int8);
+        assert_eq!(pair.value, Codec::Int4);
+        assert_eq!(pair.to_string(), "int8/int4");
+        assert_eq!("f16".parse::<CodecPair>().unwrap().to_string(), "f16");
+        assert!("int9".parse::<CodecPair>().is_err());
+    }
+}
