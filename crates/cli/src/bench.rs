@@ -23,6 +23,32 @@ pub enum BenchCommand {
     Generate(GenerateBench),
     /// Codec storage cost, error and encode/decode throughput on synthetic K/V.
     Codecs(CodecsBench),
+    /// Decode attention over the paged cache per codec and context length, against this
+    /// machine's measured memory read bandwidth.
+    Attention(AttentionBench),
+}
+
+#[derive(Debug, Args)]
+pub struct AttentionBench {
+    /// Context lengths in tokens (comma-separated).
+    #[arg(long, default_value = "512,2048,8192,32768")]
+    contexts: String,
+    /// Codecs to measure (comma-separated).
+    #[arg(
+        long,
+        default_value = "f16,f32,bf16,int8,fp8-e4m3,int4,fibquant-k2n256,fibquant-k4n256"
+    )]
+    codecs: String,
+    /// Layers of SmolLM2's geometry (9 query heads, 3 kv heads, head_dim 64) attended per
+    /// step, each with its own cache, as one decode step of the model does.
+    #[arg(long, default_value_t = 30)]
+    layers: usize,
+    /// Timed decode steps per measurement (the median is reported).
+    #[arg(long, default_value_t = 9)]
+    steps: usize,
+    /// Write the figures as JSON.
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -65,7 +91,137 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(common, args),
         BenchCommand::Codecs(args) => codecs(args),
+        BenchCommand::Attention(args) => attention(args),
     }
+}
+
+/// Read bandwidth of this machine: a sum over a buffer far larger than the caches, split over
+/// the thread pool; the best of three passes, in bytes per second.
+fn read_bandwidth() -> f64 {
+    use rayon::prelude::*;
+    const BYTES: usize = 1 << 30;
+    let buffer: Vec<f32> = (0..BYTES / 4)
+        .into_par_iter()
+        .map(|i| (i % 7) as f32)
+        .collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..3 {
+        let started = Instant::now();
+        let total: f32 = buffer
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut lanes = [0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for i in 0..16 {
+                        lanes[i] += v[i];
+                    }
+                }
+                lanes.iter().sum::<f32>()
+            })
+            .sum();
+        std::hint::black_box(total);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    BYTES as f64 / best
+}
+
+fn attention(args: AttentionBench) -> Result<()> {
+    use pagedkv::attention::{attend_split, Context};
+    use pagedkv::codec::synthetic::gaussian;
+    use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
+    anyhow::ensure!(
+        args.layers > 0 && args.steps > 0,
+        "--layers and --steps must be positive"
+    );
+    let contexts = args
+        .contexts
+        .split(',')
+        .map(|c| c.trim().parse::<usize>())
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    anyhow::ensure!(contexts.iter().all(|c| *c > 0), "contexts must be positive");
+    let codecs = parse_codecs(&args.codecs)?;
+    let threads = rayon::current_num_threads();
+    let bandwidth = read_bandwidth();
+    println!(
+        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads; median of {} steps",
+        args.layers, args.steps
+    );
+    println!(
+        "machine read bandwidth (threaded sum over 1 GiB): {:.1} GB/s",
+        bandwidth / 1e9
+    );
+    println!(
+        "{:>16} {:>7} {:>11} {:>13} {:>9} {:>10} {:>9}",
+        "codec", "context", "µs / step", "ns / ctx tok", "GB/s", "of bandw.", "× f16"
+    );
+    let mut rows = Vec::new();
+    for &context in &contexts {
+        let mut f16_time = None;
+        for &codec in &codecs {
+            let mut spec = LayoutSpec::new(args.layers, 3, 9, 64, codec);
+            spec.block_size = 16;
+            let layout = KvLayout::new(spec)?;
+            let blocks: Vec<BlockId> = (0..context.div_ceil(16) as u32).map(BlockId).collect();
+            let mut storage = KvStorage::new(layout, blocks.len())?;
+            let width = layout.token_width();
+            let kv = gaussian(2 * width * 64, context as u64);
+            for pos in 0..context {
+                let (k, v) = kv[(pos % 64) * 2 * width..][..2 * width].split_at(width);
+                for layer in 0..args.layers {
+                    storage.write_token(layer, blocks[pos / 16], pos % 16, k, v)?;
+                }
+                if pos % 16 == 15 {
+                    storage.seal(blocks[pos / 16])?;
+                }
+            }
+            let q = gaussian(9 * 64, 7);
+            let mut out = vec![0f32; 9 * 64];
+            let ctx = Context {
+                blocks: &blocks,
+                len: context,
+            };
+            let scale = 0.125;
+            let mut times = Vec::with_capacity(args.steps);
+            for step in 0..args.steps + 1 {
+                let started = Instant::now();
+                for layer in 0..args.layers {
+                    attend_split(&storage, layer, ctx, &q, scale, &mut out, threads)?;
+                }
+                if step > 0 {
+                    times.push(started.elapsed().as_secs_f64());
+                }
+            }
+            let step = median(times);
+            // bytes of every page read: whole blocks, keys and values, every layer
+            let bytes = (0..args.layers)
+                .map(|l| (layout.key_page_bytes(l) + layout.value_page_bytes(l)) * 3)
+                .sum::<usize>() as f64
+                * blocks.len() as f64;
+            if codec == Codec::F16 {
+                f16_time = Some(step);
+            }
+            let rate = bytes / step;
+            let vs_f16 = f16_time.map_or("-".to_string(), |t| format!("{:.2}", step / t));
+            println!(
+                "{:>16} {context:>7} {:>11.1} {:>13.2} {:>9.1} {:>9.0}% {vs_f16:>9}",
+                codec.to_string(),
+                step * 1e6,
+                step * 1e9 / (context * args.layers) as f64,
+                rate / 1e9,
+                100.0 * rate / bandwidth
+            );
+            rows.push(serde_json::json!({
+                "codec": codec.to_string(), "context": context, "layers": args.layers,
+                "seconds_per_step": step, "kv_bytes_per_step": bytes, "bytes_per_second": rate,
+                "fraction_of_bandwidth": rate / bandwidth, "time_vs_f16": f16_time.map(|t| step / t),
+            }));
+        }
+    }
+    if let Some(path) = args.json {
+        let json = serde_json::json!({"read_bandwidth_bytes_per_second": bandwidth, "rows": rows});
+        std::fs::write(&path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
 }
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";

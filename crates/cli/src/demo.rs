@@ -60,8 +60,8 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
         args.cache_mib,
         blocks,
         layout.block_size(),
-        layout.key_codec(),
-        layout.value_codec(),
+        layout.spec().key_codec,
+        layout.spec().value_codec,
         layout.kv_bytes_per_token()
     );
     let mut scheduler = Scheduler::new(&model, cache, SchedulerConfig::default())?;

@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use pagedkv::LayerSet;
 use pagedkv_engine::eval::{evaluate, CodecPair, EvalConfig, EvalRow};
 use pagedkv_engine::WeightMode;
 
@@ -34,6 +35,16 @@ pub struct EvalArgs {
     /// 512 tokens takes about 5 s per codec on 2 cores with f32 weights).
     #[arg(long, default_value_t = 8)]
     windows: usize,
+    /// Instead of the codec list: each layer's KL when only that layer is stored in this
+    /// setting (KEY/VALUE allowed), then a per-layer assignment for `--budget`.
+    #[arg(long)]
+    sensitivity: Option<String>,
+    /// Bits per element to aim for in the proposed assignment (with --sensitivity).
+    #[arg(long, default_value_t = 2.5)]
+    budget: f64,
+    /// Codec setting of the layers the assignment keeps at higher precision.
+    #[arg(long, default_value = "int8")]
+    high: String,
     /// Write the rows as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -78,10 +89,10 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         model.weight_mode(),
         common.threads_label()
     );
-    let bar = ProgressBar::new(windows as u64).with_style(
-        ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {elapsed} (eta {eta})")
-            .expect("valid template"),
-    );
+    if let Some(setting) = &args.sensitivity {
+        return sensitivity(&model, &tokens, setting, &args, config, windows);
+    }
+    let bar = progress_bar(windows);
     let started = Instant::now();
     let rows = evaluate(&model, &tokens, &settings, config, |done, _| {
         bar.set_position(done as u64)
@@ -102,6 +113,98 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         crate::plot::eval_chart(&rows, &name, path)
             .with_context(|| format!("drawing {}", path.display()))?;
         println!("chart: {}", path.display());
+    }
+    Ok(())
+}
+
+fn progress_bar(windows: usize) -> ProgressBar {
+    ProgressBar::new(windows as u64).with_style(
+        ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {elapsed} (eta {eta})")
+            .expect("valid template"),
+    )
+}
+
+/// Per-layer KL of `setting` (every other layer f32), then the most sensitive layers moved to
+/// `--high` until the average rate reaches `--budget` bits per element.
+fn sensitivity(
+    model: &pagedkv_engine::Model,
+    tokens: &[u32],
+    setting: &str,
+    args: &EvalArgs,
+    config: EvalConfig,
+    windows: usize,
+) -> Result<()> {
+    let low: CodecPair = setting.parse()?;
+    let high: CodecPair = args.high.parse()?;
+    let layers = model.config().layers;
+    let reference = CodecPair::same(pagedkv::Codec::F32);
+    let settings = (0..layers)
+        .map(|l| Ok(reference.with_override(LayerSet::of([l])?, low.key, low.value)))
+        .collect::<pagedkv::Result<Vec<_>>>()?;
+    let bar = progress_bar(windows);
+    let rows = evaluate(model, tokens, &settings, config, |done, _| {
+        bar.set_position(done as u64)
+    })?;
+    bar.finish_and_clear();
+    println!("sensitivity of {low}: KL when only that layer is stored in it");
+    println!("{:>5} {:>10} {:>8} {:>10}", "layer", "KL", "top-1", "PPL");
+    let per_layer = &rows[1..];
+    for (l, r) in per_layer.iter().enumerate() {
+        println!(
+            "{l:>5} {:>10.5} {:>7.1}% {:>10.3}",
+            r.kl_mean,
+            100.0 * r.top1,
+            r.ppl
+        );
+    }
+    // the most sensitive layers first; add them to the high set while the budget allows
+    let mut order: Vec<usize> = (0..layers).collect();
+    order.sort_by(|a, b| per_layer[*b].kl_mean.total_cmp(&per_layer[*a].kl_mean));
+    let rate = |set: &[usize]| -> Result<f64> {
+        let pair = if set.is_empty() {
+            low
+        } else {
+            low.with_override(LayerSet::of(set.iter().copied())?, high.key, high.value)
+        };
+        let layout = model.config().kv_layout_with(
+            pair.key,
+            pair.value,
+            config.block_size,
+            pair.layer_override,
+        )?;
+        Ok(layout.bits_per_element())
+    };
+    let mut chosen: Vec<usize> = Vec::new();
+    for layer in order {
+        let mut next = chosen.clone();
+        next.push(layer);
+        if rate(&next)? > args.budget {
+            break;
+        }
+        chosen = next;
+    }
+    let proposal = if chosen.is_empty() {
+        low
+    } else {
+        chosen.sort_unstable();
+        low.with_override(LayerSet::of(chosen.iter().copied())?, high.key, high.value)
+    };
+    println!(
+        "proposed for {:.2} bits per element: {proposal} ({:.2} bits; evaluate it with --codecs '{proposal}')",
+        args.budget,
+        rate(&chosen)?
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "setting": low.to_string(),
+            "layers": per_layer.iter().enumerate().map(|(l, r)| serde_json::json!({
+                "layer": l, "kl_mean": r.kl_mean, "top1": r.top1, "ppl": r.ppl,
+            })).collect::<Vec<_>>(),
+            "budget_bits": args.budget,
+            "proposal": proposal.to_string(),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

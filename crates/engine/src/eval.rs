@@ -6,52 +6,103 @@
 //! codec — before later tokens attend to it, exactly as in generation; within a block, tokens
 //! see the open block in full precision. The f32 cache on the same weights is the reference.
 
-use pagedkv::{Codec, KvCacheManager, SeqId};
+use pagedkv::{Codec, KvCacheManager, LayerOverride, LayerSet, SeqId};
 
 use crate::error::{EngineError, Result};
 use crate::model::{BatchItem, Logits, Model};
 
-/// Key and value codecs of one evaluated setting.
+/// Key and value codecs of one evaluated setting, optionally other codecs on some layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CodecPair {
     /// Codec of keys.
     pub key: Codec,
     /// Codec of values.
     pub value: Codec,
+    /// Codecs used instead on some layers.
+    pub layer_override: Option<LayerOverride>,
 }
 
 impl CodecPair {
-    /// The same codec for keys and values.
+    /// The same codec for keys and values on every layer.
     pub fn same(codec: Codec) -> Self {
         Self {
             key: codec,
             value: codec,
+            layer_override: None,
+        }
+    }
+
+    /// This setting with `key`/`value` on `layers`.
+    pub fn with_override(self, layers: LayerSet, key: Codec, value: Codec) -> Self {
+        Self {
+            layer_override: Some(LayerOverride {
+                layers,
+                key_codec: key,
+                value_codec: value,
+            }),
+            ..self
+        }
+    }
+}
+
+fn pair_name(key: Codec, value: Codec) -> String {
+    if key == value {
+        key.to_string()
+    } else {
+        format!("{key}/{value}")
+    }
+}
+
+fn parse_pair(s: &str) -> pagedkv::Result<(Codec, Codec)> {
+    match s.split_once('/') {
+        Some((k, v)) => Ok((k.trim().parse()?, v.trim().parse()?)),
+        None => {
+            let c: Codec = s.trim().parse()?;
+            Ok((c, c))
         }
     }
 }
 
 impl std::fmt::Display for CodecPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.key == self.value {
-            write!(f, "{}", self.key)
-        } else {
-            write!(f, "{}/{}", self.key, self.value)
+        write!(f, "{}", pair_name(self.key, self.value))?;
+        if let Some(o) = self.layer_override {
+            write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
+        Ok(())
     }
 }
 
 impl std::str::FromStr for CodecPair {
     type Err = pagedkv::KvError;
 
-    /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`.
+    /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
+    /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`.
     fn from_str(s: &str) -> pagedkv::Result<Self> {
-        match s.split_once('/') {
-            Some((k, v)) => Ok(Self {
-                key: k.trim().parse()?,
-                value: v.trim().parse()?,
-            }),
-            None => Ok(Self::same(s.trim().parse()?)),
+        let (base, other) = match s.split_once('@') {
+            Some((base, other)) => (base, Some(other)),
+            None => (s, None),
+        };
+        let (key, value) = parse_pair(base)?;
+        let mut pair = Self {
+            key,
+            value,
+            layer_override: None,
+        };
+        if let Some(other) = other {
+            let bad = || pagedkv::KvError::UnknownCodec {
+                name: s.to_string(),
+                valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]".to_string(),
+            };
+            let (codecs, layers) = other.split_once(':').ok_or_else(bad)?;
+            let (k, v) = parse_pair(codecs)?;
+            let layers = layers
+                .split('+')
+                .map(|l| l.trim().parse::<usize>().map_err(|_| bad()))
+                .collect::<pagedkv::Result<Vec<_>>>()?;
+            pair = pair.with_override(LayerSet::of(layers)?, k, v);
         }
+        Ok(pair)
     }
 }
 
@@ -132,7 +183,11 @@ pub fn evaluate(
     // layouts first, so a bad codec (e.g. FibQuant on an unsupported head size) fails early
     let layouts = all
         .iter()
-        .map(|s| model.config().kv_layout(s.key, s.value, bs))
+        .map(|s| {
+            model
+                .config()
+                .kv_layout_with(s.key, s.value, bs, s.layer_override)
+        })
         .collect::<Result<Vec<_>>>()?;
     let vocab = model.config().vocab;
     let mut totals = vec![Totals::default(); all.len()];
@@ -166,19 +221,14 @@ pub fn evaluate(
         .iter()
         .zip(&layouts)
         .zip(&totals)
-        .map(|((codecs, layout), t)| {
-            let (d, bs) = (layout.head_dim(), layout.block_size());
-            let bits = (layout.key_page_bytes() + layout.value_page_bytes()) as f64 * 8.0
-                / (2 * bs * d) as f64;
-            EvalRow {
-                codecs: *codecs,
-                bits_per_element: bits,
-                kv_bytes_per_token: layout.kv_bytes_per_token(),
-                ppl: (t.nll / t.count as f64).exp(),
-                kl_mean: t.kl / t.count as f64,
-                top1: t.agree as f64 / t.count as f64,
-                tokens: t.count,
-            }
+        .map(|((codecs, layout), t)| EvalRow {
+            codecs: *codecs,
+            bits_per_element: layout.bits_per_element(),
+            kv_bytes_per_token: layout.kv_bytes_per_token(),
+            ppl: (t.nll / t.count as f64).exp(),
+            kl_mean: t.kl / t.count as f64,
+            top1: t.agree as f64 / t.count as f64,
+            tokens: t.count,
         })
         .collect())
 }
@@ -266,5 +316,12 @@ mod tests {
         assert_eq!(pair.to_string(), "int8/int4");
         assert_eq!("f16".parse::<CodecPair>().unwrap().to_string(), "f16");
         assert!("int9".parse::<CodecPair>().is_err());
+        let mixed: CodecPair = "fibquant-k2n16@int8/f16:0+29".parse().unwrap();
+        let o = mixed.layer_override.unwrap();
+        assert_eq!(o.layers.iter().collect::<Vec<_>>(), [0, 29]);
+        assert_eq!((o.key_codec, o.value_codec), (Codec::Int8, Codec::F16));
+        assert_eq!(mixed.to_string(), "fibquant-k2n16@int8/f16:0+29");
+        assert!("int4@f16".parse::<CodecPair>().is_err());
+        assert!("int4@f16:x".parse::<CodecPair>().is_err());
     }
 }

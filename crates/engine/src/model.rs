@@ -15,7 +15,7 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use pagedkv::attention::{self, Context, Scratch};
-use pagedkv::{Codec, KvCacheManager, KvLayout, LayoutSpec, SeqId};
+use pagedkv::{Codec, KvCacheManager, KvLayout, LayerOverride, LayoutSpec, SeqId};
 use rayon::prelude::*;
 
 use crate::error::{candle_message, EngineError, Result};
@@ -66,6 +66,17 @@ impl ModelConfig {
         value_codec: Codec,
         block_size: usize,
     ) -> Result<KvLayout> {
+        self.kv_layout_with(key_codec, value_codec, block_size, None)
+    }
+
+    /// The KV layout with other codecs on some layers.
+    pub fn kv_layout_with(
+        &self,
+        key_codec: Codec,
+        value_codec: Codec,
+        block_size: usize,
+        layer_override: Option<LayerOverride>,
+    ) -> Result<KvLayout> {
         Ok(KvLayout::new(LayoutSpec {
             layers: self.layers,
             kv_heads: self.kv_heads,
@@ -74,6 +85,7 @@ impl ModelConfig {
             block_size,
             key_codec,
             value_codec,
+            layer_override,
         })?)
     }
 }
@@ -391,17 +403,36 @@ impl Model {
                 )?;
             }
             let storage = cache.storage();
-            attn_out
-                .par_chunks_mut(q_width)
-                .zip(q.par_chunks(q_width))
-                .zip(rows.par_iter())
-                .try_for_each_init(Scratch::default, |scratch, ((out, qr), (item_idx, pos))| {
+            let threads = rayon::current_num_threads();
+            if n < threads {
+                // fewer queries than threads (decode of few sequences): split each context
+                for ((out, qr), (item_idx, pos)) in attn_out
+                    .chunks_mut(q_width)
+                    .zip(q.chunks(q_width))
+                    .zip(&rows)
+                {
                     let ctx = Context {
                         blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
-                    attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
-                })?;
+                    attention::attend_split(storage, layer_idx, ctx, qr, scale, out, threads)?;
+                }
+            } else {
+                attn_out
+                    .par_chunks_mut(q_width)
+                    .zip(q.par_chunks(q_width))
+                    .zip(rows.par_iter())
+                    .try_for_each_init(
+                        Scratch::default,
+                        |scratch, ((out, qr), (item_idx, pos))| {
+                            let ctx = Context {
+                                blocks: &tables[*item_idx],
+                                len: pos + 1,
+                            };
+                            attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
+                        },
+                    )?;
+            }
             let [o] = self.project([&layer.wo], &attn_out, n)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 

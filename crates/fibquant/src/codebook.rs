@@ -203,6 +203,11 @@ impl Codebook {
         &self.words[i * self.k..(i + 1) * self.k]
     }
 
+    /// Coordinate `j` of every codeword (N values, then zero padding to a multiple of 16).
+    pub fn column(&self, j: usize) -> &[f32] {
+        &self.columns[j * self.stride..(j + 1) * self.stride]
+    }
+
     /// All codewords, row-major.
     pub fn words(&self) -> &[f32] {
         &self.words

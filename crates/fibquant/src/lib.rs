@@ -182,6 +182,22 @@ impl FibQuant {
         &self.codebook
     }
 
+    /// Index bits per block of k coordinates.
+    pub fn index_bits(&self) -> u32 {
+        self.bits
+    }
+
+    /// Rotates `x` (length d) into the quantizer's basis: queries are rotated once, then
+    /// scored against codewords directly (asymmetric distance, DESIGN §6).
+    pub fn rotate(&self, x: &mut [f32]) {
+        self.rotation.apply(x);
+    }
+
+    /// Rotates `x` back from the quantizer's basis and multiplies by `scale`.
+    pub fn unrotate_scaled(&self, x: &mut [f32], scale: f32) {
+        self.rotation.inverse_scaled(x, scale);
+    }
+
     /// Bytes of one encoded vector.
     pub fn code_bytes(&self) -> usize {
         code_bytes(self.profile.d, self.profile.k, self.profile.n)

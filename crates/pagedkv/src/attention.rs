@@ -6,11 +6,15 @@
 //! Query head `j` reads kv head `j / group` (the Llama `repeat_kv` convention), so the query rows
 //! of one kv head are contiguous in `q`: `q[(h·group + g)·head_dim ..]`.
 
-use half::slice::HalfFloatSliceExt;
+mod lut;
+mod pages;
 
 use crate::block::BlockId;
 use crate::error::{KvError, Result};
-use crate::storage::{KvStorage, PageRef};
+use crate::storage::KvStorage;
+
+use lut::FibTables;
+use pages::{accumulate_values, exp_in_place, key_scores, prefetch, PageScratch, Shape};
 
 /// The part of a sequence one query attends to: its block table and the number of positions
 /// visible to the query (causal limit), `1 ..= blocks.len() · block_size`.
@@ -22,14 +26,13 @@ pub struct Context<'a> {
     pub len: usize,
 }
 
-/// Reusable buffers of the f32 kernel, sized on first use.
+/// Reusable buffers of the kernel, sized on first use.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     scores: Vec<f32>,
-    acc: Vec<f32>,
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    page: Vec<f32>,
+    partial: Partial,
+    pages: PageScratch,
+    fib: FibTables,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -57,64 +60,65 @@ fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<(
             limit: capacity + 1,
         });
     }
+    if q.iter().any(|x| !x.is_finite()) {
+        return Err(KvError::NonFinite { what: "query" });
+    }
     Ok(())
 }
 
-/// Dot product with 16 independent partial sums, so the compiler can keep them in vector lanes
-/// (a single running sum forces strictly sequential float adds).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (b_main, b_tail) = b.split_at(a_main.len());
-    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cb[i];
+/// Online-softmax state of one kv head's query group over some blocks: running maximum, sum
+/// of exponentials and unnormalized output per query head. Partial states of disjoint block
+/// ranges merge exactly (flash-decoding's split-K).
+#[derive(Debug, Default, Clone)]
+pub struct Partial {
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+impl Partial {
+    fn reset(&mut self, group: usize, d: usize) {
+        self.max.clear();
+        self.max.resize(group, f32::NEG_INFINITY);
+        self.sum.clear();
+        self.sum.resize(group, 0.0);
+        self.acc.clear();
+        self.acc.resize(group * d, 0.0);
+    }
+
+    /// Folds `other` (another block range of the same heads) into `self`.
+    fn merge(&mut self, other: &Partial, d: usize) {
+        for g in 0..self.max.len() {
+            let max = self.max[g].max(other.max[g]);
+            if max == f32::NEG_INFINITY {
+                continue;
+            }
+            let (a, b) = ((self.max[g] - max).exp(), (other.max[g] - max).exp());
+            self.sum[g] = self.sum[g] * a + other.sum[g] * b;
+            self.acc[g * d..(g + 1) * d]
+                .iter_mut()
+                .zip(&other.acc[g * d..(g + 1) * d])
+                .for_each(|(x, y)| *x = *x * a + y * b);
+            self.max[g] = max;
         }
     }
-    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
 
-#[inline]
-fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
-    acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
-}
-
-/// The first `len` elements of a page as f32: borrowed for f32 pages (and open blocks' staging),
-/// converted in bulk (F16C where available) or decoded by the codec into `buf` otherwise. One
-/// page at a time, never the whole context; fused per-codec reading is the kernel work of
-/// DESIGN §7.
-fn page_f32<'a>(
-    page: PageRef<'a>,
-    len: usize,
-    bs: usize,
-    d: usize,
-    buf: &'a mut Vec<f32>,
-) -> Result<&'a [f32]> {
-    Ok(match page {
-        PageRef::F32(p) => &p[..len],
-        PageRef::F16(p) => {
-            buf.resize(len, 0.0);
-            p[..len].convert_to_f32_slice(buf);
-            buf
+    /// Writes the normalized outputs of the group into `out` (`group × d`).
+    fn write(&self, d: usize, out: &mut [f32]) {
+        for (g, dst) in out.chunks_exact_mut(d).enumerate() {
+            let inv = 1.0 / self.sum[g];
+            dst.iter_mut()
+                .zip(&self.acc[g * d..(g + 1) * d])
+                .for_each(|(o, a)| *o = a * inv);
         }
-        PageRef::Bf16(p) => {
-            buf.resize(len, 0.0);
-            p[..len].convert_to_f32_slice(buf);
-            buf
-        }
-        packed @ PageRef::Packed { .. } => {
-            buf.resize(len, 0.0);
-            packed.to_f32(bs, d, buf)?;
-            buf
-        }
-    })
+    }
 }
 
 /// Attention of one query token (all query heads) over `ctx`, written to `out`
-/// (`query_heads × head_dim`). f32 arithmetic, stored elements converted in registers.
+/// (`query_heads × head_dim`): each page read in its codec (see `pages`, `lut`), online
+/// softmax, on the widest SIMD the CPU offers (runtime detection; [`attend_portable`] is the
+/// same code built for the baseline target). Single-threaded: callers run many queries in
+/// parallel, or use [`attend_split`] for one long one.
 pub fn attend(
     storage: &KvStorage,
     layer: usize,
@@ -125,75 +129,237 @@ pub fn attend(
     scratch: &mut Scratch,
 ) -> Result<()> {
     check(storage, &ctx, q, out)?;
+    attend_heads(storage, layer, ctx, q, scale, out, scratch, true)
+}
+
+/// [`attend`] without SIMD beyond the baseline target: the fallback, and the twin the SIMD
+/// builds are tested against.
+pub fn attend_portable(
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) -> Result<()> {
+    check(storage, &ctx, q, out)?;
+    attend_heads(storage, layer, ctx, q, scale, out, scratch, false)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attend_heads(
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+    simd: bool,
+) -> Result<()> {
     let layout = storage.layout();
-    let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
-    scratch.scores.resize(group * bs, 0.0);
-    scratch.acc.resize(group * d, 0.0);
-    scratch.max.resize(group, 0.0);
-    scratch.sum.resize(group, 0.0);
+    let (d, group) = (layout.head_dim(), layout.group_size());
+    let blocks = ctx.len.div_ceil(layout.block_size());
+    let mut partial = std::mem::take(&mut scratch.partial);
     for head in 0..layout.kv_heads() {
-        let qs = &q[head * group * d..(head + 1) * group * d];
-        scratch.acc.fill(0.0);
-        scratch.max.fill(f32::NEG_INFINITY);
-        scratch.sum.fill(0.0);
-        for (block_idx, block) in ctx.blocks.iter().enumerate() {
-            let start = block_idx * bs;
-            if start >= ctx.len {
-                break;
-            }
-            let n = (ctx.len - start).min(bs);
-            let keys = page_f32(
-                storage.key_page(layer, *block, head)?,
-                n * d,
-                bs,
-                d,
-                &mut scratch.page,
-            )?;
-            for (g, qg) in qs.chunks_exact(d).enumerate() {
-                for (t, key) in keys.chunks_exact(d).enumerate() {
-                    scratch.scores[g * bs + t] = dot(qg, key) * scale;
-                }
-            }
-            // online softmax: rescale the running sums once per block
-            for g in 0..group {
-                let scores = &mut scratch.scores[g * bs..g * bs + n];
-                let block_max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let new_max = scratch.max[g].max(block_max);
-                let correction = (scratch.max[g] - new_max).exp();
-                scratch.max[g] = new_max;
-                scratch.sum[g] *= correction;
-                scratch.acc[g * d..(g + 1) * d]
-                    .iter_mut()
-                    .for_each(|a| *a *= correction);
-                for s in scores.iter_mut() {
-                    *s = (*s - new_max).exp();
-                    scratch.sum[g] += *s;
-                }
-            }
-            let values = page_f32(
-                storage.value_page(layer, *block, head)?,
-                n * d,
-                bs,
-                d,
-                &mut scratch.page,
-            )?;
-            for g in 0..group {
-                let probs = &scratch.scores[g * bs..g * bs + n];
-                let acc = &mut scratch.acc[g * d..(g + 1) * d];
-                for (p, v) in probs.iter().zip(values.chunks_exact(d)) {
-                    axpy(acc, *p, v);
-                }
+        let span = head * group * d..(head + 1) * group * d;
+        let pass = Pass {
+            storage,
+            layer,
+            head,
+            ctx,
+            q: &q[span.clone()],
+            scale,
+        };
+        pass.run(0..blocks, &mut partial, scratch, simd)?;
+        partial.write(d, &mut out[span]);
+    }
+    scratch.partial = partial;
+    Ok(())
+}
+
+/// Attention of one query token with its context split over threads: work items are
+/// (kv head, block range), as many as `threads` asks for (at least 16 blocks each); partial
+/// states are merged exactly. For decode of few sequences over long contexts, where one
+/// thread per query leaves cores idle.
+pub fn attend_split(
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+    threads: usize,
+) -> Result<()> {
+    use rayon::prelude::*;
+    check(storage, &ctx, q, out)?;
+    let layout = storage.layout();
+    let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
+    let blocks = ctx.len.div_ceil(layout.block_size());
+    const MIN_BLOCKS: usize = 16;
+    let splits = threads
+        .div_ceil(heads)
+        .clamp(1, blocks.div_ceil(MIN_BLOCKS).max(1));
+    let per_split = blocks.div_ceil(splits);
+    let items: Vec<(usize, std::ops::Range<usize>)> = (0..heads)
+        .flat_map(|h| {
+            (0..splits).filter_map(move |s| {
+                let range = s * per_split..((s + 1) * per_split).min(blocks);
+                (!range.is_empty()).then_some((h, range))
+            })
+        })
+        .collect();
+    let partials = items
+        .par_iter()
+        .map_init(Scratch::default, |scratch, (head, range)| {
+            let span = head * group * d..(head + 1) * group * d;
+            let pass = Pass {
+                storage,
+                layer,
+                head: *head,
+                ctx,
+                q: &q[span],
+                scale,
+            };
+            let mut partial = Partial::default();
+            pass.run(range.clone(), &mut partial, scratch, true)
+                .map(|()| (*head, partial))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    for head in 0..heads {
+        let mut merged: Option<Partial> = None;
+        for (_, p) in partials.iter().filter(|(h, _)| *h == head) {
+            match merged.as_mut() {
+                None => merged = Some(p.clone()),
+                Some(m) => m.merge(p, d),
             }
         }
-        for g in 0..group {
-            let inv = 1.0 / scratch.sum[g];
-            let dst = &mut out[(head * group + g) * d..(head * group + g + 1) * d];
-            dst.iter_mut()
-                .zip(&scratch.acc[g * d..(g + 1) * d])
-                .for_each(|(o, a)| *o = a * inv);
+        if let Some(m) = merged {
+            m.write(d, &mut out[head * group * d..(head + 1) * group * d]);
         }
     }
     Ok(())
+}
+
+/// One kv head's query group over a range of the context's blocks.
+#[derive(Clone, Copy)]
+struct Pass<'a> {
+    storage: &'a KvStorage,
+    layer: usize,
+    head: usize,
+    ctx: Context<'a>,
+    /// The group's query rows (`group × d`).
+    q: &'a [f32],
+    scale: f32,
+}
+
+impl Pass<'_> {
+    /// Runs on the widest SIMD available when `simd`, else on the baseline target.
+    fn run(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+        simd: bool,
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx2") && has!("f16c") {
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above).
+                return unsafe { self.run_avx512(blocks, partial, scratch) };
+            }
+            if has!("avx2") && has!("f16c") {
+                // SAFETY: AVX2 and F16C are present (checked on the line above).
+                return unsafe { self.run_avx2(blocks, partial, scratch) };
+            }
+        }
+        let _ = simd;
+        self.body(blocks, partial, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn run_avx512(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        self.body(blocks, partial, scratch)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn run_avx2(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        self.body(blocks, partial, scratch)
+    }
+
+    #[inline(always)]
+    fn body(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        let layout = self.storage.layout();
+        let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
+        let shape = Shape { group, d, bs };
+        let Scratch {
+            scores, pages, fib, ..
+        } = scratch;
+        scores.resize(group * bs, 0.0);
+        partial.reset(group, d);
+        let Partial { max, sum, acc } = partial;
+        fib.start_head();
+        for block_idx in blocks {
+            let block = self.ctx.blocks[block_idx];
+            let start = block_idx * bs;
+            if start >= self.ctx.len {
+                break;
+            }
+            let n = (self.ctx.len - start).min(bs);
+            if let Some(next) = self.ctx.blocks.get(block_idx + 1) {
+                if start + bs < self.ctx.len {
+                    prefetch(self.storage.key_page(self.layer, *next, self.head)?);
+                    prefetch(self.storage.value_page(self.layer, *next, self.head)?);
+                }
+            }
+            let keys = self.storage.key_page(self.layer, block, self.head)?;
+            key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?;
+            // online softmax: rescale the running sums once per block
+            for g in 0..group {
+                let block_scores = &mut scores[g * bs..g * bs + n];
+                let block_max = block_scores
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let new_max = max[g].max(block_max);
+                let correction = (max[g] - new_max).exp();
+                max[g] = new_max;
+                sum[g] *= correction;
+                if correction != 1.0 {
+                    acc[g * d..(g + 1) * d]
+                        .iter_mut()
+                        .for_each(|a| *a *= correction);
+                    fib.rescale(g, group, correction);
+                }
+                block_scores.iter_mut().for_each(|s| *s -= new_max);
+                exp_in_place(block_scores);
+                sum[g] += block_scores.iter().sum::<f32>();
+            }
+            let values = self.storage.value_page(self.layer, block, self.head)?;
+            accumulate_values(values, n, shape, scores, acc, pages, fib)?;
+        }
+        fib.finish(shape, acc);
+        Ok(())
+    }
 }
 
 /// The oracle: the same attention on the stored values (the codec's reconstruction) with f64
@@ -290,31 +456,114 @@ mod tests {
         (s, blocks)
     }
 
+    fn every_codec() -> Vec<Codec> {
+        let mut all = Codec::FIXED.to_vec();
+        all.extend([
+            Codec::FibQuant { k: 2, n: 256 },
+            Codec::FibQuant { k: 4, n: 256 },
+            Codec::FibQuant { k: 2, n: 16 },
+        ]);
+        all
+    }
+
+    fn assert_close(fast: &[f32], slow: &[f32], what: &str) {
+        let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+        for (a, b) in fast.iter().zip(slow) {
+            assert!((a - b).abs() <= 1e-4 * scale, "{what}: {a} vs {b}");
+        }
+    }
+
+    /// Decode (one query over the whole context) and prefill (one query per position, each
+    /// seeing the positions up to its own: the causal mask) against the f64 reference, for every
+    /// codec, MHA / GQA 9:3 / MQA, contexts that are and are not whole blocks, and length 1.
     #[test]
-    fn kernel_matches_reference_for_mha_gqa_mqa() {
-        for codec in Codec::FIXED {
+    fn kernel_matches_reference_for_every_codec_mha_gqa_mqa_decode_and_prefill() {
+        for codec in every_codec() {
             for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
                 for tokens in [1, 3, 4, 13] {
                     let (s, blocks) = filled(codec, kv, qh, tokens);
-                    let q: Vec<f32> = (0..qh * 32)
-                        .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
-                        .collect();
-                    let ctx = Context {
-                        blocks: &blocks,
-                        len: tokens,
-                    };
-                    let (mut fast, mut slow) = (vec![0.0; qh * 32], vec![0.0; qh * 32]);
-                    attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
-                    attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
-                    let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs()));
-                    for (a, b) in fast.iter().zip(&slow) {
-                        assert!(
-                            (a - b).abs() <= 1e-5 * scale.max(1.0),
-                            "{codec} {kv}/{qh} {tokens}: {a} vs {b}"
-                        );
+                    for len in 1..=tokens {
+                        let q: Vec<f32> = (0..qh * 32)
+                            .map(|i| ((i * 7 % 11 + len) as f32 - 5.0) / 3.0)
+                            .collect();
+                        let ctx = Context {
+                            blocks: &blocks,
+                            len,
+                        };
+                        let (mut fast, mut slow) = (vec![0.0; qh * 32], vec![0.0; qh * 32]);
+                        let mut portable = vec![0.0; qh * 32];
+                        attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
+                        attend_portable(
+                            &s,
+                            0,
+                            ctx,
+                            &q,
+                            0.35,
+                            &mut portable,
+                            &mut Scratch::default(),
+                        )
+                        .unwrap();
+                        attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
+                        let what = format!("{codec} {kv}/{qh} {tokens} tokens, position {len}");
+                        assert_close(&fast, &slow, &what);
+                        assert_close(&portable, &slow, &what);
                     }
                 }
             }
+        }
+    }
+
+    /// The split-K parallel kernel merges block ranges into the same result.
+    #[test]
+    fn split_context_merges_to_the_same_output() {
+        for codec in every_codec() {
+            let mut spec = LayoutSpec::new(1, 3, 9, 32, codec);
+            spec.block_size = 4;
+            let layout = KvLayout::new(spec).unwrap();
+            let tokens: usize = 4 * 70 + 3;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).map(BlockId).collect();
+            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            for pos in 0..tokens {
+                let k: Vec<f32> = (0..96)
+                    .map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin() * 3.0)
+                    .collect();
+                let v: Vec<f32> = (0..96)
+                    .map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos())
+                    .collect();
+                s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
+                if pos % 4 == 3 {
+                    s.seal(blocks[pos / 4]).unwrap();
+                }
+            }
+            let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.21).cos()).collect();
+            let ctx = Context {
+                blocks: &blocks,
+                len: tokens,
+            };
+            let (mut one, mut split, mut slow) = (vec![0.0; 288], vec![0.0; 288], vec![0.0; 288]);
+            attend(&s, 0, ctx, &q, 0.3, &mut one, &mut Scratch::default()).unwrap();
+            attend_split(&s, 0, ctx, &q, 0.3, &mut split, 8).unwrap();
+            attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
+            assert_close(&split, &slow, &format!("{codec} split"));
+            assert_close(&one, &slow, &format!("{codec} one pass"));
+        }
+    }
+
+    /// One scratch reused across codecs, heads and lengths gives the same results as fresh ones.
+    #[test]
+    fn scratch_reuse_does_not_leak_state() {
+        let mut scratch = Scratch::default();
+        for codec in every_codec() {
+            let (s, blocks) = filled(codec, 3, 9, 13);
+            let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.13).sin()).collect();
+            let ctx = Context {
+                blocks: &blocks,
+                len: 13,
+            };
+            let (mut reused, mut fresh) = (vec![0.0; 9 * 32], vec![0.0; 9 * 32]);
+            attend(&s, 0, ctx, &q, 0.2, &mut reused, &mut scratch).unwrap();
+            attend(&s, 0, ctx, &q, 0.2, &mut fresh, &mut Scratch::default()).unwrap();
+            assert_eq!(reused, fresh, "{codec}");
         }
     }
 

@@ -37,6 +37,69 @@ pub struct LayoutSpec {
     pub key_codec: Codec,
     /// Codec of the values.
     pub value_codec: Codec,
+    /// Other codecs for a set of layers (e.g. the first and last at higher precision).
+    pub layer_override: Option<LayerOverride>,
+}
+
+/// A set of layer indices (below [`MAX_LAYERS`]), stored as a bitmap so layouts stay `Copy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct LayerSet([u64; MAX_LAYERS / 64]);
+
+impl LayerSet {
+    /// The set of `layers`; indices at or above [`MAX_LAYERS`] are refused.
+    pub fn of(layers: impl IntoIterator<Item = usize>) -> Result<Self> {
+        let mut set = Self::default();
+        for layer in layers {
+            if layer >= MAX_LAYERS {
+                return Err(KvError::TooLarge {
+                    field: "layer index",
+                    value: layer,
+                    max: MAX_LAYERS - 1,
+                });
+            }
+            set.0[layer / 64] |= 1 << (layer % 64);
+        }
+        Ok(set)
+    }
+
+    /// Whether `layer` is in the set.
+    pub fn contains(&self, layer: usize) -> bool {
+        layer < MAX_LAYERS && self.0[layer / 64] & (1 << (layer % 64)) != 0
+    }
+
+    /// The layers in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..MAX_LAYERS).filter(|l| self.contains(*l))
+    }
+
+    /// Number of layers in the set.
+    pub fn len(&self) -> usize {
+        self.0.iter().map(|w| w.count_ones() as usize).sum()
+    }
+
+    /// True if no layer is in the set.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for LayerSet {
+    /// Layers joined by `+` (e.g. `0+1+29`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<String> = self.iter().map(|l| l.to_string()).collect();
+        write!(f, "{}", names.join("+"))
+    }
+}
+
+/// Codecs used instead of the layout's own on some layers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerOverride {
+    /// The layers concerned.
+    pub layers: LayerSet,
+    /// Their key codec.
+    pub key_codec: Codec,
+    /// Their value codec.
+    pub value_codec: Codec,
 }
 
 impl LayoutSpec {
@@ -56,6 +119,7 @@ impl LayoutSpec {
             block_size: 16,
             key_codec: codec,
             value_codec: codec,
+            layer_override: None,
         }
     }
 }
@@ -78,8 +142,9 @@ pub enum AttentionKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvLayout {
     spec: LayoutSpec,
-    key_page_bytes: usize,
-    value_page_bytes: usize,
+    /// Page bytes of keys and values: [0] with the layout's codecs, [1] with the override's.
+    key_page_bytes: [usize; 2],
+    value_page_bytes: [usize; 2],
     block_bytes: usize,
 }
 
@@ -108,21 +173,40 @@ impl KvLayout {
                 kv_heads: spec.kv_heads,
             });
         }
-        spec.key_codec.check_head_dim(spec.head_dim)?;
-        spec.value_codec.check_head_dim(spec.head_dim)?;
-        let key_page_bytes =
-            spec.key_codec
-                .page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
-        let value_page_bytes =
-            spec.value_codec
-                .page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
+        let own = (spec.key_codec, spec.value_codec);
+        let other = spec
+            .layer_override
+            .map_or(own, |o| (o.key_codec, o.value_codec));
+        if let Some(o) = spec.layer_override {
+            if let Some(layer) = o.layers.iter().find(|l| *l >= spec.layers) {
+                return Err(KvError::TooLarge {
+                    field: "override layer",
+                    value: layer,
+                    max: spec.layers - 1,
+                });
+            }
+        }
+        let mut key_page_bytes = [0; 2];
+        let mut value_page_bytes = [0; 2];
+        for (i, (key, value)) in [own, other].into_iter().enumerate() {
+            key.check_head_dim(spec.head_dim)?;
+            value.check_head_dim(spec.head_dim)?;
+            key_page_bytes[i] = key.page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
+            value_page_bytes[i] = value.page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
+        }
+        let overridden = spec.layer_override.map_or(0, |o| o.layers.len());
         let overflow = KvError::SizeOverflow {
             what: "block bytes",
         };
-        let block_bytes = key_page_bytes
-            .checked_add(value_page_bytes)
-            .and_then(|per_head| per_head.checked_mul(spec.kv_heads))
-            .and_then(|per_layer| per_layer.checked_mul(spec.layers))
+        let per_layer = |i: usize| {
+            key_page_bytes[i]
+                .checked_add(value_page_bytes[i])
+                .and_then(|per_head| per_head.checked_mul(spec.kv_heads))
+        };
+        let block_bytes = per_layer(0)
+            .and_then(|b| b.checked_mul(spec.layers - overridden))
+            .zip(per_layer(1).and_then(|b| b.checked_mul(overridden)))
+            .and_then(|(a, b)| a.checked_add(b))
             .ok_or(overflow)?;
         Ok(Self {
             spec,
@@ -130,6 +214,13 @@ impl KvLayout {
             value_page_bytes,
             block_bytes,
         })
+    }
+
+    /// 1 if `layer` uses the override's codecs, else 0.
+    fn variant(&self, layer: usize) -> usize {
+        self.spec
+            .layer_override
+            .is_some_and(|o| o.layers.contains(layer)) as usize
     }
 
     /// The spec this layout was built from.
@@ -156,13 +247,25 @@ impl KvLayout {
     pub fn block_size(&self) -> usize {
         self.spec.block_size
     }
-    /// Codec of the keys.
-    pub fn key_codec(&self) -> Codec {
-        self.spec.key_codec
+    /// Codec of the keys of `layer`.
+    pub fn key_codec(&self, layer: usize) -> Codec {
+        match self.spec.layer_override {
+            Some(o) if o.layers.contains(layer) => o.key_codec,
+            _ => self.spec.key_codec,
+        }
     }
-    /// Codec of the values.
-    pub fn value_codec(&self) -> Codec {
-        self.spec.value_codec
+    /// Codec of the values of `layer`.
+    pub fn value_codec(&self, layer: usize) -> Codec {
+        match self.spec.layer_override {
+            Some(o) if o.layers.contains(layer) => o.value_codec,
+            _ => self.spec.value_codec,
+        }
+    }
+    /// Whether every layer stores keys and values in full precision (f32/f16/bf16).
+    pub fn is_full_precision(&self) -> bool {
+        (0..self.spec.layers).all(|l| {
+            self.key_codec(l).is_full_precision() && self.value_codec(l).is_full_precision()
+        })
     }
     /// Query heads served by each kv head.
     pub fn group_size(&self) -> usize {
@@ -188,13 +291,13 @@ impl KvLayout {
         self.spec.block_size * self.spec.head_dim
     }
 
-    /// Bytes of one key page (one layer, one kv head, one block) in the key codec.
-    pub fn key_page_bytes(&self) -> usize {
-        self.key_page_bytes
+    /// Bytes of one key page (one kv head, one block) of `layer` in its key codec.
+    pub fn key_page_bytes(&self, layer: usize) -> usize {
+        self.key_page_bytes[self.variant(layer)]
     }
-    /// Bytes of one value page in the value codec.
-    pub fn value_page_bytes(&self) -> usize {
-        self.value_page_bytes
+    /// Bytes of one value page of `layer` in its value codec.
+    pub fn value_page_bytes(&self, layer: usize) -> usize {
+        self.value_page_bytes[self.variant(layer)]
     }
 
     /// Bytes of one block across all layers, keys and values, in the layout's codecs.
@@ -207,10 +310,10 @@ impl KvLayout {
         self.block_bytes as f64 / self.spec.block_size as f64
     }
 
-    /// Average bits per stored K/V element, scales and norms included.
+    /// Average bits per stored K/V element over all layers, scales and norms included.
     pub fn bits_per_element(&self) -> f64 {
-        let elements = 2 * self.page_elements();
-        (self.key_page_bytes + self.value_page_bytes) as f64 * 8.0 / elements as f64
+        let elements = 2 * self.page_elements() * self.spec.kv_heads * self.spec.layers;
+        self.block_bytes as f64 * 8.0 / elements as f64
     }
 
     /// How many whole blocks fit in `budget_bytes`.
@@ -227,11 +330,17 @@ impl KvLayout {
     /// geometry or codec changes the stored bytes, so it must change the key.
     pub fn digest_bytes(&self) -> Vec<u8> {
         let s = &self.spec;
-        format!(
+        let mut digest = format!(
             "pagedkv-layout-v1;layers={};kv_heads={};query_heads={};head_dim={};block_size={};k={};v={}",
             s.layers, s.kv_heads, s.query_heads, s.head_dim, s.block_size, s.key_codec, s.value_codec
-        )
-        .into_bytes()
+        );
+        if let Some(o) = s.layer_override {
+            digest += &format!(
+                ";override={}:k={};v={}",
+                o.layers, o.key_codec, o.value_codec
+            );
+        }
+        digest.into_bytes()
     }
 }
 
@@ -304,11 +413,39 @@ mod tests {
     }
 
     #[test]
+    fn layer_overrides_change_only_their_layers() {
+        let mut spec = smollm(Codec::Int4);
+        spec.layer_override = Some(LayerOverride {
+            layers: LayerSet::of([0, 29]).unwrap(),
+            key_codec: Codec::F16,
+            value_codec: Codec::Int8,
+        });
+        let mixed = KvLayout::new(spec).unwrap();
+        let plain = KvLayout::new(smollm(Codec::Int4)).unwrap();
+        assert_eq!(mixed.key_codec(0), Codec::F16);
+        assert_eq!(mixed.value_codec(29), Codec::Int8);
+        assert_eq!(mixed.key_codec(1), Codec::Int4);
+        assert_eq!(mixed.key_page_bytes(1), plain.key_page_bytes(1));
+        assert_eq!(mixed.key_page_bytes(0), 16 * 64 * 2);
+        let per_layer =
+            |l: &KvLayout, layer| 3 * (l.key_page_bytes(layer) + l.value_page_bytes(layer));
+        let total: usize = (0..30).map(|layer| per_layer(&mixed, layer)).sum();
+        assert_eq!(mixed.block_bytes(), total);
+        assert!(mixed.bits_per_element() > plain.bits_per_element());
+        assert!(!mixed.is_full_precision());
+        assert_ne!(mixed.digest_bytes(), plain.digest_bytes());
+        // an override beyond the model's layers is refused
+        spec.layer_override.as_mut().unwrap().layers = LayerSet::of([30]).unwrap();
+        assert!(matches!(KvLayout::new(spec), Err(KvError::TooLarge { .. })));
+        assert!(LayerSet::of([MAX_LAYERS]).is_err());
+    }
+
+    #[test]
     fn compressed_codecs_shrink_blocks() {
         let f16 = KvLayout::new(smollm(Codec::F16)).unwrap();
         let int4 = KvLayout::new(smollm(Codec::Int4)).unwrap();
         // 4-bit data + f16 scales and zeros: 1,408 vs 4,096 bytes per page pair at bs=16, d=64
-        assert_eq!(int4.key_page_bytes() + int4.value_page_bytes(), 1408);
+        assert_eq!(int4.key_page_bytes(0) + int4.value_page_bytes(0), 1408);
         assert!(int4.block_bytes() * 2 < f16.block_bytes());
         assert_ne!(f16.digest_bytes(), int4.digest_bytes());
     }

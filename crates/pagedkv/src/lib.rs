@@ -18,7 +18,7 @@ pub mod table;
 pub use block::{BlockId, BlockPool, PoolCounts};
 pub use codec::{Codec, Role};
 pub use error::{KvError, Result};
-pub use layout::{AttentionKind, KvLayout, LayoutSpec};
+pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};
 pub use manager::{Admission, KvCacheManager};
 pub use prefix::{hash_block, BlockHash, PrefixStats};
 pub use storage::{KvStorage, PageRef};

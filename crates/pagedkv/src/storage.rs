@@ -172,7 +172,9 @@ pub struct KvStorage {
 impl KvStorage {
     /// Allocates zeroed arenas for the layout's codecs.
     pub fn new(layout: KvLayout, num_blocks: usize) -> Result<Self> {
-        for codec in [layout.key_codec(), layout.value_codec()] {
+        let codecs =
+            (0..layout.layers()).flat_map(|l| [layout.key_codec(l), layout.value_codec(l)]);
+        for codec in codecs {
             // build (or fetch) the shared quantizer now: a bad profile fails here, not mid-run
             if let Some(profile) = codec.fibquant_profile(layout.head_dim()) {
                 fibquant::FibQuant::shared(profile)?;
@@ -182,8 +184,8 @@ impl KvStorage {
         let pages = num_blocks
             .checked_mul(layout.kv_heads())
             .ok_or(overflow.clone())?;
-        let compressed =
-            !(layout.key_codec().is_full_precision() && layout.value_codec().is_full_precision());
+        // one compressed layer makes every layer stage its open blocks: one path for all
+        let compressed = !layout.is_full_precision();
         let arena = |codec: Codec, page_bytes: usize| -> Result<Arena> {
             Ok(if compressed {
                 Arena::Packed(vec![
@@ -201,9 +203,9 @@ impl KvStorage {
         };
         let mut keys = Vec::with_capacity(layout.layers());
         let mut values = Vec::with_capacity(layout.layers());
-        for _ in 0..layout.layers() {
-            keys.push(arena(layout.key_codec(), layout.key_page_bytes())?);
-            values.push(arena(layout.value_codec(), layout.value_page_bytes())?);
+        for l in 0..layout.layers() {
+            keys.push(arena(layout.key_codec(l), layout.key_page_bytes(l))?);
+            values.push(arena(layout.value_codec(l), layout.value_page_bytes(l))?);
         }
         let staging = compressed.then(|| Staging {
             slot_of: vec![NO_SLOT; num_blocks],
@@ -327,10 +329,14 @@ impl KvStorage {
                 for role in [Role::Key, Role::Value] {
                     let src = self.staging_offset(slot, layer, role, head);
                     let (codec, page_bytes, arena) = match role {
-                        Role::Key => (l.key_codec(), l.key_page_bytes(), &mut self.keys[layer]),
+                        Role::Key => (
+                            l.key_codec(layer),
+                            l.key_page_bytes(layer),
+                            &mut self.keys[layer],
+                        ),
                         Role::Value => (
-                            l.value_codec(),
-                            l.value_page_bytes(),
+                            l.value_codec(layer),
+                            l.value_page_bytes(layer),
                             &mut self.values[layer],
                         ),
                     };
@@ -421,8 +427,8 @@ impl KvStorage {
                 ));
             }
             let (codec, page_bytes) = match role {
-                Role::Key => (l.key_codec(), l.key_page_bytes()),
-                Role::Value => (l.value_codec(), l.value_page_bytes()),
+                Role::Key => (l.key_codec(layer), l.key_page_bytes(layer)),
+                Role::Value => (l.value_codec(layer), l.value_page_bytes(layer)),
             };
             let offset = (block.index() * l.kv_heads() + head) * page_bytes;
             return Ok(PageRef::Packed {
@@ -457,11 +463,12 @@ impl KvStorage {
             staging.close(dst);
         }
         let l = self.layout;
-        for (arenas, page_len) in [
-            (&mut self.keys, l.key_page_bytes()),
-            (&mut self.values, l.value_page_bytes()),
-        ] {
-            for arena in arenas.iter_mut() {
+        for (arenas, role) in [(&mut self.keys, Role::Key), (&mut self.values, Role::Value)] {
+            for (layer, arena) in arenas.iter_mut().enumerate() {
+                let page_len = match role {
+                    Role::Key => l.key_page_bytes(layer),
+                    Role::Value => l.value_page_bytes(layer),
+                };
                 let block_len = match arena {
                     Arena::Packed(_) => l.kv_heads() * page_len,
                     _ => l.kv_heads() * l.page_elements(),
@@ -567,6 +574,44 @@ mod tests {
             s.discard(BlockId(2));
             assert_eq!(s.open_blocks(), 0);
         }
+    }
+
+    #[test]
+    fn a_layer_override_stores_that_layer_in_its_own_codec() {
+        // layer 0 in f16 inside an int4 layout: layer 0 reads back at f16 precision once sealed
+        let mut spec = *layout(Codec::Int4).spec();
+        spec.layer_override = Some(crate::LayerOverride {
+            layers: crate::LayerSet::of([0]).unwrap(),
+            key_codec: Codec::F16,
+            value_codec: Codec::F16,
+        });
+        let mut s = KvStorage::new(KvLayout::new(spec).unwrap(), 2).unwrap();
+        let r = row(0.37);
+        for slot in 0..2 {
+            for layer in 0..2 {
+                s.write_token(layer, BlockId(0), slot, &r, &r).unwrap();
+            }
+        }
+        s.seal(BlockId(0)).unwrap();
+        let (mut k0, mut v0, mut k1, mut v1) =
+            (vec![0.0; 64], vec![0.0; 64], vec![0.0; 64], vec![0.0; 64]);
+        s.read_token(0, BlockId(0), 1, &mut k0, &mut v0).unwrap();
+        s.read_token(1, BlockId(0), 1, &mut k1, &mut v1).unwrap();
+        let max_err = |a: &[f32]| {
+            a.iter()
+                .zip(&r)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        assert!(max_err(&k0) <= 1e-3 * 4.0, "f16 layer: {}", max_err(&k0));
+        assert!(max_err(&v1) > max_err(&v0), "the int4 layer is coarser");
+        assert!(matches!(
+            s.key_page(0, BlockId(0), 0).unwrap(),
+            PageRef::Packed {
+                codec: Codec::F16,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -61,7 +61,7 @@ fn put_f16(out: &mut [u8], idx: usize, v: f16) {
     out[idx * 2..idx * 2 + 2].copy_from_slice(&v.to_le_bytes());
 }
 
-fn get_f16(bytes: &[u8], idx: usize) -> f32 {
+pub(crate) fn get_f16(bytes: &[u8], idx: usize) -> f32 {
     f16::from_le_bytes([bytes[idx * 2], bytes[idx * 2 + 1]]).to_f32()
 }
 

@@ -1,0 +1,500 @@
+//! Reading one page where it lies, per codec: the key scores of a block for every query head
+//! of a GQA group, and the probability-weighted sum of its values (DESIGN §7).
+//!
+//! - f32: read directly; f16/bf16: converted in bulk into a page-sized buffer in L1;
+//! - int8/int4 keys: the channel scales fold into the query, `q·(s⊙x + z) = (q⊙s)·x + q·z`,
+//!   so the dot runs on the codes; values: `p·(s·x + z) = (p·s)·x + p·z` per group of 32;
+//! - fp8: the 256-entry decode table inside the dot, scales folded the same way;
+//! - FibQuant: never decoded (see [`super::lut`]).
+//!
+//! Every function is `#[inline(always)]` so the SIMD build of the kernel compiles them with
+//! its target features.
+
+use half::{bf16, f16};
+
+use crate::codec::scalar::{data_bytes, fp8_table, get_f16};
+use crate::codec::{Codec, VALUE_GROUP};
+use crate::error::Result;
+use crate::storage::PageRef;
+
+use super::lut::FibTables;
+
+/// Geometry of one kv head's pass: `group` query heads of `d` elements, blocks of `bs`.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    pub group: usize,
+    pub d: usize,
+    pub bs: usize,
+}
+
+/// Buffers reused across pages.
+#[derive(Debug, Default, Clone)]
+pub(super) struct PageScratch {
+    /// A converted page (f16/bf16, or a packed full-precision page).
+    page: Vec<f32>,
+    /// Query rows with key scales folded in (`group × d`), and their constant terms.
+    folded: Vec<f32>,
+    bias: Vec<f32>,
+    /// One unpacked row of int4 codes.
+    codes: Vec<u8>,
+    /// Channel parameters of a key page.
+    scale: Vec<f32>,
+    zero: Vec<f32>,
+}
+
+/// f16 → f32 in plain integer and float operations that vectorize (the `half` crate converts
+/// 8 at a time behind a function call): the exponent and mantissa bits moved into f32
+/// position and rescaled by 2¹¹², exact for normals and subnormals; infinities and NaNs get
+/// the all-ones exponent. Bit-identical to `f16::to_f32` (tested on all 65,536 codes).
+#[inline(always)]
+pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    const RESCALE: f32 = 5.192_297e33; // 2^112
+    for (o, h) in dst.iter_mut().zip(src) {
+        let bits = h.to_bits() as u32;
+        let magnitude = bits & 0x7FFF;
+        let finite = f32::from_bits(magnitude << 13) * RESCALE;
+        let special = f32::from_bits((magnitude << 13) | 0x7F80_0000);
+        let value = if magnitude >= 0x7C00 { special } else { finite };
+        *o = f32::from_bits(value.to_bits() | ((bits & 0x8000) << 16));
+    }
+}
+
+/// bf16 → f32: the bits are f32's upper half.
+#[inline(always)]
+pub(super) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
+    for (o, h) in dst.iter_mut().zip(src) {
+        *o = f32::from_bits((h.to_bits() as u32) << 16);
+    }
+}
+
+/// Asks the CPU to start loading a page into cache. Pages of one kv head lie `kv_heads` pages
+/// apart, and hardware prefetchers stop at 4 KiB boundaries, so without this each page begins
+/// with a stall on memory.
+#[inline(always)]
+pub(super) fn prefetch(page: PageRef) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (ptr, bytes) = match page {
+            PageRef::F32(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
+            PageRef::F16(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
+            PageRef::Bf16(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
+            PageRef::Packed { bytes, .. } => (bytes.as_ptr().cast::<i8>(), bytes.len()),
+        };
+        for offset in (0..bytes).step_by(64) {
+            // SAFETY: `offset < bytes`, so the address lies inside the borrowed page; a
+            // prefetch only hints the cache and never faults.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = page;
+}
+
+/// Dot product with 16 independent partial sums, so the compiler keeps them in vector lanes.
+#[inline(always)]
+pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (b_main, b_tail) = b.split_at(a_main.len());
+    for (ca, cb) in a_main.chunks_exact(LANES).zip(b_main.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `⟨a, codes⟩` with the codes widened to f32 in registers.
+#[inline(always)]
+fn dot_codes(a: &[f32], codes: &[u8]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (c_main, c_tail) = codes.split_at(a_main.len());
+    for (ca, cc) in a_main.chunks_exact(LANES).zip(c_main.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * cc[i] as f32;
+        }
+    }
+    let tail: f32 = a_tail.iter().zip(c_tail).map(|(x, c)| x * *c as f32).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `⟨a, table[codes]⟩` (fp8 decode inside the dot).
+#[inline(always)]
+fn dot_table(a: &[f32], codes: &[u8], table: &[f32; 256]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0f32; LANES];
+    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
+    let (c_main, c_tail) = codes.split_at(a_main.len());
+    for (ca, cc) in a_main.chunks_exact(LANES).zip(c_main.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += ca[i] * table[cc[i] as usize];
+        }
+    }
+    let tail: f32 = a_tail
+        .iter()
+        .zip(c_tail)
+        .map(|(x, c)| x * table[*c as usize])
+        .sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `x ← eˣ` for scores already shifted by their maximum (x ≤ 0, or −∞), branch-free so it
+/// vectorizes: x = n·ln2 + r with |r| ≤ ln2/2, eʳ by a degree-6 polynomial (Cephes' expf
+/// coefficients), 2ⁿ put in the exponent bits. Relative error below 3·10⁻⁷; below −87 the
+/// result is 0 (f32 would be subnormal there; softmax weights that small do not count).
+#[inline(always)]
+pub(super) fn exp_in_place(xs: &mut [f32]) {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    for x in xs.iter_mut() {
+        let v = x.max(-87.0);
+        let n = (v * LOG2E + 0.5).floor();
+        let r = v - n * LN2_HI - n * LN2_LO;
+        let p = 1.987_569_1e-4;
+        let p = p * r + 1.398_199_9e-3;
+        let p = p * r + 8.333_452e-3;
+        let p = p * r + 4.166_579_6e-2;
+        let p = p * r + 1.666_666_5e-1;
+        let p = p * r + 0.5;
+        let e = p * r * r + r + 1.0;
+        let scaled = e * f32::from_bits((((n as i32) + 127) << 23) as u32);
+        *x = if *x < -87.0 { 0.0 } else { scaled };
+    }
+}
+
+#[inline(always)]
+pub(super) fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
+    acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
+}
+
+/// Unpacks a row of int4 codes (low nibble first) into `out` (`d` codes).
+#[inline(always)]
+fn unpack_int4(row: &[u8], d: usize, out: &mut Vec<u8>) {
+    out.resize(d.next_multiple_of(2), 0);
+    for (pair, b) in out.chunks_exact_mut(2).zip(row) {
+        pair[0] = b & 0x0F;
+        pair[1] = b >> 4;
+    }
+    out.truncate(d);
+}
+
+/// The fp8 decode tables, built once.
+fn fp8_tables(codec: Codec) -> &'static [f32; 256] {
+    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    if codec == Codec::Fp8E4m3 {
+        E4M3.get_or_init(|| fp8_table(Codec::Fp8E4m3))
+    } else {
+        E5M2.get_or_init(|| fp8_table(Codec::Fp8E5m2))
+    }
+}
+
+/// The first `len` elements of a full-precision page as f32 (borrowed, or converted into
+/// `buffer`); None for packed pages.
+#[inline(always)]
+fn full_precision_rows<'a>(
+    page: PageRef<'a>,
+    len: usize,
+    buffer: &'a mut Vec<f32>,
+) -> Option<&'a [f32]> {
+    match page {
+        PageRef::F32(p) => Some(&p[..len]),
+        PageRef::F16(p) => {
+            buffer.resize(len, 0.0);
+            f16_to_f32(&p[..len], buffer);
+            Some(buffer)
+        }
+        PageRef::Bf16(p) => {
+            buffer.resize(len, 0.0);
+            bf16_to_f32(&p[..len], buffer);
+            Some(buffer)
+        }
+        PageRef::Packed { .. } => None,
+    }
+}
+
+/// `scores[g·bs + t] = scale·⟨q_g, k_t⟩` for the first `n` tokens of a key page.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub(super) fn key_scores(
+    page: PageRef,
+    n: usize,
+    shape: Shape,
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    scratch: &mut PageScratch,
+    fib: &mut FibTables,
+) -> Result<()> {
+    let Shape { d, bs, .. } = shape;
+    let PageScratch { page: buffer, .. } = scratch;
+    let Some(rows) = full_precision_rows(page, n * d, buffer) else {
+        let PageRef::Packed { codec, bytes, .. } = page else {
+            unreachable!("full-precision pages have rows")
+        };
+        return packed_key_scores(codec, bytes, n, shape, q, scale, scores, scratch, fib);
+    };
+    for (g, qg) in q.chunks_exact(d).enumerate() {
+        for (t, key) in rows.chunks_exact(d).enumerate() {
+            scores[g * bs + t] = dot(qg, key) * scale;
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn packed_key_scores(
+    codec: Codec,
+    bytes: &[u8],
+    n: usize,
+    shape: Shape,
+    q: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    scratch: &mut PageScratch,
+    fib: &mut FibTables,
+) -> Result<()> {
+    let Shape { group, d, bs } = shape;
+    match codec {
+        Codec::Int8 | Codec::Int4 | Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
+            let integer = matches!(codec, Codec::Int8 | Codec::Int4);
+            // channel parameters: (scale, zero) pairs for integers, scales for fp8
+            scratch.scale.resize(d, 0.0);
+            scratch.zero.resize(d, 0.0);
+            for c in 0..d {
+                if integer {
+                    scratch.scale[c] = get_f16(params, 2 * c);
+                    scratch.zero[c] = get_f16(params, 2 * c + 1);
+                } else {
+                    scratch.scale[c] = get_f16(params, c);
+                    scratch.zero[c] = 0.0;
+                }
+            }
+            scratch.folded.resize(group * d, 0.0);
+            scratch.bias.resize(group, 0.0);
+            for (g, qg) in q.chunks_exact(d).enumerate() {
+                let folded = &mut scratch.folded[g * d..(g + 1) * d];
+                for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
+                    *f = x * s * scale;
+                }
+                scratch.bias[g] = dot(qg, &scratch.zero) * scale;
+            }
+            let row_bytes = if codec == Codec::Int4 {
+                d.div_ceil(2)
+            } else {
+                d
+            };
+            for t in 0..n {
+                let row = &codes[t * row_bytes..(t + 1) * row_bytes];
+                let row = if codec == Codec::Int4 {
+                    unpack_int4(row, d, &mut scratch.codes);
+                    &scratch.codes[..]
+                } else {
+                    row
+                };
+                for g in 0..group {
+                    let folded = &scratch.folded[g * d..(g + 1) * d];
+                    scores[g * bs + t] = if integer {
+                        scratch.bias[g] + dot_codes(folded, row)
+                    } else {
+                        dot_table(folded, row, fp8_tables(codec))
+                    };
+                }
+            }
+            Ok(())
+        }
+        Codec::FibQuant { .. } => fib.key_scores(codec, bytes, n, shape, q, scale, scores),
+        Codec::F32 | Codec::F16 | Codec::Bf16 => {
+            // a full-precision layer inside a compressed layout: decode the page, then dot
+            scratch.page.resize(bs * d, 0.0);
+            crate::codec::scalar::decode_page(
+                codec,
+                crate::Role::Key,
+                bytes,
+                bs,
+                d,
+                &mut scratch.page,
+            )?;
+            for (g, qg) in q.chunks_exact(d).enumerate() {
+                for (t, key) in scratch.page.chunks_exact(d).take(n).enumerate() {
+                    scores[g * bs + t] = dot(qg, key) * scale;
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// `acc_g += Σ_t probs[g·bs + t] · v_t` over the first `n` tokens of a value page.
+#[inline(always)]
+pub(super) fn accumulate_values(
+    page: PageRef,
+    n: usize,
+    shape: Shape,
+    probs: &[f32],
+    acc: &mut [f32],
+    scratch: &mut PageScratch,
+    fib: &mut FibTables,
+) -> Result<()> {
+    let Shape { group, d, bs } = shape;
+    let PageScratch { page: buffer, .. } = scratch;
+    let Some(rows) = full_precision_rows(page, n * d, buffer) else {
+        let PageRef::Packed { codec, bytes, .. } = page else {
+            unreachable!("full-precision pages have rows")
+        };
+        return packed_values(codec, bytes, n, shape, probs, acc, scratch, fib);
+    };
+    for g in 0..group {
+        let acc = &mut acc[g * d..(g + 1) * d];
+        for (p, v) in probs[g * bs..g * bs + n].iter().zip(rows.chunks_exact(d)) {
+            axpy(acc, *p, v);
+        }
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn packed_values(
+    codec: Codec,
+    bytes: &[u8],
+    n: usize,
+    shape: Shape,
+    probs: &[f32],
+    acc: &mut [f32],
+    scratch: &mut PageScratch,
+    fib: &mut FibTables,
+) -> Result<()> {
+    let Shape { group, d, bs } = shape;
+    match codec {
+        Codec::Int8 | Codec::Int4 => {
+            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
+            let row_bytes = if codec == Codec::Int4 {
+                d.div_ceil(2)
+            } else {
+                d
+            };
+            let groups = d.div_ceil(VALUE_GROUP);
+            for t in 0..n {
+                let row = &codes[t * row_bytes..(t + 1) * row_bytes];
+                let row = if codec == Codec::Int4 {
+                    unpack_int4(row, d, &mut scratch.codes);
+                    &scratch.codes[..]
+                } else {
+                    row
+                };
+                for g in 0..group {
+                    let p = probs[g * bs + t];
+                    let acc = &mut acc[g * d..(g + 1) * d];
+                    for (chunk, (a, x)) in acc
+                        .chunks_mut(VALUE_GROUP)
+                        .zip(row.chunks(VALUE_GROUP))
+                        .enumerate()
+                        .map(|(i, pair)| (t * groups + i, pair))
+                    {
+                        let (w, pz) = (
+                            p * get_f16(params, 2 * chunk),
+                            p * get_f16(params, 2 * chunk + 1),
+                        );
+                        a.iter_mut()
+                            .zip(x)
+                            .for_each(|(a, x)| *a += w * *x as f32 + pz);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
+            let table = fp8_tables(codec);
+            for t in 0..n {
+                let row = &codes[t * d..(t + 1) * d];
+                let s = get_f16(params, t);
+                for g in 0..group {
+                    let w = probs[g * bs + t] * s;
+                    acc[g * d..(g + 1) * d]
+                        .iter_mut()
+                        .zip(row)
+                        .for_each(|(a, c)| *a += w * table[*c as usize]);
+                }
+            }
+            Ok(())
+        }
+        Codec::FibQuant { .. } => fib.accumulate(codec, bytes, n, shape, probs),
+        Codec::F32 | Codec::F16 | Codec::Bf16 => {
+            scratch.page.resize(bs * d, 0.0);
+            crate::codec::scalar::decode_page(
+                codec,
+                crate::Role::Value,
+                bytes,
+                bs,
+                d,
+                &mut scratch.page,
+            )?;
+            for g in 0..group {
+                let acc = &mut acc[g * d..(g + 1) * d];
+                for (p, v) in probs[g * bs..g * bs + n]
+                    .iter()
+                    .zip(scratch.page.chunks_exact(d))
+                {
+                    axpy(acc, *p, v);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_conversion_is_exact_on_every_code() {
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut ours = vec![0f32; all.len()];
+        f16_to_f32(&all, &mut ours);
+        for (h, o) in all.iter().zip(&ours) {
+            let want = h.to_f32();
+            assert!(
+                want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()),
+                "{:#06x}: {want} vs {o}",
+                h.to_bits()
+            );
+        }
+        let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        let mut ours = vec![0f32; all.len()];
+        bf16_to_f32(&all, &mut ours);
+        for (h, o) in all.iter().zip(&ours) {
+            let want = h.to_f32();
+            assert!(want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()));
+        }
+    }
+
+    #[test]
+    fn fast_exp_is_accurate() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -100.0 + i as f32 * 0.0005;
+            let mut v = [x];
+            exp_in_place(&mut v);
+            let want = (x as f64).exp();
+            let rel = ((v[0] as f64 - want) / want.max(f64::MIN_POSITIVE)).abs();
+            if want > 1e-30 {
+                worst = worst.max(rel);
+            }
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        let mut edge = [f32::NEG_INFINITY, -200.0, 0.0];
+        exp_in_place(&mut edge);
+        assert_eq!(edge, [0.0, 0.0, 1.0]);
+    }
+}
