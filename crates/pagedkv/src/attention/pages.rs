@@ -48,6 +48,34 @@ pub(super) struct PageScratch {
 /// the all-ones exponent. Bit-identical to `f16::to_f32` (tested on all 65,536 codes).
 #[inline(always)]
 pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked on the line above).
+        return unsafe { f16_to_f32_avx512(src, dst) };
+    }
+    f16_to_f32_portable(src, dst)
+}
+
+/// Sixteen conversions per instruction (`vcvtph2ps`), the portable loop for the tail.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn f16_to_f32_avx512(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{_mm256_loadu_si256, _mm512_cvtph_ps, _mm512_storeu_ps};
+    let len = src.len().min(dst.len());
+    let whole = len / 16 * 16;
+    for i in (0..whole).step_by(16) {
+        // SAFETY: i + 16 ≤ len ≤ both lengths, so the 16 halves read and 16 floats written
+        // are in bounds; unaligned loads and stores are used.
+        unsafe {
+            let halves = _mm256_loadu_si256(src.as_ptr().add(i).cast());
+            _mm512_storeu_ps(dst.as_mut_ptr().add(i), _mm512_cvtph_ps(halves));
+        }
+    }
+    f16_to_f32_portable(&src[whole..len], &mut dst[whole..len]);
+}
+
+#[inline(always)]
+fn f16_to_f32_portable(src: &[f16], dst: &mut [f32]) {
     const RESCALE: f32 = 5.192_297e33; // 2^112
     for (o, h) in dst.iter_mut().zip(src) {
         let bits = h.to_bits() as u32;
@@ -76,9 +104,15 @@ pub(super) fn prefetch(page: PageRef) {
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
         let (ptr, bytes) = match page {
-            PageRef::F32(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
-            PageRef::F16(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
-            PageRef::Bf16(p) => (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p)),
+            PageRef::F32(p) | PageRef::F32T(p) => {
+                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
+            }
+            PageRef::F16(p) | PageRef::F16T(p) => {
+                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
+            }
+            PageRef::Bf16(p) | PageRef::Bf16T(p) => {
+                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
+            }
             PageRef::Packed { bytes, .. } => (bytes.as_ptr().cast::<i8>(), bytes.len()),
         };
         for offset in (0..bytes).step_by(64) {
@@ -215,7 +249,75 @@ fn full_precision_rows<'a>(
             bf16_to_f32(&p[..len], buffer);
             Some(buffer)
         }
-        PageRef::Packed { .. } => None,
+        _ => None,
+    }
+}
+
+/// A channel-major key page as f32 columns (`d × bs`, borrowed or converted into `buffer`).
+#[inline(always)]
+fn key_columns<'a>(page: PageRef<'a>, buffer: &'a mut Vec<f32>) -> Option<&'a [f32]> {
+    match page {
+        PageRef::F32T(p) => Some(p),
+        PageRef::F16T(p) => {
+            buffer.resize(p.len(), 0.0);
+            f16_to_f32(p, buffer);
+            Some(buffer)
+        }
+        PageRef::Bf16T(p) => {
+            buffer.resize(p.len(), 0.0);
+            bf16_to_f32(p, buffer);
+            Some(buffer)
+        }
+        _ => None,
+    }
+}
+
+/// Scores of a whole block from channel-major keys: per query head, one vector FMA per
+/// channel over the block's tokens (16 at a time in registers), no horizontal sums. Tokens
+/// past the context get scores too; callers read only the first `n`.
+#[inline(always)]
+fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &mut [f32]) {
+    const LANES: usize = 16;
+    let Shape { d, bs, .. } = shape;
+    if bs == LANES {
+        // the default block size: each channel's column is one register, no bounds checks
+        let (columns, _) = columns.as_chunks::<LANES>();
+        for (g, qg) in q.chunks_exact(d).enumerate() {
+            let mut acc = [0f32; LANES];
+            for (qc, column) in qg.iter().zip(columns) {
+                for t in 0..LANES {
+                    acc[t] += qc * column[t];
+                }
+            }
+            for (o, a) in scores[g * bs..(g + 1) * bs].iter_mut().zip(&acc) {
+                *o = a * scale;
+            }
+        }
+        return;
+    }
+    for (g, qg) in q.chunks_exact(d).enumerate() {
+        let out = &mut scores[g * bs..(g + 1) * bs];
+        for start in (0..bs).step_by(LANES) {
+            if start + LANES <= bs {
+                let mut acc = [0f32; LANES];
+                for (c, qc) in qg.iter().enumerate() {
+                    let column = &columns[c * bs + start..c * bs + start + LANES];
+                    for t in 0..LANES {
+                        acc[t] += qc * column[t];
+                    }
+                }
+                for (o, a) in out[start..start + LANES].iter_mut().zip(&acc) {
+                    *o = a * scale;
+                }
+            } else {
+                let tail = &mut out[start..];
+                tail.fill(0.0);
+                for (c, qc) in qg.iter().enumerate() {
+                    axpy(tail, *qc, &columns[c * bs + start..(c + 1) * bs]);
+                }
+                tail.iter_mut().for_each(|o| *o *= scale);
+            }
+        }
     }
 }
 
@@ -234,9 +336,14 @@ pub(super) fn key_scores(
 ) -> Result<()> {
     let Shape { d, bs, .. } = shape;
     let PageScratch { page: buffer, .. } = scratch;
+    if let Some(columns) = key_columns(page, buffer) {
+        column_scores(columns, shape, q, scale, scores);
+        return Ok(());
+    }
+    let PageScratch { page: buffer, .. } = scratch;
     let Some(rows) = full_precision_rows(page, n * d, buffer) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
-            unreachable!("full-precision pages have rows")
+            unreachable!("every other page kind has rows")
         };
         return packed_key_scores(codec, bytes, n, shape, q, scale, scores, scratch, fib);
     };
@@ -344,7 +451,7 @@ pub(super) fn accumulate_values(
     scratch: &mut PageScratch,
     fib: &mut FibTables,
 ) -> Result<()> {
-    let Shape { group, d, bs } = shape;
+    let Shape { d, .. } = shape;
     let PageScratch { page: buffer, .. } = scratch;
     let Some(rows) = full_precision_rows(page, n * d, buffer) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
@@ -352,13 +459,57 @@ pub(super) fn accumulate_values(
         };
         return packed_values(codec, bytes, n, shape, probs, acc, scratch, fib);
     };
+    weighted_rows(rows, n, shape, probs, acc);
+    Ok(())
+}
+
+/// `acc_g += Σ_t probs[g·bs + t]·row_t`, sixteen channels at a time held in registers across
+/// the block's tokens.
+#[inline(always)]
+fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut [f32]) {
+    const LANES: usize = 16;
+    let Shape { group, d, bs } = shape;
+    if d.is_multiple_of(LANES) {
+        // rows as arrays of whole registers: no bounds checks in the token loop
+        let (chunks, _) = rows[..n * d].as_chunks::<LANES>();
+        let per_row = d / LANES;
+        for g in 0..group {
+            let probs = &probs[g * bs..g * bs + n];
+            let (acc, _) = acc[g * d..(g + 1) * d].as_chunks_mut::<LANES>();
+            for (i, a_out) in acc.iter_mut().enumerate() {
+                let mut a = *a_out;
+                for (p, row) in probs.iter().zip(chunks.chunks_exact(per_row)) {
+                    let v = &row[i];
+                    for lane in 0..LANES {
+                        a[lane] += p * v[lane];
+                    }
+                }
+                *a_out = a;
+            }
+        }
+        return;
+    }
     for g in 0..group {
+        let probs = &probs[g * bs..g * bs + n];
         let acc = &mut acc[g * d..(g + 1) * d];
-        for (p, v) in probs[g * bs..g * bs + n].iter().zip(rows.chunks_exact(d)) {
-            axpy(acc, *p, v);
+        for start in (0..d).step_by(LANES) {
+            if start + LANES <= d {
+                let mut a = [0f32; LANES];
+                a.copy_from_slice(&acc[start..start + LANES]);
+                for (p, row) in probs.iter().zip(rows.chunks_exact(d)) {
+                    let v = &row[start..start + LANES];
+                    for i in 0..LANES {
+                        a[i] += p * v[i];
+                    }
+                }
+                acc[start..start + LANES].copy_from_slice(&a);
+            } else {
+                for (p, row) in probs.iter().zip(rows.chunks_exact(d)) {
+                    axpy(&mut acc[start..], *p, &row[start..]);
+                }
+            }
         }
     }
-    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -439,15 +590,7 @@ fn packed_values(
                 d,
                 &mut scratch.page,
             )?;
-            for g in 0..group {
-                let acc = &mut acc[g * d..(g + 1) * d];
-                for (p, v) in probs[g * bs..g * bs + n]
-                    .iter()
-                    .zip(scratch.page.chunks_exact(d))
-                {
-                    axpy(acc, *p, v);
-                }
-            }
+            weighted_rows(&scratch.page, n, shape, probs, acc);
             Ok(())
         }
     }
@@ -461,14 +604,18 @@ mod tests {
     fn f16_conversion_is_exact_on_every_code() {
         let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
         let mut ours = vec![0f32; all.len()];
+        let mut portable = vec![0f32; all.len()];
         f16_to_f32(&all, &mut ours);
-        for (h, o) in all.iter().zip(&ours) {
+        f16_to_f32_portable(&all, &mut portable);
+        for ((h, o), p) in all.iter().zip(&ours).zip(&portable) {
             let want = h.to_f32();
-            assert!(
-                want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()),
-                "{:#06x}: {want} vs {o}",
-                h.to_bits()
-            );
+            for got in [o, p] {
+                assert!(
+                    want.to_bits() == got.to_bits() || (want.is_nan() && got.is_nan()),
+                    "{:#06x}: {want} vs {got}",
+                    h.to_bits()
+                );
+            }
         }
         let all: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
         let mut ours = vec![0f32; all.len()];
