@@ -268,6 +268,7 @@ fn ours(
         SchedulerConfig {
             max_step_tokens: 4096,
             max_running: n.max(1),
+            ..SchedulerConfig::default()
         },
     )?;
     for id in 0..n as u64 {

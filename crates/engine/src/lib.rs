@@ -15,5 +15,7 @@ pub mod tokenizer;
 pub use error::{EngineError, Result};
 pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
 pub use sampler::{Sampler, SamplingParams};
-pub use scheduler::{Event, FinishReason, Request, Scheduler, SchedulerConfig, SchedulerStats};
+pub use scheduler::{
+    Event, FinishReason, Preemption, Request, Scheduler, SchedulerConfig, SchedulerStats,
+};
 pub use tokenizer::{ChatMessage, GgufTokenizer};

@@ -7,15 +7,18 @@
 //!    computed once, not once per request that arrived together;
 //! 2. gives every running sequence its pending tokens — one decode token, or a chunk of its
 //!    prompt within the step's token budget — reserving cache room first; when the pool is out
-//!    of blocks, the most recently admitted sequence is preempted (its blocks freed, its
-//!    generated tokens kept; it is re-admitted later and recomputes, mostly from the prefix cache);
+//!    of blocks, the most recently admitted sequence is preempted: by default its blocks are
+//!    swapped to the host tier and come back bit for bit when it resumes ([`Preemption`]);
+//!    otherwise (or when the tier is full) they are freed, its generated tokens kept, and it
+//!    recomputes on re-admission, mostly from the prefix cache;
 //! 3. runs one batched forward and samples a token for every sequence that reached the end of
 //!    its known tokens. Finished requests free their blocks. No request is ever dropped.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use pagedkv::{KvCacheManager, KvError, SeqId};
+use pagedkv::tier::TieredStore;
+use pagedkv::{KvCacheManager, KvError, SeqId, SwappedOut};
 
 use crate::error::{EngineError, Result};
 use crate::model::{BatchItem, Logits, Model};
@@ -69,6 +72,20 @@ pub enum Event {
     },
 }
 
+/// What happens to a sequence preempted for lack of blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preemption {
+    /// Its blocks are freed; on resumption its tokens are computed again (mostly found in the
+    /// prefix cache).
+    Recompute,
+    /// Its blocks are copied to the host tier (up to `host_bytes`) and copied back bit for bit
+    /// on resumption; recompute is the fallback when the tier is full.
+    Swap {
+        /// Capacity of the host tier in bytes.
+        host_bytes: u64,
+    },
+}
+
 /// Scheduler limits.
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
@@ -76,6 +93,8 @@ pub struct SchedulerConfig {
     pub max_step_tokens: usize,
     /// Most sequences running at once.
     pub max_running: usize,
+    /// Swap or recompute preempted sequences.
+    pub preemption: Preemption,
 }
 
 impl Default for SchedulerConfig {
@@ -83,6 +102,9 @@ impl Default for SchedulerConfig {
         Self {
             max_step_tokens: 512,
             max_running: 64,
+            preemption: Preemption::Swap {
+                host_bytes: 1 << 30,
+            },
         }
     }
 }
@@ -102,6 +124,8 @@ pub struct SchedulerStats {
     pub cached_tokens: usize,
     /// Preemptions.
     pub preemptions: usize,
+    /// Preemptions resolved by swapping to the host tier (the rest recompute).
+    pub swaps: usize,
     /// Forward passes.
     pub steps: usize,
     /// Most blocks owned at once.
@@ -115,6 +139,8 @@ struct Sequence {
     seq: SeqId,
     generated: Vec<u32>,
     sampler: Sampler,
+    /// Set while the sequence's blocks wait in the host tier.
+    swapped: Option<SwappedOut>,
 }
 
 impl Sequence {
@@ -135,6 +161,8 @@ pub struct Scheduler<'m> {
     running: Vec<Sequence>,
     next_seq: u64,
     stats: SchedulerStats,
+    /// Where swapped-out blocks wait.
+    host: TieredStore,
 }
 
 impl<'m> Scheduler<'m> {
@@ -162,6 +190,10 @@ impl<'m> Scheduler<'m> {
             running: Vec::new(),
             next_seq: 0,
             stats: SchedulerStats::default(),
+            host: TieredStore::in_memory(match config.preemption {
+                Preemption::Swap { host_bytes } => host_bytes,
+                Preemption::Recompute => 0,
+            }),
         })
     }
 
@@ -206,6 +238,7 @@ impl<'m> Scheduler<'m> {
             seq,
             generated: Vec::new(),
             sampler,
+            swapped: None,
         });
         Ok(())
     }
@@ -235,6 +268,12 @@ impl<'m> Scheduler<'m> {
             let Some(next) = self.waiting.front() else {
                 break;
             };
+            if next.swapped.is_some() {
+                if self.swap_in_front()? {
+                    continue;
+                }
+                break;
+            }
             let tokens = next.tokens();
             if self.first_block_in_flight(&tokens)? {
                 break;
@@ -284,13 +323,45 @@ impl<'m> Scheduler<'m> {
         Ok(false)
     }
 
-    /// Frees the most recently admitted running sequence and puts it first in the queue.
+    /// Brings the swapped-out sequence at the front of the queue back into the pool. False if
+    /// its blocks do not fit yet; if its payloads are gone (or refused), it falls back to
+    /// recompute and is admitted the normal way.
+    fn swap_in_front(&mut self) -> Result<bool> {
+        let front = self.waiting.front_mut().expect("caller checks the front");
+        let swapped = front.swapped.take().expect("caller checks it is swapped");
+        match self.cache.swap_in(&swapped, &mut self.host) {
+            Ok(()) => {
+                let seq = self.waiting.pop_front().expect("front exists");
+                self.running.push(seq);
+                Ok(true)
+            }
+            Err(KvError::OutOfBlocks { .. }) => {
+                front.swapped = Some(swapped);
+                Ok(false)
+            }
+            // payloads lost or damaged: recompute instead (the next loop turn admits it)
+            Err(_) => Ok(true),
+        }
+    }
+
+    /// Preempts the most recently admitted running sequence and puts it first in the queue:
+    /// swapped to the host tier when configured and possible, else freed for recompute.
     fn preempt_last(&mut self, events: &mut Vec<Event>) -> Result<()> {
-        let victim = self
+        let mut victim = self
             .running
             .pop()
             .expect("caller checks running is non-empty");
-        self.cache.free(victim.seq)?;
+        let swapped = match self.config.preemption {
+            Preemption::Swap { .. } => self.cache.swap_out(victim.seq, &mut self.host).ok(),
+            Preemption::Recompute => None,
+        };
+        match swapped {
+            Some(s) => {
+                victim.swapped = Some(s);
+                self.stats.swaps += 1;
+            }
+            None => self.cache.free(victim.seq)?,
+        }
         self.stats.preemptions += 1;
         events.push(Event::Preempted {
             id: victim.request.id,

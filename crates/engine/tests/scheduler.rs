@@ -8,8 +8,8 @@ use std::sync::OnceLock;
 use pagedkv::{Codec, KvCacheManager};
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::{
-    ChatMessage, Event, GgufTokenizer, Model, Request, SamplingParams, Scheduler, SchedulerConfig,
-    SchedulerStats, WeightMode,
+    ChatMessage, Event, GgufTokenizer, Model, Preemption, Request, SamplingParams, Scheduler,
+    SchedulerConfig, SchedulerStats, WeightMode,
 };
 
 fn model() -> &'static (Model, GgufTokenizer) {
@@ -205,9 +205,14 @@ fn preemption_under_a_quarter_sized_pool_completes_everything_identically() {
         .iter()
         .map(|r| (r.prompt.len() + r.max_tokens).div_ceil(16))
         .sum();
-    let (free_run, free_stats) = run(&requests, need * 2, SchedulerConfig::default());
+    let recompute = SchedulerConfig {
+        preemption: Preemption::Recompute,
+        ..SchedulerConfig::default()
+    };
+    let (free_run, free_stats) = run(&requests, need * 2, recompute);
     assert_eq!(free_stats.preemptions, 0);
-    let (tight_run, tight_stats) = run(&requests, need / 4, SchedulerConfig::default());
+    let (tight_run, tight_stats) = run(&requests, need / 4, recompute);
+    assert_eq!(tight_stats.swaps, 0);
     println!(
         "pool {} blocks for a load of {need}: {} preemptions",
         need / 4,
@@ -217,5 +222,40 @@ fn preemption_under_a_quarter_sized_pool_completes_everything_identically() {
         tight_stats.preemptions > 0,
         "the small pool forced preemption"
     );
+    assert_eq!(free_run, tight_run);
+}
+
+/// Swap preemption (the default): 64 requests through a pool sized for 16 of them, on an int4
+/// cache where recomputing a sealed block could differ from the original, all complete with
+/// exactly the tokens of an unconstrained run: swapped blocks come back bit for bit.
+#[test]
+fn swap_preemption_runs_64_requests_in_a_pool_for_16_identically() {
+    let requests: Vec<Request> = (0..64)
+        .map(|i| {
+            let mut prompt = plain_prompt(i % 16);
+            prompt.extend(model().1.encode(&format!(" Note {i}:")).unwrap());
+            request(i as u64, prompt, 16)
+        })
+        .collect();
+    let need = |r: &Request| (r.prompt.len() + r.max_tokens).div_ceil(16);
+    let total: usize = requests.iter().map(need).sum();
+    let pool_for_16 = total / 4;
+    let (free_run, free_stats) = run_on(
+        &requests,
+        cache_with(total * 2, Codec::Int4),
+        SchedulerConfig::default(),
+    );
+    assert_eq!(free_stats.preemptions, 0);
+    let (tight_run, tight_stats) = run_on(
+        &requests,
+        cache_with(pool_for_16, Codec::Int4),
+        SchedulerConfig::default(),
+    );
+    println!(
+        "pool {pool_for_16} blocks for a load of {total}: {} preemptions, {} by swap",
+        tight_stats.preemptions, tight_stats.swaps
+    );
+    assert!(tight_stats.swaps > 0, "the small pool forced swaps");
+    assert_eq!(tight_stats.swaps, tight_stats.preemptions);
     assert_eq!(free_run, tight_run);
 }

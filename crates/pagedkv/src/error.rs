@@ -121,6 +121,25 @@ pub enum KvError {
     /// The FibQuant quantizer refused a vector or a code.
     #[error(transparent)]
     FibQuant(#[from] fibquant::FibQuantError),
+    /// A block payload from a tier was refused.
+    #[error(transparent)]
+    Payload(#[from] crate::tier::payload::PayloadError),
+    /// A tier's file operation failed.
+    #[error("tier I/O on {path}: {message}")]
+    Io {
+        /// The file or directory.
+        path: String,
+        /// The operating system's message.
+        message: String,
+    },
+    /// A swapped-out sequence's payloads are missing from the tiers.
+    #[error("swapped-out block {index} of {seq:?} is missing from the tiers")]
+    SwappedBlockMissing {
+        /// The sequence.
+        seq: crate::table::SeqId,
+        /// Index of the block in its table.
+        index: usize,
+    },
     /// A prompt must hold at least one token.
     #[error("empty prompt for {0:?}")]
     EmptyPrompt(SeqId),

@@ -14,12 +14,13 @@ pub mod manager;
 pub mod prefix;
 pub mod storage;
 pub mod table;
+pub mod tier;
 
 pub use block::{BlockId, BlockPool, PoolCounts};
 pub use codec::{Codec, Role};
 pub use error::{KvError, Result};
 pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};
-pub use manager::{Admission, KvCacheManager};
+pub use manager::{Admission, KvCacheManager, SwappedOut};
 pub use prefix::{hash_block, BlockHash, PrefixStats};
 pub use storage::{KvStorage, PageRef};
 pub use table::{BlockTable, SeqId};

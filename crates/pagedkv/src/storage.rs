@@ -148,6 +148,33 @@ impl Arena {
         }
     }
 
+    fn element_bytes(&self) -> usize {
+        match self {
+            Arena::F32(_) => 4,
+            Arena::F16(_) | Arena::Bf16(_) => 2,
+            Arena::Packed(_) => 1,
+        }
+    }
+
+    /// Loads little-endian elements from `bytes` at element `offset` (typed arenas).
+    fn load_le(&mut self, offset: usize, bytes: &[u8]) {
+        match self {
+            Arena::F32(a) => a[offset..]
+                .iter_mut()
+                .zip(bytes.chunks_exact(4))
+                .for_each(|(o, b)| *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            Arena::F16(a) => a[offset..]
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, b)| *o = f16::from_le_bytes([b[0], b[1]])),
+            Arena::Bf16(a) => a[offset..]
+                .iter_mut()
+                .zip(bytes.chunks_exact(2))
+                .for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]])),
+            Arena::Packed(a) => a[offset..offset + bytes.len()].copy_from_slice(bytes),
+        }
+    }
+
     fn slice(&self, offset: usize, len: usize) -> &[u8] {
         match self {
             Arena::Packed(a) => &a[offset..offset + len],
@@ -278,6 +305,135 @@ impl KvStorage {
         self.staging
             .as_ref()
             .is_some_and(|s| s.slot(block).is_some())
+    }
+
+    /// Bytes of one block's image (see [`export_block`](Self::export_block)).
+    pub fn block_image_bytes(&self, open: bool) -> usize {
+        let l = &self.layout;
+        (0..l.layers())
+            .map(|layer| {
+                let per_role = |role: Role| -> usize {
+                    if open {
+                        l.page_elements() * 4
+                    } else if self.staging.is_some() {
+                        match role {
+                            Role::Key => l.key_page_bytes(layer),
+                            Role::Value => l.value_page_bytes(layer),
+                        }
+                    } else {
+                        l.page_elements() * self.keys[layer].element_bytes()
+                    }
+                };
+                l.kv_heads() * (per_role(Role::Key) + per_role(Role::Value))
+            })
+            .sum()
+    }
+
+    /// The stored bytes of one block, every layer (keys then values, head by head) as they lie:
+    /// the f32 staging rows of an open block, else the arena pages (little-endian elements or
+    /// packed codes). Returns whether the block was open. [`import_block`](Self::import_block)
+    /// puts the same bytes back, bit for bit.
+    pub fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<bool> {
+        self.check(0, block)?;
+        out.clear();
+        let l = self.layout;
+        let open = self.is_open(block);
+        for layer in 0..l.layers() {
+            for role in [Role::Key, Role::Value] {
+                for head in 0..l.kv_heads() {
+                    match self.page(layer, block, head, role)? {
+                        PageRef::F32(p) | PageRef::F32T(p) => {
+                            out.extend(p.iter().flat_map(|x| x.to_le_bytes()))
+                        }
+                        PageRef::F16(p) | PageRef::F16T(p) => {
+                            out.extend(p.iter().flat_map(|x| x.to_le_bytes()))
+                        }
+                        PageRef::Bf16(p) | PageRef::Bf16T(p) => {
+                            out.extend(p.iter().flat_map(|x| x.to_le_bytes()))
+                        }
+                        PageRef::Packed { bytes, .. } => out.extend_from_slice(bytes),
+                    }
+                }
+            }
+        }
+        Ok(open)
+    }
+
+    /// Writes a block image made by [`export_block`](Self::export_block) of a storage with the
+    /// same layout into `block`, open (staging) or sealed as it was. A wrong length is an error
+    /// and changes nothing.
+    pub fn import_block(&mut self, block: BlockId, open: bool, bytes: &[u8]) -> Result<()> {
+        self.check(0, block)?;
+        if open && self.staging.is_none() {
+            return Err(KvError::ShapeMismatch {
+                what: "open block image for a full-precision layout",
+                expected: 0,
+                got: bytes.len(),
+            });
+        }
+        let expected = self.block_image_bytes(open);
+        if bytes.len() != expected {
+            return Err(KvError::ShapeMismatch {
+                what: "block image bytes",
+                expected,
+                got: bytes.len(),
+            });
+        }
+        let l = self.layout;
+        let mut rest = bytes;
+        let mut take = |n: usize| {
+            let (head, tail) = rest.split_at(n);
+            rest = tail;
+            head
+        };
+        if open {
+            let slot = self.staging.as_mut().expect("checked above").open(block);
+            for layer in 0..l.layers() {
+                for role in [Role::Key, Role::Value] {
+                    for head in 0..l.kv_heads() {
+                        let offset = self.staging_offset(slot, layer, role, head);
+                        let src = take(l.page_elements() * 4);
+                        let rows = &mut self.staging.as_mut().expect("open").rows;
+                        for (o, b) in rows[offset..offset + l.page_elements()]
+                            .iter_mut()
+                            .zip(src.chunks_exact(4))
+                        {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if let Some(staging) = self.staging.as_mut() {
+            staging.close(block);
+        }
+        for layer in 0..l.layers() {
+            for role in [Role::Key, Role::Value] {
+                for head in 0..l.kv_heads() {
+                    let arena = match role {
+                        Role::Key => &mut self.keys[layer],
+                        Role::Value => &mut self.values[layer],
+                    };
+                    match arena {
+                        Arena::Packed(a) => {
+                            let len = match role {
+                                Role::Key => l.key_page_bytes(layer),
+                                Role::Value => l.value_page_bytes(layer),
+                            };
+                            let offset = (block.index() * l.kv_heads() + head) * len;
+                            a[offset..offset + len].copy_from_slice(take(len));
+                        }
+                        typed => {
+                            let len = l.page_elements();
+                            let offset = (block.index() * l.kv_heads() + head) * len;
+                            typed.load_le(offset, take(len * typed.element_bytes()));
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Open blocks currently holding staging memory.

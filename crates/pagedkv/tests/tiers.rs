@@ -1,0 +1,269 @@
+//! Tiers: every codec's blocks go to the host and the disk tier and come back byte for byte with
+//! the same attention output; corrupted, truncated, extended and foreign payloads are refused
+//! (property test: 1,000 cases in CI, `PAGEDKV_PROPTEST_CASES` for more); an interrupted disk
+//! write leaves the previous payload readable.
+
+mod common;
+
+use common::{prefix_hashes, rows, write_and_commit};
+use pagedkv::attention::{attend, Context, Scratch};
+use pagedkv::tier::payload::{self, PayloadError};
+use pagedkv::tier::{DiskTier, TierKey, TieredStore};
+use pagedkv::{BlockId, Codec, KvCacheManager, KvError, KvLayout, LayoutSpec, SeqId};
+use proptest::prelude::*;
+
+fn layout(codec: Codec) -> KvLayout {
+    let mut spec = LayoutSpec::new(2, 2, 4, 32, codec);
+    spec.block_size = 4;
+    KvLayout::new(spec).unwrap()
+}
+
+fn every_codec() -> Vec<Codec> {
+    let mut all = Codec::FIXED.to_vec();
+    all.push(Codec::FibQuant { k: 2, n: 256 });
+    all.push(Codec::FibQuant { k: 4, n: 256 });
+    all
+}
+
+/// A manager holding one sequence of 14 tokens (three sealed blocks and an open one); rows are
+/// scaled into a range every codec stores.
+fn filled(codec: Codec) -> (KvCacheManager, SeqId) {
+    let mut m = KvCacheManager::new(layout(codec), 16, b"tier-test").unwrap();
+    let seq = SeqId(1);
+    let tokens: Vec<u32> = (0..14).map(|t| t * 7 + 3).collect();
+    m.admit(seq, &tokens[..1]).unwrap();
+    m.reserve(seq, tokens.len() - 1).unwrap();
+    let l = *m.layout();
+    let hashes = prefix_hashes(&tokens);
+    for (pos, h) in hashes.iter().enumerate() {
+        for layer in 0..l.layers() {
+            let (k, v) = rows(&l, layer, *h);
+            let scale = |x: Vec<f32>| x.iter().map(|v| v / 400.0).collect::<Vec<_>>();
+            m.write_token(seq, layer, pos, &scale(k), &scale(v))
+                .unwrap();
+        }
+    }
+    m.commit(seq, &tokens).unwrap();
+    (m, seq)
+}
+
+fn images(m: &KvCacheManager, seq: SeqId) -> Vec<(bool, Vec<u8>)> {
+    m.table(seq)
+        .unwrap()
+        .blocks()
+        .iter()
+        .map(|b| {
+            let mut out = Vec::new();
+            let open = m.storage().export_block(*b, &mut out).unwrap();
+            (open, out)
+        })
+        .collect()
+}
+
+fn attention(m: &KvCacheManager, seq: SeqId) -> Vec<f32> {
+    let table = m.table(seq).unwrap();
+    let q: Vec<f32> = (0..4 * 32).map(|i| (i as f32 * 0.17).sin()).collect();
+    let mut out = vec![0f32; 4 * 32];
+    let ctx = Context {
+        blocks: table.blocks(),
+        len: table.len(),
+    };
+    attend(
+        m.storage(),
+        1,
+        ctx,
+        &q,
+        0.2,
+        &mut out,
+        &mut Scratch::default(),
+    )
+    .unwrap();
+    out
+}
+
+#[test]
+fn every_codec_round_trips_through_host_and_disk_bit_exactly() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-tiers-{}", std::process::id()));
+    for codec in every_codec() {
+        for to_disk in [false, true] {
+            let (mut m, seq) = filled(codec);
+            let before = images(&m, seq);
+            let out_before = attention(&m, seq);
+            let mut store = if to_disk {
+                // a host tier too small for any payload: everything is demoted to disk
+                TieredStore {
+                    host: pagedkv::tier::HostTier::new(0),
+                    disk: Some(DiskTier::open(dir.join(codec.to_string()), 1 << 30).unwrap()),
+                }
+            } else {
+                TieredStore::in_memory(1 << 30)
+            };
+            let swapped = m.swap_out(seq, &mut store).unwrap();
+            assert!(m.table(seq).is_err(), "the sequence left the pool");
+            assert_eq!(store.host.is_empty(), to_disk);
+            // push the cached blocks out of the pool so swap-in must import every payload
+            let filler = SeqId(99);
+            let pool = m.pool().num_blocks();
+            m.admit(filler, &vec![5; pool * 4 - 1]).unwrap();
+            m.free(filler).unwrap();
+            m.swap_in(&swapped, &mut store).unwrap();
+            assert_eq!(images(&m, seq), before, "{codec} to_disk={to_disk}");
+            assert_eq!(attention(&m, seq), out_before, "{codec} to_disk={to_disk}");
+            assert!(!store.contains(TierKey(0)));
+            m.check_invariants().unwrap();
+            // the sequence goes on: two more tokens fill the open block and seal it
+            m.reserve(seq, 2).unwrap();
+            write_and_commit(&mut m, seq, &[1, 2]);
+            m.check_invariants().unwrap();
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn swap_in_shares_blocks_still_cached_and_is_all_or_nothing() {
+    let (mut m, seq) = filled(Codec::Int8);
+    let mut store = TieredStore::in_memory(1 << 30);
+    let swapped = m.swap_out(seq, &mut store).unwrap();
+    let free_before = m.num_available_blocks();
+    m.swap_in(&swapped, &mut store).unwrap();
+    // three full blocks were still cached: only the open one was allocated
+    assert_eq!(m.num_available_blocks(), free_before - 4);
+    m.check_invariants().unwrap();
+    // a payload gone missing is a typed error that changes nothing
+    let swapped = m.swap_out(seq, &mut store).unwrap();
+    let mut empty = TieredStore::in_memory(1 << 30);
+    assert!(matches!(
+        m.swap_in(&swapped, &mut empty),
+        Err(KvError::SwappedBlockMissing { .. })
+    ));
+    assert!(m.table(seq).is_err());
+    m.swap_in(&swapped, &mut store).unwrap();
+}
+
+fn sample_payload() -> (KvLayout, Vec<u8>, usize) {
+    let (m, seq) = filled(Codec::Int4);
+    let block = m.table(seq).unwrap().blocks()[0];
+    let mut image = Vec::new();
+    let open = m.storage().export_block(block, &mut image).unwrap();
+    let tokens: Vec<u32> = m.table(seq).unwrap().tokens()[..4].to_vec();
+    let hash = m.table(seq).unwrap().hashes()[0];
+    let bytes = payload::encode(m.layout(), open, Some(hash), &tokens, &image);
+    (*m.layout(), bytes, image.len())
+}
+
+#[test]
+fn foreign_and_damaged_payloads_get_typed_errors() {
+    let (l, bytes, image_len) = sample_payload();
+    let sizes = |_open: bool| image_len;
+    assert!(payload::decode(&l, &bytes, sizes).is_ok());
+    assert!(matches!(
+        payload::decode(&layout(Codec::Int8), &bytes, sizes),
+        Err(PayloadError::ForeignLayout { .. })
+    ));
+    assert!(matches!(
+        payload::decode(&l, &bytes[..20], sizes),
+        Err(PayloadError::Truncated { .. })
+    ));
+    // a re-checksummed edit of the version field is caught by the version check
+    let mut edited = bytes[..bytes.len() - 8].to_vec();
+    edited[4] = 9;
+    let sum = xxhash_rust::xxh3::xxh3_64(&edited);
+    edited.extend_from_slice(&sum.to_le_bytes());
+    assert!(matches!(
+        payload::decode(&l, &edited, sizes),
+        Err(PayloadError::Version { found: 9 })
+    ));
+    // an image of another size (another layout's) is refused before the pool
+    assert!(matches!(
+        payload::decode(&l, &bytes, |_| image_len + 1),
+        Err(PayloadError::Malformed(_))
+    ));
+    let mut m = KvCacheManager::new(l, 4, b"x").unwrap();
+    let mut storage = m.storage().clone();
+    assert!(storage.import_block(BlockId(0), false, &[0u8; 3]).is_err());
+    let _ = &mut m;
+}
+
+#[test]
+fn an_interrupted_disk_write_leaves_the_old_payload() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (l, old, image_len) = sample_payload();
+    let key = TierKey(42);
+    {
+        let mut disk = DiskTier::open(&dir, 1 << 20).unwrap();
+        disk.put(key, &old).unwrap();
+    }
+    // a writer killed mid-way leaves a truncated temporary file, never renamed
+    let temp = dir.join(format!("{:032x}.tmp", key.0));
+    std::fs::write(&temp, &old[..old.len() / 3]).unwrap();
+    let mut disk = DiskTier::open(&dir, 1 << 20).unwrap();
+    assert!(
+        !temp.exists(),
+        "leftover temporary files are removed on open"
+    );
+    let back = disk.get(key).unwrap().unwrap();
+    assert_eq!(back, old);
+    assert!(payload::decode(&l, &back, |_| image_len).is_ok());
+    // a torn final file (e.g. a disk without atomic rename) is caught by the checksum
+    std::fs::write(
+        dir.join(format!("{:032x}.pkvb", key.0)),
+        &old[..old.len() - 5],
+    )
+    .unwrap();
+    let torn = disk.get(key).unwrap().unwrap();
+    assert!(payload::decode(&l, &torn, |_| image_len).is_err());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[derive(Debug, Clone)]
+enum Mutation {
+    Flip { at: usize, bit: u8 },
+    Truncate { len: usize },
+    Extend { extra: Vec<u8> },
+    Set { at: usize, value: u8 },
+}
+
+fn cases() -> u32 {
+    std::env::var("PAGEDKV_PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases()))]
+
+    /// Every mutation of a valid payload is detected (an error, never a panic or a silent
+    /// accept of different bytes).
+    #[test]
+    fn every_mutation_of_a_block_payload_is_detected(
+        mutation in prop_oneof![
+            (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+            any::<usize>().prop_map(|len| Mutation::Truncate { len }),
+            proptest::collection::vec(any::<u8>(), 1..64).prop_map(|extra| Mutation::Extend { extra }),
+            (any::<usize>(), any::<u8>()).prop_map(|(at, value)| Mutation::Set { at, value }),
+        ]
+    ) {
+        let (l, bytes, image_len) = sample_payload_cached();
+        let mut bad = bytes.clone();
+        match mutation {
+            Mutation::Flip { at, bit } => bad[at % bytes.len()] ^= 1 << bit,
+            Mutation::Truncate { len } => bad.truncate(len % bytes.len()),
+            Mutation::Extend { extra } => bad.extend_from_slice(&extra),
+            Mutation::Set { at, value } => bad[at % bytes.len()] = value,
+        }
+        let result = payload::decode(&l, &bad, |_| image_len);
+        if bad == bytes {
+            prop_assert!(result.is_ok());
+        } else {
+            prop_assert!(result.is_err(), "a mutated payload was accepted");
+        }
+    }
+}
+
+fn sample_payload_cached() -> (KvLayout, Vec<u8>, usize) {
+    static SAMPLE: std::sync::OnceLock<(KvLayout, Vec<u8>, usize)> = std::sync::OnceLock::new();
+    SAMPLE.get_or_init(sample_payload).clone()
+}
