@@ -26,6 +26,24 @@ pub enum BenchCommand {
     /// Decode attention over the paged cache per codec and context length, against this
     /// machine's measured memory read bandwidth.
     Attention(AttentionBench),
+    /// Swap-out and swap-in throughput of sequences through the host and the disk tier.
+    Blocks(BlocksBench),
+}
+
+#[derive(Debug, Args)]
+pub struct BlocksBench {
+    /// Tokens of the swapped sequence (SmolLM2's geometry: 30 layers, 3 kv heads, head_dim 64).
+    #[arg(long, default_value_t = 4096)]
+    tokens: usize,
+    /// Codecs to measure (comma-separated).
+    #[arg(long, default_value = "f16,int8,int4,fibquant-k2n256")]
+    codecs: String,
+    /// Directory of the disk tier (default: a fresh one under the system's temporary directory).
+    #[arg(long)]
+    disk_dir: Option<std::path::PathBuf>,
+    /// Rounds (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
 }
 
 #[derive(Debug, Args)]
@@ -92,7 +110,86 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
         BenchCommand::Generate(args) => generate(common, args),
         BenchCommand::Codecs(args) => codecs(args),
         BenchCommand::Attention(args) => attention(args),
+        BenchCommand::Blocks(args) => blocks(args),
     }
+}
+
+/// Swap a sequence out and back in, per tier and codec; GB/s of payload bytes.
+fn blocks(args: BlocksBench) -> Result<()> {
+    use pagedkv::codec::synthetic::gaussian;
+    use pagedkv::tier::{DiskTier, HostTier, TieredStore};
+    use pagedkv::{KvCacheManager, KvLayout, LayoutSpec, SeqId};
+    anyhow::ensure!(
+        args.tokens > 0 && args.rounds > 0,
+        "--tokens and --rounds must be positive"
+    );
+    let dir = args.disk_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("pagedkv-bench-blocks-{}", std::process::id()))
+    });
+    println!(
+        "bench blocks: swap a {}-token sequence (30 layers, 3 kv heads, head_dim 64) out and back in; median of {} rounds; disk tier in {}",
+        args.tokens,
+        args.rounds,
+        dir.display()
+    );
+    println!(
+        "{:>16} {:>5} {:>12} {:>12} {:>12}",
+        "codec", "tier", "payload MB", "out GB/s", "in GB/s"
+    );
+    for codec in parse_codecs(&args.codecs)? {
+        let layout = KvLayout::new(LayoutSpec::new(30, 3, 9, 64, codec))?;
+        let blocks = layout.blocks_for_tokens(args.tokens);
+        // room for the sequence and for a filler that evicts its cached blocks
+        let mut cache = KvCacheManager::new(layout, 2 * blocks + 2, b"bench")?;
+        let seq = SeqId(1);
+        let tokens: Vec<u32> = (0..args.tokens as u32).collect();
+        cache.admit(seq, &tokens[..1])?;
+        cache.reserve(seq, args.tokens - 1)?;
+        let width = layout.token_width();
+        let kv = gaussian(2 * width * 64, 5);
+        for pos in 0..args.tokens {
+            let (k, v) = kv[(pos % 64) * 2 * width..][..2 * width].split_at(width);
+            for layer in 0..30 {
+                cache.write_token(seq, layer, pos, k, v)?;
+            }
+        }
+        cache.commit(seq, &tokens)?;
+        for tier in ["host", "disk"] {
+            let mut store = if tier == "host" {
+                TieredStore::in_memory(u64::MAX)
+            } else {
+                TieredStore {
+                    host: HostTier::new(0),
+                    disk: Some(DiskTier::open(dir.join(codec.to_string()), u64::MAX)?),
+                }
+            };
+            let (mut outs, mut ins, mut bytes) = (Vec::new(), Vec::new(), 0);
+            for _ in 0..args.rounds {
+                let started = Instant::now();
+                let swapped = cache.swap_out(seq, &mut store)?;
+                outs.push(started.elapsed().as_secs_f64());
+                bytes = swapped.bytes();
+                // evict the sequence's cached blocks so swap-in imports every payload
+                let filler: Vec<u32> = vec![7; (blocks + 2) * 16 - 1];
+                cache.admit(SeqId(2), &filler)?;
+                cache.free(SeqId(2))?;
+                let started = Instant::now();
+                cache.swap_in(&swapped, &mut store)?;
+                ins.push(started.elapsed().as_secs_f64());
+            }
+            println!(
+                "{:>16} {tier:>5} {:>12.1} {:>12.2} {:>12.2}",
+                codec.to_string(),
+                bytes as f64 / 1e6,
+                bytes as f64 / median(outs) / 1e9,
+                bytes as f64 / median(ins) / 1e9
+            );
+        }
+    }
+    if args.disk_dir.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(())
 }
 
 /// Read bandwidth of this machine: a sum over a buffer far larger than the caches, split over

@@ -180,7 +180,7 @@ fn attend_heads(
 }
 
 /// Attention of one query token with its context split over threads: work items are
-/// (kv head, block range), as many as `threads` asks for (at least 16 blocks each); partial
+/// (kv head, block range), each head cut into up to `threads` ranges of at least 16 blocks; partial
 /// states are merged exactly. For decode of few sequences over long contexts, where one
 /// thread per query leaves cores idle.
 pub fn attend_split(
@@ -198,9 +198,8 @@ pub fn attend_split(
     let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
     let blocks = ctx.len.div_ceil(layout.block_size());
     const MIN_BLOCKS: usize = 16;
-    let splits = threads
-        .div_ceil(heads)
-        .clamp(1, blocks.div_ceil(MIN_BLOCKS).max(1));
+    // every kv head cut into `threads` ranges: heads × threads items share out evenly
+    let splits = threads.clamp(1, blocks.div_ceil(MIN_BLOCKS).max(1));
     let per_split = blocks.div_ceil(splits);
     let items: Vec<(usize, std::ops::Range<usize>)> = (0..heads)
         .flat_map(|h| {
