@@ -58,6 +58,9 @@ pub struct BlockPool {
     queue_len: usize,
     cached: HashMap<BlockHash, BlockId, KeyHashBuilder>,
     stats: PrefixStats,
+    /// Evicted cached blocks not yet taken, recorded only while `record_evictions` is set.
+    evicted: Vec<(BlockId, BlockHash)>,
+    record_evictions: bool,
 }
 
 impl BlockPool {
@@ -91,6 +94,8 @@ impl BlockPool {
             queue_len: num_blocks,
             cached: HashMap::default(),
             stats: PrefixStats::default(),
+            evicted: Vec::new(),
+            record_evictions: false,
         })
     }
 
@@ -119,6 +124,18 @@ impl BlockPool {
         self.stats
     }
 
+    /// Starts (or stops) recording evicted cached blocks for [`take_evicted`](Self::take_evicted).
+    pub(crate) fn record_evictions(&mut self, on: bool) {
+        self.record_evictions = on;
+        self.evicted.clear();
+    }
+
+    /// The cached blocks handed out (evicted) since the last call, with their former keys;
+    /// their data is intact until the new owner writes, so they can be demoted to a tier.
+    pub(crate) fn take_evicted(&mut self) -> Vec<(BlockId, BlockHash)> {
+        std::mem::take(&mut self.evicted)
+    }
+
     pub(crate) fn record_lookups(&mut self, hits: u64, misses: u64) {
         self.stats.hits += hits;
         self.stats.misses += misses;
@@ -138,6 +155,9 @@ impl BlockPool {
             // The map may point at another block with the same key; drop only our own entry.
             if self.cached.get(&hash) == Some(&id) {
                 self.cached.remove(&hash);
+                if self.record_evictions {
+                    self.evicted.push((id, hash));
+                }
             }
             self.stats.evictions += 1;
         }

@@ -54,7 +54,7 @@ impl SwappedOut {
 }
 
 /// Owns every block of one cache and the sequences using them.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct KvCacheManager {
     layout: KvLayout,
     pool: BlockPool,
@@ -64,6 +64,8 @@ pub struct KvCacheManager {
     watermark_blocks: usize,
     /// Distinguishes the payload keys of successive swaps of one sequence.
     swap_nonce: u64,
+    /// Where evicted prefix blocks go, to be found again by later prompts.
+    prefix_tier: Option<TieredStore>,
 }
 
 impl KvCacheManager {
@@ -83,6 +85,7 @@ impl KvCacheManager {
             extra: BlockHash::of_bytes(&key),
             watermark_blocks: 0,
             swap_nonce: 0,
+            prefix_tier: None,
         })
     }
 
@@ -93,6 +96,19 @@ impl KvCacheManager {
             what: "block count",
         })?;
         Self::new(layout, blocks, extra)
+    }
+
+    /// Gives the prefix cache a lower tier: a cached block evicted from the pool is written
+    /// there under its prefix key, and a later prompt whose chain continues past the pool's
+    /// blocks brings it back instead of recomputing it.
+    pub fn set_prefix_tier(&mut self, store: TieredStore) {
+        self.pool.record_evictions(true);
+        self.prefix_tier = Some(store);
+    }
+
+    /// The prefix cache's lower tier, if any.
+    pub fn prefix_tier(&self) -> Option<&TieredStore> {
+        self.prefix_tier.as_ref()
     }
 
     /// Blocks kept in reserve at admission so running sequences can still grow.
@@ -197,22 +213,78 @@ impl KvCacheManager {
             });
         }
         let bs = self.layout.block_size();
+        // the chain may continue in the prefix tier: those blocks come back instead of being
+        // recomputed (they take fresh blocks, so the demand above already counts them)
+        let from_tier = self.match_prefix_in_tier(prompt, hits.len(), hashes.last().copied())?;
+        let found = hits.len() + from_tier.len();
         let lookups = ((prompt.len() - 1) / bs) as u64;
         self.pool
-            .record_lookups(hits.len() as u64, lookups - hits.len() as u64);
+            .record_lookups(found as u64, lookups - found as u64);
+        let pool_hits = hits.len();
         for block in &hits {
             self.pool.retain(*block)?;
         }
-        let cached_tokens = hits.len() * bs;
         let mut table = BlockTable {
             blocks: hits,
-            tokens: prompt[..cached_tokens].to_vec(),
+            tokens: prompt[..pool_hits * bs].to_vec(),
             hashes,
         };
         let fresh = self.layout.blocks_for_tokens(prompt.len()) - table.blocks.len();
         self.pool.allocate(fresh, &mut table.blocks)?;
+        demote_evicted(
+            &mut self.pool,
+            &self.storage,
+            &self.layout,
+            &mut self.prefix_tier,
+        )?;
+        for (i, (hash, bytes)) in from_tier.iter().enumerate() {
+            let block = table.blocks[pool_hits + i];
+            let storage = &self.storage;
+            let image =
+                payload::decode(&self.layout, bytes, |open| storage.block_image_bytes(open))?.image;
+            self.storage.import_block(block, false, image)?;
+            self.pool.register(block, *hash)?;
+            table.hashes.push(*hash);
+            let at = (pool_hits + i) * bs;
+            table.tokens.extend_from_slice(&prompt[at..at + bs]);
+        }
+        let cached_tokens = found * bs;
         self.seqs.insert(seq, table);
         Ok(Admission { cached_tokens })
+    }
+
+    /// Continues a prefix chain of `matched` blocks (last key `parent`) in the prefix tier:
+    /// the payloads of the following blocks, checked, as long as they are found.
+    fn match_prefix_in_tier(
+        &mut self,
+        prompt: &[u32],
+        matched: usize,
+        mut parent: Option<BlockHash>,
+    ) -> Result<Vec<(BlockHash, Vec<u8>)>> {
+        let Some(store) = self.prefix_tier.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let bs = self.layout.block_size();
+        let matchable = prompt.len().saturating_sub(1) / bs;
+        let mut found = Vec::new();
+        for chunk in prompt.chunks_exact(bs).take(matchable).skip(matched) {
+            let hash = hash_block(parent, self.extra, chunk);
+            let Some(bytes) = store.get(TierKey(hash.0))? else {
+                break;
+            };
+            let storage = &self.storage;
+            let usable =
+                payload::decode(&self.layout, &bytes, |open| storage.block_image_bytes(open))
+                    .is_ok_and(|p| !p.open && p.hash == Some(hash));
+            if !usable {
+                // a damaged or foreign payload is dropped and the block recomputed
+                store.take(TierKey(hash.0))?;
+                break;
+            }
+            found.push((hash, bytes));
+            parent = Some(hash);
+        }
+        Ok(found)
     }
 
     /// Longest chain of cached blocks for the prompt's full blocks, excluding a block that would
@@ -273,12 +345,24 @@ impl KvCacheManager {
             .ok_or(KvError::UnknownSequence(seq))?;
         if let Some(shared) = shared_tail {
             let copy = self.pool.allocate_one()?;
+            demote_evicted(
+                &mut self.pool,
+                &self.storage,
+                &self.layout,
+                &mut self.prefix_tier,
+            )?;
             self.storage.copy_block(shared, copy)?;
             self.pool.release(shared)?;
             let idx = table.tokens.len() / bs;
             table.blocks[idx] = copy;
         }
         self.pool.allocate(grow, &mut table.blocks)?;
+        demote_evicted(
+            &mut self.pool,
+            &self.storage,
+            &self.layout,
+            &mut self.prefix_tier,
+        )?;
         Ok(())
     }
 
@@ -487,6 +571,12 @@ impl KvCacheManager {
                 }
                 None => {
                     let b = self.pool.allocate_one()?;
+                    demote_evicted(
+                        &mut self.pool,
+                        &self.storage,
+                        &self.layout,
+                        &mut self.prefix_tier,
+                    )?;
                     self.storage.import_block(b, block.open, block.image)?;
                     if let Some(h) = block.hash {
                         self.pool.register(b, h)?;
@@ -571,4 +661,27 @@ impl KvCacheManager {
         }
         Ok(())
     }
+}
+
+/// Writes the cached blocks the pool just evicted to the prefix tier, under their keys (their
+/// data is intact until the new owner writes); without a tier they are simply gone.
+fn demote_evicted(
+    pool: &mut BlockPool,
+    storage: &KvStorage,
+    layout: &KvLayout,
+    tier: &mut Option<TieredStore>,
+) -> Result<()> {
+    let evicted = pool.take_evicted();
+    let Some(store) = tier.as_mut() else {
+        return Ok(());
+    };
+    let mut image = Vec::new();
+    for (block, hash) in evicted {
+        if storage.export_block(block, &mut image)? {
+            continue; // open blocks are never keyed; nothing to keep
+        }
+        let bytes = payload::encode(layout, false, Some(hash), &[], &image);
+        store.put(TierKey(hash.0), bytes)?;
+    }
+    Ok(())
 }

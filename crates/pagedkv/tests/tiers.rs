@@ -267,3 +267,45 @@ fn sample_payload_cached() -> (KvLayout, Vec<u8>, usize) {
     static SAMPLE: std::sync::OnceLock<(KvLayout, Vec<u8>, usize)> = std::sync::OnceLock::new();
     SAMPLE.get_or_init(sample_payload).clone()
 }
+
+/// A cached prefix evicted from the pool is demoted to the tier under its key and found again by
+/// a later prompt: the blocks come back with the same bytes instead of being recomputed.
+#[test]
+fn an_evicted_cached_prefix_is_found_in_the_tier_and_brought_back() {
+    for codec in [Codec::F16, Codec::Int4, Codec::FibQuant { k: 2, n: 16 }] {
+        let mut m = KvCacheManager::new(layout(codec), 6, b"prefix-tier").unwrap();
+        m.set_prefix_tier(TieredStore::in_memory(1 << 30));
+        let prompt: Vec<u32> = (0..13).map(|t| t + 100).collect();
+        let a = SeqId(1);
+        m.admit(a, &prompt[..1]).unwrap();
+        m.reserve(a, prompt.len()).unwrap();
+        write_and_commit_scaled(&mut m, a, &prompt);
+        let before: Vec<(bool, Vec<u8>)> = images(&m, a)[..3].to_vec();
+        m.free(a).unwrap();
+        // another prompt takes every block: the three cached ones are evicted to the tier
+        let other: Vec<u32> = (0..23).map(|t| t + 5000).collect();
+        m.admit(SeqId(2), &other).unwrap();
+        m.free(SeqId(2)).unwrap();
+        assert_eq!(m.prefix_tier().unwrap().host.len(), 3, "{codec}");
+        // the same prefix again: three blocks from the tier, the last one computed
+        let b = SeqId(3);
+        let admitted = m.admit(b, &prompt).unwrap();
+        assert_eq!(admitted.cached_tokens, 12, "{codec}");
+        assert_eq!(images(&m, b)[..3].to_vec(), before, "{codec}");
+        m.check_invariants().unwrap();
+    }
+}
+
+/// `write_and_commit` with rows scaled into the range of every codec.
+fn write_and_commit_scaled(m: &mut KvCacheManager, seq: SeqId, tokens: &[u32]) {
+    let l = *m.layout();
+    for (pos, h) in prefix_hashes(tokens).iter().enumerate() {
+        for layer in 0..l.layers() {
+            let (k, v) = rows(&l, layer, *h);
+            let scale = |x: Vec<f32>| x.iter().map(|v| v / 400.0).collect::<Vec<_>>();
+            m.write_token(seq, layer, pos, &scale(k), &scale(v))
+                .unwrap();
+        }
+    }
+    m.commit(seq, tokens).unwrap();
+}

@@ -92,8 +92,12 @@ mod tests {
         assert_eq!(out, vec![(TierKey(2), vec![2; 4])]);
         assert_eq!(tier.used_bytes(), 8);
         assert_eq!(tier.take(TierKey(1)), Some(vec![1; 4]));
-        // a payload larger than the tier passes straight through
-        assert_eq!(tier.put(TierKey(4), vec![4; 11]).len(), 1);
-        assert!(!tier.contains(TierKey(4)));
+        // a payload larger than the tier pushes everything out, itself last
+        let out = tier.put(TierKey(4), vec![4; 11]);
+        assert_eq!(
+            out.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            [TierKey(3), TierKey(4)]
+        );
+        assert!(tier.is_empty() && tier.used_bytes() == 0);
     }
 }

@@ -157,7 +157,9 @@ pub fn decode<'a>(
     if count > layout.block_size() {
         return Err(PayloadError::Malformed("more tokens than a block holds"));
     }
-    if hash.is_some() && count != layout.block_size() {
+    // a keyed block is full; its tokens are recorded (swap) or left out (prefix demotion,
+    // where the key alone names them)
+    if hash.is_some() && count != layout.block_size() && count != 0 {
         return Err(PayloadError::Malformed("a keyed block must be full"));
     }
     let tokens_end = FIXED_HEADER + 4 * count;
