@@ -20,6 +20,8 @@ pub struct CodecPair {
     pub value: Codec,
     /// Codecs used instead on some layers.
     pub layer_override: Option<LayerOverride>,
+    /// Leading tokens of each window kept in full precision (attention sinks).
+    pub sinks: usize,
 }
 
 impl CodecPair {
@@ -29,6 +31,7 @@ impl CodecPair {
             key: codec,
             value: codec,
             layer_override: None,
+            sinks: 0,
         }
     }
 
@@ -69,6 +72,9 @@ impl std::fmt::Display for CodecPair {
         if let Some(o) = self.layer_override {
             write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
+        if self.sinks > 0 {
+            write!(f, "+sink{}", self.sinks)?;
+        }
         Ok(())
     }
 }
@@ -77,8 +83,22 @@ impl std::str::FromStr for CodecPair {
     type Err = pagedkv::KvError;
 
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
-    /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`.
-    fn from_str(s: &str) -> pagedkv::Result<Self> {
+    /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
+    /// by `+sinkN` to keep each window's first N tokens in full precision (`+sink`: 4).
+    fn from_str(full: &str) -> pagedkv::Result<Self> {
+        let (s, sinks) = match full.rsplit_once("+sink") {
+            Some((rest, "")) => (rest, DEFAULT_SINKS),
+            Some((rest, n)) => (
+                rest,
+                n.trim()
+                    .parse::<usize>()
+                    .map_err(|_| pagedkv::KvError::UnknownCodec {
+                        name: full.to_string(),
+                        valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...][+sinkN]".to_string(),
+                    })?,
+            ),
+            None => (full, 0),
+        };
         let (base, other) = match s.split_once('@') {
             Some((base, other)) => (base, Some(other)),
             None => (s, None),
@@ -88,6 +108,7 @@ impl std::str::FromStr for CodecPair {
             key,
             value,
             layer_override: None,
+            sinks,
         };
         if let Some(other) = other {
             let bad = || pagedkv::KvError::UnknownCodec {
@@ -105,6 +126,9 @@ impl std::str::FromStr for CodecPair {
         Ok(pair)
     }
 }
+
+/// Sink tokens of `+sink` without a count: the first four, as StreamingLLM keeps.
+pub const DEFAULT_SINKS: usize = 4;
 
 /// How to evaluate.
 #[derive(Debug, Clone, Copy)]
@@ -184,9 +208,14 @@ pub fn evaluate(
     let layouts = all
         .iter()
         .map(|s| {
-            model
+            let layout = model
                 .config()
-                .kv_layout_with(s.key, s.value, bs, s.layer_override)
+                .kv_layout_with(s.key, s.value, bs, s.layer_override)?;
+            let spec = pagedkv::LayoutSpec {
+                sink_tokens: s.sinks,
+                ..*layout.spec()
+            };
+            Ok(pagedkv::KvLayout::new(spec)?)
         })
         .collect::<Result<Vec<_>>>()?;
     let vocab = model.config().vocab;
@@ -223,14 +252,33 @@ pub fn evaluate(
         .zip(&totals)
         .map(|((codecs, layout), t)| EvalRow {
             codecs: *codecs,
-            bits_per_element: layout.bits_per_element(),
-            kv_bytes_per_token: layout.kv_bytes_per_token(),
+            bits_per_element: window_cost(layout, w).0,
+            kv_bytes_per_token: window_cost(layout, w).1,
             ppl: (t.nll / t.count as f64).exp(),
             kl_mean: t.kl / t.count as f64,
             top1: t.agree as f64 / t.count as f64,
             tokens: t.count,
         })
         .collect())
+}
+
+/// Bits per element and KV bytes per token over a window of `w` tokens: the layout's own, with
+/// sink blocks counted at the f32 of the staging rows that hold them.
+fn window_cost(layout: &pagedkv::KvLayout, w: usize) -> (f64, f64) {
+    let blocks = layout.blocks_for_tokens(w);
+    let sinks = if layout.is_full_precision() {
+        0
+    } else {
+        layout.sink_blocks().min(blocks)
+    };
+    let f32_block = (2 * layout.page_elements() * layout.kv_heads() * layout.layers() * 4) as f64;
+    let block = layout.block_bytes() as f64;
+    let mean_block = (sinks as f64 * f32_block + (blocks - sinks) as f64 * block) / blocks as f64;
+    let elements = (2 * layout.page_elements() * layout.kv_heads() * layout.layers()) as f64;
+    (
+        mean_block * 8.0 / elements,
+        mean_block / layout.block_size() as f64,
+    )
 }
 
 /// Logits of every position of `text` on a fresh cache, fed one block per forward.
@@ -323,5 +371,13 @@ mod tests {
         assert_eq!(mixed.to_string(), "fibquant-k2n16@int8/f16:0+29");
         assert!("int4@f16".parse::<CodecPair>().is_err());
         assert!("int4@f16:x".parse::<CodecPair>().is_err());
+        let sunk: CodecPair = "fibquant-k4n256@int8:10+sink4".parse().unwrap();
+        assert_eq!(sunk.sinks, 4);
+        assert_eq!(sunk.to_string(), "fibquant-k4n256@int8:10+sink4");
+        assert!("int4+sinkx".parse::<CodecPair>().is_err());
+        assert_eq!(
+            "int4+sink".parse::<CodecPair>().unwrap().sinks,
+            DEFAULT_SINKS
+        );
     }
 }

@@ -86,6 +86,7 @@ impl ModelConfig {
             key_codec,
             value_codec,
             layer_override,
+            sink_tokens: 0,
         })?)
     }
 }

@@ -39,6 +39,9 @@ pub struct LayoutSpec {
     pub value_codec: Codec,
     /// Other codecs for a set of layers (e.g. the first and last at higher precision).
     pub layer_override: Option<LayerOverride>,
+    /// Leading tokens of every sequence kept in full precision ("attention sinks"): the blocks
+    /// holding them are never sealed in a compressed layout. 0 for none.
+    pub sink_tokens: usize,
 }
 
 /// A set of layer indices (below [`MAX_LAYERS`]), stored as a bitmap so layouts stay `Copy`.
@@ -120,6 +123,7 @@ impl LayoutSpec {
             key_codec: codec,
             value_codec: codec,
             layer_override: None,
+            sink_tokens: 0,
         }
     }
 }
@@ -166,6 +170,13 @@ impl KvLayout {
             if value > max {
                 return Err(KvError::TooLarge { field, value, max });
             }
+        }
+        if spec.sink_tokens > MAX_BLOCK_SIZE {
+            return Err(KvError::TooLarge {
+                field: "sink_tokens",
+                value: spec.sink_tokens,
+                max: MAX_BLOCK_SIZE,
+            });
         }
         if !spec.query_heads.is_multiple_of(spec.kv_heads) {
             return Err(KvError::QueryHeadsNotMultiple {
@@ -261,6 +272,11 @@ impl KvLayout {
             _ => self.spec.value_codec,
         }
     }
+    /// Leading blocks of a sequence kept in full precision (those holding the sink tokens).
+    pub fn sink_blocks(&self) -> usize {
+        self.spec.sink_tokens.div_ceil(self.spec.block_size)
+    }
+
     /// Whether every layer stores keys and values in full precision (f32/f16/bf16).
     pub fn is_full_precision(&self) -> bool {
         (0..self.spec.layers).all(|l| {
@@ -339,6 +355,9 @@ impl KvLayout {
                 ";override={}:k={};v={}",
                 o.layers, o.key_codec, o.value_codec
             );
+        }
+        if s.sink_tokens > 0 {
+            digest += &format!(";sinks={}", s.sink_tokens);
         }
         digest.into_bytes()
     }

@@ -445,8 +445,11 @@ impl KvCacheManager {
             );
             table.hashes.push(hash);
             self.pool.register(table.blocks[block_idx], hash)?;
-            // a full block is sealed: encoded once with the layout's codecs
-            self.storage.seal(table.blocks[block_idx])?;
+            // a full block is sealed: encoded once with the layout's codecs (sink blocks stay
+            // in full precision)
+            if block_idx >= self.layout.sink_blocks() {
+                self.storage.seal(table.blocks[block_idx])?;
+            }
         }
         Ok(())
     }
@@ -608,8 +611,9 @@ impl KvCacheManager {
             .ok_or(KvError::UnknownSequence(seq))?;
         for block in table.blocks.iter().rev() {
             self.pool.release(*block)?;
-            // a partial block never enters the prefix cache: its staging can go now
-            if self.pool.ref_count(*block)? == 0 {
+            // a partial block never enters the prefix cache: its staging can go now (a cached
+            // sink block keeps its full-precision rows there)
+            if self.pool.ref_count(*block)? == 0 && self.pool.block_hash(*block)?.is_none() {
                 self.storage.discard(*block);
             }
         }
@@ -644,8 +648,13 @@ impl KvCacheManager {
         }
         for i in 0..self.pool.num_blocks() {
             let block = BlockId(i as u32);
-            if self.storage.is_open(block) && self.pool.ref_count(block) == Ok(0) {
-                return Err(format!("block {i} holds staging but has no owner"));
+            if self.storage.is_open(block)
+                && self.pool.ref_count(block) == Ok(0)
+                && self.pool.block_hash(block) == Ok(None)
+            {
+                return Err(format!(
+                    "block {i} holds staging but has no owner and no key"
+                ));
             }
         }
         for (i, holders) in holders.iter().enumerate() {

@@ -235,3 +235,51 @@ fn compressed_layout_seals_full_blocks_and_frees_staging() {
     assert_eq!(m.storage().open_blocks(), 0);
     m.check_invariants().unwrap();
 }
+
+/// Sink tokens: the block holding a sequence's first tokens is never sealed, so it reads back
+/// exactly while later blocks hold the codec's reconstruction; as a cached prefix it keeps its
+/// full-precision rows for the next sequence, and eviction hands it out cleanly.
+#[test]
+fn sink_blocks_stay_full_precision_through_the_prefix_cache() {
+    let mut spec = *int8_layout().spec();
+    spec.sink_tokens = 4;
+    let layout = pagedkv::KvLayout::new(spec).unwrap();
+    assert_eq!(layout.sink_blocks(), 1);
+    let mut m = KvCacheManager::new(layout, 6, b"sinks").unwrap();
+    let prompt: Vec<u32> = (0..9).map(|t| t + 40).collect();
+    let a = SeqId(1);
+    m.admit(a, &prompt[..1]).unwrap();
+    m.reserve(a, prompt.len()).unwrap();
+    write_and_commit(&mut m, a, &prompt);
+    let blocks = m.table(a).unwrap().blocks().to_vec();
+    assert!(
+        m.storage().is_open(blocks[0]),
+        "the sink block is not sealed"
+    );
+    assert!(
+        !m.storage().is_open(blocks[1]),
+        "later full blocks are sealed"
+    );
+    // exact in the sink block, within int8's half step after it
+    let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+    let hashes = prefix_hashes(&prompt);
+    m.read_token(a, 0, 3, &mut k, &mut v).unwrap();
+    assert_eq!(k, rows(m.layout(), 0, hashes[3]).0);
+    check_contents_within(&m, a, 2000.0 / 255.0 / 2.0 * 1.01).unwrap();
+    m.free(a).unwrap();
+    m.check_invariants().unwrap();
+    // the cached sink block serves the next sequence with its exact rows
+    let b = SeqId(2);
+    assert_eq!(m.admit(b, &prompt).unwrap().cached_tokens, 8);
+    m.read_token(b, 0, 3, &mut k, &mut v).unwrap();
+    assert_eq!(k, rows(m.layout(), 0, hashes[3]).0);
+    m.free(b).unwrap();
+    // evict everything: a new prompt takes all blocks, including the cached sink block
+    let other: Vec<u32> = (0..23).map(|t| t + 900).collect();
+    let c = SeqId(3);
+    m.admit(c, &other).unwrap();
+    write_and_commit(&mut m, c, &other[..0]);
+    m.check_invariants().unwrap();
+    m.free(c).unwrap();
+    m.check_invariants().unwrap();
+}
