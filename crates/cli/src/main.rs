@@ -1,10 +1,11 @@
-//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, bench.
+//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, inspect, bench.
 
 mod bench;
 mod common;
 mod demo;
 mod eval;
 mod generate;
+mod inspect;
 mod plot;
 
 use std::process::ExitCode;
@@ -33,6 +34,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Codec quality on real text: perplexity, KL to the f32 cache, top-1 agreement.
     Eval(eval::EvalArgs),
+    /// The model's KV layout, bytes per token per codec, sequences that fit a budget.
+    Inspect(inspect::InspectArgs),
     /// Benchmarks with their baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -56,6 +59,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => demo::run(&cli.common, args),
         Command::Generate(args) => generate::run(&cli.common, args),
         Command::Eval(args) => eval::run(&cli.common, args),
+        Command::Inspect(args) => inspect::run(&cli.common, args),
         Command::Bench(command) => bench::run(&cli.common, command),
     }
 }

@@ -59,6 +59,71 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Reads the hyper-parameters of a GGUF file (metadata only, no weights).
+    pub fn read(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|source| EngineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let ct = gguf_file::Content::read(&mut file).map_err(|e| {
+            bad_model(
+                path,
+                format!("not a readable GGUF file: {}", candle_message(&e)),
+            )
+        })?;
+        Self::from_gguf(path, &ct)
+    }
+
+    /// The hyper-parameters in parsed GGUF metadata; the architecture must be llama.
+    fn from_gguf(path: &Path, ct: &gguf_file::Content) -> Result<Self> {
+        let arch = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .cloned();
+        if arch.as_deref() != Some("llama") {
+            return Err(bad_model(
+                path,
+                format!("architecture {arch:?} is not llama"),
+            ));
+        }
+        let get = |key: &str| -> Result<&gguf_file::Value> {
+            ct.metadata
+                .get(key)
+                .ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
+        };
+        let uint = |key: &str| -> Result<usize> {
+            get(key)?
+                .to_u32()
+                .map(|v| v as usize)
+                .map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
+        };
+        let float = |key: &str| -> Result<f32> {
+            get(key)?
+                .to_f32()
+                .map_err(|_| bad_model(path, format!("`{key}` is not an f32")))
+        };
+        let heads = uint("llama.attention.head_count")?;
+        let hidden = uint("llama.embedding_length")?;
+        if heads == 0 || hidden % heads != 0 {
+            return Err(bad_model(
+                path,
+                "embedding length is not a multiple of the head count",
+            ));
+        }
+        Ok(ModelConfig {
+            layers: uint("llama.block_count")?,
+            heads,
+            kv_heads: uint("llama.attention.head_count_kv")?,
+            head_dim: hidden / heads,
+            hidden,
+            vocab: uint("llama.vocab_size")?,
+            rope_base: float("llama.rope.freq_base").unwrap_or(10_000.0),
+            rms_eps: float("llama.attention.layer_norm_rms_epsilon")?,
+            context_len: uint("llama.context_length")?,
+        })
+    }
+
     /// The KV layout of this model for the given codecs and block size.
     pub fn kv_layout(
         &self,
@@ -164,52 +229,7 @@ impl Model {
                 format!("not a readable GGUF file: {}", candle_message(&e)),
             )
         })?;
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        if arch.as_deref() != Some("llama") {
-            return Err(bad_model(
-                path,
-                format!("architecture {arch:?} is not llama"),
-            ));
-        }
-        let get = |key: &str| -> Result<&gguf_file::Value> {
-            ct.metadata
-                .get(key)
-                .ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
-        };
-        let uint = |key: &str| -> Result<usize> {
-            get(key)?
-                .to_u32()
-                .map(|v| v as usize)
-                .map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
-        };
-        let float = |key: &str| -> Result<f32> {
-            get(key)?
-                .to_f32()
-                .map_err(|_| bad_model(path, format!("`{key}` is not an f32")))
-        };
-        let heads = uint("llama.attention.head_count")?;
-        let hidden = uint("llama.embedding_length")?;
-        if heads == 0 || hidden % heads != 0 {
-            return Err(bad_model(
-                path,
-                "embedding length is not a multiple of the head count",
-            ));
-        }
-        let config = ModelConfig {
-            layers: uint("llama.block_count")?,
-            heads,
-            kv_heads: uint("llama.attention.head_count_kv")?,
-            head_dim: hidden / heads,
-            hidden,
-            vocab: uint("llama.vocab_size")?,
-            rope_base: float("llama.rope.freq_base").unwrap_or(10_000.0),
-            rms_eps: float("llama.attention.layer_norm_rms_epsilon")?,
-            context_len: uint("llama.context_length")?,
-        };
+        let config = ModelConfig::from_gguf(path, &ct)?;
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
 
         let device = Device::Cpu;
