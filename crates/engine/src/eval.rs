@@ -10,6 +10,7 @@ use pagedkv::{Codec, KvCacheManager, LayerOverride, LayerSet, SeqId};
 
 use crate::error::{EngineError, Result};
 use crate::model::{BatchItem, Logits, Model};
+use crate::sampler::argmax;
 
 /// Key and value codecs of one evaluated setting, optionally other codecs on some layers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,19 +326,6 @@ fn kl(log_p: &[f32], log_q: &[f32]) -> f64 {
         .map(|(p, q)| (*p as f64).exp() * (*p as f64 - *q as f64))
         .sum::<f64>()
         .max(0.0)
-}
-
-fn argmax(v: &[f32]) -> usize {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, x)| {
-            if *x > best.1 {
-                (i, *x)
-            } else {
-                best
-            }
-        })
-        .0
 }
 
 #[cfg(test)]

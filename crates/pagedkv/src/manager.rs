@@ -231,12 +231,7 @@ impl KvCacheManager {
         };
         let fresh = self.layout.blocks_for_tokens(prompt.len()) - table.blocks.len();
         self.pool.allocate(fresh, &mut table.blocks)?;
-        demote_evicted(
-            &mut self.pool,
-            &self.storage,
-            &self.layout,
-            &mut self.prefix_tier,
-        )?;
+        self.demote_evicted()?;
         for (i, (hash, bytes)) in from_tier.iter().enumerate() {
             let block = table.blocks[pool_hits + i];
             let storage = &self.storage;
@@ -251,6 +246,24 @@ impl KvCacheManager {
         let cached_tokens = found * bs;
         self.seqs.insert(seq, table);
         Ok(Admission { cached_tokens })
+    }
+
+    /// Writes the cached blocks the pool just evicted to the prefix tier, under their keys
+    /// (their data is intact until the new owner writes); without a tier they are simply gone.
+    fn demote_evicted(&mut self) -> Result<()> {
+        let evicted = self.pool.take_evicted();
+        let Some(store) = self.prefix_tier.as_mut() else {
+            return Ok(());
+        };
+        let mut image = Vec::new();
+        for (block, hash) in evicted {
+            if self.storage.export_block(block, &mut image)? {
+                continue; // an open (sink) block stays in the pool's staging only
+            }
+            let bytes = payload::encode(&self.layout, false, Some(hash), &[], &image);
+            store.put(TierKey(hash.0), bytes)?;
+        }
+        Ok(())
     }
 
     /// Continues a prefix chain of `matched` blocks (last key `parent`) in the prefix tier:
@@ -339,30 +352,24 @@ impl KvCacheManager {
                 free: self.pool.num_available(),
             });
         }
+        if let Some(shared) = shared_tail {
+            let copy = self.pool.allocate_one()?;
+            self.demote_evicted()?;
+            self.storage.copy_block(shared, copy)?;
+            self.pool.release(shared)?;
+            let table = self
+                .seqs
+                .get_mut(&seq)
+                .ok_or(KvError::UnknownSequence(seq))?;
+            let idx = table.tokens.len() / bs;
+            table.blocks[idx] = copy;
+        }
         let table = self
             .seqs
             .get_mut(&seq)
             .ok_or(KvError::UnknownSequence(seq))?;
-        if let Some(shared) = shared_tail {
-            let copy = self.pool.allocate_one()?;
-            demote_evicted(
-                &mut self.pool,
-                &self.storage,
-                &self.layout,
-                &mut self.prefix_tier,
-            )?;
-            self.storage.copy_block(shared, copy)?;
-            self.pool.release(shared)?;
-            let idx = table.tokens.len() / bs;
-            table.blocks[idx] = copy;
-        }
         self.pool.allocate(grow, &mut table.blocks)?;
-        demote_evicted(
-            &mut self.pool,
-            &self.storage,
-            &self.layout,
-            &mut self.prefix_tier,
-        )?;
+        self.demote_evicted()?;
         Ok(())
     }
 
@@ -574,12 +581,7 @@ impl KvCacheManager {
                 }
                 None => {
                     let b = self.pool.allocate_one()?;
-                    demote_evicted(
-                        &mut self.pool,
-                        &self.storage,
-                        &self.layout,
-                        &mut self.prefix_tier,
-                    )?;
+                    self.demote_evicted()?;
                     self.storage.import_block(b, block.open, block.image)?;
                     if let Some(h) = block.hash {
                         self.pool.register(b, h)?;
@@ -670,27 +672,4 @@ impl KvCacheManager {
         }
         Ok(())
     }
-}
-
-/// Writes the cached blocks the pool just evicted to the prefix tier, under their keys (their
-/// data is intact until the new owner writes); without a tier they are simply gone.
-fn demote_evicted(
-    pool: &mut BlockPool,
-    storage: &KvStorage,
-    layout: &KvLayout,
-    tier: &mut Option<TieredStore>,
-) -> Result<()> {
-    let evicted = pool.take_evicted();
-    let Some(store) = tier.as_mut() else {
-        return Ok(());
-    };
-    let mut image = Vec::new();
-    for (block, hash) in evicted {
-        if storage.export_block(block, &mut image)? {
-            continue; // open blocks are never keyed; nothing to keep
-        }
-        let bytes = payload::encode(layout, false, Some(hash), &[], &image);
-        store.put(TierKey(hash.0), bytes)?;
-    }
-    Ok(())
 }

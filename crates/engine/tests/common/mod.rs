@@ -15,18 +15,7 @@ pub const PROMPTS: [&str; 3] = [
     "In 1905, Albert Einstein published four papers that changed physics. The first one explained",
 ];
 
-pub fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |best, (i, x)| {
-            if *x > best.1 {
-                (i, *x)
-            } else {
-                best
-            }
-        })
-        .0 as u32
-}
+pub use pagedkv_engine::sampler::argmax;
 
 /// Per prompt: max |Δ logit| on the prompt's last token, and both 64-token greedy continuations.
 pub struct Comparison {
