@@ -14,7 +14,7 @@ use crate::error::{KvError, Result};
 use crate::storage::KvStorage;
 
 use lut::FibTables;
-use pages::{accumulate_values, exp_in_place, key_scores, prefetch, PageScratch, Shape};
+use pages::{accumulate_values, key_scores, prefetch, softmax_step, PageScratch, Shape};
 
 /// The part of a sequence one query attends to: its block table and the number of positions
 /// visible to the query (causal limit), `1 ..= blocks.len() · block_size`.
@@ -334,24 +334,17 @@ impl Pass<'_> {
             key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?;
             // online softmax: rescale the running sums once per block
             for g in 0..group {
-                let block_scores = &mut scores[g * bs..g * bs + n];
-                let block_max = block_scores
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let new_max = max[g].max(block_max);
+                let (new_max, block_sum) =
+                    softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g]);
                 let correction = (max[g] - new_max).exp();
                 max[g] = new_max;
-                sum[g] *= correction;
+                sum[g] = sum[g] * correction + block_sum;
                 if correction != 1.0 {
                     acc[g * d..(g + 1) * d]
                         .iter_mut()
                         .for_each(|a| *a *= correction);
                     fib.rescale(g, group, correction);
                 }
-                block_scores.iter_mut().for_each(|s| *s -= new_max);
-                exp_in_place(block_scores);
-                sum[g] += block_scores.iter().sum::<f32>();
             }
             let values = self.storage.value_page(self.layer, block, self.head)?;
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
@@ -545,6 +538,50 @@ mod tests {
             attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
             assert_close(&split, &slow, &format!("{codec} split"));
             assert_close(&one, &slow, &format!("{codec} one pass"));
+        }
+    }
+
+    /// SmolLM2's geometry (blocks of 16, head_dim 64, 9/3 heads), where the AVX-512 loops
+    /// (block scores, softmax step, value accumulation) run: against the reference and the
+    /// portable build, for full blocks, partial ones and a single token.
+    #[test]
+    fn simd_loops_match_the_reference_at_smollm_geometry() {
+        for codec in every_codec() {
+            let mut spec = LayoutSpec::new(1, 3, 9, 64, codec);
+            spec.block_size = 16;
+            let layout = KvLayout::new(spec).unwrap();
+            let tokens: usize = 16 * 5 + 7;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            for pos in 0..tokens {
+                let k: Vec<f32> = (0..192)
+                    .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0)
+                    .collect();
+                let v: Vec<f32> = (0..192)
+                    .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
+                    .collect();
+                s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                    .unwrap();
+                if pos % 16 == 15 {
+                    s.seal(blocks[pos / 16]).unwrap();
+                }
+            }
+            for len in [1, 9, 16, 17, 40, tokens] {
+                let q: Vec<f32> = (0..9 * 64)
+                    .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
+                    .collect();
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let mut out = [vec![0.0; 576], vec![0.0; 576], vec![0.0; 576]];
+                let [fast, portable, slow] = &mut out;
+                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
+                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
+                assert_close(fast, slow, &format!("{codec} len {len} simd"));
+                assert_close(portable, slow, &format!("{codec} len {len} portable"));
+            }
         }
     }
 

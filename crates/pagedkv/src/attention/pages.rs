@@ -279,6 +279,11 @@ fn key_columns<'a>(page: PageRef<'a>, buffer: &'a mut Vec<f32>) -> Option<&'a [f
 fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &mut [f32]) {
     const LANES: usize = 16;
     let Shape { d, bs, .. } = shape;
+    #[cfg(target_arch = "x86_64")]
+    if bs == LANES && columns.len() >= d * LANES && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked on this line); lengths are checked inside.
+        return unsafe { x86::column_scores_16(columns, shape, q, scale, scores) };
+    }
     if bs == LANES {
         // the default block size: each channel's column is one register, no bounds checks
         let (columns, _) = columns.as_chunks::<LANES>();
@@ -469,6 +474,11 @@ pub(super) fn accumulate_values(
 fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut [f32]) {
     const LANES: usize = 16;
     let Shape { group, d, bs } = shape;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked on this line); lengths are checked inside.
+        return unsafe { x86::weighted_rows_64(rows, n, shape, probs, acc) };
+    }
     if d.is_multiple_of(LANES) {
         // rows as arrays of whole registers: no bounds checks in the token loop
         let (chunks, _) = rows[..n * d].as_chunks::<LANES>();
@@ -592,6 +602,151 @@ fn packed_values(
             )?;
             weighted_rows(&scratch.page, n, shape, probs, acc);
             Ok(())
+        }
+    }
+}
+
+/// The two hottest loops written with AVX-512 intrinsics: the compiler keeps array
+/// accumulators in memory, so the adds wait on store forwarding; here every accumulator is a
+/// register and independent chains interleave. Fused multiply-add, so results differ from the
+/// portable loops in the last bits (both are tested against the f64 reference).
+/// One block's online-softmax step: `scores[..n]` become `exp(s − new_max)`; returns the new
+/// running maximum and the sum of the new weights.
+#[inline(always)]
+pub(super) fn softmax_step(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f32) {
+    #[cfg(target_arch = "x86_64")]
+    if scores.len() == 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked on this line).
+        return unsafe { x86::softmax_step_16(scores, n, max_in) };
+    }
+    let block = &mut scores[..n];
+    let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let new_max = max_in.max(block_max);
+    block.iter_mut().for_each(|s| *s -= new_max);
+    exp_in_place(block);
+    (new_max, block.iter().sum())
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Shape;
+
+    /// `column_scores` for blocks of 16: per channel one column register, FMAs into one
+    /// accumulator per query head (up to four heads at a time, independent chains).
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn column_scores_16(
+        columns: &[f32],
+        shape: Shape,
+        q: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let Shape { group, d, .. } = shape;
+        assert!(columns.len() >= d * 16 && q.len() >= group * d && scores.len() >= group * 16);
+        let scale_v = _mm512_set1_ps(scale);
+        for first in (0..group).step_by(4) {
+            let heads = (group - first).min(4);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for c in 0..d {
+                // SAFETY: c·16 + 16 ≤ d·16 ≤ columns.len() (asserted above).
+                let column = unsafe { _mm512_loadu_ps(columns.as_ptr().add(c * 16)) };
+                for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                    let qv = _mm512_set1_ps(q[(first + h) * d + c]);
+                    *a = _mm512_fmadd_ps(qv, column, *a);
+                }
+            }
+            for (h, a) in acc.iter().enumerate().take(heads) {
+                let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
+                // SAFETY: `out` holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*a, scale_v)) };
+            }
+        }
+    }
+
+    /// One block's online-softmax step for blocks of 16: the first `n` scores (the rest are
+    /// ignored) are replaced by `exp(s − new_max)`; returns the new running maximum and the sum
+    /// of the new weights. The exponential is the polynomial of `exp_in_place`, in registers,
+    /// with the power of two applied by `vscalefps`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn softmax_step_16(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f32) {
+        assert!(scores.len() >= 16 && n <= 16);
+        let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
+        // SAFETY: `scores` holds at least 16 floats (asserted above).
+        let s = unsafe { _mm512_loadu_ps(scores.as_ptr()) };
+        let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let visible = _mm512_mask_blend_ps(mask, neg_inf, s);
+        let new_max = max_in.max(_mm512_reduce_max_ps(visible));
+        let x = _mm512_sub_ps(visible, _mm512_set1_ps(new_max));
+        let floor_x = _mm512_set1_ps(-87.0);
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, floor_x) & mask;
+        let v = _mm512_max_ps(x, floor_x);
+        let k =
+            _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
+                v,
+                _mm512_set1_ps(std::f32::consts::LOG2_E),
+                _mm512_set1_ps(0.5),
+            ));
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), v);
+        let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+        }
+        let r2 = _mm512_mul_ps(r, r);
+        let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
+        let e = _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, k));
+        // SAFETY: as for the load.
+        unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr(), mask, e) };
+        (new_max, _mm512_reduce_add_ps(e))
+    }
+
+    /// `weighted_rows` for head_dim a multiple of 64: four accumulator registers per query
+    /// head, updated by every token of the block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn weighted_rows_64(
+        rows: &[f32],
+        n: usize,
+        shape: Shape,
+        probs: &[f32],
+        acc: &mut [f32],
+    ) {
+        let Shape { group, d, bs } = shape;
+        assert!(rows.len() >= n * d && probs.len() >= group * bs && acc.len() >= group * d);
+        assert!(n <= bs && d.is_multiple_of(64));
+        for g in 0..group {
+            for chunk in (0..d).step_by(64) {
+                let base = g * d + chunk;
+                // SAFETY: base + 64 ≤ (g + 1)·d ≤ acc.len() (asserted above).
+                let mut a = unsafe {
+                    [
+                        _mm512_loadu_ps(acc.as_ptr().add(base)),
+                        _mm512_loadu_ps(acc.as_ptr().add(base + 16)),
+                        _mm512_loadu_ps(acc.as_ptr().add(base + 32)),
+                        _mm512_loadu_ps(acc.as_ptr().add(base + 48)),
+                    ]
+                };
+                for t in 0..n {
+                    let p = _mm512_set1_ps(probs[g * bs + t]);
+                    let row = t * d + chunk;
+                    for (i, a) in a.iter_mut().enumerate() {
+                        // SAFETY: row + 16·i + 16 ≤ t·d + d ≤ n·d ≤ rows.len().
+                        let v = unsafe { _mm512_loadu_ps(rows.as_ptr().add(row + 16 * i)) };
+                        *a = _mm512_fmadd_ps(p, v, *a);
+                    }
+                }
+                for (i, a) in a.iter().enumerate() {
+                    // SAFETY: as for the loads above.
+                    unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(base + 16 * i), *a) };
+                }
+            }
         }
     }
 }
