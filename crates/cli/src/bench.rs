@@ -282,7 +282,7 @@ fn attention(args: AttentionBench) -> Result<()> {
             for step in 0..args.steps + 1 {
                 let started = Instant::now();
                 for layer in 0..args.layers {
-                    attend_split(&storage, layer, ctx, &q, scale, &mut out, threads)?;
+                    attend_split(&storage, layer, ctx, &q, scale, &mut out)?;
                 }
                 if step > 0 {
                     times.push(started.elapsed().as_secs_f64());

@@ -436,7 +436,7 @@ impl Model {
                         blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
-                    attention::attend_split(storage, layer_idx, ctx, qr, scale, out, threads)?;
+                    attention::attend_split(storage, layer_idx, ctx, qr, scale, out)?;
                 }
             } else {
                 attn_out

@@ -131,9 +131,7 @@ fn bench(c: &mut Criterion) {
                 })
             });
             group.bench_function(format!("{codec} ({threads} threads, split)"), |b| {
-                b.iter(|| {
-                    attend_split(&storage, 0, ctx, black_box(&q), 0.125, &mut out, threads).unwrap()
-                })
+                b.iter(|| attend_split(&storage, 0, ctx, black_box(&q), 0.125, &mut out).unwrap())
             });
         }
         group.finish();

@@ -162,6 +162,7 @@ fn attend_heads(
     let (d, group) = (layout.head_dim(), layout.group_size());
     let blocks = ctx.len.div_ceil(layout.block_size());
     let mut partial = std::mem::take(&mut scratch.partial);
+    let mut merged = Partial::default();
     for head in 0..layout.kv_heads() {
         let span = head * group * d..(head + 1) * group * d;
         let pass = Pass {
@@ -172,15 +173,34 @@ fn attend_heads(
             q: &q[span.clone()],
             scale,
         };
-        pass.run(0..blocks, &mut partial, scratch, simd)?;
-        partial.write(d, &mut out[span]);
+        // the same block ranges and merge order as `attend_split`, so both give the same bits
+        for (i, range) in ranges(blocks).enumerate() {
+            pass.run(range, &mut partial, scratch, simd)?;
+            if i == 0 {
+                std::mem::swap(&mut merged, &mut partial);
+            } else {
+                merged.merge(&partial, d);
+            }
+        }
+        merged.write(d, &mut out[span]);
     }
     scratch.partial = partial;
     Ok(())
 }
 
+/// Blocks per work item of a pass. Fixed, not derived from the thread count, so that the
+/// arithmetic (and thus every output bit) is the same whether ranges run on one thread or
+/// many, and a sequence decodes identically alone or in a batch.
+const RANGE_BLOCKS: usize = 32;
+
+/// The block ranges a pass is cut into, in merge order.
+fn ranges(blocks: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    (0..blocks.div_ceil(RANGE_BLOCKS).max(1))
+        .map(move |i| i * RANGE_BLOCKS..((i + 1) * RANGE_BLOCKS).min(blocks))
+}
+
 /// Attention of one query token with its context split over threads: work items are
-/// (kv head, block range), each head cut into up to `threads` ranges of at least 16 blocks; partial
+/// (kv head, range of `RANGE_BLOCKS` blocks) run on rayon's pool; partial
 /// states are merged exactly. For decode of few sequences over long contexts, where one
 /// thread per query leaves cores idle.
 pub fn attend_split(
@@ -190,24 +210,14 @@ pub fn attend_split(
     q: &[f32],
     scale: f32,
     out: &mut [f32],
-    threads: usize,
 ) -> Result<()> {
     use rayon::prelude::*;
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
     let blocks = ctx.len.div_ceil(layout.block_size());
-    const MIN_BLOCKS: usize = 16;
-    // every kv head cut into `threads` ranges: heads × threads items share out evenly
-    let splits = threads.clamp(1, blocks.div_ceil(MIN_BLOCKS).max(1));
-    let per_split = blocks.div_ceil(splits);
     let items: Vec<(usize, std::ops::Range<usize>)> = (0..heads)
-        .flat_map(|h| {
-            (0..splits).filter_map(move |s| {
-                let range = s * per_split..((s + 1) * per_split).min(blocks);
-                (!range.is_empty()).then_some((h, range))
-            })
-        })
+        .flat_map(|h| ranges(blocks).map(move |r| (h, r)))
         .collect();
     let partials = items
         .par_iter()
@@ -505,7 +515,7 @@ mod tests {
         }
     }
 
-    /// The split-K parallel kernel merges block ranges into the same result.
+    /// The split-K parallel kernel merges block ranges into exactly the sequential result.
     #[test]
     fn split_context_merges_to_the_same_output() {
         for codec in every_codec() {
@@ -534,9 +544,11 @@ mod tests {
             };
             let (mut one, mut split, mut slow) = (vec![0.0; 288], vec![0.0; 288], vec![0.0; 288]);
             attend(&s, 0, ctx, &q, 0.3, &mut one, &mut Scratch::default()).unwrap();
-            attend_split(&s, 0, ctx, &q, 0.3, &mut split, 8).unwrap();
+            attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
             attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
             assert_close(&split, &slow, &format!("{codec} split"));
+            // same ranges, same merge order: one thread or many, the same bits
+            assert_eq!(one, split, "{codec}");
             assert_close(&one, &slow, &format!("{codec} one pass"));
         }
     }
