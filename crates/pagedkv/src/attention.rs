@@ -597,6 +597,49 @@ mod tests {
         }
     }
 
+    /// A full-precision layer inside a compressed layout (a per-layer override) is read from its
+    /// packed pages like any other.
+    #[test]
+    fn an_overridden_full_precision_layer_matches_the_reference() {
+        for high in [Codec::F32, Codec::F16, Codec::Bf16] {
+            let mut spec = LayoutSpec::new(2, 3, 9, 32, Codec::Int4);
+            spec.block_size = 4;
+            spec.layer_override = Some(crate::LayerOverride {
+                layers: crate::LayerSet::of([1]).unwrap(),
+                key_codec: high,
+                value_codec: high,
+            });
+            let layout = KvLayout::new(spec).unwrap();
+            let blocks: Vec<BlockId> = (0..4).map(BlockId).collect();
+            let mut s = KvStorage::new(layout, 4).unwrap();
+            for pos in 0..14 {
+                let k: Vec<f32> = (0..96)
+                    .map(|i| ((pos * 7 + i) as f32 * 0.13).sin())
+                    .collect();
+                for layer in 0..2 {
+                    s.write_token(layer, blocks[pos / 4], pos % 4, &k, &k)
+                        .unwrap();
+                }
+                if pos % 4 == 3 {
+                    s.seal(blocks[pos / 4]).unwrap();
+                }
+            }
+            assert!(matches!(
+                s.key_page(1, blocks[0], 0).unwrap(),
+                crate::PageRef::Packed { .. }
+            ));
+            let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.07).cos()).collect();
+            let ctx = Context {
+                blocks: &blocks,
+                len: 14,
+            };
+            let (mut fast, mut slow) = (vec![0.0; 288], vec![0.0; 288]);
+            attend(&s, 1, ctx, &q, 0.3, &mut fast, &mut Scratch::default()).unwrap();
+            attend_reference(&s, 1, ctx, &q, 0.3, &mut slow).unwrap();
+            assert_close(&fast, &slow, &format!("{high} layer in int4"));
+        }
+    }
+
     /// One scratch reused across codecs, heads and lengths gives the same results as fresh ones.
     #[test]
     fn scratch_reuse_does_not_leak_state() {

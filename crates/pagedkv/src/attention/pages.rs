@@ -426,15 +426,7 @@ fn packed_key_scores(
         Codec::FibQuant { .. } => fib.key_scores(codec, bytes, n, shape, q, scale, scores),
         Codec::F32 | Codec::F16 | Codec::Bf16 => {
             // a full-precision layer inside a compressed layout: decode the page, then dot
-            scratch.page.resize(bs * d, 0.0);
-            crate::codec::scalar::decode_page(
-                codec,
-                crate::Role::Key,
-                bytes,
-                bs,
-                d,
-                &mut scratch.page,
-            )?;
+            decode_packed(codec, crate::Role::Key, bytes, shape, scratch)?;
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 for (t, key) in scratch.page.chunks_exact(d).take(n).enumerate() {
                     scores[g * bs + t] = dot(qg, key) * scale;
@@ -443,6 +435,21 @@ fn packed_key_scores(
             Ok(())
         }
     }
+}
+
+/// Decodes a packed full-precision page (a layer overridden to f32/f16/bf16 inside a
+/// compressed layout) into `scratch.page`, token-major.
+#[inline(always)]
+fn decode_packed(
+    codec: Codec,
+    role: crate::Role,
+    bytes: &[u8],
+    shape: Shape,
+    scratch: &mut PageScratch,
+) -> Result<()> {
+    let Shape { d, bs, .. } = shape;
+    scratch.page.resize(bs * d, 0.0);
+    crate::codec::scalar::decode_page(codec, role, bytes, bs, d, &mut scratch.page)
 }
 
 /// `acc_g += Σ_t probs[g·bs + t] · v_t` over the first `n` tokens of a value page.
@@ -591,15 +598,7 @@ fn packed_values(
         }
         Codec::FibQuant { .. } => fib.accumulate(codec, bytes, n, shape, probs),
         Codec::F32 | Codec::F16 | Codec::Bf16 => {
-            scratch.page.resize(bs * d, 0.0);
-            crate::codec::scalar::decode_page(
-                codec,
-                crate::Role::Value,
-                bytes,
-                bs,
-                d,
-                &mut scratch.page,
-            )?;
+            decode_packed(codec, crate::Role::Value, bytes, shape, scratch)?;
             weighted_rows(&scratch.page, n, shape, probs, acc);
             Ok(())
         }
