@@ -251,14 +251,17 @@ pub fn evaluate(
         .iter()
         .zip(&layouts)
         .zip(&totals)
-        .map(|((codecs, layout), t)| EvalRow {
-            codecs: *codecs,
-            bits_per_element: window_cost(layout, w).0,
-            kv_bytes_per_token: window_cost(layout, w).1,
-            ppl: (t.nll / t.count as f64).exp(),
-            kl_mean: t.kl / t.count as f64,
-            top1: t.agree as f64 / t.count as f64,
-            tokens: t.count,
+        .map(|((codecs, layout), t)| {
+            let (bits_per_element, kv_bytes_per_token) = window_cost(layout, w);
+            EvalRow {
+                codecs: *codecs,
+                bits_per_element,
+                kv_bytes_per_token,
+                ppl: (t.nll / t.count as f64).exp(),
+                kl_mean: t.kl / t.count as f64,
+                top1: t.agree as f64 / t.count as f64,
+                tokens: t.count,
+            }
         })
         .collect())
 }

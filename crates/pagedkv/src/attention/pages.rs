@@ -207,6 +207,25 @@ pub(super) fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
     acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
 }
 
+/// Token `t`'s row of one-byte codes: int8 and fp8 rows as stored, int4 rows unpacked into
+/// `buffer`.
+#[inline(always)]
+fn code_row<'a>(
+    codec: Codec,
+    codes: &'a [u8],
+    t: usize,
+    d: usize,
+    buffer: &'a mut Vec<u8>,
+) -> &'a [u8] {
+    if codec == Codec::Int4 {
+        let row_bytes = d.div_ceil(2);
+        unpack_int4(&codes[t * row_bytes..(t + 1) * row_bytes], d, buffer);
+        buffer
+    } else {
+        &codes[t * d..(t + 1) * d]
+    }
+}
+
 /// Unpacks a row of int4 codes (low nibble first) into `out` (`d` codes).
 #[inline(always)]
 fn unpack_int4(row: &[u8], d: usize, out: &mut Vec<u8>) {
@@ -216,17 +235,6 @@ fn unpack_int4(row: &[u8], d: usize, out: &mut Vec<u8>) {
         pair[1] = b >> 4;
     }
     out.truncate(d);
-}
-
-/// The fp8 decode tables, built once.
-fn fp8_tables(codec: Codec) -> &'static [f32; 256] {
-    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
-    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
-    if codec == Codec::Fp8E4m3 {
-        E4M3.get_or_init(|| fp8_table(Codec::Fp8E4m3))
-    } else {
-        E5M2.get_or_init(|| fp8_table(Codec::Fp8E5m2))
-    }
 }
 
 /// The first `len` elements of a full-precision page as f32 (borrowed, or converted into
@@ -399,25 +407,14 @@ fn packed_key_scores(
                 }
                 scratch.bias[g] = dot(qg, &scratch.zero) * scale;
             }
-            let row_bytes = if codec == Codec::Int4 {
-                d.div_ceil(2)
-            } else {
-                d
-            };
             for t in 0..n {
-                let row = &codes[t * row_bytes..(t + 1) * row_bytes];
-                let row = if codec == Codec::Int4 {
-                    unpack_int4(row, d, &mut scratch.codes);
-                    &scratch.codes[..]
-                } else {
-                    row
-                };
+                let row = code_row(codec, codes, t, d, &mut scratch.codes);
                 for g in 0..group {
                     let folded = &scratch.folded[g * d..(g + 1) * d];
                     scores[g * bs + t] = if integer {
                         scratch.bias[g] + dot_codes(folded, row)
                     } else {
-                        dot_table(folded, row, fp8_tables(codec))
+                        dot_table(folded, row, fp8_table(codec))
                     };
                 }
             }
@@ -545,20 +542,9 @@ fn packed_values(
     match codec {
         Codec::Int8 | Codec::Int4 => {
             let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
-            let row_bytes = if codec == Codec::Int4 {
-                d.div_ceil(2)
-            } else {
-                d
-            };
             let groups = d.div_ceil(VALUE_GROUP);
             for t in 0..n {
-                let row = &codes[t * row_bytes..(t + 1) * row_bytes];
-                let row = if codec == Codec::Int4 {
-                    unpack_int4(row, d, &mut scratch.codes);
-                    &scratch.codes[..]
-                } else {
-                    row
-                };
+                let row = code_row(codec, codes, t, d, &mut scratch.codes);
                 for g in 0..group {
                     let p = probs[g * bs + t];
                     let acc = &mut acc[g * d..(g + 1) * d];
@@ -582,7 +568,7 @@ fn packed_values(
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
-            let table = fp8_tables(codec);
+            let table = fp8_table(codec);
             for t in 0..n {
                 let row = &codes[t * d..(t + 1) * d];
                 let s = get_f16(params, t);

@@ -217,15 +217,16 @@ fn fp8_encode(codec: Codec, x: f32) -> u8 {
     }
 }
 
-/// Decode table of an fp8 format: all 256 codes as f32.
-pub fn fp8_table(codec: Codec) -> [f32; 256] {
-    std::array::from_fn(|code| {
-        if codec == Codec::Fp8E4m3 {
-            F8E4M3::from_bits(code as u8).to_f32()
-        } else {
-            F8E5M2::from_bits(code as u8).to_f32()
-        }
-    })
+/// Decode table of an fp8 format: all 256 codes as f32, built once per process (page decoding
+/// and attention both look codes up in it).
+pub fn fp8_table(codec: Codec) -> &'static [f32; 256] {
+    static E4M3: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static E5M2: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    if codec == Codec::Fp8E4m3 {
+        E4M3.get_or_init(|| std::array::from_fn(|code| F8E4M3::from_bits(code as u8).to_f32()))
+    } else {
+        E5M2.get_or_init(|| std::array::from_fn(|code| F8E5M2::from_bits(code as u8).to_f32()))
+    }
 }
 
 fn check_page(
