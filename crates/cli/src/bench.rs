@@ -140,7 +140,7 @@ fn blocks(args: BlocksBench) -> Result<()> {
         let layout = KvLayout::new(LayoutSpec::new(30, 3, 9, 64, codec))?;
         let blocks = layout.blocks_for_tokens(args.tokens);
         // room for the sequence and for a filler that evicts its cached blocks
-        let mut cache = KvCacheManager::new(layout, 2 * blocks + 2, b"bench")?;
+        let mut cache = KvCacheManager::new(layout.clone(), 2 * blocks + 2, b"bench")?;
         let seq = SeqId(1);
         let tokens: Vec<u32> = (0..args.tokens as u32).collect();
         cache.admit(seq, &tokens[..1])?;
@@ -259,7 +259,7 @@ fn attention(args: AttentionBench) -> Result<()> {
             spec.block_size = 16;
             let layout = KvLayout::new(spec)?;
             let blocks: Vec<BlockId> = (0..context.div_ceil(16) as u32).map(BlockId).collect();
-            let mut storage = KvStorage::new(layout, blocks.len())?;
+            let mut storage = KvStorage::new(layout.clone(), blocks.len())?;
             let width = layout.token_width();
             let kv = gaussian(2 * width * 64, context as u64);
             for pos in 0..context {
@@ -268,7 +268,7 @@ fn attention(args: AttentionBench) -> Result<()> {
                     storage.write_token(layer, blocks[pos / 16], pos % 16, k, v)?;
                 }
                 if pos % 16 == 15 {
-                    storage.seal(blocks[pos / 16])?;
+                    storage.seal(blocks[pos / 16], pos / 16 * 16)?;
                 }
             }
             let q = gaussian(9 * 64, 7);

@@ -52,7 +52,7 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
     let (model, tokenizer) = common.load_model()?;
     let cache = common.cache(&model, args.cache_mib)?;
-    let layout = *cache.layout();
+    let layout = cache.layout().clone();
     let blocks = cache.pool().num_blocks();
     println!(
         "pagedkv demo: SmolLM2-135M-Instruct, {} requests sharing a system prompt; cache {} MiB = {} blocks of {} tokens, codecs K={} V={} ({:.0} KV bytes/token)",

@@ -45,6 +45,10 @@ pub struct EvalArgs {
     /// Codec setting of the layers the assignment keeps at higher precision.
     #[arg(long, default_value = "int8")]
     high: String,
+    /// Text the `+center` settings' means are fitted on (default: "Around the World in Eighty
+    /// Days", built in; never the evaluated text).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
     /// Write the rows as JSON.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -70,10 +74,23 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     // f32 weights unless asked otherwise: 8-bit activations would bury the codec's own error
     let (model, tokenizer) = common.load_model_or(WeightMode::F32)?;
     let tokens = tokenizer.encode(&text)?;
+    let centered = settings.iter().any(|s| s.centered)
+        || args.sensitivity.as_deref().is_some_and(|s| s.contains("+center"));
+    let centering = if centered {
+        Some(std::sync::Arc::new(fit_centering(
+            common,
+            &args,
+            &model,
+            &tokenizer,
+        )?))
+    } else {
+        None
+    };
     let config = EvalConfig {
         window: args.window,
         block_size: common.block_size,
         max_windows: (args.windows > 0).then_some(args.windows),
+        centering,
     };
     let all = tokens.len() / args.window.max(1);
     let windows = if args.windows > 0 {
@@ -117,6 +134,45 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
+/// Means of the cached keys and values on the calibration text, for `+center` settings.
+fn fit_centering(
+    common: &CommonArgs,
+    args: &EvalArgs,
+    model: &pagedkv_engine::Model,
+    tokenizer: &pagedkv_engine::GgufTokenizer,
+) -> Result<pagedkv::Centering> {
+    use pagedkv_engine::calibrate;
+    let (text, name) = match &args.calibration {
+        Some(path) => (
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the calibration text {}", path.display()))?,
+            path.display().to_string(),
+        ),
+        None => (
+            calibrate::DEFAULT_TEXT.to_string(),
+            "data/around-the-world-in-80-days.txt (built in)".to_string(),
+        ),
+    };
+    let started = Instant::now();
+    let tokens = tokenizer.encode(&text)?;
+    let (window, windows) = (calibrate::DEFAULT_WINDOW, calibrate::DEFAULT_WINDOWS);
+    if tokens.len() < 2 * window {
+        anyhow::bail!(
+            "the calibration text {name} has {} tokens; it needs at least {}",
+            tokens.len(),
+            2 * window
+        );
+    }
+    let centering =
+        calibrate::fit_centering(model, &tokens, window, windows, common.block_size)?;
+    println!(
+        "centering: fitted on {name}, {} tokens, {:.1} s",
+        window * windows.min(tokens.len() / window - 1),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(centering)
+}
+
 fn progress_bar(windows: usize) -> ProgressBar {
     ProgressBar::new(windows as u64).with_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} windows, {elapsed} (eta {eta})")
@@ -139,10 +195,16 @@ fn sensitivity(
     let layers = model.config().layers;
     let reference = CodecPair::same(pagedkv::Codec::F32);
     let settings = (0..layers)
-        .map(|l| Ok(reference.with_override(LayerSet::of([l])?, low.key, low.value)))
+        .map(|l| {
+            let pair = reference.with_override(LayerSet::of([l])?, low.key, low.value);
+            Ok(CodecPair {
+                centered: low.centered,
+                ..pair
+            })
+        })
         .collect::<pagedkv::Result<Vec<_>>>()?;
     let bar = progress_bar(windows);
-    let rows = evaluate(model, tokens, &settings, config, |done, _| {
+    let rows = evaluate(model, tokens, &settings, config.clone(), |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();

@@ -23,6 +23,8 @@ pub struct CodecPair {
     pub layer_override: Option<LayerOverride>,
     /// Leading tokens of each window kept in full precision (attention sinks).
     pub sinks: usize,
+    /// FibQuant pages centered with the evaluation's calibrated means (`+center`).
+    pub centered: bool,
 }
 
 impl CodecPair {
@@ -33,6 +35,7 @@ impl CodecPair {
             value: codec,
             layer_override: None,
             sinks: 0,
+            centered: false,
         }
     }
 
@@ -73,6 +76,9 @@ impl std::fmt::Display for CodecPair {
         if let Some(o) = self.layer_override {
             write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
+        if self.centered {
+            write!(f, "+center")?;
+        }
         if self.sinks > 0 {
             write!(f, "+sink{}", self.sinks)?;
         }
@@ -85,7 +91,8 @@ impl std::str::FromStr for CodecPair {
 
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
     /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
-    /// by `+sinkN` to keep each window's first N tokens in full precision (`+sink`: 4).
+    /// by `+center` to center FibQuant pages with calibrated means, and by `+sinkN` to keep each
+    /// window's first N tokens in full precision (`+sink`: 4).
     fn from_str(full: &str) -> pagedkv::Result<Self> {
         let (s, sinks) = match full.rsplit_once("+sink") {
             Some((rest, "")) => (rest, DEFAULT_SINKS),
@@ -100,6 +107,10 @@ impl std::str::FromStr for CodecPair {
             ),
             None => (full, 0),
         };
+        let (s, centered) = match s.strip_suffix("+center") {
+            Some(rest) => (rest, true),
+            None => (s, false),
+        };
         let (base, other) = match s.split_once('@') {
             Some((base, other)) => (base, Some(other)),
             None => (s, None),
@@ -110,6 +121,7 @@ impl std::str::FromStr for CodecPair {
             value,
             layer_override: None,
             sinks,
+            centered,
         };
         if let Some(other) = other {
             let bad = || pagedkv::KvError::UnknownCodec {
@@ -132,7 +144,7 @@ impl std::str::FromStr for CodecPair {
 pub const DEFAULT_SINKS: usize = 4;
 
 /// How to evaluate.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct EvalConfig {
     /// Tokens per window (each window starts with an empty cache).
     pub window: usize,
@@ -140,6 +152,8 @@ pub struct EvalConfig {
     pub block_size: usize,
     /// At most this many windows (None: every whole window of the text).
     pub max_windows: Option<usize>,
+    /// Means for the settings marked `+center` (see [`crate::calibrate`]).
+    pub centering: Option<std::sync::Arc<pagedkv::Centering>>,
 }
 
 /// Results of one codec setting.
@@ -212,9 +226,19 @@ pub fn evaluate(
             let layout = model
                 .config()
                 .kv_layout_with(s.key, s.value, bs, s.layer_override)?;
+            let centering = match (s.centered, &config.centering) {
+                (false, _) => None,
+                (true, Some(c)) => Some(c.clone()),
+                (true, None) => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "`{s}` asks for centering but no centering was fitted"
+                    )))
+                }
+            };
             let spec = pagedkv::LayoutSpec {
                 sink_tokens: s.sinks,
-                ..*layout.spec()
+                centering,
+                ..layout.spec().clone()
             };
             Ok(pagedkv::KvLayout::new(spec)?)
         })
@@ -226,7 +250,7 @@ pub fn evaluate(
     for win in 0..windows {
         let text = &tokens[win * w..(win + 1) * w];
         for (i, layout) in layouts.iter().enumerate() {
-            let logits = window_logits(model, *layout, text, bs)?;
+            let logits = window_logits(model, layout.clone(), text, bs)?;
             // position p predicts token p + 1; the window's last logits predict nothing here
             for (p, row) in logits.chunks_exact(vocab).take(w - 1).enumerate() {
                 log_softmax(row, &mut logp);

@@ -3,6 +3,7 @@
 //! (DESIGN §9).
 #![warn(missing_docs)]
 
+pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod fetch;

@@ -21,8 +21,9 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
         window: 256,
         block_size: 16,
         max_windows: Some(1),
+        centering: None,
     };
-    let rows = evaluate(&model, &tokens, &settings, config, |_, _| {}).unwrap();
+    let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
     for r in &rows {
         println!(
             "{:<16} bits {:>5.2} KL {:.6} top-1 {:.3} PPL {:.3}",

@@ -32,7 +32,7 @@ fn ours(codec: Codec, context: usize) -> (KvStorage, Vec<BlockId>) {
             .write_token(0, blocks[pos / BS], pos % BS, k, v)
             .unwrap();
         if pos % BS == BS - 1 {
-            storage.seal(blocks[pos / BS]).unwrap();
+            storage.seal(blocks[pos / BS], pos / BS * BS).unwrap();
         }
     }
     (storage, blocks)

@@ -40,7 +40,7 @@ fn append_and_fork(c: &mut Criterion) {
     let mut group = c.benchmark_group("sequence");
     group.throughput(Throughput::Elements(1));
     group.bench_function("append_per_token", |b| {
-        let mut m = KvCacheManager::new(layout, 1 << 16, b"bench").unwrap();
+        let mut m = KvCacheManager::new(layout.clone(), 1 << 16, b"bench").unwrap();
         let seq = SeqId(0);
         m.admit(seq, &[1]).unwrap();
         m.commit(seq, &[1]).unwrap();
@@ -57,7 +57,7 @@ fn append_and_fork(c: &mut Criterion) {
         })
     });
     group.bench_function("fork_1024_tokens", |b| {
-        let mut m = KvCacheManager::new(layout, 4096, b"bench").unwrap();
+        let mut m = KvCacheManager::new(layout.clone(), 4096, b"bench").unwrap();
         let prompt: Vec<u32> = (0..1024).collect();
         m.admit(SeqId(0), &prompt).unwrap();
         m.commit(SeqId(0), &prompt).unwrap();
@@ -71,7 +71,7 @@ fn append_and_fork(c: &mut Criterion) {
 
 /// Fills the prefix cache with `blocks` cached (freed, still hashed) blocks.
 fn cache_with(layout: KvLayout, blocks: usize) -> KvCacheManager {
-    let mut m = KvCacheManager::new(layout, blocks + 64, b"bench").unwrap();
+    let mut m = KvCacheManager::new(layout.clone(), blocks + 64, b"bench").unwrap();
     let per_seq = 64 * layout.block_size();
     for s in 0..blocks / 64 {
         let tokens: Vec<u32> = (0..per_seq as u32)
@@ -91,7 +91,7 @@ fn prefix_match(c: &mut Criterion) {
     const MATCHED: usize = 16;
     group.throughput(Throughput::Elements(MATCHED as u64));
     for cached in [1_024usize, 102_400] {
-        let mut m = cache_with(layout, cached);
+        let mut m = cache_with(layout.clone(), cached);
         // a prompt that hits the first 16 blocks of a cached sequence in the middle of the pool
         let mid = (cached / 64 / 2) * 64 * layout.block_size();
         let mut prompt: Vec<u32> =

@@ -11,7 +11,8 @@ mod pages;
 
 use crate::block::BlockId;
 use crate::error::{KvError, Result};
-use crate::storage::KvStorage;
+use crate::codec::Role;
+use crate::storage::{KvStorage, PageRef};
 
 use lut::FibTables;
 use pages::{accumulate_values, key_scores, prefetch, softmax_step, PageScratch, Shape};
@@ -327,6 +328,8 @@ impl Pass<'_> {
         partial.reset(group, d);
         let Partial { max, sum, acc } = partial;
         fib.start_head();
+        let key_centering = layout.key_centering(self.layer);
+        let value_centering = layout.value_centering(self.layer);
         for block_idx in blocks {
             let block = self.ctx.blocks[block_idx];
             let start = block_idx * bs;
@@ -342,6 +345,10 @@ impl Pass<'_> {
             }
             let keys = self.storage.key_page(self.layer, block, self.head)?;
             key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?;
+            if let (Some(c), PageRef::Packed { .. }) = (key_centering, keys) {
+                let q = self.q;
+                fib.center_scores(c, self.layer, self.head, q, start, n, shape, self.scale, scores);
+            }
             // online softmax: rescale the running sums once per block
             for g in 0..group {
                 let (new_max, block_sum) =
@@ -357,9 +364,13 @@ impl Pass<'_> {
                 }
             }
             let values = self.storage.value_page(self.layer, block, self.head)?;
+            if let (Some(_), PageRef::Packed { .. }) = (value_centering, values) {
+                fib.center_values(n, shape, scores);
+            }
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
-        fib.finish(shape, acc);
+        let value_mean = value_centering.map(|c| c.value_mean(self.layer, self.head));
+        fib.finish(shape, acc, value_mean);
         Ok(())
     }
 }
@@ -385,13 +396,10 @@ pub fn attend_reference(
         for (block_idx, block) in ctx.blocks.iter().enumerate().take(ctx.len.div_ceil(bs)) {
             let n = (ctx.len - block_idx * bs).min(bs);
             let span = block_idx * bs * d..(block_idx * bs + n) * d;
-            storage
-                .key_page(layer, *block, head)?
-                .to_f32(bs, d, &mut page)?;
+            let start = block_idx * bs;
+            storage.page_to_f32(layer, *block, head, Role::Key, start, &mut page)?;
             keys[head][span.clone()].copy_from_slice(&page[..n * d]);
-            storage
-                .value_page(layer, *block, head)?
-                .to_f32(bs, d, &mut page)?;
+            storage.page_to_f32(layer, *block, head, Role::Value, start, &mut page)?;
             values[head][span].copy_from_slice(&page[..n * d]);
         }
     }
@@ -440,7 +448,7 @@ mod tests {
         spec.block_size = 4;
         let layout = KvLayout::new(spec).unwrap();
         let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).rev().map(BlockId).collect();
-        let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+        let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
         let mut x = 0.37f32;
         let mut next = || {
             x = (x * 9.1 + 0.3).fract();
@@ -452,7 +460,7 @@ mod tests {
             s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
             if pos % 4 == 3 {
                 // full blocks are sealed; the last, partial one stays open (f32 staging)
-                s.seal(blocks[pos / 4]).unwrap();
+                s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
             }
         }
         (s, blocks)
@@ -515,6 +523,67 @@ mod tests {
         }
     }
 
+    /// Centered FibQuant pages (keys with a RoPE-rotated mean, values with a constant one):
+    /// the kernel adds the means back exactly as the reference's reconstruction does, in decode,
+    /// prefill and split-K, with centered keys or values alone and both.
+    #[test]
+    fn centered_pages_match_the_reference() {
+        use crate::centering::Centering;
+        let (d, bs, kv, qh) = (32, 4, 3, 9);
+        let key_means: Vec<f32> = (0..kv * d).map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5).collect();
+        let value_means: Vec<f32> = (0..kv * d).map(|i| ((i * 3 % 5) as f32 - 2.0)).collect();
+        let fib = Codec::FibQuant { k: 4, n: 256 };
+        for (key, value) in [(fib, fib), (Codec::F16, fib), (fib, Codec::Int4)] {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, key);
+            spec.value_codec = value;
+            spec.block_size = bs;
+            let c = Centering::new(1, kv, d, bs, 10_000.0, key_means.clone(), value_means.clone())
+                .unwrap();
+            spec.centering = Some(std::sync::Arc::new(c));
+            let layout = KvLayout::new(spec).unwrap();
+            let tokens = bs * 40 + 3;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).map(BlockId).collect();
+            let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
+            let mut shift = vec![0f32; d];
+            for pos in 0..tokens {
+                let mut k: Vec<f32> =
+                    (0..kv * d).map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin()).collect();
+                let mut v: Vec<f32> =
+                    (0..kv * d).map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos()).collect();
+                for h in 0..kv {
+                    let cent = layout.centering().unwrap();
+                    cent.key_shift(0, h, pos, &mut shift);
+                    k[h * d..(h + 1) * d].iter_mut().zip(&shift).for_each(|(x, m)| *x += m);
+                    let vm = cent.value_mean(0, h);
+                    v[h * d..(h + 1) * d].iter_mut().zip(vm).for_each(|(x, m)| *x += m);
+                }
+                s.write_token(0, blocks[pos / bs], pos % bs, &k, &v).unwrap();
+                if pos % bs == bs - 1 {
+                    s.seal(blocks[pos / bs], pos / bs * bs).unwrap();
+                }
+            }
+            for len in [1, 5, 64, tokens] {
+                let q: Vec<f32> = (0..qh * d).map(|i| ((i + len) as f32 * 0.37).cos()).collect();
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let (mut fast, mut split, mut slow) =
+                    (vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]);
+                let mut portable = vec![0.0; qh * d];
+                attend(&s, 0, ctx, &q, 0.3, &mut fast, &mut Scratch::default()).unwrap();
+                attend_portable(&s, 0, ctx, &q, 0.3, &mut portable, &mut Scratch::default())
+                    .unwrap();
+                attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
+                let what = format!("{key}/{value} centered, length {len}");
+                assert_close(&fast, &slow, &what);
+                assert_close(&portable, &slow, &what);
+                assert_close(&split, &slow, &what);
+            }
+        }
+    }
+
     /// The split-K parallel kernel merges block ranges into exactly the sequential result.
     #[test]
     fn split_context_merges_to_the_same_output() {
@@ -524,7 +593,7 @@ mod tests {
             let layout = KvLayout::new(spec).unwrap();
             let tokens: usize = 4 * 70 + 3;
             let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).map(BlockId).collect();
-            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
             for pos in 0..tokens {
                 let k: Vec<f32> = (0..96)
                     .map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin() * 3.0)
@@ -534,7 +603,7 @@ mod tests {
                     .collect();
                 s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
                 if pos % 4 == 3 {
-                    s.seal(blocks[pos / 4]).unwrap();
+                    s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
                 }
             }
             let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.21).cos()).collect();
@@ -564,7 +633,7 @@ mod tests {
             let layout = KvLayout::new(spec).unwrap();
             let tokens: usize = 16 * 5 + 7;
             let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
-            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
             for pos in 0..tokens {
                 let k: Vec<f32> = (0..192)
                     .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0)
@@ -575,7 +644,7 @@ mod tests {
                 s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
                     .unwrap();
                 if pos % 16 == 15 {
-                    s.seal(blocks[pos / 16]).unwrap();
+                    s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
                 }
             }
             for len in [1, 9, 16, 17, 40, tokens] {
@@ -621,7 +690,7 @@ mod tests {
                         .unwrap();
                 }
                 if pos % 4 == 3 {
-                    s.seal(blocks[pos / 4]).unwrap();
+                    s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
                 }
             }
             assert!(matches!(

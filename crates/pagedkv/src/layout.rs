@@ -11,6 +11,9 @@
 //! so attention for one (sequence, kv head) streams contiguous pages, and one pass serves all
 //! query heads of a GQA group.
 
+use std::sync::Arc;
+
+use crate::centering::Centering;
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 
@@ -21,7 +24,7 @@ const MAX_HEAD_DIM: usize = 4096;
 const MAX_BLOCK_SIZE: usize = 4096;
 
 /// Unvalidated layout request; [`KvLayout::new`] checks it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutSpec {
     /// Transformer layers.
     pub layers: usize,
@@ -42,6 +45,8 @@ pub struct LayoutSpec {
     /// Leading tokens of every sequence kept in full precision ("attention sinks"): the blocks
     /// holding them are never sealed in a compressed layout. 0 for none.
     pub sink_tokens: usize,
+    /// Means removed from FibQuant pages before encoding (see [`Centering`]); None for none.
+    pub centering: Option<Arc<Centering>>,
 }
 
 /// A set of layer indices (below [`MAX_LAYERS`]), stored as a bitmap so layouts stay `Copy`.
@@ -124,6 +129,7 @@ impl LayoutSpec {
             value_codec: codec,
             layer_override: None,
             sink_tokens: 0,
+            centering: None,
         }
     }
 }
@@ -143,7 +149,7 @@ pub enum AttentionKind {
 }
 
 /// A validated KV-cache layout. Fields are private so a `KvLayout` is always valid.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLayout {
     spec: LayoutSpec,
     /// Page bytes of keys and values: [0] with the layout's codecs, [1] with the override's.
@@ -197,6 +203,15 @@ impl KvLayout {
                 });
             }
         }
+        if let Some(c) = &spec.centering {
+            let want = (spec.layers, spec.kv_heads, spec.head_dim, spec.block_size);
+            if c.geometry() != want {
+                return Err(KvError::InvalidCentering(format!(
+                    "made for (layers, kv heads, head_dim, block size) {:?}, the layout has {want:?}",
+                    c.geometry()
+                )));
+            }
+        }
         let mut key_page_bytes = [0; 2];
         let mut value_page_bytes = [0; 2];
         for (i, (key, value)) in [own, other].into_iter().enumerate() {
@@ -232,6 +247,23 @@ impl KvLayout {
         self.spec
             .layer_override
             .is_some_and(|o| o.layers.contains(layer)) as usize
+    }
+
+    /// The means removed from FibQuant pages, if any.
+    pub fn centering(&self) -> Option<&Centering> {
+        self.spec.centering.as_deref()
+    }
+
+    /// The centering that applies to `layer`'s key pages (FibQuant keys of a centered layout).
+    pub fn key_centering(&self, layer: usize) -> Option<&Centering> {
+        self.centering()
+            .filter(|_| matches!(self.key_codec(layer), Codec::FibQuant { .. }))
+    }
+
+    /// The centering that applies to `layer`'s value pages.
+    pub fn value_centering(&self, layer: usize) -> Option<&Centering> {
+        self.centering()
+            .filter(|_| matches!(self.value_codec(layer), Codec::FibQuant { .. }))
     }
 
     /// The spec this layout was built from.
@@ -359,6 +391,9 @@ impl KvLayout {
         if s.sink_tokens > 0 {
             digest += &format!(";sinks={}", s.sink_tokens);
         }
+        if let Some(c) = &s.centering {
+            digest += &format!(";centering={:016x}", c.digest());
+        }
         digest.into_bytes()
     }
 }
@@ -439,7 +474,7 @@ mod tests {
             key_codec: Codec::F16,
             value_codec: Codec::Int8,
         });
-        let mixed = KvLayout::new(spec).unwrap();
+        let mixed = KvLayout::new(spec.clone()).unwrap();
         let plain = KvLayout::new(smollm(Codec::Int4)).unwrap();
         assert_eq!(mixed.key_codec(0), Codec::F16);
         assert_eq!(mixed.value_codec(29), Codec::Int8);

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod centering;
 pub mod codec;
 pub mod error;
 pub mod layout;
@@ -17,6 +18,7 @@ pub mod table;
 pub mod tier;
 
 pub use block::{BlockId, BlockPool, PoolCounts};
+pub use centering::{Centering, CenteringFit};
 pub use codec::{Codec, Role};
 pub use error::{KvError, Result};
 pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};

@@ -73,8 +73,8 @@ impl KvCacheManager {
     /// the stored K/V (the model, usually); the layout's codecs are always part of the key.
     pub fn new(layout: KvLayout, num_blocks: usize, extra: &[u8]) -> Result<Self> {
         let pool = BlockPool::new(num_blocks)?;
-        let storage = KvStorage::new(layout, num_blocks)?;
         let mut key = layout.digest_bytes();
+        let storage = KvStorage::new(layout.clone(), num_blocks)?;
         key.push(0);
         key.extend_from_slice(extra);
         Ok(Self {
@@ -421,7 +421,7 @@ impl KvCacheManager {
             });
         }
         self.storage
-            .read_token(layer, table.blocks[pos / bs], pos % bs, k, v)
+            .read_token(layer, table.blocks[pos / bs], pos, k, v)
     }
 
     /// Records the token ids of the next `tokens.len()` written positions. Blocks that become full
@@ -455,7 +455,7 @@ impl KvCacheManager {
             // a full block is sealed: encoded once with the layout's codecs (sink blocks stay
             // in full precision)
             if block_idx >= self.layout.sink_blocks() {
-                self.storage.seal(table.blocks[block_idx])?;
+                self.storage.seal(table.blocks[block_idx], block_idx * bs)?;
             }
         }
         Ok(())

@@ -16,10 +16,42 @@
 use half::{bf16, f16};
 
 use crate::block::BlockId;
+use crate::centering::Centering;
 use crate::codec::scalar::{decode_page, encode_page};
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 use crate::layout::KvLayout;
+
+/// The centering of `role`'s pages on `layer`, if they are centered.
+fn center(layout: &KvLayout, layer: usize, role: Role) -> Option<&Centering> {
+    match role {
+        Role::Key => layout.key_centering(layer),
+        Role::Value => layout.value_centering(layer),
+    }
+}
+
+/// `rows + sign·mean` for the tokens of a page whose first token is at position `start`.
+fn shifted(
+    c: &Centering,
+    layer: usize,
+    head: usize,
+    role: Role,
+    start: usize,
+    rows: &[f32],
+    sign: f32,
+) -> Vec<f32> {
+    let d = c.geometry().2;
+    let mut out = rows.to_vec();
+    let mut shift = vec![0f32; d];
+    for (t, row) in out.chunks_exact_mut(d).enumerate() {
+        match role {
+            Role::Key => c.key_shift(layer, head, start + t, &mut shift),
+            Role::Value => shift.copy_from_slice(c.value_mean(layer, head)),
+        }
+        row.iter_mut().zip(&shift).for_each(|(x, m)| *x += sign * m);
+    }
+    out
+}
 
 /// No staging slot.
 const NO_SLOT: u32 = u32::MAX;
@@ -336,7 +368,7 @@ impl KvStorage {
     pub fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<bool> {
         self.check(0, block)?;
         out.clear();
-        let l = self.layout;
+        let l = self.layout.clone();
         let open = self.is_open(block);
         for layer in 0..l.layers() {
             for role in [Role::Key, Role::Value] {
@@ -379,7 +411,7 @@ impl KvStorage {
                 got: bytes.len(),
             });
         }
-        let l = self.layout;
+        let l = self.layout.clone();
         let mut rest = bytes;
         let mut take = |n: usize| {
             let (head, tail) = rest.split_at(n);
@@ -521,13 +553,15 @@ impl KvStorage {
     }
 
     /// Encodes an open block's pages (every layer, head, K and V) with the layout's codecs and
-    /// releases its staging. A no-op for full-precision layouts and for blocks not open.
-    pub fn seal(&mut self, block: BlockId) -> Result<()> {
+    /// releases its staging. `start` is the position of the block's first token in its
+    /// sequence (centered keys depend on it). A no-op for full-precision layouts and for blocks
+    /// not open.
+    pub fn seal(&mut self, block: BlockId, start: usize) -> Result<()> {
         self.check(0, block)?;
         let Some(slot) = self.staging.as_ref().and_then(|s| s.slot(block)) else {
             return Ok(());
         };
-        let l = self.layout;
+        let l = self.layout.clone();
         for layer in 0..l.layers() {
             for head in 0..l.kv_heads() {
                 for role in [Role::Key, Role::Value] {
@@ -548,8 +582,13 @@ impl KvStorage {
                         unreachable!("compressed layouts use packed arenas")
                     };
                     let dst = (block.index() * l.kv_heads() + head) * page_bytes;
-                    let rows =
+                    let mut rows =
                         &self.staging.as_ref().expect("open").rows[src..src + l.page_elements()];
+                    let centered;
+                    if let Some(c) = center(&l, layer, role) {
+                        centered = shifted(c, layer, head, role, start, rows, -1.0);
+                        rows = &centered;
+                    }
                     encode_page(
                         codec,
                         role,
@@ -574,26 +613,49 @@ impl KvStorage {
         }
     }
 
-    /// Reads one token's K and V back as f32 (head-major): staging rows if the block is open,
-    /// the codec's reconstruction if sealed.
+    /// Reads the token at position `pos` of its sequence (in `block`, slot `pos % block_size`)
+    /// back as f32, head-major: staging rows if the block is open, the codec's reconstruction
+    /// if sealed.
     pub fn read_token(
         &self,
         layer: usize,
         block: BlockId,
-        slot: usize,
+        pos: usize,
         k: &mut [f32],
         v: &mut [f32],
     ) -> Result<()> {
         self.check(layer, block)?;
         self.check_rows(k.len(), v.len())?;
         let (d, bs) = (self.layout.head_dim(), self.layout.block_size());
-        let mut page = vec![0f32; (slot + 1) * d];
+        let slot = pos % bs;
+        let mut page = vec![0f32; bs * d];
         for head in 0..self.layout.kv_heads() {
             for (role, dst) in [(Role::Key, &mut *k), (Role::Value, &mut *v)] {
-                self.page(layer, block, head, role)?
-                    .to_f32(bs, d, &mut page)?;
-                dst[head * d..(head + 1) * d].copy_from_slice(&page[slot * d..]);
+                self.page_to_f32(layer, block, head, role, pos - slot, &mut page)?;
+                dst[head * d..(head + 1) * d].copy_from_slice(&page[slot * d..(slot + 1) * d]);
             }
+        }
+        Ok(())
+    }
+
+    /// The vectors of one page (`block_size × head_dim`, token-major) as attention sees them:
+    /// the codec's reconstruction with any centering added back. `start` is the position of the
+    /// block's first token.
+    pub fn page_to_f32(
+        &self,
+        layer: usize,
+        block: BlockId,
+        head: usize,
+        role: Role,
+        start: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
+        let (d, bs) = (self.layout.head_dim(), self.layout.block_size());
+        let page = self.page(layer, block, head, role)?;
+        page.to_f32(bs, d, out)?;
+        if let (Some(c), PageRef::Packed { .. }) = (center(&self.layout, layer, role), page) {
+            let restored = shifted(c, layer, head, role, start, &out[..bs * d], 1.0);
+            out[..bs * d].copy_from_slice(&restored);
         }
         Ok(())
     }
@@ -670,7 +732,7 @@ impl KvStorage {
             }
             staging.close(dst);
         }
-        let l = self.layout;
+        let l = self.layout.clone();
         for (arenas, role) in [(&mut self.keys, Role::Key), (&mut self.values, Role::Value)] {
             for (layer, arena) in arenas.iter_mut().enumerate() {
                 let page_len = match role {
@@ -768,7 +830,7 @@ mod tests {
             // CoW of an open block copies the staging rows
             s.copy_block(BlockId(1), BlockId(2)).unwrap();
             assert!(s.is_open(BlockId(2)));
-            s.seal(BlockId(1)).unwrap();
+            s.seal(BlockId(1), 0).unwrap();
             assert!(!s.is_open(BlockId(1)));
             s.read_token(1, BlockId(1), 1, &mut k, &mut v).unwrap();
             let err = k
@@ -795,7 +857,7 @@ mod tests {
     #[test]
     fn a_layer_override_stores_that_layer_in_its_own_codec() {
         // layer 0 in f16 inside an int4 layout: layer 0 reads back at f16 precision once sealed
-        let mut spec = *layout(Codec::Int4).spec();
+        let mut spec = layout(Codec::Int4).spec().clone();
         spec.layer_override = Some(crate::LayerOverride {
             layers: crate::LayerSet::of([0]).unwrap(),
             key_codec: Codec::F16,
@@ -808,7 +870,7 @@ mod tests {
                 s.write_token(layer, BlockId(0), slot, &r, &r).unwrap();
             }
         }
-        s.seal(BlockId(0)).unwrap();
+        s.seal(BlockId(0), 0).unwrap();
         let (mut k0, mut v0, mut k1, mut v1) =
             (vec![0.0; 64], vec![0.0; 64], vec![0.0; 64], vec![0.0; 64]);
         s.read_token(0, BlockId(0), 1, &mut k0, &mut v0).unwrap();

@@ -60,7 +60,7 @@ pub fn write_and_commit(m: &mut KvCacheManager, seq: SeqId, tokens: &[u32]) {
     let mut all = m.table(seq).unwrap().tokens().to_vec();
     all.extend_from_slice(tokens);
     let hashes = prefix_hashes(&all);
-    let layout = *m.layout();
+    let layout = m.layout().clone();
     for (pos, h) in hashes.iter().enumerate().skip(start) {
         for layer in 0..layout.layers() {
             let (k, v) = rows(&layout, layer, *h);
@@ -78,7 +78,7 @@ pub fn check_contents(m: &KvCacheManager, seq: SeqId) -> Result<(), String> {
 /// Checks that every committed position of `seq` holds the rows of its prefix within `tolerance`
 /// (0 for exact codecs; for int8, rows span [-1000, 1000], so half a step is 2000/255/2).
 pub fn check_contents_within(m: &KvCacheManager, seq: SeqId, tolerance: f32) -> Result<(), String> {
-    let layout = *m.layout();
+    let layout = m.layout().clone();
     let table = m.table(seq).map_err(|e| e.to_string())?;
     let hashes = prefix_hashes(table.tokens());
     let (mut k, mut v) = (

@@ -219,7 +219,7 @@ fn compressed_layout_seals_full_blocks_and_frees_staging() {
     let mut spec = pagedkv::LayoutSpec::new(2, 2, 4, 32, pagedkv::Codec::Int8);
     spec.block_size = 4;
     let layout = pagedkv::KvLayout::new(spec).unwrap();
-    let mut m = KvCacheManager::new(layout, 8, b"t").unwrap();
+    let mut m = KvCacheManager::new(layout.clone(), 8, b"t").unwrap();
     let row = vec![0.25f32; layout.token_width()];
     let prompt: Vec<u32> = (0..6).collect();
     m.admit(SeqId(1), &prompt).unwrap();
@@ -241,7 +241,7 @@ fn compressed_layout_seals_full_blocks_and_frees_staging() {
 /// full-precision rows for the next sequence, and eviction hands it out cleanly.
 #[test]
 fn sink_blocks_stay_full_precision_through_the_prefix_cache() {
-    let mut spec = *int8_layout().spec();
+    let mut spec = int8_layout().spec().clone();
     spec.sink_tokens = 4;
     let layout = pagedkv::KvLayout::new(spec).unwrap();
     assert_eq!(layout.sink_blocks(), 1);

@@ -121,7 +121,7 @@ impl Harness {
 
     fn check(&mut self) -> Result<(), TestCaseError> {
         self.m.check_invariants().map_err(TestCaseError::fail)?;
-        let layout = *self.m.layout();
+        let layout = self.m.layout().clone();
         for (id, tokens) in &self.live {
             let table = self.m.table(*id).unwrap();
             prop_assert_eq!(table.tokens(), &tokens[..]);

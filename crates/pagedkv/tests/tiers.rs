@@ -33,7 +33,7 @@ fn filled(codec: Codec) -> (KvCacheManager, SeqId) {
     let tokens: Vec<u32> = (0..14).map(|t| t * 7 + 3).collect();
     m.admit(seq, &tokens[..1]).unwrap();
     m.reserve(seq, tokens.len() - 1).unwrap();
-    let l = *m.layout();
+    let l = m.layout().clone();
     let hashes = prefix_hashes(&tokens);
     for (pos, h) in hashes.iter().enumerate() {
         for layer in 0..l.layers() {
@@ -149,7 +149,7 @@ fn sample_payload() -> (KvLayout, Vec<u8>, usize) {
     let tokens: Vec<u32> = m.table(seq).unwrap().tokens()[..4].to_vec();
     let hash = m.table(seq).unwrap().hashes()[0];
     let bytes = payload::encode(m.layout(), open, Some(hash), &tokens, &image);
-    (*m.layout(), bytes, image.len())
+    (m.layout().clone(), bytes, image.len())
 }
 
 #[test]
@@ -298,7 +298,7 @@ fn an_evicted_cached_prefix_is_found_in_the_tier_and_brought_back() {
 
 /// `write_and_commit` with rows scaled into the range of every codec.
 fn write_and_commit_scaled(m: &mut KvCacheManager, seq: SeqId, tokens: &[u32]) {
-    let l = *m.layout();
+    let l = m.layout().clone();
     for (pos, h) in prefix_hashes(tokens).iter().enumerate() {
         for layer in 0..l.layers() {
             let (k, v) = rows(&l, layer, *h);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use fibquant::FibQuant;
 use half::f16;
 
+use crate::centering::Centering;
 use crate::codec::Codec;
 use crate::error::{KvError, Result};
 
@@ -25,6 +26,12 @@ pub(super) struct FibTables {
     bins_used: bool,
     indices: Vec<u16>,
     rotated: Vec<f32>,
+    /// Centered keys: `group × head_dim` bias coefficients of the pass's queries.
+    bias_coefficients: Vec<f32>,
+    bias_ready: bool,
+    bias: Vec<f32>,
+    /// Centered values: softmax weight given to centered tokens, per query head.
+    mass: Vec<f32>,
 }
 
 impl FibTables {
@@ -32,6 +39,52 @@ impl FibTables {
     pub(super) fn start_head(&mut self) {
         self.tables_ready = false;
         self.bins_used = false;
+        self.bias_ready = false;
+        self.mass.clear();
+    }
+
+    /// Adds the centered keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
+    /// whose first token is at `start`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn center_scores(
+        &mut self,
+        c: &Centering,
+        layer: usize,
+        head: usize,
+        q: &[f32],
+        start: usize,
+        n: usize,
+        shape: Shape,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let Shape { group, d, bs } = shape;
+        if !self.bias_ready {
+            self.bias_coefficients.resize(group * d, 0.0);
+            for (qg, out) in q.chunks_exact(d).zip(self.bias_coefficients.chunks_exact_mut(d)) {
+                c.bias_coefficients(layer, head, qg, out);
+            }
+            self.bias_ready = true;
+        }
+        for g in 0..group {
+            let coefficients = &self.bias_coefficients[g * d..(g + 1) * d];
+            c.add_block_bias(
+                coefficients,
+                start,
+                scale,
+                &mut scores[g * bs..g * bs + n],
+                &mut self.bias,
+            );
+        }
+    }
+
+    /// Records the softmax weight of a block of centered values (`probs` as in `accumulate`).
+    pub(super) fn center_values(&mut self, n: usize, shape: Shape, probs: &[f32]) {
+        let Shape { group, bs, .. } = shape;
+        self.mass.resize(group, 0.0);
+        for (g, m) in self.mass.iter_mut().enumerate() {
+            *m += probs[g * bs..g * bs + n].iter().sum::<f32>();
+        }
     }
 
     fn quantizer(&mut self, codec: Codec, d: usize) -> Result<Arc<FibQuant>> {
@@ -153,6 +206,9 @@ impl FibTables {
     /// Rescales query head `g`'s bins (online softmax: a new running maximum).
     #[inline(always)]
     pub(super) fn rescale(&mut self, g: usize, group: usize, correction: f32) {
+        if let Some(m) = self.mass.get_mut(g) {
+            *m *= correction;
+        }
         if self.bins_used {
             let per = self.bins.len() / group;
             self.bins[g * per..(g + 1) * per]
@@ -161,9 +217,16 @@ impl FibTables {
         }
     }
 
-    /// Adds the binned values, rotated back, into `acc` (`group × d`).
+    /// Adds the binned values, rotated back, into `acc` (`group × d`), and the value mean times
+    /// the weight of the centered tokens.
     #[inline(always)]
-    pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32]) {
+    pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32], value_mean: Option<&[f32]>) {
+        if let Some(mean) = value_mean {
+            for (a, m) in acc.chunks_exact_mut(shape.d).zip(&self.mass) {
+                a.iter_mut().zip(mean).for_each(|(a, x)| *a += m * x);
+            }
+            self.mass.clear();
+        }
         if !self.bins_used {
             return;
         }
