@@ -45,7 +45,7 @@ pub struct EvalArgs {
     /// Codec setting of the layers the assignment keeps at higher precision.
     #[arg(long, default_value = "int8")]
     high: String,
-    /// Text the `+center` settings' means are fitted on (default: "Around the World in Eighty
+    /// Text the `+keynorm` settings' key normalization is fitted on (default: "Around the World in Eighty
     /// Days", built in; never the evaluated text).
     #[arg(long)]
     calibration: Option<PathBuf>,
@@ -74,10 +74,10 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     // f32 weights unless asked otherwise: 8-bit activations would bury the codec's own error
     let (model, tokenizer) = common.load_model_or(WeightMode::F32)?;
     let tokens = tokenizer.encode(&text)?;
-    let centered = settings.iter().any(|s| s.centered)
-        || args.sensitivity.as_deref().is_some_and(|s| s.contains("+center"));
-    let centering = if centered {
-        Some(std::sync::Arc::new(fit_centering(
+    let wanted = settings.iter().any(|s| s.key_norm)
+        || args.sensitivity.as_deref().is_some_and(|s| s.contains("+keynorm"));
+    let key_norm = if wanted {
+        Some(std::sync::Arc::new(fit_key_norm(
             common,
             &args,
             &model,
@@ -90,7 +90,7 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         window: args.window,
         block_size: common.block_size,
         max_windows: (args.windows > 0).then_some(args.windows),
-        centering,
+        key_norm,
     };
     let all = tokens.len() / args.window.max(1);
     let windows = if args.windows > 0 {
@@ -134,13 +134,13 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// Means of the cached keys and values on the calibration text, for `+center` settings.
-fn fit_centering(
+/// The key normalization fitted on the calibration text, for `+keynorm` settings.
+fn fit_key_norm(
     common: &CommonArgs,
     args: &EvalArgs,
     model: &pagedkv_engine::Model,
     tokenizer: &pagedkv_engine::GgufTokenizer,
-) -> Result<pagedkv::Centering> {
+) -> Result<pagedkv::KeyNorm> {
     use pagedkv_engine::calibrate;
     let (text, name) = match &args.calibration {
         Some(path) => (
@@ -163,14 +163,13 @@ fn fit_centering(
             2 * window
         );
     }
-    let centering =
-        calibrate::fit_centering(model, &tokens, window, windows, common.block_size)?;
+    let key_norm = calibrate::fit_key_norm(model, &tokens, window, windows, common.block_size)?;
     println!(
-        "centering: fitted on {name}, {} tokens, {:.1} s",
+        "key normalization: fitted on {name}, {} tokens, {:.1} s",
         window * windows.min(tokens.len() / window - 1),
         started.elapsed().as_secs_f64()
     );
-    Ok(centering)
+    Ok(key_norm)
 }
 
 fn progress_bar(windows: usize) -> ProgressBar {
@@ -198,7 +197,7 @@ fn sensitivity(
         .map(|l| {
             let pair = reference.with_override(LayerSet::of([l])?, low.key, low.value);
             Ok(CodecPair {
-                centered: low.centered,
+                key_norm: low.key_norm,
                 ..pair
             })
         })

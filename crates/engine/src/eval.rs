@@ -23,8 +23,9 @@ pub struct CodecPair {
     pub layer_override: Option<LayerOverride>,
     /// Leading tokens of each window kept in full precision (attention sinks).
     pub sinks: usize,
-    /// FibQuant pages centered with the evaluation's calibrated means (`+center`).
-    pub centered: bool,
+    /// FibQuant keys normalized with the evaluation's calibrated [`pagedkv::KeyNorm`]
+    /// (`+keynorm`).
+    pub key_norm: bool,
 }
 
 impl CodecPair {
@@ -35,7 +36,7 @@ impl CodecPair {
             value: codec,
             layer_override: None,
             sinks: 0,
-            centered: false,
+            key_norm: false,
         }
     }
 
@@ -76,8 +77,8 @@ impl std::fmt::Display for CodecPair {
         if let Some(o) = self.layer_override {
             write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
-        if self.centered {
-            write!(f, "+center")?;
+        if self.key_norm {
+            write!(f, "+keynorm")?;
         }
         if self.sinks > 0 {
             write!(f, "+sink{}", self.sinks)?;
@@ -91,7 +92,7 @@ impl std::str::FromStr for CodecPair {
 
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
     /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
-    /// by `+center` to center FibQuant pages with calibrated means, and by `+sinkN` to keep each
+    /// by `+keynorm` to normalize FibQuant keys (calibrated), and by `+sinkN` to keep each
     /// window's first N tokens in full precision (`+sink`: 4).
     fn from_str(full: &str) -> pagedkv::Result<Self> {
         let (s, sinks) = match full.rsplit_once("+sink") {
@@ -107,7 +108,7 @@ impl std::str::FromStr for CodecPair {
             ),
             None => (full, 0),
         };
-        let (s, centered) = match s.strip_suffix("+center") {
+        let (s, key_norm) = match s.strip_suffix("+keynorm") {
             Some(rest) => (rest, true),
             None => (s, false),
         };
@@ -121,7 +122,7 @@ impl std::str::FromStr for CodecPair {
             value,
             layer_override: None,
             sinks,
-            centered,
+            key_norm,
         };
         if let Some(other) = other {
             let bad = || pagedkv::KvError::UnknownCodec {
@@ -152,8 +153,8 @@ pub struct EvalConfig {
     pub block_size: usize,
     /// At most this many windows (None: every whole window of the text).
     pub max_windows: Option<usize>,
-    /// Means for the settings marked `+center` (see [`crate::calibrate`]).
-    pub centering: Option<std::sync::Arc<pagedkv::Centering>>,
+    /// The key normalization of the settings marked `+keynorm` (see [`crate::calibrate`]).
+    pub key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
 }
 
 /// Results of one codec setting.
@@ -226,18 +227,18 @@ pub fn evaluate(
             let layout = model
                 .config()
                 .kv_layout_with(s.key, s.value, bs, s.layer_override)?;
-            let centering = match (s.centered, &config.centering) {
+            let key_norm = match (s.key_norm, &config.key_norm) {
                 (false, _) => None,
                 (true, Some(c)) => Some(c.clone()),
                 (true, None) => {
                     return Err(EngineError::InvalidArgument(format!(
-                        "`{s}` asks for centering but no centering was fitted"
+                        "`{s}` asks for key normalization but none was fitted"
                     )))
                 }
             };
             let spec = pagedkv::LayoutSpec {
                 sink_tokens: s.sinks,
-                centering,
+                key_norm,
                 ..layout.spec().clone()
             };
             Ok(pagedkv::KvLayout::new(spec)?)

@@ -152,7 +152,7 @@ impl ModelConfig {
             value_codec,
             layer_override,
             sink_tokens: 0,
-            centering: None,
+            key_norm: None,
         })?)
     }
 }
@@ -350,6 +350,18 @@ impl Model {
         cache: &mut KvCacheManager,
         batch: &[BatchItem],
     ) -> Result<Vec<Vec<f32>>> {
+        self.forward_observed(cache, batch, &mut |_, _, _| {})
+    }
+
+    /// [`Self::forward`], showing `observe(layer, queries, keys)` every layer's queries
+    /// (`tokens × heads × head_dim`) and keys (`tokens × kv_heads × head_dim`) after RoPE, in
+    /// batch order (for calibration).
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCacheManager,
+        batch: &[BatchItem],
+        observe: &mut dyn FnMut(usize, &[f32], &[f32]),
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let bs = cache.layout().block_size();
         // (seq, position) of every new token, and the checks that make the rest infallible
@@ -414,6 +426,7 @@ impl Model {
                 rope.apply(r, qr);
                 rope.apply(r, kr);
             }
+            observe(layer_idx, &q, &k);
             for (r, (item_idx, pos)) in rows.iter().enumerate() {
                 let span = r * kv_width..(r + 1) * kv_width;
                 cache.write_token(

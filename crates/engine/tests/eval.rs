@@ -21,7 +21,7 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
         window: 256,
         block_size: 16,
         max_windows: Some(1),
-        centering: None,
+        key_norm: None,
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
     for r in &rows {

@@ -328,8 +328,8 @@ impl Pass<'_> {
         partial.reset(group, d);
         let Partial { max, sum, acc } = partial;
         fib.start_head();
-        let key_centering = layout.key_centering(self.layer);
-        let value_centering = layout.value_centering(self.layer);
+        // normalized keys: sealed pages score the mean's term besides their codes
+        let key_norm = layout.key_norm(self.layer);
         for block_idx in blocks {
             let block = self.ctx.blocks[block_idx];
             let start = block_idx * bs;
@@ -345,9 +345,9 @@ impl Pass<'_> {
             }
             let keys = self.storage.key_page(self.layer, block, self.head)?;
             key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?;
-            if let (Some(c), PageRef::Packed { .. }) = (key_centering, keys) {
-                let q = self.q;
-                fib.center_scores(c, self.layer, self.head, q, start, n, shape, self.scale, scores);
+            if let (Some(norm), PageRef::Packed { .. }) = (key_norm, keys) {
+                let (q, layer, head) = (self.q, self.layer, self.head);
+                fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
             }
             // online softmax: rescale the running sums once per block
             for g in 0..group {
@@ -364,13 +364,9 @@ impl Pass<'_> {
                 }
             }
             let values = self.storage.value_page(self.layer, block, self.head)?;
-            if let (Some(_), PageRef::Packed { .. }) = (value_centering, values) {
-                fib.center_values(n, shape, scores);
-            }
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
-        let value_mean = value_centering.map(|c| c.value_mean(self.layer, self.head));
-        fib.finish(shape, acc, value_mean);
+        fib.finish(shape, acc);
         Ok(())
     }
 }
@@ -523,39 +519,39 @@ mod tests {
         }
     }
 
-    /// Centered FibQuant pages (keys with a RoPE-rotated mean, values with a constant one):
-    /// the kernel adds the means back exactly as the reference's reconstruction does, in decode,
-    /// prefill and split-K, with centered keys or values alone and both.
+    /// Normalized FibQuant keys (a RoPE-rotated mean removed): the kernel
+    /// scores them as the reference's restored reconstruction, in decode, prefill and split-K,
+    /// with FibQuant or other values.
     #[test]
-    fn centered_pages_match_the_reference() {
-        use crate::centering::Centering;
+    fn normalized_keys_match_the_reference() {
+        use crate::key_norm::KeyNorm;
         let (d, bs, kv, qh) = (32, 4, 3, 9);
-        let key_means: Vec<f32> = (0..kv * d).map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5).collect();
-        let value_means: Vec<f32> = (0..kv * d).map(|i| ((i * 3 % 5) as f32 - 2.0)).collect();
+        let means: Vec<f32> = (0..kv * d).map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5).collect();
         let fib = Codec::FibQuant { k: 4, n: 256 };
-        for (key, value) in [(fib, fib), (Codec::F16, fib), (fib, Codec::Int4)] {
-            let mut spec = LayoutSpec::new(1, kv, qh, d, key);
+        for value in [fib, Codec::F16, Codec::Int4] {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, fib);
             spec.value_codec = value;
             spec.block_size = bs;
-            let c = Centering::new(1, kv, d, bs, 10_000.0, key_means.clone(), value_means.clone())
-                .unwrap();
-            spec.centering = Some(std::sync::Arc::new(c));
+            let norm = KeyNorm::new(1, kv, d, bs, 10_000.0, means.clone()).unwrap();
+            spec.key_norm = Some(std::sync::Arc::new(norm));
             let layout = KvLayout::new(spec).unwrap();
             let tokens = bs * 40 + 3;
             let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).map(BlockId).collect();
             let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
             let mut shift = vec![0f32; d];
             for pos in 0..tokens {
-                let mut k: Vec<f32> =
-                    (0..kv * d).map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin()).collect();
-                let mut v: Vec<f32> =
-                    (0..kv * d).map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos()).collect();
+                let mut k: Vec<f32> = (0..kv * d)
+                    .map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin())
+                    .collect();
+                let v: Vec<f32> = (0..kv * d)
+                    .map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos())
+                    .collect();
                 for h in 0..kv {
-                    let cent = layout.centering().unwrap();
-                    cent.key_shift(0, h, pos, &mut shift);
-                    k[h * d..(h + 1) * d].iter_mut().zip(&shift).for_each(|(x, m)| *x += m);
-                    let vm = cent.value_mean(0, h);
-                    v[h * d..(h + 1) * d].iter_mut().zip(vm).for_each(|(x, m)| *x += m);
+                    layout.key_norm(0).unwrap().shift(0, h, pos, &mut shift);
+                    k[h * d..(h + 1) * d]
+                        .iter_mut()
+                        .zip(&shift)
+                        .for_each(|(x, m)| *x += m);
                 }
                 s.write_token(0, blocks[pos / bs], pos % bs, &k, &v).unwrap();
                 if pos % bs == bs - 1 {
@@ -563,7 +559,9 @@ mod tests {
                 }
             }
             for len in [1, 5, 64, tokens] {
-                let q: Vec<f32> = (0..qh * d).map(|i| ((i + len) as f32 * 0.37).cos()).collect();
+                let q: Vec<f32> = (0..qh * d)
+                    .map(|i| ((i + len) as f32 * 0.37).cos())
+                    .collect();
                 let ctx = Context {
                     blocks: &blocks,
                     len,
@@ -576,7 +574,7 @@ mod tests {
                     .unwrap();
                 attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
                 attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
-                let what = format!("{key}/{value} centered, length {len}");
+                let what = format!("{fib}/{value} normalized keys, length {len}");
                 assert_close(&fast, &slow, &what);
                 assert_close(&portable, &slow, &what);
                 assert_close(&split, &slow, &what);

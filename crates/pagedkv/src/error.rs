@@ -110,9 +110,9 @@ pub enum KvError {
         /// What was being passed.
         what: &'static str,
     },
-    /// A centering that cannot serve the layout (geometry or means).
-    #[error("invalid centering: {0}")]
-    InvalidCentering(String),
+    /// A key normalization that cannot serve the layout (geometry, means or scales).
+    #[error("invalid key normalization: {0}")]
+    InvalidKeyNorm(String),
     /// A value is too large for the codec's f16 scales and zero points.
     #[error("value out of range for codec `{codec}`: magnitudes above {max} cannot be stored")]
     ValueOutOfRange {

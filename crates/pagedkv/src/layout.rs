@@ -13,7 +13,7 @@
 
 use std::sync::Arc;
 
-use crate::centering::Centering;
+use crate::key_norm::KeyNorm;
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 
@@ -45,8 +45,8 @@ pub struct LayoutSpec {
     /// Leading tokens of every sequence kept in full precision ("attention sinks"): the blocks
     /// holding them are never sealed in a compressed layout. 0 for none.
     pub sink_tokens: usize,
-    /// Means removed from FibQuant pages before encoding (see [`Centering`]); None for none.
-    pub centering: Option<Arc<Centering>>,
+    /// Normalization of FibQuant keys before encoding (see [`KeyNorm`]); None for none.
+    pub key_norm: Option<Arc<KeyNorm>>,
 }
 
 /// A set of layer indices (below [`MAX_LAYERS`]), stored as a bitmap so layouts stay `Copy`.
@@ -129,7 +129,7 @@ impl LayoutSpec {
             value_codec: codec,
             layer_override: None,
             sink_tokens: 0,
-            centering: None,
+            key_norm: None,
         }
     }
 }
@@ -203,10 +203,10 @@ impl KvLayout {
                 });
             }
         }
-        if let Some(c) = &spec.centering {
+        if let Some(c) = &spec.key_norm {
             let want = (spec.layers, spec.kv_heads, spec.head_dim, spec.block_size);
             if c.geometry() != want {
-                return Err(KvError::InvalidCentering(format!(
+                return Err(KvError::InvalidKeyNorm(format!(
                     "made for (layers, kv heads, head_dim, block size) {:?}, the layout has {want:?}",
                     c.geometry()
                 )));
@@ -249,21 +249,13 @@ impl KvLayout {
             .is_some_and(|o| o.layers.contains(layer)) as usize
     }
 
-    /// The means removed from FibQuant pages, if any.
-    pub fn centering(&self) -> Option<&Centering> {
-        self.spec.centering.as_deref()
-    }
-
-    /// The centering that applies to `layer`'s key pages (FibQuant keys of a centered layout).
-    pub fn key_centering(&self, layer: usize) -> Option<&Centering> {
-        self.centering()
+    /// The normalization that applies to `layer`'s key pages: the layout's, if the layer
+    /// stores its keys with FibQuant.
+    pub fn key_norm(&self, layer: usize) -> Option<&KeyNorm> {
+        self.spec
+            .key_norm
+            .as_deref()
             .filter(|_| matches!(self.key_codec(layer), Codec::FibQuant { .. }))
-    }
-
-    /// The centering that applies to `layer`'s value pages.
-    pub fn value_centering(&self, layer: usize) -> Option<&Centering> {
-        self.centering()
-            .filter(|_| matches!(self.value_codec(layer), Codec::FibQuant { .. }))
     }
 
     /// The spec this layout was built from.
@@ -391,8 +383,8 @@ impl KvLayout {
         if s.sink_tokens > 0 {
             digest += &format!(";sinks={}", s.sink_tokens);
         }
-        if let Some(c) = &s.centering {
-            digest += &format!(";centering={:016x}", c.digest());
+        if let Some(c) = &s.key_norm {
+            digest += &format!(";key_norm={:016x}", c.digest());
         }
         digest.into_bytes()
     }

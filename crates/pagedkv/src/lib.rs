@@ -7,9 +7,9 @@
 
 pub mod attention;
 pub mod block;
-pub mod centering;
 pub mod codec;
 pub mod error;
+pub mod key_norm;
 pub mod layout;
 pub mod manager;
 pub mod prefix;
@@ -18,9 +18,9 @@ pub mod table;
 pub mod tier;
 
 pub use block::{BlockId, BlockPool, PoolCounts};
-pub use centering::{Centering, CenteringFit};
 pub use codec::{Codec, Role};
 pub use error::{KvError, Result};
+pub use key_norm::{KeyNorm, KeyNormFit};
 pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};
 pub use manager::{Admission, KvCacheManager, SwappedOut};
 pub use prefix::{hash_block, BlockHash, PrefixStats};

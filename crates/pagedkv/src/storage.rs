@@ -16,42 +16,12 @@
 use half::{bf16, f16};
 
 use crate::block::BlockId;
-use crate::centering::Centering;
 use crate::codec::scalar::{decode_page, encode_page};
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 use crate::layout::KvLayout;
 
-/// The centering of `role`'s pages on `layer`, if they are centered.
-fn center(layout: &KvLayout, layer: usize, role: Role) -> Option<&Centering> {
-    match role {
-        Role::Key => layout.key_centering(layer),
-        Role::Value => layout.value_centering(layer),
-    }
-}
 
-/// `rows + sign·mean` for the tokens of a page whose first token is at position `start`.
-fn shifted(
-    c: &Centering,
-    layer: usize,
-    head: usize,
-    role: Role,
-    start: usize,
-    rows: &[f32],
-    sign: f32,
-) -> Vec<f32> {
-    let d = c.geometry().2;
-    let mut out = rows.to_vec();
-    let mut shift = vec![0f32; d];
-    for (t, row) in out.chunks_exact_mut(d).enumerate() {
-        match role {
-            Role::Key => c.key_shift(layer, head, start + t, &mut shift),
-            Role::Value => shift.copy_from_slice(c.value_mean(layer, head)),
-        }
-        row.iter_mut().zip(&shift).for_each(|(x, m)| *x += sign * m);
-    }
-    out
-}
 
 /// No staging slot.
 const NO_SLOT: u32 = u32::MAX;
@@ -554,7 +524,7 @@ impl KvStorage {
 
     /// Encodes an open block's pages (every layer, head, K and V) with the layout's codecs and
     /// releases its staging. `start` is the position of the block's first token in its
-    /// sequence (centered keys depend on it). A no-op for full-precision layouts and for blocks
+    /// sequence (normalized keys depend on it). A no-op for full-precision layouts and for blocks
     /// not open.
     pub fn seal(&mut self, block: BlockId, start: usize) -> Result<()> {
         self.check(0, block)?;
@@ -584,10 +554,12 @@ impl KvStorage {
                     let dst = (block.index() * l.kv_heads() + head) * page_bytes;
                     let mut rows =
                         &self.staging.as_ref().expect("open").rows[src..src + l.page_elements()];
-                    let centered;
-                    if let Some(c) = center(&l, layer, role) {
-                        centered = shifted(c, layer, head, role, start, rows, -1.0);
-                        rows = &centered;
+                    let normalized;
+                    if let (Some(norm), Role::Key) = (l.key_norm(layer), role) {
+                        let mut x = rows.to_vec();
+                        norm.normalize(layer, head, start, &mut x);
+                        normalized = x;
+                        rows = &normalized;
                     }
                     encode_page(
                         codec,
@@ -639,8 +611,8 @@ impl KvStorage {
     }
 
     /// The vectors of one page (`block_size × head_dim`, token-major) as attention sees them:
-    /// the codec's reconstruction with any centering added back. `start` is the position of the
-    /// block's first token.
+    /// the codec's reconstruction, restored from the key normalization if there is one. `start`
+    /// is the position of the block's first token.
     pub fn page_to_f32(
         &self,
         layer: usize,
@@ -653,9 +625,10 @@ impl KvStorage {
         let (d, bs) = (self.layout.head_dim(), self.layout.block_size());
         let page = self.page(layer, block, head, role)?;
         page.to_f32(bs, d, out)?;
-        if let (Some(c), PageRef::Packed { .. }) = (center(&self.layout, layer, role), page) {
-            let restored = shifted(c, layer, head, role, start, &out[..bs * d], 1.0);
-            out[..bs * d].copy_from_slice(&restored);
+        if let (Some(norm), Role::Key, PageRef::Packed { .. }) =
+            (self.layout.key_norm(layer), role, page)
+        {
+            norm.restore(layer, head, start, &mut out[..bs * d]);
         }
         Ok(())
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use fibquant::FibQuant;
 use half::f16;
 
-use crate::centering::Centering;
+use crate::key_norm::KeyNorm;
 use crate::codec::Codec;
 use crate::error::{KvError, Result};
 
@@ -26,12 +26,10 @@ pub(super) struct FibTables {
     bins_used: bool,
     indices: Vec<u16>,
     rotated: Vec<f32>,
-    /// Centered keys: `group × head_dim` bias coefficients of the pass's queries.
+    /// Normalized keys: `group × head_dim` bias coefficients of the pass's queries.
     bias_coefficients: Vec<f32>,
     bias_ready: bool,
     bias: Vec<f32>,
-    /// Centered values: softmax weight given to centered tokens, per query head.
-    mass: Vec<f32>,
 }
 
 impl FibTables {
@@ -40,15 +38,14 @@ impl FibTables {
         self.tables_ready = false;
         self.bins_used = false;
         self.bias_ready = false;
-        self.mass.clear();
     }
 
-    /// Adds the centered keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
+    /// Adds the normalized keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
     /// whose first token is at `start`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn center_scores(
+    pub(super) fn add_mean_scores(
         &mut self,
-        c: &Centering,
+        c: &KeyNorm,
         layer: usize,
         head: usize,
         q: &[f32],
@@ -78,14 +75,7 @@ impl FibTables {
         }
     }
 
-    /// Records the softmax weight of a block of centered values (`probs` as in `accumulate`).
-    pub(super) fn center_values(&mut self, n: usize, shape: Shape, probs: &[f32]) {
-        let Shape { group, bs, .. } = shape;
-        self.mass.resize(group, 0.0);
-        for (g, m) in self.mass.iter_mut().enumerate() {
-            *m += probs[g * bs..g * bs + n].iter().sum::<f32>();
-        }
-    }
+
 
     fn quantizer(&mut self, codec: Codec, d: usize) -> Result<Arc<FibQuant>> {
         if let Some((c, q)) = &self.quantizer {
@@ -206,9 +196,6 @@ impl FibTables {
     /// Rescales query head `g`'s bins (online softmax: a new running maximum).
     #[inline(always)]
     pub(super) fn rescale(&mut self, g: usize, group: usize, correction: f32) {
-        if let Some(m) = self.mass.get_mut(g) {
-            *m *= correction;
-        }
         if self.bins_used {
             let per = self.bins.len() / group;
             self.bins[g * per..(g + 1) * per]
@@ -217,16 +204,9 @@ impl FibTables {
         }
     }
 
-    /// Adds the binned values, rotated back, into `acc` (`group × d`), and the value mean times
-    /// the weight of the centered tokens.
+    /// Adds the binned values, rotated back, into `acc` (`group × d`).
     #[inline(always)]
-    pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32], value_mean: Option<&[f32]>) {
-        if let Some(mean) = value_mean {
-            for (a, m) in acc.chunks_exact_mut(shape.d).zip(&self.mass) {
-                a.iter_mut().zip(mean).for_each(|(a, x)| *a += m * x);
-            }
-            self.mass.clear();
-        }
+    pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32]) {
         if !self.bins_used {
             return;
         }
