@@ -27,6 +27,11 @@ pub struct Context<'a> {
     pub len: usize,
 }
 
+fn prefetch_distance() -> usize {
+    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *D.get_or_init(|| std::env::var("PKV_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+}
+
 /// Reusable buffers of the kernel, sized on first use.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
@@ -337,8 +342,9 @@ impl Pass<'_> {
                 break;
             }
             let n = (self.ctx.len - start).min(bs);
-            if let Some(next) = self.ctx.blocks.get(block_idx + 1) {
-                if start + bs < self.ctx.len {
+            let ahead = prefetch_distance();
+            if let Some(next) = self.ctx.blocks.get(block_idx + ahead) {
+                if start + ahead * bs < self.ctx.len {
                     prefetch(self.storage.key_page(self.layer, *next, self.head)?);
                     prefetch(self.storage.value_page(self.layer, *next, self.head)?);
                 }

@@ -371,7 +371,7 @@ impl KvLayout {
     pub fn digest_bytes(&self) -> Vec<u8> {
         let s = &self.spec;
         let mut digest = format!(
-            "pagedkv-layout-v1;layers={};kv_heads={};query_heads={};head_dim={};block_size={};k={};v={}",
+            "pagedkv-layout-v2;layers={};kv_heads={};query_heads={};head_dim={};block_size={};k={};v={}",
             s.layers, s.kv_heads, s.query_heads, s.head_dim, s.block_size, s.key_codec, s.value_codec
         );
         if let Some(o) = s.layer_override {

@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 
 use crate::codec::scalar::{data_bytes, fp8_table, get_f16};
-use crate::codec::{Codec, VALUE_GROUP};
+use crate::codec::{Codec, Role, VALUE_GROUP};
 use crate::error::Result;
 use crate::storage::PageRef;
 
@@ -37,8 +37,7 @@ pub(super) struct PageScratch {
     bias: Vec<f32>,
     /// One unpacked row of int4 codes.
     codes: Vec<u8>,
-    /// Channel parameters of a key page.
-    scale: Vec<f32>,
+    /// Zero points of an integer key page.
     zero: Vec<f32>,
 }
 
@@ -87,12 +86,37 @@ fn f16_to_f32_portable(src: &[f16], dst: &mut [f32]) {
     }
 }
 
+/// Little-endian f16 values stored as bytes (any alignment) → f32, resizing `out`.
+#[inline(always)]
+fn f16_bytes_to_f32(bytes: &[u8], out: &mut Vec<f32>) {
+    let len = bytes.len() / 2;
+    out.resize(len, 0.0);
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: AVX-512F is present (checked on the line above); lengths are checked inside.
+        done = unsafe { x86::f16_bytes_to_f32_16(bytes, out) };
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(done) {
+        *o = get_f16(bytes, i);
+    }
+}
+
 /// bf16 → f32: the bits are f32's upper half.
 #[inline(always)]
 pub(super) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
     for (o, h) in dst.iter_mut().zip(src) {
         *o = f32::from_bits((h.to_bits() as u32) << 16);
     }
+}
+
+fn prefetch_mode() -> (u32, usize) {
+    static M: std::sync::OnceLock<(u32, usize)> = std::sync::OnceLock::new();
+    *M.get_or_init(|| {
+        let m = std::env::var("PKV_PF").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
+        let s = std::env::var("PKV_PFS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        (m, s)
+    })
 }
 
 /// Asks the CPU to start loading a page into cache. Pages of one kv head lie `kv_heads` pages
@@ -115,10 +139,18 @@ pub(super) fn prefetch(page: PageRef) {
             }
             PageRef::Packed { bytes, .. } => (bytes.as_ptr().cast::<i8>(), bytes.len()),
         };
-        for offset in (0..bytes).step_by(64) {
+        let (mode, stride) = prefetch_mode();
+        for offset in (0..bytes).step_by(stride) {
             // SAFETY: `offset < bytes`, so the address lies inside the borrowed page; a
             // prefetch only hints the cache and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)) };
+            unsafe {
+                match mode {
+                    0 => {}
+                    1 => _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)),
+                    2 => _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ptr.add(offset)),
+                    _ => _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T2 }>(ptr.add(offset)),
+                }
+            }
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
@@ -138,22 +170,6 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
-}
-
-/// `⟨a, codes⟩` with the codes widened to f32 in registers.
-#[inline(always)]
-fn dot_codes(a: &[f32], codes: &[u8]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (c_main, c_tail) = codes.split_at(a_main.len());
-    for (ca, cc) in a_main.chunks_exact(LANES).zip(c_main.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * cc[i] as f32;
-        }
-    }
-    let tail: f32 = a_tail.iter().zip(c_tail).map(|(x, c)| x * *c as f32).sum();
     acc.iter().sum::<f32>() + tail
 }
 
@@ -205,6 +221,29 @@ pub(super) fn exp_in_place(xs: &mut [f32]) {
 #[inline(always)]
 pub(super) fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
     acc.iter_mut().zip(v).for_each(|(a, x)| *a += p * x);
+}
+
+/// Channel-major integer key codes as f32 columns (`d × bs`) in `out`.
+#[inline(always)]
+fn int_key_columns(codec: Codec, codes: &[u8], bs: usize, d: usize, out: &mut Vec<f32>) {
+    out.resize(d * bs, 0.0);
+    if codec == Codec::Int8 {
+        out.iter_mut()
+            .zip(codes)
+            .for_each(|(o, c)| *o = *c as f32);
+    } else if bs.is_multiple_of(2) {
+        for (pair, b) in out.chunks_exact_mut(2).zip(codes) {
+            pair[0] = (b & 0x0F) as f32;
+            pair[1] = (b >> 4) as f32;
+        }
+    } else {
+        let row = bs.div_ceil(2);
+        for (c, column) in out.chunks_exact_mut(bs).enumerate() {
+            for (t, o) in column.iter_mut().enumerate() {
+                *o = ((codes[c * row + t / 2] >> (4 * (t % 2))) & 0x0F) as f32;
+            }
+        }
+    }
 }
 
 /// Token `t`'s row of one-byte codes: int8 and fp8 rows as stored, int4 rows unpacked into
@@ -348,6 +387,21 @@ pub(super) fn key_scores(
     fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { d, bs, .. } = shape;
+    #[cfg(target_arch = "x86_64")]
+    if bs == 16 && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY (each call): AVX-512F is present (checked above); lengths are checked inside.
+        match page {
+            PageRef::F16T(p) => {
+                unsafe { x86::column_scores_16_f16(p, shape, q, scale, scores) };
+                return Ok(());
+            }
+            PageRef::Bf16T(p) => {
+                unsafe { x86::column_scores_16_bf16(p, shape, q, scale, scores) };
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     let PageScratch { page: buffer, .. } = scratch;
     if let Some(columns) = key_columns(page, buffer) {
         column_scores(columns, shape, q, scale, scores);
@@ -383,39 +437,64 @@ fn packed_key_scores(
 ) -> Result<()> {
     let Shape { group, d, bs } = shape;
     match codec {
-        Codec::Int8 | Codec::Int4 | Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
-            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
-            let integer = matches!(codec, Codec::Int8 | Codec::Int4);
-            // channel parameters: (scale, zero) pairs for integers, scales for fp8
-            scratch.scale.resize(d, 0.0);
-            scratch.zero.resize(d, 0.0);
-            for c in 0..d {
-                if integer {
-                    scratch.scale[c] = get_f16(params, 2 * c);
-                    scratch.zero[c] = get_f16(params, 2 * c + 1);
-                } else {
-                    scratch.scale[c] = get_f16(params, c);
-                    scratch.zero[c] = 0.0;
-                }
-            }
+        Codec::Int8 | Codec::Int4 => {
+            // channel-major codes: scales folded into the query, zero points into a constant,
+            // then the block's scores column by column like a full-precision page
+            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
+            // (scale, zero) pairs per channel, converted in one pass
+            f16_bytes_to_f32(&params[..4 * d], &mut scratch.zero);
+            let pairs = &scratch.zero[..2 * d];
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 let folded = &mut scratch.folded[g * d..(g + 1) * d];
-                for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
-                    *f = x * s * scale;
+                let mut bias = 0.0;
+                for ((f, x), sz) in folded.iter_mut().zip(qg).zip(pairs.chunks_exact(2)) {
+                    *f = x * sz[0] * scale;
+                    bias += x * sz[1];
                 }
-                scratch.bias[g] = dot(qg, &scratch.zero) * scale;
+                scratch.bias[g] = bias * scale;
+            }
+            let folded = &scratch.folded;
+            #[cfg(target_arch = "x86_64")]
+            let done = bs == 16 && std::arch::is_x86_feature_detected!("avx512f") && {
+                // SAFETY: AVX-512F is present (checked on the line above); lengths are checked
+                // inside.
+                unsafe {
+                    if codec == Codec::Int8 {
+                        x86::column_scores_16_u8(codes, shape, folded, 1.0, scores)
+                    } else {
+                        x86::column_scores_16_u4(codes, shape, folded, 1.0, scores)
+                    }
+                };
+                true
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            if !done {
+                int_key_columns(codec, codes, bs, d, &mut scratch.page);
+                column_scores(&scratch.page, shape, &scratch.folded, 1.0, scores);
+            }
+            for (g, bias) in scratch.bias.iter().enumerate() {
+                scores[g * bs..g * bs + n].iter_mut().for_each(|s| *s += bias);
+            }
+            Ok(())
+        }
+        Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
+            // per-channel scales folded into the query; the decode table inside the dot
+            scratch.folded.resize(group * d, 0.0);
+            for (g, qg) in q.chunks_exact(d).enumerate() {
+                let folded = &mut scratch.folded[g * d..(g + 1) * d];
+                for (c, (f, x)) in folded.iter_mut().zip(qg).enumerate() {
+                    *f = x * get_f16(params, c) * scale;
+                }
             }
             for t in 0..n {
-                let row = code_row(codec, codes, t, d, &mut scratch.codes);
+                let row = &codes[t * d..(t + 1) * d];
                 for g in 0..group {
                     let folded = &scratch.folded[g * d..(g + 1) * d];
-                    scores[g * bs + t] = if integer {
-                        scratch.bias[g] + dot_codes(folded, row)
-                    } else {
-                        dot_table(folded, row, fp8_table(codec))
-                    };
+                    scores[g * bs + t] = dot_table(folded, row, fp8_table(codec));
                 }
             }
             Ok(())
@@ -461,6 +540,21 @@ pub(super) fn accumulate_values(
     fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { d, .. } = shape;
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY (each call): AVX-512F is present (checked above); lengths are checked inside.
+        match page {
+            PageRef::F16(p) => {
+                unsafe { x86::weighted_rows_64_f16(p, n, shape, probs, acc) };
+                return Ok(());
+            }
+            PageRef::Bf16(p) => {
+                unsafe { x86::weighted_rows_64_bf16(p, n, shape, probs, acc) };
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     let PageScratch { page: buffer, .. } = scratch;
     let Some(rows) = full_precision_rows(page, n * d, buffer) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
@@ -541,7 +635,23 @@ fn packed_values(
     let Shape { group, d, bs } = shape;
     match codec {
         Codec::Int8 | Codec::Int4 => {
-            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
+            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Value, bs, d));
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                if d.is_multiple_of(64) && VALUE_GROUP == 32 && has!("avx512f") && has!("f16c") {
+                    // SAFETY: AVX-512F and F16C are present (checked on the line above);
+                    // lengths are checked inside.
+                    unsafe {
+                        if codec == Codec::Int8 {
+                            x86::int_weighted_rows_64_u8(codes, params, n, shape, probs, acc)
+                        } else {
+                            x86::int_weighted_rows_64_u4(codes, params, n, shape, probs, acc)
+                        }
+                    };
+                    return Ok(());
+                }
+            }
             let groups = d.div_ceil(VALUE_GROUP);
             for t in 0..n {
                 let row = code_row(codec, codes, t, d, &mut scratch.codes);
@@ -567,7 +677,7 @@ fn packed_values(
             Ok(())
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
-            let (codes, params) = bytes.split_at(data_bytes(codec, bs, d));
+            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Value, bs, d));
             let table = fp8_table(codec);
             for t in 0..n {
                 let row = &codes[t * d..(t + 1) * d];
@@ -618,37 +728,95 @@ mod x86 {
 
     use super::Shape;
 
-    /// `column_scores` for blocks of 16: per channel one column register, FMAs into one
-    /// accumulator per query head (up to four heads at a time, independent chains).
+    /// Sixteen consecutive elements starting at element `i` of a page as f32: f32 loaded,
+    /// f16 converted by `vcvtph2ps`, bf16 widened and shifted, u8 and u4 codes (two per byte,
+    /// low nibble first; `i` even) widened to integers and converted — in registers, so no
+    /// page is ever converted into memory first.
+    macro_rules! load16 {
+        (f32, $p:expr, $i:expr) => {
+            _mm512_loadu_ps($p.cast::<f32>().add($i))
+        };
+        (f16, $p:expr, $i:expr) => {
+            _mm512_cvtph_ps(_mm256_loadu_si256($p.cast::<u16>().add($i).cast()))
+        };
+        (bf16, $p:expr, $i:expr) => {
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(
+                _mm256_loadu_si256($p.cast::<u16>().add($i).cast()),
+            )))
+        };
+        (u8, $p:expr, $i:expr) => {
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                $p.cast::<u8>().add($i).cast(),
+            )))
+        };
+        (u4, $p:expr, $i:expr) => {{
+            let x = _mm_loadl_epi64($p.cast::<u8>().add($i / 2).cast());
+            let low = _mm_set1_epi8(0x0F);
+            let lo = _mm_and_si128(x, low);
+            let hi = _mm_and_si128(_mm_srli_epi16::<4>(x), low);
+            _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_unpacklo_epi8(lo, hi)))
+        }};
+    }
+
+    /// Converts the whole groups of sixteen f16 values in `bytes` (unaligned) into `out`;
+    /// returns how many values were converted.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn column_scores_16(
-        columns: &[f32],
-        shape: Shape,
-        q: &[f32],
-        scale: f32,
-        scores: &mut [f32],
-    ) {
-        let Shape { group, d, .. } = shape;
-        assert!(columns.len() >= d * 16 && q.len() >= group * d && scores.len() >= group * 16);
-        let scale_v = _mm512_set1_ps(scale);
-        for first in (0..group).step_by(4) {
-            let heads = (group - first).min(4);
-            let mut acc = [_mm512_setzero_ps(); 4];
-            for c in 0..d {
-                // SAFETY: c·16 + 16 ≤ d·16 ≤ columns.len() (asserted above).
-                let column = unsafe { _mm512_loadu_ps(columns.as_ptr().add(c * 16)) };
-                for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                    let qv = _mm512_set1_ps(q[(first + h) * d + c]);
-                    *a = _mm512_fmadd_ps(qv, column, *a);
-                }
-            }
-            for (h, a) in acc.iter().enumerate().take(heads) {
-                let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
-                // SAFETY: `out` holds exactly 16 floats.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*a, scale_v)) };
+    pub(super) fn f16_bytes_to_f32_16(bytes: &[u8], out: &mut [f32]) -> usize {
+        let whole = (bytes.len() / 2).min(out.len()) / 16 * 16;
+        for i in (0..whole).step_by(16) {
+            // SAFETY: values i .. i + 16 lie within both `bytes` (2 bytes each) and `out`.
+            unsafe {
+                let halves = _mm256_loadu_si256(bytes.as_ptr().add(2 * i).cast());
+                _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(halves));
             }
         }
+        whole
     }
+
+    /// `column_scores` for blocks of 16 read straight from a channel-major page of `$elem`
+    /// (`$per` elements per stored item): per channel one column register, FMAs into one
+    /// accumulator per query head (up to four heads at a time, independent chains).
+    macro_rules! column_scores_16 {
+        ($name:ident, $kind:tt, $elem:ty, $per:expr) => {
+            #[target_feature(enable = "avx512f")]
+            pub(super) fn $name(
+                columns: &[$elem],
+                shape: Shape,
+                q: &[f32],
+                scale: f32,
+                scores: &mut [f32],
+            ) {
+                let Shape { group, d, .. } = shape;
+                assert!(columns.len() * $per >= d * 16);
+                assert!(q.len() >= group * d && scores.len() >= group * 16);
+                let scale_v = _mm512_set1_ps(scale);
+                let ptr = columns.as_ptr();
+                for first in (0..group).step_by(4) {
+                    let heads = (group - first).min(4);
+                    let mut acc = [_mm512_setzero_ps(); 4];
+                    for c in 0..d {
+                        // SAFETY: elements c·16 .. c·16 + 16 lie below d·16 ≤ the page's
+                        // elements (asserted above).
+                        let column = unsafe { load16!($kind, ptr, c * 16) };
+                        for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                            let qv = _mm512_set1_ps(q[(first + h) * d + c]);
+                            *a = _mm512_fmadd_ps(qv, column, *a);
+                        }
+                    }
+                    for (h, a) in acc.iter().enumerate().take(heads) {
+                        let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
+                        // SAFETY: `out` holds exactly 16 floats.
+                        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*a, scale_v)) };
+                    }
+                }
+            }
+        };
+    }
+    column_scores_16!(column_scores_16, f32, f32, 1);
+    column_scores_16!(column_scores_16_f16, f16, half::f16, 1);
+    column_scores_16!(column_scores_16_bf16, bf16, half::bf16, 1);
+    column_scores_16!(column_scores_16_u8, u8, u8, 1);
+    column_scores_16!(column_scores_16_u4, u4, u8, 2);
 
     /// One block's online-softmax step for blocks of 16: the first `n` scores (the rest are
     /// ignored) are replaced by `exp(s − new_max)`; returns the new running maximum and the sum
@@ -693,47 +861,131 @@ mod x86 {
         (new_max, _mm512_reduce_add_ps(e))
     }
 
-    /// `weighted_rows` for head_dim a multiple of 64: four accumulator registers per query
-    /// head, updated by every token of the block.
-    #[target_feature(enable = "avx512f")]
-    pub(super) fn weighted_rows_64(
-        rows: &[f32],
-        n: usize,
-        shape: Shape,
-        probs: &[f32],
-        acc: &mut [f32],
-    ) {
-        let Shape { group, d, bs } = shape;
-        assert!(rows.len() >= n * d && probs.len() >= group * bs && acc.len() >= group * d);
-        assert!(n <= bs && d.is_multiple_of(64));
-        for g in 0..group {
-            for chunk in (0..d).step_by(64) {
-                let base = g * d + chunk;
-                // SAFETY: base + 64 ≤ (g + 1)·d ≤ acc.len() (asserted above).
-                let mut a = unsafe {
-                    [
-                        _mm512_loadu_ps(acc.as_ptr().add(base)),
-                        _mm512_loadu_ps(acc.as_ptr().add(base + 16)),
-                        _mm512_loadu_ps(acc.as_ptr().add(base + 32)),
-                        _mm512_loadu_ps(acc.as_ptr().add(base + 48)),
-                    ]
-                };
-                for t in 0..n {
-                    let p = _mm512_set1_ps(probs[g * bs + t]);
-                    let row = t * d + chunk;
-                    for (i, a) in a.iter_mut().enumerate() {
-                        // SAFETY: row + 16·i + 16 ≤ t·d + d ≤ n·d ≤ rows.len().
-                        let v = unsafe { _mm512_loadu_ps(rows.as_ptr().add(row + 16 * i)) };
-                        *a = _mm512_fmadd_ps(p, v, *a);
+    /// `weighted_rows` for head_dim a multiple of 64, read straight from a token-major page of
+    /// `$elem`: four accumulator registers per query head, updated by every token of the block.
+    macro_rules! weighted_rows_64 {
+        ($name:ident, $kind:tt, $elem:ty) => {
+            #[target_feature(enable = "avx512f")]
+            pub(super) fn $name(
+                rows: &[$elem],
+                n: usize,
+                shape: Shape,
+                probs: &[f32],
+                acc: &mut [f32],
+            ) {
+                let Shape { group, d, bs } = shape;
+                assert!(rows.len() >= n * d && probs.len() >= group * bs && acc.len() >= group * d);
+                assert!(n <= bs && d.is_multiple_of(64));
+                let ptr = rows.as_ptr();
+                for g in 0..group {
+                    for chunk in (0..d).step_by(64) {
+                        let base = g * d + chunk;
+                        // SAFETY: base + 64 ≤ (g + 1)·d ≤ acc.len() (asserted above).
+                        let mut a = unsafe {
+                            [
+                                _mm512_loadu_ps(acc.as_ptr().add(base)),
+                                _mm512_loadu_ps(acc.as_ptr().add(base + 16)),
+                                _mm512_loadu_ps(acc.as_ptr().add(base + 32)),
+                                _mm512_loadu_ps(acc.as_ptr().add(base + 48)),
+                            ]
+                        };
+                        for t in 0..n {
+                            let p = _mm512_set1_ps(probs[g * bs + t]);
+                            let row = t * d + chunk;
+                            for (i, a) in a.iter_mut().enumerate() {
+                                // SAFETY: row + 16·i + 16 ≤ t·d + d ≤ n·d ≤ rows.len().
+                                let v = unsafe { load16!($kind, ptr, row + 16 * i) };
+                                *a = _mm512_fmadd_ps(p, v, *a);
+                            }
+                        }
+                        for (i, a) in a.iter().enumerate() {
+                            // SAFETY: as for the loads above.
+                            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(base + 16 * i), *a) };
+                        }
                     }
                 }
-                for (i, a) in a.iter().enumerate() {
-                    // SAFETY: as for the loads above.
-                    unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(base + 16 * i), *a) };
+            }
+        };
+    }
+    /// Integer value pages (token-major codes, an f16 (scale, zero) per token and group of 32
+    /// channels), head_dim a multiple of 64: `acc += Σ_t (p·s)·x_t + (Σ_t p·z)` per group. A
+    /// token's codes are widened once and serve every query head (up to four at a time).
+    macro_rules! int_weighted_rows_64 {
+        ($name:ident, $kind:tt) => {
+            #[target_feature(enable = "avx512f,f16c")]
+            pub(super) fn $name(
+                codes: &[u8],
+                params: &[u8],
+                n: usize,
+                shape: Shape,
+                probs: &[f32],
+                acc: &mut [f32],
+            ) {
+                let Shape { group, d, bs } = shape;
+                let groups = d / 32;
+                let per = if stringify!($kind) == "u4" { 2 } else { 1 };
+                assert!(d.is_multiple_of(64) && n <= bs);
+                assert!(codes.len() * per >= n * d && params.len() >= n * groups * 4);
+                assert!(probs.len() >= group * bs && acc.len() >= group * d);
+                let ptr = codes.as_ptr();
+                for chunk in (0..d).step_by(64) {
+                    for first in (0..group).step_by(4) {
+                        let heads = (group - first).min(4);
+                        let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                        let mut zeros = [[0f32; 2]; 4];
+                        for t in 0..n {
+                            // the token's two groups in this chunk: (s0, z0, s1, z1)
+                            let at = 4 * (t * groups + chunk / 32);
+                            // SAFETY: at + 8 ≤ n·groups·4 ≤ params.len() (asserted above).
+                            let sz = unsafe {
+                                _mm_cvtph_ps(_mm_loadl_epi64(params.as_ptr().add(at).cast()))
+                            };
+                            let mut f = [0f32; 4];
+                            // SAFETY: `f` holds four floats.
+                            unsafe { _mm_storeu_ps(f.as_mut_ptr(), sz) };
+                            // SAFETY: element t·d + chunk + 64 ≤ n·d ≤ the page's elements.
+                            let v = unsafe {
+                                [
+                                    load16!($kind, ptr, t * d + chunk),
+                                    load16!($kind, ptr, t * d + chunk + 16),
+                                    load16!($kind, ptr, t * d + chunk + 32),
+                                    load16!($kind, ptr, t * d + chunk + 48),
+                                ]
+                            };
+                            for h in 0..heads {
+                                let p = probs[(first + h) * bs + t];
+                                let (w0, w1) = (_mm512_set1_ps(p * f[0]), _mm512_set1_ps(p * f[2]));
+                                a[h][0] = _mm512_fmadd_ps(w0, v[0], a[h][0]);
+                                a[h][1] = _mm512_fmadd_ps(w0, v[1], a[h][1]);
+                                a[h][2] = _mm512_fmadd_ps(w1, v[2], a[h][2]);
+                                a[h][3] = _mm512_fmadd_ps(w1, v[3], a[h][3]);
+                                zeros[h][0] += p * f[1];
+                                zeros[h][1] += p * f[3];
+                            }
+                        }
+                        for h in 0..heads {
+                            let base = (first + h) * d + chunk;
+                            for (i, v) in a[h].iter().enumerate() {
+                                let z = _mm512_set1_ps(zeros[h][i / 2]);
+                                // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
+                                unsafe {
+                                    let out = acc.as_mut_ptr().add(base + 16 * i);
+                                    let sum = _mm512_add_ps(_mm512_add_ps(*v, z), _mm512_loadu_ps(out));
+                                    _mm512_storeu_ps(out, sum);
+                                }
+                            }
+                        }
+                    }
                 }
             }
-        }
+        };
     }
+    int_weighted_rows_64!(int_weighted_rows_64_u8, u8);
+    int_weighted_rows_64!(int_weighted_rows_64_u4, u4);
+
+    weighted_rows_64!(weighted_rows_64, f32, f32);
+    weighted_rows_64!(weighted_rows_64_f16, f16, half::f16);
+    weighted_rows_64!(weighted_rows_64_bf16, bf16, half::bf16);
 }
 
 #[cfg(test)]

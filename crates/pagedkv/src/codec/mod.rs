@@ -106,8 +106,10 @@ impl Codec {
             Codec::Int8 => scale_pairs
                 .checked_mul(4)
                 .and_then(|s| elements.checked_add(s)),
-            Codec::Int4 => block_size
-                .checked_mul(head_dim.div_ceil(2))
+            Codec::Int4 => match role {
+                Role::Key => head_dim.checked_mul(block_size.div_ceil(2)),
+                Role::Value => block_size.checked_mul(head_dim.div_ceil(2)),
+            }
                 .and_then(|packed| {
                     scale_pairs
                         .checked_mul(4)

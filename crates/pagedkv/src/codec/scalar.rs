@@ -75,10 +75,12 @@ fn levels(codec: Codec) -> u32 {
 }
 
 /// Bytes of the data part of a page.
-pub fn data_bytes(codec: Codec, block_size: usize, head_dim: usize) -> usize {
+pub fn data_bytes(codec: Codec, role: Role, block_size: usize, head_dim: usize) -> usize {
     match codec {
         Codec::F32 => block_size * head_dim * 4,
         Codec::F16 | Codec::Bf16 => block_size * head_dim * 2,
+        // packed along the stored axis: a key channel's tokens, a value token's channels
+        Codec::Int4 if role == Role::Key => head_dim * block_size.div_ceil(2),
         Codec::Int4 => block_size * head_dim.div_ceil(2),
         _ => block_size * head_dim,
     }
@@ -284,7 +286,7 @@ pub fn encode_page(
     if let Codec::FibQuant { .. } = codec {
         return super::vector::encode_page(codec, rows, head_dim, out);
     }
-    let data_len = data_bytes(codec, block_size, head_dim);
+    let data_len = data_bytes(codec, role, block_size, head_dim);
     let (data, params) = out.split_at_mut(data_len);
     match codec {
         Codec::F32 => rows
@@ -300,27 +302,9 @@ pub fn encode_page(
             .zip(data.chunks_exact_mut(2))
             .for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_le_bytes())),
         Codec::Int8 | Codec::Int4 => {
-            if codec == Codec::Int8 {
-                encode_int(codec, role, rows, head_dim, data, params);
-            } else {
-                let mut codes = vec![0u8; rows.len()];
-                encode_int(codec, role, rows, head_dim, &mut codes, params);
-                let packed_row = head_dim.div_ceil(2);
-                for t in 0..block_size {
-                    for (i, byte) in data[t * packed_row..(t + 1) * packed_row]
-                        .iter_mut()
-                        .enumerate()
-                    {
-                        let lo = codes[t * head_dim + 2 * i];
-                        let hi = if 2 * i + 1 < head_dim {
-                            codes[t * head_dim + 2 * i + 1]
-                        } else {
-                            0
-                        };
-                        *byte = lo | (hi << 4);
-                    }
-                }
-            }
+            let mut codes = vec![0u8; rows.len()];
+            encode_int(codec, role, rows, head_dim, &mut codes, params);
+            pack_codes(codec, role, &codes, block_size, head_dim, data);
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             // the largest magnitude per channel (keys) or per token (values)
@@ -365,6 +349,72 @@ pub fn encode_page(
 
 /// Integer pages: codes unpacked a row at a time, then `q·scale + zero` with the row's (values)
 /// or the channel's (keys) parameters, in plain loops the compiler vectorizes.
+/// Stores one-byte codes (token-major, `t·d + c`) in a page's data part. Keys are stored
+/// channel-major — a channel's codes over the block's tokens side by side, so attention scores
+/// a whole block with one vector operation per channel; values stay token-major. Int4 packs two
+/// codes per byte, low nibble first (two tokens of a key channel, two channels of a value row).
+fn pack_codes(codec: Codec, role: Role, codes: &[u8], bs: usize, d: usize, data: &mut [u8]) {
+    let code = |i: usize, j: usize| match role {
+        // i: channel, j: token
+        Role::Key => (j < bs).then(|| codes[j * d + i]).unwrap_or(0),
+        // i: token, j: channel
+        Role::Value => (j < d).then(|| codes[i * d + j]).unwrap_or(0),
+    };
+    let (outer, inner) = match role {
+        Role::Key => (d, bs),
+        Role::Value => (bs, d),
+    };
+    if codec == Codec::Int4 {
+        let row = inner.div_ceil(2);
+        for i in 0..outer {
+            for (b, byte) in data[i * row..(i + 1) * row].iter_mut().enumerate() {
+                *byte = code(i, 2 * b) | (code(i, 2 * b + 1) << 4);
+            }
+        }
+    } else {
+        for i in 0..outer {
+            for (j, byte) in data[i * inner..(i + 1) * inner].iter_mut().enumerate() {
+                *byte = code(i, j);
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_codes`]: one code per element, token-major.
+pub(crate) fn unpack_codes(
+    codec: Codec,
+    role: Role,
+    data: &[u8],
+    bs: usize,
+    d: usize,
+    out: &mut [u8],
+) {
+    let (outer, inner) = match role {
+        Role::Key => (d, bs),
+        Role::Value => (bs, d),
+    };
+    let row = if codec == Codec::Int4 {
+        inner.div_ceil(2)
+    } else {
+        inner
+    };
+    for i in 0..outer {
+        let bytes = &data[i * row..(i + 1) * row];
+        for j in 0..inner {
+            let q = if codec == Codec::Int4 {
+                (bytes[j / 2] >> (4 * (j % 2))) & 0x0F
+            } else {
+                bytes[j]
+            };
+            let at = match role {
+                Role::Key => j * d + i,
+                Role::Value => i * d + j,
+            };
+            out[at] = q;
+        }
+    }
+}
+
 fn decode_int(
     codec: Codec,
     role: Role,
@@ -373,11 +423,9 @@ fn decode_int(
     head_dim: usize,
     out: &mut [f32],
 ) {
-    let packed_row = if codec == Codec::Int4 {
-        head_dim.div_ceil(2)
-    } else {
-        head_dim
-    };
+    let block_size = out.len() / head_dim;
+    let mut all = vec![0u8; out.len()];
+    unpack_codes(codec, role, data, block_size, head_dim, &mut all);
     let groups = head_dim.div_ceil(VALUE_GROUP);
     // per-channel (keys) parameters are shared by every row of the page
     let (mut scale, mut zero) = (vec![0f32; head_dim], vec![0f32; head_dim]);
@@ -388,17 +436,8 @@ fn decode_int(
         }
     }
     for (t, row) in out.chunks_exact_mut(head_dim).enumerate() {
-        let codes = &data[t * packed_row..(t + 1) * packed_row];
-        if codec == Codec::Int4 {
-            for (i, pair) in row.chunks_mut(2).enumerate() {
-                pair[0] = (codes[i] & 0x0F) as f32;
-                if let Some(hi) = pair.get_mut(1) {
-                    *hi = (codes[i] >> 4) as f32;
-                }
-            }
-        } else {
-            row.iter_mut().zip(codes).for_each(|(o, q)| *o = *q as f32);
-        }
+        let codes = &all[t * head_dim..(t + 1) * head_dim];
+        row.iter_mut().zip(codes).for_each(|(o, q)| *o = *q as f32);
         if role == Role::Value {
             for g in 0..groups {
                 let (s, z) = (
@@ -431,7 +470,7 @@ pub fn decode_page(
     if let Codec::FibQuant { .. } = codec {
         return super::vector::decode_page(codec, page, head_dim, out);
     }
-    let data_len = data_bytes(codec, block_size, head_dim);
+    let data_len = data_bytes(codec, role, block_size, head_dim);
     let (data, params) = page.split_at(data_len);
     match codec {
         Codec::F32 => data
@@ -478,7 +517,7 @@ mod tests {
 
     /// The worst-case error each codec states, per element, from the page's own parameters.
     fn bound(codec: Codec, role: Role, page: &[u8], rows: &[f32], d: usize) -> Vec<f32> {
-        let params = &page[data_bytes(codec, BS, d)..];
+        let params = &page[data_bytes(codec, role, BS, d)..];
         let mut b = vec![0f32; rows.len()];
         match codec {
             Codec::F32 => {}
@@ -531,6 +570,28 @@ mod tests {
                             let err = (rows[i] - back[i]).abs();
                             assert!(err <= b[i], "{codec} {role:?} d={d} {name}: element {i}: |{} - {}| = {err} > {}", rows[i], back[i], b[i]);
                         }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Odd block sizes and head sizes: int4 keys pack two tokens of a channel per byte and
+    /// values two channels of a token, each padded on its own axis.
+    #[test]
+    fn odd_shapes_round_trip_in_both_packings() {
+        for (bs, d) in [(3, 5), (1, 7), (5, 2)] {
+            let rows = gaussian(bs * d, 11);
+            for codec in [Codec::Int4, Codec::Int8] {
+                for role in [Role::Key, Role::Value] {
+                    let mut page = vec![0u8; codec.page_bytes(role, bs, d).unwrap()];
+                    encode_page(codec, role, &rows, bs, d, &mut page).unwrap();
+                    let mut back = vec![0f32; rows.len()];
+                    decode_page(codec, role, &page, bs, d, &mut back).unwrap();
+                    let range = rows.iter().fold(0f32, |m, x| m.max(x.abs())) * 2.0;
+                    let step = range / if codec == Codec::Int4 { 15.0 } else { 255.0 };
+                    for (a, b) in rows.iter().zip(&back) {
+                        assert!((a - b).abs() <= step * 0.51 + 1e-3, "{codec} {role:?} {bs}×{d}");
                     }
                 }
             }
