@@ -37,7 +37,9 @@ pub(super) struct PageScratch {
     bias: Vec<f32>,
     /// One unpacked row of int4 codes.
     codes: Vec<u8>,
-    /// Zero points of an integer key page.
+    /// Parameters of an integer key page: as stored (scale, zero pairs), then split.
+    pairs: Vec<f32>,
+    scale: Vec<f32>,
     zero: Vec<f32>,
 }
 
@@ -443,17 +445,24 @@ fn packed_key_scores(
             let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
-            // (scale, zero) pairs per channel, converted in one pass
-            f16_bytes_to_f32(&params[..4 * d], &mut scratch.zero);
-            let pairs = &scratch.zero[..2 * d];
+            // (scale, zero) pairs per channel, converted in one pass and split
+            f16_bytes_to_f32(&params[..4 * d], &mut scratch.pairs);
+            scratch.scale.resize(d, 0.0);
+            scratch.zero.resize(d, 0.0);
+            for ((s, z), sz) in scratch
+                .scale
+                .iter_mut()
+                .zip(scratch.zero.iter_mut())
+                .zip(scratch.pairs.chunks_exact(2))
+            {
+                (*s, *z) = (sz[0] * scale, sz[1] * scale);
+            }
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 let folded = &mut scratch.folded[g * d..(g + 1) * d];
-                let mut bias = 0.0;
-                for ((f, x), sz) in folded.iter_mut().zip(qg).zip(pairs.chunks_exact(2)) {
-                    *f = x * sz[0] * scale;
-                    bias += x * sz[1];
+                for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
+                    *f = x * s;
                 }
-                scratch.bias[g] = bias * scale;
+                scratch.bias[g] = dot(qg, &scratch.zero);
             }
             let folded = &scratch.folded;
             #[cfg(target_arch = "x86_64")]
