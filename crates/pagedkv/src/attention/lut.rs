@@ -26,6 +26,12 @@ pub(super) struct FibTables {
     bins_used: bool,
     indices: Vec<u16>,
     rotated: Vec<f32>,
+    /// Fast path (k = 4, byte indices, blocks of 16, AVX-512): the rotated queries
+    /// (`group × d`) and the value sum in the rotated space, rotated back once in `finish`.
+    rotated_q: Vec<f32>,
+    rotated_ready: bool,
+    rotated_acc: Vec<f32>,
+    rotated_used: bool,
     /// Normalized keys: `group × head_dim` bias coefficients of the pass's queries.
     bias_coefficients: Vec<f32>,
     bias_ready: bool,
@@ -38,6 +44,48 @@ impl FibTables {
         self.tables_ready = false;
         self.bins_used = false;
         self.bias_ready = false;
+        self.rotated_ready = false;
+        self.rotated_used = false;
+    }
+
+    /// True when the AVX-512 path serves this page: 4-coordinate codewords with byte indices,
+    /// blocks of 16, head_dim a multiple of 16.
+    #[inline(always)]
+    fn fast(fq: &FibQuant, shape: Shape) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            fq.profile().k == 4
+                && fq.index_bits() == 8
+                && shape.bs == 16
+                && shape.d.is_multiple_of(16)
+                && has!("avx512f")
+                && has!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = (fq, shape);
+            false
+        }
+    }
+
+    /// Checks every index of the first `n` codes against the codebook size (a corrupt page is
+    /// an error, never an out-of-bounds read); with 256 codewords every byte is valid.
+    fn check_indices(fq: &FibQuant, bytes: &[u8], n: usize) -> Result<()> {
+        let words = fq.profile().n;
+        if words >= 256 {
+            return Ok(());
+        }
+        let cb = fq.code_bytes();
+        for code in bytes.chunks_exact(cb).take(n) {
+            if let Some(bad) = code[2..].iter().find(|i| **i as usize >= words) {
+                return Err(KvError::FibQuant(fibquant::FibQuantError::BadIndex {
+                    index: *bad as usize,
+                    n: words,
+                }));
+            }
+        }
+        Ok(())
     }
 
     /// Adds the normalized keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
@@ -125,6 +173,23 @@ impl FibTables {
     ) -> Result<()> {
         let Shape { group, d, bs } = shape;
         let fq = self.quantizer(codec, d)?;
+        #[cfg(target_arch = "x86_64")]
+        if Self::fast(&fq, shape) {
+            Self::check_indices(&fq, bytes, n)?;
+            if !self.rotated_ready {
+                self.rotated_q.resize(group * d, 0.0);
+                self.rotated_q.copy_from_slice(&q[..group * d]);
+                for qg in self.rotated_q.chunks_exact_mut(d) {
+                    fq.rotate(qg);
+                }
+                self.rotated_ready = true;
+            }
+            let words = fq.codebook().words();
+            // SAFETY: AVX-512F and F16C are present (`fast`); every index is below the
+            // codebook size (checked above) and lengths are checked inside.
+            unsafe { x86::fib4_scores_16(bytes, n, shape, words, &self.rotated_q, scale, scores) };
+            return Ok(());
+        }
         let (k, words) = (fq.profile().k, fq.profile().n);
         let blocks = d / k;
         if !self.tables_ready {
@@ -173,6 +238,19 @@ impl FibTables {
     ) -> Result<()> {
         let Shape { group, d, bs } = shape;
         let fq = self.quantizer(codec, d)?;
+        #[cfg(target_arch = "x86_64")]
+        if Self::fast(&fq, shape) {
+            Self::check_indices(&fq, bytes, n)?;
+            if !self.rotated_used {
+                self.rotated_acc.clear();
+                self.rotated_acc.resize(group * d, 0.0);
+                self.rotated_used = true;
+            }
+            let words = fq.codebook().words();
+            // SAFETY: as in `key_scores`.
+            unsafe { x86::fib4_values_16(bytes, n, shape, words, probs, &mut self.rotated_acc) };
+            return Ok(());
+        }
         let (k, words) = (fq.profile().k, fq.profile().n);
         let blocks = d / k;
         if !self.bins_used {
@@ -196,6 +274,12 @@ impl FibTables {
     /// Rescales query head `g`'s bins (online softmax: a new running maximum).
     #[inline(always)]
     pub(super) fn rescale(&mut self, g: usize, group: usize, correction: f32) {
+        if self.rotated_used {
+            let d = self.rotated_acc.len() / group;
+            self.rotated_acc[g * d..(g + 1) * d]
+                .iter_mut()
+                .for_each(|a| *a *= correction);
+        }
         if self.bins_used {
             let per = self.bins.len() / group;
             self.bins[g * per..(g + 1) * per]
@@ -207,6 +291,16 @@ impl FibTables {
     /// Adds the binned values, rotated back, into `acc` (`group × d`).
     #[inline(always)]
     pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32]) {
+        if self.rotated_used {
+            if let Some((_, fq)) = self.quantizer.clone() {
+                let d = shape.d;
+                for (a, r) in acc.chunks_exact_mut(d).zip(self.rotated_acc.chunks_exact_mut(d)) {
+                    fq.unrotate_scaled(r, 1.0);
+                    a.iter_mut().zip(r.iter()).for_each(|(a, r)| *a += r);
+                }
+            }
+            self.rotated_used = false;
+        }
         if !self.bins_used {
             return;
         }
@@ -233,5 +327,141 @@ impl FibTables {
                 .for_each(|(a, r)| *a += r);
         }
         self.bins_used = false;
+    }
+}
+
+/// The AVX-512 path for 4-coordinate codewords with byte indices and blocks of 16: a token's
+/// rotated vector is put together in registers from its codewords (one 128-bit load each), so
+/// neither tables nor bins are written; values are summed in the rotated space and rotated
+/// back once per pass.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::Shape;
+
+    /// Sixteen rotated coordinates (four codewords) of the token whose indices start at `idx`.
+    ///
+    /// # Safety
+    /// AVX-512F must be present; `idx` must point at four readable indices, each below the
+    /// number of codewords in `words` (4 floats each).
+    #[inline(always)]
+    unsafe fn chunk(words: *const f32, idx: *const u8) -> __m512 {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let w = |i: usize| _mm_loadu_ps(words.add(*idx.add(i) as usize * 4));
+            let v = _mm512_castps128_ps512(w(0));
+            let v = _mm512_insertf32x4::<1>(v, w(1));
+            let v = _mm512_insertf32x4::<2>(v, w(2));
+            _mm512_insertf32x4::<3>(v, w(3))
+        }
+    }
+
+    /// The norm of the code at `code` (its first two bytes, f16).
+    ///
+    /// # Safety
+    /// F16C must be present and two bytes readable at `code`.
+    #[inline(always)]
+    unsafe fn norm(code: *const u8) -> f32 {
+        // SAFETY: guaranteed by the caller.
+        unsafe {
+            let bits = u16::from_le_bytes([*code, *code.add(1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
+    }
+
+    fn check(bytes: &[u8], n: usize, shape: Shape, words: &[f32]) -> usize {
+        let Shape { d, bs, .. } = shape;
+        let code_bytes = 2 + d / 4;
+        assert!(n <= bs && bs == 16 && d.is_multiple_of(16));
+        assert!(bytes.len() >= n * code_bytes && words.len() >= 4);
+        code_bytes
+    }
+
+    /// `scores[g·16 + t] = scale·ν_t·⟨(Πq)_g, ĉ_t⟩` for the first `n` tokens of a page.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C must be present and every index of the first `n` codes below
+    /// `words.len() / 4`.
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn fib4_scores_16(
+        bytes: &[u8],
+        n: usize,
+        shape: Shape,
+        words: &[f32],
+        rotated_q: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        let Shape { group, d, bs } = shape;
+        let code_bytes = check(bytes, n, shape, words);
+        assert!(rotated_q.len() >= group * d && scores.len() >= group * bs);
+        let (w, q) = (words.as_ptr(), rotated_q.as_ptr());
+        for t in 0..n {
+            let code = bytes.as_ptr().wrapping_add(t * code_bytes);
+            // SAFETY: token t's code lies in `bytes` (asserted in `check`).
+            let nu = unsafe { norm(code) } * scale;
+            for first in (0..group).step_by(4) {
+                let heads = (group - first).min(4);
+                let mut acc = [_mm512_setzero_ps(); 4];
+                for j in 0..d / 16 {
+                    // SAFETY: indices 4j .. 4j + 4 of token t lie in its code; each is below
+                    // the codebook size (the caller's contract).
+                    let v = unsafe { chunk(w, code.add(2 + 4 * j)) };
+                    for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                        // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
+                        let qv = unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
+                        *a = _mm512_fmadd_ps(qv, v, *a);
+                    }
+                }
+                for (h, a) in acc.iter().enumerate().take(heads) {
+                    scores[(first + h) * bs + t] = _mm512_reduce_add_ps(*a) * nu;
+                }
+            }
+        }
+    }
+
+    /// `acc_g += Σ_t probs[g·16 + t]·ν_t·ĉ_t` (rotated space) over the first `n` tokens.
+    ///
+    /// # Safety
+    /// As for [`fib4_scores_16`].
+    #[target_feature(enable = "avx512f,f16c")]
+    pub(super) unsafe fn fib4_values_16(
+        bytes: &[u8],
+        n: usize,
+        shape: Shape,
+        words: &[f32],
+        probs: &[f32],
+        acc: &mut [f32],
+    ) {
+        let Shape { group, d, bs } = shape;
+        let code_bytes = check(bytes, n, shape, words);
+        assert!(probs.len() >= group * bs && acc.len() >= group * d);
+        let w = words.as_ptr();
+        let mut weights = [0f32; 16];
+        for j in 0..d / 16 {
+            for first in (0..group).step_by(4) {
+                let heads = (group - first).min(4);
+                let mut a = [_mm512_setzero_ps(); 4];
+                for t in 0..n {
+                    let code = bytes.as_ptr().wrapping_add(t * code_bytes);
+                    // SAFETY: as in `fib4_scores_16`.
+                    let (nu, v) = unsafe { (norm(code), chunk(w, code.add(2 + 4 * j))) };
+                    weights[t] = nu;
+                    for (h, a) in a.iter_mut().enumerate().take(heads) {
+                        let p = _mm512_set1_ps(probs[(first + h) * bs + t] * weights[t]);
+                        *a = _mm512_fmadd_ps(p, v, *a);
+                    }
+                }
+                for (h, a) in a.iter().enumerate().take(heads) {
+                    let at = (first + h) * d + 16 * j;
+                    // SAFETY: at + 16 ≤ group·d ≤ acc.len() (asserted above).
+                    unsafe {
+                        let out = acc.as_mut_ptr().add(at);
+                        _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                    }
+                }
+            }
+        }
     }
 }
