@@ -75,13 +75,13 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     let (model, tokenizer) = common.load_model_or(WeightMode::F32)?;
     let tokens = tokenizer.encode(&text)?;
     let wanted = settings.iter().any(|s| s.key_norm)
-        || args.sensitivity.as_deref().is_some_and(|s| s.contains("+keynorm"));
+        || args
+            .sensitivity
+            .as_deref()
+            .is_some_and(|s| s.contains("+keynorm"));
     let key_norm = if wanted {
         Some(std::sync::Arc::new(fit_key_norm(
-            common,
-            &args,
-            &model,
-            &tokenizer,
+            common, &args, &model, &tokenizer,
         )?))
     } else {
         None

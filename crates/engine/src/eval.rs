@@ -23,6 +23,8 @@ pub struct CodecPair {
     pub layer_override: Option<LayerOverride>,
     /// Leading tokens of each window kept in full precision (attention sinks).
     pub sinks: usize,
+    /// Most recent tokens kept in full precision besides the open block.
+    pub recent: usize,
     /// FibQuant keys normalized with the evaluation's calibrated [`pagedkv::KeyNorm`]
     /// (`+keynorm`).
     pub key_norm: bool,
@@ -36,6 +38,7 @@ impl CodecPair {
             value: codec,
             layer_override: None,
             sinks: 0,
+            recent: 0,
             key_norm: false,
         }
     }
@@ -83,6 +86,9 @@ impl std::fmt::Display for CodecPair {
         if self.sinks > 0 {
             write!(f, "+sink{}", self.sinks)?;
         }
+        if self.recent > 0 {
+            write!(f, "+recent{}", self.recent)?;
+        }
         Ok(())
     }
 }
@@ -92,26 +98,32 @@ impl std::str::FromStr for CodecPair {
 
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
     /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
-    /// by `+keynorm` to normalize FibQuant keys (calibrated), and by `+sinkN` to keep each
-    /// window's first N tokens in full precision (`+sink`: 4).
+    /// and by options in any order: `+keynorm` to normalize FibQuant keys (calibrated),
+    /// `+sinkN` to keep each window's first N tokens in full precision (`+sink`: 4), `+recentN`
+    /// to keep its last N tokens in full precision besides the open block.
     fn from_str(full: &str) -> pagedkv::Result<Self> {
-        let (s, sinks) = match full.rsplit_once("+sink") {
-            Some((rest, "")) => (rest, DEFAULT_SINKS),
-            Some((rest, n)) => (
-                rest,
-                n.trim()
-                    .parse::<usize>()
-                    .map_err(|_| pagedkv::KvError::UnknownCodec {
-                        name: full.to_string(),
-                        valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...][+sinkN]".to_string(),
-                    })?,
-            ),
-            None => (full, 0),
+        let bad_option = || pagedkv::KvError::UnknownCodec {
+            name: full.to_string(),
+            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...][+keynorm][+sinkN][+recentN]"
+                .to_string(),
         };
-        let (s, key_norm) = match s.strip_suffix("+keynorm") {
-            Some(rest) => (rest, true),
-            None => (s, false),
-        };
+        let (mut s, mut sinks, mut recent, mut key_norm) = (full, 0, 0, false);
+        while let Some((rest, option)) = s.rsplit_once('+') {
+            if option == "keynorm" {
+                key_norm = true;
+            } else if let Some(n) = option.strip_prefix("sink") {
+                sinks = if n.is_empty() {
+                    DEFAULT_SINKS
+                } else {
+                    n.parse().map_err(|_| bad_option())?
+                };
+            } else if let Some(n) = option.strip_prefix("recent") {
+                recent = n.parse().map_err(|_| bad_option())?;
+            } else {
+                break; // a layer list of an override (`@int8:0+29`)
+            }
+            s = rest;
+        }
         let (base, other) = match s.split_once('@') {
             Some((base, other)) => (base, Some(other)),
             None => (s, None),
@@ -122,6 +134,7 @@ impl std::str::FromStr for CodecPair {
             value,
             layer_override: None,
             sinks,
+            recent,
             key_norm,
         };
         if let Some(other) = other {
@@ -238,6 +251,7 @@ pub fn evaluate(
             };
             let spec = pagedkv::LayoutSpec {
                 sink_tokens: s.sinks,
+                recent_tokens: s.recent,
                 key_norm,
                 ..layout.spec().clone()
             };
@@ -292,13 +306,15 @@ pub fn evaluate(
 }
 
 /// Bits per element and KV bytes per token over a window of `w` tokens: the layout's own, with
-/// sink blocks counted at the f32 of the staging rows that hold them.
+/// sink blocks and the recent window's blocks at the end of the window counted at the f32 of
+/// the staging rows that hold them.
 fn window_cost(layout: &pagedkv::KvLayout, w: usize) -> (f64, f64) {
     let blocks = layout.blocks_for_tokens(w);
     let sinks = if layout.is_full_precision() {
         0
     } else {
-        layout.sink_blocks().min(blocks)
+        let sinks = layout.sink_blocks().min(blocks);
+        sinks + layout.recent_blocks().min(blocks - sinks)
     };
     let f32_block = (2 * layout.page_elements() * layout.kv_heads() * layout.layers() * 4) as f64;
     let block = layout.block_bytes() as f64;
@@ -395,5 +411,15 @@ mod tests {
             "int4+sink".parse::<CodecPair>().unwrap().sinks,
             DEFAULT_SINKS
         );
+        let all: CodecPair = "fibquant-k4n256@int8:0+29+recent64+keynorm+sink"
+            .parse()
+            .unwrap();
+        assert_eq!((all.recent, all.sinks, all.key_norm), (64, 4, true));
+        assert_eq!(all.layer_override.unwrap().layers.len(), 2);
+        assert_eq!(
+            all.to_string(),
+            "fibquant-k4n256@int8:0+29+keynorm+sink4+recent64"
+        );
+        assert!("int4+recent".parse::<CodecPair>().is_err());
     }
 }

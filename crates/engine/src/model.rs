@@ -152,6 +152,7 @@ impl ModelConfig {
             value_codec,
             layer_override,
             sink_tokens: 0,
+            recent_tokens: 0,
             key_norm: None,
         })?)
     }

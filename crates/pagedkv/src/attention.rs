@@ -10,8 +10,8 @@ mod lut;
 mod pages;
 
 use crate::block::BlockId;
-use crate::error::{KvError, Result};
 use crate::codec::Role;
+use crate::error::{KvError, Result};
 use crate::storage::{KvStorage, PageRef};
 
 use lut::FibTables;
@@ -29,7 +29,12 @@ pub struct Context<'a> {
 
 fn prefetch_distance() -> usize {
     static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| std::env::var("PKV_AHEAD").ok().and_then(|v| v.parse().ok()).unwrap_or(1))
+    *D.get_or_init(|| {
+        std::env::var("PKV_AHEAD")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1)
+    })
 }
 
 /// Reusable buffers of the kernel, sized on first use.
@@ -532,7 +537,9 @@ mod tests {
     fn normalized_keys_match_the_reference() {
         use crate::key_norm::KeyNorm;
         let (d, bs, kv, qh) = (32, 4, 3, 9);
-        let means: Vec<f32> = (0..kv * d).map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5).collect();
+        let means: Vec<f32> = (0..kv * d)
+            .map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5)
+            .collect();
         let fib = Codec::FibQuant { k: 4, n: 256 };
         for value in [fib, Codec::F16, Codec::Int4] {
             let mut spec = LayoutSpec::new(1, kv, qh, d, fib);
@@ -559,7 +566,8 @@ mod tests {
                         .zip(&shift)
                         .for_each(|(x, m)| *x += m);
                 }
-                s.write_token(0, blocks[pos / bs], pos % bs, &k, &v).unwrap();
+                s.write_token(0, blocks[pos / bs], pos % bs, &k, &v)
+                    .unwrap();
                 if pos % bs == bs - 1 {
                     s.seal(blocks[pos / bs], pos / bs * bs).unwrap();
                 }

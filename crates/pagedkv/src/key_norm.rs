@@ -378,7 +378,10 @@ mod tests {
             for (t, b) in bias.iter().enumerate() {
                 norm.shift(0, 0, start + t, &mut shift);
                 let want: f32 = 0.5 * q.iter().zip(&shift).map(|(a, b)| a * b).sum::<f32>();
-                assert!((b - want).abs() < 1e-4, "start {start} t {t}: {b} vs {want}");
+                assert!(
+                    (b - want).abs() < 1e-4,
+                    "start {start} t {t}: {b} vs {want}"
+                );
             }
         }
     }

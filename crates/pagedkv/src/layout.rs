@@ -13,15 +13,16 @@
 
 use std::sync::Arc;
 
-use crate::key_norm::KeyNorm;
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
+use crate::key_norm::KeyNorm;
 
 /// Upper bounds that keep every derived size far from overflow and catch absurd input early.
 const MAX_LAYERS: usize = 1024;
 const MAX_HEADS: usize = 4096;
 const MAX_HEAD_DIM: usize = 4096;
 const MAX_BLOCK_SIZE: usize = 4096;
+const MAX_RECENT_TOKENS: usize = 1 << 20;
 
 /// Unvalidated layout request; [`KvLayout::new`] checks it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,6 +46,10 @@ pub struct LayoutSpec {
     /// Leading tokens of every sequence kept in full precision ("attention sinks"): the blocks
     /// holding them are never sealed in a compressed layout. 0 for none.
     pub sink_tokens: usize,
+    /// Most recent tokens kept in full precision besides the open block: a full block is sealed
+    /// only when `recent_tokens / block_size` (rounded up) newer blocks have filled, or when its
+    /// sequence is freed. 0: only the open block.
+    pub recent_tokens: usize,
     /// Normalization of FibQuant keys before encoding (see [`KeyNorm`]); None for none.
     pub key_norm: Option<Arc<KeyNorm>>,
 }
@@ -129,6 +134,7 @@ impl LayoutSpec {
             value_codec: codec,
             layer_override: None,
             sink_tokens: 0,
+            recent_tokens: 0,
             key_norm: None,
         }
     }
@@ -182,6 +188,13 @@ impl KvLayout {
                 field: "sink_tokens",
                 value: spec.sink_tokens,
                 max: MAX_BLOCK_SIZE,
+            });
+        }
+        if spec.recent_tokens > MAX_RECENT_TOKENS {
+            return Err(KvError::TooLarge {
+                field: "recent_tokens",
+                value: spec.recent_tokens,
+                max: MAX_RECENT_TOKENS,
             });
         }
         if !spec.query_heads.is_multiple_of(spec.kv_heads) {
@@ -296,6 +309,12 @@ impl KvLayout {
             _ => self.spec.value_codec,
         }
     }
+    /// Full blocks behind the open one that stay in full precision (those holding the recent
+    /// tokens).
+    pub fn recent_blocks(&self) -> usize {
+        self.spec.recent_tokens.div_ceil(self.spec.block_size)
+    }
+
     /// Leading blocks of a sequence kept in full precision (those holding the sink tokens).
     pub fn sink_blocks(&self) -> usize {
         self.spec.sink_tokens.div_ceil(self.spec.block_size)
@@ -382,6 +401,9 @@ impl KvLayout {
         }
         if s.sink_tokens > 0 {
             digest += &format!(";sinks={}", s.sink_tokens);
+        }
+        if s.recent_tokens > 0 {
+            digest += &format!(";recent={}", s.recent_tokens);
         }
         if let Some(c) = &s.key_norm {
             digest += &format!(";key_norm={:016x}", c.digest());

@@ -452,10 +452,12 @@ impl KvCacheManager {
             );
             table.hashes.push(hash);
             self.pool.register(table.blocks[block_idx], hash)?;
-            // a full block is sealed: encoded once with the layout's codecs (sink blocks stay
-            // in full precision)
-            if block_idx >= self.layout.sink_blocks() {
-                self.storage.seal(table.blocks[block_idx], block_idx * bs)?;
+            // a full block is sealed — encoded once with the layout's codecs — when it leaves
+            // the recent window (sink blocks stay in full precision)
+            if let Some(old) = block_idx.checked_sub(self.layout.recent_blocks()) {
+                if old >= self.layout.sink_blocks() {
+                    self.storage.seal(table.blocks[old], old * bs)?;
+                }
             }
         }
         Ok(())
@@ -607,6 +609,16 @@ impl KvCacheManager {
     /// Removes a sequence and releases its blocks, tail first, so that the head of a shared
     /// prefix is the last to be evicted.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
+        // full blocks still in the recent window are sealed before they join the prefix cache
+        let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
+        let bs = self.layout.block_size();
+        let full = table.tokens.len() / bs;
+        let first = full
+            .saturating_sub(self.layout.recent_blocks())
+            .max(self.layout.sink_blocks());
+        for i in first..full {
+            self.storage.seal(table.blocks[i], i * bs)?;
+        }
         let table = self
             .seqs
             .remove(&seq)

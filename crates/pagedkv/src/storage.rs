@@ -21,8 +21,6 @@ use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 use crate::layout::KvLayout;
 
-
-
 /// No staging slot.
 const NO_SLOT: u32 = u32::MAX;
 

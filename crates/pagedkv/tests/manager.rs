@@ -236,6 +236,48 @@ fn compressed_layout_seals_full_blocks_and_frees_staging() {
     m.check_invariants().unwrap();
 }
 
+/// Recent window: the last `recent_tokens` (in whole blocks) behind the open block stay in
+/// full precision and read back exactly; a block is sealed when it leaves the window, and the
+/// window's blocks are sealed when the sequence is freed, before they serve as cached prefix.
+#[test]
+fn recent_window_blocks_seal_when_they_leave_it_and_on_free() {
+    let mut spec = int8_layout().spec().clone();
+    spec.recent_tokens = 5; // two blocks of 4
+    let layout = pagedkv::KvLayout::new(spec).unwrap();
+    assert_eq!(layout.recent_blocks(), 2);
+    let mut m = KvCacheManager::new(layout, 8, b"recent").unwrap();
+    let prompt: Vec<u32> = (0..14).map(|t| t + 70).collect();
+    let a = SeqId(1);
+    m.admit(a, &prompt[..1]).unwrap();
+    m.reserve(a, prompt.len()).unwrap();
+    write_and_commit(&mut m, a, &prompt);
+    let blocks = m.table(a).unwrap().blocks().to_vec();
+    // blocks 0..3 are full: 0 and 1 have left the window, 2 and 3 are in it, 3 (2 tokens) open
+    let open: Vec<bool> = blocks.iter().map(|b| m.storage().is_open(*b)).collect();
+    assert_eq!(open, [false, true, true, true]);
+    let hashes = prefix_hashes(&prompt);
+    let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+    for pos in [4, 9, 13] {
+        m.read_token(a, 0, pos, &mut k, &mut v).unwrap();
+        assert_eq!(
+            k,
+            rows(m.layout(), 0, hashes[pos]).0,
+            "position {pos} is exact"
+        );
+    }
+    check_contents_within(&m, a, 2000.0 / 255.0 / 2.0 * 1.01).unwrap();
+    m.check_invariants().unwrap();
+    m.free(a).unwrap();
+    m.check_invariants().unwrap();
+    // the full blocks are sealed now; the partial one is gone
+    assert!(blocks[..3].iter().all(|b| !m.storage().is_open(*b)));
+    assert_eq!(m.storage().open_blocks(), 0);
+    let b = SeqId(2);
+    assert_eq!(m.admit(b, &prompt).unwrap().cached_tokens, 12);
+    m.free(b).unwrap();
+    m.check_invariants().unwrap();
+}
+
 /// Sink tokens: the block holding a sequence's first tokens is never sealed, so it reads back
 /// exactly while later blocks hold the codec's reconstruction; as a cached prefix it keeps its
 /// full-precision rows for the next sequence, and eviction hands it out cleanly.

@@ -8,9 +8,9 @@ use std::sync::Arc;
 use fibquant::FibQuant;
 use half::f16;
 
-use crate::key_norm::KeyNorm;
 use crate::codec::Codec;
 use crate::error::{KvError, Result};
+use crate::key_norm::KeyNorm;
 
 use super::pages::Shape;
 
@@ -106,7 +106,10 @@ impl FibTables {
         let Shape { group, d, bs } = shape;
         if !self.bias_ready {
             self.bias_coefficients.resize(group * d, 0.0);
-            for (qg, out) in q.chunks_exact(d).zip(self.bias_coefficients.chunks_exact_mut(d)) {
+            for (qg, out) in q
+                .chunks_exact(d)
+                .zip(self.bias_coefficients.chunks_exact_mut(d))
+            {
                 c.bias_coefficients(layer, head, qg, out);
             }
             self.bias_ready = true;
@@ -122,8 +125,6 @@ impl FibTables {
             );
         }
     }
-
-
 
     fn quantizer(&mut self, codec: Codec, d: usize) -> Result<Arc<FibQuant>> {
         if let Some((c, q)) = &self.quantizer {
@@ -294,7 +295,10 @@ impl FibTables {
         if self.rotated_used {
             if let Some((_, fq)) = self.quantizer.clone() {
                 let d = shape.d;
-                for (a, r) in acc.chunks_exact_mut(d).zip(self.rotated_acc.chunks_exact_mut(d)) {
+                for (a, r) in acc
+                    .chunks_exact_mut(d)
+                    .zip(self.rotated_acc.chunks_exact_mut(d))
+                {
                     fq.unrotate_scaled(r, 1.0);
                     a.iter_mut().zip(r.iter()).for_each(|(a, r)| *a += r);
                 }

@@ -115,8 +115,14 @@ pub(super) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
 fn prefetch_mode() -> (u32, usize) {
     static M: std::sync::OnceLock<(u32, usize)> = std::sync::OnceLock::new();
     *M.get_or_init(|| {
-        let m = std::env::var("PKV_PF").ok().and_then(|v| v.parse().ok()).unwrap_or(1);
-        let s = std::env::var("PKV_PFS").ok().and_then(|v| v.parse().ok()).unwrap_or(64);
+        let m = std::env::var("PKV_PF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1);
+        let s = std::env::var("PKV_PFS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(64);
         (m, s)
     })
 }
@@ -230,9 +236,7 @@ pub(super) fn axpy(acc: &mut [f32], p: f32, v: &[f32]) {
 fn int_key_columns(codec: Codec, codes: &[u8], bs: usize, d: usize, out: &mut Vec<f32>) {
     out.resize(d * bs, 0.0);
     if codec == Codec::Int8 {
-        out.iter_mut()
-            .zip(codes)
-            .for_each(|(o, c)| *o = *c as f32);
+        out.iter_mut().zip(codes).for_each(|(o, c)| *o = *c as f32);
     } else if bs.is_multiple_of(2) {
         for (pair, b) in out.chunks_exact_mut(2).zip(codes) {
             pair[0] = (b & 0x0F) as f32;
@@ -485,7 +489,9 @@ fn packed_key_scores(
                 column_scores(&scratch.page, shape, &scratch.folded, 1.0, scores);
             }
             for (g, bias) in scratch.bias.iter().enumerate() {
-                scores[g * bs..g * bs + n].iter_mut().for_each(|s| *s += bias);
+                scores[g * bs..g * bs + n]
+                    .iter_mut()
+                    .for_each(|s| *s += bias);
             }
             Ok(())
         }
@@ -979,7 +985,8 @@ mod x86 {
                                 // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
                                 unsafe {
                                     let out = acc.as_mut_ptr().add(base + 16 * i);
-                                    let sum = _mm512_add_ps(_mm512_add_ps(*v, z), _mm512_loadu_ps(out));
+                                    let sum =
+                                        _mm512_add_ps(_mm512_add_ps(*v, z), _mm512_loadu_ps(out));
                                     _mm512_storeu_ps(out, sum);
                                 }
                             }

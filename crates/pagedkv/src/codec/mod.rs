@@ -110,11 +110,11 @@ impl Codec {
                 Role::Key => head_dim.checked_mul(block_size.div_ceil(2)),
                 Role::Value => block_size.checked_mul(head_dim.div_ceil(2)),
             }
-                .and_then(|packed| {
-                    scale_pairs
-                        .checked_mul(4)
-                        .and_then(|s| packed.checked_add(s))
-                }),
+            .and_then(|packed| {
+                scale_pairs
+                    .checked_mul(4)
+                    .and_then(|s| packed.checked_add(s))
+            }),
             Codec::FibQuant { k, n } => {
                 fibquant::code_bytes(head_dim, k as usize, n as usize).checked_mul(block_size)
             }

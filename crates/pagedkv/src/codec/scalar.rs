@@ -591,7 +591,10 @@ mod tests {
                     let range = rows.iter().fold(0f32, |m, x| m.max(x.abs())) * 2.0;
                     let step = range / if codec == Codec::Int4 { 15.0 } else { 255.0 };
                     for (a, b) in rows.iter().zip(&back) {
-                        assert!((a - b).abs() <= step * 0.51 + 1e-3, "{codec} {role:?} {bs}×{d}");
+                        assert!(
+                            (a - b).abs() <= step * 0.51 + 1e-3,
+                            "{codec} {role:?} {bs}×{d}"
+                        );
                     }
                 }
             }
