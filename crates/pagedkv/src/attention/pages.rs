@@ -877,7 +877,8 @@ mod x86 {
     }
 
     /// `weighted_rows` for head_dim a multiple of 64, read straight from a token-major page of
-    /// `$elem`: four accumulator registers per query head, updated by every token of the block.
+    /// `$elem`: a token's 64 channels are loaded (and converted) once into four registers and
+    /// serve up to four query heads, each with four accumulator registers.
     macro_rules! weighted_rows_64 {
         ($name:ident, $kind:tt, $elem:ty) => {
             #[target_feature(enable = "avx512f")]
@@ -892,30 +893,37 @@ mod x86 {
                 assert!(rows.len() >= n * d && probs.len() >= group * bs && acc.len() >= group * d);
                 assert!(n <= bs && d.is_multiple_of(64));
                 let ptr = rows.as_ptr();
-                for g in 0..group {
-                    for chunk in (0..d).step_by(64) {
-                        let base = g * d + chunk;
-                        // SAFETY: base + 64 ≤ (g + 1)·d ≤ acc.len() (asserted above).
-                        let mut a = unsafe {
-                            [
-                                _mm512_loadu_ps(acc.as_ptr().add(base)),
-                                _mm512_loadu_ps(acc.as_ptr().add(base + 16)),
-                                _mm512_loadu_ps(acc.as_ptr().add(base + 32)),
-                                _mm512_loadu_ps(acc.as_ptr().add(base + 48)),
-                            ]
-                        };
+                for chunk in (0..d).step_by(64) {
+                    for first in (0..group).step_by(4) {
+                        let heads = (group - first).min(4);
+                        let mut a = [[_mm512_setzero_ps(); 4]; 4];
                         for t in 0..n {
-                            let p = _mm512_set1_ps(probs[g * bs + t]);
                             let row = t * d + chunk;
-                            for (i, a) in a.iter_mut().enumerate() {
-                                // SAFETY: row + 16·i + 16 ≤ t·d + d ≤ n·d ≤ rows.len().
-                                let v = unsafe { load16!($kind, ptr, row + 16 * i) };
-                                *a = _mm512_fmadd_ps(p, v, *a);
+                            // SAFETY: row + 64 ≤ t·d + d ≤ n·d ≤ rows.len() (asserted above).
+                            let v = unsafe {
+                                [
+                                    load16!($kind, ptr, row),
+                                    load16!($kind, ptr, row + 16),
+                                    load16!($kind, ptr, row + 32),
+                                    load16!($kind, ptr, row + 48),
+                                ]
+                            };
+                            for (h, a) in a.iter_mut().enumerate().take(heads) {
+                                let p = _mm512_set1_ps(probs[(first + h) * bs + t]);
+                                for (a, v) in a.iter_mut().zip(&v) {
+                                    *a = _mm512_fmadd_ps(p, *v, *a);
+                                }
                             }
                         }
-                        for (i, a) in a.iter().enumerate() {
-                            // SAFETY: as for the loads above.
-                            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(base + 16 * i), *a) };
+                        for (h, a) in a.iter().enumerate().take(heads) {
+                            let base = (first + h) * d + chunk;
+                            for (i, a) in a.iter().enumerate() {
+                                // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
+                                unsafe {
+                                    let out = acc.as_mut_ptr().add(base + 16 * i);
+                                    _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                                }
+                            }
                         }
                     }
                 }
