@@ -364,7 +364,11 @@ impl Pass<'_> {
             for g in 0..group {
                 let (new_max, block_sum) =
                     softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g]);
-                let correction = (max[g] - new_max).exp();
+                let correction = if new_max == max[g] {
+                    1.0
+                } else {
+                    (max[g] - new_max).exp()
+                };
                 max[g] = new_max;
                 sum[g] = sum[g] * correction + block_sum;
                 if correction != 1.0 {

@@ -201,7 +201,22 @@ fn dot_table(a: &[f32], codes: &[u8], table: &[f32; 256]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `x ← eˣ` for scores already shifted by their maximum (x ≤ 0, or −∞), branch-free so it
+/// How far scores may exceed the running reference point before it moves: weights up to
+/// e⁸ ≈ 3000 stay far from f32's range, and the running sums are rescaled (an exponential and
+/// a pass over the accumulators) only when a block's maximum jumps, not on every new maximum.
+pub(super) const LAZY_MAX_SLACK: f32 = 8.0;
+
+/// The softmax reference point after a block whose largest score is `block_max`.
+#[inline(always)]
+pub(super) fn lazy_max(max_in: f32, block_max: f32) -> f32 {
+    if block_max > max_in + LAZY_MAX_SLACK || max_in == f32::NEG_INFINITY {
+        max_in.max(block_max)
+    } else {
+        max_in
+    }
+}
+
+/// `x ← eˣ` for scores shifted by the softmax reference point (x ≤ 8, or −∞), branch-free so it
 /// vectorizes: x = n·ln2 + r with |r| ≤ ln2/2, eʳ by a degree-6 polynomial (Cephes' expf
 /// coefficients), 2ⁿ put in the exponent bits. Relative error below 3·10⁻⁷; below −87 the
 /// result is 0 (f32 would be subnormal there; softmax weights that small do not count).
@@ -724,6 +739,7 @@ fn packed_values(
 /// running maximum and the sum of the new weights.
 #[inline(always)]
 pub(super) fn softmax_step(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f32) {
+    // (the reference point moves only when a block exceeds it by more than LAZY_MAX_SLACK)
     #[cfg(target_arch = "x86_64")]
     if scores.len() == 16 && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked on this line).
@@ -731,7 +747,7 @@ pub(super) fn softmax_step(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f
     }
     let block = &mut scores[..n];
     let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let new_max = max_in.max(block_max);
+    let new_max = lazy_max(max_in, block_max);
     block.iter_mut().for_each(|s| *s -= new_max);
     exp_in_place(block);
     (new_max, block.iter().sum())
@@ -845,7 +861,7 @@ mod x86 {
         let s = unsafe { _mm512_loadu_ps(scores.as_ptr()) };
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let visible = _mm512_mask_blend_ps(mask, neg_inf, s);
-        let new_max = max_in.max(_mm512_reduce_max_ps(visible));
+        let new_max = super::lazy_max(max_in, _mm512_reduce_max_ps(visible));
         let x = _mm512_sub_ps(visible, _mm512_set1_ps(new_max));
         let floor_x = _mm512_set1_ps(-87.0);
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, floor_x) & mask;
