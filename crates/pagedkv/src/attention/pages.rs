@@ -804,6 +804,35 @@ mod x86 {
         whole
     }
 
+    /// Sixty-four consecutive elements starting at element `i` as four registers (`load16` four
+    /// times; int4 rows unpacked 64 codes at once with 256-bit operations).
+    macro_rules! load64 {
+        (u4, $p:expr, $i:expr) => {{
+            let x = _mm256_loadu_si256($p.cast::<u8>().add($i / 2).cast());
+            let low = _mm256_set1_epi8(0x0F);
+            let lo = _mm256_and_si256(x, low);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(x), low);
+            // per 128-bit lane: unpacklo = channels 0..15 (lane 1: 32..47), unpackhi = 16..31
+            let a = _mm256_unpacklo_epi8(lo, hi);
+            let b = _mm256_unpackhi_epi8(lo, hi);
+            let f = |x: __m128i| _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+            [
+                f(_mm256_castsi256_si128(a)),
+                f(_mm256_castsi256_si128(b)),
+                f(_mm256_extracti128_si256::<1>(a)),
+                f(_mm256_extracti128_si256::<1>(b)),
+            ]
+        }};
+        ($kind:tt, $p:expr, $i:expr) => {
+            [
+                load16!($kind, $p, $i),
+                load16!($kind, $p, $i + 16),
+                load16!($kind, $p, $i + 32),
+                load16!($kind, $p, $i + 48),
+            ]
+        };
+    }
+
     /// `column_scores` for blocks of 16 read straight from a channel-major page of `$elem`
     /// (`$per` elements per stored item): per channel one column register, FMAs into one
     /// accumulator per query head (up to four heads at a time, independent chains).
@@ -951,7 +980,7 @@ mod x86 {
     /// token's codes are widened once and serve every query head (up to four at a time).
     macro_rules! int_weighted_rows_64 {
         ($name:ident, $kind:tt) => {
-            #[target_feature(enable = "avx512f,f16c")]
+            #[target_feature(enable = "avx512f,avx2,f16c")]
             pub(super) fn $name(
                 codes: &[u8],
                 params: &[u8],
@@ -963,43 +992,59 @@ mod x86 {
                 let Shape { group, d, bs } = shape;
                 let groups = d / 32;
                 let per = if stringify!($kind) == "u4" { 2 } else { 1 };
-                assert!(d.is_multiple_of(64) && n <= bs);
+                assert!(d.is_multiple_of(64) && n <= bs && bs == 16);
                 assert!(codes.len() * per >= n * d && params.len() >= n * groups * 4);
                 assert!(probs.len() >= group * bs && acc.len() >= group * d);
                 let ptr = codes.as_ptr();
                 for chunk in (0..d).step_by(64) {
+                    // the tokens' (scale, zero) of this chunk's two groups, as 16-lane vectors
+                    let mut sz = [[0f32; 16]; 4];
+                    for t in 0..n {
+                        let at = 4 * (t * groups + chunk / 32);
+                        // SAFETY: at + 8 ≤ n·groups·4 ≤ params.len() (asserted above).
+                        let four = unsafe {
+                            _mm_cvtph_ps(_mm_loadl_epi64(params.as_ptr().add(at).cast()))
+                        };
+                        let mut f = [0f32; 4];
+                        // SAFETY: `f` holds four floats.
+                        unsafe { _mm_storeu_ps(f.as_mut_ptr(), four) };
+                        for (column, x) in sz.iter_mut().zip(f) {
+                            column[t] = x;
+                        }
+                    }
+                    // SAFETY: each array holds 16 floats.
+                    let [s0, z0, s1, z1] = sz.map(|c| unsafe { _mm512_loadu_ps(c.as_ptr()) });
                     for first in (0..group).step_by(4) {
                         let heads = (group - first).min(4);
                         let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                        // per head and token: p·s of both groups; Σ p·z of both groups
+                        let mut w = [[[0f32; 16]; 2]; 4];
                         let mut zeros = [[0f32; 2]; 4];
+                        for h in 0..heads {
+                            let at = (first + h) * bs;
+                            // SAFETY: at + 16 ≤ group·bs ≤ probs.len() (asserted above).
+                            let p = unsafe { _mm512_loadu_ps(probs.as_ptr().add(at)) };
+                            let p = _mm512_maskz_mov_ps(((1u32 << n) - 1) as __mmask16, p);
+                            // SAFETY: each array holds 16 floats.
+                            unsafe {
+                                _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(p, s0));
+                                _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(p, s1));
+                            }
+                            zeros[h] = [
+                                _mm512_reduce_add_ps(_mm512_mul_ps(p, z0)),
+                                _mm512_reduce_add_ps(_mm512_mul_ps(p, z1)),
+                            ];
+                        }
                         for t in 0..n {
-                            // the token's two groups in this chunk: (s0, z0, s1, z1)
-                            let at = 4 * (t * groups + chunk / 32);
-                            // SAFETY: at + 8 ≤ n·groups·4 ≤ params.len() (asserted above).
-                            let sz = unsafe {
-                                _mm_cvtph_ps(_mm_loadl_epi64(params.as_ptr().add(at).cast()))
-                            };
-                            let mut f = [0f32; 4];
-                            // SAFETY: `f` holds four floats.
-                            unsafe { _mm_storeu_ps(f.as_mut_ptr(), sz) };
                             // SAFETY: element t·d + chunk + 64 ≤ n·d ≤ the page's elements.
-                            let v = unsafe {
-                                [
-                                    load16!($kind, ptr, t * d + chunk),
-                                    load16!($kind, ptr, t * d + chunk + 16),
-                                    load16!($kind, ptr, t * d + chunk + 32),
-                                    load16!($kind, ptr, t * d + chunk + 48),
-                                ]
-                            };
+                            let v = unsafe { load64!($kind, ptr, t * d + chunk) };
                             for h in 0..heads {
-                                let p = probs[(first + h) * bs + t];
-                                let (w0, w1) = (_mm512_set1_ps(p * f[0]), _mm512_set1_ps(p * f[2]));
+                                let (w0, w1) =
+                                    (_mm512_set1_ps(w[h][0][t]), _mm512_set1_ps(w[h][1][t]));
                                 a[h][0] = _mm512_fmadd_ps(w0, v[0], a[h][0]);
                                 a[h][1] = _mm512_fmadd_ps(w0, v[1], a[h][1]);
                                 a[h][2] = _mm512_fmadd_ps(w1, v[2], a[h][2]);
                                 a[h][3] = _mm512_fmadd_ps(w1, v[3], a[h][3]);
-                                zeros[h][0] += p * f[1];
-                                zeros[h][1] += p * f[3];
                             }
                         }
                         for h in 0..heads {
