@@ -44,6 +44,8 @@ pub struct Scratch {
     partial: Partial,
     pages: PageScratch,
     fib: FibTables,
+    /// Running softmax sums per query head, spread over 16 lanes.
+    lanes: Vec<[f32; 16]>,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -332,9 +334,15 @@ impl Pass<'_> {
         let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
         let shape = Shape { group, d, bs };
         let Scratch {
-            scores, pages, fib, ..
+            scores,
+            pages,
+            fib,
+            lanes,
+            ..
         } = scratch;
         scores.resize(group * bs, 0.0);
+        lanes.clear();
+        lanes.resize(group, [0.0; 16]);
         partial.reset(group, d);
         let Partial { max, sum, acc } = partial;
         fib.start_head();
@@ -360,17 +368,11 @@ impl Pass<'_> {
                 let (q, layer, head) = (self.q, self.layer, self.head);
                 fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
             }
-            // online softmax: rescale the running sums once per block
+            // online softmax: the running sums rescaled only when the reference point moves
             for g in 0..group {
-                let (new_max, block_sum) =
-                    softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g]);
-                let correction = if new_max == max[g] {
-                    1.0
-                } else {
-                    (max[g] - new_max).exp()
-                };
+                let (new_max, correction) =
+                    softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g], &mut lanes[g]);
                 max[g] = new_max;
-                sum[g] = sum[g] * correction + block_sum;
                 if correction != 1.0 {
                     acc[g * d..(g + 1) * d]
                         .iter_mut()
@@ -382,6 +384,9 @@ impl Pass<'_> {
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
         fib.finish(shape, acc);
+        for (s, l) in sum.iter_mut().zip(lanes.iter()) {
+            *s = l.iter().sum();
+        }
         Ok(())
     }
 }

@@ -731,28 +731,47 @@ fn packed_values(
     }
 }
 
-/// The two hottest loops written with AVX-512 intrinsics: the compiler keeps array
-/// accumulators in memory, so the adds wait on store forwarding; here every accumulator is a
-/// register and independent chains interleave. Fused multiply-add, so results differ from the
-/// portable loops in the last bits (both are tested against the f64 reference).
-/// One block's online-softmax step: `scores[..n]` become `exp(s − new_max)`; returns the new
-/// running maximum and the sum of the new weights.
+/// One block's online-softmax step for a query head: the first `n` scores become their
+/// weights `exp(s − reference)`, and are added into `lanes`, the running sum kept spread over 16
+/// lanes (summed once at the end of the pass). The reference point moves (see [`lazy_max`])
+/// only when the block exceeds it by more than the slack; then `lanes` is rescaled and the
+/// correction returned for the caller's accumulators. Returns (reference, correction).
 #[inline(always)]
-pub(super) fn softmax_step(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f32) {
-    // (the reference point moves only when a block exceeds it by more than LAZY_MAX_SLACK)
+pub(super) fn softmax_step(
+    scores: &mut [f32],
+    n: usize,
+    max_in: f32,
+    lanes: &mut [f32; 16],
+) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
     if scores.len() == 16 && std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: AVX-512F is present (checked on this line).
-        return unsafe { x86::softmax_step_16(scores, n, max_in) };
+        return unsafe { x86::softmax_step_16(scores, n, max_in, lanes) };
     }
     let block = &mut scores[..n];
     let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let new_max = lazy_max(max_in, block_max);
     block.iter_mut().for_each(|s| *s -= new_max);
     exp_in_place(block);
-    (new_max, block.iter().sum())
+    let correction = correction(max_in, new_max);
+    lanes[0] = lanes[0] * correction + block.iter().sum::<f32>();
+    (new_max, correction)
 }
 
+/// The factor that moves sums from reference point `old` to `new` (1 when it did not move).
+#[inline(always)]
+fn correction(old: f32, new: f32) -> f32 {
+    if old == new {
+        1.0
+    } else {
+        (old - new).exp()
+    }
+}
+
+/// The hot loops written with AVX-512 intrinsics: the compiler keeps array accumulators in
+/// memory, so the adds wait on store forwarding; here every accumulator is a register and
+/// independent chains interleave. Fused multiply-add, so results differ from the portable loops
+/// in the last bits (both are tested against the f64 reference).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -878,19 +897,30 @@ mod x86 {
     column_scores_16!(column_scores_16_u8, u8, u8, 1);
     column_scores_16!(column_scores_16_u4, u4, u8, 2);
 
-    /// One block's online-softmax step for blocks of 16: the first `n` scores (the rest are
-    /// ignored) are replaced by `exp(s − new_max)`; returns the new running maximum and the sum
-    /// of the new weights. The exponential is the polynomial of `exp_in_place`, in registers,
-    /// with the power of two applied by `vscalefps`.
+    /// `softmax_step` for blocks of 16 (the scores past `n` are ignored). The exponential is
+    /// the polynomial of `exp_in_place`, in registers, with the power of two applied by
+    /// `vscalefps`; no horizontal operation unless the reference point moves.
     #[target_feature(enable = "avx512f")]
-    pub(super) fn softmax_step_16(scores: &mut [f32], n: usize, max_in: f32) -> (f32, f32) {
+    pub(super) fn softmax_step_16(
+        scores: &mut [f32],
+        n: usize,
+        max_in: f32,
+        lanes: &mut [f32; 16],
+    ) -> (f32, f32) {
         assert!(scores.len() >= 16 && n <= 16);
         let mask: __mmask16 = ((1u32 << n) - 1) as __mmask16;
         // SAFETY: `scores` holds at least 16 floats (asserted above).
         let s = unsafe { _mm512_loadu_ps(scores.as_ptr()) };
         let neg_inf = _mm512_set1_ps(f32::NEG_INFINITY);
         let visible = _mm512_mask_blend_ps(mask, neg_inf, s);
-        let new_max = super::lazy_max(max_in, _mm512_reduce_max_ps(visible));
+        // the horizontal maximum only when some score passes the slack (or on the first block)
+        let bound = _mm512_set1_ps(max_in + super::LAZY_MAX_SLACK);
+        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(visible, bound);
+        let new_max = if over != 0 || max_in == f32::NEG_INFINITY {
+            super::lazy_max(max_in, _mm512_reduce_max_ps(visible))
+        } else {
+            max_in
+        };
         let x = _mm512_sub_ps(visible, _mm512_set1_ps(new_max));
         let floor_x = _mm512_set1_ps(-87.0);
         let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, floor_x) & mask;
@@ -918,7 +948,14 @@ mod x86 {
         let e = _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, k));
         // SAFETY: as for the load.
         unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr(), mask, e) };
-        (new_max, _mm512_reduce_add_ps(e))
+        let correction = super::correction(max_in, new_max);
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe {
+            let sums = _mm512_loadu_ps(lanes.as_ptr());
+            let sums = _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e);
+            _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+        }
+        (new_max, correction)
     }
 
     /// `weighted_rows` for head_dim a multiple of 64, read straight from a token-major page of
