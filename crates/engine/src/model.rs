@@ -158,6 +158,9 @@ impl ModelConfig {
     }
 }
 
+/// Sees every layer's queries and keys after RoPE: `(layer, queries, keys)`.
+pub type LayerObserver<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
+
 /// A linear layer: candle's matmul on weights as stored or dequantized, or our 8-bit kernel.
 enum Linear {
     Candle(QMatMul),
@@ -361,7 +364,7 @@ impl Model {
         &self,
         cache: &mut KvCacheManager,
         batch: &[BatchItem],
-        observe: &mut dyn FnMut(usize, &[f32], &[f32]),
+        observe: &mut LayerObserver,
     ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let bs = cache.layout().block_size();

@@ -27,16 +27,6 @@ pub struct Context<'a> {
     pub len: usize,
 }
 
-fn prefetch_distance() -> usize {
-    static D: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *D.get_or_init(|| {
-        std::env::var("PKV_AHEAD")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1)
-    })
-}
-
 /// Reusable buffers of the kernel, sized on first use.
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
@@ -355,9 +345,8 @@ impl Pass<'_> {
                 break;
             }
             let n = (self.ctx.len - start).min(bs);
-            let ahead = prefetch_distance();
-            if let Some(next) = self.ctx.blocks.get(block_idx + ahead) {
-                if start + ahead * bs < self.ctx.len {
+            if let Some(next) = self.ctx.blocks.get(block_idx + 1) {
+                if start + bs < self.ctx.len {
                     prefetch(self.storage.key_page(self.layer, *next, self.head)?);
                     prefetch(self.storage.value_page(self.layer, *next, self.head)?);
                 }
@@ -545,12 +534,16 @@ mod tests {
     #[test]
     fn normalized_keys_match_the_reference() {
         use crate::key_norm::KeyNorm;
-        let (d, bs, kv, qh) = (32, 4, 3, 9);
-        let means: Vec<f32> = (0..kv * d)
-            .map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5)
-            .collect();
+        let (kv, qh) = (3, 9);
         let fib = Codec::FibQuant { k: 4, n: 256 };
-        for value in [fib, Codec::F16, Codec::Int4] {
+        // the table path (blocks of 4) and the AVX-512 path (blocks of 16, head_dim 64)
+        for ((d, bs), value) in [(32, 4), (64, 16)]
+            .into_iter()
+            .flat_map(|g| [fib, Codec::F16, Codec::Int4].map(|v| (g, v)))
+        {
+            let means: Vec<f32> = (0..kv * d)
+                .map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5)
+                .collect();
             let mut spec = LayoutSpec::new(1, kv, qh, d, fib);
             spec.value_codec = value;
             spec.block_size = bs;
@@ -648,41 +641,47 @@ mod tests {
     /// portable build, for full blocks, partial ones and a single token.
     #[test]
     fn simd_loops_match_the_reference_at_smollm_geometry() {
-        for codec in every_codec() {
-            let mut spec = LayoutSpec::new(1, 3, 9, 64, codec);
-            spec.block_size = 16;
-            let layout = KvLayout::new(spec).unwrap();
-            let tokens: usize = 16 * 5 + 7;
-            let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
-            let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
-            for pos in 0..tokens {
-                let k: Vec<f32> = (0..192)
-                    .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0)
-                    .collect();
-                let v: Vec<f32> = (0..192)
-                    .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
-                    .collect();
-                s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
-                    .unwrap();
-                if pos % 16 == 15 {
-                    s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+        // head_dim 64 as SmolLM2, and 128 (two 64-channel chunks, eight FibQuant chunks)
+        for d in [64, 128] {
+            for codec in every_codec() {
+                let width = 3 * d;
+                let mut spec = LayoutSpec::new(1, 3, 9, d, codec);
+                spec.block_size = 16;
+                let layout = KvLayout::new(spec).unwrap();
+                let tokens: usize = 16 * 5 + 7;
+                let blocks: Vec<BlockId> =
+                    (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+                let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
+                for pos in 0..tokens {
+                    let k: Vec<f32> = (0..width)
+                        .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0)
+                        .collect();
+                    let v: Vec<f32> = (0..width)
+                        .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
+                        .collect();
+                    s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                        .unwrap();
+                    if pos % 16 == 15 {
+                        s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+                    }
                 }
-            }
-            for len in [1, 9, 16, 17, 40, tokens] {
-                let q: Vec<f32> = (0..9 * 64)
-                    .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
-                    .collect();
-                let ctx = Context {
-                    blocks: &blocks,
-                    len,
-                };
-                let mut out = [vec![0.0; 576], vec![0.0; 576], vec![0.0; 576]];
-                let [fast, portable, slow] = &mut out;
-                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
-                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
-                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
-                assert_close(fast, slow, &format!("{codec} len {len} simd"));
-                assert_close(portable, slow, &format!("{codec} len {len} portable"));
+                for len in [1, 9, 16, 17, 40, tokens] {
+                    let q: Vec<f32> = (0..9 * d)
+                        .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
+                        .collect();
+                    let ctx = Context {
+                        blocks: &blocks,
+                        len,
+                    };
+                    let mut out = [vec![0.0; 9 * d], vec![0.0; 9 * d], vec![0.0; 9 * d]];
+                    let [fast, portable, slow] = &mut out;
+                    attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
+                    attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default())
+                        .unwrap();
+                    attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
+                    assert_close(fast, slow, &format!("{codec} d {d} len {len} simd"));
+                    assert_close(portable, slow, &format!("{codec} d {d} len {len} portable"));
+                }
             }
         }
     }

@@ -480,6 +480,31 @@ mod tests {
         ));
     }
 
+    /// A key normalization is part of the layout's identity and must match its geometry.
+    #[test]
+    fn key_norm_enters_the_digest_and_must_fit() {
+        let norm = |layers| {
+            let means = vec![0.5; layers * 3 * 64];
+            Arc::new(KeyNorm::new(layers, 3, 64, 16, 1e5, means).unwrap())
+        };
+        let plain = KvLayout::new(smollm(Codec::FibQuant { k: 4, n: 256 })).unwrap();
+        let mut spec = plain.spec().clone();
+        spec.key_norm = Some(norm(30));
+        let normed = KvLayout::new(spec.clone()).unwrap();
+        assert_ne!(normed.digest_bytes(), plain.digest_bytes());
+        assert!(normed.key_norm(0).is_some());
+        assert_eq!(normed.block_bytes(), plain.block_bytes());
+        spec.key_norm = Some(norm(2));
+        assert!(matches!(
+            KvLayout::new(spec.clone()),
+            Err(KvError::InvalidKeyNorm(_))
+        ));
+        // only FibQuant keys are normalized
+        spec.key_codec = Codec::Int4;
+        spec.key_norm = Some(norm(30));
+        assert!(KvLayout::new(spec).unwrap().key_norm(0).is_none());
+    }
+
     #[test]
     fn layer_overrides_change_only_their_layers() {
         let mut spec = smollm(Codec::Int4);

@@ -112,21 +112,6 @@ pub(super) fn bf16_to_f32(src: &[bf16], dst: &mut [f32]) {
     }
 }
 
-fn prefetch_mode() -> (u32, usize) {
-    static M: std::sync::OnceLock<(u32, usize)> = std::sync::OnceLock::new();
-    *M.get_or_init(|| {
-        let m = std::env::var("PKV_PF")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(1);
-        let s = std::env::var("PKV_PFS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(64);
-        (m, s)
-    })
-}
-
 /// Asks the CPU to start loading a page into cache. Pages of one kv head lie `kv_heads` pages
 /// apart, and hardware prefetchers stop at 4 KiB boundaries, so without this each page begins
 /// with a stall on memory.
@@ -147,18 +132,10 @@ pub(super) fn prefetch(page: PageRef) {
             }
             PageRef::Packed { bytes, .. } => (bytes.as_ptr().cast::<i8>(), bytes.len()),
         };
-        let (mode, stride) = prefetch_mode();
-        for offset in (0..bytes).step_by(stride) {
+        for offset in (0..bytes).step_by(64) {
             // SAFETY: `offset < bytes`, so the address lies inside the borrowed page; a
             // prefetch only hints the cache and never faults.
-            unsafe {
-                match mode {
-                    0 => {}
-                    1 => _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)),
-                    2 => _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T1 }>(ptr.add(offset)),
-                    _ => _mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T2 }>(ptr.add(offset)),
-                }
-            }
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]

@@ -356,9 +356,11 @@ pub fn encode_page(
 fn pack_codes(codec: Codec, role: Role, codes: &[u8], bs: usize, d: usize, data: &mut [u8]) {
     let code = |i: usize, j: usize| match role {
         // i: channel, j: token
-        Role::Key => (j < bs).then(|| codes[j * d + i]).unwrap_or(0),
+        Role::Key if j < bs => codes[j * d + i],
         // i: token, j: channel
-        Role::Value => (j < d).then(|| codes[i * d + j]).unwrap_or(0),
+        Role::Value if j < d => codes[i * d + j],
+        // padding of an odd count in the last byte
+        _ => 0,
     };
     let (outer, inner) = match role {
         Role::Key => (d, bs),
