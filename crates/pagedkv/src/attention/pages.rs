@@ -158,26 +158,6 @@ pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// `⟨a, table[codes]⟩` (fp8 decode inside the dot).
-#[inline(always)]
-fn dot_table(a: &[f32], codes: &[u8], table: &[f32; 256]) -> f32 {
-    const LANES: usize = 8;
-    let mut acc = [0f32; LANES];
-    let (a_main, a_tail) = a.split_at(a.len() / LANES * LANES);
-    let (c_main, c_tail) = codes.split_at(a_main.len());
-    for (ca, cc) in a_main.chunks_exact(LANES).zip(c_main.chunks_exact(LANES)) {
-        for i in 0..LANES {
-            acc[i] += ca[i] * table[cc[i] as usize];
-        }
-    }
-    let tail: f32 = a_tail
-        .iter()
-        .zip(c_tail)
-        .map(|(x, c)| x * table[*c as usize])
-        .sum();
-    acc.iter().sum::<f32>() + tail
-}
-
 /// How far scores may exceed the running reference point before it moves: weights up to
 /// e⁸ ≈ 3000 stay far from f32's range, and the running sums are rescaled (an exponential and
 /// a pass over the accumulators) only when a block's maximum jumps, not on every new maximum.
@@ -325,8 +305,9 @@ fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &
     const LANES: usize = 16;
     let Shape { d, bs, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if bs == LANES && columns.len() >= d * LANES && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked on this line); lengths are checked inside.
+    if bs == LANES && columns.len() >= d * LANES && x86::available() {
+        // SAFETY: AVX-512F, AVX2 and F16C are present (checked on this line); lengths are checked
+        // inside.
         return unsafe { x86::column_scores_16(columns, shape, q, scale, scores) };
     }
     if bs == LANES {
@@ -386,8 +367,9 @@ pub(super) fn key_scores(
 ) -> Result<()> {
     let Shape { d, bs, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if bs == 16 && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY (each call): AVX-512F is present (checked above); lengths are checked inside.
+    if bs == 16 && x86::available() {
+        // SAFETY (each call): AVX-512F, AVX2 and F16C are present (checked above); lengths are
+        // checked inside.
         match page {
             PageRef::F16T(p) => {
                 unsafe { x86::column_scores_16_f16(p, shape, q, scale, scores) };
@@ -462,9 +444,9 @@ fn packed_key_scores(
             }
             let folded = &scratch.folded;
             #[cfg(target_arch = "x86_64")]
-            let done = bs == 16 && std::arch::is_x86_feature_detected!("avx512f") && {
-                // SAFETY: AVX-512F is present (checked on the line above); lengths are checked
-                // inside.
+            let done = bs == 16 && x86::available() && {
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above);
+                // lengths are checked inside.
                 unsafe {
                     if codec == Codec::Int8 {
                         x86::column_scores_16_u8(codes, shape, folded, 1.0, scores)
@@ -488,22 +470,36 @@ fn packed_key_scores(
             Ok(())
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
+            // channel-major codes; per-channel scales folded into the query
             let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
-            // per-channel scales folded into the query; the decode table inside the dot
+            f16_bytes_to_f32(&params[..2 * d], &mut scratch.scale);
             scratch.folded.resize(group * d, 0.0);
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 let folded = &mut scratch.folded[g * d..(g + 1) * d];
-                for (c, (f, x)) in folded.iter_mut().zip(qg).enumerate() {
-                    *f = x * get_f16(params, c) * scale;
+                for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
+                    *f = x * s * scale;
                 }
             }
-            for t in 0..n {
-                let row = &codes[t * d..(t + 1) * d];
-                for g in 0..group {
-                    let folded = &scratch.folded[g * d..(g + 1) * d];
-                    scores[g * bs + t] = dot_table(folded, row, fp8_table(codec));
-                }
+            #[cfg(target_arch = "x86_64")]
+            if bs == 16 && x86::available() {
+                let folded = &scratch.folded;
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked above); lengths are
+                // checked inside.
+                unsafe {
+                    if codec == Codec::Fp8E4m3 {
+                        x86::column_scores_16_e4m3(codes, shape, folded, 1.0, scores)
+                    } else {
+                        x86::column_scores_16_e5m2(codes, shape, folded, 1.0, scores)
+                    }
+                };
+                return Ok(());
             }
+            let table = fp8_table(codec);
+            scratch.page.resize(d * bs, 0.0);
+            for (o, c) in scratch.page.iter_mut().zip(codes) {
+                *o = table[*c as usize];
+            }
+            column_scores(&scratch.page, shape, &scratch.folded, 1.0, scores);
             Ok(())
         }
         Codec::FibQuant { .. } => fib.key_scores(codec, bytes, n, shape, q, scale, scores),
@@ -548,8 +544,9 @@ pub(super) fn accumulate_values(
 ) -> Result<()> {
     let Shape { d, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY (each call): AVX-512F is present (checked above); lengths are checked inside.
+    if d.is_multiple_of(64) && x86::available() {
+        // SAFETY (each call): AVX-512F, AVX2 and F16C are present (checked above); lengths are
+        // checked inside.
         match page {
             PageRef::F16(p) => {
                 unsafe { x86::weighted_rows_64_f16(p, n, shape, probs, acc) };
@@ -580,8 +577,9 @@ fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut 
     const LANES: usize = 16;
     let Shape { group, d, bs } = shape;
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(64) && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked on this line); lengths are checked inside.
+    if d.is_multiple_of(64) && x86::available() {
+        // SAFETY: AVX-512F, AVX2 and F16C are present (checked on this line); lengths are checked
+        // inside.
         return unsafe { x86::weighted_rows_64(rows, n, shape, probs, acc) };
     }
     if d.is_multiple_of(LANES) {
@@ -685,6 +683,32 @@ fn packed_values(
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let (codes, params) = bytes.split_at(data_bytes(codec, Role::Value, bs, d));
+            #[cfg(target_arch = "x86_64")]
+            if d.is_multiple_of(64) && x86::available() {
+                // the per-token scales folded into the weights
+                f16_bytes_to_f32(&params[..2 * bs], &mut scratch.scale);
+                scratch.folded.resize(group * bs, 0.0);
+                for (w, p) in scratch
+                    .folded
+                    .chunks_exact_mut(bs)
+                    .zip(probs.chunks_exact(bs))
+                {
+                    for ((w, p), s) in w.iter_mut().zip(p).zip(&scratch.scale) {
+                        *w = p * s;
+                    }
+                }
+                let weights = &scratch.folded;
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked above); lengths are
+                // checked inside.
+                unsafe {
+                    if codec == Codec::Fp8E4m3 {
+                        x86::weighted_rows_64_e4m3(codes, n, shape, weights, acc)
+                    } else {
+                        x86::weighted_rows_64_e5m2(codes, n, shape, weights, acc)
+                    }
+                };
+                return Ok(());
+            }
             let table = fp8_table(codec);
             for t in 0..n {
                 let row = &codes[t * d..(t + 1) * d];
@@ -776,6 +800,23 @@ mod x86 {
                 $p.cast::<u8>().add($i).cast(),
             )))
         };
+        // e5m2 is the upper byte of an f16
+        (e5m2, $p:expr, $i:expr) => {
+            _mm512_cvtph_ps(_mm256_slli_epi16::<8>(_mm256_cvtepu8_epi16(
+                _mm_loadu_si128($p.cast::<u8>().add($i).cast()),
+            )))
+        };
+        // e4m3 (s eeee mmm, bias 7) placed in an f16 (bias 15) is the value × 2⁻⁸, subnormals
+        // included; the ×2⁸ follows the conversion (NaN codes are never stored)
+        (e4m3, $p:expr, $i:expr) => {{
+            let b = _mm256_cvtepu8_epi16(_mm_loadu_si128($p.cast::<u8>().add($i).cast()));
+            let magnitude = _mm256_slli_epi16::<7>(_mm256_and_si256(b, _mm256_set1_epi16(0x7F)));
+            let sign = _mm256_slli_epi16::<8>(_mm256_and_si256(b, _mm256_set1_epi16(0x80)));
+            _mm512_mul_ps(
+                _mm512_cvtph_ps(_mm256_or_si256(magnitude, sign)),
+                _mm512_set1_ps(256.0),
+            )
+        }};
         (u4, $p:expr, $i:expr) => {{
             let x = _mm_loadl_epi64($p.cast::<u8>().add($i / 2).cast());
             let low = _mm_set1_epi8(0x0F);
@@ -834,7 +875,7 @@ mod x86 {
     /// accumulator per query head (up to four heads at a time, independent chains).
     macro_rules! column_scores_16 {
         ($name:ident, $kind:tt, $elem:ty, $per:expr) => {
-            #[target_feature(enable = "avx512f")]
+            #[target_feature(enable = "avx512f,avx2,f16c")]
             pub(super) fn $name(
                 columns: &[$elem],
                 shape: Shape,
@@ -873,6 +914,14 @@ mod x86 {
     column_scores_16!(column_scores_16_bf16, bf16, half::bf16, 1);
     column_scores_16!(column_scores_16_u8, u8, u8, 1);
     column_scores_16!(column_scores_16_u4, u4, u8, 2);
+    column_scores_16!(column_scores_16_e4m3, e4m3, u8, 1);
+    column_scores_16!(column_scores_16_e5m2, e5m2, u8, 1);
+
+    /// AVX-512F with AVX2 and F16C, which every kernel of this module may use.
+    pub(super) fn available() -> bool {
+        use std::arch::is_x86_feature_detected as has;
+        has!("avx512f") && has!("avx2") && has!("f16c")
+    }
 
     /// `softmax_step` for blocks of 16 (the scores past `n` are ignored). The exponential is
     /// the polynomial of `exp_in_place`, in registers, with the power of two applied by
@@ -940,7 +989,7 @@ mod x86 {
     /// serve up to four query heads, each with four accumulator registers.
     macro_rules! weighted_rows_64 {
         ($name:ident, $kind:tt, $elem:ty) => {
-            #[target_feature(enable = "avx512f")]
+            #[target_feature(enable = "avx512f,avx2,f16c")]
             pub(super) fn $name(
                 rows: &[$elem],
                 n: usize,
@@ -1085,6 +1134,8 @@ mod x86 {
     weighted_rows_64!(weighted_rows_64, f32, f32);
     weighted_rows_64!(weighted_rows_64_f16, f16, half::f16);
     weighted_rows_64!(weighted_rows_64_bf16, bf16, half::bf16);
+    weighted_rows_64!(weighted_rows_64_e4m3, e4m3, u8);
+    weighted_rows_64!(weighted_rows_64_e5m2, e5m2, u8);
 }
 
 #[cfg(test)]
@@ -1114,6 +1165,48 @@ mod tests {
         for (h, o) in all.iter().zip(&ours) {
             let want = h.to_f32();
             assert!(want.to_bits() == o.to_bits() || (want.is_nan() && o.is_nan()));
+        }
+    }
+
+    /// fp8 codes widened in registers (e5m2 as the upper byte of an f16, e4m3 placed in an f16
+    /// and scaled by 2⁸) equal the decode tables on every code but NaN.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn fp8_codes_widen_in_registers_exactly() {
+        if !x86::available() {
+            return;
+        }
+        for codec in [Codec::Fp8E4m3, Codec::Fp8E5m2] {
+            let table = fp8_table(codec);
+            // infinities and NaNs are never stored (encoding refuses them): zero codes instead,
+            // so the other channels' 0 × x stays 0
+            let codes: Vec<u8> = (0..=255u8)
+                .map(|c| if table[c as usize].is_finite() { c } else { 0 })
+                .collect();
+            let shape = Shape {
+                group: 1,
+                d: 16,
+                bs: 16,
+            };
+            for c in 0..16 {
+                let mut q = vec![0f32; 16];
+                q[c] = 1.0;
+                let mut scores = vec![0f32; 16];
+                // SAFETY: the features were checked above; 16 channels × 16 tokens of codes.
+                unsafe {
+                    if codec == Codec::Fp8E4m3 {
+                        x86::column_scores_16_e4m3(&codes, shape, &q, 1.0, &mut scores)
+                    } else {
+                        x86::column_scores_16_e5m2(&codes, shape, &q, 1.0, &mut scores)
+                    }
+                };
+                for (t, got) in scores.iter().enumerate() {
+                    let want = table[c * 16 + t];
+                    if want.is_finite() {
+                        assert_eq!(*got, want, "{codec} code {}", c * 16 + t);
+                    }
+                }
+            }
         }
     }
 

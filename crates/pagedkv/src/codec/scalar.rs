@@ -330,9 +330,10 @@ pub fn encode_page(
                 put_f16(params, g, scale);
                 *i = 1.0 / scale.to_f32();
             }
+            let mut codes = vec![0u8; rows.len()];
             for (t, (row, out)) in rows
                 .chunks_exact(head_dim)
-                .zip(data.chunks_exact_mut(head_dim))
+                .zip(codes.chunks_exact_mut(head_dim))
                 .enumerate()
             {
                 for (c, (x, o)) in row.iter().zip(out.iter_mut()).enumerate() {
@@ -341,6 +342,7 @@ pub fn encode_page(
                     *o = fp8_encode(codec, x * inv);
                 }
             }
+            pack_codes(codec, role, &codes, block_size, head_dim, data);
         }
         Codec::FibQuant { .. } => unreachable!("dispatched before the split"),
     }
@@ -349,10 +351,11 @@ pub fn encode_page(
 
 /// Integer pages: codes unpacked a row at a time, then `q·scale + zero` with the row's (values)
 /// or the channel's (keys) parameters, in plain loops the compiler vectorizes.
-/// Stores one-byte codes (token-major, `t·d + c`) in a page's data part. Keys are stored
-/// channel-major — a channel's codes over the block's tokens side by side, so attention scores
-/// a whole block with one vector operation per channel; values stay token-major. Int4 packs two
-/// codes per byte, low nibble first (two tokens of a key channel, two channels of a value row).
+/// Stores one-byte codes (token-major, `t·d + c`; integer or fp8) in a page's data part. Keys
+/// are stored channel-major — a channel's codes over the block's tokens side by side, so
+/// attention scores a whole block with one vector operation per channel; values stay
+/// token-major. Int4 packs two codes per byte, low nibble first (two tokens of a key channel,
+/// two channels of a value row).
 fn pack_codes(codec: Codec, role: Role, codes: &[u8], bs: usize, d: usize, data: &mut [u8]) {
     let code = |i: usize, j: usize| match role {
         // i: channel, j: token
@@ -490,10 +493,12 @@ pub fn decode_page(
         Codec::Int8 | Codec::Int4 => decode_int(codec, role, data, params, head_dim, out),
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let table = fp8_table(codec);
+            let mut codes = vec![0u8; out.len()];
+            unpack_codes(codec, role, data, block_size, head_dim, &mut codes);
             for_each_group(role, block_size, head_dim, head_dim, |g, idx| {
                 let scale = get_f16(params, g);
                 for i in idx {
-                    out[i] = table[data[i] as usize] * scale;
+                    out[i] = table[codes[i] as usize] * scale;
                 }
             });
         }
