@@ -26,7 +26,7 @@ pub(super) struct FibTables {
     bins_used: bool,
     indices: Vec<u16>,
     rotated: Vec<f32>,
-    /// Fast path (k = 4, byte indices, blocks of 16, AVX-512): the rotated queries
+    /// Fast path (k = 2 or 4, byte indices, blocks of 16, AVX-512): the rotated queries
     /// (`group × d`) and the value sum in the rotated space, rotated back once in `finish`.
     rotated_q: Vec<f32>,
     rotated_ready: bool,
@@ -48,14 +48,14 @@ impl FibTables {
         self.rotated_used = false;
     }
 
-    /// True when the AVX-512 path serves this page: 4-coordinate codewords with byte indices,
+    /// True when the AVX-512 path serves this page: 2- or 4-coordinate codewords with byte indices,
     /// blocks of 16, head_dim a multiple of 16.
     #[inline(always)]
     fn fast(fq: &FibQuant, shape: Shape) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            fq.profile().k == 4
+            matches!(fq.profile().k, 2 | 4)
                 && fq.index_bits() == 8
                 && shape.bs == 16
                 && shape.d.is_multiple_of(16)
@@ -188,7 +188,14 @@ impl FibTables {
             let words = fq.codebook().words();
             // SAFETY: AVX-512F and F16C are present (`fast`); every index is below the
             // codebook size (checked above) and lengths are checked inside.
-            unsafe { x86::fib4_scores_16(bytes, n, shape, words, &self.rotated_q, scale, scores) };
+            unsafe {
+                let q = &self.rotated_q;
+                if fq.profile().k == 4 {
+                    x86::fib_scores_16::<4>(bytes, n, shape, words, q, scale, scores)
+                } else {
+                    x86::fib_scores_16::<2>(bytes, n, shape, words, q, scale, scores)
+                }
+            };
             return Ok(());
         }
         let (k, words) = (fq.profile().k, fq.profile().n);
@@ -249,7 +256,14 @@ impl FibTables {
             }
             let words = fq.codebook().words();
             // SAFETY: as in `key_scores`.
-            unsafe { x86::fib4_values_16(bytes, n, shape, words, probs, &mut self.rotated_acc) };
+            unsafe {
+                let acc = &mut self.rotated_acc;
+                if fq.profile().k == 4 {
+                    x86::fib_values_16::<4>(bytes, n, shape, words, probs, acc)
+                } else {
+                    x86::fib_values_16::<2>(bytes, n, shape, words, probs, acc)
+                }
+            };
             return Ok(());
         }
         let (k, words) = (fq.profile().k, fq.profile().n);
@@ -334,26 +348,36 @@ impl FibTables {
     }
 }
 
-/// The AVX-512 path for 4-coordinate codewords with byte indices and blocks of 16: a token's
-/// rotated vector is put together in registers from its codewords (one 128-bit load each), so
-/// neither tables nor bins are written; values are summed in the rotated space and rotated
-/// back once per pass.
+/// The AVX-512 path for 2- and 4-coordinate codewords with byte indices and blocks of 16: a
+/// token's rotated vector is put together in registers from its codewords (one load each), so
+/// neither tables nor bins are written; values are summed in the rotated space and rotated back
+/// once per pass.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
     use super::Shape;
 
-    /// Sixteen rotated coordinates (four codewords) of the token whose indices start at `idx`.
+    /// Sixteen rotated coordinates of the token whose indices start at `idx`: four codewords
+    /// of 4 coordinates (`K` = 4) or eight of 2 (`K` = 2), one load each.
     ///
     /// # Safety
-    /// AVX-512F must be present; `idx` must point at four readable indices, each below the
-    /// number of codewords in `words` (4 floats each).
+    /// AVX-512F must be present; `idx` must point at 16 / `K` readable indices, each below the
+    /// number of codewords in `words` (`K` floats each).
     #[inline(always)]
-    unsafe fn chunk(words: *const f32, idx: *const u8) -> __m512 {
+    unsafe fn chunk<const K: usize>(words: *const f32, idx: *const u8) -> __m512 {
         // SAFETY: guaranteed by the caller.
         unsafe {
-            let w = |i: usize| _mm_loadu_ps(words.add(*idx.add(i) as usize * 4));
+            let w = |i: usize| -> __m128 {
+                let at = |j: usize| words.add(*idx.add(j) as usize * K);
+                if K == 4 {
+                    _mm_loadu_ps(at(i))
+                } else {
+                    // two 2-coordinate codewords side by side
+                    let lo = _mm_load_sd(at(2 * i).cast());
+                    _mm_castpd_ps(_mm_loadh_pd(lo, at(2 * i + 1).cast()))
+                }
+            };
             let v = _mm512_castps128_ps512(w(0));
             let v = _mm512_insertf32x4::<1>(v, w(1));
             let v = _mm512_insertf32x4::<2>(v, w(2));
@@ -374,11 +398,12 @@ mod x86 {
         }
     }
 
-    fn check(bytes: &[u8], n: usize, shape: Shape, words: &[f32]) -> usize {
+    fn check<const K: usize>(bytes: &[u8], n: usize, shape: Shape, words: &[f32]) -> usize {
         let Shape { d, bs, .. } = shape;
-        let code_bytes = 2 + d / 4;
+        let code_bytes = 2 + d / K;
+        assert!(K == 2 || K == 4);
         assert!(n <= bs && bs == 16 && d.is_multiple_of(16));
-        assert!(bytes.len() >= n * code_bytes && words.len() >= 4);
+        assert!(bytes.len() >= n * code_bytes && words.len() >= K);
         code_bytes
     }
 
@@ -388,7 +413,7 @@ mod x86 {
     /// AVX-512F and F16C must be present and every index of the first `n` codes below
     /// `words.len() / 4`.
     #[target_feature(enable = "avx512f,f16c")]
-    pub(super) unsafe fn fib4_scores_16(
+    pub(super) unsafe fn fib_scores_16<const K: usize>(
         bytes: &[u8],
         n: usize,
         shape: Shape,
@@ -398,7 +423,7 @@ mod x86 {
         scores: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
-        let code_bytes = check(bytes, n, shape, words);
+        let code_bytes = check::<K>(bytes, n, shape, words);
         assert!(rotated_q.len() >= group * d && scores.len() >= group * bs);
         let (w, q) = (words.as_ptr(), rotated_q.as_ptr());
         for t in 0..n {
@@ -411,7 +436,7 @@ mod x86 {
                 for j in 0..d / 16 {
                     // SAFETY: indices 4j .. 4j + 4 of token t lie in its code; each is below
                     // the codebook size (the caller's contract).
-                    let v = unsafe { chunk(w, code.add(2 + 4 * j)) };
+                    let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
                     for (h, a) in acc.iter_mut().enumerate().take(heads) {
                         // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
                         let qv = unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
@@ -428,9 +453,9 @@ mod x86 {
     /// `acc_g += Σ_t probs[g·16 + t]·ν_t·ĉ_t` (rotated space) over the first `n` tokens.
     ///
     /// # Safety
-    /// As for [`fib4_scores_16`].
+    /// As for [`fib_scores_16`].
     #[target_feature(enable = "avx512f,f16c")]
-    pub(super) unsafe fn fib4_values_16(
+    pub(super) unsafe fn fib_values_16<const K: usize>(
         bytes: &[u8],
         n: usize,
         shape: Shape,
@@ -439,7 +464,7 @@ mod x86 {
         acc: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
-        let code_bytes = check(bytes, n, shape, words);
+        let code_bytes = check::<K>(bytes, n, shape, words);
         assert!(probs.len() >= group * bs && acc.len() >= group * d);
         let w = words.as_ptr();
         let mut weights = [0f32; 16];
@@ -449,8 +474,8 @@ mod x86 {
                 let mut a = [_mm512_setzero_ps(); 4];
                 for t in 0..n {
                     let code = bytes.as_ptr().wrapping_add(t * code_bytes);
-                    // SAFETY: as in `fib4_scores_16`.
-                    let (nu, v) = unsafe { (norm(code), chunk(w, code.add(2 + 4 * j))) };
+                    // SAFETY: as in `fib_scores_16`.
+                    let (nu, v) = unsafe { (norm(code), chunk::<K>(w, code.add(2 + 16 / K * j))) };
                     weights[t] = nu;
                     for (h, a) in a.iter_mut().enumerate().take(heads) {
                         let p = _mm512_set1_ps(probs[(first + h) * bs + t] * weights[t]);
