@@ -25,6 +25,13 @@ use crate::error::{KvError, Result};
 /// Block starts whose rotation angles are tabulated; later blocks compute theirs directly.
 const TABULATED_POSITIONS: usize = 1 << 16;
 
+/// RoPE's rotation frequency of each pair `(2i, 2i+1)`: `base^(−2i/d)`.
+fn rope_frequencies(base: f32, head_dim: usize) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| (base as f64).powf(-2.0 * i as f64 / head_dim as f64))
+        .collect()
+}
+
 /// Per-(layer, kv head) key means removed from FibQuant key pages.
 #[derive(Debug, Clone)]
 pub struct KeyNorm {
@@ -81,9 +88,7 @@ impl KeyNorm {
             });
         }
         let pairs = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..pairs)
-            .map(|i| (rope_base as f64).powf(-2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let inv_freq = rope_frequencies(rope_base, head_dim);
         let mut starts = Vec::with_capacity(TABULATED_POSITIONS / block_size * head_dim);
         for b in 0..TABULATED_POSITIONS.div_ceil(block_size) {
             let p = (b * block_size) as f64;
@@ -258,9 +263,7 @@ impl KeyNormFit {
             head_dim,
             block_size,
             rope_base,
-            inv_freq: (0..head_dim / 2)
-                .map(|i| (rope_base as f64).powf(-2.0 * i as f64 / head_dim as f64))
-                .collect(),
+            inv_freq: rope_frequencies(rope_base, head_dim),
             sums: vec![0.0; layers * kv_heads * head_dim],
             seen: vec![0; layers],
         }
