@@ -159,12 +159,48 @@ impl KeyNorm {
         }
     }
 
-    /// `rows` (token-major, the first at position `start`) plus `sign·RoPE_p(m)` in place.
+    /// Calls `f(cos, sin)` with `cos(start·θ_i)` and `sin(start·θ_i)` of every pair: from the
+    /// table for a tabulated block start, else computed.
+    fn with_start_angles<R>(&self, start: usize, f: impl FnOnce(&[f32], &[f32]) -> R) -> R {
+        let pairs = self.head_dim / 2;
+        let block = start / self.block_size;
+        if start.is_multiple_of(self.block_size) && block * self.head_dim < self.starts.len() {
+            let (cos, sin) =
+                self.starts[block * self.head_dim..(block + 1) * self.head_dim].split_at(pairs);
+            return f(cos, sin);
+        }
+        let (sin, cos): (Vec<f32>, Vec<f32>) = self
+            .inv_freq
+            .iter()
+            .map(|freq| {
+                let (s, c) = (start as f64 * freq).sin_cos();
+                (s as f32, c as f32)
+            })
+            .unzip();
+        f(&cos, &sin)
+    }
+
+    /// `rows` (token-major, the first at position `start`) plus `sign·RoPE_p(m)` in place. The
+    /// angles come from the tables by angle addition, as in attention — no sine or cosine per
+    /// token on the sealing path.
     fn shift_rows(&self, layer: usize, head: usize, start: usize, rows: &mut [f32], sign: f32) {
-        let mut shift = vec![0f32; self.head_dim];
-        for (t, row) in rows.chunks_exact_mut(self.head_dim).enumerate() {
-            self.shift(layer, head, start + t, &mut shift);
-            row.iter_mut().zip(&shift).for_each(|(x, m)| *x += sign * m);
+        let (d, bs) = (self.head_dim, self.block_size);
+        let pairs = d / 2;
+        let m = self.mean(layer, head);
+        let (within_cos, within_sin) = self.within.split_at(pairs * bs);
+        for (k, block) in rows.chunks_mut(bs * d).enumerate() {
+            self.with_start_angles(start + k * bs, |cos0, sin0| {
+                for (t, row) in block.chunks_exact_mut(d).enumerate() {
+                    for i in 0..pairs {
+                        let (cw, sw) = (within_cos[i * bs + t], within_sin[i * bs + t]);
+                        let c = cos0[i] * cw - sin0[i] * sw;
+                        let s = sin0[i] * cw + cos0[i] * sw;
+                        let (m0, m1) = (m[2 * i], m[2 * i + 1]);
+                        row[2 * i] += sign * (m0 * c - m1 * s);
+                        row[2 * i + 1] += sign * (m0 * s + m1 * c);
+                    }
+                }
+            });
         }
     }
 
@@ -205,22 +241,12 @@ impl KeyNorm {
         let (alpha, beta) = coefficients.split_at(pairs);
         rotated.resize(2 * pairs, 0.0);
         let (a, b) = rotated.split_at_mut(pairs);
-        let block = start / self.block_size;
-        if start.is_multiple_of(self.block_size) && block * self.head_dim < self.starts.len() {
-            let t = &self.starts[block * self.head_dim..(block + 1) * self.head_dim];
-            let (cos, sin) = t.split_at(pairs);
+        self.with_start_angles(start, |cos, sin| {
             for i in 0..pairs {
                 a[i] = (alpha[i] * cos[i] + beta[i] * sin[i]) * scale;
                 b[i] = (beta[i] * cos[i] - alpha[i] * sin[i]) * scale;
             }
-        } else {
-            for (i, f) in self.inv_freq.iter().enumerate() {
-                let (s, c) = (start as f64 * f).sin_cos();
-                let (s, c) = (s as f32, c as f32);
-                a[i] = (alpha[i] * c + beta[i] * s) * scale;
-                b[i] = (beta[i] * c - alpha[i] * s) * scale;
-            }
-        }
+        });
         let bs = self.block_size;
         let n = bias.len().min(bs);
         let (cos, sin) = self.within.split_at(pairs * bs);
@@ -365,6 +391,13 @@ mod tests {
         let rows: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.3).sin()).collect();
         let mut x = rows.clone();
         norm.normalize(0, 0, 5, &mut x);
+        let mut shift = vec![0f32; d];
+        for (t, (got, row)) in x.chunks_exact(d).zip(rows.chunks_exact(d)).enumerate() {
+            norm.shift(0, 0, 5 + t, &mut shift);
+            for ((g, r), m) in got.iter().zip(row).zip(&shift) {
+                assert!((g - (r - m)).abs() < 1e-5, "{g} vs {}", r - m);
+            }
+        }
         norm.restore(0, 0, 5, &mut x);
         for (a, b) in x.iter().zip(&rows) {
             assert!((a - b).abs() < 1e-5);
