@@ -3,13 +3,13 @@
 //! One block id covers every layer. Within a layer the arena of keys (and the one of values) is
 //!
 //! ```text
-//!   [block 0][block 1] ...            one block = kv_heads pages
-//!   [head 0 page][head 1 page] ...    one page  = block_size tokens × head_dim (or a codec's packing)
-//!   [tok 0: d0 d1 .. d(h-1)][tok 1: ...]
+//!   [head 0][head 1] ...              one head = a page per block, in block order
+//!   [block 0 page][block 1 page] ...  one page = block_size tokens × head_dim (or a codec's packing)
 //! ```
 //!
-//! so attention for one (sequence, kv head) streams contiguous pages, and one pass serves all
-//! query heads of a GQA group.
+//! so attention for one (sequence, kv head) streams the pages of a run of blocks as one
+//! contiguous range, and one pass serves all query heads of a GQA group (`storage` has the
+//! order inside a page).
 
 use std::sync::Arc;
 

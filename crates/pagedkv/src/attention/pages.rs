@@ -423,24 +423,18 @@ fn packed_key_scores(
             let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
-            // (scale, zero) pairs per channel, converted in one pass and split
-            f16_bytes_to_f32(&params[..4 * d], &mut scratch.pairs);
-            scratch.scale.resize(d, 0.0);
-            scratch.zero.resize(d, 0.0);
-            for ((s, z), sz) in scratch
-                .scale
-                .iter_mut()
-                .zip(scratch.zero.iter_mut())
-                .zip(scratch.pairs.chunks_exact(2))
-            {
-                (*s, *z) = (sz[0] * scale, sz[1] * scale);
-            }
-            for (g, qg) in q.chunks_exact(d).enumerate() {
-                let folded = &mut scratch.folded[g * d..(g + 1) * d];
-                for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
-                    *f = x * s;
-                }
-                scratch.bias[g] = dot(qg, &scratch.zero);
+            #[cfg(target_arch = "x86_64")]
+            let folded_in_registers = bs == 16 && d.is_multiple_of(16) && x86::available() && {
+                let (folded, bias) = (&mut scratch.folded, &mut scratch.bias);
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above);
+                // lengths are checked inside.
+                unsafe { x86::fold_int_key_params(params, q, shape, scale, folded, bias) };
+                true
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let folded_in_registers = false;
+            if !folded_in_registers {
+                fold_int_key_params(params, q, shape, scale, scratch);
             }
             let folded = &scratch.folded;
             #[cfg(target_arch = "x86_64")]
@@ -513,6 +507,37 @@ fn packed_key_scores(
             }
             Ok(())
         }
+    }
+}
+
+/// Integer key parameters folded into the query: `folded_g = scale·q_g ⊙ s` and
+/// `bias_g = scale·⟨q_g, z⟩` from the page's per-channel f16 (scale, zero) pairs.
+#[inline(always)]
+fn fold_int_key_params(
+    params: &[u8],
+    q: &[f32],
+    shape: Shape,
+    scale: f32,
+    scratch: &mut PageScratch,
+) {
+    let d = shape.d;
+    f16_bytes_to_f32(&params[..4 * d], &mut scratch.pairs);
+    scratch.scale.resize(d, 0.0);
+    scratch.zero.resize(d, 0.0);
+    for ((s, z), sz) in scratch
+        .scale
+        .iter_mut()
+        .zip(scratch.zero.iter_mut())
+        .zip(scratch.pairs.chunks_exact(2))
+    {
+        (*s, *z) = (sz[0] * scale, sz[1] * scale);
+    }
+    for (g, qg) in q.chunks_exact(d).enumerate() {
+        let folded = &mut scratch.folded[g * d..(g + 1) * d];
+        for ((f, x), s) in folded.iter_mut().zip(qg).zip(&scratch.scale) {
+            *f = x * s;
+        }
+        scratch.bias[g] = dot(qg, &scratch.zero);
     }
 }
 
@@ -888,22 +913,41 @@ mod x86 {
                 assert!(q.len() >= group * d && scores.len() >= group * 16);
                 let scale_v = _mm512_set1_ps(scale);
                 let ptr = columns.as_ptr();
+                let even = d / 2 * 2;
                 for first in (0..group).step_by(4) {
                     let heads = (group - first).min(4);
-                    let mut acc = [_mm512_setzero_ps(); 4];
-                    for c in 0..d {
-                        // SAFETY: elements c·16 .. c·16 + 16 lie below d·16 ≤ the page's
+                    // even and odd channels in separate accumulators: two dependency chains
+                    // per head, so the FMAs' latency does not bound the loop
+                    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                    for c in (0..even).step_by(2) {
+                        // SAFETY: elements c·16 .. c·16 + 32 lie below d·16 ≤ the page's
                         // elements (asserted above).
-                        let column = unsafe { load16!($kind, ptr, c * 16) };
+                        let columns = unsafe {
+                            [
+                                load16!($kind, ptr, c * 16),
+                                load16!($kind, ptr, c * 16 + 16),
+                            ]
+                        };
                         for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                            let qv = _mm512_set1_ps(q[(first + h) * d + c]);
-                            *a = _mm512_fmadd_ps(qv, column, *a);
+                            let row = (first + h) * d + c;
+                            for (i, (a, column)) in a.iter_mut().zip(columns).enumerate() {
+                                *a = _mm512_fmadd_ps(_mm512_set1_ps(q[row + i]), column, *a);
+                            }
+                        }
+                    }
+                    if even < d {
+                        // SAFETY: as above, for the last channel.
+                        let column = unsafe { load16!($kind, ptr, even * 16) };
+                        for (h, a) in acc.iter_mut().enumerate().take(heads) {
+                            let qv = _mm512_set1_ps(q[(first + h) * d + even]);
+                            a[0] = _mm512_fmadd_ps(qv, column, a[0]);
                         }
                     }
                     for (h, a) in acc.iter().enumerate().take(heads) {
                         let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
+                        let sum = _mm512_add_ps(a[0], a[1]);
                         // SAFETY: `out` holds exactly 16 floats.
-                        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(*a, scale_v)) };
+                        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, scale_v)) };
                     }
                 }
             }
@@ -916,6 +960,57 @@ mod x86 {
     column_scores_16!(column_scores_16_u4, u4, u8, 2);
     column_scores_16!(column_scores_16_e4m3, e4m3, u8, 1);
     column_scores_16!(column_scores_16_e5m2, e5m2, u8, 1);
+
+    /// `fold_int_key_params` sixteen channels at a time (head_dim a multiple of 16): the
+    /// (scale, zero) pairs converted by `vcvtph2ps` and split by one permute each, products
+    /// and the zero-point dots in registers.
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    pub(super) fn fold_int_key_params(
+        params: &[u8],
+        q: &[f32],
+        shape: Shape,
+        scale: f32,
+        folded: &mut [f32],
+        bias: &mut [f32],
+    ) {
+        let Shape { group, d, .. } = shape;
+        assert!(d.is_multiple_of(16) && params.len() >= 4 * d);
+        assert!(q.len() >= group * d && folded.len() >= group * d && bias.len() >= group);
+        let scale_v = _mm512_set1_ps(scale);
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let mut dots = [_mm512_setzero_ps(); 16];
+        // sixteen heads' dots in registers; any further ones summed as they come
+        let heads = group.min(16);
+        bias[heads..group].iter_mut().for_each(|b| *b = 0.0);
+        for c in (0..d).step_by(16) {
+            // SAFETY: bytes 4c .. 4c + 64 lie within the 4·d bytes of parameters (asserted).
+            let (a, b) = unsafe {
+                let at = params.as_ptr().add(4 * c);
+                (
+                    _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+                    _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast())),
+                )
+            };
+            let s = _mm512_mul_ps(_mm512_permutex2var_ps(a, even, b), scale_v);
+            let z = _mm512_mul_ps(_mm512_permutex2var_ps(a, odd, b), scale_v);
+            for g in 0..group {
+                // SAFETY: g·d + c + 16 ≤ group·d ≤ q.len(), folded.len() (asserted above).
+                unsafe {
+                    let x = _mm512_loadu_ps(q.as_ptr().add(g * d + c));
+                    _mm512_storeu_ps(folded.as_mut_ptr().add(g * d + c), _mm512_mul_ps(x, s));
+                    if g < heads {
+                        dots[g] = _mm512_fmadd_ps(x, z, dots[g]);
+                    } else {
+                        bias[g] += _mm512_reduce_add_ps(_mm512_mul_ps(x, z));
+                    }
+                }
+            }
+        }
+        for (g, b) in bias.iter_mut().enumerate().take(heads) {
+            *b = _mm512_reduce_add_ps(dots[g]);
+        }
+    }
 
     /// AVX-512F with AVX2 and F16C, which every kernel of this module may use.
     pub(super) fn available() -> bool {
@@ -1038,6 +1133,80 @@ mod x86 {
             }
         };
     }
+    /// The (scale, zero) pairs of two consecutive channel groups for tokens 0..16 of an integer
+    /// value page, as four 16-lane vectors (s₀, z₀, s₁, z₁), lanes past `n` zero: one masked
+    /// gather of each token's four f16, converted and transposed by permutes.
+    ///
+    /// # Safety
+    /// AVX-512F and F16C must be present, and 8 bytes readable at `at + 4·groups·t` for t < n.
+    #[inline(always)]
+    unsafe fn chunk_params(at: *const u8, groups: usize, n: usize) -> [__m512; 4] {
+        let stride = (4 * groups) as i32;
+        let tokens = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(stride),
+        );
+        let mask = ((1u32 << n) - 1) as u16;
+        let zero = _mm512_setzero_si512();
+        // SAFETY: lanes t < n read 8 bytes at `at + stride·t` (the caller's contract); the
+        // others are masked off and read nothing.
+        let (lo, hi) = unsafe {
+            (
+                _mm512_mask_i32gather_epi64::<1>(
+                    zero,
+                    mask as u8,
+                    _mm512_castsi512_si256(tokens),
+                    at.cast(),
+                ),
+                _mm512_mask_i32gather_epi64::<1>(
+                    zero,
+                    (mask >> 8) as u8,
+                    _mm512_extracti64x4_epi64::<1>(tokens),
+                    at.cast(),
+                ),
+            )
+        };
+        // each register: four tokens × (s₀, z₀, s₁, z₁)
+        let x = [
+            _mm512_cvtph_ps(_mm512_castsi512_si256(lo)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(lo)),
+            _mm512_cvtph_ps(_mm512_castsi512_si256(hi)),
+            _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(hi)),
+        ];
+        // component k of eight tokens in the low half, component k + 1 in the high half
+        let pick = |k: i32| {
+            _mm512_setr_epi32(
+                k,
+                4 + k,
+                8 + k,
+                12 + k,
+                16 + k,
+                20 + k,
+                24 + k,
+                28 + k,
+                k + 1,
+                5 + k,
+                9 + k,
+                13 + k,
+                17 + k,
+                21 + k,
+                25 + k,
+                29 + k,
+            )
+        };
+        let low_halves = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
+        let high_halves =
+            _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        let mut out = [_mm512_setzero_ps(); 4];
+        for k in [0, 2] {
+            let first = _mm512_permutex2var_ps(x[0], pick(k), x[1]);
+            let second = _mm512_permutex2var_ps(x[2], pick(k), x[3]);
+            out[k as usize] = _mm512_permutex2var_ps(first, low_halves, second);
+            out[k as usize + 1] = _mm512_permutex2var_ps(first, high_halves, second);
+        }
+        out
+    }
+
     /// Integer value pages (token-major codes, an f16 (scale, zero) per token and group of 32
     /// channels), head_dim a multiple of 64: `acc += Σ_t (p·s)·x_t + (Σ_t p·z)` per group. A
     /// token's codes are widened once and serve every query head (up to four at a time).
@@ -1060,23 +1229,10 @@ mod x86 {
                 assert!(probs.len() >= group * bs && acc.len() >= group * d);
                 let ptr = codes.as_ptr();
                 for chunk in (0..d).step_by(64) {
-                    // the tokens' (scale, zero) of this chunk's two groups, as 16-lane vectors
-                    let mut sz = [[0f32; 16]; 4];
-                    for t in 0..n {
-                        let at = 4 * (t * groups + chunk / 32);
-                        // SAFETY: at + 8 ≤ n·groups·4 ≤ params.len() (asserted above).
-                        let four = unsafe {
-                            _mm_cvtph_ps(_mm_loadl_epi64(params.as_ptr().add(at).cast()))
-                        };
-                        let mut f = [0f32; 4];
-                        // SAFETY: `f` holds four floats.
-                        unsafe { _mm_storeu_ps(f.as_mut_ptr(), four) };
-                        for (column, x) in sz.iter_mut().zip(f) {
-                            column[t] = x;
-                        }
-                    }
-                    // SAFETY: each array holds 16 floats.
-                    let [s0, z0, s1, z1] = sz.map(|c| unsafe { _mm512_loadu_ps(c.as_ptr()) });
+                    // SAFETY: token t's four parameters of this chunk lie at
+                    // 4·(t·groups + chunk/32) + 8 ≤ n·groups·4 ≤ params.len() for t < n.
+                    let [s0, z0, s1, z1] =
+                        unsafe { chunk_params(params.as_ptr().add(chunk / 32 * 4), groups, n) };
                     for first in (0..group).step_by(4) {
                         let heads = (group - first).min(4);
                         let mut a = [[_mm512_setzero_ps(); 4]; 4];
