@@ -46,16 +46,20 @@ pub struct CommonArgs {
 
 impl CommonArgs {
     /// Sizes the thread pools: rayon's (attention) and candle's (matmuls; it reads the same
-    /// variable as rayon).
-    pub fn apply_threads(&self) -> Result<()> {
+    /// variable as rayon). Commands run inside the returned pool (`install`): a parallel call
+    /// made from a thread outside the pool sleeps until a worker has finished it, and that
+    /// wake-up cost tens of microseconds per call here — per layer and token, more than the
+    /// attention of a short context.
+    pub fn thread_pool(&self) -> Result<rayon::ThreadPool> {
+        let mut builder = rayon::ThreadPoolBuilder::new()
+            // the commands run on a worker: give it a main thread's stack
+            .stack_size(8 << 20);
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global()?;
+            builder = builder.num_threads(n);
         }
-        Ok(())
+        Ok(builder.build()?)
     }
 
     /// The thread count for reports.

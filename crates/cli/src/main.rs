@@ -54,12 +54,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    cli.common.apply_threads()?;
-    match cli.command {
-        Command::Demo(args) => demo::run(&cli.common, args),
-        Command::Generate(args) => generate::run(&cli.common, args),
-        Command::Eval(args) => eval::run(&cli.common, args),
-        Command::Inspect(args) => inspect::run(&cli.common, args),
-        Command::Bench(command) => bench::run(&cli.common, command),
-    }
+    let pool = cli.common.thread_pool()?;
+    let common = &cli.common;
+    pool.install(|| match cli.command {
+        Command::Demo(args) => demo::run(common, args),
+        Command::Generate(args) => generate::run(common, args),
+        Command::Eval(args) => eval::run(common, args),
+        Command::Inspect(args) => inspect::run(common, args),
+        Command::Bench(command) => bench::run(common, command),
+    })
 }

@@ -196,6 +196,9 @@ fn attend_heads(
 /// many, and a sequence decodes identically alone or in a batch.
 const RANGE_BLOCKS: usize = 32;
 
+/// Work items (ranges) per rayon task of [`attend_split`].
+const MIN_RANGES_PER_TASK: usize = 4;
+
 /// The block ranges a pass is cut into, in merge order.
 fn ranges(blocks: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
     (0..blocks.div_ceil(RANGE_BLOCKS).max(1))
@@ -224,6 +227,9 @@ pub fn attend_split(
         .collect();
     let partials = items
         .par_iter()
+        // a context of a few ranges runs on the calling thread: waking another worker for it
+        // costs more than the work (ranges and merge order are the same either way)
+        .with_min_len(MIN_RANGES_PER_TASK)
         .map_init(Scratch::default, |scratch, (head, range)| {
             let span = head * group * d..(head + 1) * group * d;
             let pass = Pass {
