@@ -407,7 +407,53 @@ mod x86 {
         code_bytes
     }
 
-    /// `scores[g·16 + t] = scale·ν_t·⟨(Πq)_g, ĉ_t⟩` for the first `n` tokens of a page.
+    /// Two registers of partial sums, A (token a) and B (token b), folded into one: 128-bit
+    /// lanes 0–1 hold a's partials, 2–3 b's.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold_pair(a: __m512, b: __m512) -> __m512 {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        )
+    }
+
+    /// Two pairs folded (`fold_pair` outputs for tokens a, b and c, d): 128-bit lane k holds
+    /// four partials of the k-th of a, b, c, d.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold_quad(ab: __m512, cd: __m512) -> __m512 {
+        _mm512_add_ps(
+            _mm512_shuffle_f32x4::<0x88>(ab, cd),
+            _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+        )
+    }
+
+    /// Four `fold_quad` outputs (tokens 0–3, 4–7, 8–11, 12–15) summed into one register of the
+    /// sixteen tokens' totals, in token order.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn fold_sixteen(quads: [__m512; 4]) -> __m512 {
+        let halves = |x: __m512, y: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xEE>(x, y),
+            )
+        };
+        let (x, y) = (halves(quads[0], quads[1]), halves(quads[2], quads[3]));
+        let sums = _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(x, y),
+            _mm512_shuffle_ps::<0xDD>(x, y),
+        );
+        // element 4k + j now holds token 4j + k
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        _mm512_permutexvar_ps(order, sums)
+    }
+
+    /// `scores[g·16 + t] = scale·ν_t·⟨(Πq)_g, ĉ_t⟩` for the first `n` tokens of a page. Each
+    /// token's products stay spread over 16 lanes per head; four tokens at a time are folded
+    /// together by shuffles, and the sixteen totals come out as one register per head (no
+    /// horizontal sum per token).
     ///
     /// # Safety
     /// AVX-512F and F16C must be present and every index of the first `n` codes below
@@ -426,26 +472,41 @@ mod x86 {
         let code_bytes = check::<K>(bytes, n, shape, words);
         assert!(rotated_q.len() >= group * d && scores.len() >= group * bs);
         let (w, q) = (words.as_ptr(), rotated_q.as_ptr());
-        for t in 0..n {
-            let code = bytes.as_ptr().wrapping_add(t * code_bytes);
+        let mut nu = [0f32; 16];
+        for (t, nu) in nu.iter_mut().enumerate().take(n) {
             // SAFETY: token t's code lies in `bytes` (asserted in `check`).
-            let nu = unsafe { norm(code) } * scale;
-            for first in (0..group).step_by(4) {
-                let heads = (group - first).min(4);
-                let mut acc = [_mm512_setzero_ps(); 4];
-                for j in 0..d / 16 {
-                    // SAFETY: indices 4j .. 4j + 4 of token t lie in its code; each is below
-                    // the codebook size (the caller's contract).
-                    let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
-                    for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                        // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
-                        let qv = unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
-                        *a = _mm512_fmadd_ps(qv, v, *a);
+            *nu = unsafe { norm(bytes.as_ptr().add(t * code_bytes)) } * scale;
+        }
+        // SAFETY: `nu` holds 16 floats.
+        let nu = unsafe { _mm512_loadu_ps(nu.as_ptr()) };
+        for first in (0..group).step_by(4) {
+            let heads = (group - first).min(4);
+            let mut quads = [[_mm512_setzero_ps(); 4]; 4];
+            for (quad, start) in (0..n).step_by(4).enumerate() {
+                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                for k in 0..(n - start).min(4) {
+                    let code = bytes.as_ptr().wrapping_add((start + k) * code_bytes);
+                    for j in 0..d / 16 {
+                        // SAFETY: indices of chunk j of token start + k lie in its code; each
+                        // is below the codebook size (the caller's contract).
+                        let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                        for (h, acc) in acc.iter_mut().enumerate().take(heads) {
+                            // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
+                            let qv = unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
+                            acc[k] = _mm512_fmadd_ps(qv, v, acc[k]);
+                        }
                     }
                 }
-                for (h, a) in acc.iter().enumerate().take(heads) {
-                    scores[(first + h) * bs + t] = _mm512_reduce_add_ps(*a) * nu;
+                for (h, acc) in acc.iter().enumerate().take(heads) {
+                    quads[h][quad] =
+                        fold_quad(fold_pair(acc[0], acc[1]), fold_pair(acc[2], acc[3]));
                 }
+            }
+            for (h, quads) in quads.iter().enumerate().take(heads) {
+                let totals = _mm512_mul_ps(fold_sixteen(*quads), nu);
+                let out = &mut scores[(first + h) * bs..(first + h) * bs + 16];
+                // SAFETY: `out` holds exactly 16 floats.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), totals) };
             }
         }
     }
@@ -467,27 +528,49 @@ mod x86 {
         let code_bytes = check::<K>(bytes, n, shape, words);
         assert!(probs.len() >= group * bs && acc.len() >= group * d);
         let w = words.as_ptr();
-        let mut weights = [0f32; 16];
-        for j in 0..d / 16 {
-            for first in (0..group).step_by(4) {
-                let heads = (group - first).min(4);
-                let mut a = [_mm512_setzero_ps(); 4];
+        let mut nu = [0f32; 16];
+        for (t, nu) in nu.iter_mut().enumerate().take(n) {
+            // SAFETY: token t's code lies in `bytes` (asserted in `check`).
+            *nu = unsafe { norm(bytes.as_ptr().add(t * code_bytes)) };
+        }
+        // SAFETY: `nu` holds 16 floats.
+        let nu = unsafe { _mm512_loadu_ps(nu.as_ptr()) };
+        // p·ν per head and token, formed once per block
+        let mut weights = [[0f32; 16]; 4];
+        for first in (0..group).step_by(4) {
+            let heads = (group - first).min(4);
+            for (h, weights) in weights.iter_mut().enumerate().take(heads) {
+                // SAFETY: (first + h)·16 + 16 ≤ group·bs = probs' required length (bs = 16);
+                // `weights` holds 16 floats.
+                unsafe {
+                    let p = _mm512_loadu_ps(probs.as_ptr().add((first + h) * bs));
+                    _mm512_storeu_ps(weights.as_mut_ptr(), _mm512_mul_ps(p, nu));
+                }
+            }
+            // four chunks of 16 rotated coordinates per pass over the tokens
+            for chunks in (0..d / 16).step_by(4) {
+                let count = (d / 16 - chunks).min(4);
+                let mut a = [[_mm512_setzero_ps(); 4]; 4];
                 for t in 0..n {
                     let code = bytes.as_ptr().wrapping_add(t * code_bytes);
-                    // SAFETY: as in `fib_scores_16`.
-                    let (nu, v) = unsafe { (norm(code), chunk::<K>(w, code.add(2 + 16 / K * j))) };
-                    weights[t] = nu;
-                    for (h, a) in a.iter_mut().enumerate().take(heads) {
-                        let p = _mm512_set1_ps(probs[(first + h) * bs + t] * weights[t]);
-                        *a = _mm512_fmadd_ps(p, v, *a);
+                    for c in 0..count {
+                        let j = chunks + c;
+                        // SAFETY: as in `fib_scores_16`.
+                        let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                        for (h, a) in a.iter_mut().enumerate().take(heads) {
+                            let p = _mm512_set1_ps(weights[h][t]);
+                            a[c] = _mm512_fmadd_ps(p, v, a[c]);
+                        }
                     }
                 }
                 for (h, a) in a.iter().enumerate().take(heads) {
-                    let at = (first + h) * d + 16 * j;
-                    // SAFETY: at + 16 ≤ group·d ≤ acc.len() (asserted above).
-                    unsafe {
-                        let out = acc.as_mut_ptr().add(at);
-                        _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                    for (c, a) in a.iter().enumerate().take(count) {
+                        let at = (first + h) * d + 16 * (chunks + c);
+                        // SAFETY: at + 16 ≤ group·d ≤ acc.len() (asserted above).
+                        unsafe {
+                            let out = acc.as_mut_ptr().add(at);
+                            _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                        }
                     }
                 }
             }
