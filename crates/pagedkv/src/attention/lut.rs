@@ -551,6 +551,8 @@ mod x86 {
             for chunks in (0..d / 16).step_by(4) {
                 let count = (d / 16 - chunks).min(4);
                 let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                // t indexes both the codes and every head's weights
+                #[allow(clippy::needless_range_loop)]
                 for t in 0..n {
                     let code = bytes.as_ptr().wrapping_add(t * code_bytes);
                     for c in 0..count {
