@@ -407,6 +407,31 @@ mod x86 {
         code_bytes
     }
 
+    /// Runs `$body` with `$h` a constant equal to `$heads` (1 to 4), so that loops over the
+    /// heads of a group unroll with no count checks.
+    macro_rules! with_heads {
+        ($heads:expr, $h:ident, $body:block) => {
+            match $heads {
+                1 => {
+                    const $h: usize = 1;
+                    $body
+                }
+                2 => {
+                    const $h: usize = 2;
+                    $body
+                }
+                3 => {
+                    const $h: usize = 3;
+                    $body
+                }
+                _ => {
+                    const $h: usize = 4;
+                    $body
+                }
+            }
+        };
+    }
+
     /// Two registers of partial sums, A (token a) and B (token b), folded into one: 128-bit
     /// lanes 0–1 hold a's partials, 2–3 b's.
     #[inline]
@@ -481,33 +506,36 @@ mod x86 {
         let nu = unsafe { _mm512_loadu_ps(nu.as_ptr()) };
         for first in (0..group).step_by(4) {
             let heads = (group - first).min(4);
-            let mut quads = [[_mm512_setzero_ps(); 4]; 4];
-            for (quad, start) in (0..n).step_by(4).enumerate() {
-                let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-                for k in 0..(n - start).min(4) {
-                    let code = bytes.as_ptr().wrapping_add((start + k) * code_bytes);
-                    for j in 0..d / 16 {
-                        // SAFETY: indices of chunk j of token start + k lie in its code; each
-                        // is below the codebook size (the caller's contract).
-                        let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
-                        for (h, acc) in acc.iter_mut().enumerate().take(heads) {
-                            // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
-                            let qv = unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
-                            acc[k] = _mm512_fmadd_ps(qv, v, acc[k]);
+            with_heads!(heads, H, {
+                let mut quads = [[_mm512_setzero_ps(); 4]; 4];
+                for (quad, start) in (0..n).step_by(4).enumerate() {
+                    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+                    for k in 0..(n - start).min(4) {
+                        let code = bytes.as_ptr().wrapping_add((start + k) * code_bytes);
+                        for j in 0..d / 16 {
+                            // SAFETY: indices of chunk j of token start + k lie in its code; each
+                            // is below the codebook size (the caller's contract).
+                            let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                            for (h, acc) in acc.iter_mut().enumerate().take(H) {
+                                // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
+                                let qv =
+                                    unsafe { _mm512_loadu_ps(q.add((first + h) * d + 16 * j)) };
+                                acc[k] = _mm512_fmadd_ps(qv, v, acc[k]);
+                            }
                         }
                     }
+                    for (h, acc) in acc.iter().enumerate().take(H) {
+                        quads[h][quad] =
+                            fold_quad(fold_pair(acc[0], acc[1]), fold_pair(acc[2], acc[3]));
+                    }
                 }
-                for (h, acc) in acc.iter().enumerate().take(heads) {
-                    quads[h][quad] =
-                        fold_quad(fold_pair(acc[0], acc[1]), fold_pair(acc[2], acc[3]));
+                for (h, quads) in quads.iter().enumerate().take(H) {
+                    let totals = _mm512_mul_ps(fold_sixteen(*quads), nu);
+                    let out = &mut scores[(first + h) * bs..(first + h) * bs + 16];
+                    // SAFETY: `out` holds exactly 16 floats.
+                    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), totals) };
                 }
-            }
-            for (h, quads) in quads.iter().enumerate().take(heads) {
-                let totals = _mm512_mul_ps(fold_sixteen(*quads), nu);
-                let out = &mut scores[(first + h) * bs..(first + h) * bs + 16];
-                // SAFETY: `out` holds exactly 16 floats.
-                unsafe { _mm512_storeu_ps(out.as_mut_ptr(), totals) };
-            }
+            });
         }
     }
 
@@ -539,43 +567,45 @@ mod x86 {
         let mut weights = [[0f32; 16]; 4];
         for first in (0..group).step_by(4) {
             let heads = (group - first).min(4);
-            for (h, weights) in weights.iter_mut().enumerate().take(heads) {
-                // SAFETY: (first + h)·16 + 16 ≤ group·bs = probs' required length (bs = 16);
-                // `weights` holds 16 floats.
-                unsafe {
-                    let p = _mm512_loadu_ps(probs.as_ptr().add((first + h) * bs));
-                    _mm512_storeu_ps(weights.as_mut_ptr(), _mm512_mul_ps(p, nu));
+            with_heads!(heads, H, {
+                for (h, weights) in weights.iter_mut().enumerate().take(H) {
+                    // SAFETY: (first + h)·16 + 16 ≤ group·bs = probs' required length (bs = 16);
+                    // `weights` holds 16 floats.
+                    unsafe {
+                        let p = _mm512_loadu_ps(probs.as_ptr().add((first + h) * bs));
+                        _mm512_storeu_ps(weights.as_mut_ptr(), _mm512_mul_ps(p, nu));
+                    }
                 }
-            }
-            // four chunks of 16 rotated coordinates per pass over the tokens
-            for chunks in (0..d / 16).step_by(4) {
-                let count = (d / 16 - chunks).min(4);
-                let mut a = [[_mm512_setzero_ps(); 4]; 4];
-                // t indexes both the codes and every head's weights
-                #[allow(clippy::needless_range_loop)]
-                for t in 0..n {
-                    let code = bytes.as_ptr().wrapping_add(t * code_bytes);
-                    for c in 0..count {
-                        let j = chunks + c;
-                        // SAFETY: as in `fib_scores_16`.
-                        let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
-                        for (h, a) in a.iter_mut().enumerate().take(heads) {
-                            let p = _mm512_set1_ps(weights[h][t]);
-                            a[c] = _mm512_fmadd_ps(p, v, a[c]);
+                // four chunks of 16 rotated coordinates per pass over the tokens
+                for chunks in (0..d / 16).step_by(4) {
+                    let count = (d / 16 - chunks).min(4);
+                    let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                    // t indexes both the codes and every head's weights
+                    #[allow(clippy::needless_range_loop)]
+                    for t in 0..n {
+                        let code = bytes.as_ptr().wrapping_add(t * code_bytes);
+                        for c in 0..count {
+                            let j = chunks + c;
+                            // SAFETY: as in `fib_scores_16`.
+                            let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                            for (h, a) in a.iter_mut().enumerate().take(H) {
+                                let p = _mm512_set1_ps(weights[h][t]);
+                                a[c] = _mm512_fmadd_ps(p, v, a[c]);
+                            }
+                        }
+                    }
+                    for (h, a) in a.iter().enumerate().take(H) {
+                        for (c, a) in a.iter().enumerate().take(count) {
+                            let at = (first + h) * d + 16 * (chunks + c);
+                            // SAFETY: at + 16 ≤ group·d ≤ acc.len() (asserted above).
+                            unsafe {
+                                let out = acc.as_mut_ptr().add(at);
+                                _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                            }
                         }
                     }
                 }
-                for (h, a) in a.iter().enumerate().take(heads) {
-                    for (c, a) in a.iter().enumerate().take(count) {
-                        let at = (first + h) * d + 16 * (chunks + c);
-                        // SAFETY: at + 16 ≤ group·d ≤ acc.len() (asserted above).
-                        unsafe {
-                            let out = acc.as_mut_ptr().add(at);
-                            _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
-                        }
-                    }
-                }
-            }
+            });
         }
     }
 }
