@@ -6,6 +6,32 @@
 //! Query head `j` reads kv head `j / group` (the Llama `repeat_kv` convention), so the query rows
 //! of one kv head are contiguous in `q`: `q[(h·group + g)·head_dim ..]`.
 
+#[allow(unused_macros)] // used by the x86-64 kernels only
+/// Runs `$body` with `$h` a constant equal to `$heads` (1 to 4), so that loops over the
+/// heads of a group unroll with no count checks.
+macro_rules! with_heads {
+    ($heads:expr, $h:ident, $body:block) => {
+        match $heads {
+            1 => {
+                const $h: usize = 1;
+                $body
+            }
+            2 => {
+                const $h: usize = 2;
+                $body
+            }
+            3 => {
+                const $h: usize = 3;
+                $body
+            }
+            _ => {
+                const $h: usize = 4;
+                $body
+            }
+        }
+    };
+}
+
 mod lut;
 mod pages;
 

@@ -407,31 +407,6 @@ mod x86 {
         code_bytes
     }
 
-    /// Runs `$body` with `$h` a constant equal to `$heads` (1 to 4), so that loops over the
-    /// heads of a group unroll with no count checks.
-    macro_rules! with_heads {
-        ($heads:expr, $h:ident, $body:block) => {
-            match $heads {
-                1 => {
-                    const $h: usize = 1;
-                    $body
-                }
-                2 => {
-                    const $h: usize = 2;
-                    $body
-                }
-                3 => {
-                    const $h: usize = 3;
-                    $body
-                }
-                _ => {
-                    const $h: usize = 4;
-                    $body
-                }
-            }
-        };
-    }
-
     /// Two registers of partial sums, A (token a) and B (token b), folded into one: 128-bit
     /// lanes 0–1 hold a's partials, 2–3 b's.
     #[inline]

@@ -916,39 +916,43 @@ mod x86 {
                 let even = d / 2 * 2;
                 for first in (0..group).step_by(4) {
                     let heads = (group - first).min(4);
-                    // even and odd channels in separate accumulators: two dependency chains
-                    // per head, so the FMAs' latency does not bound the loop
-                    let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-                    for c in (0..even).step_by(2) {
-                        // SAFETY: elements c·16 .. c·16 + 32 lie below d·16 ≤ the page's
-                        // elements (asserted above).
-                        let columns = unsafe {
-                            [
-                                load16!($kind, ptr, c * 16),
-                                load16!($kind, ptr, c * 16 + 16),
-                            ]
-                        };
-                        for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                            let row = (first + h) * d + c;
-                            for (i, (a, column)) in a.iter_mut().zip(columns).enumerate() {
-                                *a = _mm512_fmadd_ps(_mm512_set1_ps(q[row + i]), column, *a);
+                    with_heads!(heads, H, {
+                        // even and odd channels in separate accumulators: two dependency chains
+                        // per head, so the FMAs' latency does not bound the loop
+                        let mut acc = [[_mm512_setzero_ps(); 2]; 4];
+                        for c in (0..even).step_by(2) {
+                            // SAFETY: elements c·16 .. c·16 + 32 lie below d·16 ≤ the page's
+                            // elements (asserted above).
+                            let columns = unsafe {
+                                [
+                                    load16!($kind, ptr, c * 16),
+                                    load16!($kind, ptr, c * 16 + 16),
+                                ]
+                            };
+                            for (h, a) in acc.iter_mut().enumerate().take(H) {
+                                let row = (first + h) * d + c;
+                                for (i, (a, column)) in a.iter_mut().zip(columns).enumerate() {
+                                    *a = _mm512_fmadd_ps(_mm512_set1_ps(q[row + i]), column, *a);
+                                }
                             }
                         }
-                    }
-                    if even < d {
-                        // SAFETY: as above, for the last channel.
-                        let column = unsafe { load16!($kind, ptr, even * 16) };
-                        for (h, a) in acc.iter_mut().enumerate().take(heads) {
-                            let qv = _mm512_set1_ps(q[(first + h) * d + even]);
-                            a[0] = _mm512_fmadd_ps(qv, column, a[0]);
+                        if even < d {
+                            // SAFETY: as above, for the last channel.
+                            let column = unsafe { load16!($kind, ptr, even * 16) };
+                            for (h, a) in acc.iter_mut().enumerate().take(H) {
+                                let qv = _mm512_set1_ps(q[(first + h) * d + even]);
+                                a[0] = _mm512_fmadd_ps(qv, column, a[0]);
+                            }
                         }
-                    }
-                    for (h, a) in acc.iter().enumerate().take(heads) {
-                        let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
-                        let sum = _mm512_add_ps(a[0], a[1]);
-                        // SAFETY: `out` holds exactly 16 floats.
-                        unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, scale_v)) };
-                    }
+                        for (h, a) in acc.iter().enumerate().take(H) {
+                            let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
+                            let sum = _mm512_add_ps(a[0], a[1]);
+                            // SAFETY: `out` holds exactly 16 floats.
+                            unsafe {
+                                _mm512_storeu_ps(out.as_mut_ptr(), _mm512_mul_ps(sum, scale_v))
+                            };
+                        }
+                    });
                 }
             }
         };
@@ -1099,35 +1103,40 @@ mod x86 {
                 for chunk in (0..d).step_by(64) {
                     for first in (0..group).step_by(4) {
                         let heads = (group - first).min(4);
-                        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-                        for t in 0..n {
-                            let row = t * d + chunk;
-                            // SAFETY: row + 64 ≤ t·d + d ≤ n·d ≤ rows.len() (asserted above).
-                            let v = unsafe {
-                                [
-                                    load16!($kind, ptr, row),
-                                    load16!($kind, ptr, row + 16),
-                                    load16!($kind, ptr, row + 32),
-                                    load16!($kind, ptr, row + 48),
-                                ]
-                            };
-                            for (h, a) in a.iter_mut().enumerate().take(heads) {
-                                let p = _mm512_set1_ps(probs[(first + h) * bs + t]);
-                                for (a, v) in a.iter_mut().zip(&v) {
-                                    *a = _mm512_fmadd_ps(p, *v, *a);
+                        with_heads!(heads, H, {
+                            let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                            for t in 0..n {
+                                let row = t * d + chunk;
+                                // SAFETY: row + 64 ≤ t·d + d ≤ n·d ≤ rows.len() (asserted above).
+                                let v = unsafe {
+                                    [
+                                        load16!($kind, ptr, row),
+                                        load16!($kind, ptr, row + 16),
+                                        load16!($kind, ptr, row + 32),
+                                        load16!($kind, ptr, row + 48),
+                                    ]
+                                };
+                                for (h, a) in a.iter_mut().enumerate().take(H) {
+                                    let p = _mm512_set1_ps(probs[(first + h) * bs + t]);
+                                    for (a, v) in a.iter_mut().zip(&v) {
+                                        *a = _mm512_fmadd_ps(p, *v, *a);
+                                    }
                                 }
                             }
-                        }
-                        for (h, a) in a.iter().enumerate().take(heads) {
-                            let base = (first + h) * d + chunk;
-                            for (i, a) in a.iter().enumerate() {
-                                // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
-                                unsafe {
-                                    let out = acc.as_mut_ptr().add(base + 16 * i);
-                                    _mm512_storeu_ps(out, _mm512_add_ps(*a, _mm512_loadu_ps(out)));
+                            for (h, a) in a.iter().enumerate().take(H) {
+                                let base = (first + h) * d + chunk;
+                                for (i, a) in a.iter().enumerate() {
+                                    // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
+                                    unsafe {
+                                        let out = acc.as_mut_ptr().add(base + 16 * i);
+                                        _mm512_storeu_ps(
+                                            out,
+                                            _mm512_add_ps(*a, _mm512_loadu_ps(out)),
+                                        );
+                                    }
                                 }
                             }
-                        }
+                        });
                     }
                 }
             }
@@ -1235,50 +1244,54 @@ mod x86 {
                         unsafe { chunk_params(params.as_ptr().add(chunk / 32 * 4), groups, n) };
                     for first in (0..group).step_by(4) {
                         let heads = (group - first).min(4);
-                        let mut a = [[_mm512_setzero_ps(); 4]; 4];
-                        // per head and token: p·s of both groups; Σ p·z of both groups
-                        let mut w = [[[0f32; 16]; 2]; 4];
-                        let mut zeros = [[0f32; 2]; 4];
-                        for h in 0..heads {
-                            let at = (first + h) * bs;
-                            // SAFETY: at + 16 ≤ group·bs ≤ probs.len() (asserted above).
-                            let p = unsafe { _mm512_loadu_ps(probs.as_ptr().add(at)) };
-                            let p = _mm512_maskz_mov_ps(((1u32 << n) - 1) as __mmask16, p);
-                            // SAFETY: each array holds 16 floats.
-                            unsafe {
-                                _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(p, s0));
-                                _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(p, s1));
-                            }
-                            zeros[h] = [
-                                _mm512_reduce_add_ps(_mm512_mul_ps(p, z0)),
-                                _mm512_reduce_add_ps(_mm512_mul_ps(p, z1)),
-                            ];
-                        }
-                        for t in 0..n {
-                            // SAFETY: element t·d + chunk + 64 ≤ n·d ≤ the page's elements.
-                            let v = unsafe { load64!($kind, ptr, t * d + chunk) };
-                            for h in 0..heads {
-                                let (w0, w1) =
-                                    (_mm512_set1_ps(w[h][0][t]), _mm512_set1_ps(w[h][1][t]));
-                                a[h][0] = _mm512_fmadd_ps(w0, v[0], a[h][0]);
-                                a[h][1] = _mm512_fmadd_ps(w0, v[1], a[h][1]);
-                                a[h][2] = _mm512_fmadd_ps(w1, v[2], a[h][2]);
-                                a[h][3] = _mm512_fmadd_ps(w1, v[3], a[h][3]);
-                            }
-                        }
-                        for h in 0..heads {
-                            let base = (first + h) * d + chunk;
-                            for (i, v) in a[h].iter().enumerate() {
-                                let z = _mm512_set1_ps(zeros[h][i / 2]);
-                                // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
+                        with_heads!(heads, H, {
+                            let mut a = [[_mm512_setzero_ps(); 4]; 4];
+                            // per head and token: p·s of both groups; Σ p·z of both groups
+                            let mut w = [[[0f32; 16]; 2]; 4];
+                            let mut zeros = [[0f32; 2]; 4];
+                            for h in 0..H {
+                                let at = (first + h) * bs;
+                                // SAFETY: at + 16 ≤ group·bs ≤ probs.len() (asserted above).
+                                let p = unsafe { _mm512_loadu_ps(probs.as_ptr().add(at)) };
+                                let p = _mm512_maskz_mov_ps(((1u32 << n) - 1) as __mmask16, p);
+                                // SAFETY: each array holds 16 floats.
                                 unsafe {
-                                    let out = acc.as_mut_ptr().add(base + 16 * i);
-                                    let sum =
-                                        _mm512_add_ps(_mm512_add_ps(*v, z), _mm512_loadu_ps(out));
-                                    _mm512_storeu_ps(out, sum);
+                                    _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(p, s0));
+                                    _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(p, s1));
+                                }
+                                zeros[h] = [
+                                    _mm512_reduce_add_ps(_mm512_mul_ps(p, z0)),
+                                    _mm512_reduce_add_ps(_mm512_mul_ps(p, z1)),
+                                ];
+                            }
+                            for t in 0..n {
+                                // SAFETY: element t·d + chunk + 64 ≤ n·d ≤ the page's elements.
+                                let v = unsafe { load64!($kind, ptr, t * d + chunk) };
+                                for h in 0..H {
+                                    let (w0, w1) =
+                                        (_mm512_set1_ps(w[h][0][t]), _mm512_set1_ps(w[h][1][t]));
+                                    a[h][0] = _mm512_fmadd_ps(w0, v[0], a[h][0]);
+                                    a[h][1] = _mm512_fmadd_ps(w0, v[1], a[h][1]);
+                                    a[h][2] = _mm512_fmadd_ps(w1, v[2], a[h][2]);
+                                    a[h][3] = _mm512_fmadd_ps(w1, v[3], a[h][3]);
                                 }
                             }
-                        }
+                            for h in 0..H {
+                                let base = (first + h) * d + chunk;
+                                for (i, v) in a[h].iter().enumerate() {
+                                    let z = _mm512_set1_ps(zeros[h][i / 2]);
+                                    // SAFETY: base + 16·i + 16 ≤ (first + h + 1)·d ≤ acc.len().
+                                    unsafe {
+                                        let out = acc.as_mut_ptr().add(base + 16 * i);
+                                        let sum = _mm512_add_ps(
+                                            _mm512_add_ps(*v, z),
+                                            _mm512_loadu_ps(out),
+                                        );
+                                        _mm512_storeu_ps(out, sum);
+                                    }
+                                }
+                            }
+                        });
                     }
                 }
             }
