@@ -126,19 +126,28 @@ impl FibTables {
         }
     }
 
-    fn quantizer(&mut self, codec: Codec, d: usize) -> Result<Arc<FibQuant>> {
-        if let Some((c, q)) = &self.quantizer {
-            if *c == codec && q.profile().d == d {
-                return Ok(q.clone());
+    /// Runs `f` with the page's quantizer, kept between calls (moved out and back: no
+    /// reference count touched per block).
+    #[inline(always)]
+    fn with_quantizer<R>(
+        &mut self,
+        codec: Codec,
+        d: usize,
+        f: impl FnOnce(&mut Self, &FibQuant) -> Result<R>,
+    ) -> Result<R> {
+        let fq = match self.quantizer.take() {
+            Some((c, q)) if c == codec && q.profile().d == d => q,
+            _ => {
+                let profile = codec.fibquant_profile(d).ok_or(KvError::UnsupportedCodec {
+                    codec: codec.to_string(),
+                    reason: "not a FibQuant codec",
+                })?;
+                FibQuant::shared(profile)?
             }
-        }
-        let profile = codec.fibquant_profile(d).ok_or(KvError::UnsupportedCodec {
-            codec: codec.to_string(),
-            reason: "not a FibQuant codec",
-        })?;
-        let q = FibQuant::shared(profile)?;
-        self.quantizer = Some((codec, q.clone()));
-        Ok(q)
+        };
+        let result = f(self, &fq);
+        self.quantizer = Some((codec, fq));
+        result
     }
 
     /// Norm and codeword indices of token `t`'s code; an index outside the codebook is an error
@@ -172,11 +181,27 @@ impl FibTables {
         scale: f32,
         scores: &mut [f32],
     ) -> Result<()> {
+        self.with_quantizer(codec, shape.d, |tables, fq| {
+            tables.key_scores_with(fq, bytes, n, shape, q, scale, scores)
+        })
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    #[inline(always)]
+    fn key_scores_with(
+        &mut self,
+        fq: &FibQuant,
+        bytes: &[u8],
+        n: usize,
+        shape: Shape,
+        q: &[f32],
+        scale: f32,
+        scores: &mut [f32],
+    ) -> Result<()> {
         let Shape { group, d, bs } = shape;
-        let fq = self.quantizer(codec, d)?;
         #[cfg(target_arch = "x86_64")]
-        if Self::fast(&fq, shape) {
-            Self::check_indices(&fq, bytes, n)?;
+        if Self::fast(fq, shape) {
+            Self::check_indices(fq, bytes, n)?;
             if !self.rotated_ready {
                 self.rotated_q.resize(group * d, 0.0);
                 self.rotated_q.copy_from_slice(&q[..group * d]);
@@ -219,7 +244,7 @@ impl FibTables {
             self.tables_ready = true;
         }
         for t in 0..n {
-            let norm = self.read_code(&fq, bytes, t)?;
+            let norm = self.read_code(fq, bytes, t)?;
             for g in 0..group {
                 let tables = &self.tables[g * blocks * words..(g + 1) * blocks * words];
                 let sum: f32 = self
@@ -244,11 +269,24 @@ impl FibTables {
         shape: Shape,
         probs: &[f32],
     ) -> Result<()> {
+        self.with_quantizer(codec, shape.d, |tables, fq| {
+            tables.accumulate_with(fq, bytes, n, shape, probs)
+        })
+    }
+
+    #[inline(always)]
+    fn accumulate_with(
+        &mut self,
+        fq: &FibQuant,
+        bytes: &[u8],
+        n: usize,
+        shape: Shape,
+        probs: &[f32],
+    ) -> Result<()> {
         let Shape { group, d, bs } = shape;
-        let fq = self.quantizer(codec, d)?;
         #[cfg(target_arch = "x86_64")]
-        if Self::fast(&fq, shape) {
-            Self::check_indices(&fq, bytes, n)?;
+        if Self::fast(fq, shape) {
+            Self::check_indices(fq, bytes, n)?;
             if !self.rotated_used {
                 self.rotated_acc.clear();
                 self.rotated_acc.resize(group * d, 0.0);
@@ -274,7 +312,7 @@ impl FibTables {
             self.bins_used = true;
         }
         for t in 0..n {
-            let norm = self.read_code(&fq, bytes, t)?;
+            let norm = self.read_code(fq, bytes, t)?;
             for g in 0..group {
                 let w = probs[g * bs + t] * norm;
                 let bins = &mut self.bins[g * blocks * words..(g + 1) * blocks * words];
