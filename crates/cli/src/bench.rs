@@ -61,9 +61,12 @@ pub struct AttentionBench {
     /// step, each with its own cache, as one decode step of the model does.
     #[arg(long, default_value_t = 30)]
     layers: usize,
-    /// Timed decode steps per measurement (the median is reported).
-    #[arg(long, default_value_t = 9)]
+    /// Timed decode steps per codec and round.
+    #[arg(long, default_value_t = 5)]
     steps: usize,
+    /// Rounds over all codecs (the median of every round's steps is reported).
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -227,8 +230,8 @@ fn attention(args: AttentionBench) -> Result<()> {
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
     anyhow::ensure!(
-        args.layers > 0 && args.steps > 0,
-        "--layers and --steps must be positive"
+        args.layers > 0 && args.steps > 0 && args.rounds > 0,
+        "--layers, --steps and --rounds must be positive"
     );
     let contexts = args
         .contexts
@@ -240,8 +243,8 @@ fn attention(args: AttentionBench) -> Result<()> {
     let threads = rayon::current_num_threads();
     let bandwidth = read_bandwidth();
     println!(
-        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads; median of {} steps",
-        args.layers, args.steps
+        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads; median of {} rounds × {} steps, codecs interleaved",
+        args.layers, args.rounds, args.steps
     );
     println!(
         "machine read bandwidth (threaded sum over 1 GiB): {:.1} GB/s",
@@ -253,12 +256,14 @@ fn attention(args: AttentionBench) -> Result<()> {
     );
     let mut rows = Vec::new();
     for &context in &contexts {
-        let mut f16_time = None;
+        let blocks: Vec<BlockId> = (0..context.div_ceil(16) as u32).map(BlockId).collect();
+        // every codec's cache first, then rounds that visit the codecs in turn: a drift in
+        // this machine's speed falls on all of them alike instead of on whichever ran then
+        let mut caches = Vec::with_capacity(codecs.len());
         for &codec in &codecs {
             let mut spec = LayoutSpec::new(args.layers, 3, 9, 64, codec);
             spec.block_size = 16;
             let layout = KvLayout::new(spec)?;
-            let blocks: Vec<BlockId> = (0..context.div_ceil(16) as u32).map(BlockId).collect();
             let mut storage = KvStorage::new(layout.clone(), blocks.len())?;
             let width = layout.token_width();
             let kv = gaussian(2 * width * 64, context as u64);
@@ -271,32 +276,41 @@ fn attention(args: AttentionBench) -> Result<()> {
                     storage.seal(blocks[pos / 16], pos / 16 * 16)?;
                 }
             }
-            let q = gaussian(9 * 64, 7);
-            let mut out = vec![0f32; 9 * 64];
-            let ctx = Context {
-                blocks: &blocks,
-                len: context,
-            };
-            let scale = 0.125;
-            let mut times = Vec::with_capacity(args.steps);
-            for step in 0..args.steps + 1 {
-                let started = Instant::now();
-                for layer in 0..args.layers {
-                    attend_split(&storage, layer, ctx, &q, scale, &mut out)?;
-                }
-                if step > 0 {
-                    times.push(started.elapsed().as_secs_f64());
+            caches.push((codec, layout, storage));
+        }
+        let q = gaussian(9 * 64, 7);
+        let mut out = vec![0f32; 9 * 64];
+        let ctx = Context {
+            blocks: &blocks,
+            len: context,
+        };
+        let scale = 0.125;
+        let mut times = vec![Vec::with_capacity(args.rounds * args.steps); caches.len()];
+        for _ in 0..args.rounds {
+            for ((_, _, storage), times) in caches.iter().zip(times.iter_mut()) {
+                // one untimed step brings this codec's pages and tables back in
+                for step in 0..args.steps + 1 {
+                    let started = Instant::now();
+                    for layer in 0..args.layers {
+                        attend_split(storage, layer, ctx, &q, scale, &mut out)?;
+                    }
+                    if step > 0 {
+                        times.push(started.elapsed().as_secs_f64());
+                    }
                 }
             }
-            let step = median(times);
+        }
+        let steps: Vec<f64> = times.into_iter().map(median).collect();
+        let f16_time = codecs
+            .iter()
+            .position(|c| *c == Codec::F16)
+            .map(|i| steps[i]);
+        for ((codec, layout, _), step) in caches.iter().zip(steps) {
             // bytes of every page read: whole blocks, keys and values, every layer
             let bytes = (0..args.layers)
                 .map(|l| (layout.key_page_bytes(l) + layout.value_page_bytes(l)) * 3)
                 .sum::<usize>() as f64
                 * blocks.len() as f64;
-            if codec == Codec::F16 {
-                f16_time = Some(step);
-            }
             let rate = bytes / step;
             let vs_f16 = f16_time.map_or("-".to_string(), |t| format!("{:.2}", step / t));
             println!(
