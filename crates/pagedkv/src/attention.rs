@@ -251,26 +251,35 @@ pub fn attend_split(
     let items: Vec<(usize, std::ops::Range<usize>)> = (0..heads)
         .flat_map(|h| ranges(blocks).map(move |r| (h, r)))
         .collect();
-    let partials = items
-        .par_iter()
-        // a context of a few ranges runs on the calling thread: waking another worker for it
-        // costs more than the work (ranges and merge order are the same either way)
-        .with_min_len(MIN_RANGES_PER_TASK)
-        .map_init(Scratch::default, |scratch, (head, range)| {
-            let span = head * group * d..(head + 1) * group * d;
-            let pass = Pass {
-                storage,
-                layer,
-                head: *head,
-                ctx,
-                q: &q[span],
-                scale,
-            };
-            let mut partial = Partial::default();
-            pass.run(range.clone(), &mut partial, scratch, true)
-                .map(|()| (*head, partial))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let run = |scratch: &mut Scratch, (head, range): &(usize, std::ops::Range<usize>)| {
+        let span = head * group * d..(head + 1) * group * d;
+        let pass = Pass {
+            storage,
+            layer,
+            head: *head,
+            ctx,
+            q: &q[span],
+            scale,
+        };
+        let mut partial = Partial::default();
+        pass.run(range.clone(), &mut partial, scratch, true)
+            .map(|()| (*head, partial))
+    };
+    // a context of a few ranges runs on the calling thread, without rayon: handing it to a
+    // worker costs more than the work (ranges and merge order are the same either way)
+    let partials = if items.len() <= MIN_RANGES_PER_TASK {
+        let mut scratch = Scratch::default();
+        items
+            .iter()
+            .map(|item| run(&mut scratch, item))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        items
+            .par_iter()
+            .with_min_len(MIN_RANGES_PER_TASK)
+            .map_init(Scratch::default, run)
+            .collect::<Result<Vec<_>>>()?
+    };
     for head in 0..heads {
         let mut merged: Option<Partial> = None;
         for (_, p) in partials.iter().filter(|(h, _)| *h == head) {
