@@ -682,11 +682,13 @@ mod tests {
     /// portable build, for full blocks, partial ones and a single token.
     #[test]
     fn simd_loops_match_the_reference_at_smollm_geometry() {
-        // head_dim 64 as SmolLM2, and 128 (two 64-channel chunks, eight FibQuant chunks)
-        for d in [64, 128] {
+        // head_dim 64 as SmolLM2, and 128 (two 64-channel chunks, eight FibQuant chunks); a
+        // group of 20 query heads (more than the 16 whose key terms stay in registers, and a
+        // last group of 4 heads after 16)
+        for (d, kv, qh) in [(64, 3, 9), (128, 3, 9), (64, 1, 20)] {
             for codec in every_codec() {
-                let width = 3 * d;
-                let mut spec = LayoutSpec::new(1, 3, 9, d, codec);
+                let width = kv * d;
+                let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
                 spec.block_size = 16;
                 let layout = KvLayout::new(spec).unwrap();
                 let tokens: usize = 16 * 5 + 7;
@@ -707,21 +709,29 @@ mod tests {
                     }
                 }
                 for len in [1, 9, 16, 17, 40, tokens] {
-                    let q: Vec<f32> = (0..9 * d)
+                    let q: Vec<f32> = (0..qh * d)
                         .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
                         .collect();
                     let ctx = Context {
                         blocks: &blocks,
                         len,
                     };
-                    let mut out = [vec![0.0; 9 * d], vec![0.0; 9 * d], vec![0.0; 9 * d]];
+                    let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
                     let [fast, portable, slow] = &mut out;
                     attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
                     attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default())
                         .unwrap();
                     attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
-                    assert_close(fast, slow, &format!("{codec} d {d} len {len} simd"));
-                    assert_close(portable, slow, &format!("{codec} d {d} len {len} portable"));
+                    assert_close(
+                        fast,
+                        slow,
+                        &format!("{codec} d {d} {kv}/{qh} len {len} simd"),
+                    );
+                    assert_close(
+                        portable,
+                        slow,
+                        &format!("{codec} d {d} {kv}/{qh} len {len} portable"),
+                    );
                 }
             }
         }
