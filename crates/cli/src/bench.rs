@@ -264,7 +264,14 @@ fn attention(args: AttentionBench) -> Result<()> {
     );
     println!(
         "{:>16} {:>7} {:>11} {:>13} {:>9} {:>10} {:>9} {:>10}",
-        "codec", "context", "µs / step", "ns / ctx tok", "GB/s", "of bandw.", "× f16", "bandw. GB/s"
+        "codec",
+        "context",
+        "µs / step",
+        "ns / ctx tok",
+        "GB/s",
+        "of bandw.",
+        "× f16",
+        "bandw. GB/s"
     );
     let mut rows = Vec::new();
     for &context in &contexts {
