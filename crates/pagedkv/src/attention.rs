@@ -662,18 +662,23 @@ mod tests {
                 }
             }
             let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.21).cos()).collect();
-            let ctx = Context {
-                blocks: &blocks,
-                len: tokens,
-            };
-            let (mut one, mut split, mut slow) = (vec![0.0; 288], vec![0.0; 288], vec![0.0; 288]);
-            attend(&s, 0, ctx, &q, 0.3, &mut one, &mut Scratch::default()).unwrap();
-            attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
-            attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
-            assert_close(&split, &slow, &format!("{codec} split"));
-            // same ranges, same merge order: one thread or many, the same bits
-            assert_eq!(one, split, "{codec}");
-            assert_close(&one, &slow, &format!("{codec} one pass"));
+            // 30 tokens: one range per kv head, run on the calling thread; all tokens: nine
+            // ranges, run on rayon's pool
+            for len in [30, tokens] {
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let (mut one, mut split, mut slow) =
+                    (vec![0.0; 288], vec![0.0; 288], vec![0.0; 288]);
+                attend(&s, 0, ctx, &q, 0.3, &mut one, &mut Scratch::default()).unwrap();
+                attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
+                assert_close(&split, &slow, &format!("{codec} {len} split"));
+                // same ranges, same merge order: one thread or many, the same bits
+                assert_eq!(one, split, "{codec} {len}");
+                assert_close(&one, &slow, &format!("{codec} {len} one pass"));
+            }
         }
     }
 
