@@ -21,7 +21,7 @@ pub struct CodecPair {
     pub value: Codec,
     /// Codecs used instead on some layers.
     pub layer_override: Option<LayerOverride>,
-    /// Leading tokens of each window kept in full precision (attention sinks).
+    /// Leading tokens of each window kept in f16 beside their sealed block (attention sinks).
     pub sinks: usize,
     /// Most recent tokens kept in full precision besides the open block.
     pub recent: usize,
@@ -99,7 +99,7 @@ impl std::str::FromStr for CodecPair {
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
     /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
     /// and by options in any order: `+keynorm` to normalize FibQuant keys (calibrated),
-    /// `+sinkN` to keep each window's first N tokens in full precision (`+sink`: 4), `+recentN`
+    /// `+sinkN` to keep each window's first N tokens in f16 (`+sink`: 4; N ≤ block size), `+recentN`
     /// to keep its last N tokens in full precision besides the open block.
     fn from_str(full: &str) -> pagedkv::Result<Self> {
         let bad_option = || pagedkv::KvError::UnknownCodec {
@@ -306,19 +306,20 @@ pub fn evaluate(
 }
 
 /// Bits per element and KV bytes per token over a window of `w` tokens: the layout's own, with
-/// sink blocks and the recent window's blocks at the end of the window counted at the f32 of
-/// the staging rows that hold them.
+/// the recent window's blocks at the end of the window counted at the f32 of the staging rows
+/// that hold them, and the sink tokens' f16 rows beside the first block.
 fn window_cost(layout: &pagedkv::KvLayout, w: usize) -> (f64, f64) {
     let blocks = layout.blocks_for_tokens(w);
-    let sinks = if layout.is_full_precision() {
+    let recent = if layout.is_full_precision() {
         0
     } else {
-        let sinks = layout.sink_blocks().min(blocks);
-        sinks + layout.recent_blocks().min(blocks - sinks)
+        layout.recent_blocks().min(blocks)
     };
     let f32_block = (2 * layout.page_elements() * layout.kv_heads() * layout.layers() * 4) as f64;
     let block = layout.block_bytes() as f64;
-    let mean_block = (sinks as f64 * f32_block + (blocks - sinks) as f64 * block) / blocks as f64;
+    let window_bytes =
+        recent as f64 * f32_block + (blocks - recent) as f64 * block + layout.sink_bytes() as f64;
+    let mean_block = window_bytes / blocks as f64;
     let elements = (2 * layout.page_elements() * layout.kv_heads() * layout.layers()) as f64;
     (
         mean_block * 8.0 / elements,

@@ -308,6 +308,17 @@ struct Pass<'a> {
 }
 
 impl Pass<'_> {
+    /// The f16 key and value rows of the sink tokens a sealed `block` keeps, if any.
+    fn sink_rows(&self, block: BlockId) -> Option<(&[half::f16], &[half::f16])> {
+        let keys = self
+            .storage
+            .sink_rows(self.layer, block, self.head, Role::Key)?;
+        let values = self
+            .storage
+            .sink_rows(self.layer, block, self.head, Role::Value)?;
+        Some((keys, values))
+    }
+
     /// Runs on the widest SIMD available when `simd`, else on the baseline target.
     fn run(
         &self,
@@ -398,6 +409,20 @@ impl Pass<'_> {
                 let (q, layer, head) = (self.q, self.layer, self.head);
                 fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
             }
+            // a sealed first block's sink tokens are scored and weighted from their f16 rows
+            let sinks = if block_idx == 0 {
+                self.sink_rows(block)
+            } else {
+                None
+            };
+            if let Some((sink_keys, _)) = sinks {
+                for (g, q) in self.q.chunks_exact(d).enumerate() {
+                    for (t, k) in sink_keys.chunks_exact(d).take(n).enumerate() {
+                        let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum();
+                        scores[g * bs + t] = dot * self.scale;
+                    }
+                }
+            }
             // online softmax: the running sums rescaled only when the reference point moves
             for g in 0..group {
                 let (new_max, correction) =
@@ -408,6 +433,17 @@ impl Pass<'_> {
                         .iter_mut()
                         .for_each(|a| *a *= correction);
                     fib.rescale(g, group, correction);
+                }
+            }
+            if let Some((_, sink_values)) = sinks {
+                for g in 0..group {
+                    let acc = &mut acc[g * d..(g + 1) * d];
+                    for (t, v) in sink_values.chunks_exact(d).take(n).enumerate() {
+                        let w = std::mem::take(&mut scores[g * bs + t]);
+                        acc.iter_mut()
+                            .zip(v)
+                            .for_each(|(a, x)| *a += w * x.to_f32());
+                    }
                 }
             }
             let values = self.storage.value_page(self.layer, block, self.head)?;
@@ -507,6 +543,29 @@ mod tests {
             if pos % 4 == 3 {
                 // full blocks are sealed; the last, partial one stays open (f32 staging)
                 s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
+            }
+        }
+        (s, blocks)
+    }
+
+    /// A storage of `layout` (blocks of 16) holding `tokens` tokens of smooth test rows, full
+    /// blocks sealed, in a block table of descending ids; the first key scaled by `first_key`.
+    fn filled_16(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage, Vec<BlockId>) {
+        let width = layout.token_width();
+        let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+        let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+        for pos in 0..tokens {
+            let boost = if pos == 0 { first_key } else { 1.0 };
+            let k: Vec<f32> = (0..width)
+                .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0 * boost)
+                .collect();
+            let v: Vec<f32> = (0..width)
+                .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
+                .collect();
+            s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                .unwrap();
+            if pos % 16 == 15 {
+                s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
             }
         }
         (s, blocks)
@@ -682,6 +741,52 @@ mod tests {
         }
     }
 
+    /// Sink tokens kept in f16 beside a sealed first block (scored and weighted from those rows,
+    /// the block's other tokens from their codes), at SmolLM2's geometry where the AVX-512 loops
+    /// run: fast, portable and split passes against the reference, and different from the same
+    /// cache without sinks (the rows are used). The first token's key is large, as an attention
+    /// sink's score is.
+    #[test]
+    fn sink_rows_beside_a_sealed_block_match_the_reference() {
+        let (d, kv, qh, tokens): (usize, usize, usize, usize) = (64, 3, 9, 16 * 3 + 5);
+        for codec in every_codec() {
+            let mut outputs = Vec::new();
+            for sinks in [0, 4] {
+                let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
+                spec.block_size = 16;
+                spec.sink_tokens = sinks;
+                let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 3.0);
+                let has_rows = s.sink_rows(0, blocks[0], 2, Role::Value).is_some();
+                assert_eq!(has_rows, sinks > 0 && !codec.is_full_precision(), "{codec}");
+                let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.11).sin()).collect();
+                for len in [3, 16, 40, tokens] {
+                    let ctx = Context {
+                        blocks: &blocks,
+                        len,
+                    };
+                    let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
+                    let [fast, portable, slow] = &mut out;
+                    let mut split = vec![0.0; qh * d];
+                    attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
+                    attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default())
+                        .unwrap();
+                    attend_split(&s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                    attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
+                    let what = format!("{codec} sinks {sinks} len {len}");
+                    assert_close(fast, slow, &format!("{what} simd"));
+                    assert_close(portable, slow, &format!("{what} portable"));
+                    assert_close(&split, slow, &format!("{what} split"));
+                    if len == tokens {
+                        outputs.push(fast.clone());
+                    }
+                }
+            }
+            if !codec.is_full_precision() {
+                assert_ne!(outputs[0], outputs[1], "{codec}: the sink rows are read");
+            }
+        }
+    }
+
     /// SmolLM2's geometry (blocks of 16, head_dim 64, 9/3 heads), where the AVX-512 loops
     /// (block scores, softmax step, value accumulation) run: against the reference and the
     /// portable build, for full blocks, partial ones and a single token.
@@ -692,27 +797,10 @@ mod tests {
         // last group of 4 heads after 16)
         for (d, kv, qh) in [(64, 3, 9), (128, 3, 9), (64, 1, 20)] {
             for codec in every_codec() {
-                let width = kv * d;
                 let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
                 spec.block_size = 16;
-                let layout = KvLayout::new(spec).unwrap();
                 let tokens: usize = 16 * 5 + 7;
-                let blocks: Vec<BlockId> =
-                    (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
-                let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
-                for pos in 0..tokens {
-                    let k: Vec<f32> = (0..width)
-                        .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0)
-                        .collect();
-                    let v: Vec<f32> = (0..width)
-                        .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
-                        .collect();
-                    s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
-                        .unwrap();
-                    if pos % 16 == 15 {
-                        s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
-                    }
-                }
+                let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 1.0);
                 for len in [1, 9, 16, 17, 40, tokens] {
                     let q: Vec<f32> = (0..qh * d)
                         .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)

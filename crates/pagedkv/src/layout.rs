@@ -43,8 +43,10 @@ pub struct LayoutSpec {
     pub value_codec: Codec,
     /// Other codecs for a set of layers (e.g. the first and last at higher precision).
     pub layer_override: Option<LayerOverride>,
-    /// Leading tokens of every sequence kept in full precision ("attention sinks"): the blocks
-    /// holding them are never sealed in a compressed layout. 0 for none.
+    /// Leading tokens of every sequence kept in f16 beside their sealed block ("attention
+    /// sinks", at most one block's worth): the first block is sealed like any other, and the
+    /// rows of its first `sink_tokens` tokens stay readable in f16, which attention uses in place
+    /// of their codes. 0 for none.
     pub sink_tokens: usize,
     /// Most recent tokens kept in full precision besides the open block: a full block is sealed
     /// only when `recent_tokens / block_size` (rounded up) newer blocks have filled, or when its
@@ -183,11 +185,11 @@ impl KvLayout {
                 return Err(KvError::TooLarge { field, value, max });
             }
         }
-        if spec.sink_tokens > MAX_BLOCK_SIZE {
+        if spec.sink_tokens > spec.block_size {
             return Err(KvError::TooLarge {
                 field: "sink_tokens",
                 value: spec.sink_tokens,
-                max: MAX_BLOCK_SIZE,
+                max: spec.block_size,
             });
         }
         if spec.recent_tokens > MAX_RECENT_TOKENS {
@@ -315,9 +317,20 @@ impl KvLayout {
         self.spec.recent_tokens.div_ceil(self.spec.block_size)
     }
 
-    /// Leading blocks of a sequence kept in full precision (those holding the sink tokens).
-    pub fn sink_blocks(&self) -> usize {
-        self.spec.sink_tokens.div_ceil(self.spec.block_size)
+    /// Leading tokens of a sequence kept in f16 beside their sealed block (0 for full-precision
+    /// layouts, which keep every token as written).
+    pub fn sink_tokens(&self) -> usize {
+        if self.is_full_precision() {
+            0
+        } else {
+            self.spec.sink_tokens
+        }
+    }
+
+    /// Bytes of one block's sink rows: `sink_tokens` tokens' K and V of every layer and kv
+    /// head in f16.
+    pub fn sink_bytes(&self) -> usize {
+        self.sink_tokens() * 2 * self.spec.layers * self.spec.kv_heads * self.spec.head_dim * 2
     }
 
     /// Whether every layer stores keys and values in full precision (f32/f16/bf16).

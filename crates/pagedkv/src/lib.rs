@@ -24,5 +24,5 @@ pub use key_norm::{KeyNorm, KeyNormFit};
 pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};
 pub use manager::{Admission, KvCacheManager, SwappedOut};
 pub use prefix::{hash_block, BlockHash, PrefixStats};
-pub use storage::{KvStorage, PageRef};
+pub use storage::{ImageKind, KvStorage, PageRef};
 pub use table::{BlockTable, SeqId};

@@ -235,9 +235,10 @@ impl KvCacheManager {
         for (i, (hash, bytes)) in from_tier.iter().enumerate() {
             let block = table.blocks[pool_hits + i];
             let storage = &self.storage;
-            let image =
-                payload::decode(&self.layout, bytes, |open| storage.block_image_bytes(open))?.image;
-            self.storage.import_block(block, false, image)?;
+            let decoded =
+                payload::decode(&self.layout, bytes, |kind| storage.block_image_bytes(kind))?;
+            self.storage
+                .import_block(block, decoded.kind, decoded.image)?;
             self.pool.register(block, *hash)?;
             table.hashes.push(*hash);
             let at = (pool_hits + i) * bs;
@@ -257,10 +258,11 @@ impl KvCacheManager {
         };
         let mut image = Vec::new();
         for (block, hash) in evicted {
-            if self.storage.export_block(block, &mut image)? {
-                continue; // an open (sink) block stays in the pool's staging only
+            let kind = self.storage.export_block(block, &mut image)?;
+            if kind.open {
+                continue; // an open block stays in the pool's staging only
             }
-            let bytes = payload::encode(&self.layout, false, Some(hash), &[], &image);
+            let bytes = payload::encode(&self.layout, kind, Some(hash), &[], &image);
             store.put(TierKey(hash.0), bytes)?;
         }
         Ok(())
@@ -287,8 +289,8 @@ impl KvCacheManager {
             };
             let storage = &self.storage;
             let usable =
-                payload::decode(&self.layout, &bytes, |open| storage.block_image_bytes(open))
-                    .is_ok_and(|p| !p.open && p.hash == Some(hash));
+                payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
+                    .is_ok_and(|p| !p.kind.open && p.hash == Some(hash));
             if !usable {
                 // a damaged or foreign payload is dropped and the block recomputed
                 store.take(TierKey(hash.0))?;
@@ -453,11 +455,9 @@ impl KvCacheManager {
             table.hashes.push(hash);
             self.pool.register(table.blocks[block_idx], hash)?;
             // a full block is sealed — encoded once with the layout's codecs — when it leaves
-            // the recent window (sink blocks stay in full precision)
+            // the recent window (a first block keeps its sink rows in f16 beside its pages)
             if let Some(old) = block_idx.checked_sub(self.layout.recent_blocks()) {
-                if old >= self.layout.sink_blocks() {
-                    self.storage.seal(table.blocks[old], old * bs)?;
-                }
+                self.storage.seal(table.blocks[old], old * bs)?;
             }
         }
         Ok(())
@@ -491,11 +491,11 @@ impl KvCacheManager {
         let mut image = Vec::new();
         let mut bytes = 0u64;
         for (i, block) in table.blocks.iter().take(used_blocks).enumerate() {
-            let open = self.storage.export_block(*block, &mut image)?;
+            let kind = self.storage.export_block(*block, &mut image)?;
             let end = ((i + 1) * bs).min(table.tokens.len());
             let payload = payload::encode(
                 &self.layout,
-                open,
+                kind,
                 table.hashes.get(i).copied(),
                 &table.tokens[i * bs..end],
                 &image,
@@ -547,7 +547,7 @@ impl KvCacheManager {
         for (i, bytes) in payloads.iter().enumerate() {
             let storage = &self.storage;
             let block =
-                payload::decode(&self.layout, bytes, |open| storage.block_image_bytes(open))?;
+                payload::decode(&self.layout, bytes, |kind| storage.block_image_bytes(kind))?;
             let end = ((i + 1) * bs).min(swapped.tokens.len());
             if block.tokens != swapped.tokens[i * bs..end]
                 || block.hash != swapped.hashes.get(i).copied()
@@ -584,7 +584,7 @@ impl KvCacheManager {
                 None => {
                     let b = self.pool.allocate_one()?;
                     self.demote_evicted()?;
-                    self.storage.import_block(b, block.open, block.image)?;
+                    self.storage.import_block(b, block.kind, block.image)?;
                     if let Some(h) = block.hash {
                         self.pool.register(b, h)?;
                     }
@@ -613,9 +613,7 @@ impl KvCacheManager {
         let table = self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))?;
         let bs = self.layout.block_size();
         let full = table.tokens.len() / bs;
-        let first = full
-            .saturating_sub(self.layout.recent_blocks())
-            .max(self.layout.sink_blocks());
+        let first = full.saturating_sub(self.layout.recent_blocks());
         for i in first..full {
             self.storage.seal(table.blocks[i], i * bs)?;
         }
@@ -625,8 +623,7 @@ impl KvCacheManager {
             .ok_or(KvError::UnknownSequence(seq))?;
         for block in table.blocks.iter().rev() {
             self.pool.release(*block)?;
-            // a partial block never enters the prefix cache: its staging can go now (a cached
-            // sink block keeps its full-precision rows there)
+            // a partial block never enters the prefix cache: its staging can go now
             if self.pool.ref_count(*block)? == 0 && self.pool.block_hash(*block)?.is_none() {
                 self.storage.discard(*block);
             }

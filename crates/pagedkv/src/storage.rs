@@ -17,7 +17,10 @@
 //! staging — one slot holds every layer's K and V of one block — and encodes it into the packed
 //! arenas when it fills ([`KvStorage::seal`]), so quantization never re-encodes a block and never
 //! waits on a partial group. Reads of an open block see the staging rows; reads of a sealed block
-//! see the codec's reconstruction.
+//! see the codec's reconstruction — except, in a layout with sink tokens, the first tokens of a
+//! sequence's first block, whose rows stay beside the sealed block in f16 (a few kilobytes per
+//! sequence: the attention sink carries most of the softmax mass, and its key error alone cost
+//! FibQuant half of its perplexity increase on SmolLM2).
 
 use half::{bf16, f16};
 
@@ -247,6 +250,18 @@ pub struct KvStorage {
     values: Vec<Arena>,
     /// Present for layouts with a compressed codec.
     staging: Option<Staging>,
+    /// Per block, the f16 rows of its sink tokens once it is sealed (layouts with sinks only;
+    /// see [`KvLayout::sink_tokens`]): `[layer][K, V][kv head][token][dim]`.
+    sinks: Vec<Option<Box<[f16]>>>,
+}
+
+/// What a block image holds besides its pages (see [`KvStorage::export_block`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ImageKind {
+    /// The block was open: the image holds f32 staging rows instead of pages.
+    pub open: bool,
+    /// The sealed block holds sink rows, appended after its pages.
+    pub sinks: bool,
 }
 
 impl KvStorage {
@@ -292,12 +307,18 @@ impl KvStorage {
             slot_len: layout.layers() * 2 * layout.kv_heads() * layout.page_elements(),
             ..Staging::default()
         });
+        let sinks = if layout.sink_tokens() > 0 {
+            vec![None; num_blocks]
+        } else {
+            Vec::new()
+        };
         Ok(Self {
             layout,
             num_blocks,
             keys,
             values,
             staging,
+            sinks,
         })
     }
 
@@ -313,8 +334,48 @@ impl KvStorage {
             .is_some_and(|s| s.slot(block).is_some())
     }
 
-    /// Bytes of one block's image (see [`export_block`](Self::export_block)).
-    pub fn block_image_bytes(&self, open: bool) -> usize {
+    /// The f16 sink rows (`sink_tokens × head_dim`, token-major) of (layer, kv head) kept
+    /// beside sealed `block`, if it holds any (a sequence's first block in a layout with sinks).
+    pub fn sink_rows(
+        &self,
+        layer: usize,
+        block: BlockId,
+        head: usize,
+        role: Role,
+    ) -> Option<&[f16]> {
+        let rows = self.sinks.get(block.index())?.as_deref()?;
+        if self.is_open(block) || layer >= self.layout.layers() || head >= self.layout.kv_heads() {
+            return None;
+        }
+        let len = self.layout.sink_tokens() * self.layout.head_dim();
+        let at = self.sink_offset(layer, role, head);
+        Some(&rows[at..at + len])
+    }
+
+    /// Offset of (layer, K or V, head) inside a block's sink rows.
+    fn sink_offset(&self, layer: usize, role: Role, head: usize) -> usize {
+        let l = &self.layout;
+        let kv = usize::from(role == Role::Value);
+        ((layer * 2 + kv) * l.kv_heads() + head) * l.sink_tokens() * l.head_dim()
+    }
+
+    fn set_sinks(&mut self, block: BlockId, rows: Option<Box<[f16]>>) {
+        if let Some(entry) = self.sinks.get_mut(block.index()) {
+            *entry = rows;
+        }
+    }
+
+    /// Bytes of one block's image of that kind (see [`export_block`](Self::export_block)).
+    pub fn block_image_bytes(&self, kind: ImageKind) -> usize {
+        let sinks = if kind.sinks && !kind.open {
+            self.layout.sink_bytes()
+        } else {
+            0
+        };
+        sinks + self.page_image_bytes(kind.open)
+    }
+
+    fn page_image_bytes(&self, open: bool) -> usize {
         let l = &self.layout;
         (0..l.layers())
             .map(|layer| {
@@ -337,13 +398,19 @@ impl KvStorage {
 
     /// The stored bytes of one block, every layer (keys then values, head by head) as they lie:
     /// the f32 staging rows of an open block, else the arena pages (little-endian elements or
-    /// packed codes). Returns whether the block was open. [`import_block`](Self::import_block)
-    /// puts the same bytes back, bit for bit.
-    pub fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<bool> {
+    /// packed codes), then a sealed block's sink rows if it has any (f16, little-endian).
+    /// Returns what the image holds. [`import_block`](Self::import_block) puts the same bytes
+    /// back, bit for bit.
+    pub fn export_block(&self, block: BlockId, out: &mut Vec<u8>) -> Result<ImageKind> {
         self.check(0, block)?;
         out.clear();
         let l = self.layout.clone();
         let open = self.is_open(block);
+        let sink_rows = if open {
+            None
+        } else {
+            self.sinks.get(block.index()).and_then(|s| s.as_deref())
+        };
         for layer in 0..l.layers() {
             for role in [Role::Key, Role::Value] {
                 for head in 0..l.kv_heads() {
@@ -362,14 +429,21 @@ impl KvStorage {
                 }
             }
         }
-        Ok(open)
+        if let Some(rows) = sink_rows {
+            out.extend(rows.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        Ok(ImageKind {
+            open,
+            sinks: sink_rows.is_some(),
+        })
     }
 
     /// Writes a block image made by [`export_block`](Self::export_block) of a storage with the
     /// same layout into `block`, open (staging) or sealed as it was. A wrong length is an error
     /// and changes nothing.
-    pub fn import_block(&mut self, block: BlockId, open: bool, bytes: &[u8]) -> Result<()> {
+    pub fn import_block(&mut self, block: BlockId, kind: ImageKind, bytes: &[u8]) -> Result<()> {
         self.check(0, block)?;
+        let open = kind.open;
         if open && self.staging.is_none() {
             return Err(KvError::ShapeMismatch {
                 what: "open block image for a full-precision layout",
@@ -377,7 +451,14 @@ impl KvStorage {
                 got: bytes.len(),
             });
         }
-        let expected = self.block_image_bytes(open);
+        if kind.sinks && (open || self.layout.sink_tokens() == 0) {
+            return Err(KvError::ShapeMismatch {
+                what: "sink rows in a block image (open, or a layout without sinks)",
+                expected: 0,
+                got: self.layout.sink_bytes(),
+            });
+        }
+        let expected = self.block_image_bytes(kind);
         if bytes.len() != expected {
             return Err(KvError::ShapeMismatch {
                 what: "block image bytes",
@@ -386,7 +467,15 @@ impl KvStorage {
             });
         }
         let l = self.layout.clone();
-        let mut rest = bytes;
+        let (pages, sink_bytes) = bytes.split_at(self.page_image_bytes(open));
+        let sink_rows = kind.sinks.then(|| {
+            sink_bytes
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]))
+                .collect::<Box<[f16]>>()
+        });
+        self.set_sinks(block, sink_rows);
+        let mut rest = pages;
         let mut take = |n: usize| {
             let (head, tail) = rest.split_at(n);
             rest = tail;
@@ -578,12 +667,28 @@ impl KvStorage {
                 }
             }
         }
+        let sink_rows = (start == 0 && l.sink_tokens() > 0).then(|| {
+            let rows = &self.staging.as_ref().expect("open").rows;
+            let (n, d) = (l.sink_tokens(), l.head_dim());
+            let mut out = Vec::with_capacity(l.sink_bytes() / 2);
+            for layer in 0..l.layers() {
+                for role in [Role::Key, Role::Value] {
+                    for head in 0..l.kv_heads() {
+                        let src = self.staging_offset(slot, layer, role, head);
+                        out.extend(rows[src..src + n * d].iter().map(|x| f16::from_f32(*x)));
+                    }
+                }
+            }
+            out.into_boxed_slice()
+        });
+        self.set_sinks(block, sink_rows);
         self.staging.as_mut().expect("open").close(block);
         Ok(())
     }
 
     /// Drops an open block's staging without encoding it (the block was freed while partial).
     pub fn discard(&mut self, block: BlockId) {
+        self.set_sinks(block, None);
         if let Some(s) = self.staging.as_mut() {
             if block.index() < self.num_blocks {
                 s.close(block);
@@ -635,6 +740,9 @@ impl KvStorage {
             (self.layout.key_norm(layer), role, page)
         {
             norm.restore(layer, head, start, &mut out[..bs * d]);
+        }
+        if let Some(rows) = self.sink_rows(layer, block, head, role) {
+            out.iter_mut().zip(rows).for_each(|(o, x)| *o = x.to_f32());
         }
         Ok(())
     }
@@ -707,10 +815,13 @@ impl KvStorage {
                 staging
                     .rows
                     .copy_within(from * len..(from + 1) * len, to * len);
+                self.set_sinks(dst, None);
                 return Ok(());
             }
             staging.close(dst);
         }
+        let sink_rows = self.sinks.get(src.index()).cloned().flatten();
+        self.set_sinks(dst, sink_rows);
         let (l, num_blocks) = (self.layout.clone(), self.num_blocks);
         for (arenas, role) in [(&mut self.keys, Role::Key), (&mut self.values, Role::Value)] {
             for (layer, arena) in arenas.iter_mut().enumerate() {

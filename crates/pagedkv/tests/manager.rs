@@ -278,15 +278,15 @@ fn recent_window_blocks_seal_when_they_leave_it_and_on_free() {
     m.check_invariants().unwrap();
 }
 
-/// Sink tokens: the block holding a sequence's first tokens is never sealed, so it reads back
-/// exactly while later blocks hold the codec's reconstruction; as a cached prefix it keeps its
-/// full-precision rows for the next sequence, and eviction hands it out cleanly.
+/// Sink tokens: the first block is sealed like any other, and the rows of its first tokens stay
+/// beside it in f16 (exact here: the rows are integers), while its other tokens and later blocks
+/// hold the codec's reconstruction; as a cached prefix it keeps them for the next sequence, and a
+/// block reused later in a sequence holds no stale sink rows.
 #[test]
-fn sink_blocks_stay_full_precision_through_the_prefix_cache() {
+fn sink_rows_stay_beside_the_sealed_first_block_through_the_prefix_cache() {
     let mut spec = int8_layout().spec().clone();
-    spec.sink_tokens = 4;
+    spec.sink_tokens = 2;
     let layout = pagedkv::KvLayout::new(spec).unwrap();
-    assert_eq!(layout.sink_blocks(), 1);
     let mut m = KvCacheManager::new(layout, 6, b"sinks").unwrap();
     let prompt: Vec<u32> = (0..9).map(|t| t + 40).collect();
     let a = SeqId(1);
@@ -294,33 +294,48 @@ fn sink_blocks_stay_full_precision_through_the_prefix_cache() {
     m.reserve(a, prompt.len()).unwrap();
     write_and_commit(&mut m, a, &prompt);
     let blocks = m.table(a).unwrap().blocks().to_vec();
-    assert!(
-        m.storage().is_open(blocks[0]),
-        "the sink block is not sealed"
-    );
-    assert!(
-        !m.storage().is_open(blocks[1]),
-        "later full blocks are sealed"
-    );
-    // exact in the sink block, within int8's half step after it
-    let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+    assert!(blocks[..2].iter().all(|b| !m.storage().is_open(*b)));
     let hashes = prefix_hashes(&prompt);
-    m.read_token(a, 0, 3, &mut k, &mut v).unwrap();
-    assert_eq!(k, rows(m.layout(), 0, hashes[3]).0);
+    let sink_exact = |m: &KvCacheManager, seq| {
+        let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+        for layer in 0..2 {
+            for (pos, hash) in hashes.iter().enumerate().take(2) {
+                m.read_token(seq, layer, pos, &mut k, &mut v).unwrap();
+                assert_eq!((k.clone(), v.clone()), rows(m.layout(), layer, *hash));
+            }
+        }
+    };
+    sink_exact(&m, a);
+    // the block's third token is int8's reconstruction, not exact
+    let (mut k, mut v) = (vec![0.0; 64], vec![0.0; 64]);
+    m.read_token(a, 0, 2, &mut k, &mut v).unwrap();
+    assert_ne!(k, rows(m.layout(), 0, hashes[2]).0);
     check_contents_within(&m, a, 2000.0 / 255.0 / 2.0 * 1.01).unwrap();
     m.free(a).unwrap();
     m.check_invariants().unwrap();
-    // the cached sink block serves the next sequence with its exact rows
+    // the cached first block serves the next sequence with its sink rows
     let b = SeqId(2);
     assert_eq!(m.admit(b, &prompt).unwrap().cached_tokens, 8);
-    m.read_token(b, 0, 3, &mut k, &mut v).unwrap();
-    assert_eq!(k, rows(m.layout(), 0, hashes[3]).0);
+    sink_exact(&m, b);
     m.free(b).unwrap();
-    // evict everything: a new prompt takes all blocks, including the cached sink block
+    // evict everything: the old first block now holds a later block of another sequence
     let other: Vec<u32> = (0..23).map(|t| t + 900).collect();
     let c = SeqId(3);
     m.admit(c, &other).unwrap();
-    write_and_commit(&mut m, c, &other[..0]);
+    write_and_commit(&mut m, c, &other);
+    let at = m
+        .table(c)
+        .unwrap()
+        .blocks()
+        .iter()
+        .position(|x| *x == blocks[0]);
+    let at = at.expect("every block is in use");
+    assert!(at > 0, "the old first block went elsewhere");
+    assert!(m
+        .storage()
+        .sink_rows(0, blocks[0], 0, pagedkv::Role::Key)
+        .is_none());
+    check_contents_within(&m, c, 2000.0 / 255.0 / 2.0 * 1.01).unwrap();
     m.check_invariants().unwrap();
     m.free(c).unwrap();
     m.check_invariants().unwrap();

@@ -9,12 +9,17 @@ use common::{prefix_hashes, rows, write_and_commit};
 use pagedkv::attention::{attend, Context, Scratch};
 use pagedkv::tier::payload::{self, PayloadError};
 use pagedkv::tier::{DiskTier, TierKey, TieredStore};
-use pagedkv::{BlockId, Codec, KvCacheManager, KvError, KvLayout, LayoutSpec, SeqId};
+use pagedkv::{BlockId, Codec, ImageKind, KvCacheManager, KvError, KvLayout, LayoutSpec, SeqId};
 use proptest::prelude::*;
 
 fn layout(codec: Codec) -> KvLayout {
+    layout_with_sinks(codec, 0)
+}
+
+fn layout_with_sinks(codec: Codec, sinks: usize) -> KvLayout {
     let mut spec = LayoutSpec::new(2, 2, 4, 32, codec);
     spec.block_size = 4;
+    spec.sink_tokens = sinks;
     KvLayout::new(spec).unwrap()
 }
 
@@ -28,7 +33,12 @@ fn every_codec() -> Vec<Codec> {
 /// A manager holding one sequence of 14 tokens (three sealed blocks and an open one); rows are
 /// scaled into a range every codec stores.
 fn filled(codec: Codec) -> (KvCacheManager, SeqId) {
-    let mut m = KvCacheManager::new(layout(codec), 16, b"tier-test").unwrap();
+    filled_with_sinks(codec, 0)
+}
+
+/// [`filled`] in a layout keeping `sinks` leading tokens in f16 beside the first block.
+fn filled_with_sinks(codec: Codec, sinks: usize) -> (KvCacheManager, SeqId) {
+    let mut m = KvCacheManager::new(layout_with_sinks(codec, sinks), 16, b"tier-test").unwrap();
     let seq = SeqId(1);
     let tokens: Vec<u32> = (0..14).map(|t| t * 7 + 3).collect();
     m.admit(seq, &tokens[..1]).unwrap();
@@ -47,15 +57,15 @@ fn filled(codec: Codec) -> (KvCacheManager, SeqId) {
     (m, seq)
 }
 
-fn images(m: &KvCacheManager, seq: SeqId) -> Vec<(bool, Vec<u8>)> {
+fn images(m: &KvCacheManager, seq: SeqId) -> Vec<(ImageKind, Vec<u8>)> {
     m.table(seq)
         .unwrap()
         .blocks()
         .iter()
         .map(|b| {
             let mut out = Vec::new();
-            let open = m.storage().export_block(*b, &mut out).unwrap();
-            (open, out)
+            let kind = m.storage().export_block(*b, &mut out).unwrap();
+            (kind, out)
         })
         .collect()
 }
@@ -85,9 +95,13 @@ fn attention(m: &KvCacheManager, seq: SeqId) -> Vec<f32> {
 fn every_codec_round_trips_through_host_and_disk_bit_exactly() {
     let dir = std::env::temp_dir().join(format!("pagedkv-tiers-{}", std::process::id()));
     for codec in every_codec() {
-        for to_disk in [false, true] {
-            let (mut m, seq) = filled(codec);
+        for (to_disk, sinks) in [(false, 0), (true, 0), (false, 2)] {
+            let (mut m, seq) = filled_with_sinks(codec, sinks);
             let before = images(&m, seq);
+            // the first block carries its sink rows (compressed codecs), no other block does
+            let with_sinks: Vec<bool> = before.iter().map(|(kind, _)| kind.sinks).collect();
+            let compressed = !codec.is_full_precision();
+            assert_eq!(with_sinks, [sinks > 0 && compressed, false, false, false]);
             let out_before = attention(&m, seq);
             let mut store = if to_disk {
                 // a host tier too small for any payload: everything is demoted to disk
@@ -107,8 +121,13 @@ fn every_codec_round_trips_through_host_and_disk_bit_exactly() {
             m.admit(filler, &vec![5; pool * 4 - 1]).unwrap();
             m.free(filler).unwrap();
             m.swap_in(&swapped, &mut store).unwrap();
-            assert_eq!(images(&m, seq), before, "{codec} to_disk={to_disk}");
-            assert_eq!(attention(&m, seq), out_before, "{codec} to_disk={to_disk}");
+            assert_eq!(
+                images(&m, seq),
+                before,
+                "{codec} to_disk={to_disk} sinks={sinks}"
+            );
+            let what = format!("{codec} to_disk={to_disk} sinks={sinks}");
+            assert_eq!(attention(&m, seq), out_before, "{what}");
             assert!(!store.contains(TierKey(0)));
             m.check_invariants().unwrap();
             // the sequence goes on: two more tokens fill the open block and seal it
@@ -145,17 +164,17 @@ fn sample_payload() -> (KvLayout, Vec<u8>, usize) {
     let (m, seq) = filled(Codec::Int4);
     let block = m.table(seq).unwrap().blocks()[0];
     let mut image = Vec::new();
-    let open = m.storage().export_block(block, &mut image).unwrap();
+    let kind = m.storage().export_block(block, &mut image).unwrap();
     let tokens: Vec<u32> = m.table(seq).unwrap().tokens()[..4].to_vec();
     let hash = m.table(seq).unwrap().hashes()[0];
-    let bytes = payload::encode(m.layout(), open, Some(hash), &tokens, &image);
+    let bytes = payload::encode(m.layout(), kind, Some(hash), &tokens, &image);
     (m.layout().clone(), bytes, image.len())
 }
 
 #[test]
 fn foreign_and_damaged_payloads_get_typed_errors() {
     let (l, bytes, image_len) = sample_payload();
-    let sizes = |_open: bool| image_len;
+    let sizes = |_kind: ImageKind| image_len;
     assert!(payload::decode(&l, &bytes, sizes).is_ok());
     assert!(matches!(
         payload::decode(&layout(Codec::Int8), &bytes, sizes),
@@ -181,7 +200,19 @@ fn foreign_and_damaged_payloads_get_typed_errors() {
     ));
     let mut m = KvCacheManager::new(l, 4, b"x").unwrap();
     let mut storage = m.storage().clone();
-    assert!(storage.import_block(BlockId(0), false, &[0u8; 3]).is_err());
+    assert!(storage
+        .import_block(BlockId(0), ImageKind::default(), &[0u8; 3])
+        .is_err());
+    // an image without sink rows imports as such in either layout; claiming rows it does not
+    // hold is refused (in a layout without sinks too)
+    let sealed = |sinks| ImageKind { open: false, sinks };
+    let image = &bytes[bytes.len() - 8 - image_len..bytes.len() - 8];
+    let mut with_sinks = pagedkv::KvStorage::new(layout_with_sinks(Codec::Int4, 2), 4).unwrap();
+    for (storage, what) in [(&mut storage, "no sinks"), (&mut with_sinks, "sinks")] {
+        let import = |s: &mut pagedkv::KvStorage, kind| s.import_block(BlockId(0), kind, image);
+        assert!(import(storage, sealed(false)).is_ok(), "{what}");
+        assert!(import(storage, sealed(true)).is_err(), "{what}");
+    }
     let _ = &mut m;
 }
 
@@ -269,18 +300,27 @@ fn sample_payload_cached() -> (KvLayout, Vec<u8>, usize) {
 }
 
 /// A cached prefix evicted from the pool is demoted to the tier under its key and found again by
-/// a later prompt: the blocks come back with the same bytes instead of being recomputed.
+/// a later prompt: the blocks come back with the same bytes (sink rows included) instead of
+/// being recomputed.
 #[test]
 fn an_evicted_cached_prefix_is_found_in_the_tier_and_brought_back() {
-    for codec in [Codec::F16, Codec::Int4, Codec::FibQuant { k: 2, n: 16 }] {
-        let mut m = KvCacheManager::new(layout(codec), 6, b"prefix-tier").unwrap();
+    let settings = [
+        (Codec::F16, 0),
+        (Codec::Int4, 0),
+        (Codec::FibQuant { k: 2, n: 16 }, 0),
+        (Codec::Int4, 3),
+    ];
+    for (codec, sinks) in settings {
+        let l = layout_with_sinks(codec, sinks);
+        let mut m = KvCacheManager::new(l, 6, b"prefix-tier").unwrap();
         m.set_prefix_tier(TieredStore::in_memory(1 << 30));
         let prompt: Vec<u32> = (0..13).map(|t| t + 100).collect();
         let a = SeqId(1);
         m.admit(a, &prompt[..1]).unwrap();
         m.reserve(a, prompt.len()).unwrap();
         write_and_commit_scaled(&mut m, a, &prompt);
-        let before: Vec<(bool, Vec<u8>)> = images(&m, a)[..3].to_vec();
+        let before: Vec<(ImageKind, Vec<u8>)> = images(&m, a)[..3].to_vec();
+        assert_eq!(before[0].0.sinks, sinks > 0);
         m.free(a).unwrap();
         // another prompt takes every block: the three cached ones are evicted to the tier
         let other: Vec<u32> = (0..23).map(|t| t + 5000).collect();

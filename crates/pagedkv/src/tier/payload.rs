@@ -4,8 +4,8 @@
 //! ```text
 //!  offset  size  field
 //!       0     4  magic "PKVB"
-//!       4     2  format version (1), little-endian
-//!       6     1  flags: bit 0 open (f32 staging rows), bit 1 has a prefix key
+//!       4     2  format version (2), little-endian
+//!       6     1  flags: bit 0 open (f32 staging rows), bit 1 has a prefix key, bit 2 sink rows
 //!       7     1  0
 //!       8     8  layout digest (xxh3-64 of the layout's digest bytes: geometry and codecs)
 //!      16    16  prefix key of the block (0 without one)
@@ -23,10 +23,11 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::layout::KvLayout;
 use crate::prefix::BlockHash;
+use crate::storage::ImageKind;
 
 const MAGIC: &[u8; 4] = b"PKVB";
 /// Current format version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 const FIXED_HEADER: usize = 36;
 const CHECKSUM: usize = 8;
 
@@ -69,8 +70,8 @@ pub enum PayloadError {
 /// A decoded block payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockPayload<'a> {
-    /// The block was open (its image holds f32 staging rows).
-    pub open: bool,
+    /// What the image holds: f32 staging rows (open) or pages, and sink rows.
+    pub kind: ImageKind,
     /// Its prefix key, if it is a full, committed block.
     pub hash: Option<BlockHash>,
     /// Token ids stored in the block.
@@ -87,7 +88,7 @@ pub fn layout_digest(layout: &KvLayout) -> u64 {
 /// Encodes a block payload.
 pub fn encode(
     layout: &KvLayout,
-    open: bool,
+    kind: ImageKind,
     hash: Option<BlockHash>,
     tokens: &[u32],
     image: &[u8],
@@ -95,7 +96,7 @@ pub fn encode(
     let mut out = Vec::with_capacity(FIXED_HEADER + 4 * tokens.len() + 4 + image.len() + CHECKSUM);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
-    out.push(u8::from(open) | (u8::from(hash.is_some()) << 1));
+    out.push(u8::from(kind.open) | (u8::from(hash.is_some()) << 1) | (u8::from(kind.sinks) << 2));
     out.push(0);
     out.extend_from_slice(&layout_digest(layout).to_le_bytes());
     out.extend_from_slice(&hash.map_or(0, |h| h.0).to_le_bytes());
@@ -112,12 +113,12 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
     Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
 }
 
-/// Decodes and checks a payload for `layout`; `image_bytes(open)` is the image length the
+/// Decodes and checks a payload for `layout`; `image_bytes(kind)` is the image length the
 /// storage expects.
 pub fn decode<'a>(
     layout: &KvLayout,
     payload: &'a [u8],
-    image_bytes: impl Fn(bool) -> usize,
+    image_bytes: impl Fn(ImageKind) -> usize,
 ) -> Result<BlockPayload<'a>, PayloadError> {
     if payload.len() < FIXED_HEADER + 4 + CHECKSUM {
         return Err(PayloadError::Truncated { len: payload.len() });
@@ -135,7 +136,7 @@ pub fn decode<'a>(
         return Err(PayloadError::Version { found: version });
     }
     let flags = content[6];
-    if flags & !0b11 != 0 || content[7] != 0 {
+    if flags & !0b111 != 0 || content[7] != 0 {
         return Err(PayloadError::Malformed("unknown flags"));
     }
     let digest = u64::from_le_bytes(content[8..16].try_into().expect("8 bytes"));
@@ -146,7 +147,10 @@ pub fn decode<'a>(
             expected,
         });
     }
-    let open = flags & 1 != 0;
+    let kind = ImageKind {
+        open: flags & 1 != 0,
+        sinks: flags & 4 != 0,
+    };
     let raw_hash = u128::from_le_bytes(content[16..32].try_into().expect("16 bytes"));
     let hash = match (flags & 2 != 0, raw_hash) {
         (true, h) => Some(BlockHash(h)),
@@ -172,13 +176,13 @@ pub fn decode<'a>(
     let image_len =
         u32_at(content, tokens_end).ok_or(PayloadError::Malformed("image length"))? as usize;
     let image = &content[tokens_end + 4..];
-    if image.len() != image_len || image_len != image_bytes(open) {
+    if image.len() != image_len || image_len != image_bytes(kind) {
         return Err(PayloadError::Malformed(
             "image length does not match the layout",
         ));
     }
     Ok(BlockPayload {
-        open,
+        kind,
         hash,
         tokens,
         image,
