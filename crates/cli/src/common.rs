@@ -39,6 +39,10 @@ pub struct CommonArgs {
     /// Tokens per cache block.
     #[arg(long, global = true, default_value_t = 16)]
     pub block_size: usize,
+    /// Leading tokens of every sequence kept in f16 beside their sealed block (attention
+    /// sinks; compressed codecs only, at most the block size).
+    #[arg(long, global = true, default_value_t = 0)]
+    pub sink_tokens: usize,
     /// How weights are held in memory (default: q8; f32 for `eval`).
     #[arg(long, global = true, value_enum)]
     pub weights: Option<Weights>,
@@ -109,7 +113,11 @@ impl CommonArgs {
     /// The model's KV layout for the chosen codecs.
     pub fn layout(&self, model: &Model) -> Result<KvLayout> {
         let (key, value) = self.codecs()?;
-        Ok(model.config().kv_layout(key, value, self.block_size)?)
+        let layout = model.config().kv_layout(key, value, self.block_size)?;
+        Ok(KvLayout::new(pagedkv::LayoutSpec {
+            sink_tokens: self.sink_tokens,
+            ..layout.spec().clone()
+        })?)
     }
 
     /// A cache of `budget_mib` MiB for the model.

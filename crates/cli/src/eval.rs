@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use pagedkv::LayerSet;
-use pagedkv_engine::eval::{evaluate, CodecPair, EvalConfig, EvalRow};
+use pagedkv_engine::eval::{evaluate, setting_bits, CodecPair, EvalConfig, EvalRow};
 use pagedkv_engine::WeightMode;
 
 use crate::common::CommonArgs;
@@ -25,7 +25,7 @@ pub struct EvalArgs {
     /// Codec settings (comma-separated): a codec for keys and values, or KEY/VALUE.
     #[arg(
         long,
-        default_value = "f16,bf16,int8,fp8-e4m3,fp8-e5m2,int4,int8/int4,fibquant-k2n256,fibquant-k2n256+keynorm,fibquant-k2n64,fibquant-k4n256,fibquant-k4n256+keynorm,fibquant-k2n16"
+        default_value = "f16,bf16,int8,fp8-e4m3,fp8-e5m2,int4,int8/int4,fibquant-k2n256,fibquant-k2n256+keynorm,fibquant-k2n64,fibquant-k4n256,fibquant-k4n256+keynorm,fibquant-k4n256+keynorm+sink1,fibquant-k2n16"
     )]
     codecs: String,
     /// Tokens per window; each window starts with an empty cache.
@@ -198,6 +198,8 @@ fn sensitivity(
             let pair = reference.with_override(LayerSet::of([l])?, low.key, low.value);
             Ok(CodecPair {
                 key_norm: low.key_norm,
+                sinks: low.sinks,
+                recent: low.recent,
                 ..pair
             })
         })
@@ -227,13 +229,12 @@ fn sensitivity(
         } else {
             low.with_override(LayerSet::of(set.iter().copied())?, high.key, high.value)
         };
-        let layout = model.config().kv_layout_with(
-            pair.key,
-            pair.value,
+        Ok(setting_bits(
+            model,
+            &pair,
             config.block_size,
-            pair.layer_override,
-        )?;
-        Ok(layout.bits_per_element())
+            config.window,
+        )?)
     };
     let mut chosen: Vec<usize> = Vec::new();
     for layer in order {

@@ -237,9 +237,6 @@ pub fn evaluate(
     let layouts = all
         .iter()
         .map(|s| {
-            let layout = model
-                .config()
-                .kv_layout_with(s.key, s.value, bs, s.layer_override)?;
             let key_norm = match (s.key_norm, &config.key_norm) {
                 (false, _) => None,
                 (true, Some(c)) => Some(c.clone()),
@@ -249,13 +246,7 @@ pub fn evaluate(
                     )))
                 }
             };
-            let spec = pagedkv::LayoutSpec {
-                sink_tokens: s.sinks,
-                recent_tokens: s.recent,
-                key_norm,
-                ..layout.spec().clone()
-            };
-            Ok(pagedkv::KvLayout::new(spec)?)
+            setting_layout(model, s, bs, key_norm)
         })
         .collect::<Result<Vec<_>>>()?;
     let vocab = model.config().vocab;
@@ -303,6 +294,37 @@ pub fn evaluate(
             }
         })
         .collect())
+}
+
+/// The cache layout of a setting, with blocks of `block_size`.
+fn setting_layout(
+    model: &Model,
+    setting: &CodecPair,
+    block_size: usize,
+    key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
+) -> Result<pagedkv::KvLayout> {
+    let s = setting;
+    let layout = model
+        .config()
+        .kv_layout_with(s.key, s.value, block_size, s.layer_override)?;
+    Ok(pagedkv::KvLayout::new(pagedkv::LayoutSpec {
+        sink_tokens: s.sinks,
+        recent_tokens: s.recent,
+        key_norm,
+        ..layout.spec().clone()
+    })?)
+}
+
+/// Stored bits per K/V element of a setting over windows of `window` tokens, as
+/// [`evaluate`] reports them (sink rows and the recent window included).
+pub fn setting_bits(
+    model: &Model,
+    setting: &CodecPair,
+    block_size: usize,
+    window: usize,
+) -> Result<f64> {
+    let layout = setting_layout(model, setting, block_size, None)?;
+    Ok(window_cost(&layout, window).0)
 }
 
 /// Bits per element and KV bytes per token over a window of `w` tokens: the layout's own, with

@@ -57,12 +57,17 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
 /// Key normalization fitted on the calibration text lowers FibQuant's KL on a text it never
 /// saw, and leaves the storage cost unchanged.
 #[test]
-fn key_normalization_lowers_fibquant_kl_on_an_unseen_text() {
+fn key_normalization_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
     let path = ensure_model(None).expect("model");
     let (model, tokenizer) = Model::load(&path, WeightMode::F32).unwrap();
     let key_norm = pagedkv_engine::calibrate::default_key_norm(&model, &tokenizer, 16).unwrap();
     let tokens = tokenizer.encode(&TEXT[60_000..80_000]).unwrap();
-    let settings: Vec<CodecPair> = ["fibquant-k4n256", "fibquant-k4n256+keynorm"]
+    let names = [
+        "fibquant-k4n256",
+        "fibquant-k4n256+keynorm",
+        "fibquant-k4n256+keynorm+sink1",
+    ];
+    let settings: Vec<CodecPair> = names
         .iter()
         .map(|c| c.parse().unwrap())
         .collect();
@@ -73,13 +78,17 @@ fn key_normalization_lowers_fibquant_kl_on_an_unseen_text() {
         key_norm: Some(std::sync::Arc::new(key_norm)),
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
-    let (plain, normed) = (&rows[1], &rows[2]);
+    let (plain, normed, sunk) = (&rows[1], &rows[2], &rows[3]);
     println!(
-        "plain KL {:.4} PPL {:.3}; keynorm KL {:.4} PPL {:.3}",
-        plain.kl_mean, plain.ppl, normed.kl_mean, normed.ppl
+        "plain KL {:.4} PPL {:.3}; keynorm KL {:.4} PPL {:.3}; +sink1 KL {:.4} PPL {:.3}",
+        plain.kl_mean, plain.ppl, normed.kl_mean, normed.ppl, sunk.kl_mean, sunk.ppl
     );
     assert!(normed.kl_mean < 0.95 * plain.kl_mean);
     assert_eq!(normed.bits_per_element, plain.bits_per_element);
+    // one sink token: lower KL, for its f16 rows (16 bits per element of one token in 256)
+    assert!(sunk.kl_mean < 0.9 * normed.kl_mean);
+    let sink_bits = 16.0 / 256.0;
+    assert!((sunk.bits_per_element - normed.bits_per_element - sink_bits).abs() < 1e-9);
     // asking for it without a fitted normalization is an error
     let none = EvalConfig {
         key_norm: None,
