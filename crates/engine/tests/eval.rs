@@ -67,10 +67,7 @@ fn key_normalization_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
         "fibquant-k4n256+keynorm",
         "fibquant-k4n256+keynorm+sink1",
     ];
-    let settings: Vec<CodecPair> = names
-        .iter()
-        .map(|c| c.parse().unwrap())
-        .collect();
+    let settings: Vec<CodecPair> = names.iter().map(|c| c.parse().unwrap()).collect();
     let config = EvalConfig {
         window: 256,
         block_size: 16,
