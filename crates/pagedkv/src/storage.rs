@@ -626,6 +626,12 @@ impl KvStorage {
             return Ok(());
         };
         let l = self.layout.clone();
+        // the sink rows first: a row beyond f16 fails before any page is encoded
+        let sink_rows = if start == 0 && l.sink_tokens() > 0 {
+            Some(self.sink_rows_of(slot)?)
+        } else {
+            None
+        };
         for layer in 0..l.layers() {
             for head in 0..l.kv_heads() {
                 for role in [Role::Key, Role::Value] {
@@ -667,23 +673,32 @@ impl KvStorage {
                 }
             }
         }
-        let sink_rows = (start == 0 && l.sink_tokens() > 0).then(|| {
-            let rows = &self.staging.as_ref().expect("open").rows;
-            let (n, d) = (l.sink_tokens(), l.head_dim());
-            let mut out = Vec::with_capacity(l.sink_bytes() / 2);
-            for layer in 0..l.layers() {
-                for role in [Role::Key, Role::Value] {
-                    for head in 0..l.kv_heads() {
-                        let src = self.staging_offset(slot, layer, role, head);
-                        out.extend(rows[src..src + n * d].iter().map(|x| f16::from_f32(*x)));
-                    }
-                }
-            }
-            out.into_boxed_slice()
-        });
         self.set_sinks(block, sink_rows);
         self.staging.as_mut().expect("open").close(block);
         Ok(())
+    }
+
+    /// The f16 sink rows of the open block in staging `slot` (see [`Self::sink_rows`]).
+    fn sink_rows_of(&self, slot: usize) -> Result<Box<[f16]>> {
+        let l = &self.layout;
+        let rows = &self.staging.as_ref().expect("an open block").rows;
+        let (n, d) = (l.sink_tokens(), l.head_dim());
+        let mut out = Vec::with_capacity(l.sink_bytes() / 2);
+        for layer in 0..l.layers() {
+            for role in [Role::Key, Role::Value] {
+                for head in 0..l.kv_heads() {
+                    let src = self.staging_offset(slot, layer, role, head);
+                    out.extend(rows[src..src + n * d].iter().map(|x| f16::from_f32(*x)));
+                }
+            }
+        }
+        if out.iter().any(|x| !x.is_finite()) {
+            return Err(KvError::ValueOutOfRange {
+                codec: "f16 (sink rows)".to_string(),
+                max: f16::MAX.to_f32(),
+            });
+        }
+        Ok(out.into_boxed_slice())
     }
 
     /// Drops an open block's staging without encoding it (the block was freed while partial).
@@ -992,6 +1007,33 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// Sink rows are f16: a sink token beyond its range (here in f32 keys, which the codec
+    /// itself would store) is an error before any page is encoded, and the block stays open.
+    #[test]
+    fn a_sink_row_beyond_f16_is_an_error_that_keeps_the_block_open() {
+        let mut spec = layout(Codec::Int8).spec().clone();
+        spec.key_codec = Codec::F32;
+        spec.sink_tokens = 1;
+        let mut s = KvStorage::new(KvLayout::new(spec).unwrap(), 2).unwrap();
+        let mut big = row(0.1);
+        big[3] = 1e6;
+        for layer in 0..2 {
+            s.write_token(layer, BlockId(0), 0, &big, &row(0.2))
+                .unwrap();
+            s.write_token(layer, BlockId(0), 1, &row(0.3), &row(0.4))
+                .unwrap();
+        }
+        assert!(matches!(
+            s.seal(BlockId(0), 0),
+            Err(KvError::ValueOutOfRange { .. })
+        ));
+        assert!(s.is_open(BlockId(0)));
+        // sealed as a later block (no sink rows), the same rows are stored
+        s.seal(BlockId(0), 2).unwrap();
+        assert!(!s.is_open(BlockId(0)));
+        assert!(s.sink_rows(0, BlockId(0), 0, Role::Key).is_none());
     }
 
     #[test]
