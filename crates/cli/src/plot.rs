@@ -104,11 +104,46 @@ where
         let point = EmptyElement::at((row.bits_per_element, y))
             + Circle::new((0, 0), 5, color.filled())
             + Text::new(
-                row.codecs.to_string(),
+                short_label(&row.codecs.to_string()),
                 (8, -6),
                 ("sans-serif", 13).into_font().color(&BLACK),
             );
         chart.draw_series(std::iter::once(point))?;
     }
     Ok(())
+}
+
+/// A setting's name with its override's layer list cut to a count
+/// (`a@b:0+1+3+keynorm` → `a@b:3 layers+keynorm`), so labels stay inside the chart.
+fn short_label(name: &str) -> String {
+    let Some((head, tail)) = name.split_once(':') else {
+        return name.to_string();
+    };
+    let parts: Vec<&str> = tail.split('+').collect();
+    let layers = parts
+        .iter()
+        .take_while(|p| p.parse::<usize>().is_ok())
+        .count();
+    let plural = if layers == 1 { "" } else { "s" };
+    let mut label = format!("{head}:{layers} layer{plural}");
+    for option in &parts[layers..] {
+        label.push('+');
+        label.push_str(option);
+    }
+    label
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_label;
+
+    #[test]
+    fn override_layer_lists_become_counts() {
+        assert_eq!(short_label("int4"), "int4");
+        assert_eq!(
+            short_label("fibquant-k4n256@int8:0+1+29+keynorm+sink1"),
+            "fibquant-k4n256@int8:3 layers+keynorm+sink1"
+        );
+        assert_eq!(short_label("a@b/c:10"), "a@b/c:1 layer");
+    }
 }
