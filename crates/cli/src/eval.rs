@@ -35,16 +35,21 @@ pub struct EvalArgs {
     /// 512 tokens takes about 5 s per codec on 2 cores with f32 weights).
     #[arg(long, default_value_t = 8)]
     windows: usize,
-    /// Instead of the codec list: each layer's KL when only that layer is stored in this
-    /// setting (KEY/VALUE allowed), then a per-layer assignment for `--budget`.
+    /// Instead of the codec list: the KL when only one layer's keys, or values, are stored in
+    /// this setting (KEY/VALUE allowed), then a codec from `--levels` for every layer's keys and
+    /// values for `--budget`.
     #[arg(long)]
     sensitivity: Option<String>,
     /// Bits per element to aim for in the proposed assignment (with --sensitivity).
     #[arg(long, default_value_t = 2.5)]
     budget: f64,
-    /// Codec setting of the layers the assignment keeps at higher precision.
-    #[arg(long, default_value = "int8")]
-    high: String,
+    /// Codecs the assignment may give a layer's keys or values (with --sensitivity; the
+    /// setting's own are always among them).
+    #[arg(
+        long,
+        default_value = "fibquant-k4n64,fibquant-k4n128,fibquant-k4n256,fibquant-k4n512,fibquant-k4n1024,fibquant-k4n4096,fibquant-k2n256,int8"
+    )]
+    levels: String,
     /// Text the `+keynorm` settings' key normalization is fitted on (default: "Around the World in Eighty
     /// Days", built in; never the evaluated text).
     #[arg(long)]
@@ -179,8 +184,10 @@ fn progress_bar(windows: usize) -> ProgressBar {
     )
 }
 
-/// Per-layer KL of `setting` (every other layer f32), then the most sensitive layers moved to
-/// `--high` until the average rate reaches `--budget` bits per element.
+/// Per-(layer, role) KL of `setting` (only that layer's keys, or values, stored in it; every
+/// other layer f32), then a codec from `--levels` for each layer's keys and values that
+/// minimises the predicted KL within `--budget` bits per element (see
+/// [`pagedkv_engine::allocate`]).
 fn sensitivity(
     model: &pagedkv_engine::Model,
     tokens: &[u32],
@@ -189,86 +196,157 @@ fn sensitivity(
     config: EvalConfig,
     windows: usize,
 ) -> Result<()> {
+    use pagedkv::Codec;
+    use pagedkv_engine::allocate::{assign_levels, Level};
     let low: CodecPair = setting.parse()?;
-    let high: CodecPair = args.high.parse()?;
-    let layers = model.config().layers;
-    let reference = CodecPair::same(pagedkv::Codec::F32);
-    let settings = (0..layers)
-        .map(|l| {
-            let pair = reference.with_override(LayerSet::of([l])?, low.key, low.value);
-            Ok(CodecPair {
-                key_norm: low.key_norm,
-                sinks: low.sinks,
-                recent: low.recent,
-                ..pair
-            })
-        })
+    anyhow::ensure!(
+        low.layer_overrides.is_empty(),
+        "--sensitivity takes a setting without layer overrides (got `{low}`)"
+    );
+    let (bs, head_dim) = (config.block_size, model.config().head_dim);
+    let mut codecs: Vec<Codec> = args
+        .levels
+        .split(',')
+        .map(|c| c.trim().parse::<Codec>())
+        .collect::<pagedkv::Result<_>>()?;
+    codecs.extend([low.key, low.value]);
+    codecs.sort_by_key(|c| c.to_string());
+    codecs.dedup();
+    let levels = codecs
+        .iter()
+        .map(|c| Level::measure(*c, bs, head_dim))
         .collect::<pagedkv::Result<Vec<_>>>()?;
+    let error_of = |codec: Codec, r: usize| {
+        levels
+            .iter()
+            .find(|l| l.codec == codec)
+            .map_or(f64::NAN, |l| l.error[r])
+    };
+    let measured_error = [error_of(low.key, 0), error_of(low.value, 1)];
+    let layers = model.config().layers;
+    let f32 = Codec::F32;
+    let only = |layer: usize, key: Codec, value: Codec| -> pagedkv::Result<CodecPair> {
+        Ok(CodecPair {
+            key_norm: low.key_norm,
+            sinks: low.sinks,
+            recent: low.recent,
+            ..CodecPair::same(f32).with_override(LayerSet::of([layer])?, key, value)
+        })
+    };
+    let mut settings = Vec::with_capacity(2 * layers);
+    for layer in 0..layers {
+        settings.push(only(layer, low.key, f32)?);
+        settings.push(only(layer, f32, low.value)?);
+    }
+    println!(
+        "sensitivity of {low}: {} runs (each layer's keys, then its values, alone in it)",
+        settings.len()
+    );
     let bar = progress_bar(windows);
     let rows = evaluate(model, tokens, &settings, config.clone(), |done, _| {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    println!("sensitivity of {low}: KL when only that layer is stored in it");
-    println!("{:>5} {:>10} {:>8} {:>10}", "layer", "KL", "top-1", "PPL");
-    let per_layer = &rows[1..];
-    for (l, r) in per_layer.iter().enumerate() {
+    let kl: Vec<[f64; 2]> = rows[1..]
+        .chunks_exact(2)
+        .map(|pair| [pair[0].kl_mean, pair[1].kl_mean])
+        .collect();
+    println!("{:>5} {:>10} {:>10}", "layer", "KL keys", "KL values");
+    for (l, k) in kl.iter().enumerate() {
+        println!("{l:>5} {:>10.5} {:>10.5}", k[0], k[1]);
+    }
+    println!("levels (relative squared error on Gaussian rows, keys / values):");
+    for l in &levels {
         println!(
-            "{l:>5} {:>10.5} {:>7.1}% {:>10.3}",
-            r.kl_mean,
-            100.0 * r.top1,
-            r.ppl
+            "  {:<18} {:.2} / {:.2} bits  {:.2e} / {:.2e}",
+            l.codec.to_string(),
+            l.bits[0],
+            l.bits[1],
+            l.error[0],
+            l.error[1]
         );
     }
-    // the most sensitive layers first; add them to the high set while the budget allows
-    let mut order: Vec<usize> = (0..layers).collect();
-    order.sort_by(|a, b| per_layer[*b].kl_mean.total_cmp(&per_layer[*a].kl_mean));
-    let rate = |set: &[usize]| -> Result<f64> {
-        let pair = if set.is_empty() {
-            low
-        } else {
-            low.with_override(LayerSet::of(set.iter().copied())?, high.key, high.value)
-        };
-        Ok(setting_bits(
-            model,
-            &pair,
-            config.block_size,
-            config.window,
-        )?)
-    };
-    let mut chosen: Vec<usize> = Vec::new();
-    for layer in order {
-        let mut next = chosen.clone();
-        next.push(layer);
-        if rate(&next)? > args.budget {
-            break;
-        }
-        chosen = next;
-    }
-    let proposal = if chosen.is_empty() {
-        low
-    } else {
-        chosen.sort_unstable();
-        low.with_override(LayerSet::of(chosen.iter().copied())?, high.key, high.value)
-    };
+    // the levels' bits are the codecs' own; sink rows and the recent window come on top
+    let base_bits = setting_bits(model, &low, bs, config.window)?;
+    let overhead = base_bits
+        - (levels
+            .iter()
+            .find(|l| l.codec == low.key)
+            .map_or(0.0, |l| l.bits[0])
+            + levels
+                .iter()
+                .find(|l| l.codec == low.value)
+                .map_or(0.0, |l| l.bits[1]))
+            / 2.0;
+    let assignment = assign_levels(&kl, measured_error, &levels, args.budget - overhead)
+        .with_context(|| {
+            format!(
+                "no assignment of --levels fits {} bits per element with {overhead:.3} bits of sink and recent rows",
+                args.budget
+            )
+        })?;
+    let proposal = proposal_setting(&low, &assignment, &levels)?;
+    let predicted: f64 = assignment
+        .iter()
+        .zip(&kl)
+        .map(|(a, k)| {
+            (0..2)
+                .map(|r| k[r] * levels[a[r]].error[r] / measured_error[r])
+                .sum::<f64>()
+        })
+        .sum();
+    let bits = setting_bits(model, &proposal, bs, config.window)?;
     println!(
-        "proposed for {:.2} bits per element: {proposal} ({:.2} bits; evaluate it with --codecs '{proposal}')",
+        "proposed for {:.2} bits per element ({bits:.2} bits; sum of the predicted per-layer KLs {predicted:.4}, against {:.4} for {low}):\n{proposal}\nevaluate it with --codecs '{proposal}'",
         args.budget,
-        rate(&chosen)?
+        kl.iter().map(|k| k[0] + k[1]).sum::<f64>(),
     );
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "setting": low.to_string(),
-            "layers": per_layer.iter().enumerate().map(|(l, r)| serde_json::json!({
-                "layer": l, "kl_mean": r.kl_mean, "top1": r.top1, "ppl": r.ppl,
+            "windows": windows,
+            "layers": kl.iter().enumerate().map(|(l, k)| serde_json::json!({
+                "layer": l, "kl_keys": k[0], "kl_values": k[1],
+                "key_codec": levels[assignment[l][0]].codec.to_string(),
+                "value_codec": levels[assignment[l][1]].codec.to_string(),
+            })).collect::<Vec<_>>(),
+            "levels": levels.iter().map(|l| serde_json::json!({
+                "codec": l.codec.to_string(), "bits": l.bits, "relative_error": l.error,
             })).collect::<Vec<_>>(),
             "budget_bits": args.budget,
             "proposal": proposal.to_string(),
+            "proposal_bits": bits,
+            "predicted_kl_sum": predicted,
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `low` with an override per (key codec, value codec) pair of the assignment that differs
+/// from its own, so the setting can be written and read back as one string.
+fn proposal_setting(
+    low: &CodecPair,
+    assignment: &[[usize; 2]],
+    levels: &[pagedkv_engine::allocate::Level],
+) -> Result<CodecPair> {
+    let mut groups: Vec<((pagedkv::Codec, pagedkv::Codec), Vec<usize>)> = Vec::new();
+    for (layer, a) in assignment.iter().enumerate() {
+        let pair = (levels[a[0]].codec, levels[a[1]].codec);
+        if pair == (low.key, low.value) {
+            continue;
+        }
+        match groups.iter_mut().find(|g| g.0 == pair) {
+            Some(g) => g.1.push(layer),
+            None => groups.push((pair, vec![layer])),
+        }
+    }
+    let mut proposal = low.clone();
+    for ((key, value), layers) in groups {
+        proposal = proposal.with_override(LayerSet::of(layers)?, key, value);
+    }
+    Ok(proposal)
 }
 
 fn print_table(rows: &[EvalRow]) {

@@ -13,14 +13,14 @@ use crate::model::{BatchItem, Logits, Model};
 use crate::sampler::argmax;
 
 /// Key and value codecs of one evaluated setting, optionally other codecs on some layers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CodecPair {
     /// Codec of keys.
     pub key: Codec,
     /// Codec of values.
     pub value: Codec,
-    /// Codecs used instead on some layers.
-    pub layer_override: Option<LayerOverride>,
+    /// Codecs used instead on sets of layers; the last set holding a layer applies to it.
+    pub layer_overrides: Vec<LayerOverride>,
     /// Leading tokens of each window kept in f16 beside their sealed block (attention sinks).
     pub sinks: usize,
     /// Most recent tokens kept in full precision besides the open block.
@@ -36,23 +36,30 @@ impl CodecPair {
         Self {
             key: codec,
             value: codec,
-            layer_override: None,
+            layer_overrides: Vec::new(),
             sinks: 0,
             recent: 0,
             key_norm: false,
         }
     }
 
-    /// This setting with `key`/`value` on `layers`.
-    pub fn with_override(self, layers: LayerSet, key: Codec, value: Codec) -> Self {
-        Self {
-            layer_override: Some(LayerOverride {
-                layers,
-                key_codec: key,
-                value_codec: value,
-            }),
-            ..self
-        }
+    /// This setting with `key`/`value` on `layers` (over any earlier override there).
+    pub fn with_override(mut self, layers: LayerSet, key: Codec, value: Codec) -> Self {
+        self.layer_overrides.push(LayerOverride {
+            layers,
+            key_codec: key,
+            value_codec: value,
+        });
+        self
+    }
+
+    /// Key and value codec of `layer`.
+    pub fn codecs_of(&self, layer: usize) -> (Codec, Codec) {
+        self.layer_overrides
+            .iter()
+            .rev()
+            .find(|o| o.layers.contains(layer))
+            .map_or((self.key, self.value), |o| (o.key_codec, o.value_codec))
     }
 }
 
@@ -77,7 +84,7 @@ fn parse_pair(s: &str) -> pagedkv::Result<(Codec, Codec)> {
 impl std::fmt::Display for CodecPair {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}", pair_name(self.key, self.value))?;
-        if let Some(o) = self.layer_override {
+        for o in &self.layer_overrides {
             write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
         if self.key_norm {
@@ -97,14 +104,14 @@ impl std::str::FromStr for CodecPair {
     type Err = pagedkv::KvError;
 
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
-    /// `@CODECS:LAYERS` for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`, and
-    /// and by options in any order: `+keynorm` to normalize FibQuant keys (calibrated),
+    /// `@CODECS:LAYERS` parts for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`
+    /// (the last part naming a layer applies to it), and by options in any order: `+keynorm` to normalize FibQuant keys (calibrated),
     /// `+sinkN` to keep each window's first N tokens in f16 (`+sink`: 4; N ≤ block size), `+recentN`
     /// to keep its last N tokens in full precision besides the open block.
     fn from_str(full: &str) -> pagedkv::Result<Self> {
         let bad_option = || pagedkv::KvError::UnknownCodec {
             name: full.to_string(),
-            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...][+keynorm][+sinkN][+recentN]"
+            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...[+keynorm][+sinkN][+recentN]"
                 .to_string(),
         };
         let (mut s, mut sinks, mut recent, mut key_norm) = (full, 0, 0, false);
@@ -124,23 +131,20 @@ impl std::str::FromStr for CodecPair {
             }
             s = rest;
         }
-        let (base, other) = match s.split_once('@') {
-            Some((base, other)) => (base, Some(other)),
-            None => (s, None),
-        };
-        let (key, value) = parse_pair(base)?;
+        let mut parts = s.split('@');
+        let (key, value) = parse_pair(parts.next().unwrap_or_default())?;
         let mut pair = Self {
             key,
             value,
-            layer_override: None,
+            layer_overrides: Vec::new(),
             sinks,
             recent,
             key_norm,
         };
-        if let Some(other) = other {
+        for other in parts {
             let bad = || pagedkv::KvError::UnknownCodec {
                 name: s.to_string(),
-                valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]".to_string(),
+                valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...".to_string(),
             };
             let (codecs, layers) = other.split_once(':').ok_or_else(bad)?;
             let (k, v) = parse_pair(codecs)?;
@@ -230,8 +234,8 @@ pub fn evaluate(
         )));
     }
     let reference = CodecPair::same(Codec::F32);
-    let all: Vec<CodecPair> = std::iter::once(reference)
-        .chain(settings.iter().copied().filter(|s| *s != reference))
+    let all: Vec<CodecPair> = std::iter::once(reference.clone())
+        .chain(settings.iter().filter(|s| **s != reference).cloned())
         .collect();
     // layouts first, so a bad codec (e.g. FibQuant on an unsupported head size) fails early
     let layouts = all
@@ -284,7 +288,7 @@ pub fn evaluate(
         .map(|((codecs, layout), t)| {
             let (bits_per_element, kv_bytes_per_token) = window_cost(layout, w);
             EvalRow {
-                codecs: *codecs,
+                codecs: codecs.clone(),
                 bits_per_element,
                 kv_bytes_per_token,
                 ppl: (t.nll / t.count as f64).exp(),
@@ -304,9 +308,10 @@ fn setting_layout(
     key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
 ) -> Result<pagedkv::KvLayout> {
     let s = setting;
-    let layout = model
-        .config()
-        .kv_layout_with(s.key, s.value, block_size, s.layer_override)?;
+    let layout =
+        model
+            .config()
+            .kv_layout_with(s.key, s.value, block_size, s.layer_overrides.clone())?;
     Ok(pagedkv::KvLayout::new(pagedkv::LayoutSpec {
         sink_tokens: s.sinks,
         recent_tokens: s.recent,
@@ -420,7 +425,7 @@ mod tests {
         assert_eq!("f16".parse::<CodecPair>().unwrap().to_string(), "f16");
         assert!("int9".parse::<CodecPair>().is_err());
         let mixed: CodecPair = "fibquant-k2n16@int8/f16:0+29".parse().unwrap();
-        let o = mixed.layer_override.unwrap();
+        let o = mixed.layer_overrides[0];
         assert_eq!(o.layers.iter().collect::<Vec<_>>(), [0, 29]);
         assert_eq!((o.key_codec, o.value_codec), (Codec::Int8, Codec::F16));
         assert_eq!(mixed.to_string(), "fibquant-k2n16@int8/f16:0+29");
@@ -438,11 +443,24 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!((all.recent, all.sinks, all.key_norm), (64, 4, true));
-        assert_eq!(all.layer_override.unwrap().layers.len(), 2);
+        assert_eq!(all.layer_overrides[0].layers.len(), 2);
         assert_eq!(
             all.to_string(),
             "fibquant-k4n256@int8:0+29+keynorm+sink4+recent64"
         );
         assert!("int4+recent".parse::<CodecPair>().is_err());
+        let two: CodecPair = "fibquant-k4n256@fibquant-k4n1024/fibquant-k4n256:0+3@fibquant-k2n256/fibquant-k4n256:3+keynorm"
+            .parse()
+            .unwrap();
+        assert_eq!(two.layer_overrides.len(), 2);
+        let k4 = |n| Codec::FibQuant { k: 4, n };
+        assert_eq!(two.codecs_of(0), (k4(1024), k4(256)));
+        assert_eq!(
+            two.codecs_of(3),
+            (Codec::FibQuant { k: 2, n: 256 }, k4(256))
+        );
+        assert_eq!(two.codecs_of(4), (k4(256), k4(256)));
+        assert_eq!(two.to_string().parse::<CodecPair>().unwrap(), two);
+        assert!("int4@int8:1@".parse::<CodecPair>().is_err());
     }
 }

@@ -3,6 +3,7 @@
 //! (DESIGN §9).
 #![warn(missing_docs)]
 
+pub mod allocate;
 pub mod calibrate;
 pub mod error;
 pub mod eval;

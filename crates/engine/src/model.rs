@@ -131,16 +131,16 @@ impl ModelConfig {
         value_codec: Codec,
         block_size: usize,
     ) -> Result<KvLayout> {
-        self.kv_layout_with(key_codec, value_codec, block_size, None)
+        self.kv_layout_with(key_codec, value_codec, block_size, Vec::new())
     }
 
-    /// The KV layout with other codecs on some layers.
+    /// The KV layout with other codecs on some layers (a later override wins on shared layers).
     pub fn kv_layout_with(
         &self,
         key_codec: Codec,
         value_codec: Codec,
         block_size: usize,
-        layer_override: Option<LayerOverride>,
+        layer_overrides: Vec<LayerOverride>,
     ) -> Result<KvLayout> {
         Ok(KvLayout::new(LayoutSpec {
             layers: self.layers,
@@ -150,7 +150,7 @@ impl ModelConfig {
             block_size,
             key_codec,
             value_codec,
-            layer_override,
+            layer_overrides,
             sink_tokens: 0,
             recent_tokens: 0,
             key_norm: None,

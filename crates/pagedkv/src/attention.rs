@@ -837,11 +837,11 @@ mod tests {
         for high in [Codec::F32, Codec::F16, Codec::Bf16] {
             let mut spec = LayoutSpec::new(2, 3, 9, 32, Codec::Int4);
             spec.block_size = 4;
-            spec.layer_override = Some(crate::LayerOverride {
+            spec.layer_overrides = vec![crate::LayerOverride {
                 layers: crate::LayerSet::of([1]).unwrap(),
                 key_codec: high,
                 value_codec: high,
-            });
+            }];
             let layout = KvLayout::new(spec).unwrap();
             let blocks: Vec<BlockId> = (0..4).map(BlockId).collect();
             let mut s = KvStorage::new(layout, 4).unwrap();

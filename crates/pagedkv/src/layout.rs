@@ -41,8 +41,9 @@ pub struct LayoutSpec {
     pub key_codec: Codec,
     /// Codec of the values.
     pub value_codec: Codec,
-    /// Other codecs for a set of layers (e.g. the first and last at higher precision).
-    pub layer_override: Option<LayerOverride>,
+    /// Other codecs for sets of layers (e.g. the first and last at higher precision); where
+    /// two sets share a layer, the later one applies.
+    pub layer_overrides: Vec<LayerOverride>,
     /// Leading tokens of every sequence kept in f16 beside their sealed block ("attention
     /// sinks", at most one block's worth): the first block is sealed like any other, and the
     /// rows of its first `sink_tokens` tokens stay readable in f16, which attention uses in place
@@ -134,7 +135,7 @@ impl LayoutSpec {
             block_size: 16,
             key_codec: codec,
             value_codec: codec,
-            layer_override: None,
+            layer_overrides: Vec::new(),
             sink_tokens: 0,
             recent_tokens: 0,
             key_norm: None,
@@ -160,9 +161,10 @@ pub enum AttentionKind {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KvLayout {
     spec: LayoutSpec,
-    /// Page bytes of keys and values: [0] with the layout's codecs, [1] with the override's.
-    key_page_bytes: [usize; 2],
-    value_page_bytes: [usize; 2],
+    /// Per layer: the codecs of keys and values (overrides applied).
+    codecs: Vec<(Codec, Codec)>,
+    /// Per layer: bytes of one key page and one value page.
+    page_bytes: Vec<(usize, usize)>,
     block_bytes: usize,
 }
 
@@ -205,11 +207,7 @@ impl KvLayout {
                 kv_heads: spec.kv_heads,
             });
         }
-        let own = (spec.key_codec, spec.value_codec);
-        let other = spec
-            .layer_override
-            .map_or(own, |o| (o.key_codec, o.value_codec));
-        if let Some(o) = spec.layer_override {
+        for o in &spec.layer_overrides {
             if let Some(layer) = o.layers.iter().find(|l| *l >= spec.layers) {
                 return Err(KvError::TooLarge {
                     field: "override layer",
@@ -227,41 +225,43 @@ impl KvLayout {
                 )));
             }
         }
-        let mut key_page_bytes = [0; 2];
-        let mut value_page_bytes = [0; 2];
-        for (i, (key, value)) in [own, other].into_iter().enumerate() {
-            key.check_head_dim(spec.head_dim)?;
-            value.check_head_dim(spec.head_dim)?;
-            key_page_bytes[i] = key.page_bytes(Role::Key, spec.block_size, spec.head_dim)?;
-            value_page_bytes[i] = value.page_bytes(Role::Value, spec.block_size, spec.head_dim)?;
-        }
-        let overridden = spec.layer_override.map_or(0, |o| o.layers.len());
+        let codecs: Vec<(Codec, Codec)> = (0..spec.layers)
+            .map(|layer| {
+                spec.layer_overrides
+                    .iter()
+                    .rev()
+                    .find(|o| o.layers.contains(layer))
+                    .map_or((spec.key_codec, spec.value_codec), |o| {
+                        (o.key_codec, o.value_codec)
+                    })
+            })
+            .collect();
         let overflow = KvError::SizeOverflow {
             what: "block bytes",
         };
-        let per_layer = |i: usize| {
-            key_page_bytes[i]
-                .checked_add(value_page_bytes[i])
+        let mut page_bytes = Vec::with_capacity(spec.layers);
+        let mut block_bytes = 0usize;
+        for &(key, value) in &codecs {
+            key.check_head_dim(spec.head_dim)?;
+            value.check_head_dim(spec.head_dim)?;
+            let pages = (
+                key.page_bytes(Role::Key, spec.block_size, spec.head_dim)?,
+                value.page_bytes(Role::Value, spec.block_size, spec.head_dim)?,
+            );
+            block_bytes = pages
+                .0
+                .checked_add(pages.1)
                 .and_then(|per_head| per_head.checked_mul(spec.kv_heads))
-        };
-        let block_bytes = per_layer(0)
-            .and_then(|b| b.checked_mul(spec.layers - overridden))
-            .zip(per_layer(1).and_then(|b| b.checked_mul(overridden)))
-            .and_then(|(a, b)| a.checked_add(b))
-            .ok_or(overflow)?;
+                .and_then(|layer| layer.checked_add(block_bytes))
+                .ok_or(overflow.clone())?;
+            page_bytes.push(pages);
+        }
         Ok(Self {
             spec,
-            key_page_bytes,
-            value_page_bytes,
+            codecs,
+            page_bytes,
             block_bytes,
         })
-    }
-
-    /// 1 if `layer` uses the override's codecs, else 0.
-    fn variant(&self, layer: usize) -> usize {
-        self.spec
-            .layer_override
-            .is_some_and(|o| o.layers.contains(layer)) as usize
     }
 
     /// The normalization that applies to `layer`'s key pages: the layout's, if the layer
@@ -299,17 +299,13 @@ impl KvLayout {
     }
     /// Codec of the keys of `layer`.
     pub fn key_codec(&self, layer: usize) -> Codec {
-        match self.spec.layer_override {
-            Some(o) if o.layers.contains(layer) => o.key_codec,
-            _ => self.spec.key_codec,
-        }
+        self.codecs.get(layer).map_or(self.spec.key_codec, |c| c.0)
     }
     /// Codec of the values of `layer`.
     pub fn value_codec(&self, layer: usize) -> Codec {
-        match self.spec.layer_override {
-            Some(o) if o.layers.contains(layer) => o.value_codec,
-            _ => self.spec.value_codec,
-        }
+        self.codecs
+            .get(layer)
+            .map_or(self.spec.value_codec, |c| c.1)
     }
     /// Full blocks behind the open one that stay in full precision (those holding the recent
     /// tokens).
@@ -365,11 +361,11 @@ impl KvLayout {
 
     /// Bytes of one key page (one kv head, one block) of `layer` in its key codec.
     pub fn key_page_bytes(&self, layer: usize) -> usize {
-        self.key_page_bytes[self.variant(layer)]
+        self.page_bytes.get(layer).map_or(0, |p| p.0)
     }
     /// Bytes of one value page of `layer` in its value codec.
     pub fn value_page_bytes(&self, layer: usize) -> usize {
-        self.value_page_bytes[self.variant(layer)]
+        self.page_bytes.get(layer).map_or(0, |p| p.1)
     }
 
     /// Bytes of one block across all layers, keys and values, in the layout's codecs.
@@ -406,7 +402,7 @@ impl KvLayout {
             "pagedkv-layout-v2;layers={};kv_heads={};query_heads={};head_dim={};block_size={};k={};v={}",
             s.layers, s.kv_heads, s.query_heads, s.head_dim, s.block_size, s.key_codec, s.value_codec
         );
-        if let Some(o) = s.layer_override {
+        for o in &s.layer_overrides {
             digest += &format!(
                 ";override={}:k={};v={}",
                 o.layers, o.key_codec, o.value_codec
@@ -521,11 +517,11 @@ mod tests {
     #[test]
     fn layer_overrides_change_only_their_layers() {
         let mut spec = smollm(Codec::Int4);
-        spec.layer_override = Some(LayerOverride {
+        spec.layer_overrides = vec![LayerOverride {
             layers: LayerSet::of([0, 29]).unwrap(),
             key_codec: Codec::F16,
             value_codec: Codec::Int8,
-        });
+        }];
         let mixed = KvLayout::new(spec.clone()).unwrap();
         let plain = KvLayout::new(smollm(Codec::Int4)).unwrap();
         assert_eq!(mixed.key_codec(0), Codec::F16);
@@ -540,8 +536,32 @@ mod tests {
         assert!(mixed.bits_per_element() > plain.bits_per_element());
         assert!(!mixed.is_full_precision());
         assert_ne!(mixed.digest_bytes(), plain.digest_bytes());
+        // a later override wins on the layers it shares with an earlier one
+        let mut two = spec.clone();
+        two.layer_overrides.push(LayerOverride {
+            layers: LayerSet::of([29, 5]).unwrap(),
+            key_codec: Codec::Int8,
+            value_codec: Codec::F16,
+        });
+        let two = KvLayout::new(two).unwrap();
+        assert_eq!(
+            (two.key_codec(0), two.value_codec(0)),
+            (Codec::F16, Codec::Int8)
+        );
+        assert_eq!(
+            (two.key_codec(29), two.value_codec(29)),
+            (Codec::Int8, Codec::F16)
+        );
+        assert_eq!(
+            (two.key_codec(5), two.value_codec(5)),
+            (Codec::Int8, Codec::F16)
+        );
+        assert_eq!(two.key_codec(6), Codec::Int4);
+        let total: usize = (0..30).map(|layer| per_layer(&two, layer)).sum();
+        assert_eq!(two.block_bytes(), total);
+        assert_ne!(two.digest_bytes(), mixed.digest_bytes());
         // an override beyond the model's layers is refused
-        spec.layer_override.as_mut().unwrap().layers = LayerSet::of([30]).unwrap();
+        spec.layer_overrides[0].layers = LayerSet::of([30]).unwrap();
         assert!(matches!(KvLayout::new(spec), Err(KvError::TooLarge { .. })));
         assert!(LayerSet::of([MAX_LAYERS]).is_err());
     }

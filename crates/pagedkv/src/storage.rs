@@ -975,11 +975,11 @@ mod tests {
     fn a_layer_override_stores_that_layer_in_its_own_codec() {
         // layer 0 in f16 inside an int4 layout: layer 0 reads back at f16 precision once sealed
         let mut spec = layout(Codec::Int4).spec().clone();
-        spec.layer_override = Some(crate::LayerOverride {
+        spec.layer_overrides = vec![crate::LayerOverride {
             layers: crate::LayerSet::of([0]).unwrap(),
             key_codec: Codec::F16,
             value_codec: Codec::F16,
-        });
+        }];
         let mut s = KvStorage::new(KvLayout::new(spec).unwrap(), 2).unwrap();
         let r = row(0.37);
         for slot in 0..2 {
