@@ -104,7 +104,7 @@ where
         let point = EmptyElement::at((row.bits_per_element, y))
             + Circle::new((0, 0), 5, color.filled())
             + Text::new(
-                short_label(&row.codecs.to_string()),
+                short_label(&row.codecs),
                 (8, -6),
                 ("sans-serif", 13).into_font().color(&BLACK),
             );
@@ -114,36 +114,58 @@ where
 }
 
 /// A setting's name with its override's layer list cut to a count
-/// (`a@b:0+1+3+keynorm` → `a@b:3 layers+keynorm`), so labels stay inside the chart.
-fn short_label(name: &str) -> String {
-    let Some((head, tail)) = name.split_once(':') else {
-        return name.to_string();
-    };
-    let parts: Vec<&str> = tail.split('+').collect();
-    let layers = parts
-        .iter()
-        .take_while(|p| p.parse::<usize>().is_ok())
-        .count();
-    let plural = if layers == 1 { "" } else { "s" };
-    let mut label = format!("{head}:{layers} layer{plural}");
-    for option in &parts[layers..] {
-        label.push('+');
-        label.push_str(option);
+/// (`a@b:0+1+3+keynorm` → `a@b:3 layers+keynorm`), or several overrides to their number, so
+/// labels stay inside the chart.
+fn short_label(pair: &pagedkv_engine::eval::CodecPair) -> String {
+    let overrides = &pair.layer_overrides;
+    if overrides.is_empty() {
+        return pair.to_string();
     }
-    label
+    // the setting without its overrides prints as `base+options`
+    let plain = pagedkv_engine::eval::CodecPair {
+        layer_overrides: Vec::new(),
+        ..pair.clone()
+    }
+    .to_string();
+    let (base, options) = match plain.split_once('+') {
+        Some((base, options)) => (base.to_string(), format!("+{options}")),
+        None => (plain, String::new()),
+    };
+    let summary = match overrides.as_slice() {
+        [one] => {
+            let layers = one.layers.len();
+            let plural = if layers == 1 { "" } else { "s" };
+            let codecs = if one.key_codec == one.value_codec {
+                one.key_codec.to_string()
+            } else {
+                format!("{}/{}", one.key_codec, one.value_codec)
+            };
+            format!("@{codecs}:{layers} layer{plural}")
+        }
+        many => format!(" with {} per-layer overrides", many.len()),
+    };
+    format!("{base}{summary}{options}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::short_label;
 
+    fn label(name: &str) -> String {
+        short_label(&name.parse().unwrap())
+    }
+
     #[test]
     fn override_layer_lists_become_counts() {
-        assert_eq!(short_label("int4"), "int4");
+        assert_eq!(label("int4"), "int4");
         assert_eq!(
-            short_label("fibquant-k4n256@int8:0+1+29+keynorm+sink1"),
+            label("fibquant-k4n256@int8:0+1+29+keynorm+sink1"),
             "fibquant-k4n256@int8:3 layers+keynorm+sink1"
         );
-        assert_eq!(short_label("a@b/c:10"), "a@b/c:1 layer");
+        assert_eq!(label("int4@int8/f16:10"), "int4@int8/f16:1 layer");
+        assert_eq!(
+            label("fibquant-k4n256@int8:0+1@fibquant-k4n64:2+3+keynorm"),
+            "fibquant-k4n256 with 2 per-layer overrides+keynorm"
+        );
     }
 }

@@ -209,7 +209,7 @@ mod tests {
         let coarse = Level::measure(Codec::FibQuant { k: 4, n: 256 }, 16, 64).unwrap();
         let fine = Level::measure(Codec::FibQuant { k: 2, n: 256 }, 16, 64).unwrap();
         let int8 = Level::measure(Codec::Int8, 16, 64).unwrap();
-        assert!((coarse.bits[0] - 2.25).abs() < 1e-9 && (fine.bits[1] - 4.25).abs() < 1e-9);
+        assert!((coarse.bits[0] - 2.140625).abs() < 1e-9 && (fine.bits[1] - 4.140625).abs() < 1e-9);
         // FibQuant at 2 bits per coordinate: relative error near 0.095 (README's codec table)
         assert!((0.08..0.11).contains(&coarse.error[0]), "{coarse:?}");
         assert!(fine.error[0] < 0.1 * coarse.error[0], "{fine:?}");

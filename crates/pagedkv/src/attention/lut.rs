@@ -6,8 +6,8 @@
 use std::sync::Arc;
 
 use fibquant::FibQuant;
-use half::f16;
 
+use crate::codec::vector::{page_norm, token_bytes, token_norm, PAGE_HEADER};
 use crate::codec::Codec;
 use crate::error::{KvError, Result};
 use crate::key_norm::KeyNorm;
@@ -69,23 +69,24 @@ impl FibTables {
         }
     }
 
-    /// Checks every index of the first `n` codes against the codebook size (a corrupt page is
-    /// an error, never an out-of-bounds read); with 256 codewords every byte is valid.
-    fn check_indices(fq: &FibQuant, bytes: &[u8], n: usize) -> Result<()> {
+    /// Checks the page's largest norm and every index of the first `n` codes against the
+    /// codebook size (a corrupt page is an error, never an out-of-bounds read; with 256
+    /// codewords every byte is valid), and returns that norm.
+    fn check_page(fq: &FibQuant, bytes: &[u8], n: usize) -> Result<f32> {
+        let largest = page_norm(bytes)?;
         let words = fq.profile().n;
         if words >= 256 {
-            return Ok(());
+            return Ok(largest);
         }
-        let cb = fq.code_bytes();
-        for code in bytes.chunks_exact(cb).take(n) {
-            if let Some(bad) = code[2..].iter().find(|i| **i as usize >= words) {
+        for code in bytes[PAGE_HEADER..].chunks_exact(token_bytes(fq)).take(n) {
+            if let Some(bad) = code[1..].iter().find(|i| **i as usize >= words) {
                 return Err(KvError::FibQuant(fibquant::FibQuantError::BadIndex {
                     index: *bad as usize,
                     n: words,
                 }));
             }
         }
-        Ok(())
+        Ok(largest)
     }
 
     /// Adds the normalized keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
@@ -150,14 +151,15 @@ impl FibTables {
         result
     }
 
-    /// Norm and codeword indices of token `t`'s code; an index outside the codebook is an error
-    /// (a corrupt page), never an out-of-bounds read.
+    /// Norm (from the page's `largest`) and codeword indices of token `t`'s code; an index
+    /// outside the codebook is an error (a corrupt page), never an out-of-bounds read.
     #[inline(always)]
-    fn read_code(&mut self, q: &FibQuant, bytes: &[u8], t: usize) -> Result<f32> {
-        let code = &bytes[t * q.code_bytes()..(t + 1) * q.code_bytes()];
+    fn read_code(&mut self, q: &FibQuant, bytes: &[u8], largest: f32, t: usize) -> Result<f32> {
+        let tb = token_bytes(q);
+        let code = &bytes[PAGE_HEADER + t * tb..PAGE_HEADER + (t + 1) * tb];
         let blocks = q.profile().d / q.profile().k;
         self.indices.resize(blocks, 0);
-        fibquant::pack::unpack(&code[2..], q.index_bits(), &mut self.indices);
+        fibquant::pack::unpack(&code[1..], q.index_bits(), &mut self.indices);
         let n = q.profile().n;
         if let Some(bad) = self.indices.iter().find(|i| **i as usize >= n) {
             return Err(KvError::FibQuant(fibquant::FibQuantError::BadIndex {
@@ -165,7 +167,7 @@ impl FibTables {
                 n,
             }));
         }
-        Ok(f16::from_le_bytes([code[0], code[1]]).to_f32())
+        Ok(token_norm(largest, code[0]))
     }
 
     /// `scores[g·bs + t] = scale·⟨q_g, k̂_t⟩` from the codes of a key page.
@@ -201,7 +203,7 @@ impl FibTables {
         let Shape { group, d, bs } = shape;
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
-            Self::check_indices(fq, bytes, n)?;
+            let largest = Self::check_page(fq, bytes, n)?;
             if !self.rotated_ready {
                 self.rotated_q.resize(group * d, 0.0);
                 self.rotated_q.copy_from_slice(&q[..group * d]);
@@ -216,9 +218,9 @@ impl FibTables {
             unsafe {
                 let q = &self.rotated_q;
                 if fq.profile().k == 4 {
-                    x86::fib_scores_16::<4>(bytes, n, shape, words, q, scale, scores)
+                    x86::fib_scores_16::<4>(bytes, largest, n, shape, words, q, scale, scores)
                 } else {
-                    x86::fib_scores_16::<2>(bytes, n, shape, words, q, scale, scores)
+                    x86::fib_scores_16::<2>(bytes, largest, n, shape, words, q, scale, scores)
                 }
             };
             return Ok(());
@@ -243,8 +245,9 @@ impl FibTables {
             }
             self.tables_ready = true;
         }
+        let largest = page_norm(bytes)?;
         for t in 0..n {
-            let norm = self.read_code(fq, bytes, t)?;
+            let norm = self.read_code(fq, bytes, largest, t)?;
             for g in 0..group {
                 let tables = &self.tables[g * blocks * words..(g + 1) * blocks * words];
                 let sum: f32 = self
@@ -286,7 +289,7 @@ impl FibTables {
         let Shape { group, d, bs } = shape;
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
-            Self::check_indices(fq, bytes, n)?;
+            let largest = Self::check_page(fq, bytes, n)?;
             if !self.rotated_used {
                 self.rotated_acc.clear();
                 self.rotated_acc.resize(group * d, 0.0);
@@ -297,9 +300,9 @@ impl FibTables {
             unsafe {
                 let acc = &mut self.rotated_acc;
                 if fq.profile().k == 4 {
-                    x86::fib_values_16::<4>(bytes, n, shape, words, probs, acc)
+                    x86::fib_values_16::<4>(bytes, largest, n, shape, words, probs, acc)
                 } else {
-                    x86::fib_values_16::<2>(bytes, n, shape, words, probs, acc)
+                    x86::fib_values_16::<2>(bytes, largest, n, shape, words, probs, acc)
                 }
             };
             return Ok(());
@@ -311,8 +314,9 @@ impl FibTables {
             self.bins.resize(group * blocks * words, 0.0);
             self.bins_used = true;
         }
+        let largest = page_norm(bytes)?;
         for t in 0..n {
-            let norm = self.read_code(fq, bytes, t)?;
+            let norm = self.read_code(fq, bytes, largest, t)?;
             for g in 0..group {
                 let w = probs[g * bs + t] * norm;
                 let bins = &mut self.bins[g * blocks * words..(g + 1) * blocks * words];
@@ -395,6 +399,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::Shape;
+    use crate::codec::vector::{token_norm, PAGE_HEADER};
 
     /// Sixteen rotated coordinates of the token whose indices start at `idx`: four codewords
     /// of 4 coordinates (`K` = 4) or eight of 2 (`K` = 2), one load each.
@@ -423,26 +428,25 @@ mod x86 {
         }
     }
 
-    /// The norm of the code at `code` (its first two bytes, f16).
-    ///
-    /// # Safety
-    /// F16C must be present and two bytes readable at `code`.
-    #[inline(always)]
-    unsafe fn norm(code: *const u8) -> f32 {
-        // SAFETY: guaranteed by the caller.
-        unsafe {
-            let bits = u16::from_le_bytes([*code, *code.add(1)]);
-            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
-        }
-    }
-
-    fn check<const K: usize>(bytes: &[u8], n: usize, shape: Shape, words: &[f32]) -> usize {
+    /// Checks the page's shape and returns the bytes of one token's code (norm byte, then one
+    /// byte per codeword index) and the norms `ν_t` of its first `n` tokens.
+    fn check<const K: usize>(
+        bytes: &[u8],
+        largest: f32,
+        n: usize,
+        shape: Shape,
+        words: &[f32],
+    ) -> (usize, [f32; 16]) {
         let Shape { d, bs, .. } = shape;
-        let code_bytes = 2 + d / K;
+        let code_bytes = 1 + d / K;
         assert!(K == 2 || K == 4);
         assert!(n <= bs && bs == 16 && d.is_multiple_of(16));
-        assert!(bytes.len() >= n * code_bytes && words.len() >= K);
-        code_bytes
+        assert!(bytes.len() >= PAGE_HEADER + n * code_bytes && words.len() >= K);
+        let mut nu = [0f32; 16];
+        for (t, nu) in nu.iter_mut().enumerate().take(n) {
+            *nu = token_norm(largest, bytes[PAGE_HEADER + t * code_bytes]);
+        }
+        (code_bytes, nu)
     }
 
     /// Two registers of partial sums, A (token a) and B (token b), folded into one: 128-bit
@@ -497,8 +501,10 @@ mod x86 {
     /// AVX-512F and F16C must be present and every index of the first `n` codes below
     /// `words.len() / 4`.
     #[target_feature(enable = "avx512f,f16c")]
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn fib_scores_16<const K: usize>(
         bytes: &[u8],
+        largest: f32,
         n: usize,
         shape: Shape,
         words: &[f32],
@@ -507,16 +513,15 @@ mod x86 {
         scores: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
-        let code_bytes = check::<K>(bytes, n, shape, words);
+        let (code_bytes, nu) = check::<K>(bytes, largest, n, shape, words);
         assert!(rotated_q.len() >= group * d && scores.len() >= group * bs);
         let (w, q) = (words.as_ptr(), rotated_q.as_ptr());
-        let mut nu = [0f32; 16];
-        for (t, nu) in nu.iter_mut().enumerate().take(n) {
-            // SAFETY: token t's code lies in `bytes` (asserted in `check`).
-            *nu = unsafe { norm(bytes.as_ptr().add(t * code_bytes)) } * scale;
-        }
+        let codes = bytes[PAGE_HEADER..].as_ptr();
         // SAFETY: `nu` holds 16 floats.
-        let nu = unsafe { _mm512_loadu_ps(nu.as_ptr()) };
+        let nu = _mm512_mul_ps(
+            unsafe { _mm512_loadu_ps(nu.as_ptr()) },
+            _mm512_set1_ps(scale),
+        );
         for first in (0..group).step_by(4) {
             let heads = (group - first).min(4);
             with_heads!(heads, H, {
@@ -524,11 +529,11 @@ mod x86 {
                 for (quad, start) in (0..n).step_by(4).enumerate() {
                     let mut acc = [[_mm512_setzero_ps(); 4]; 4];
                     for k in 0..(n - start).min(4) {
-                        let code = bytes.as_ptr().wrapping_add((start + k) * code_bytes);
+                        let code = codes.wrapping_add((start + k) * code_bytes);
                         for j in 0..d / 16 {
                             // SAFETY: indices of chunk j of token start + k lie in its code; each
                             // is below the codebook size (the caller's contract).
-                            let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                            let v = unsafe { chunk::<K>(w, code.add(1 + 16 / K * j)) };
                             for (h, acc) in acc.iter_mut().enumerate().take(H) {
                                 // SAFETY: (first + h)·d + 16j + 16 ≤ group·d ≤ rotated_q.len().
                                 let qv =
@@ -559,6 +564,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,f16c")]
     pub(super) unsafe fn fib_values_16<const K: usize>(
         bytes: &[u8],
+        largest: f32,
         n: usize,
         shape: Shape,
         words: &[f32],
@@ -566,14 +572,10 @@ mod x86 {
         acc: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
-        let code_bytes = check::<K>(bytes, n, shape, words);
+        let (code_bytes, nu) = check::<K>(bytes, largest, n, shape, words);
         assert!(probs.len() >= group * bs && acc.len() >= group * d);
         let w = words.as_ptr();
-        let mut nu = [0f32; 16];
-        for (t, nu) in nu.iter_mut().enumerate().take(n) {
-            // SAFETY: token t's code lies in `bytes` (asserted in `check`).
-            *nu = unsafe { norm(bytes.as_ptr().add(t * code_bytes)) };
-        }
+        let codes = bytes[PAGE_HEADER..].as_ptr();
         // SAFETY: `nu` holds 16 floats.
         let nu = unsafe { _mm512_loadu_ps(nu.as_ptr()) };
         // p·ν per head and token, formed once per block
@@ -596,11 +598,11 @@ mod x86 {
                     // t indexes both the codes and every head's weights
                     #[allow(clippy::needless_range_loop)]
                     for t in 0..n {
-                        let code = bytes.as_ptr().wrapping_add(t * code_bytes);
+                        let code = codes.wrapping_add(t * code_bytes);
                         for c in 0..count {
                             let j = chunks + c;
                             // SAFETY: as in `fib_scores_16`.
-                            let v = unsafe { chunk::<K>(w, code.add(2 + 16 / K * j)) };
+                            let v = unsafe { chunk::<K>(w, code.add(1 + 16 / K * j)) };
                             for (h, a) in a.iter_mut().enumerate().take(H) {
                                 let p = _mm512_set1_ps(weights[h][t]);
                                 a[c] = _mm512_fmadd_ps(p, v, a[c]);

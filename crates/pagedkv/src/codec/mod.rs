@@ -115,9 +115,9 @@ impl Codec {
                     .checked_mul(4)
                     .and_then(|s| packed.checked_add(s))
             }),
-            Codec::FibQuant { k, n } => {
-                fibquant::code_bytes(head_dim, k as usize, n as usize).checked_mul(block_size)
-            }
+            Codec::FibQuant { .. } => self
+                .fibquant_profile(head_dim)
+                .and_then(|profile| vector::page_bytes(profile, block_size)),
         };
         bytes.ok_or(overflow("page bytes"))
     }
@@ -246,11 +246,12 @@ mod tests {
             Codec::Int4.page_bytes(Role::Value, bs, d).unwrap(),
             512 + 16 * 2 * 4
         );
-        // fibquant k2 N256: 32 indices of 8 bits + f16 norm per token = 4.25 bits/element
+        // fibquant k2 N256: 32 indices of 8 bits + a norm byte per token, the page's largest
+        // norm in f16: (2 + 16·33)·8 / 1024 = 4.140625 bits/element
         let fq = Codec::FibQuant { k: 2, n: 256 };
-        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 4.25);
+        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 4.140625);
         let fq = Codec::FibQuant { k: 4, n: 256 };
-        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 2.25);
+        assert_eq!(fq.bits_per_element(Role::Key, bs, d).unwrap(), 2.140625);
     }
 
     #[test]

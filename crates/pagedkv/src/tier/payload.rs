@@ -4,7 +4,7 @@
 //! ```text
 //!  offset  size  field
 //!       0     4  magic "PKVB"
-//!       4     2  format version (2), little-endian
+//!       4     2  format version (3: FibQuant pages with one-byte norms), little-endian
 //!       6     1  flags: bit 0 open (f32 staging rows), bit 1 has a prefix key, bit 2 sink rows
 //!       7     1  0
 //!       8     8  layout digest (xxh3-64 of the layout's digest bytes: geometry and codecs)
@@ -27,7 +27,7 @@ use crate::storage::ImageKind;
 
 const MAGIC: &[u8; 4] = b"PKVB";
 /// Current format version.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 const FIXED_HEADER: usize = 36;
 const CHECKSUM: usize = 8;
 
