@@ -216,13 +216,13 @@ fn sensitivity(
         .iter()
         .map(|c| Level::measure(*c, bs, head_dim))
         .collect::<pagedkv::Result<Vec<_>>>()?;
-    let error_of = |codec: Codec, r: usize| {
-        levels
-            .iter()
-            .find(|l| l.codec == codec)
-            .map_or(f64::NAN, |l| l.error[r])
-    };
-    let measured_error = [error_of(low.key, 0), error_of(low.value, 1)];
+    // the setting's own codecs are among the levels (added above)
+    let level_of = |codec: Codec| levels.iter().find(|l| l.codec == codec);
+    let (own_key, own_value) = (level_of(low.key), level_of(low.value));
+    let measured_error = [
+        own_key.map_or(f64::NAN, |l| l.error[0]),
+        own_value.map_or(f64::NAN, |l| l.error[1]),
+    ];
     let layers = model.config().layers;
     let f32 = Codec::F32;
     let only = |layer: usize, key: Codec, value: Codec| -> pagedkv::Result<CodecPair> {
@@ -269,15 +269,7 @@ fn sensitivity(
     // the levels' bits are the codecs' own; sink rows and the recent window come on top
     let base_bits = setting_bits(model, &low, bs, config.window)?;
     let overhead = base_bits
-        - (levels
-            .iter()
-            .find(|l| l.codec == low.key)
-            .map_or(0.0, |l| l.bits[0])
-            + levels
-                .iter()
-                .find(|l| l.codec == low.value)
-                .map_or(0.0, |l| l.bits[1]))
-            / 2.0;
+        - (own_key.map_or(0.0, |l| l.bits[0]) + own_value.map_or(0.0, |l| l.bits[1])) / 2.0;
     let assignment = assign_levels(&kl, measured_error, &levels, args.budget - overhead)
         .with_context(|| {
             format!(
