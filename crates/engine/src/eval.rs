@@ -52,15 +52,6 @@ impl CodecPair {
         });
         self
     }
-
-    /// Key and value codec of `layer`.
-    pub fn codecs_of(&self, layer: usize) -> (Codec, Codec) {
-        self.layer_overrides
-            .iter()
-            .rev()
-            .find(|o| o.layers.contains(layer))
-            .map_or((self.key, self.value), |o| (o.key_codec, o.value_codec))
-    }
 }
 
 fn pair_name(key: Codec, value: Codec) -> String {
@@ -453,13 +444,19 @@ mod tests {
             .parse()
             .unwrap();
         assert_eq!(two.layer_overrides.len(), 2);
+        // the layout resolves them: the last part naming a layer applies
+        let layout = pagedkv::KvLayout::new(pagedkv::LayoutSpec {
+            key_codec: two.key,
+            value_codec: two.value,
+            layer_overrides: two.layer_overrides.clone(),
+            ..pagedkv::LayoutSpec::new(5, 3, 9, 64, two.key)
+        })
+        .unwrap();
+        let codecs_of = |l| (layout.key_codec(l), layout.value_codec(l));
         let k4 = |n| Codec::FibQuant { k: 4, n };
-        assert_eq!(two.codecs_of(0), (k4(1024), k4(256)));
-        assert_eq!(
-            two.codecs_of(3),
-            (Codec::FibQuant { k: 2, n: 256 }, k4(256))
-        );
-        assert_eq!(two.codecs_of(4), (k4(256), k4(256)));
+        assert_eq!(codecs_of(0), (k4(1024), k4(256)));
+        assert_eq!(codecs_of(3), (Codec::FibQuant { k: 2, n: 256 }, k4(256)));
+        assert_eq!(codecs_of(4), (k4(256), k4(256)));
         assert_eq!(two.to_string().parse::<CodecPair>().unwrap(), two);
         assert!("int4@int8:1@".parse::<CodecPair>().is_err());
     }
