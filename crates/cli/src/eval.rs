@@ -35,6 +35,9 @@ pub struct EvalArgs {
     /// 512 tokens takes about 5 s per codec on 2 cores with f32 weights).
     #[arg(long, default_value_t = 8)]
     windows: usize,
+    /// Skip this many windows at the start of the text (e.g. a Project Gutenberg header).
+    #[arg(long, default_value_t = 0)]
+    skip_windows: usize,
     /// Instead of the codec list: the KL when only one layer's keys, or values, are stored in
     /// this setting (KEY/VALUE allowed), then a codec from `--levels` for every layer's keys and
     /// values for `--budget`.
@@ -78,24 +81,34 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     };
     // f32 weights unless asked otherwise: 8-bit activations would bury the codec's own error
     let (model, tokenizer) = common.load_model_or(WeightMode::F32)?;
-    let tokens = tokenizer.encode(&text)?;
+    let mut tokens = tokenizer.encode(&text)?;
+    let skipped = (args.skip_windows * args.window).min(tokens.len());
+    tokens.drain(..skipped);
     let wanted = settings.iter().any(|s| s.key_norm)
         || args
             .sensitivity
             .as_deref()
-            .is_some_and(|s| s.contains("+keynorm"));
-    let key_norm = if wanted {
-        Some(std::sync::Arc::new(fit_key_norm(
-            common, &args, &model, &tokenizer,
-        )?))
+            .is_some_and(|s| s.contains("+keynorm") || s.contains("+keysplit"));
+    let split_wanted = settings.iter().any(|s| s.key_split)
+        || args
+            .sensitivity
+            .as_deref()
+            .is_some_and(|s| s.contains("+keysplit"));
+    let (key_norm, key_stats) = if wanted {
+        let (norm, stats) = fit_key_calibration(common, &args, &model, &tokenizer, split_wanted)?;
+        (
+            Some(std::sync::Arc::new(norm)),
+            stats.map(std::sync::Arc::new),
+        )
     } else {
-        None
+        (None, None)
     };
     let config = EvalConfig {
         window: args.window,
         block_size: common.block_size,
         max_windows: (args.windows > 0).then_some(args.windows),
         key_norm,
+        key_stats,
     };
     let all = tokens.len() / args.window.max(1);
     let windows = if args.windows > 0 {
@@ -139,13 +152,18 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     Ok(())
 }
 
-/// The key normalization fitted on the calibration text, for `+keynorm` settings.
-fn fit_key_norm(
+/// The key normalization fitted on the calibration text, for `+keynorm` settings, and with
+/// `with_stats` the key statistics of `+keysplit` settings.
+fn fit_key_calibration(
     common: &CommonArgs,
     args: &EvalArgs,
     model: &pagedkv_engine::Model,
     tokenizer: &pagedkv_engine::GgufTokenizer,
-) -> Result<pagedkv::KeyNorm> {
+    with_stats: bool,
+) -> Result<(
+    pagedkv::KeyNorm,
+    Option<pagedkv_engine::calibrate::KeyStats>,
+)> {
     use pagedkv_engine::calibrate;
     let (text, name) = match &args.calibration {
         Some(path) => (
@@ -174,7 +192,16 @@ fn fit_key_norm(
         window * windows.min(tokens.len() / window - 1),
         started.elapsed().as_secs_f64()
     );
-    Ok(key_norm)
+    if !with_stats {
+        return Ok((key_norm, None));
+    }
+    let started = Instant::now();
+    let stats = calibrate::fit_key_stats(model, &tokens, window, windows, &key_norm)?;
+    println!(
+        "key statistics (for +keysplit): measured on {name}, {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok((key_norm, Some(stats)))
 }
 
 fn progress_bar(windows: usize) -> ProgressBar {
@@ -228,6 +255,7 @@ fn sensitivity(
     let only = |layer: usize, key: Codec, value: Codec| -> pagedkv::Result<CodecPair> {
         Ok(CodecPair {
             key_norm: low.key_norm,
+            key_split: low.key_split,
             sinks: low.sinks,
             recent: low.recent,
             ..CodecPair::same(f32).with_override(LayerSet::of([layer])?, key, value)

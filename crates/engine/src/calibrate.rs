@@ -7,7 +7,7 @@
 
 use pagedkv::{Codec, KeyNorm, KeyNormFit, KvCacheManager, SeqId};
 
-use crate::model::{BatchItem, Logits, Model};
+use crate::model::{BatchItem, LayerObserver, Logits, Model};
 use crate::{GgufTokenizer, Result};
 
 /// The built-in calibration text.
@@ -28,10 +28,44 @@ pub fn fit_key_norm(
     block_size: usize,
 ) -> Result<KeyNorm> {
     let c = model.config();
-    let layout = c.kv_layout(Codec::F32, Codec::F32, block_size)?;
     let mut fit = KeyNormFit::new(c.layers, c.kv_heads, c.head_dim, block_size, c.rope_base);
     let kv_width = c.kv_heads * c.head_dim;
     let mut failed = None;
+    observe_windows(
+        model,
+        tokens,
+        window,
+        windows,
+        block_size,
+        &mut |layer, _, k| {
+            for (pos, k) in k.chunks_exact(kv_width).enumerate() {
+                if let Err(e) = fit.add(layer, pos, k) {
+                    failed.get_or_insert(e);
+                }
+            }
+        },
+    )?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    Ok(fit.finish()?)
+}
+
+/// Runs `model` over up to `windows` windows of `window` tokens of `tokens` (the first skipped:
+/// front matter, not prose), each on an empty f32 cache, showing every layer's queries and keys
+/// to `observe`; returns the tokens seen.
+fn observe_windows(
+    model: &Model,
+    tokens: &[u32],
+    window: usize,
+    windows: usize,
+    block_size: usize,
+    observe: &mut LayerObserver,
+) -> Result<usize> {
+    let layout = model
+        .config()
+        .kv_layout(Codec::F32, Codec::F32, block_size)?;
+    let mut seen = 0;
     for text in tokens.chunks_exact(window).skip(1).take(windows) {
         let mut cache = KvCacheManager::new(layout.clone(), layout.blocks_for_tokens(window), b"")?;
         let seq = SeqId(0);
@@ -41,18 +75,10 @@ pub fn fit_key_norm(
             tokens: text,
             logits: Logits::None,
         }];
-        model.forward_observed(&mut cache, &batch, &mut |layer, _, k| {
-            for (pos, k) in k.chunks_exact(kv_width).enumerate() {
-                if let Err(e) = fit.add(layer, pos, k) {
-                    failed.get_or_insert(e);
-                }
-            }
-        })?;
+        model.forward_observed(&mut cache, &batch, observe)?;
+        seen += text.len();
     }
-    if let Some(e) = failed {
-        return Err(e.into());
-    }
-    Ok(fit.finish()?)
+    Ok(seen)
 }
 
 /// The normalization fitted on the built-in text with the default windows.
@@ -63,4 +89,114 @@ pub fn default_key_norm(
 ) -> Result<KeyNorm> {
     let tokens = tokenizer.encode(DEFAULT_TEXT)?;
     fit_key_norm(model, &tokens, DEFAULT_WINDOW, DEFAULT_WINDOWS, block_size)
+}
+
+/// Per (layer, kv head, channel pair): the mean squared norm of the keys after the
+/// [`KeyNorm`] and of the queries of the head's group, from a calibration text. A
+/// [`pagedkv::KeySplit`] for any setting's codecs follows from them ([`Self::split`]).
+#[derive(Debug, Clone)]
+pub struct KeyStats {
+    layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    keys: Vec<f64>,
+    queries: Vec<f64>,
+}
+
+impl KeyStats {
+    /// The split whose plans meet, layer by layer, the bits of `key_codec(layer)` wherever it
+    /// is a FibQuant codec.
+    pub fn split(&self, key_codec: impl Fn(usize) -> Codec) -> Result<pagedkv::KeySplit> {
+        let per_layer = self.kv_heads * self.head_dim / 2;
+        let plans = (0..self.layers)
+            .map(|layer| {
+                let codec = key_codec(layer);
+                if !matches!(codec, Codec::FibQuant { .. }) {
+                    return Ok(None);
+                }
+                let span = layer * per_layer..(layer + 1) * per_layer;
+                pagedkv::SplitPlan::fit(
+                    codec,
+                    self.head_dim,
+                    &self.keys[span.clone()],
+                    &self.queries[span],
+                )
+                .map(Some)
+            })
+            .collect::<pagedkv::Result<Vec<_>>>()?;
+        Ok(pagedkv::KeySplit::new(self.kv_heads, self.head_dim, plans)?)
+    }
+}
+
+/// Measures [`KeyStats`] of `model` on up to `windows` windows of `window` tokens of `tokens`
+/// (the first skipped, as in [`fit_key_norm`]), keys taken after `norm`.
+pub fn fit_key_stats(
+    model: &Model,
+    tokens: &[u32],
+    window: usize,
+    windows: usize,
+    norm: &KeyNorm,
+) -> Result<KeyStats> {
+    let c = model.config();
+    let (d, kv, heads) = (c.head_dim, c.kv_heads, c.heads);
+    let pairs = d / 2;
+    let (_, _, _, block_size) = norm.geometry();
+    let mut keys = vec![0f64; c.layers * kv * pairs];
+    let mut queries = vec![0f64; c.layers * kv * pairs];
+    let mut shift = vec![0f32; d];
+    let seen = observe_windows(
+        model,
+        tokens,
+        window,
+        windows,
+        block_size,
+        &mut |layer, q, k| {
+            let at = |h: usize, i: usize| (layer * kv + h) * pairs + i;
+            for (pos, row) in k.chunks_exact(kv * d).enumerate() {
+                for h in 0..kv {
+                    norm.shift(layer, h, pos, &mut shift);
+                    let x = &row[h * d..(h + 1) * d];
+                    for i in 0..pairs {
+                        let a = (x[2 * i] - shift[2 * i]) as f64;
+                        let b = (x[2 * i + 1] - shift[2 * i + 1]) as f64;
+                        keys[at(h, i)] += a * a + b * b;
+                    }
+                }
+            }
+            for row in q.chunks_exact(heads * d) {
+                for (g, x) in row.chunks_exact(d).enumerate() {
+                    let h = g / (heads / kv);
+                    for i in 0..pairs {
+                        queries[at(h, i)] +=
+                            (x[2 * i] * x[2 * i] + x[2 * i + 1] * x[2 * i + 1]) as f64;
+                    }
+                }
+            }
+        },
+    )?;
+    if seen == 0 {
+        return Err(crate::EngineError::InvalidArgument(format!(
+            "the calibration text has no window of {window} tokens after the first"
+        )));
+    }
+    keys.iter_mut()
+        .chain(queries.iter_mut())
+        .for_each(|x| *x /= seen as f64);
+    Ok(KeyStats {
+        layers: c.layers,
+        kv_heads: kv,
+        head_dim: d,
+        keys,
+        queries,
+    })
+}
+
+/// The key statistics on the built-in text with the default windows.
+pub fn default_key_stats(
+    model: &Model,
+    tokenizer: &GgufTokenizer,
+    norm: &KeyNorm,
+) -> Result<KeyStats> {
+    let tokens = tokenizer.encode(DEFAULT_TEXT)?;
+    fit_key_stats(model, &tokens, DEFAULT_WINDOW, DEFAULT_WINDOWS, norm)
 }

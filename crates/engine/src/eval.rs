@@ -28,6 +28,9 @@ pub struct CodecPair {
     /// FibQuant keys normalized with the evaluation's calibrated [`pagedkv::KeyNorm`]
     /// (`+keynorm`).
     pub key_norm: bool,
+    /// Normalized FibQuant keys with their bits allocated over channel pairs by the
+    /// evaluation's calibrated [`crate::calibrate::KeyStats`] (`+keysplit`, implies `+keynorm`).
+    pub key_split: bool,
 }
 
 impl CodecPair {
@@ -40,6 +43,7 @@ impl CodecPair {
             sinks: 0,
             recent: 0,
             key_norm: false,
+            key_split: false,
         }
     }
 
@@ -78,7 +82,9 @@ impl std::fmt::Display for CodecPair {
         for o in &self.layer_overrides {
             write!(f, "@{}:{}", pair_name(o.key_codec, o.value_codec), o.layers)?;
         }
-        if self.key_norm {
+        if self.key_split {
+            write!(f, "+keysplit")?;
+        } else if self.key_norm {
             write!(f, "+keynorm")?;
         }
         if self.sinks > 0 {
@@ -97,18 +103,24 @@ impl std::str::FromStr for CodecPair {
     /// `CODEC` (keys and values) or `KEY/VALUE`, e.g. `int8/int4`, optionally followed by
     /// `@CODECS:LAYERS` parts for other codecs on some layers, e.g. `fibquant-k2n16@int8:0+1+29`
     /// (the last part naming a layer applies to it), and by options in any order: `+keynorm` to normalize FibQuant keys (calibrated),
+    /// `+keysplit` to normalize them and allocate their bits over channel pairs (calibrated),
     /// `+sinkN` to keep each window's first N tokens in f16 (`+sink`: 4; N ≤ block size), `+recentN`
     /// to keep its last N tokens in full precision besides the open block.
     fn from_str(full: &str) -> pagedkv::Result<Self> {
-        let bad_option = || pagedkv::KvError::UnknownCodec {
+        let bad_option = || {
+            pagedkv::KvError::UnknownCodec {
             name: full.to_string(),
-            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...[+keynorm][+sinkN][+recentN]"
+            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...[+keynorm|+keysplit][+sinkN][+recentN]"
                 .to_string(),
+        }
         };
-        let (mut s, mut sinks, mut recent, mut key_norm) = (full, 0, 0, false);
+        let (mut s, mut sinks, mut recent, mut key_norm, mut key_split) =
+            (full, 0, 0, false, false);
         while let Some((rest, option)) = s.rsplit_once('+') {
             if option == "keynorm" {
                 key_norm = true;
+            } else if option == "keysplit" {
+                (key_norm, key_split) = (true, true);
             } else if let Some(n) = option.strip_prefix("sink") {
                 sinks = if n.is_empty() {
                     DEFAULT_SINKS
@@ -131,6 +143,7 @@ impl std::str::FromStr for CodecPair {
             sinks,
             recent,
             key_norm,
+            key_split,
         };
         for other in parts {
             let bad = || pagedkv::KvError::UnknownCodec {
@@ -163,6 +176,8 @@ pub struct EvalConfig {
     pub max_windows: Option<usize>,
     /// The key normalization of the settings marked `+keynorm` (see [`crate::calibrate`]).
     pub key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
+    /// The key statistics the settings marked `+keysplit` allocate their key bits from.
+    pub key_stats: Option<std::sync::Arc<crate::calibrate::KeyStats>>,
 }
 
 /// Results of one codec setting.
@@ -241,7 +256,16 @@ pub fn evaluate(
                     )))
                 }
             };
-            setting_layout(model, s, bs, key_norm)
+            let key_stats = match (s.key_split, &config.key_stats) {
+                (false, _) => None,
+                (true, Some(c)) => Some(&**c),
+                (true, None) => {
+                    return Err(EngineError::InvalidArgument(format!(
+                        "`{s}` asks for a key split but no key statistics were measured"
+                    )))
+                }
+            };
+            setting_layout(model, s, bs, key_norm, key_stats)
         })
         .collect::<Result<Vec<_>>>()?;
     let vocab = model.config().vocab;
@@ -297,16 +321,22 @@ fn setting_layout(
     setting: &CodecPair,
     block_size: usize,
     key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
+    key_stats: Option<&crate::calibrate::KeyStats>,
 ) -> Result<pagedkv::KvLayout> {
     let s = setting;
     let layout =
         model
             .config()
             .kv_layout_with(s.key, s.value, block_size, s.layer_overrides.clone())?;
+    let key_split = key_stats
+        .map(|stats| stats.split(|layer| layout.key_codec(layer)))
+        .transpose()?
+        .map(std::sync::Arc::new);
     Ok(pagedkv::KvLayout::new(pagedkv::LayoutSpec {
         sink_tokens: s.sinks,
         recent_tokens: s.recent,
         key_norm,
+        key_split,
         ..layout.spec().clone()
     })?)
 }
@@ -319,7 +349,7 @@ pub fn setting_bits(
     block_size: usize,
     window: usize,
 ) -> Result<f64> {
-    let layout = setting_layout(model, setting, block_size, None)?;
+    let layout = setting_layout(model, setting, block_size, None, None)?;
     Ok(window_cost(&layout, window).0)
 }
 
@@ -440,6 +470,11 @@ mod tests {
             "fibquant-k4n256@int8:0+29+keynorm+sink4+recent64"
         );
         assert!("int4+recent".parse::<CodecPair>().is_err());
+        // a key split implies the normalization and prints as one option
+        let split: CodecPair = "fibquant-k4n256+keynorm+keysplit+sink1".parse().unwrap();
+        assert_eq!((split.key_norm, split.key_split), (true, true));
+        assert_eq!(split.to_string(), "fibquant-k4n256+keysplit+sink1");
+        assert_eq!(split.to_string().parse::<CodecPair>().unwrap(), split);
         let two: CodecPair = "fibquant-k4n256@fibquant-k4n1024/fibquant-k4n256:0+3@fibquant-k2n256/fibquant-k4n256:3+keynorm"
             .parse()
             .unwrap();

@@ -154,6 +154,7 @@ impl ModelConfig {
             sink_tokens: 0,
             recent_tokens: 0,
             key_norm: None,
+            key_split: None,
         })?)
     }
 }

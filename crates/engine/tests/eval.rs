@@ -22,6 +22,7 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
         block_size: 16,
         max_windows: Some(1),
         key_norm: None,
+        key_stats: None,
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
     for r in &rows {
@@ -55,17 +56,20 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
 }
 
 /// Key normalization fitted on the calibration text lowers FibQuant's KL on a text it never
-/// saw, and leaves the storage cost unchanged.
+/// saw, and leaves the storage cost unchanged; so does the key split measured there.
 #[test]
-fn key_normalization_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
+fn key_normalization_key_split_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
     let path = ensure_model(None).expect("model");
     let (model, tokenizer) = Model::load(&path, WeightMode::F32).unwrap();
     let key_norm = pagedkv_engine::calibrate::default_key_norm(&model, &tokenizer, 16).unwrap();
+    let key_stats =
+        pagedkv_engine::calibrate::default_key_stats(&model, &tokenizer, &key_norm).unwrap();
     let tokens = tokenizer.encode(&TEXT[60_000..80_000]).unwrap();
     let names = [
         "fibquant-k4n256",
         "fibquant-k4n256+keynorm",
         "fibquant-k4n256+keynorm+sink1",
+        "fibquant-k4n256+keysplit+sink1",
     ];
     let settings: Vec<CodecPair> = names.iter().map(|c| c.parse().unwrap()).collect();
     let config = EvalConfig {
@@ -73,13 +77,17 @@ fn key_normalization_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
         block_size: 16,
         max_windows: Some(2),
         key_norm: Some(std::sync::Arc::new(key_norm)),
+        key_stats: Some(std::sync::Arc::new(key_stats)),
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
-    let (plain, normed, sunk) = (&rows[1], &rows[2], &rows[3]);
+    let (plain, normed, sunk, split) = (&rows[1], &rows[2], &rows[3], &rows[4]);
     println!(
-        "plain KL {:.4} PPL {:.3}; keynorm KL {:.4} PPL {:.3}; +sink1 KL {:.4} PPL {:.3}",
-        plain.kl_mean, plain.ppl, normed.kl_mean, normed.ppl, sunk.kl_mean, sunk.ppl
+        "plain KL {:.4} PPL {:.3}; keynorm KL {:.4} PPL {:.3}; +sink1 KL {:.4} PPL {:.3}; keysplit+sink1 KL {:.4} PPL {:.3}",
+        plain.kl_mean, plain.ppl, normed.kl_mean, normed.ppl, sunk.kl_mean, sunk.ppl, split.kl_mean, split.ppl
     );
+    // the split spends at most the codec's bits, where the logits feel them
+    assert!(split.kl_mean < 0.9 * sunk.kl_mean);
+    assert!(split.bits_per_element <= sunk.bits_per_element);
     assert!(normed.kl_mean < 0.95 * plain.kl_mean);
     assert_eq!(normed.bits_per_element, plain.bits_per_element);
     // one sink token: lower KL, for its f16 rows (16 bits per element of one token in 256)
@@ -89,6 +97,7 @@ fn key_normalization_and_a_sink_token_lower_fibquant_kl_on_an_unseen_text() {
     // asking for it without a fitted normalization is an error
     let none = EvalConfig {
         key_norm: None,
+        key_stats: None,
         ..config
     };
     assert!(evaluate(&model, &tokens, &settings, none, |_, _| {}).is_err());

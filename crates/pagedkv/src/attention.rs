@@ -62,6 +62,8 @@ pub struct Scratch {
     fib: FibTables,
     /// Running softmax sums per query head, spread over 16 lanes.
     lanes: Vec<[f32; 16]>,
+    /// Split keys: the pass's query tables (see [`crate::SplitPlan::query_tables`]).
+    split_tables: Vec<f32>,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -380,6 +382,7 @@ impl Pass<'_> {
             pages,
             fib,
             lanes,
+            split_tables,
             ..
         } = scratch;
         scores.resize(group * bs, 0.0);
@@ -390,6 +393,8 @@ impl Pass<'_> {
         fib.start_head();
         // normalized keys: sealed pages score the mean's term besides their codes
         let key_norm = layout.key_norm(self.layer);
+        let key_split = layout.key_split(self.layer);
+        let mut split_ready = false;
         for block_idx in blocks {
             let block = self.ctx.blocks[block_idx];
             let start = block_idx * bs;
@@ -404,7 +409,16 @@ impl Pass<'_> {
                 }
             }
             let keys = self.storage.key_page(self.layer, block, self.head)?;
-            key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?;
+            match (key_split, keys) {
+                (Some(plan), PageRef::Packed { bytes, .. }) => {
+                    if !split_ready {
+                        plan.query_tables(self.head, self.q, split_tables);
+                        split_ready = true;
+                    }
+                    plan.scores(bytes, n, split_tables, self.scale, bs, scores)?;
+                }
+                _ => key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?,
+            }
             if let (Some(norm), PageRef::Packed { .. }) = (key_norm, keys) {
                 let (q, layer, head) = (self.q, self.layer, self.head);
                 fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
@@ -637,9 +651,11 @@ mod tests {
         let (kv, qh) = (3, 9);
         let fib = Codec::FibQuant { k: 4, n: 256 };
         // the table path (blocks of 4) and the AVX-512 path (blocks of 16, head_dim 64)
-        for ((d, bs), value) in [(32, 4), (64, 16)]
+        // and split keys (the pairs' bits allocated by a plan)
+        for (((d, bs), value), split_keys) in [(32, 4), (64, 16)]
             .into_iter()
             .flat_map(|g| [fib, Codec::F16, Codec::Int4].map(|v| (g, v)))
+            .flat_map(|c| [(c, false), (c, true)])
         {
             let means: Vec<f32> = (0..kv * d)
                 .map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5)
@@ -649,7 +665,16 @@ mod tests {
             spec.block_size = bs;
             let norm = KeyNorm::new(1, kv, d, bs, 10_000.0, means.clone()).unwrap();
             spec.key_norm = Some(std::sync::Arc::new(norm));
+            if split_keys {
+                let pairs = kv * d / 2;
+                let keys: Vec<f64> = (0..pairs).map(|i| 1.0 + (i * 13 % 17) as f64).collect();
+                let queries: Vec<f64> = (0..pairs).map(|i| 0.5 + (i * 5 % 7) as f64).collect();
+                let plan = crate::SplitPlan::fit(fib, d, &keys, &queries).unwrap();
+                let split = crate::KeySplit::new(kv, d, vec![Some(plan)]).unwrap();
+                spec.key_split = Some(std::sync::Arc::new(split));
+            }
             let layout = KvLayout::new(spec).unwrap();
+            assert_eq!(layout.key_split(0).is_some(), split_keys);
             let tokens = bs * 40 + 3;
             let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).map(BlockId).collect();
             let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
@@ -690,7 +715,8 @@ mod tests {
                     .unwrap();
                 attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
                 attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
-                let what = format!("{fib}/{value} normalized keys, length {len}");
+                let what =
+                    format!("{fib}/{value} normalized keys (split {split_keys}), length {len}");
                 assert_close(&fast, &slow, &what);
                 assert_close(&portable, &slow, &what);
                 assert_close(&split, &slow, &what);

@@ -16,6 +16,7 @@ use std::sync::Arc;
 use crate::codec::{Codec, Role};
 use crate::error::{KvError, Result};
 use crate::key_norm::KeyNorm;
+use crate::key_split::{KeySplit, SplitPlan};
 
 /// Upper bounds that keep every derived size far from overflow and catch absurd input early.
 const MAX_LAYERS: usize = 1024;
@@ -55,6 +56,10 @@ pub struct LayoutSpec {
     pub recent_tokens: usize,
     /// Normalization of FibQuant keys before encoding (see [`KeyNorm`]); None for none.
     pub key_norm: Option<Arc<KeyNorm>>,
+    /// Bit allocation across the channel pairs of normalized FibQuant keys (see [`KeySplit`]);
+    /// needs `key_norm`. A layer's plan applies where the layer's key codec is the one it was
+    /// made for.
+    pub key_split: Option<Arc<KeySplit>>,
 }
 
 /// A set of layer indices (below [`MAX_LAYERS`]), stored as a bitmap so layouts stay `Copy`.
@@ -139,6 +144,7 @@ impl LayoutSpec {
             sink_tokens: 0,
             recent_tokens: 0,
             key_norm: None,
+            key_split: None,
         }
     }
 }
@@ -225,6 +231,16 @@ impl KvLayout {
                 )));
             }
         }
+        if let Some(split) = &spec.key_split {
+            let want = (spec.layers, spec.kv_heads, spec.head_dim);
+            if split.geometry() != want || spec.key_norm.is_none() {
+                return Err(KvError::InvalidKeyNorm(format!(
+                    "a key split made for (layers, kv heads, head_dim) {:?} on a layout with {want:?}{}",
+                    split.geometry(),
+                    if spec.key_norm.is_none() { " and no key normalization" } else { "" }
+                )));
+            }
+        }
         let codecs: Vec<(Codec, Codec)> = (0..spec.layers)
             .map(|layer| {
                 spec.layer_overrides
@@ -241,11 +257,19 @@ impl KvLayout {
         };
         let mut page_bytes = Vec::with_capacity(spec.layers);
         let mut block_bytes = 0usize;
-        for &(key, value) in &codecs {
+        for (layer, &(key, value)) in codecs.iter().enumerate() {
             key.check_head_dim(spec.head_dim)?;
             value.check_head_dim(spec.head_dim)?;
+            let split = spec
+                .key_split
+                .as_deref()
+                .and_then(|s| s.plan(layer))
+                .filter(|p| p.for_codec() == key);
             let pages = (
-                key.page_bytes(Role::Key, spec.block_size, spec.head_dim)?,
+                match split {
+                    Some(plan) => plan.page_bytes(spec.block_size),
+                    None => key.page_bytes(Role::Key, spec.block_size, spec.head_dim)?,
+                },
                 value.page_bytes(Role::Value, spec.block_size, spec.head_dim)?,
             );
             block_bytes = pages
@@ -271,6 +295,16 @@ impl KvLayout {
             .key_norm
             .as_deref()
             .filter(|_| matches!(self.key_codec(layer), Codec::FibQuant { .. }))
+    }
+
+    /// The key split plan that applies to `layer`'s key pages: the layout's, if it has one for
+    /// the layer's key codec.
+    pub fn key_split(&self, layer: usize) -> Option<&SplitPlan> {
+        self.spec
+            .key_split
+            .as_deref()
+            .and_then(|s| s.plan(layer))
+            .filter(|p| p.for_codec() == self.key_codec(layer))
     }
 
     /// The spec this layout was built from.
@@ -417,6 +451,9 @@ impl KvLayout {
         if let Some(c) = &s.key_norm {
             digest += &format!(";key_norm={:016x}", c.digest());
         }
+        if let Some(c) = &s.key_split {
+            digest += &format!(";key_split={:016x}", c.digest());
+        }
         digest.into_bytes()
     }
 }
@@ -512,6 +549,42 @@ mod tests {
         spec.key_codec = Codec::Int4;
         spec.key_norm = Some(norm(30));
         assert!(KvLayout::new(spec).unwrap().key_norm(0).is_none());
+    }
+
+    #[test]
+    fn key_split_applies_to_its_codec_enters_the_digest_and_needs_the_norm() {
+        let fib = Codec::FibQuant { k: 4, n: 256 };
+        let means = vec![0.5; 30 * 3 * 64];
+        let norm = Arc::new(KeyNorm::new(30, 3, 64, 16, 1e5, means).unwrap());
+        let keys: Vec<f64> = (0..96).map(|i| 1.0 + (i % 9) as f64).collect();
+        let queries: Vec<f64> = (0..96).map(|i| 1.0 + (i % 5) as f64).collect();
+        let plan = SplitPlan::fit(fib, 64, &keys, &queries).unwrap();
+        // a plan for layer 1 only
+        let split = |layers| {
+            let mut plans = vec![None; layers];
+            plans[1] = Some(plan.clone());
+            Arc::new(KeySplit::new(3, 64, plans).unwrap())
+        };
+        let mut spec = smollm(fib);
+        spec.key_norm = Some(norm.clone());
+        let normed = KvLayout::new(spec.clone()).unwrap();
+        spec.key_split = Some(split(30));
+        let with_split = KvLayout::new(spec.clone()).unwrap();
+        assert!(with_split.key_split(0).is_none() && with_split.key_split(1).is_some());
+        assert_eq!(with_split.key_page_bytes(1), plan.page_bytes(16));
+        assert!(with_split.key_page_bytes(1) <= normed.key_page_bytes(1));
+        assert_eq!(with_split.key_page_bytes(0), normed.key_page_bytes(0));
+        assert_ne!(with_split.digest_bytes(), normed.digest_bytes());
+        // a plan made for another codec does not apply
+        let mut other = spec.clone();
+        other.key_codec = Codec::FibQuant { k: 4, n: 1024 };
+        assert!(KvLayout::new(other).unwrap().key_split(1).is_none());
+        // wrong geometry, or no normalization: refused
+        spec.key_split = Some(split(2));
+        assert!(KvLayout::new(spec.clone()).is_err());
+        spec.key_split = Some(split(30));
+        spec.key_norm = None;
+        assert!(KvLayout::new(spec).is_err());
     }
 
     #[test]

@@ -662,14 +662,11 @@ impl KvStorage {
                         normalized = x;
                         rows = &normalized;
                     }
-                    encode_page(
-                        codec,
-                        role,
-                        rows,
-                        l.block_size(),
-                        l.head_dim(),
-                        &mut bytes[dst..dst + page_bytes],
-                    )?;
+                    let out = &mut bytes[dst..dst + page_bytes];
+                    match (l.key_split(layer), role) {
+                        (Some(plan), Role::Key) => plan.encode_page(head, rows, out)?,
+                        _ => encode_page(codec, role, rows, l.block_size(), l.head_dim(), out)?,
+                    }
                 }
             }
         }
@@ -750,7 +747,12 @@ impl KvStorage {
     ) -> Result<()> {
         let (d, bs) = (self.layout.head_dim(), self.layout.block_size());
         let page = self.page(layer, block, head, role)?;
-        page.to_f32(bs, d, out)?;
+        match (self.layout.key_split(layer), role, page) {
+            (Some(plan), Role::Key, PageRef::Packed { bytes, .. }) => {
+                plan.decode_page(head, bytes, &mut out[..bs * d])?
+            }
+            _ => page.to_f32(bs, d, out)?,
+        }
         if let (Some(norm), Role::Key, PageRef::Packed { .. }) =
             (self.layout.key_norm(layer), role, page)
         {

@@ -81,7 +81,7 @@ pub(crate) fn token_norm(page_norm: f32, byte: u8) -> f32 {
 }
 
 /// The norm byte of a vector of norm `norm` in a page whose largest is `page_norm`.
-fn norm_byte(page_norm: f32, norm: f64) -> u8 {
+pub(crate) fn norm_byte(page_norm: f32, norm: f64) -> u8 {
     if norm == 0.0 || page_norm == 0.0 {
         return ZERO;
     }
@@ -89,7 +89,8 @@ fn norm_byte(page_norm: f32, norm: f64) -> u8 {
     steps.clamp(0.0, (ZERO - 1) as f64) as u8
 }
 
-fn quantizer(codec: Codec, head_dim: usize) -> Result<std::sync::Arc<FibQuant>> {
+/// The shared quantizer of a FibQuant `codec` at `head_dim`.
+pub(crate) fn quantizer(codec: Codec, head_dim: usize) -> Result<std::sync::Arc<FibQuant>> {
     let profile = codec
         .fibquant_profile(head_dim)
         .ok_or(KvError::UnsupportedCodec {
