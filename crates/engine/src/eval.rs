@@ -97,6 +97,10 @@ impl std::fmt::Display for CodecPair {
     }
 }
 
+/// The grammar of a setting, for error messages.
+const VALID_SETTING: &str =
+    "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...[+keynorm|+keysplit][+sinkN][+recentN]";
+
 impl std::str::FromStr for CodecPair {
     type Err = pagedkv::KvError;
 
@@ -107,12 +111,9 @@ impl std::str::FromStr for CodecPair {
     /// `+sinkN` to keep each window's first N tokens in f16 (`+sink`: 4; N ≤ block size), `+recentN`
     /// to keep its last N tokens in full precision besides the open block.
     fn from_str(full: &str) -> pagedkv::Result<Self> {
-        let bad_option = || {
-            pagedkv::KvError::UnknownCodec {
+        let bad_option = || pagedkv::KvError::UnknownCodec {
             name: full.to_string(),
-            valid: "CODEC[/CODEC][@CODEC[/CODEC]:LAYER+LAYER...]...[+keynorm|+keysplit][+sinkN][+recentN]"
-                .to_string(),
-        }
+            valid: VALID_SETTING.to_string(),
         };
         let (mut s, mut sinks, mut recent, mut key_norm, mut key_split) =
             (full, 0, 0, false, false);
