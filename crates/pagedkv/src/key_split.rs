@@ -270,6 +270,13 @@ impl SplitPlan {
                 what: "key split scales",
             });
         }
+        // the ladder's codebooks: k divides a chunk, and 2^bits words (every index in range)
+        if let Some(Some(c)) = chunks.iter().find(|c| !LADDER.contains(c)) {
+            return Err(KvError::UnsupportedCodec {
+                codec: c.to_string(),
+                reason: "a key split chunk takes a codec of its ladder",
+            });
+        }
         let budget = head_bits(for_codec, head_dim).ok_or(KvError::UnsupportedCodec {
             codec: for_codec.to_string(),
             reason: "a key split replaces a FibQuant key codec",
@@ -418,6 +425,23 @@ impl SplitPlan {
         Ok(())
     }
 
+    /// The codeword indices of chunk `c` (coded by `fq`) in a token's code. Every codebook of
+    /// the ladder has 2^bits words, so every unpacked index is in range.
+    fn chunk_indices<'a>(
+        &self,
+        c: usize,
+        fq: &FibQuant,
+        token: &[u8],
+        indices: &'a mut [u16; CHUNK / 2],
+    ) -> &'a [u16] {
+        let blocks = CHUNK / fq.profile().k;
+        let bits = fq.index_bits();
+        let start = self.offsets[c];
+        let len = fibquant::pack::packed_len(blocks, bits);
+        fibquant::pack::unpack(&token[start..start + len], bits, &mut indices[..blocks]);
+        &indices[..blocks]
+    }
+
     /// Decodes a page of kv head `head` into `out` (tokens × head_dim), before the
     /// [`crate::KeyNorm`]'s mean is restored.
     pub fn decode_page(&self, head: usize, page: &[u8], out: &mut [f32]) -> Result<()> {
@@ -443,13 +467,9 @@ impl SplitPlan {
             for (c, fq) in self.quantizers.iter().enumerate() {
                 let Some(fq) = fq else { continue };
                 let k = fq.profile().k;
-                let blocks = CHUNK / k;
-                let start = self.offsets[c];
-                let bits = fq.index_bits();
-                let len = fibquant::pack::packed_len(blocks, bits);
-                fibquant::pack::unpack(&token[start..start + len], bits, &mut indices[..blocks]);
+                let indices = self.chunk_indices(c, fq, token, &mut indices);
                 let chunk = &mut moved[c * CHUNK..(c + 1) * CHUNK];
-                for (b, i) in indices[..blocks].iter().enumerate() {
+                for (b, i) in indices.iter().enumerate() {
                     chunk[b * k..(b + 1) * k].copy_from_slice(fq.codebook().word(*i as usize));
                 }
                 self.rotations[c].inverse_scaled(chunk, norm);
@@ -556,22 +576,17 @@ impl SplitPlan {
             let mut at = 0;
             for (c, fq) in self.quantizers.iter().enumerate() {
                 let Some(fq) = fq else { continue };
-                let (k, words) = (fq.profile().k, fq.profile().n);
-                let blocks = CHUNK / k;
-                let start = self.offsets[c];
-                let bits = fq.index_bits();
-                let len = fibquant::pack::packed_len(blocks, bits);
-                // n is a power of two with index_bits bits: every unpacked index is in range
-                fibquant::pack::unpack(&token[start..start + len], bits, &mut indices[..blocks]);
+                let words = fq.profile().n;
+                let indices = self.chunk_indices(c, fq, token, &mut indices);
                 for (g, table) in tables.chunks_exact(per_query).enumerate() {
-                    let sum: f32 = indices[..blocks]
+                    let sum: f32 = indices
                         .iter()
                         .enumerate()
                         .map(|(b, i)| table[at + b * words + *i as usize])
                         .sum();
                     scores[g * stride + t] += sum * norm;
                 }
-                at += blocks * words;
+                at += indices.len() * words;
             }
         }
         Ok(())
@@ -776,6 +791,9 @@ mod tests {
                     .is_err()),
             }
         }
+        let odd = Some(Codec::FibQuant { k: 4, n: 100 });
+        let odd_chunks = vec![odd, None, None, None];
+        assert!(SplitPlan::new(codec, 64, odd_chunks, order.clone(), vec![1.0; 64]).is_err());
         let fine = Some(Codec::FibQuant { k: 2, n: 256 });
         assert!(SplitPlan::new(codec, 64, vec![fine; 4], order, vec![1.0; 64]).is_err());
     }
