@@ -653,6 +653,11 @@ impl KeySplit {
         self.plans.get(layer).and_then(|p| p.as_ref())
     }
 
+    /// The plan of `layer` if it applies there: made for `key_codec`, the layer's key codec.
+    pub fn plan_for(&self, layer: usize, key_codec: Codec) -> Option<&SplitPlan> {
+        self.plan(layer).filter(|p| p.for_codec == key_codec)
+    }
+
     /// Hash of the plans: enters the layout digest.
     pub fn digest(&self) -> u64 {
         self.digest

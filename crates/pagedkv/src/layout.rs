@@ -263,8 +263,7 @@ impl KvLayout {
             let split = spec
                 .key_split
                 .as_deref()
-                .and_then(|s| s.plan(layer))
-                .filter(|p| p.for_codec() == key);
+                .and_then(|s| s.plan_for(layer, key));
             let pages = (
                 match split {
                     Some(plan) => plan.page_bytes(spec.block_size),
@@ -303,8 +302,7 @@ impl KvLayout {
         self.spec
             .key_split
             .as_deref()
-            .and_then(|s| s.plan(layer))
-            .filter(|p| p.for_codec() == self.key_codec(layer))
+            .and_then(|s| s.plan_for(layer, self.key_codec(layer)))
     }
 
     /// The spec this layout was built from.
