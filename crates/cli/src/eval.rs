@@ -84,16 +84,13 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
     let mut tokens = tokenizer.encode(&text)?;
     let skipped = (args.skip_windows * args.window).min(tokens.len());
     tokens.drain(..skipped);
-    let wanted = settings.iter().any(|s| s.key_norm)
-        || args
-            .sensitivity
-            .as_deref()
-            .is_some_and(|s| s.contains("+keynorm") || s.contains("+keysplit"));
-    let split_wanted = settings.iter().any(|s| s.key_split)
-        || args
-            .sensitivity
-            .as_deref()
-            .is_some_and(|s| s.contains("+keysplit"));
+    let probed = args
+        .sensitivity
+        .as_deref()
+        .map(str::parse::<CodecPair>)
+        .transpose()?;
+    let wanted = settings.iter().chain(&probed).any(|s| s.key_norm);
+    let split_wanted = settings.iter().chain(&probed).any(|s| s.key_split);
     let (key_norm, key_stats) = if wanted {
         let (norm, stats) = fit_key_calibration(common, &args, &model, &tokenizer, split_wanted)?;
         (
@@ -124,7 +121,7 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         model.weight_mode(),
         common.threads_label()
     );
-    if let Some(setting) = &args.sensitivity {
+    if let Some(setting) = probed {
         return sensitivity(&model, &tokens, setting, &args, config, windows);
     }
     let bar = progress_bar(windows);
@@ -211,21 +208,20 @@ fn progress_bar(windows: usize) -> ProgressBar {
     )
 }
 
-/// Per-(layer, role) KL of `setting` (only that layer's keys, or values, stored in it; every
+/// Per-(layer, role) KL of the setting `low` (only that layer's keys, or values, stored in it; every
 /// other layer f32), then a codec from `--levels` for each layer's keys and values that
 /// minimises the predicted KL within `--budget` bits per element (see
 /// [`pagedkv_engine::allocate`]).
 fn sensitivity(
     model: &pagedkv_engine::Model,
     tokens: &[u32],
-    setting: &str,
+    low: CodecPair,
     args: &EvalArgs,
     config: EvalConfig,
     windows: usize,
 ) -> Result<()> {
     use pagedkv::Codec;
     use pagedkv_engine::allocate::{assign_levels, Level};
-    let low: CodecPair = setting.parse()?;
     anyhow::ensure!(
         low.layer_overrides.is_empty(),
         "--sensitivity takes a setting without layer overrides (got `{low}`)"
