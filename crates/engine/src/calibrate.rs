@@ -132,7 +132,7 @@ impl KeyStats {
 }
 
 /// Whether a key split is worth its codebooks under the key codec `codec`: a FibQuant codec of
-/// fewer than 4 index bits per coordinate. Measured on the calibration text (the 2.5-bit
+/// fewer than 4 stored index bits per coordinate. Measured on the calibration text (the 2.5-bit
 /// assignment on windows 3–6 of *Around the World*, past the two it was measured on; key mean
 /// and statistics from 4 windows): with every key layer split KL 0.0409;
 /// with the layers in fibquant-k2n256 (4 bits) plain 0.0400; plain also at fibquant-k4n4096
@@ -141,7 +141,7 @@ impl KeyStats {
 /// pays where bits are scarce.
 pub fn splits_pay(codec: Codec) -> bool {
     match codec {
-        Codec::FibQuant { k, n } => (n as f64).log2() < 4.0 * k as f64,
+        Codec::FibQuant { k, n } => fibquant::index_bits(n as usize) < 4 * k as u32,
         _ => false,
     }
 }
