@@ -80,7 +80,7 @@ pub struct CodecsBench {
     /// Codecs to measure (comma-separated).
     #[arg(
         long,
-        default_value = "f32,f16,bf16,fp8-e4m3,fp8-e5m2,int8,int4,fibquant-k2n256,fibquant-k2n64,fibquant-k4n256,fibquant-k2n16"
+        default_value = "f32,f16,bf16,fp8-e4m3,fp8-e5m2,int8,int4,int2,fibquant-k2n256,fibquant-k2n64,fibquant-k4n256,fibquant-k2n16"
     )]
     codecs: String,
     /// Write the figures as JSON.

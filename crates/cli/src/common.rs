@@ -27,7 +27,7 @@ pub struct CommonArgs {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
-    /// Codec of keys and values: f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8, int4.
+    /// Codec of keys and values: f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8, int4, int2, fibquant-k{K}n{N}.
     #[arg(long, global = true, default_value = "int8")]
     pub codec: String,
     /// Codec of keys (overrides --codec).

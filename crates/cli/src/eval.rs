@@ -25,7 +25,7 @@ pub struct EvalArgs {
     /// Codec settings (comma-separated): a codec for keys and values, or KEY/VALUE.
     #[arg(
         long,
-        default_value = "f16,bf16,int8,fp8-e4m3,fp8-e5m2,int4,int8/int4,fibquant-k2n256,fibquant-k2n256+keynorm,fibquant-k2n64,fibquant-k4n256,fibquant-k4n256+keynorm,fibquant-k4n256+keynorm+sink1,fibquant-k4n256+keysplit+sink1,fibquant-k2n16"
+        default_value = "f16,bf16,int8,fp8-e4m3,fp8-e5m2,int4,int2,int8/int4,fibquant-k2n256,fibquant-k2n256+keynorm,fibquant-k2n64,fibquant-k4n256,fibquant-k4n256+keynorm,fibquant-k4n256+keynorm+sink1,fibquant-k4n256+keysplit+sink1,fibquant-k2n16"
     )]
     codecs: String,
     /// Tokens per window; each window starts with an empty cache.

@@ -13,10 +13,17 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
     let path = ensure_model(None).expect("model");
     let (model, tokenizer) = Model::load(&path, WeightMode::F32).unwrap();
     let tokens = tokenizer.encode(&TEXT[20_000..40_000]).unwrap();
-    let settings: Vec<CodecPair> = ["f16", "int8", "int4", "fibquant-k2n256", "fibquant-k2n16"]
-        .iter()
-        .map(|c| c.parse().unwrap())
-        .collect();
+    let settings: Vec<CodecPair> = [
+        "f16",
+        "int8",
+        "int4",
+        "int2",
+        "fibquant-k2n256",
+        "fibquant-k2n16",
+    ]
+    .iter()
+    .map(|c| c.parse().unwrap())
+    .collect();
     let config = EvalConfig {
         window: 256,
         block_size: 16,
@@ -46,6 +53,7 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
     assert_eq!(row("f32").tokens, 255);
     assert!(row("f16").kl_mean < 1e-4, "{}", row("f16").kl_mean);
     assert!(row("int8").kl_mean < row("int4").kl_mean);
+    assert!(row("int4").kl_mean < row("int2").kl_mean);
     assert!(row("fibquant-k2n256").kl_mean < row("fibquant-k2n16").kl_mean);
     // bad input is a typed error, not a panic
     let short = EvalConfig {

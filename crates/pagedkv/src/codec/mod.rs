@@ -46,6 +46,9 @@ pub enum Codec {
     Int8,
     /// 4-bit asymmetric integers, two per byte, with f16 scale and zero point.
     Int4,
+    /// 2-bit asymmetric integers, four per byte, with f16 scale and zero point (KIVI-2's
+    /// grouping: keys per channel, values per token).
+    Int2,
     /// FibQuant vector quantization: blocks of `k` coordinates, `n` codewords.
     FibQuant {
         /// Coordinates per codeword.
@@ -57,7 +60,7 @@ pub enum Codec {
 
 impl Codec {
     /// Every fixed codec name, for error messages and help text.
-    pub const FIXED: [Codec; 7] = [
+    pub const FIXED: [Codec; 8] = [
         Codec::F32,
         Codec::F16,
         Codec::Bf16,
@@ -65,6 +68,7 @@ impl Codec {
         Codec::Fp8E5m2,
         Codec::Int8,
         Codec::Int4,
+        Codec::Int2,
     ];
 
     /// The list of valid names as shown to users.
@@ -106,9 +110,12 @@ impl Codec {
             Codec::Int8 => scale_pairs
                 .checked_mul(4)
                 .and_then(|s| elements.checked_add(s)),
-            Codec::Int4 => match role {
-                Role::Key => head_dim.checked_mul(block_size.div_ceil(2)),
-                Role::Value => block_size.checked_mul(head_dim.div_ceil(2)),
+            Codec::Int4 | Codec::Int2 => {
+                let per_byte = 8 / scalar::code_bits(self);
+                match role {
+                    Role::Key => head_dim.checked_mul(block_size.div_ceil(per_byte)),
+                    Role::Value => block_size.checked_mul(head_dim.div_ceil(per_byte)),
+                }
             }
             .and_then(|packed| {
                 scale_pairs
@@ -172,6 +179,7 @@ impl fmt::Display for Codec {
             Codec::Fp8E5m2 => f.write_str("fp8-e5m2"),
             Codec::Int8 => f.write_str("int8"),
             Codec::Int4 => f.write_str("int4"),
+            Codec::Int2 => f.write_str("int2"),
             Codec::FibQuant { k, n } => write!(f, "fibquant-k{k}n{n}"),
         }
     }
@@ -245,6 +253,16 @@ mod tests {
         assert_eq!(
             Codec::Int4.page_bytes(Role::Value, bs, d).unwrap(),
             512 + 16 * 2 * 4
+        );
+        // int2 keys: a quarter byte per element + scale and zero per channel = 4 bits/element;
+        // values: + scale and zero per token per 32 channels = 3 bits/element
+        assert_eq!(
+            Codec::Int2.page_bytes(Role::Key, bs, d).unwrap(),
+            256 + 64 * 4
+        );
+        assert_eq!(
+            Codec::Int2.bits_per_element(Role::Value, bs, d).unwrap(),
+            3.0
         );
         // fibquant k2 N256: 32 indices of 8 bits + a norm byte per token, the page's largest
         // norm in f16: (2 + 16·33)·8 / 1024 = 4.140625 bits/element

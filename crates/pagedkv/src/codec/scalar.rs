@@ -5,6 +5,7 @@
 //!  page = [data][parameters]
 //!  f32/f16/bf16  data only, little-endian
 //!  int8          data: 1 byte per element (token-major)      int4: 2 elements per byte (low nibble first)
+//!                                                             int2: 4 elements per byte (low bits first)
 //!                keys:   per channel over the block's tokens   [scale f16, zero f16] × head_dim
 //!                values: per token, per group of 32 channels   [scale f16, zero f16] × block_size × groups
 //!  fp8 e4m3/e5m2 data: 1 code per element; keys: f16 scale × head_dim; values: f16 scale × block_size
@@ -65,13 +66,18 @@ pub(crate) fn get_f16(bytes: &[u8], idx: usize) -> f32 {
     f16::from_le_bytes([bytes[idx * 2], bytes[idx * 2 + 1]]).to_f32()
 }
 
+/// Bits of one stored code of an integer or fp8 codec: int4 and int2 pack several per byte.
+pub(crate) fn code_bits(codec: Codec) -> usize {
+    match codec {
+        Codec::Int4 => 4,
+        Codec::Int2 => 2,
+        _ => 8,
+    }
+}
+
 /// Levels of an integer codec: q ∈ 0..=levels.
 fn levels(codec: Codec) -> u32 {
-    if codec == Codec::Int4 {
-        15
-    } else {
-        255
-    }
+    (1 << code_bits(codec)) - 1
 }
 
 /// Bytes of the data part of a page.
@@ -80,8 +86,13 @@ pub fn data_bytes(codec: Codec, role: Role, block_size: usize, head_dim: usize) 
         Codec::F32 => block_size * head_dim * 4,
         Codec::F16 | Codec::Bf16 => block_size * head_dim * 2,
         // packed along the stored axis: a key channel's tokens, a value token's channels
-        Codec::Int4 if role == Role::Key => head_dim * block_size.div_ceil(2),
-        Codec::Int4 => block_size * head_dim.div_ceil(2),
+        Codec::Int4 | Codec::Int2 => {
+            let per_byte = 8 / code_bits(codec);
+            match role {
+                Role::Key => head_dim * block_size.div_ceil(per_byte),
+                Role::Value => block_size * head_dim.div_ceil(per_byte),
+            }
+        }
         _ => block_size * head_dim,
     }
 }
@@ -301,7 +312,7 @@ pub fn encode_page(
             .iter()
             .zip(data.chunks_exact_mut(2))
             .for_each(|(x, o)| o.copy_from_slice(&bf16::from_f32(*x).to_le_bytes())),
-        Codec::Int8 | Codec::Int4 => {
+        Codec::Int8 | Codec::Int4 | Codec::Int2 => {
             let mut codes = vec![0u8; rows.len()];
             encode_int(codec, role, rows, head_dim, &mut codes, params);
             pack_codes(codec, role, &codes, block_size, head_dim, data);
@@ -355,7 +366,7 @@ pub fn encode_page(
 /// are stored channel-major — a channel's codes over the block's tokens side by side, so
 /// attention scores a whole block with one vector operation per channel; values stay
 /// token-major. Int4 packs two codes per byte, low nibble first (two tokens of a key channel,
-/// two channels of a value row).
+/// two channels of a value row); int2 packs four, lowest bits first.
 fn pack_codes(codec: Codec, role: Role, codes: &[u8], bs: usize, d: usize, data: &mut [u8]) {
     let code = |i: usize, j: usize| match role {
         // i: channel, j: token
@@ -369,18 +380,12 @@ fn pack_codes(codec: Codec, role: Role, codes: &[u8], bs: usize, d: usize, data:
         Role::Key => (d, bs),
         Role::Value => (bs, d),
     };
-    if codec == Codec::Int4 {
-        let row = inner.div_ceil(2);
-        for i in 0..outer {
-            for (b, byte) in data[i * row..(i + 1) * row].iter_mut().enumerate() {
-                *byte = code(i, 2 * b) | (code(i, 2 * b + 1) << 4);
-            }
-        }
-    } else {
-        for i in 0..outer {
-            for (j, byte) in data[i * inner..(i + 1) * inner].iter_mut().enumerate() {
-                *byte = code(i, j);
-            }
+    let bits = code_bits(codec);
+    let per_byte = 8 / bits;
+    let row = inner.div_ceil(per_byte);
+    for i in 0..outer {
+        for (b, byte) in data[i * row..(i + 1) * row].iter_mut().enumerate() {
+            *byte = (0..per_byte).fold(0, |acc, k| acc | code(i, per_byte * b + k) << (bits * k));
         }
     }
 }
@@ -398,19 +403,14 @@ pub(crate) fn unpack_codes(
         Role::Key => (d, bs),
         Role::Value => (bs, d),
     };
-    let row = if codec == Codec::Int4 {
-        inner.div_ceil(2)
-    } else {
-        inner
-    };
+    let bits = code_bits(codec);
+    let per_byte = 8 / bits;
+    let mask = ((1u16 << bits) - 1) as u8;
+    let row = inner.div_ceil(per_byte);
     for i in 0..outer {
         let bytes = &data[i * row..(i + 1) * row];
         for j in 0..inner {
-            let q = if codec == Codec::Int4 {
-                (bytes[j / 2] >> (4 * (j % 2))) & 0x0F
-            } else {
-                bytes[j]
-            };
+            let q = (bytes[j / per_byte] >> (bits * (j % per_byte))) & mask;
             let at = match role {
                 Role::Key => j * d + i,
                 Role::Value => i * d + j,
@@ -490,7 +490,9 @@ pub fn decode_page(
             .chunks_exact(2)
             .zip(out.iter_mut())
             .for_each(|(b, o)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32()),
-        Codec::Int8 | Codec::Int4 => decode_int(codec, role, data, params, head_dim, out),
+        Codec::Int8 | Codec::Int4 | Codec::Int2 => {
+            decode_int(codec, role, data, params, head_dim, out)
+        }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let table = fp8_table(codec);
             let mut codes = vec![0u8; out.len()];
@@ -536,12 +538,14 @@ mod tests {
                 .iter()
                 .zip(&mut b)
                 .for_each(|(x, o)| *o = x.abs() * 2f32.powi(-8)),
-            Codec::Int8 | Codec::Int4 => for_each_group(role, BS, d, VALUE_GROUP, |g, idx| {
-                let scale = get_f16(params, 2 * g);
-                for i in idx {
-                    b[i] = 0.5 * scale * (1.0 + 1e-5) + 1e-6 * rows[i].abs();
-                }
-            }),
+            Codec::Int8 | Codec::Int4 | Codec::Int2 => {
+                for_each_group(role, BS, d, VALUE_GROUP, |g, idx| {
+                    let scale = get_f16(params, 2 * g);
+                    for i in idx {
+                        b[i] = 0.5 * scale * (1.0 + 1e-5) + 1e-6 * rows[i].abs();
+                    }
+                })
+            }
             Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
                 let (rel, sub) = if codec == Codec::Fp8E4m3 {
                     (2f32.powi(-4), 2f32.powi(-10))
@@ -560,7 +564,7 @@ mod tests {
         b
     }
 
-    const SCALAR: [Codec; 7] = Codec::FIXED;
+    const SCALAR: [Codec; 8] = Codec::FIXED;
 
     #[test]
     fn round_trip_errors_stay_within_stated_bounds() {
@@ -583,20 +587,20 @@ mod tests {
         }
     }
 
-    /// Odd block sizes and head sizes: int4 keys pack two tokens of a channel per byte and
-    /// values two channels of a token, each padded on its own axis.
+    /// Odd block sizes and head sizes: int4 (int2) keys pack two (four) tokens of a channel per
+    /// byte and values two (four) channels of a token, each padded on its own axis.
     #[test]
     fn odd_shapes_round_trip_in_both_packings() {
-        for (bs, d) in [(3, 5), (1, 7), (5, 2)] {
+        for (bs, d) in [(3, 5), (1, 7), (5, 2), (6, 3)] {
             let rows = gaussian(bs * d, 11);
-            for codec in [Codec::Int4, Codec::Int8] {
+            for codec in [Codec::Int2, Codec::Int4, Codec::Int8] {
                 for role in [Role::Key, Role::Value] {
                     let mut page = vec![0u8; codec.page_bytes(role, bs, d).unwrap()];
                     encode_page(codec, role, &rows, bs, d, &mut page).unwrap();
                     let mut back = vec![0f32; rows.len()];
                     decode_page(codec, role, &page, bs, d, &mut back).unwrap();
                     let range = rows.iter().fold(0f32, |m, x| m.max(x.abs())) * 2.0;
-                    let step = range / if codec == Codec::Int4 { 15.0 } else { 255.0 };
+                    let step = range / levels(codec) as f32;
                     for (a, b) in rows.iter().zip(&back) {
                         assert!(
                             (a - b).abs() <= step * 0.51 + 1e-3,
@@ -610,7 +614,7 @@ mod tests {
 
     #[test]
     fn constant_and_zero_pages_are_exact() {
-        for codec in [Codec::Int8, Codec::Int4] {
+        for codec in [Codec::Int8, Codec::Int4, Codec::Int2] {
             for role in [Role::Key, Role::Value] {
                 for v in [0.0f32, 1.5, -3.25] {
                     let rows = vec![v; BS * 64];
