@@ -465,9 +465,6 @@ fn packed_key_scores(
                 unsafe {
                     match codec {
                         Codec::Int8 => x86::column_scores_16_u8(codes, shape, folded, 1.0, scores),
-                        Codec::Int4 if x86::vbmi_available() && d.is_multiple_of(8) => {
-                            x86::column_scores_16_u4_vbmi(codes, shape, folded, scores)
-                        }
                         Codec::Int4 => x86::column_scores_16_u4(codes, shape, folded, 1.0, scores),
                         _ => x86::column_scores_16_u2(codes, shape, folded, 1.0, scores),
                     }
@@ -701,11 +698,6 @@ fn packed_values(
                             Codec::Int8 => {
                                 x86::int_weighted_rows_64_u8(codes, params, n, shape, probs, acc)
                             }
-                            Codec::Int4 if x86::vbmi_available() => {
-                                x86::int_weighted_rows_64_u4_vbmi(
-                                    codes, params, n, shape, probs, acc,
-                                )
-                            }
                             Codec::Int4 => {
                                 x86::int_weighted_rows_64_u4(codes, params, n, shape, probs, acc)
                             }
@@ -917,18 +909,6 @@ mod x86 {
     /// Sixty-four consecutive elements starting at element `i` as four registers (`load16` four
     /// times; int4 rows unpacked 64 codes at once with 256-bit operations).
     macro_rules! load64 {
-        // one byte permute per sixteen codes (VBMI), after splitting the nibbles once
-        (u4vbmi, $p:expr, $i:expr) => {{
-            let x = _mm512_castsi256_si512(_mm256_loadu_si256($p.cast::<u8>().add($i / 2).cast()));
-            let (lo, hi) = nibbles!(x);
-            let index = |k: usize| _mm512_loadu_si512(WIDEN_NIBBLES[k].as_ptr().cast());
-            [
-                widen_nibbles!(lo, hi, index(0)),
-                widen_nibbles!(lo, hi, index(1)),
-                widen_nibbles!(lo, hi, index(2)),
-                widen_nibbles!(lo, hi, index(3)),
-            ]
-        }};
         (u4, $p:expr, $i:expr) => {{
             let x = _mm256_loadu_si256($p.cast::<u8>().add($i / 2).cast());
             let low = _mm256_set1_epi8(0x0F);
@@ -1025,99 +1005,6 @@ mod x86 {
     column_scores_16!(column_scores_16_u2, u2, u8, 4);
     column_scores_16!(column_scores_16_e4m3, e4m3, u8, 1);
     column_scores_16!(column_scores_16_e5m2, e5m2, u8, 1);
-
-    /// AVX-512 VBMI and BW besides [`available`]'s features: int4 codes are widened by one
-    /// byte permute per sixteen.
-    pub(super) fn vbmi_available() -> bool {
-        use std::arch::is_x86_feature_detected as has;
-        available() && has!("avx512vbmi") && has!("avx512bw")
-    }
-
-    /// Byte-permute indices for [`widen_nibbles`]: row `k` widens nibbles `16k .. 16k + 16` of
-    /// 32 packed bytes (nibble `n` is the low half of byte `n/2` for even `n`, the high half for
-    /// odd `n`) into the low byte of sixteen 32-bit lanes. Index 64 + b picks byte b of the
-    /// high-nibble register; the other three bytes of each lane are zeroed by the mask.
-    const WIDEN_NIBBLES: [[u8; 64]; 4] = {
-        let mut table = [[0u8; 64]; 4];
-        let mut k = 0;
-        while k < 4 {
-            let mut lane = 0;
-            while lane < 16 {
-                let n = 16 * k + lane;
-                table[k][4 * lane] = (n / 2 + if n % 2 == 1 { 64 } else { 0 }) as u8;
-                lane += 1;
-            }
-            k += 1;
-        }
-        table
-    };
-
-    /// Every lane's low byte kept, the other three zeroed.
-    const LOW_BYTES: __mmask64 = 0x1111_1111_1111_1111;
-
-    /// The low and the high nibbles of every byte of `x`, each as a byte (AVX-512BW).
-    macro_rules! nibbles {
-        ($x:expr) => {{
-            let x = $x;
-            let low = _mm512_set1_epi8(0x0F);
-            (
-                _mm512_and_si512(x, low),
-                _mm512_and_si512(_mm512_srli_epi16::<4>(x), low),
-            )
-        }};
-    }
-
-    /// Sixteen nibbles chosen by `index` (a row of [`WIDEN_NIBBLES`]) as f32 (AVX-512 VBMI).
-    macro_rules! widen_nibbles {
-        ($lo:expr, $hi:expr, $index:expr) => {
-            _mm512_cvtepi32_ps(_mm512_maskz_permutex2var_epi8(LOW_BYTES, $lo, $index, $hi))
-        };
-    }
-
-    /// `column_scores_16_u4` with VBMI: eight channels' codes (64 bytes: a channel's sixteen
-    /// tokens in eight) loaded and split into nibbles once, then each channel's column widened
-    /// by one permute and converted — two operations per column instead of seven.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,f16c")]
-    pub(super) fn column_scores_16_u4_vbmi(
-        codes: &[u8],
-        shape: Shape,
-        q: &[f32],
-        scores: &mut [f32],
-    ) {
-        let Shape { group, d, .. } = shape;
-        assert!(d.is_multiple_of(8) && codes.len() >= d * 8);
-        assert!(q.len() >= group * d && scores.len() >= group * 16);
-        // channel j of eight is nibbles 16j .. 16j + 16 of their 64 bytes: the table's rows
-        // shifted by 8j bytes
-        let index: [__m512i; 8] = std::array::from_fn(|j| {
-            // SAFETY: each table row holds 64 bytes.
-            let row = unsafe { _mm512_loadu_si512(WIDEN_NIBBLES[j % 4].as_ptr().cast()) };
-            _mm512_add_epi8(row, _mm512_set1_epi8((32 * (j / 4)) as i8))
-        });
-        for first in (0..group).step_by(4) {
-            let heads = (group - first).min(4);
-            with_heads!(heads, H, {
-                let mut acc = [[_mm512_setzero_ps(); 2]; 4];
-                for c in (0..d).step_by(8) {
-                    // SAFETY: bytes 8c .. 8c + 64 lie below 8d ≤ codes.len() (asserted above).
-                    let x = unsafe { _mm512_loadu_si512(codes.as_ptr().add(8 * c).cast()) };
-                    let (lo, hi) = nibbles!(x);
-                    for (j, index) in index.iter().enumerate() {
-                        let column = widen_nibbles!(lo, hi, *index);
-                        for (h, a) in acc.iter_mut().enumerate().take(H) {
-                            let qv = _mm512_set1_ps(q[(first + h) * d + c + j]);
-                            a[j % 2] = _mm512_fmadd_ps(qv, column, a[j % 2]);
-                        }
-                    }
-                }
-                for (h, a) in acc.iter().enumerate().take(H) {
-                    let out = &mut scores[(first + h) * 16..(first + h + 1) * 16];
-                    // SAFETY: `out` holds exactly 16 floats.
-                    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(a[0], a[1])) };
-                }
-            });
-        }
-    }
 
     /// `fold_int_key_params` sixteen channels at a time (head_dim a multiple of 16): the
     /// (scale, zero) pairs converted by `vcvtph2ps` and split by one permute each, products
@@ -1375,10 +1262,7 @@ mod x86 {
     /// token's codes are widened once and serve every query head (up to four at a time).
     macro_rules! int_weighted_rows_64 {
         ($name:ident, $kind:tt) => {
-            int_weighted_rows_64!($name, $kind, "avx512f,avx2,f16c");
-        };
-        ($name:ident, $kind:tt, $features:literal) => {
-            #[target_feature(enable = $features)]
+            #[target_feature(enable = "avx512f,avx2,f16c")]
             pub(super) fn $name(
                 codes: &[u8],
                 params: &[u8],
@@ -1390,7 +1274,7 @@ mod x86 {
                 let Shape { group, d, bs } = shape;
                 let groups = d / 32;
                 let per = match stringify!($kind) {
-                    "u4" | "u4vbmi" => 2,
+                    "u4" => 2,
                     "u2" => 4,
                     _ => 1,
                 };
@@ -1460,11 +1344,6 @@ mod x86 {
     }
     int_weighted_rows_64!(int_weighted_rows_64_u8, u8);
     int_weighted_rows_64!(int_weighted_rows_64_u4, u4);
-    int_weighted_rows_64!(
-        int_weighted_rows_64_u4_vbmi,
-        u4vbmi,
-        "avx512f,avx512bw,avx512vbmi,avx2,f16c"
-    );
     int_weighted_rows_64!(int_weighted_rows_64_u2, u2);
 
     weighted_rows_64!(weighted_rows_64, f32, f32);
@@ -1543,57 +1422,6 @@ mod tests {
                     }
                 }
             }
-        }
-    }
-
-    /// The VBMI int4 loops (one byte permute per sixteen codes) agree bit for bit with the
-    /// AVX2 unpacking on every byte value, for keys (scores) and values (weighted rows).
-    #[cfg(target_arch = "x86_64")]
-    #[test]
-    fn int4_codes_widen_the_same_with_byte_permutes() {
-        if !x86::vbmi_available() {
-            return;
-        }
-        let shape = Shape {
-            group: 3,
-            d: 128,
-            bs: 16,
-        };
-        // every byte value, in an order that differs per channel and token
-        let codes: Vec<u8> = (0..shape.d * 8).map(|i| (i * 37 + i / 64) as u8).collect();
-        let q: Vec<f32> = (0..shape.group * shape.d)
-            .map(|i| ((i * 13 % 29) as f32 - 14.0) / 7.0)
-            .collect();
-        let (mut plain, mut permuted) = (vec![0f32; 48], vec![0f32; 48]);
-        // SAFETY: the features were checked above; d channels × 16 tokens of int4 codes.
-        unsafe {
-            x86::column_scores_16_u4(&codes, shape, &q, 1.0, &mut plain);
-            x86::column_scores_16_u4_vbmi(&codes, shape, &q, &mut permuted);
-        }
-        assert_eq!(plain, permuted);
-        // values: 16 token rows of d codes, an f16 (scale, zero) per token and 32 channels
-        let params: Vec<u8> = (0..16 * shape.d / 32)
-            .flat_map(|i| {
-                let (s, z) = (0.01 * (1 + i % 7) as f32, -0.05 * (i % 5) as f32);
-                [
-                    f16::from_f32(s).to_le_bytes(),
-                    f16::from_f32(z).to_le_bytes(),
-                ]
-                .concat()
-            })
-            .collect();
-        let probs: Vec<f32> = (0..shape.group * 16)
-            .map(|i| (i % 11) as f32 / 10.0)
-            .collect();
-        for n in [16, 5] {
-            let mut plain = vec![0.5f32; shape.group * shape.d];
-            let mut permuted = plain.clone();
-            // SAFETY: as above; `n` ≤ 16 tokens of codes and parameters.
-            unsafe {
-                x86::int_weighted_rows_64_u4(&codes, &params, n, shape, &probs, &mut plain);
-                x86::int_weighted_rows_64_u4_vbmi(&codes, &params, n, shape, &probs, &mut permuted);
-            }
-            assert_eq!(plain, permuted, "{n} tokens");
         }
     }
 
