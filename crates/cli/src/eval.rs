@@ -63,9 +63,30 @@ pub struct EvalArgs {
     /// Draw KL and perplexity against bits per element into this PNG.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead of evaluating: print the table (and draw `--plot`) from the rows of an earlier
+    /// run's `--json`.
+    #[arg(long, conflicts_with_all = ["sensitivity", "json"])]
+    from_json: Option<PathBuf>,
 }
 
 pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
+    if let Some(path) = &args.from_json {
+        let json =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let rows = rows_from_json(&json)
+            .with_context(|| format!("reading rows from {}", path.display()))?;
+        print_table(&rows);
+        if let Some(plot) = &args.plot {
+            let name = match &args.text {
+                Some(text) => text.display().to_string(),
+                None => DEFAULT_TEXT_NAME.to_string(),
+            };
+            crate::plot::eval_chart(&rows, &name, plot)
+                .with_context(|| format!("drawing {}", plot.display()))?;
+            println!("chart: {}", plot.display());
+        }
+        return Ok(());
+    }
     let settings = args
         .codecs
         .split(',')
@@ -385,6 +406,37 @@ fn print_table(rows: &[EvalRow]) {
     }
 }
 
+/// The rows of an `eval --json` file.
+fn rows_from_json(json: &str) -> Result<Vec<EvalRow>> {
+    let values: Vec<serde_json::Value> = serde_json::from_str(json)?;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let number = |key: &str| {
+                v[key]
+                    .as_f64()
+                    .with_context(|| format!("row {i}: `{key}` is not a number"))
+            };
+            let codec = v["codec"]
+                .as_str()
+                .with_context(|| format!("row {i}: `codec` is not a string"))?;
+            Ok(EvalRow {
+                codecs: codec.parse()?,
+                bits_per_element: number("bits_per_element")?,
+                kv_bytes_per_token: number("kv_bytes_per_token")?,
+                ppl: number("ppl")?,
+                kl_mean: number("kl_mean")?,
+                top1: number("top1")?,
+                tokens: v["tokens"]
+                    .as_u64()
+                    .with_context(|| format!("row {i}: `tokens` is not a count"))?
+                    as usize,
+            })
+        })
+        .collect()
+}
+
 fn row_json(r: &EvalRow) -> serde_json::Value {
     serde_json::json!({
         "codec": r.codecs.to_string(),
@@ -397,4 +449,32 @@ fn row_json(r: &EvalRow) -> serde_json::Value {
         "top1": r.top1,
         "tokens": r.tokens,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_rows_read_back_as_written() {
+        let row = EvalRow {
+            codecs: "fibquant-k4n256@int8:0+1+keysplit+sink1".parse().unwrap(),
+            bits_per_element: 2.5,
+            kv_bytes_per_token: 3595.5,
+            ppl: 24.96,
+            kl_mean: 0.047,
+            top1: 0.861,
+            tokens: 4088,
+        };
+        let json = serde_json::to_string(&vec![row_json(&row)]).unwrap();
+        let back = rows_from_json(&json).unwrap();
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].codecs, row.codecs);
+        assert_eq!(back[0].bits_per_element, row.bits_per_element);
+        assert_eq!(back[0].tokens, row.tokens);
+        // a missing field or a foreign codec is an error, not a panic
+        assert!(rows_from_json(r#"[{"codec": "f16"}]"#).is_err());
+        assert!(rows_from_json(r#"[{"codec": "int9", "bits_per_element": 1}]"#).is_err());
+        assert!(rows_from_json("{").is_err());
+    }
 }

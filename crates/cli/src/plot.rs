@@ -35,13 +35,22 @@ fn load_font() -> Result<()> {
     Ok(())
 }
 
+/// Legend entries per column below the panels.
+const LEGEND_ROWS: usize = 10;
+/// Height of one legend entry in pixels.
+const LEGEND_LINE: u32 = 19;
+
 /// Two panels side by side: mean KL to the f32 cache (log scale) and perplexity, both against
-/// bits per element.
+/// bits per element. Points carry their row's number; the legend below names each (settings'
+/// names are too long, and too many sit near 2–2.5 bits, to print beside their points).
 pub fn eval_chart(rows: &[EvalRow], text_name: &str, path: &Path) -> Result<()> {
     load_font()?;
-    let root = BitMapBackend::new(path, (1400, 620)).into_drawing_area();
+    let legend_height = LEGEND_LINE * rows.len().min(LEGEND_ROWS) as u32 + 20;
+    let root = BitMapBackend::new(path, (1400, 620 + legend_height)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (title, body) = root.split_vertically(50);
+    let (title, rest) = root.split_vertically(50);
+    let (body, legend) = rest.split_vertically(570);
+    draw_legend(&legend, rows)?;
     title.titled(
         &format!("pagedkv eval on SmolLM2-135M: {text_name}"),
         ("sans-serif", 22),
@@ -98,19 +107,150 @@ where
     X: Ranged<ValueType = f64>,
     Y: Ranged<ValueType = f64>,
 {
-    // one color per row, the same in both panels; the label just right of its point
-    for (i, row, y) in points {
+    let font = ("sans-serif", 13).into_font().color(&BLACK);
+    let points: Vec<(usize, &EvalRow, f64, String)> = points
+        .map(|(i, row, y)| (i, row, y, (i + 1).to_string()))
+        .collect();
+    let mut at = Vec::with_capacity(points.len());
+    let mut sizes = Vec::with_capacity(points.len());
+    for (_, row, y, label) in &points {
+        at.push(chart.backend_coord(&(row.bits_per_element, *y)));
+        // the estimate leaves out descenders and runs a little short of the drawn width
+        let (w, h) = chart.plotting_area().estimate_text_size(label, &font)?;
+        sizes.push((w as i32 * 11 / 10 + 2, h as i32 + 5));
+    }
+    let (xs, ys) = chart.plotting_area().get_pixel_range();
+    let area = Rect {
+        left: xs.start,
+        top: ys.start,
+        right: xs.end,
+        bottom: ys.end,
+    };
+    let offsets = place_labels(&at, &sizes, area);
+    // one color per row, the same in both panels; a label moved away from its point gets a
+    // thin line back to it
+    for ((i, row, y, label), (dx, dy)) in points.into_iter().zip(offsets) {
         let color = Palette99::pick(i).to_rgba();
+        let near_edge = if dx > 0 { dx - 2 } else { -POINT_GAP + 2 };
+        let leader = if dy != LABEL_RISE {
+            vec![(0, 0), (near_edge, dy - LABEL_RISE)]
+        } else {
+            vec![(0, 0), (0, 0)]
+        };
         let point = EmptyElement::at((row.bits_per_element, y))
+            + PathElement::new(leader, color.mix(0.6).stroke_width(1))
             + Circle::new((0, 0), 5, color.filled())
-            + Text::new(
-                short_label(&row.codecs),
-                (8, -6),
-                ("sans-serif", 13).into_font().color(&BLACK),
-            );
+            + Text::new(label, (dx, dy), font.clone());
         chart.draw_series(std::iter::once(point))?;
     }
     Ok(())
+}
+
+/// The legend: each row's number, color and setting, in columns of [`LEGEND_ROWS`].
+fn draw_legend(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    rows: &[EvalRow],
+) -> Result<()> {
+    let columns = rows.len().div_ceil(LEGEND_ROWS).max(1);
+    let width = area.dim_in_pixel().0 as i32 / columns as i32;
+    let font = ("sans-serif", 13).into_font().color(&BLACK);
+    for (i, row) in rows.iter().enumerate() {
+        let x = 30 + width * (i / LEGEND_ROWS) as i32;
+        let y = 10 + LEGEND_LINE as i32 * (i % LEGEND_ROWS) as i32;
+        let color = Palette99::pick(i).to_rgba();
+        area.draw(&Circle::new((x, y + 7), 5, color.filled()))?;
+        area.draw(&Text::new(
+            format!("{:>2}  {}", i + 1, short_label(&row.codecs)),
+            (x + 10, y),
+            font.clone(),
+        ))?;
+    }
+    Ok(())
+}
+
+/// Pixels between a point and its label.
+const POINT_GAP: i32 = 8;
+/// How far above its point a label's top sits when the label is level with it.
+const LABEL_RISE: i32 = -6;
+
+/// A box in pixels.
+#[derive(Debug, Clone, Copy)]
+struct Rect {
+    left: i32,
+    top: i32,
+    right: i32,
+    bottom: i32,
+}
+
+impl Rect {
+    fn overlaps(&self, other: &Rect) -> bool {
+        self.left < other.right
+            && other.left < self.right
+            && self.top < other.bottom
+            && other.top < self.bottom
+    }
+
+    fn inside(&self, area: &Rect) -> bool {
+        self.left >= area.left
+            && self.right <= area.right
+            && self.top >= area.top
+            && self.bottom <= area.bottom
+    }
+}
+
+/// Where each label goes, as its top-left offset from its point: level with the point on its
+/// right if that covers no other label or point, else the nearest free place stepping a line up
+/// or down, on the right and then the left, within `area`; level on the right when nothing is
+/// free. Labels are placed in the order given.
+fn place_labels(points: &[(i32, i32)], sizes: &[(i32, i32)], area: Rect) -> Vec<(i32, i32)> {
+    const RADIUS: i32 = 6;
+    const STEPS: i32 = 14;
+    let mut taken: Vec<Rect> = points
+        .iter()
+        .map(|&(x, y)| Rect {
+            left: x - RADIUS,
+            top: y - RADIUS,
+            right: x + RADIUS,
+            bottom: y + RADIUS,
+        })
+        .collect();
+    let mut offsets = Vec::with_capacity(points.len());
+    for (i, (&(x, y), &(w, h))) in points.iter().zip(sizes).enumerate() {
+        let boxed = |dx: i32, dy: i32| Rect {
+            left: x + dx,
+            top: y + dy,
+            right: x + dx + w,
+            bottom: y + dy + h,
+        };
+        let free = |r: &Rect| {
+            r.inside(&area)
+                && taken
+                    .iter()
+                    .enumerate()
+                    .all(|(j, t)| j == i || !r.overlaps(t))
+        };
+        let candidates = (0..=STEPS).flat_map(|step| {
+            let line = step * (h + 1);
+            let rises: Vec<i32> = if step == 0 {
+                vec![0]
+            } else {
+                vec![-line, line]
+            };
+            rises.into_iter().flat_map(move |rise| {
+                [
+                    (POINT_GAP, LABEL_RISE + rise),
+                    (-POINT_GAP - w, LABEL_RISE + rise),
+                ]
+            })
+        });
+        let chosen = candidates
+            .into_iter()
+            .find(|&(dx, dy)| free(&boxed(dx, dy)))
+            .unwrap_or((POINT_GAP, LABEL_RISE));
+        taken.push(boxed(chosen.0, chosen.1));
+        offsets.push(chosen);
+    }
+    offsets
 }
 
 /// A setting's name with its override's layer list cut to a count
@@ -149,7 +289,39 @@ fn short_label(pair: &pagedkv_engine::eval::CodecPair) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::short_label;
+    use super::{place_labels, short_label, Rect};
+
+    /// Labels of points close together end up apart, none covering another or leaving the
+    /// area; a lone point keeps its label level on its right.
+    #[test]
+    fn labels_of_crowded_points_do_not_overlap() {
+        let area = Rect {
+            left: 0,
+            top: 0,
+            right: 600,
+            bottom: 400,
+        };
+        let points = [(100, 200), (102, 203), (104, 198), (98, 201), (400, 50)];
+        let sizes = [(120, 13); 5];
+        let offsets = place_labels(&points, &sizes, area);
+        let boxes: Vec<Rect> = points
+            .iter()
+            .zip(&offsets)
+            .map(|(&(x, y), &(dx, dy))| Rect {
+                left: x + dx,
+                top: y + dy,
+                right: x + dx + 120,
+                bottom: y + dy + 13,
+            })
+            .collect();
+        for (i, a) in boxes.iter().enumerate() {
+            assert!(a.inside(&area), "label {i} leaves the area");
+            for b in &boxes[i + 1..] {
+                assert!(!a.overlaps(b), "{a:?} overlaps {b:?}");
+            }
+        }
+        assert_eq!(offsets[4], (8, -6));
+    }
 
     fn label(name: &str) -> String {
         short_label(&name.parse().unwrap())
