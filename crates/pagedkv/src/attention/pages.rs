@@ -245,18 +245,13 @@ fn code_row<'a>(
     d: usize,
     buffer: &'a mut Vec<u8>,
 ) -> &'a [u8] {
-    match code_bits(codec) {
-        8 => &codes[t * d..(t + 1) * d],
-        4 => unpack_row::<4>(
-            &codes[t * d.div_ceil(2)..(t + 1) * d.div_ceil(2)],
-            d,
-            buffer,
-        ),
-        _ => unpack_row::<2>(
-            &codes[t * d.div_ceil(4)..(t + 1) * d.div_ceil(4)],
-            d,
-            buffer,
-        ),
+    let bits = code_bits(codec);
+    let row = d.div_ceil(8 / bits);
+    let bytes = &codes[t * row..(t + 1) * row];
+    match bits {
+        8 => bytes,
+        4 => unpack_row::<4>(bytes, d, buffer),
+        _ => unpack_row::<2>(bytes, d, buffer),
     }
 }
 
@@ -1259,9 +1254,10 @@ mod x86 {
 
     /// Integer value pages (token-major codes, an f16 (scale, zero) per token and group of 32
     /// channels), head_dim a multiple of 64: `acc += Σ_t (p·s)·x_t + (Σ_t p·z)` per group. A
-    /// token's codes are widened once and serve every query head (up to four at a time).
+    /// token's codes are widened once and serve every query head (up to four at a time);
+    /// `$per` codes per byte.
     macro_rules! int_weighted_rows_64 {
-        ($name:ident, $kind:tt) => {
+        ($name:ident, $kind:tt, $per:expr) => {
             #[target_feature(enable = "avx512f,avx2,f16c")]
             pub(super) fn $name(
                 codes: &[u8],
@@ -1273,11 +1269,7 @@ mod x86 {
             ) {
                 let Shape { group, d, bs } = shape;
                 let groups = d / 32;
-                let per = match stringify!($kind) {
-                    "u4" => 2,
-                    "u2" => 4,
-                    _ => 1,
-                };
+                let per = $per;
                 assert!(d.is_multiple_of(64) && n <= bs && bs == 16);
                 assert!(codes.len() * per >= n * d && params.len() >= n * groups * 4);
                 assert!(probs.len() >= group * bs && acc.len() >= group * d);
@@ -1342,9 +1334,9 @@ mod x86 {
             }
         };
     }
-    int_weighted_rows_64!(int_weighted_rows_64_u8, u8);
-    int_weighted_rows_64!(int_weighted_rows_64_u4, u4);
-    int_weighted_rows_64!(int_weighted_rows_64_u2, u2);
+    int_weighted_rows_64!(int_weighted_rows_64_u8, u8, 1);
+    int_weighted_rows_64!(int_weighted_rows_64_u4, u4, 2);
+    int_weighted_rows_64!(int_weighted_rows_64_u2, u2, 4);
 
     weighted_rows_64!(weighted_rows_64, f32, f32);
     weighted_rows_64!(weighted_rows_64_f16, f16, half::f16);
