@@ -132,13 +132,13 @@ where
     for ((i, row, y, label), (dx, dy)) in points.into_iter().zip(offsets) {
         let color = Palette99::pick(i).to_rgba();
         let near_edge = if dx > 0 { dx - 2 } else { -POINT_GAP + 2 };
-        let leader = if dy != LABEL_RISE {
-            vec![(0, 0), (near_edge, dy - LABEL_RISE)]
+        let leader_end = if dy == LABEL_RISE {
+            (0, 0)
         } else {
-            vec![(0, 0), (0, 0)]
+            (near_edge, dy - LABEL_RISE)
         };
         let point = EmptyElement::at((row.bits_per_element, y))
-            + PathElement::new(leader, color.mix(0.6).stroke_width(1))
+            + PathElement::new(vec![(0, 0), leader_end], color.mix(0.6).stroke_width(1))
             + Circle::new((0, 0), 5, color.filled())
             + Text::new(label, (dx, dy), font.clone());
         chart.draw_series(std::iter::once(point))?;
