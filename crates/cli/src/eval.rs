@@ -77,11 +77,7 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
             .with_context(|| format!("reading rows from {}", path.display()))?;
         print_table(&rows);
         if let Some(plot) = &args.plot {
-            let name = match &args.text {
-                Some(text) => text.display().to_string(),
-                None => DEFAULT_TEXT_NAME.to_string(),
-            };
-            crate::plot::eval_chart(&rows, &name, plot)
+            crate::plot::eval_chart(&rows, &text_name(&args), plot)
                 .with_context(|| format!("drawing {}", plot.display()))?;
             println!("chart: {}", plot.display());
         }
@@ -92,13 +88,11 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         .split(',')
         .map(|c| c.parse::<CodecPair>())
         .collect::<pagedkv::Result<Vec<_>>>()?;
-    let (text, name) = match &args.text {
-        Some(path) => (
-            std::fs::read_to_string(path)
-                .with_context(|| format!("reading the text {}", path.display()))?,
-            path.display().to_string(),
-        ),
-        None => (DEFAULT_TEXT.to_string(), DEFAULT_TEXT_NAME.to_string()),
+    let name = text_name(&args);
+    let text = match &args.text {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("reading the text {}", path.display()))?,
+        None => DEFAULT_TEXT.to_string(),
     };
     // f32 weights unless asked otherwise: 8-bit activations would bury the codec's own error
     let (model, tokenizer) = common.load_model_or(WeightMode::F32)?;
@@ -403,6 +397,14 @@ fn print_table(rows: &[EvalRow]) {
             r.ppl,
             100.0 * (r.ppl / base - 1.0)
         );
+    }
+}
+
+/// How the evaluated text is named in the output: its path, or the built-in text's name.
+fn text_name(args: &EvalArgs) -> String {
+    match &args.text {
+        Some(path) => path.display().to_string(),
+        None => DEFAULT_TEXT_NAME.to_string(),
     }
 }
 
