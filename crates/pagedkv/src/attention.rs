@@ -32,6 +32,8 @@ macro_rules! with_heads {
     };
 }
 
+#[cfg(target_arch = "x86_64")]
+mod int_block;
 mod lut;
 mod pages;
 
@@ -64,6 +66,11 @@ pub struct Scratch {
     lanes: Vec<[f32; 16]>,
     /// Split keys: the pass's query tables (see [`crate::SplitPlan::query_tables`]).
     split_tables: Vec<f32>,
+    /// Integer blocks read in one call: the query times the softmax scale, and the values'
+    /// pending zero-point sums.
+    scaled_q: Vec<f32>,
+    #[cfg(target_arch = "x86_64")]
+    zeros: int_block::ZeroSums,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -297,6 +304,9 @@ pub fn attend_split(
     Ok(())
 }
 
+/// How far ahead of the block being read a pass prefetches pages, in bytes of both pages.
+const PREFETCH_BYTES: usize = 8192;
+
 /// One kv head's query group over a range of the context's blocks.
 #[derive(Clone, Copy)]
 struct Pass<'a> {
@@ -321,6 +331,33 @@ impl Pass<'_> {
         Some((keys, values))
     }
 
+    /// The code widths (keys, values) when this pass's sealed blocks go through
+    /// [`int_block`]: both codecs integer, SmolLM2's geometry, no per-layer key transform
+    /// (`plain`), the CPU able.
+    #[cfg(target_arch = "x86_64")]
+    fn int_block_bits(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
+        let layout = self.storage.layout();
+        let bits = |codec| match codec {
+            crate::Codec::Int8 => Some(8),
+            crate::Codec::Int4 => Some(4),
+            crate::Codec::Int2 => Some(2),
+            _ => None,
+        };
+        let fits = simd
+            && plain
+            && layout.head_dim() == int_block::D
+            && layout.block_size() == int_block::BS
+            && layout.group_size() <= 4
+            && int_block::available();
+        if !fits {
+            return None;
+        }
+        Some((
+            bits(layout.key_codec(self.layer))?,
+            bits(layout.value_codec(self.layer))?,
+        ))
+    }
+
     /// Runs on the widest SIMD available when `simd`, else on the baseline target.
     fn run(
         &self,
@@ -341,8 +378,7 @@ impl Pass<'_> {
                 return unsafe { self.run_avx2(blocks, partial, scratch) };
             }
         }
-        let _ = simd;
-        self.body(blocks, partial, scratch)
+        self.body(blocks, partial, scratch, false)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -353,7 +389,7 @@ impl Pass<'_> {
         partial: &mut Partial,
         scratch: &mut Scratch,
     ) -> Result<()> {
-        self.body(blocks, partial, scratch)
+        self.body(blocks, partial, scratch, true)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -364,15 +400,17 @@ impl Pass<'_> {
         partial: &mut Partial,
         scratch: &mut Scratch,
     ) -> Result<()> {
-        self.body(blocks, partial, scratch)
+        self.body(blocks, partial, scratch, false)
     }
 
+    /// The pass; `simd` lets whole-block kernels beyond the page readers run (AVX-512 builds).
     #[inline(always)]
     fn body(
         &self,
         blocks: std::ops::Range<usize>,
         partial: &mut Partial,
         scratch: &mut Scratch,
+        simd: bool,
     ) -> Result<()> {
         let layout = self.storage.layout();
         let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
@@ -383,6 +421,9 @@ impl Pass<'_> {
             fib,
             lanes,
             split_tables,
+            scaled_q,
+            #[cfg(target_arch = "x86_64")]
+            zeros,
             ..
         } = scratch;
         scores.resize(group * bs, 0.0);
@@ -395,6 +436,20 @@ impl Pass<'_> {
         let key_norm = layout.key_norm(self.layer);
         let key_split = layout.key_split(self.layer);
         let mut split_ready = false;
+        // pages are asked for about 8 KiB ahead of the block being read: far enough to hide
+        // a miss to memory behind the reading of the blocks between
+        let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
+        let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
+        // full sealed blocks with integer keys and values: one call each (`int_block`)
+        #[cfg(target_arch = "x86_64")]
+        let int_bits = self.int_block_bits(simd, key_norm.is_none() && key_split.is_none());
+        #[cfg(target_arch = "x86_64")]
+        // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
+        let mut in_run = false;
+        if cfg!(target_arch = "x86_64") {
+            scaled_q.clear();
+            scaled_q.extend(self.q.iter().map(|x| x * self.scale));
+        }
         for block_idx in blocks {
             let block = self.ctx.blocks[block_idx];
             let start = block_idx * bs;
@@ -402,13 +457,56 @@ impl Pass<'_> {
                 break;
             }
             let n = (self.ctx.len - start).min(bs);
-            if let Some(next) = self.ctx.blocks.get(block_idx + 1) {
-                if start + bs < self.ctx.len {
+            if let Some(next) = self.ctx.blocks.get(block_idx + ahead) {
+                if start + ahead * bs < self.ctx.len {
                     prefetch(self.storage.key_page(self.layer, *next, self.head)?);
                     prefetch(self.storage.value_page(self.layer, *next, self.head)?);
                 }
             }
             let keys = self.storage.key_page(self.layer, block, self.head)?;
+            #[cfg(target_arch = "x86_64")]
+            {
+                let values = self.storage.value_page(self.layer, block, self.head)?;
+                if let (
+                    Some((kb, vb)),
+                    PageRef::Packed {
+                        bytes: key_bytes, ..
+                    },
+                    PageRef::Packed {
+                        bytes: value_bytes, ..
+                    },
+                ) = (int_bits, keys, values)
+                {
+                    if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
+                        if !std::mem::replace(&mut in_run, true) {
+                            int_block::enter(vb, group, acc);
+                        }
+                        let mut run = int_block::Running {
+                            max,
+                            lanes,
+                            acc,
+                            zeros,
+                        };
+                        // SAFETY: `int_block_bits` answered only with the features present;
+                        // lengths are checked inside.
+                        unsafe {
+                            int_block::dispatch(
+                                kb,
+                                vb,
+                                group,
+                                key_bytes,
+                                value_bytes,
+                                scaled_q,
+                                &mut run,
+                            )
+                        };
+                        continue;
+                    }
+                }
+                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), int_bits) {
+                    int_block::leave(vb, group, zeros, acc);
+                }
+            }
             match (key_split, keys) {
                 (Some(plan), PageRef::Packed { bytes, .. }) => {
                     if !split_ready {
@@ -462,6 +560,10 @@ impl Pass<'_> {
             }
             let values = self.storage.value_page(self.layer, block, self.head)?;
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some((_, vb))) = (in_run, int_bits) {
+            int_block::leave(vb, group, zeros, acc);
         }
         fib.finish(shape, acc);
         for (s, l) in sum.iter_mut().zip(lanes.iter()) {
@@ -858,6 +960,54 @@ mod tests {
 
     /// A full-precision layer inside a compressed layout (a per-layer override) is read from its
     /// packed pages like any other.
+    #[test]
+    fn integer_blocks_read_in_one_call_match_the_reference() {
+        // every pair of integer key and value codecs; groups of 1 (MHA), 3 (GQA), 4 (MQA, the
+        // widest group read in one call) and 9 (MQA past it); keys growing along the context so
+        // the softmax reference point moves inside a run of blocks
+        let ints = [Codec::Int8, Codec::Int4, Codec::Int2];
+        let d = 64;
+        for (key_codec, value_codec) in ints.iter().flat_map(|k| ints.iter().map(move |v| (*k, *v)))
+        {
+            for (kv, qh) in [(3, 3), (3, 9), (1, 4), (1, 9)] {
+                let mut spec = LayoutSpec::new(1, kv, qh, d, key_codec);
+                spec.value_codec = value_codec;
+                spec.block_size = 16;
+                let layout = KvLayout::new(spec).unwrap();
+                let width = layout.token_width();
+                let tokens: usize = 16 * 6 + 5;
+                let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).map(BlockId).collect();
+                let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+                for pos in 0..tokens {
+                    let growth = 1.0 + pos as f32 * 0.08;
+                    let k: Vec<f32> = (0..width)
+                        .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0 * growth)
+                        .collect();
+                    let v: Vec<f32> = (0..width)
+                        .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos() + 0.3)
+                        .collect();
+                    s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                        .unwrap();
+                    if pos % 16 == 15 {
+                        s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+                    }
+                }
+                let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.23).sin() * 1.5).collect();
+                for len in [1, 16, 40, 80, tokens] {
+                    let ctx = Context {
+                        blocks: &blocks,
+                        len,
+                    };
+                    let (mut fast, mut slow) = (vec![0.0; qh * d], vec![0.0; qh * d]);
+                    attend(&s, 0, ctx, &q, 0.125, &mut fast, &mut Scratch::default()).unwrap();
+                    attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
+                    let what = format!("{key_codec}/{value_codec} {kv}/{qh} len {len}");
+                    assert_close(&fast, &slow, &what);
+                }
+            }
+        }
+    }
+
     #[test]
     fn an_overridden_full_precision_layer_matches_the_reference() {
         for high in [Codec::F32, Codec::F16, Codec::Bf16] {

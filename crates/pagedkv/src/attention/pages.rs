@@ -819,7 +819,7 @@ fn correction(old: f32, new: f32) -> f32 {
 /// independent chains interleave. Fused multiply-add, so results differ from the portable loops
 /// in the last bits (both are tested against the f64 reference).
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::Shape;
@@ -1083,8 +1083,27 @@ mod x86 {
             max_in
         };
         let x = _mm512_sub_ps(visible, _mm512_set1_ps(new_max));
+        let e = _mm512_maskz_mov_ps(mask, exp_shifted(x));
+        // SAFETY: as for the load.
+        unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr(), mask, e) };
+        let correction = super::correction(max_in, new_max);
+        // SAFETY: `lanes` holds 16 floats.
+        unsafe {
+            let sums = _mm512_loadu_ps(lanes.as_ptr());
+            let sums = _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e);
+            _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
+        }
+        (new_max, correction)
+    }
+
+    /// `eˣ` of sixteen scores shifted by the softmax reference point (x ≤ 8, or −∞): the
+    /// polynomial of `exp_in_place`, the power of two applied by `vscalefps`; below −87 (and
+    /// for −∞) exactly 0.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::attention) fn exp_shifted(x: __m512) -> __m512 {
         let floor_x = _mm512_set1_ps(-87.0);
-        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, floor_x) & mask;
+        let keep = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(x, floor_x);
         let v = _mm512_max_ps(x, floor_x);
         let k =
             _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC }>(_mm512_fmadd_ps(
@@ -1106,17 +1125,7 @@ mod x86 {
         }
         let r2 = _mm512_mul_ps(r, r);
         let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
-        let e = _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, k));
-        // SAFETY: as for the load.
-        unsafe { _mm512_mask_storeu_ps(scores.as_mut_ptr(), mask, e) };
-        let correction = super::correction(max_in, new_max);
-        // SAFETY: `lanes` holds 16 floats.
-        unsafe {
-            let sums = _mm512_loadu_ps(lanes.as_ptr());
-            let sums = _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e);
-            _mm512_storeu_ps(lanes.as_mut_ptr(), sums);
-        }
-        (new_max, correction)
+        _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(e, k))
     }
 
     /// `weighted_rows` for head_dim a multiple of 64, read straight from a token-major page of
@@ -1218,36 +1227,41 @@ mod x86 {
             _mm512_cvtph_ps(_mm512_castsi512_si256(hi)),
             _mm512_cvtph_ps(_mm512_extracti64x4_epi64::<1>(hi)),
         ];
+        by_component(x, |t| t)
+    }
+
+    /// Four registers of four tokens × four components each (token t's components at lanes
+    /// 4·(t mod 4) .. of register t / 4) transposed into one register per component, token t
+    /// in lane `lane(t)` (a permutation of 0..16).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::attention) fn by_component(
+        x: [__m512; 4],
+        lane: impl Fn(usize) -> usize,
+    ) -> [__m512; 4] {
         // component k of eight tokens in the low half, component k + 1 in the high half
         let pick = |k: i32| {
-            _mm512_setr_epi32(
-                k,
-                4 + k,
-                8 + k,
-                12 + k,
-                16 + k,
-                20 + k,
-                24 + k,
-                28 + k,
-                k + 1,
-                5 + k,
-                9 + k,
-                13 + k,
-                17 + k,
-                21 + k,
-                25 + k,
-                29 + k,
-            )
+            let index: [i32; 16] = std::array::from_fn(|i| (i as i32 % 8) * 4 + k + i as i32 / 8);
+            // SAFETY: 16 i32 read from a local array.
+            unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
         };
-        let low_halves = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23);
-        let high_halves =
-            _mm512_setr_epi32(8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+        // `first` holds tokens 0..8 of components k and k + 1, `second` tokens 8..16
+        let join = |component: i32| {
+            let mut index = [0i32; 16];
+            for t in 0..16usize {
+                let from = if t < 8 { t } else { 16 + t - 8 } as i32;
+                index[lane(t)] = from + 8 * component;
+            }
+            // SAFETY: 16 i32 read from a local array.
+            unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+        };
+        let (low, high) = (join(0), join(1));
         let mut out = [_mm512_setzero_ps(); 4];
         for k in [0, 2] {
             let first = _mm512_permutex2var_ps(x[0], pick(k), x[1]);
             let second = _mm512_permutex2var_ps(x[2], pick(k), x[3]);
-            out[k as usize] = _mm512_permutex2var_ps(first, low_halves, second);
-            out[k as usize + 1] = _mm512_permutex2var_ps(first, high_halves, second);
+            out[k as usize] = _mm512_permutex2var_ps(first, low, second);
+            out[k as usize + 1] = _mm512_permutex2var_ps(first, high, second);
         }
         out
     }

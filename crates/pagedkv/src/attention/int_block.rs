@@ -1,0 +1,415 @@
+//! One sealed block whose keys and values are both integer codecs (int8, int4, int2), at
+//! SmolLM2's geometry (head_dim 64, blocks of 16, up to four query heads per kv head), read in
+//! one call: key parameters folded into the query, the scores, the online-softmax step and
+//! the weighted values, with nothing but the block's 16 weights passing through memory.
+//!
+//! The general path (`pages`) reads the same pages in separate calls, each converting its
+//! parameters through scratch buffers and reducing zero-point sums horizontally per block;
+//! on a core with two 512-bit FMA pipes that bookkeeping, not the arithmetic, set the pace
+//! (about 950 cycles per block and kv head where the FMAs need 192). Here:
+//! - codes are widened in registers by shifts and one conversion per 16 codes, operations
+//!   this core runs beside its FMAs (byte permutes and `vpternlogd` compete with them); int4
+//!   codes come out in the lane order [`lane_of`] gives, which the block keeps throughout:
+//!   token lanes through the softmax, channel lanes in the outputs until [`leave`];
+//! - the key scales fold into the query once per block (`q·(s⊙x + z) = (q⊙s)·x + q·z`) and
+//!   the folded query is read by the FMAs as broadcast memory operands;
+//! - the values' zero points are summed per token lane (`Σₜ pₜ·zₜ`) and reduced once per
+//!   run of blocks ([`leave`]), not once per block.
+
+use std::arch::x86_64::*;
+
+use super::pages::x86::{by_component, exp_shifted};
+use super::pages::{lazy_max, LAZY_MAX_SLACK};
+
+/// Head dimension and block size this path serves.
+pub(super) const D: usize = 64;
+pub(super) const BS: usize = 16;
+
+/// The CPU features the block loop needs (VBMI for the bit-field widening).
+pub(super) fn available() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("f16c") && has!("fma")
+}
+
+/// Per query head of the pass: the values' zero-point sums per token lane and group of 32
+/// channels (`[head][group][lane]`), kept until [`leave`] adds them to the outputs.
+pub(super) type ZeroSums = [[[f32; 16]; 2]; 4];
+
+/// The online-softmax state of a pass's query heads (`heads ≤ 4`), borrowed from the pass.
+pub(super) struct Running<'a> {
+    pub max: &'a mut [f32],
+    pub lanes: &'a mut [[f32; 16]],
+    /// `heads × 64` unnormalized outputs.
+    pub acc: &'a mut [f32],
+    pub zeros: &'a mut ZeroSums,
+}
+
+/// The lane of element `i` (0..16) of a group of sixteen `bits`-bit codes as [`codes16`]
+/// returns them: int4 codes fill even lanes from the first eight and odd lanes from the last
+/// eight (each 32-bit half of the group's 64 bits serves alternate lanes); others in order.
+pub(super) const fn lane_of(bits: usize, i: usize) -> usize {
+    if bits == 4 {
+        if i < 8 {
+            2 * i
+        } else {
+            2 * (i - 8) + 1
+        }
+    } else {
+        i
+    }
+}
+
+/// Sixteen consecutive `BITS`-bit codes (lowest bits first) starting at `at`, as f32 in the
+/// lanes [`lane_of`] gives: int8 widened from memory; packed codes broadcast from memory, each
+/// lane's field shifted to the top of its 32 bits and back down, then converted.
+///
+/// # Safety
+/// AVX-512F present; `16·BITS/8` bytes readable at `at`.
+#[inline(always)]
+unsafe fn codes16<const BITS: usize>(at: *const u8) -> __m512 {
+    // SAFETY (each arm): reads 16·BITS/8 bytes at `at` (the caller's contract).
+    let ints = unsafe {
+        match BITS {
+            8 => _mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast())),
+            4 => {
+                // even lanes see the low 32 bits (codes 0..8), odd lanes the high (8..16)
+                let word = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
+                let up =
+                    _mm512_setr_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
+                _mm512_srli_epi32::<28>(_mm512_sllv_epi32(word, up))
+            }
+            _ => {
+                let word = _mm512_set1_epi32(at.cast::<i32>().read_unaligned());
+                let up =
+                    _mm512_setr_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+                _mm512_srli_epi32::<30>(_mm512_sllv_epi32(word, up))
+            }
+        }
+    };
+    _mm512_cvtepi32_ps(ints)
+}
+
+/// Four f16 (scale, zero) pairs' worth of registers: sixteen pairs at `at` split into the
+/// sixteen scales and the sixteen zeros.
+///
+/// # Safety
+/// AVX-512F and F16C present; 64 bytes readable at `at`.
+#[inline(always)]
+unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
+    // SAFETY: 64 bytes readable at `at` (the caller's contract).
+    let (a, b) = unsafe {
+        (
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast())),
+        )
+    };
+    let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    let odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    (
+        _mm512_permutex2var_ps(a, even, b),
+        _mm512_permutex2var_ps(a, odd, b),
+    )
+}
+
+/// The values' per-token parameters of a block (16 tokens × two groups × (scale, zero), f16,
+/// 128 bytes) as [s₀, z₀, s₁, z₁], token t in lane `lane_of(KB, t)` (the keys' lanes).
+///
+/// # Safety
+/// AVX-512F and F16C present; 128 bytes readable at `at`.
+#[inline(always)]
+unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
+    // SAFETY: 128 bytes readable at `at` (the caller's contract).
+    let x = unsafe {
+        [
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast())),
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(64).cast())),
+            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(96).cast())),
+        ]
+    };
+    by_component(x, |t| lane_of(KB, t))
+}
+
+/// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
+/// full sealed block, the outputs in the lanes of [`enter`]: `keys` a channel-major integer key page of `KB`-bit codes with its
+/// per-channel (scale, zero) pairs, `values` a token-major page of `VB`-bit codes with
+/// per-token (scale, zero) pairs per group of 32 channels.
+#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")]
+pub(super) fn int_block<const KB: usize, const VB: usize, const H: usize>(
+    keys: &[u8],
+    values: &[u8],
+    q: &[f32],
+    run: &mut Running,
+) {
+    let key_codes = D * BS * KB / 8;
+    let value_codes = D * BS * VB / 8;
+    assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
+    assert!(run.max.len() >= H && run.lanes.len() >= H);
+    assert!(keys.len() >= key_codes + 4 * D && values.len() >= value_codes + 4 * 2 * BS);
+    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+
+    // keys: per-channel scales folded into the query, zero points into one constant per head
+    let mut folded = [[0f32; D]; 4];
+    let mut bias = [_mm512_setzero_ps(); 4];
+    for c in (0..D).step_by(16) {
+        // SAFETY: the pairs of channels c .. c + 16 lie at key_codes + 4c .. + 64 ≤ keys.len().
+        let (s, z) = unsafe { pairs16(kp.add(key_codes + 4 * c)) };
+        for h in 0..H {
+            // SAFETY: h·64 + c + 16 ≤ H·64 ≤ q.len() (asserted).
+            let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * D + c)) };
+            // SAFETY: c + 16 ≤ 64 = the row's length.
+            unsafe { _mm512_storeu_ps(folded[h].as_mut_ptr().add(c), _mm512_mul_ps(x, s)) };
+            bias[h] = _mm512_fmadd_ps(x, z, bias[h]);
+        }
+    }
+    // four accumulators per head (channels mod 4): enough independent FMA chains to cover
+    // the FMA latency on two pipes even for one head
+    let mut dots = [[_mm512_setzero_ps(); 4]; 4];
+    for c in (0..D).step_by(4) {
+        // SAFETY: channel c + 3's column ends at (c + 4)·16·KB/8 ≤ key_codes.
+        let columns = unsafe {
+            [
+                codes16::<KB>(kp.add(c * BS * KB / 8)),
+                codes16::<KB>(kp.add((c + 1) * BS * KB / 8)),
+                codes16::<KB>(kp.add((c + 2) * BS * KB / 8)),
+                codes16::<KB>(kp.add((c + 3) * BS * KB / 8)),
+            ]
+        };
+        for h in 0..H {
+            for (i, column) in columns.iter().enumerate() {
+                let qc = _mm512_set1_ps(folded[h][c + i]);
+                dots[h][i] = _mm512_fmadd_ps(qc, *column, dots[h][i]);
+            }
+        }
+    }
+
+    // online softmax over the 16 scores of each head
+    let mut weights = [_mm512_setzero_ps(); 4];
+    for h in 0..H {
+        let scores = _mm512_add_ps(
+            _mm512_add_ps(
+                _mm512_add_ps(dots[h][0], dots[h][1]),
+                _mm512_add_ps(dots[h][2], dots[h][3]),
+            ),
+            _mm512_set1_ps(_mm512_reduce_add_ps(bias[h])),
+        );
+        let max_in = run.max[h];
+        let over =
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(scores, _mm512_set1_ps(max_in + LAZY_MAX_SLACK));
+        let max = if over != 0 || max_in == f32::NEG_INFINITY {
+            lazy_max(max_in, _mm512_reduce_max_ps(scores))
+        } else {
+            max_in
+        };
+        let e = exp_shifted(_mm512_sub_ps(scores, _mm512_set1_ps(max)));
+        // SAFETY: `lanes[h]` holds 16 floats.
+        let sums = unsafe { _mm512_loadu_ps(run.lanes[h].as_ptr()) };
+        let sums = if max != max_in {
+            // the reference point moved: everything summed so far rescaled to it
+            let correction = (max_in - max).exp();
+            run.acc[h * D..(h + 1) * D]
+                .iter_mut()
+                .for_each(|x| *x *= correction);
+            for lanes in run.zeros[h].iter_mut() {
+                lanes.iter_mut().for_each(|x| *x *= correction);
+            }
+            _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e)
+        } else {
+            _mm512_add_ps(sums, e)
+        };
+        // SAFETY: as for the load.
+        unsafe { _mm512_storeu_ps(run.lanes[h].as_mut_ptr(), sums) };
+        run.max[h] = max;
+        weights[h] = e;
+    }
+
+    // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
+    // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
+    let [s0, z0, s1, z1] = unsafe { token_params::<KB>(vp.add(value_codes)) };
+    let mut w = [[[0f32; BS]; 2]; 4];
+    for h in 0..H {
+        // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
+        unsafe {
+            _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
+            _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
+            for (g, z) in [z0, z1].into_iter().enumerate() {
+                let at = run.zeros[h][g].as_mut_ptr();
+                _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
+            }
+        }
+    }
+    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+    for (h, a) in acc.iter_mut().enumerate().take(H) {
+        for (i, a) in a.iter_mut().enumerate() {
+            // SAFETY: h·64 + 16i + 16 ≤ H·64 ≤ acc.len() (asserted).
+            *a = unsafe { _mm512_loadu_ps(run.acc.as_ptr().add(h * D + 16 * i)) };
+        }
+    }
+    for t in 0..BS {
+        let row = t * D * VB / 8;
+        // SAFETY: token t's codes end at (t + 1)·64·VB/8 ≤ value_codes.
+        let v = unsafe {
+            [
+                codes16::<VB>(vp.add(row)),
+                codes16::<VB>(vp.add(row + 2 * VB)),
+                codes16::<VB>(vp.add(row + 4 * VB)),
+                codes16::<VB>(vp.add(row + 6 * VB)),
+            ]
+        };
+        for h in 0..H {
+            // token t's weight sits in the keys' lane for it
+            let lane = lane_of(KB, t);
+            let (w0, w1) = (_mm512_set1_ps(w[h][0][lane]), _mm512_set1_ps(w[h][1][lane]));
+            acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
+            acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
+            acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
+            acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
+        }
+    }
+    for (h, a) in acc.iter().enumerate().take(H) {
+        for (i, a) in a.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(run.acc.as_mut_ptr().add(h * D + 16 * i), *a) };
+        }
+    }
+}
+
+/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`int_block`]
+/// accumulates `vb`-bit value codes in: before the first block of a run.
+pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
+    for chunk in acc[..heads * D].chunks_exact_mut(16) {
+        let natural: [f32; 16] = chunk.try_into().expect("chunks of 16");
+        for (i, x) in natural.into_iter().enumerate() {
+            chunk[lane_of(vb, i)] = x;
+        }
+    }
+}
+
+/// Ends a run of [`int_block`] calls: the outputs back in channel order, the values'
+/// zero-point sums added into them and cleared. Before any other reader of `acc` (another
+/// page kind's block, or the end of the pass).
+pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
+    for chunk in acc[..heads * D].chunks_exact_mut(16) {
+        let lanes: [f32; 16] = chunk.try_into().expect("chunks of 16");
+        for (i, x) in chunk.iter_mut().enumerate() {
+            *x = lanes[lane_of(vb, i)];
+        }
+    }
+    for (h, groups) in zeros.iter_mut().enumerate().take(heads) {
+        for (g, lanes) in groups.iter_mut().enumerate() {
+            let sum: f32 = lanes.iter().sum();
+            acc[h * D + 32 * g..h * D + 32 * (g + 1)]
+                .iter_mut()
+                .for_each(|a| *a += sum);
+            *lanes = [0.0; 16];
+        }
+    }
+}
+
+/// [`int_block`] for code widths `kb`, `vb` (8, 4 or 2) and `heads` query heads (1 to 4).
+///
+/// # Safety
+/// [`available`] must have answered true.
+pub(super) unsafe fn dispatch(
+    kb: usize,
+    vb: usize,
+    heads: usize,
+    keys: &[u8],
+    values: &[u8],
+    q: &[f32],
+    run: &mut Running,
+) {
+    macro_rules! values {
+        ($k:literal) => {
+            with_heads!(heads, H, {
+                // SAFETY: the features are present (the caller's contract).
+                unsafe {
+                    match vb {
+                        8 => int_block::<$k, 8, H>(keys, values, q, run),
+                        4 => int_block::<$k, 4, H>(keys, values, q, run),
+                        _ => int_block::<$k, 2, H>(keys, values, q, run),
+                    }
+                }
+            })
+        };
+    }
+    match kb {
+        8 => values!(8),
+        4 => values!(4),
+        _ => values!(2),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Code `i` of a packed group as the scalar codec stores it (lowest bits first).
+    fn code(bytes: &[u8], bits: usize, i: usize) -> u8 {
+        let mask = ((1u16 << bits) - 1) as u8;
+        (bytes[i * bits / 8] >> (i * bits % 8)) & mask
+    }
+
+    #[test]
+    fn codes_widen_into_their_lanes_exactly() {
+        if !available() {
+            return;
+        }
+        let bytes: Vec<u8> = (0..16 * 64).map(|i| (i * 97 + i / 7) as u8).collect();
+        for bits in [8, 4, 2] {
+            let mut lanes_seen = [false; 16];
+            for i in 0..16 {
+                lanes_seen[lane_of(bits, i)] = true;
+            }
+            assert!(
+                lanes_seen.iter().all(|x| *x),
+                "lane_of({bits}) is a permutation"
+            );
+            for group in bytes.chunks_exact(16 * bits / 8) {
+                let mut out = [0f32; 16];
+                // SAFETY: AVX-512F present (checked above); the group holds 16·bits/8 bytes.
+                unsafe {
+                    let v = match bits {
+                        8 => codes16::<8>(group.as_ptr()),
+                        4 => codes16::<4>(group.as_ptr()),
+                        _ => codes16::<2>(group.as_ptr()),
+                    };
+                    _mm512_storeu_ps(out.as_mut_ptr(), v);
+                }
+                for i in 0..16 {
+                    assert_eq!(
+                        out[lane_of(bits, i)],
+                        code(group, bits, i) as f32,
+                        "{bits}-bit code {i}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn entering_and_leaving_a_run_restores_channel_order() {
+        for vb in [8, 4, 2] {
+            let original: Vec<f32> = (0..3 * D).map(|i| i as f32).collect();
+            let mut acc = original.clone();
+            enter(vb, 3, &mut acc);
+            if vb == 4 {
+                assert_ne!(acc, original);
+                // channel 8 of each chunk sits in lane 1
+                assert_eq!(acc[1], 8.0);
+            }
+            let mut zeros: ZeroSums = Default::default();
+            zeros[1][1][5] = 2.0;
+            leave(vb, 3, &mut zeros, &mut acc);
+            for (i, (a, o)) in acc.iter().zip(&original).enumerate() {
+                let added = if (D + 32..2 * D).contains(&i) {
+                    2.0
+                } else {
+                    0.0
+                };
+                assert_eq!(*a, o + added, "vb {vb} element {i}");
+            }
+            assert!(zeros.iter().flatten().flatten().all(|z| *z == 0.0));
+        }
+    }
+}
