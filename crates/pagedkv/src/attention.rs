@@ -33,7 +33,7 @@ macro_rules! with_heads {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod int_block;
+mod block_kernel;
 mod lut;
 mod pages;
 
@@ -66,11 +66,11 @@ pub struct Scratch {
     lanes: Vec<[f32; 16]>,
     /// Split keys: the pass's query tables (see [`crate::SplitPlan::query_tables`]).
     split_tables: Vec<f32>,
-    /// Integer blocks read in one call: the query times the softmax scale, and the values'
-    /// pending zero-point sums.
+    /// Blocks read in one call (`block_kernel`): the query times the softmax scale, and the
+    /// values' pending zero-point sums.
     scaled_q: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
-    zeros: int_block::ZeroSums,
+    zeros: block_kernel::ZeroSums,
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -332,12 +332,13 @@ impl Pass<'_> {
     }
 
     /// The code widths (keys, values) when this pass's sealed blocks go through
-    /// [`int_block`]: both codecs integer, SmolLM2's geometry, no per-layer key transform
-    /// (`plain`), the CPU able.
+    /// [`block_kernel`]: both codecs f16 or integer, SmolLM2's geometry, no per-layer key
+    /// transform (`plain`), the CPU able.
     #[cfg(target_arch = "x86_64")]
-    fn int_block_bits(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
+    fn block_kernel_bits(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
         let layout = self.storage.layout();
         let bits = |codec| match codec {
+            crate::Codec::F16 => Some(16),
             crate::Codec::Int8 => Some(8),
             crate::Codec::Int4 => Some(4),
             crate::Codec::Int2 => Some(2),
@@ -345,10 +346,10 @@ impl Pass<'_> {
         };
         let fits = simd
             && plain
-            && layout.head_dim() == int_block::D
-            && layout.block_size() == int_block::BS
+            && layout.head_dim() == block_kernel::D
+            && layout.block_size() == block_kernel::BS
             && layout.group_size() <= 4
-            && int_block::available();
+            && block_kernel::available();
         if !fits {
             return None;
         }
@@ -440,9 +441,9 @@ impl Pass<'_> {
         // a miss to memory behind the reading of the blocks between
         let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
-        // full sealed blocks with integer keys and values: one call each (`int_block`)
+        // full sealed blocks of f16 or integer keys and values: one call each (`block_kernel`)
         #[cfg(target_arch = "x86_64")]
-        let int_bits = self.int_block_bits(simd, key_norm.is_none() && key_split.is_none());
+        let kernel_bits = self.block_kernel_bits(simd, key_norm.is_none() && key_split.is_none());
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
@@ -467,30 +468,34 @@ impl Pass<'_> {
             #[cfg(target_arch = "x86_64")]
             {
                 let values = self.storage.value_page(self.layer, block, self.head)?;
-                if let (
-                    Some((kb, vb)),
-                    PageRef::Packed {
-                        bytes: key_bytes, ..
-                    },
-                    PageRef::Packed {
-                        bytes: value_bytes, ..
-                    },
-                ) = (int_bits, keys, values)
+                // f16 pages of an all-f16 layout (channel-major keys); a packed f16 page (a
+                // layer overridden inside a compressed layout) is token-major and read apart
+                let bytes = |page| match page {
+                    PageRef::Packed { codec, bytes, .. } if codec != crate::Codec::F16 => {
+                        Some(bytes)
+                    }
+                    PageRef::F16T(elements) | PageRef::F16(elements) => {
+                        Some(bytemuck::cast_slice::<half::f16, u8>(elements))
+                    }
+                    _ => None,
+                };
+                if let (Some((kb, vb)), Some(key_bytes), Some(value_bytes)) =
+                    (kernel_bits, bytes(keys), bytes(values))
                 {
                     if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
                         if !std::mem::replace(&mut in_run, true) {
-                            int_block::enter(vb, group, acc);
+                            block_kernel::enter(vb, group, acc);
                         }
-                        let mut run = int_block::Running {
+                        let mut run = block_kernel::Running {
                             max,
                             lanes,
                             acc,
                             zeros,
                         };
-                        // SAFETY: `int_block_bits` answered only with the features present;
+                        // SAFETY: `block_kernel_bits` answered only with the features present;
                         // lengths are checked inside.
                         unsafe {
-                            int_block::dispatch(
+                            block_kernel::dispatch(
                                 kb,
                                 vb,
                                 group,
@@ -503,8 +508,8 @@ impl Pass<'_> {
                         continue;
                     }
                 }
-                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), int_bits) {
-                    int_block::leave(vb, group, zeros, acc);
+                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), kernel_bits) {
+                    block_kernel::leave(vb, group, zeros, acc);
                 }
             }
             match (key_split, keys) {
@@ -562,8 +567,8 @@ impl Pass<'_> {
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some((_, vb))) = (in_run, int_bits) {
-            int_block::leave(vb, group, zeros, acc);
+        if let (true, Some((_, vb))) = (in_run, kernel_bits) {
+            block_kernel::leave(vb, group, zeros, acc);
         }
         fib.finish(shape, acc);
         for (s, l) in sum.iter_mut().zip(lanes.iter()) {
@@ -961,11 +966,11 @@ mod tests {
     /// A full-precision layer inside a compressed layout (a per-layer override) is read from its
     /// packed pages like any other.
     #[test]
-    fn integer_blocks_read_in_one_call_match_the_reference() {
-        // every pair of integer key and value codecs; groups of 1 (MHA), 3 (GQA), 4 (MQA, the
-        // widest group read in one call) and 9 (MQA past it); keys growing along the context so
-        // the softmax reference point moves inside a run of blocks
-        let ints = [Codec::Int8, Codec::Int4, Codec::Int2];
+    fn blocks_read_in_one_call_match_the_reference() {
+        // every pair of f16 and integer key and value codecs; groups of 1 (MHA), 3 (GQA), 4
+        // (MQA, the widest group read in one call) and 9 (MQA past it); keys growing along the
+        // context so the softmax reference point moves inside a run of blocks
+        let ints = [Codec::F16, Codec::Int8, Codec::Int4, Codec::Int2];
         let d = 64;
         for (key_codec, value_codec) in ints.iter().flat_map(|k| ints.iter().map(move |v| (*k, *v)))
         {

@@ -1,12 +1,12 @@
-//! One sealed block whose keys and values are both integer codecs (int8, int4, int2), at
+//! One full block whose keys and values are f16 or integer codecs (int8, int4, int2), at
 //! SmolLM2's geometry (head_dim 64, blocks of 16, up to four query heads per kv head), read in
 //! one call: key parameters folded into the query, the scores, the online-softmax step and
 //! the weighted values, with nothing but the block's 16 weights passing through memory.
 //!
 //! The general path (`pages`) reads the same pages in separate calls, each converting its
 //! parameters through scratch buffers and reducing zero-point sums horizontally per block;
-//! on a core with two 512-bit FMA pipes that bookkeeping, not the arithmetic, set the pace
-//! (about 950 cycles per block and kv head where the FMAs need 192). Here:
+//! on a core with two 512-bit FMA pipes (AMD Zen 5) that bookkeeping, not the arithmetic, set
+//! the pace for int4 (about 950 cycles per block and kv head where the FMAs need 192). Here:
 //! - codes are widened in registers by shifts and one conversion per 16 codes, operations
 //!   this core runs beside its FMAs (byte permutes and `vpternlogd` compete with them); int4
 //!   codes come out in the lane order [`lane_of`] gives, which the block keeps throughout:
@@ -25,10 +25,10 @@ use super::pages::{lazy_max, LAZY_MAX_SLACK};
 pub(super) const D: usize = 64;
 pub(super) const BS: usize = 16;
 
-/// The CPU features the block loop needs (VBMI for the bit-field widening).
+/// The CPU features the block loop needs.
 pub(super) fn available() -> bool {
     use std::arch::is_x86_feature_detected as has;
-    has!("avx512f") && has!("avx512bw") && has!("avx512vbmi") && has!("f16c") && has!("fma")
+    has!("avx512f") && has!("avx2") && has!("f16c") && has!("fma")
 }
 
 /// Per query head of the pass: the values' zero-point sums per token lane and group of 32
@@ -60,13 +60,19 @@ pub(super) const fn lane_of(bits: usize, i: usize) -> usize {
 }
 
 /// Sixteen consecutive `BITS`-bit codes (lowest bits first) starting at `at`, as f32 in the
-/// lanes [`lane_of`] gives: int8 widened from memory; packed codes broadcast from memory, each
-/// lane's field shifted to the top of its 32 bits and back down, then converted.
+/// lanes [`lane_of`] gives: f16 (`BITS` 16) converted as loaded; int8 widened from memory;
+/// packed codes broadcast from memory, each lane's field shifted to the top of its 32 bits and
+/// back down, then converted.
 ///
 /// # Safety
 /// AVX-512F present; `16·BITS/8` bytes readable at `at`.
 #[inline(always)]
 unsafe fn codes16<const BITS: usize>(at: *const u8) -> __m512 {
+    if BITS == 16 {
+        // f16 elements, converted as they are loaded
+        // SAFETY: reads 32 bytes at `at` (the caller's contract).
+        return unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())) };
+    }
     // SAFETY (each arm): reads 16·BITS/8 bytes at `at` (the caller's contract).
     let ints = unsafe {
         match BITS {
@@ -131,27 +137,36 @@ unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
 }
 
 /// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
-/// full sealed block, the outputs in the lanes of [`enter`]: `keys` a channel-major integer key page of `KB`-bit codes with its
-/// per-channel (scale, zero) pairs, `values` a token-major page of `VB`-bit codes with
-/// per-token (scale, zero) pairs per group of 32 channels.
-#[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx2,fma,f16c")]
-pub(super) fn int_block<const KB: usize, const VB: usize, const H: usize>(
+/// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of
+/// `KB`-bit integer codes with per-channel (scale, zero) pairs, or of f16 elements (`KB` 16);
+/// `values` a token-major page of `VB`-bit codes with per-token (scale, zero) pairs per group
+/// of 32 channels, or of f16 elements (`VB` 16).
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     keys: &[u8],
     values: &[u8],
     q: &[f32],
     run: &mut Running,
 ) {
+    // f16 pages (`BITS` 16) are their own values: no parameters after the elements
     let key_codes = D * BS * KB / 8;
     let value_codes = D * BS * VB / 8;
+    let key_params = if KB == 16 { 0 } else { 4 * D };
+    let value_params = if VB == 16 { 0 } else { 4 * 2 * BS };
     assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
     assert!(run.max.len() >= H && run.lanes.len() >= H);
-    assert!(keys.len() >= key_codes + 4 * D && values.len() >= value_codes + 4 * 2 * BS);
+    assert!(keys.len() >= key_codes + key_params && values.len() >= value_codes + value_params);
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
 
     // keys: per-channel scales folded into the query, zero points into one constant per head
     let mut folded = [[0f32; D]; 4];
     let mut bias = [_mm512_setzero_ps(); 4];
-    for c in (0..D).step_by(16) {
+    if KB == 16 {
+        for (h, row) in folded.iter_mut().enumerate().take(H) {
+            row.copy_from_slice(&q[h * D..(h + 1) * D]);
+        }
+    }
+    for c in (0..D).step_by(16).take(if KB == 16 { 0 } else { D / 16 }) {
         // SAFETY: the pairs of channels c .. c + 16 lie at key_codes + 4c .. + 64 ≤ keys.len().
         let (s, z) = unsafe { pairs16(kp.add(key_codes + 4 * c)) };
         for h in 0..H {
@@ -224,15 +239,24 @@ pub(super) fn int_block<const KB: usize, const VB: usize, const H: usize>(
     }
 
     // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
-    // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
-    let [s0, z0, s1, z1] = unsafe { token_params::<KB>(vp.add(value_codes)) };
     let mut w = [[[0f32; BS]; 2]; 4];
+    let [s0, z0, s1, z1] = if VB == 16 {
+        let one = _mm512_set1_ps(1.0);
+        [one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]
+    } else {
+        // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
+        unsafe { token_params::<KB>(vp.add(value_codes)) }
+    };
     for h in 0..H {
         // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
         unsafe {
             _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
             _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
-            for (g, z) in [z0, z1].into_iter().enumerate() {
+            for (g, z) in [z0, z1]
+                .into_iter()
+                .enumerate()
+                .take(if VB == 16 { 0 } else { 2 })
+            {
                 let at = run.zeros[h][g].as_mut_ptr();
                 _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
             }
@@ -274,7 +298,7 @@ pub(super) fn int_block<const KB: usize, const VB: usize, const H: usize>(
     }
 }
 
-/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`int_block`]
+/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`attend_block`]
 /// accumulates `vb`-bit value codes in: before the first block of a run.
 pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
     for chunk in acc[..heads * D].chunks_exact_mut(16) {
@@ -285,7 +309,7 @@ pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
     }
 }
 
-/// Ends a run of [`int_block`] calls: the outputs back in channel order, the values'
+/// Ends a run of [`attend_block`] calls: the outputs back in channel order, the values'
 /// zero-point sums added into them and cleared. Before any other reader of `acc` (another
 /// page kind's block, or the end of the pass).
 pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
@@ -306,7 +330,7 @@ pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f3
     }
 }
 
-/// [`int_block`] for code widths `kb`, `vb` (8, 4 or 2) and `heads` query heads (1 to 4).
+/// [`attend_block`] for code widths `kb`, `vb` (16, 8, 4 or 2) and `heads` query heads (1 to 4).
 ///
 /// # Safety
 /// [`available`] must have answered true.
@@ -325,15 +349,17 @@ pub(super) unsafe fn dispatch(
                 // SAFETY: the features are present (the caller's contract).
                 unsafe {
                     match vb {
-                        8 => int_block::<$k, 8, H>(keys, values, q, run),
-                        4 => int_block::<$k, 4, H>(keys, values, q, run),
-                        _ => int_block::<$k, 2, H>(keys, values, q, run),
+                        16 => attend_block::<$k, 16, H>(keys, values, q, run),
+                        8 => attend_block::<$k, 8, H>(keys, values, q, run),
+                        4 => attend_block::<$k, 4, H>(keys, values, q, run),
+                        _ => attend_block::<$k, 2, H>(keys, values, q, run),
                     }
                 }
             })
         };
     }
     match kb {
+        16 => values!(16),
         8 => values!(8),
         4 => values!(4),
         _ => values!(2),
