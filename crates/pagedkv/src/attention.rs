@@ -331,19 +331,12 @@ impl Pass<'_> {
         Some((keys, values))
     }
 
-    /// The code widths (keys, values) when this pass's sealed blocks go through
-    /// [`block_kernel`]: both codecs f16 or integer, SmolLM2's geometry, no per-layer key
-    /// transform (`plain`), the CPU able.
+    /// The page kinds (keys, values) when this pass's full blocks go through
+    /// [`block_kernel`]: a pair of codecs it is built for, SmolLM2's geometry, no per-layer
+    /// key transform (`plain`), the CPU able.
     #[cfg(target_arch = "x86_64")]
-    fn block_kernel_bits(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
+    fn block_kernel_kinds(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
         let layout = self.storage.layout();
-        let bits = |codec| match codec {
-            crate::Codec::F16 => Some(16),
-            crate::Codec::Int8 => Some(8),
-            crate::Codec::Int4 => Some(4),
-            crate::Codec::Int2 => Some(2),
-            _ => None,
-        };
         let fits = simd
             && plain
             && layout.head_dim() == block_kernel::D
@@ -353,10 +346,9 @@ impl Pass<'_> {
         if !fits {
             return None;
         }
-        Some((
-            bits(layout.key_codec(self.layer))?,
-            bits(layout.value_codec(self.layer))?,
-        ))
+        let kb = block_kernel::kind(layout.key_codec(self.layer))?;
+        let vb = block_kernel::kind(layout.value_codec(self.layer))?;
+        block_kernel::supported(kb, vb).then_some((kb, vb))
     }
 
     /// Runs on the widest SIMD available when `simd`, else on the baseline target.
@@ -443,7 +435,7 @@ impl Pass<'_> {
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
         // full sealed blocks of f16 or integer keys and values: one call each (`block_kernel`)
         #[cfg(target_arch = "x86_64")]
-        let kernel_bits = self.block_kernel_bits(simd, key_norm.is_none() && key_split.is_none());
+        let kernel_kinds = self.block_kernel_kinds(simd, key_norm.is_none() && key_split.is_none());
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
@@ -468,20 +460,25 @@ impl Pass<'_> {
             #[cfg(target_arch = "x86_64")]
             {
                 let values = self.storage.value_page(self.layer, block, self.head)?;
-                // f16 pages of an all-f16 layout (channel-major keys); a packed f16 page (a
-                // layer overridden inside a compressed layout) is token-major and read apart
-                let bytes = |page| match page {
-                    PageRef::Packed { codec, bytes, .. } if codec != crate::Codec::F16 => {
+                // a sealed page of the kind, or f16 pages of an all-f16 layout (channel-major
+                // keys); a packed f16 page (a layer overridden inside a compressed layout) is
+                // token-major and read apart, as is the open block's staging
+                let bytes = |page, kind| match page {
+                    PageRef::Packed { codec, bytes, .. }
+                        if kind != block_kernel::F16 && block_kernel::kind(codec) == Some(kind) =>
+                    {
                         Some(bytes)
                     }
-                    PageRef::F16T(elements) | PageRef::F16(elements) => {
+                    PageRef::F16T(elements) | PageRef::F16(elements)
+                        if kind == block_kernel::F16 =>
+                    {
                         Some(bytemuck::cast_slice::<half::f16, u8>(elements))
                     }
                     _ => None,
                 };
-                if let (Some((kb, vb)), Some(key_bytes), Some(value_bytes)) =
-                    (kernel_bits, bytes(keys), bytes(values))
-                {
+                let pages =
+                    kernel_kinds.and_then(|(kb, vb)| Some((bytes(keys, kb)?, bytes(values, vb)?)));
+                if let (Some((kb, vb)), Some((key_bytes, value_bytes))) = (kernel_kinds, pages) {
                     if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
                         if !std::mem::replace(&mut in_run, true) {
                             block_kernel::enter(vb, group, acc);
@@ -492,9 +489,9 @@ impl Pass<'_> {
                             acc,
                             zeros,
                         };
-                        // SAFETY: `block_kernel_bits` answered only with the features present;
+                        // SAFETY: `block_kernel_kinds` answered only with the features present;
                         // lengths are checked inside.
-                        unsafe {
+                        let done = unsafe {
                             block_kernel::dispatch(
                                 kb,
                                 vb,
@@ -505,10 +502,12 @@ impl Pass<'_> {
                                 &mut run,
                             )
                         };
-                        continue;
+                        if done {
+                            continue;
+                        }
                     }
                 }
-                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), kernel_bits) {
+                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), kernel_kinds) {
                     block_kernel::leave(vb, group, zeros, acc);
                 }
             }
@@ -567,7 +566,7 @@ impl Pass<'_> {
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some((_, vb))) = (in_run, kernel_bits) {
+        if let (true, Some((_, vb))) = (in_run, kernel_kinds) {
             block_kernel::leave(vb, group, zeros, acc);
         }
         fib.finish(shape, acc);
@@ -967,10 +966,17 @@ mod tests {
     /// packed pages like any other.
     #[test]
     fn blocks_read_in_one_call_match_the_reference() {
-        // every pair of f16 and integer key and value codecs; groups of 1 (MHA), 3 (GQA), 4
+        // every pair of f16, integer and fp8 key and value codecs; groups of 1 (MHA), 3 (GQA), 4
         // (MQA, the widest group read in one call) and 9 (MQA past it); keys growing along the
         // context so the softmax reference point moves inside a run of blocks
-        let ints = [Codec::F16, Codec::Int8, Codec::Int4, Codec::Int2];
+        let ints = [
+            Codec::F16,
+            Codec::Int8,
+            Codec::Int4,
+            Codec::Int2,
+            Codec::Fp8E4m3,
+            Codec::Fp8E5m2,
+        ];
         let d = 64;
         for (key_codec, value_codec) in ints.iter().flat_map(|k| ints.iter().map(move |v| (*k, *v)))
         {

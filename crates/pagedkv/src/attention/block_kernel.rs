@@ -25,6 +25,60 @@ use super::pages::{lazy_max, LAZY_MAX_SLACK};
 pub(super) const D: usize = 64;
 pub(super) const BS: usize = 16;
 
+/// How a page's elements are stored (the kernel's `KIND` parameters): the low byte is the
+/// width of a code in bits.
+pub(super) const F16: usize = 16;
+pub(super) const INT8: usize = 8;
+pub(super) const INT4: usize = 4;
+pub(super) const INT2: usize = 2;
+pub(super) const E4M3: usize = 0x100 | 8;
+pub(super) const E5M2: usize = 0x200 | 8;
+
+/// Bits of one stored element of `kind`.
+const fn bits(kind: usize) -> usize {
+    kind & 0xFF
+}
+
+/// Integer codes: an f16 (scale, zero) per key channel, per value token and group of 32.
+const fn integer(kind: usize) -> bool {
+    matches!(kind, INT8 | INT4 | INT2)
+}
+
+/// fp8 codes: an f16 scale per key channel, per value token.
+const fn fp8(kind: usize) -> bool {
+    matches!(kind, E4M3 | E5M2)
+}
+
+/// Parameter bytes after the codes of a key page and of a value page.
+const fn key_params(kind: usize) -> usize {
+    if integer(kind) {
+        4 * D
+    } else if fp8(kind) {
+        2 * D
+    } else {
+        0
+    }
+}
+const fn value_params(kind: usize) -> usize {
+    if integer(kind) {
+        4 * 2 * BS
+    } else if fp8(kind) {
+        2 * BS
+    } else {
+        0
+    }
+}
+
+/// What [`codes16`] returns is the element divided by this (e4m3 placed in an f16 reads
+/// 2⁻⁸ of its value); the scales are multiplied by it.
+const fn unit(kind: usize) -> f32 {
+    if kind == E4M3 {
+        256.0
+    } else {
+        1.0
+    }
+}
+
 /// The CPU features the block loop needs.
 pub(super) fn available() -> bool {
     use std::arch::is_x86_feature_detected as has;
@@ -59,23 +113,39 @@ pub(super) const fn lane_of(bits: usize, i: usize) -> usize {
     }
 }
 
-/// Sixteen consecutive `BITS`-bit codes (lowest bits first) starting at `at`, as f32 in the
-/// lanes [`lane_of`] gives: f16 (`BITS` 16) converted as loaded; int8 widened from memory;
-/// packed codes broadcast from memory, each lane's field shifted to the top of its 32 bits and
-/// back down, then converted.
+/// Sixteen consecutive elements of `KIND` (packed codes lowest bits first) starting at `at`,
+/// as f32 in the lanes [`lane_of`] gives, divided by [`unit`]: f16 converted as loaded; fp8
+/// codes made f16 bit patterns (e5m2 is an f16's upper byte; e4m3 sign-extended and shifted
+/// into place, its top exponent bit cleared) and converted; int8 widened from memory; packed
+/// codes broadcast from memory, each lane's field shifted to the top of its 32 bits and back
+/// down, then converted.
 ///
 /// # Safety
-/// AVX-512F present; `16·BITS/8` bytes readable at `at`.
+/// AVX-512F and F16C present; `16·bits(KIND)/8` bytes readable at `at`.
 #[inline(always)]
-unsafe fn codes16<const BITS: usize>(at: *const u8) -> __m512 {
-    if BITS == 16 {
-        // f16 elements, converted as they are loaded
-        // SAFETY: reads 32 bytes at `at` (the caller's contract).
-        return unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())) };
+unsafe fn codes16<const KIND: usize>(at: *const u8) -> __m512 {
+    // SAFETY (each arm): reads 16·bits(KIND)/8 bytes at `at` (the caller's contract).
+    unsafe {
+        match KIND {
+            F16 => return _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            E5M2 => {
+                let bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(at.cast()));
+                return _mm512_cvtph_ps(_mm256_slli_epi16::<8>(bytes));
+            }
+            E4M3 => {
+                let bytes = _mm256_cvtepi8_epi16(_mm_loadu_si128(at.cast()));
+                let half = _mm256_and_si256(
+                    _mm256_slli_epi16::<7>(bytes),
+                    _mm256_set1_epi16(0xBFFFu16 as i16),
+                );
+                return _mm512_cvtph_ps(half);
+            }
+            _ => {}
+        }
     }
-    // SAFETY (each arm): reads 16·BITS/8 bytes at `at` (the caller's contract).
+    // SAFETY (each arm): as above.
     let ints = unsafe {
-        match BITS {
+        match KIND {
             8 => _mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast())),
             4 => {
                 // even lanes see the low 32 bits (codes 0..8), odd lanes the high (8..16)
@@ -137,10 +207,10 @@ unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
 }
 
 /// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
-/// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of
-/// `KB`-bit integer codes with per-channel (scale, zero) pairs, or of f16 elements (`KB` 16);
-/// `values` a token-major page of `VB`-bit codes with per-token (scale, zero) pairs per group
-/// of 32 channels, or of f16 elements (`VB` 16).
+/// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of kind
+/// `KB` (f16 elements; integer codes with per-channel (scale, zero) pairs; fp8 codes with
+/// per-channel scales), `values` a token-major page of kind `VB` (f16; integer codes with
+/// per-token (scale, zero) pairs per group of 32 channels; fp8 codes with per-token scales).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     keys: &[u8],
@@ -149,10 +219,9 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     run: &mut Running,
 ) {
     // f16 pages (`BITS` 16) are their own values: no parameters after the elements
-    let key_codes = D * BS * KB / 8;
-    let value_codes = D * BS * VB / 8;
-    let key_params = if KB == 16 { 0 } else { 4 * D };
-    let value_params = if VB == 16 { 0 } else { 4 * 2 * BS };
+    let key_codes = D * BS * bits(KB) / 8;
+    let value_codes = D * BS * bits(VB) / 8;
+    let (key_params, value_params) = (key_params(KB), value_params(VB));
     assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
     assert!(run.max.len() >= H && run.lanes.len() >= H);
     assert!(keys.len() >= key_codes + key_params && values.len() >= value_codes + value_params);
@@ -161,12 +230,27 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     // keys: per-channel scales folded into the query, zero points into one constant per head
     let mut folded = [[0f32; D]; 4];
     let mut bias = [_mm512_setzero_ps(); 4];
-    if KB == 16 {
+    if KB == F16 {
         for (h, row) in folded.iter_mut().enumerate().take(H) {
             row.copy_from_slice(&q[h * D..(h + 1) * D]);
         }
     }
-    for c in (0..D).step_by(16).take(if KB == 16 { 0 } else { D / 16 }) {
+    for c in (0..D).step_by(16).take(if fp8(KB) { D / 16 } else { 0 }) {
+        // SAFETY: the scales of channels c .. c + 16 lie at key_codes + 2c .. + 32 ≤ keys.len().
+        let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(key_codes + 2 * c).cast())) };
+        let s = _mm512_mul_ps(s, _mm512_set1_ps(unit(KB)));
+        for (h, row) in folded.iter_mut().enumerate().take(H) {
+            // SAFETY: h·64 + c + 16 ≤ H·64 ≤ q.len() (asserted); c + 16 ≤ the row's 64.
+            unsafe {
+                let x = _mm512_loadu_ps(q.as_ptr().add(h * D + c));
+                _mm512_storeu_ps(row.as_mut_ptr().add(c), _mm512_mul_ps(x, s));
+            }
+        }
+    }
+    for c in (0..D)
+        .step_by(16)
+        .take(if integer(KB) { D / 16 } else { 0 })
+    {
         // SAFETY: the pairs of channels c .. c + 16 lie at key_codes + 4c .. + 64 ≤ keys.len().
         let (s, z) = unsafe { pairs16(kp.add(key_codes + 4 * c)) };
         for h in 0..H {
@@ -181,14 +265,10 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     // the FMA latency on two pipes even for one head
     let mut dots = [[_mm512_setzero_ps(); 4]; 4];
     for c in (0..D).step_by(4) {
-        // SAFETY: channel c + 3's column ends at (c + 4)·16·KB/8 ≤ key_codes.
+        // SAFETY: channel c + 3's column ends at (c + 4)·16·bits/8 ≤ key_codes.
         let columns = unsafe {
-            [
-                codes16::<KB>(kp.add(c * BS * KB / 8)),
-                codes16::<KB>(kp.add((c + 1) * BS * KB / 8)),
-                codes16::<KB>(kp.add((c + 2) * BS * KB / 8)),
-                codes16::<KB>(kp.add((c + 3) * BS * KB / 8)),
-            ]
+            let column = |c: usize| codes16::<KB>(kp.add(c * BS * bits(KB) / 8));
+            [column(c), column(c + 1), column(c + 2), column(c + 3)]
         };
         for h in 0..H {
             for (i, column) in columns.iter().enumerate() {
@@ -240,9 +320,19 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
 
     // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
     let mut w = [[[0f32; BS]; 2]; 4];
-    let [s0, z0, s1, z1] = if VB == 16 {
+    let [s0, z0, s1, z1] = if VB == F16 {
         let one = _mm512_set1_ps(1.0);
         [one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]
+    } else if fp8(VB) {
+        // one scale per token for all channels, in the keys' token lanes
+        // SAFETY: the 32 bytes of scales follow the value codes (asserted above).
+        let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(value_codes).cast())) };
+        let lanes: [i32; 16] =
+            std::array::from_fn(|l| (0..16).position(|t| lane_of(KB, t) == l).unwrap_or(l) as i32);
+        // SAFETY: 16 i32 read from a local array.
+        let order = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, s), _mm512_set1_ps(unit(VB)));
+        [s, _mm512_setzero_ps(), s, _mm512_setzero_ps()]
     } else {
         // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
         unsafe { token_params::<KB>(vp.add(value_codes)) }
@@ -255,7 +345,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
             for (g, z) in [z0, z1]
                 .into_iter()
                 .enumerate()
-                .take(if VB == 16 { 0 } else { 2 })
+                .take(if integer(VB) { 2 } else { 0 })
             {
                 let at = run.zeros[h][g].as_mut_ptr();
                 _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
@@ -270,14 +360,14 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
         }
     }
     for t in 0..BS {
-        let row = t * D * VB / 8;
-        // SAFETY: token t's codes end at (t + 1)·64·VB/8 ≤ value_codes.
+        let row = t * D * bits(VB) / 8;
+        // SAFETY: token t's codes end at (t + 1)·64·bits/8 ≤ value_codes.
         let v = unsafe {
             [
                 codes16::<VB>(vp.add(row)),
-                codes16::<VB>(vp.add(row + 2 * VB)),
-                codes16::<VB>(vp.add(row + 4 * VB)),
-                codes16::<VB>(vp.add(row + 6 * VB)),
+                codes16::<VB>(vp.add(row + 2 * bits(VB))),
+                codes16::<VB>(vp.add(row + 4 * bits(VB))),
+                codes16::<VB>(vp.add(row + 6 * bits(VB))),
             ]
         };
         for h in 0..H {
@@ -330,7 +420,29 @@ pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f3
     }
 }
 
-/// [`attend_block`] for code widths `kb`, `vb` (16, 8, 4 or 2) and `heads` query heads (1 to 4).
+/// Whether [`attend_block`] is built for keys of kind `kb` with values of kind `vb`: f16 and
+/// integer kinds in any pair, fp8 kinds with each other.
+pub(super) fn supported(kb: usize, vb: usize) -> bool {
+    let plain = |kind| kind == F16 || integer(kind);
+    (plain(kb) && plain(vb)) || (fp8(kb) && fp8(vb))
+}
+
+/// The kind of a codec's pages in this kernel, if it has one.
+pub(super) fn kind(codec: crate::Codec) -> Option<usize> {
+    use crate::Codec;
+    match codec {
+        Codec::F16 => Some(F16),
+        Codec::Int8 => Some(INT8),
+        Codec::Int4 => Some(INT4),
+        Codec::Int2 => Some(INT2),
+        Codec::Fp8E4m3 => Some(E4M3),
+        Codec::Fp8E5m2 => Some(E5M2),
+        _ => None,
+    }
+}
+
+/// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads (1 to
+/// 4); false (and nothing done) for a pair that is not [`supported`].
 ///
 /// # Safety
 /// [`available`] must have answered true.
@@ -342,28 +454,41 @@ pub(super) unsafe fn dispatch(
     values: &[u8],
     q: &[f32],
     run: &mut Running,
-) {
-    macro_rules! values {
-        ($k:literal) => {
-            with_heads!(heads, H, {
-                // SAFETY: the features are present (the caller's contract).
-                unsafe {
-                    match vb {
-                        16 => attend_block::<$k, 16, H>(keys, values, q, run),
-                        8 => attend_block::<$k, 8, H>(keys, values, q, run),
-                        4 => attend_block::<$k, 4, H>(keys, values, q, run),
-                        _ => attend_block::<$k, 2, H>(keys, values, q, run),
-                    }
-                }
-            })
+) -> bool {
+    macro_rules! pairs {
+        ($($k:ident / $v:ident),* $(,)?) => {
+            match (kb, vb) {
+                $(($k, $v) => with_heads!(heads, H, {
+                    // SAFETY: the features are present (the caller's contract).
+                    unsafe { attend_block::<$k, $v, H>(keys, values, q, run) }
+                }),)*
+                _ => return false,
+            }
         };
     }
-    match kb {
-        16 => values!(16),
-        8 => values!(8),
-        4 => values!(4),
-        _ => values!(2),
-    }
+    pairs!(
+        F16 / F16,
+        F16 / INT8,
+        F16 / INT4,
+        F16 / INT2,
+        INT8 / F16,
+        INT8 / INT8,
+        INT8 / INT4,
+        INT8 / INT2,
+        INT4 / F16,
+        INT4 / INT8,
+        INT4 / INT4,
+        INT4 / INT2,
+        INT2 / F16,
+        INT2 / INT8,
+        INT2 / INT4,
+        INT2 / INT2,
+        E4M3 / E4M3,
+        E4M3 / E5M2,
+        E5M2 / E4M3,
+        E5M2 / E5M2,
+    );
+    true
 }
 
 #[cfg(test)]
@@ -408,6 +533,35 @@ mod tests {
                         code(group, bits, i) as f32,
                         "{bits}-bit code {i}"
                     );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_codes_widen_to_their_values() {
+        if !available() {
+            return;
+        }
+        let all: Vec<u8> = (0..=255).collect();
+        for (kind, codec) in [(E4M3, crate::Codec::Fp8E4m3), (E5M2, crate::Codec::Fp8E5m2)] {
+            let table = crate::codec::scalar::fp8_table(codec);
+            for group in all.chunks_exact(16) {
+                let mut out = [0f32; 16];
+                // SAFETY: AVX-512F and F16C present (checked above); 16 bytes in the group.
+                unsafe {
+                    let v = match kind {
+                        E4M3 => codes16::<E4M3>(group.as_ptr()),
+                        _ => codes16::<E5M2>(group.as_ptr()),
+                    };
+                    _mm512_storeu_ps(out.as_mut_ptr(), v);
+                }
+                for (code, x) in group.iter().zip(out) {
+                    let want = table[*code as usize];
+                    // NaN codes are never stored; every other one exactly
+                    if want.is_finite() {
+                        assert_eq!(x * unit(kind), want, "{codec} code {code:#04x}");
+                    }
                 }
             }
         }
