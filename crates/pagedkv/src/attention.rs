@@ -460,12 +460,13 @@ impl Pass<'_> {
             #[cfg(target_arch = "x86_64")]
             {
                 let values = self.storage.value_page(self.layer, block, self.head)?;
-                // a sealed page of the kind, or f16 pages of an all-f16 layout (channel-major
-                // keys); a packed f16 page (a layer overridden inside a compressed layout) is
-                // token-major and read apart, as is the open block's staging
+                // a sealed page of the kind, or f16/bf16 pages of an all-f16/bf16 layout
+                // (channel-major keys); a packed f16 page (a layer overridden inside a
+                // compressed layout) is token-major and read apart, as is the open block's
+                // staging
                 let bytes = |page, kind| match page {
                     PageRef::Packed { codec, bytes, .. }
-                        if kind != block_kernel::F16 && block_kernel::kind(codec) == Some(kind) =>
+                        if !block_kernel::full(kind) && block_kernel::kind(codec) == Some(kind) =>
                     {
                         Some(bytes)
                     }
@@ -473,6 +474,11 @@ impl Pass<'_> {
                         if kind == block_kernel::F16 =>
                     {
                         Some(bytemuck::cast_slice::<half::f16, u8>(elements))
+                    }
+                    PageRef::Bf16T(elements) | PageRef::Bf16(elements)
+                        if kind == block_kernel::BF16 =>
+                    {
+                        Some(bytemuck::cast_slice::<half::bf16, u8>(elements))
                     }
                     _ => None,
                 };
@@ -966,11 +972,12 @@ mod tests {
     /// packed pages like any other.
     #[test]
     fn blocks_read_in_one_call_match_the_reference() {
-        // every pair of f16, integer and fp8 key and value codecs; groups of 1 (MHA), 3 (GQA), 4
-        // (MQA, the widest group read in one call) and 9 (MQA past it); keys growing along the
-        // context so the softmax reference point moves inside a run of blocks
+        // every pair of f16, bf16, integer and fp8 key and value codecs; groups of 1 (MHA),
+        // 3 (GQA), 4 (MQA, the widest group read in one call) and 9 (MQA past it); keys growing
+        // along the context so the softmax reference point moves inside a run of blocks
         let ints = [
             Codec::F16,
+            Codec::Bf16,
             Codec::Int8,
             Codec::Int4,
             Codec::Int2,

@@ -28,6 +28,7 @@ pub(super) const BS: usize = 16;
 /// How a page's elements are stored (the kernel's `KIND` parameters): the low byte is the
 /// width of a code in bits.
 pub(super) const F16: usize = 16;
+pub(super) const BF16: usize = 0x100 | 16;
 pub(super) const INT8: usize = 8;
 pub(super) const INT4: usize = 4;
 pub(super) const INT2: usize = 2;
@@ -37,6 +38,12 @@ pub(super) const E5M2: usize = 0x200 | 8;
 /// Bits of one stored element of `kind`.
 const fn bits(kind: usize) -> usize {
     kind & 0xFF
+}
+
+/// Elements stored as they are (f16, bf16): no parameters; a packed page of such a codec (a
+/// layer overridden inside a compressed layout) is token-major and not read here.
+pub(super) const fn full(kind: usize) -> bool {
+    matches!(kind, F16 | BF16)
 }
 
 /// Integer codes: an f16 (scale, zero) per key channel, per value token and group of 32.
@@ -114,7 +121,8 @@ pub(super) const fn lane_of(bits: usize, i: usize) -> usize {
 }
 
 /// Sixteen consecutive elements of `KIND` (packed codes lowest bits first) starting at `at`,
-/// as f32 in the lanes [`lane_of`] gives, divided by [`unit`]: f16 converted as loaded; fp8
+/// as f32 in the lanes [`lane_of`] gives, divided by [`unit`]: f16 converted as loaded, bf16
+/// widened and shifted into an f32's upper half; fp8
 /// codes made f16 bit patterns (e5m2 is an f16's upper byte; e4m3 sign-extended and shifted
 /// into place, its top exponent bit cleared) and converted; int8 widened from memory; packed
 /// codes broadcast from memory, each lane's field shifted to the top of its 32 bits and back
@@ -128,6 +136,10 @@ unsafe fn codes16<const KIND: usize>(at: *const u8) -> __m512 {
     unsafe {
         match KIND {
             F16 => return _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
+            BF16 => {
+                let halves = _mm512_cvtepu16_epi32(_mm256_loadu_si256(at.cast()));
+                return _mm512_castsi512_ps(_mm512_slli_epi32::<16>(halves));
+            }
             E5M2 => {
                 let bytes = _mm256_cvtepu8_epi16(_mm_loadu_si128(at.cast()));
                 return _mm512_cvtph_ps(_mm256_slli_epi16::<8>(bytes));
@@ -230,7 +242,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     // keys: per-channel scales folded into the query, zero points into one constant per head
     let mut folded = [[0f32; D]; 4];
     let mut bias = [_mm512_setzero_ps(); 4];
-    if KB == F16 {
+    if full(KB) {
         for (h, row) in folded.iter_mut().enumerate().take(H) {
             row.copy_from_slice(&q[h * D..(h + 1) * D]);
         }
@@ -320,7 +332,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
 
     // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
     let mut w = [[[0f32; BS]; 2]; 4];
-    let [s0, z0, s1, z1] = if VB == F16 {
+    let [s0, z0, s1, z1] = if full(VB) {
         let one = _mm512_set1_ps(1.0);
         [one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]
     } else if fp8(VB) {
@@ -421,10 +433,10 @@ pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f3
 }
 
 /// Whether [`attend_block`] is built for keys of kind `kb` with values of kind `vb`: f16 and
-/// integer kinds in any pair, fp8 kinds with each other.
+/// integer kinds in any pair, bf16 with bf16, fp8 kinds with each other.
 pub(super) fn supported(kb: usize, vb: usize) -> bool {
     let plain = |kind| kind == F16 || integer(kind);
-    (plain(kb) && plain(vb)) || (fp8(kb) && fp8(vb))
+    (plain(kb) && plain(vb)) || (kb == BF16 && vb == BF16) || (fp8(kb) && fp8(vb))
 }
 
 /// The kind of a codec's pages in this kernel, if it has one.
@@ -432,6 +444,7 @@ pub(super) fn kind(codec: crate::Codec) -> Option<usize> {
     use crate::Codec;
     match codec {
         Codec::F16 => Some(F16),
+        Codec::Bf16 => Some(BF16),
         Codec::Int8 => Some(INT8),
         Codec::Int4 => Some(INT4),
         Codec::Int2 => Some(INT2),
@@ -483,6 +496,7 @@ pub(super) unsafe fn dispatch(
         INT2 / INT8,
         INT2 / INT4,
         INT2 / INT2,
+        BF16 / BF16,
         E4M3 / E4M3,
         E4M3 / E5M2,
         E5M2 / E4M3,
