@@ -1,7 +1,8 @@
-//! One full block whose keys and values are f16 or integer codecs (int8, int4, int2), at
-//! SmolLM2's geometry (head_dim 64, blocks of 16, up to four query heads per kv head), read in
-//! one call: key parameters folded into the query, the scores, the online-softmax step and
-//! the weighted values, with nothing but the block's 16 weights passing through memory.
+//! One full block whose keys and values are f16, bf16, integer (int8, int4, int2) or fp8
+//! pages (the pairs [`supported`] lists), at SmolLM2's geometry (head_dim 64, blocks of 16, up
+//! to four query heads per kv head), read in one call: key parameters folded into the query,
+//! the scores, the online-softmax step and the weighted values, with nothing but the block's
+//! 16 weights passing through memory.
 //!
 //! The general path (`pages`) reads the same pages in separate calls, each converting its
 //! parameters through scratch buffers and reducing zero-point sums horizontally per block;
@@ -105,11 +106,11 @@ pub(super) struct Running<'a> {
     pub zeros: &'a mut ZeroSums,
 }
 
-/// The lane of element `i` (0..16) of a group of sixteen `bits`-bit codes as [`codes16`]
+/// The lane of element `i` (0..16) of a group of sixteen elements of `kind` as [`codes16`]
 /// returns them: int4 codes fill even lanes from the first eight and odd lanes from the last
 /// eight (each 32-bit half of the group's 64 bits serves alternate lanes); others in order.
-pub(super) const fn lane_of(bits: usize, i: usize) -> usize {
-    if bits == 4 {
+pub(super) const fn lane_of(kind: usize, i: usize) -> usize {
+    if kind == INT4 {
         if i < 8 {
             2 * i
         } else {
@@ -230,7 +231,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     q: &[f32],
     run: &mut Running,
 ) {
-    // f16 pages (`BITS` 16) are their own values: no parameters after the elements
+    // full-precision pages hold no parameters after their elements
     let key_codes = D * BS * bits(KB) / 8;
     let value_codes = D * BS * bits(VB) / 8;
     let (key_params, value_params) = (key_params(KB), value_params(VB));
@@ -401,7 +402,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
 }
 
 /// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`attend_block`]
-/// accumulates `vb`-bit value codes in: before the first block of a run.
+/// accumulates values of kind `vb` in: before the first block of a run.
 pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
     for chunk in acc[..heads * D].chunks_exact_mut(16) {
         let natural: [f32; 16] = chunk.try_into().expect("chunks of 16");
