@@ -433,13 +433,6 @@ pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f3
     }
 }
 
-/// Whether [`attend_block`] is built for keys of kind `kb` with values of kind `vb`: f16 and
-/// integer kinds in any pair, bf16 with bf16, fp8 kinds with each other.
-pub(super) fn supported(kb: usize, vb: usize) -> bool {
-    let plain = |kind| kind == F16 || integer(kind);
-    (plain(kb) && plain(vb)) || (kb == BF16 && vb == BF16) || (fp8(kb) && fp8(vb))
-}
-
 /// The kind of a codec's pages in this kernel, if it has one.
 pub(super) fn kind(codec: crate::Codec) -> Option<usize> {
     use crate::Codec;
@@ -455,22 +448,30 @@ pub(super) fn kind(codec: crate::Codec) -> Option<usize> {
     }
 }
 
-/// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads (1 to
-/// 4); false (and nothing done) for a pair that is not [`supported`].
-///
-/// # Safety
-/// [`available`] must have answered true.
-pub(super) unsafe fn dispatch(
-    kb: usize,
-    vb: usize,
-    heads: usize,
-    keys: &[u8],
-    values: &[u8],
-    q: &[f32],
-    run: &mut Running,
-) -> bool {
-    macro_rules! pairs {
-        ($($k:ident / $v:ident),* $(,)?) => {
+/// The (key kind, value kind) pairs [`attend_block`] is built for, listed once: f16 and
+/// integer kinds in any pair, bf16 with bf16, fp8 kinds with each other. Defines
+/// [`supported`] and [`dispatch`] over the same list.
+macro_rules! kernel_pairs {
+    ($($k:ident / $v:ident),* $(,)?) => {
+        /// Whether [`attend_block`] is built for keys of kind `kb` with values of kind `vb`.
+        pub(super) fn supported(kb: usize, vb: usize) -> bool {
+            matches!((kb, vb), $(($k, $v))|*)
+        }
+
+        /// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads
+        /// (1 to 4); false (and nothing done) for a pair that is not [`supported`].
+        ///
+        /// # Safety
+        /// [`available`] must have answered true.
+        pub(super) unsafe fn dispatch(
+            kb: usize,
+            vb: usize,
+            heads: usize,
+            keys: &[u8],
+            values: &[u8],
+            q: &[f32],
+            run: &mut Running,
+        ) -> bool {
             match (kb, vb) {
                 $(($k, $v) => with_heads!(heads, H, {
                     // SAFETY: the features are present (the caller's contract).
@@ -478,33 +479,33 @@ pub(super) unsafe fn dispatch(
                 }),)*
                 _ => return false,
             }
-        };
-    }
-    pairs!(
-        F16 / F16,
-        F16 / INT8,
-        F16 / INT4,
-        F16 / INT2,
-        INT8 / F16,
-        INT8 / INT8,
-        INT8 / INT4,
-        INT8 / INT2,
-        INT4 / F16,
-        INT4 / INT8,
-        INT4 / INT4,
-        INT4 / INT2,
-        INT2 / F16,
-        INT2 / INT8,
-        INT2 / INT4,
-        INT2 / INT2,
-        BF16 / BF16,
-        E4M3 / E4M3,
-        E4M3 / E5M2,
-        E5M2 / E4M3,
-        E5M2 / E5M2,
-    );
-    true
+            true
+        }
+    };
 }
+kernel_pairs!(
+    F16 / F16,
+    F16 / INT8,
+    F16 / INT4,
+    F16 / INT2,
+    INT8 / F16,
+    INT8 / INT8,
+    INT8 / INT4,
+    INT8 / INT2,
+    INT4 / F16,
+    INT4 / INT8,
+    INT4 / INT4,
+    INT4 / INT2,
+    INT2 / F16,
+    INT2 / INT8,
+    INT2 / INT4,
+    INT2 / INT2,
+    BF16 / BF16,
+    E4M3 / E4M3,
+    E4M3 / E5M2,
+    E5M2 / E4M3,
+    E5M2 / E5M2,
+);
 
 #[cfg(test)]
 mod tests {
