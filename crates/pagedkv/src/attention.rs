@@ -433,9 +433,11 @@ impl Pass<'_> {
         // a miss to memory behind the reading of the blocks between
         let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
-        // full sealed blocks of f16 or integer keys and values: one call each (`block_kernel`)
+        // full blocks of the page kinds `block_kernel` reads: one call each
         #[cfg(target_arch = "x86_64")]
         let kernel_kinds = self.block_kernel_kinds(simd, key_norm.is_none() && key_split.is_none());
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
@@ -457,9 +459,9 @@ impl Pass<'_> {
                 }
             }
             let keys = self.storage.key_page(self.layer, block, self.head)?;
+            let values = self.storage.value_page(self.layer, block, self.head)?;
             #[cfg(target_arch = "x86_64")]
             {
-                let values = self.storage.value_page(self.layer, block, self.head)?;
                 // a sealed page of the kind, or f16/bf16 pages of an all-f16/bf16 layout
                 // (channel-major keys); a packed f16 page (a layer overridden inside a
                 // compressed layout) is token-major and read apart, as is the open block's
@@ -568,7 +570,6 @@ impl Pass<'_> {
                     }
                 }
             }
-            let values = self.storage.value_page(self.layer, block, self.head)?;
             accumulate_values(values, n, shape, scores, acc, pages, fib)?;
         }
         #[cfg(target_arch = "x86_64")]
@@ -968,8 +969,6 @@ mod tests {
         }
     }
 
-    /// A full-precision layer inside a compressed layout (a per-layer override) is read from its
-    /// packed pages like any other.
     #[test]
     fn blocks_read_in_one_call_match_the_reference() {
         // every pair of f16, bf16, integer and fp8 key and value codecs; groups of 1 (MHA),
@@ -1026,6 +1025,8 @@ mod tests {
         }
     }
 
+    /// A full-precision layer inside a compressed layout (a per-layer override) is read from its
+    /// packed pages like any other.
     #[test]
     fn an_overridden_full_precision_layer_matches_the_reference() {
         for high in [Codec::F32, Codec::F16, Codec::Bf16] {
