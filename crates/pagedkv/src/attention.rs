@@ -68,6 +68,7 @@ pub struct Scratch {
     split_tables: Vec<f32>,
     /// Blocks read in one call (`block_kernel`): the query times the softmax scale, and the
     /// values' pending zero-point sums.
+    #[cfg(target_arch = "x86_64")]
     scaled_q: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
     zeros: block_kernel::ZeroSums,
@@ -414,6 +415,7 @@ impl Pass<'_> {
             fib,
             lanes,
             split_tables,
+            #[cfg(target_arch = "x86_64")]
             scaled_q,
             #[cfg(target_arch = "x86_64")]
             zeros,
@@ -441,7 +443,9 @@ impl Pass<'_> {
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
-        if cfg!(target_arch = "x86_64") {
+        // the kernel's query, scaled once per pass (only when the kernel will read it)
+        #[cfg(target_arch = "x86_64")]
+        if kernel_kinds.is_some() {
             scaled_q.clear();
             scaled_q.extend(self.q.iter().map(|x| x * self.scale));
         }
