@@ -410,12 +410,7 @@ fn ours(
         // distinct prompts (one token differs) so no request is a pure prefix hit of another
         let mut p = prompt.to_vec();
         p.push(100 + id as u32);
-        scheduler.submit(Request {
-            id,
-            prompt: p,
-            max_tokens: tokens + 1,
-            sampling: SamplingParams::default(),
-        })?;
+        scheduler.submit(Request::new(id, p, tokens + 1, SamplingParams::default()))?;
     }
     let mut first: Option<Instant> = None;
     let mut counted = 0usize;

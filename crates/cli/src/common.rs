@@ -19,7 +19,7 @@ pub enum Weights {
     Q8,
 }
 
-#[derive(Debug, Args)]
+#[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// GGUF model file (default: fetched into $PAGEDKV_HOME or ~/.cache/pagedkv).
     #[arg(long, global = true)]

@@ -90,16 +90,16 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
         );
         bar.set_message(format!("waiting: {question}"));
         answers.insert(i as u64, (question.to_string(), Vec::new(), bar));
-        scheduler.submit(Request {
-            id: i as u64,
+        scheduler.submit(Request::new(
+            i as u64,
             prompt,
-            max_tokens: args.max_tokens,
-            sampling: SamplingParams::default(),
-        })?;
+            args.max_tokens,
+            SamplingParams::default(),
+        ))?;
     }
     let started = Instant::now();
     let stats = scheduler.run(|event| match event {
-        Event::Token { id, token } => {
+        Event::Token { id, token, .. } => {
             if let Some((_, tokens, bar)) = answers.get_mut(id) {
                 tokens.push(*token);
                 let text = tokenizer
@@ -133,6 +133,7 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
                 bar.set_message("preempted: waiting for blocks");
             }
         }
+        Event::Admitted { .. } => {}
     })?;
     let secs = started.elapsed().as_secs_f64();
     let prefix = scheduler.cache().prefix_stats();

@@ -51,12 +51,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
         top_p: args.top_p,
         seed: args.seed,
     };
-    scheduler.submit(Request {
-        id: 0,
-        prompt,
-        max_tokens: args.max_tokens,
-        sampling,
-    })?;
+    scheduler.submit(Request::new(0, prompt, args.max_tokens, sampling))?;
     let started = Instant::now();
     let mut generated = Vec::new();
     let mut printed = String::new();

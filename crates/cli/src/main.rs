@@ -1,4 +1,4 @@
-//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, inspect, bench.
+//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, inspect, bench, serve.
 
 mod bench;
 mod common;
@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod inspect;
 mod plot;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -36,6 +37,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// The model's KV layout, bytes per token per codec, sequences that fit a budget.
     Inspect(inspect::InspectArgs),
+    /// An OpenAI-compatible HTTP server whose prefix cache explains itself.
+    Serve(serve::ServeArgs),
     /// Benchmarks with their baselines measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -56,11 +59,13 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let pool = cli.common.thread_pool()?;
     let common = &cli.common;
-    pool.install(|| match cli.command {
-        Command::Demo(args) => demo::run(common, args),
-        Command::Generate(args) => generate::run(common, args),
-        Command::Eval(args) => eval::run(common, args),
-        Command::Inspect(args) => inspect::run(common, args),
-        Command::Bench(command) => bench::run(common, command),
-    })
+    match cli.command {
+        Command::Demo(args) => pool.install(|| demo::run(common, args)),
+        Command::Generate(args) => pool.install(|| generate::run(common, args)),
+        Command::Eval(args) => pool.install(|| eval::run(common, args)),
+        Command::Inspect(args) => pool.install(|| inspect::run(common, args)),
+        Command::Bench(command) => pool.install(|| bench::run(common, command)),
+        // the server's engine thread enters the pool itself; its HTTP threads stay outside
+        Command::Serve(args) => serve::run(common, args, pool),
+    }
 }

@@ -16,7 +16,7 @@ pub mod tokenizer;
 
 pub use error::{EngineError, Result};
 pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
-pub use sampler::{Sampler, SamplingParams};
+pub use sampler::{Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{
     Event, FinishReason, Preemption, Request, Scheduler, SchedulerConfig, SchedulerStats,
 };

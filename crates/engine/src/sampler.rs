@@ -106,6 +106,40 @@ impl Sampler {
     }
 }
 
+/// A sampled token's log-probability under the model (the raw logits, before temperature and
+/// top-p), with the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// Log-probability of the sampled token.
+    pub logprob: f32,
+    /// The `top` most likely tokens and their log-probabilities, most likely first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// Log-probabilities of `token` and of the `top` most likely tokens in one row of logits.
+pub fn token_logprobs(logits: &[f32], token: u32, top: usize) -> TokenLogprobs {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|l| f64::from(l - max).exp()).sum();
+    let log_norm = max + sum.ln() as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, l) in logits.iter().enumerate() {
+            if best.len() == top && *l <= best[top - 1].1 {
+                continue;
+            }
+            let at = best.partition_point(|b| b.1 >= *l);
+            best.insert(at, (i as u32, *l));
+            best.truncate(top);
+        }
+    }
+    TokenLogprobs {
+        logprob: logits
+            .get(token as usize)
+            .map_or(f32::NEG_INFINITY, |l| l - log_norm),
+        top: best.into_iter().map(|(i, l)| (i, l - log_norm)).collect(),
+    }
+}
+
 /// Index of the largest logit (the first on ties).
 pub fn argmax(logits: &[f32]) -> u32 {
     let mut best = (0usize, f32::NEG_INFINITY);
@@ -120,6 +154,24 @@ pub fn argmax(logits: &[f32]) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logprobs_are_normalized_and_ordered() {
+        let logits = [1.0f32, 3.0, 2.0, 3.0];
+        let lp = token_logprobs(&logits, 2, 3);
+        let total: f32 = logits
+            .iter()
+            .map(|l| (l - 3.0 - (1f32.exp().recip() * 0.0)).exp())
+            .sum();
+        let expected = 2.0 - (3.0 + total.ln());
+        assert!((lp.logprob - expected).abs() < 1e-6);
+        // ties keep the lower id first; alternatives most likely first
+        assert_eq!(
+            lp.top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            vec![1, 3, 2]
+        );
+        assert!(token_logprobs(&logits, 9, 0).top.is_empty());
+    }
 
     #[test]
     fn greedy_and_seeded_sampling() {

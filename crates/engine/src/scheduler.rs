@@ -18,11 +18,11 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use pagedkv::tier::TieredStore;
-use pagedkv::{KvCacheManager, KvError, SeqId, SwappedOut};
+use pagedkv::{Admission, CacheSalt, KvCacheManager, KvError, SeqId, SwappedOut};
 
 use crate::error::{EngineError, Result};
 use crate::model::{BatchItem, Logits, Model};
-use crate::sampler::{Sampler, SamplingParams};
+use crate::sampler::{token_logprobs, Sampler, SamplingParams, TokenLogprobs};
 
 /// A generation request.
 #[derive(Debug, Clone)]
@@ -35,6 +35,28 @@ pub struct Request {
     pub max_tokens: usize,
     /// Sampling parameters.
     pub sampling: SamplingParams,
+    /// Separates the RNG streams of requests sharing a seed ([`Request::new`] uses the id).
+    pub stream: u64,
+    /// The tenant's cache salt: blocks are shared only with requests of the same salt.
+    pub salt: Option<CacheSalt>,
+    /// Report each generated token's log-probability and this many alternatives (`None`: no
+    /// log-probabilities).
+    pub top_logprobs: Option<usize>,
+}
+
+impl Request {
+    /// A request with no salt and no log-probabilities, its RNG stream named by its id.
+    pub fn new(id: u64, prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Self {
+        Self {
+            id,
+            prompt,
+            max_tokens,
+            sampling,
+            stream: id,
+            salt: None,
+            top_logprobs: None,
+        }
+    }
 }
 
 /// Why a request finished.
@@ -49,14 +71,23 @@ pub enum FinishReason {
 }
 
 /// What happened in a step.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A request entered the cache for the first time: what its prompt found there.
+    Admitted {
+        /// Request id.
+        id: u64,
+        /// Cached tokens and where they came from.
+        admission: Admission,
+    },
     /// A request produced a token.
     Token {
         /// Request id.
         id: u64,
         /// The token.
         token: u32,
+        /// Its log-probability and the top alternatives, when the request asked for them.
+        logprobs: Option<TokenLogprobs>,
     },
     /// A request finished.
     Finished {
@@ -126,6 +157,8 @@ pub struct SchedulerStats {
     pub preemptions: usize,
     /// Preemptions resolved by swapping to the host tier (the rest recompute).
     pub swaps: usize,
+    /// Requests cancelled before they finished.
+    pub cancelled: usize,
     /// Forward passes.
     pub steps: usize,
     /// Most blocks owned at once.
@@ -229,7 +262,7 @@ impl<'m> Scheduler<'m> {
                 "token id {bad} is outside the vocabulary"
             )));
         }
-        let sampler = Sampler::new(request.sampling, request.id)?;
+        let sampler = Sampler::new(request.sampling, request.stream)?;
         self.stats.prompt_tokens += request.prompt.len();
         let seq = SeqId(self.next_seq);
         self.next_seq += 1;
@@ -258,12 +291,40 @@ impl<'m> Scheduler<'m> {
         &self.cache
     }
 
+    /// The cache, for operations between steps (pins, lookups).
+    pub fn cache_mut(&mut self) -> &mut KvCacheManager {
+        &mut self.cache
+    }
+
+    /// Number of waiting requests (never admitted, or preempted).
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Stops a request wherever it is: waiting (its swapped blocks dropped) or running (its
+    /// blocks freed now). Returns false when no such request is queued or running.
+    pub fn cancel(&mut self, id: u64) -> Result<bool> {
+        if let Some(i) = self.running.iter().position(|s| s.request.id == id) {
+            let s = self.running.remove(i);
+            self.cache.free(s.seq)?;
+        } else if let Some(i) = self.waiting.iter().position(|s| s.request.id == id) {
+            let s = self.waiting.remove(i).expect("index found above");
+            if let Some(swapped) = &s.swapped {
+                self.cache.discard_swapped(swapped, &mut self.host)?;
+            }
+        } else {
+            return Ok(false);
+        }
+        self.stats.cancelled += 1;
+        Ok(true)
+    }
+
     /// Number of running sequences.
     pub fn num_running(&self) -> usize {
         self.running.len()
     }
 
-    fn admit(&mut self) -> Result<()> {
+    fn admit(&mut self, events: &mut Vec<Event>) -> Result<()> {
         while self.running.len() < self.config.max_running {
             let Some(next) = self.waiting.front() else {
                 break;
@@ -275,17 +336,22 @@ impl<'m> Scheduler<'m> {
                 break;
             }
             let tokens = next.tokens();
-            if self.first_block_in_flight(&tokens)? {
+            let salt = next.request.salt;
+            if self.first_block_in_flight(&tokens, salt)? {
                 break;
             }
             // with nothing running, admit without the reserve so a lone long request progresses
-            if !self.running.is_empty() && !self.cache.can_admit(&tokens) {
+            if !self.running.is_empty() && !self.cache.can_admit_salted(&tokens, salt) {
                 break;
             }
-            match self.cache.admit(next.seq, &tokens) {
+            match self.cache.admit_salted(next.seq, &tokens, salt) {
                 Ok(admission) => {
                     if next.generated.is_empty() {
                         self.stats.cached_tokens += admission.cached_tokens;
+                        events.push(Event::Admitted {
+                            id: next.request.id,
+                            admission,
+                        });
                     }
                     let seq = self.waiting.pop_front().expect("front exists");
                     self.running.push(seq);
@@ -299,11 +365,11 @@ impl<'m> Scheduler<'m> {
 
     /// True when the first full block of `tokens` is not cached but a running sequence is about
     /// to compute the same block (it lies among its uncommitted tokens).
-    fn first_block_in_flight(&self, tokens: &[u32]) -> Result<bool> {
+    fn first_block_in_flight(&self, tokens: &[u32], salt: Option<CacheSalt>) -> Result<bool> {
         let bs = self.cache.layout().block_size();
         let Some(first) = self
             .cache
-            .prefix_keys(&tokens[..bs.min(tokens.len())])
+            .prefix_keys_salted(&tokens[..bs.min(tokens.len())], salt)
             .first()
             .copied()
         else {
@@ -314,6 +380,7 @@ impl<'m> Scheduler<'m> {
         }
         for s in &self.running {
             if self.cache.table(s.seq)?.len() < bs
+                && s.request.salt == salt
                 && s.request.prompt.len() >= bs
                 && s.request.prompt[..bs] == tokens[..bs]
             {
@@ -373,7 +440,7 @@ impl<'m> Scheduler<'m> {
     /// One scheduling step: admission, one batched forward, sampling. Returns its events.
     pub fn step(&mut self) -> Result<Vec<Event>> {
         let mut events = Vec::new();
-        self.admit()?;
+        self.admit(&mut events)?;
         if self.running.is_empty() {
             return Ok(events);
         }
@@ -453,6 +520,10 @@ impl<'m> Scheduler<'m> {
             }
             let s = &mut self.running[*i];
             let token = s.sampler.sample(row);
+            let logprobs = s
+                .request
+                .top_logprobs
+                .map(|top| token_logprobs(row, token, top));
             let reason = if model.is_stop_token(token) {
                 Some(FinishReason::Stop)
             } else {
@@ -461,6 +532,7 @@ impl<'m> Scheduler<'m> {
                 events.push(Event::Token {
                     id: s.request.id,
                     token,
+                    logprobs,
                 });
                 if s.generated.len() >= s.request.max_tokens {
                     Some(FinishReason::Length)

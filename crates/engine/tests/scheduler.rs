@@ -47,7 +47,7 @@ fn run_on(
     let mut out: BTreeMap<u64, Vec<u32>> = requests.iter().map(|r| (r.id, Vec::new())).collect();
     let stats = scheduler
         .run(|e| {
-            if let Event::Token { id, token } = e {
+            if let Event::Token { id, token, .. } = e {
                 out.get_mut(id).unwrap().push(*token);
             }
         })
@@ -68,12 +68,7 @@ fn run_on(
 }
 
 fn request(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Request {
-    Request {
-        id,
-        prompt,
-        max_tokens,
-        sampling: SamplingParams::default(),
-    }
+    Request::new(id, prompt, max_tokens, SamplingParams::default())
 }
 
 const TOPICS: [&str; 16] = [

@@ -66,6 +66,9 @@ pub enum KvError {
     /// No sequence with this id is registered.
     #[error("unknown sequence {0:?}")]
     UnknownSequence(SeqId),
+    /// No pin with this id is held.
+    #[error("unknown pin {0}")]
+    UnknownPin(u64),
     /// A sequence with this id already exists.
     #[error("sequence {0:?} already exists")]
     SequenceExists(SeqId),

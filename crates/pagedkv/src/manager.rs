@@ -11,27 +11,40 @@
 //! blocks for its prompt and reserves the rest under the admission watermark.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use crate::block::{BlockId, BlockPool, PoolCounts};
 use crate::error::{KvError, Result};
+use crate::eviction_log::EvictionLog;
 use crate::layout::KvLayout;
-use crate::prefix::{hash_block, BlockHash, PrefixStats};
+use crate::prefix::{hash_block, BlockHash, CacheSalt, PrefixStats};
+use crate::prefix_report::{MissReason, PrefixReport};
 use crate::storage::KvStorage;
 use crate::table::{BlockTable, SeqId};
-use crate::tier::{payload, TierKey, TieredStore};
+use crate::tier::{payload, TierKey, TierLevel, TieredStore};
+
+/// Prefix keys remembered after they leave the cache, to explain misses as evictions.
+const EVICTION_LOG_KEYS: usize = 1 << 16;
 
 /// Result of admitting a prompt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Admission {
     /// Leading prompt tokens whose K/V came from the prefix cache (already committed).
     pub cached_tokens: usize,
+    /// Where they came from, and why the chain stopped.
+    pub report: PrefixReport,
 }
+
+/// A pinned prefix: its blocks are held (never evicted) until [`KvCacheManager::unpin`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PinId(pub u64);
 
 /// A sequence swapped out of the pool: what its block table held, and the tier keys of its
 /// blocks' payloads.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SwappedOut {
     seq: SeqId,
+    root: Option<BlockHash>,
     tokens: Vec<u32>,
     hashes: Vec<BlockHash>,
     keys: Vec<TierKey>,
@@ -66,13 +79,24 @@ pub struct KvCacheManager {
     swap_nonce: u64,
     /// Where evicted prefix blocks go, to be found again by later prompts.
     prefix_tier: Option<TieredStore>,
+    /// Keys that left the cache altogether (explains misses).
+    eviction_log: EvictionLog,
+    /// Payloads the prefix tier dropped altogether.
+    tier_evictions: u64,
+    /// Blocks held by each pin.
+    pins: HashMap<PinId, Vec<BlockId>>,
+    /// How many pins hold each pinned block.
+    pinned: HashMap<BlockId, u32>,
+    next_pin: u64,
 }
 
 impl KvCacheManager {
     /// A cache of `num_blocks` blocks. `extra` names whatever besides tokens and layout changes
     /// the stored K/V (the model, usually); the layout's codecs are always part of the key.
     pub fn new(layout: KvLayout, num_blocks: usize, extra: &[u8]) -> Result<Self> {
-        let pool = BlockPool::new(num_blocks)?;
+        let mut pool = BlockPool::new(num_blocks)?;
+        // evicted keys are always taken: to demote them to a tier, or into the eviction log
+        pool.record_evictions(true);
         let mut key = layout.digest_bytes();
         let storage = KvStorage::new(layout.clone(), num_blocks)?;
         key.push(0);
@@ -86,6 +110,11 @@ impl KvCacheManager {
             watermark_blocks: 0,
             swap_nonce: 0,
             prefix_tier: None,
+            eviction_log: EvictionLog::new(EVICTION_LOG_KEYS),
+            tier_evictions: 0,
+            pins: HashMap::new(),
+            pinned: HashMap::new(),
+            next_pin: 0,
         })
     }
 
@@ -102,7 +131,6 @@ impl KvCacheManager {
     /// there under its prefix key, and a later prompt whose chain continues past the pool's
     /// blocks brings it back instead of recomputing it.
     pub fn set_prefix_tier(&mut self, store: TieredStore) {
-        self.pool.record_evictions(true);
         self.prefix_tier = Some(store);
     }
 
@@ -148,17 +176,32 @@ impl KvCacheManager {
     pub fn table(&self, seq: SeqId) -> Result<&BlockTable> {
         self.seqs.get(&seq).ok_or(KvError::UnknownSequence(seq))
     }
+    /// Payloads the prefix tier dropped altogether (beyond its capacity).
+    pub fn tier_evictions(&self) -> u64 {
+        self.tier_evictions
+    }
+    /// Blocks held by pins.
+    pub fn pinned_blocks(&self) -> usize {
+        self.pinned.len()
+    }
+
     /// Prefix key of a chain of full blocks, as the cache computes it (for tests and tiers).
     pub fn prefix_key(&self, tokens: &[u32]) -> Option<BlockHash> {
-        let bs = self.layout.block_size();
-        tokens.chunks_exact(bs).fold(None, |parent, block| {
-            Some(hash_block(parent, self.extra, block))
-        })
+        self.prefix_keys_salted(tokens, None).last().copied()
     }
 
     /// Chained prefix keys of every full block of `tokens`, as the cache computes them.
     pub fn prefix_keys(&self, tokens: &[u32]) -> Vec<BlockHash> {
-        let mut parent = None;
+        self.prefix_keys_salted(tokens, None)
+    }
+
+    /// Chained prefix keys of every full block of `tokens` under a tenant's salt.
+    pub fn prefix_keys_salted(&self, tokens: &[u32], salt: Option<CacheSalt>) -> Vec<BlockHash> {
+        self.chain_from(CacheSalt::root(salt), tokens)
+    }
+
+    fn chain_from(&self, root: Option<BlockHash>, tokens: &[u32]) -> Vec<BlockHash> {
+        let mut parent = root;
         tokens
             .chunks_exact(self.layout.block_size())
             .map(|block| {
@@ -177,7 +220,12 @@ impl KvCacheManager {
     /// Blocks the free queue would have to supply to admit `prompt` (prefix hits excluded, but
     /// hits on blocks with no owner counted, since taking them removes them from the queue).
     pub fn blocks_to_admit(&self, prompt: &[u32]) -> usize {
-        self.queue_demand(prompt, &self.match_prefix(prompt).0)
+        self.blocks_to_admit_salted(prompt, None)
+    }
+
+    /// [`blocks_to_admit`](Self::blocks_to_admit) under a tenant's salt.
+    pub fn blocks_to_admit_salted(&self, prompt: &[u32], salt: Option<CacheSalt>) -> usize {
+        self.queue_demand(prompt, &self.match_prefix(prompt, CacheSalt::root(salt)).0)
     }
 
     fn queue_demand(&self, prompt: &[u32], hits: &[BlockId]) -> usize {
@@ -190,7 +238,13 @@ impl KvCacheManager {
 
     /// Whether `prompt` would be admitted now (its blocks plus the watermark fit).
     pub fn can_admit(&self, prompt: &[u32]) -> bool {
-        self.blocks_to_admit(prompt) + self.watermark_blocks <= self.pool.num_available()
+        self.can_admit_salted(prompt, None)
+    }
+
+    /// [`can_admit`](Self::can_admit) under a tenant's salt.
+    pub fn can_admit_salted(&self, prompt: &[u32], salt: Option<CacheSalt>) -> bool {
+        self.blocks_to_admit_salted(prompt, salt) + self.watermark_blocks
+            <= self.pool.num_available()
     }
 
     /// Registers a new sequence for `prompt`: takes the longest chain of cached full blocks (at
@@ -198,13 +252,25 @@ impl KvCacheManager {
     /// reserves blocks for the rest. Refused with `OutOfBlocks` (changing nothing) unless the
     /// blocks plus the watermark fit.
     pub fn admit(&mut self, seq: SeqId, prompt: &[u32]) -> Result<Admission> {
+        self.admit_salted(seq, prompt, None)
+    }
+
+    /// [`admit`](Self::admit) under a tenant's salt: the sequence finds and leaves blocks only
+    /// under keys chained from the salt.
+    pub fn admit_salted(
+        &mut self,
+        seq: SeqId,
+        prompt: &[u32],
+        salt: Option<CacheSalt>,
+    ) -> Result<Admission> {
         if self.seqs.contains_key(&seq) {
             return Err(KvError::SequenceExists(seq));
         }
         if prompt.is_empty() {
             return Err(KvError::EmptyPrompt(seq));
         }
-        let (hits, hashes) = self.match_prefix(prompt);
+        let root = CacheSalt::root(salt);
+        let (hits, hashes) = self.match_prefix(prompt, root);
         let needed = self.queue_demand(prompt, &hits) + self.watermark_blocks;
         if needed > self.pool.num_available() {
             return Err(KvError::OutOfBlocks {
@@ -215,12 +281,21 @@ impl KvCacheManager {
         let bs = self.layout.block_size();
         // the chain may continue in the prefix tier: those blocks come back instead of being
         // recomputed (they take fresh blocks, so the demand above already counts them)
-        let from_tier = self.match_prefix_in_tier(prompt, hits.len(), hashes.last().copied())?;
+        let parent = hashes.last().copied().or(root);
+        let (from_tier, damaged) = self.match_prefix_in_tier(prompt, hits.len(), parent)?;
         let found = hits.len() + from_tier.len();
-        let lookups = ((prompt.len() - 1) / bs) as u64;
+        let matchable = (prompt.len() - 1) / bs;
         self.pool
-            .record_lookups(found as u64, lookups - found as u64);
+            .record_lookups(found as u64, (matchable - found) as u64);
         let pool_hits = hits.len();
+        let levels: Vec<TierLevel> = from_tier.iter().map(|t| t.2).collect();
+        let report = PrefixReport::new(bs, matchable, pool_hits, &levels, || {
+            if damaged {
+                MissReason::Damaged
+            } else {
+                self.miss_reason(prompt, root)
+            }
+        });
         for block in &hits {
             self.pool.retain(*block)?;
         }
@@ -228,11 +303,12 @@ impl KvCacheManager {
             blocks: hits,
             tokens: prompt[..pool_hits * bs].to_vec(),
             hashes,
+            root,
         };
         let fresh = self.layout.blocks_for_tokens(prompt.len()) - table.blocks.len();
         self.pool.allocate(fresh, &mut table.blocks)?;
         self.demote_evicted()?;
-        for (i, (hash, bytes)) in from_tier.iter().enumerate() {
+        for (i, (hash, bytes, _)) in from_tier.iter().enumerate() {
             let block = table.blocks[pool_hits + i];
             let storage = &self.storage;
             let decoded =
@@ -244,16 +320,121 @@ impl KvCacheManager {
             let at = (pool_hits + i) * bs;
             table.tokens.extend_from_slice(&prompt[at..at + bs]);
         }
-        let cached_tokens = found * bs;
         self.seqs.insert(seq, table);
-        Ok(Admission { cached_tokens })
+        Ok(Admission {
+            cached_tokens: found * bs,
+            report,
+        })
+    }
+
+    /// What `prompt` would find in the cache now, changing nothing (a dry run of admission:
+    /// tier payloads are located, not read, so a damaged one shows only at admission).
+    pub fn lookup_prefix(&self, prompt: &[u32], salt: Option<CacheSalt>) -> PrefixReport {
+        let bs = self.layout.block_size();
+        let root = CacheSalt::root(salt);
+        let (hits, hashes) = self.match_prefix(prompt, root);
+        let matchable = prompt.len().saturating_sub(1) / bs;
+        let mut levels = Vec::new();
+        if let Some(store) = &self.prefix_tier {
+            let mut parent = hashes.last().copied().or(root);
+            for chunk in prompt.chunks_exact(bs).take(matchable).skip(hits.len()) {
+                let hash = hash_block(parent, self.extra, chunk);
+                let Some(level) = store.locate(TierKey(hash.0)) else {
+                    break;
+                };
+                levels.push(level);
+                parent = Some(hash);
+            }
+        }
+        PrefixReport::new(bs, matchable, hits.len(), &levels, || {
+            self.miss_reason(prompt, root)
+        })
+    }
+
+    /// Why the chain of `prompt` stops at its first block not found: evicted (the log remembers
+    /// its key) or no entry.
+    fn miss_reason(&self, prompt: &[u32], root: Option<BlockHash>) -> MissReason {
+        let bs = self.layout.block_size();
+        let mut parent = root;
+        for chunk in prompt.chunks_exact(bs) {
+            let hash = hash_block(parent, self.extra, chunk);
+            let cached = self.pool.lookup(hash).is_some()
+                || self
+                    .prefix_tier
+                    .as_ref()
+                    .is_some_and(|t| t.contains(TierKey(hash.0)));
+            if !cached {
+                return match self.eviction_log.evicted_at(hash) {
+                    Some(at) => MissReason::Evicted { ago: at.elapsed() },
+                    None => MissReason::NoEntry,
+                };
+            }
+            parent = Some(hash);
+        }
+        MissReason::NoEntry
+    }
+
+    /// Holds the pool's cached blocks of `prompt`'s chain (every full block found, in order) so
+    /// they are never evicted until [`unpin`](Self::unpin). Returns the pin and its tokens.
+    pub fn pin_prefix(
+        &mut self,
+        prompt: &[u32],
+        salt: Option<CacheSalt>,
+    ) -> Result<(PinId, usize)> {
+        let bs = self.layout.block_size();
+        let mut blocks = Vec::new();
+        for hash in self.prefix_keys_salted(prompt, salt) {
+            match self.pool.lookup(hash) {
+                Some(block) => blocks.push(block),
+                None => break,
+            }
+        }
+        for block in &blocks {
+            self.pool.retain(*block)?;
+            *self.pinned.entry(*block).or_insert(0) += 1;
+        }
+        let id = PinId(self.next_pin);
+        self.next_pin += 1;
+        let tokens = blocks.len() * bs;
+        self.pins.insert(id, blocks);
+        Ok((id, tokens))
+    }
+
+    /// Releases a pin's blocks (they stay cached until evicted as usual).
+    pub fn unpin(&mut self, pin: PinId) -> Result<()> {
+        let blocks = self.pins.remove(&pin).ok_or(KvError::UnknownPin(pin.0))?;
+        for block in blocks.iter().rev() {
+            self.pool.release(*block)?;
+            if let Some(count) = self.pinned.get_mut(block) {
+                *count -= 1;
+                if *count == 0 {
+                    self.pinned.remove(block);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the payloads of a swapped-out sequence that will not resume (cancelled).
+    pub fn discard_swapped(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
+        for key in &swapped.keys {
+            store.take(*key)?;
+        }
+        Ok(())
     }
 
     /// Writes the cached blocks the pool just evicted to the prefix tier, under their keys
     /// (their data is intact until the new owner writes); without a tier they are simply gone.
     fn demote_evicted(&mut self) -> Result<()> {
         let evicted = self.pool.take_evicted();
+        if evicted.is_empty() {
+            return Ok(());
+        }
+        let now = Instant::now();
         let Some(store) = self.prefix_tier.as_mut() else {
+            for (_, hash) in evicted {
+                self.eviction_log.record(hash, now);
+            }
             return Ok(());
         };
         let mut image = Vec::new();
@@ -263,27 +444,38 @@ impl KvCacheManager {
                 continue; // an open block stays in the pool's staging only
             }
             let bytes = payload::encode(&self.layout, kind, Some(hash), &[], &image);
-            store.put(TierKey(hash.0), bytes)?;
+            for dropped in store.put(TierKey(hash.0), bytes)? {
+                self.tier_evictions += 1;
+                self.eviction_log.record(BlockHash(dropped.0), now);
+            }
         }
         Ok(())
     }
 
     /// Continues a prefix chain of `matched` blocks (last key `parent`) in the prefix tier:
-    /// the payloads of the following blocks, checked, as long as they are found.
+    /// the payloads of the following blocks, checked, as long as they are found, and whether
+    /// the chain stopped at a damaged payload.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a private helper's (key, bytes, tier) list"
+    )]
     fn match_prefix_in_tier(
         &mut self,
         prompt: &[u32],
         matched: usize,
         mut parent: Option<BlockHash>,
-    ) -> Result<Vec<(BlockHash, Vec<u8>)>> {
+    ) -> Result<(Vec<(BlockHash, Vec<u8>, TierLevel)>, bool)> {
         let Some(store) = self.prefix_tier.as_mut() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), false));
         };
         let bs = self.layout.block_size();
         let matchable = prompt.len().saturating_sub(1) / bs;
         let mut found = Vec::new();
         for chunk in prompt.chunks_exact(bs).take(matchable).skip(matched) {
             let hash = hash_block(parent, self.extra, chunk);
+            let Some(level) = store.locate(TierKey(hash.0)) else {
+                break;
+            };
             let Some(bytes) = store.get(TierKey(hash.0))? else {
                 break;
             };
@@ -294,22 +486,26 @@ impl KvCacheManager {
             if !usable {
                 // a damaged or foreign payload is dropped and the block recomputed
                 store.take(TierKey(hash.0))?;
-                break;
+                return Ok((found, true));
             }
-            found.push((hash, bytes));
+            found.push((hash, bytes, level));
             parent = Some(hash);
         }
-        Ok(found)
+        Ok((found, false))
     }
 
     /// Longest chain of cached blocks for the prompt's full blocks, excluding a block that would
     /// hold the prompt's last token.
-    fn match_prefix(&self, prompt: &[u32]) -> (Vec<BlockId>, Vec<BlockHash>) {
+    fn match_prefix(
+        &self,
+        prompt: &[u32],
+        root: Option<BlockHash>,
+    ) -> (Vec<BlockId>, Vec<BlockHash>) {
         let bs = self.layout.block_size();
         let matchable = prompt.len().saturating_sub(1) / bs;
         let mut blocks = Vec::new();
         let mut hashes = Vec::new();
-        let mut parent = None;
+        let mut parent = root;
         for chunk in prompt.chunks_exact(bs).take(matchable) {
             let hash = hash_block(parent, self.extra, chunk);
             match self.pool.lookup(hash) {
@@ -446,7 +642,7 @@ impl KvCacheManager {
         }
         table.tokens.extend_from_slice(tokens);
         for block_idx in table.hashes.len()..table.tokens.len() / bs {
-            let parent = table.hashes.last().copied();
+            let parent = table.hashes.last().copied().or(table.root);
             let hash = hash_block(
                 parent,
                 self.extra,
@@ -520,6 +716,7 @@ impl KvCacheManager {
         self.free(seq)?;
         Ok(SwappedOut {
             seq,
+            root: table.root,
             tokens: table.tokens,
             hashes: table.hashes,
             keys,
@@ -598,6 +795,7 @@ impl KvCacheManager {
                 blocks,
                 tokens: swapped.tokens.clone(),
                 hashes: swapped.hashes.clone(),
+                root: swapped.root,
             },
         );
         for key in &swapped.keys {
@@ -648,12 +846,16 @@ impl KvCacheManager {
                     table.tokens.len()
                 ));
             }
-            if self.prefix_key(&table.tokens[..table.hashes.len() * bs])
-                != table.hashes.last().copied()
-            {
+            let keys = self.chain_from(table.root, &table.tokens[..table.hashes.len() * bs]);
+            if keys.last() != table.hashes.last() {
                 return Err(format!("{id:?} has a stale prefix key"));
             }
             for block in &table.blocks {
+                holders[block.index()] += 1;
+            }
+        }
+        for blocks in self.pins.values() {
+            for block in blocks {
                 holders[block.index()] += 1;
             }
         }

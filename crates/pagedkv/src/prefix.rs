@@ -17,6 +17,26 @@ impl BlockHash {
     }
 }
 
+/// A tenant's cache salt: it stands in for the parent of a sequence's first block, so every key
+/// of the chain depends on it. Sequences with different salts never share or find each other's
+/// blocks (vLLM's `cache_salt`, which closes the timing side channel of a shared prefix cache).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CacheSalt(BlockHash);
+
+impl CacheSalt {
+    /// The salt of an opaque tenant string.
+    pub fn new(salt: &str) -> Self {
+        let mut bytes = b"pagedkv-cache-salt\0".to_vec();
+        bytes.extend_from_slice(salt.as_bytes());
+        Self(BlockHash::of_bytes(&bytes))
+    }
+
+    /// The key that a first block's hash chains from: none without a salt.
+    pub fn root(salt: Option<CacheSalt>) -> Option<BlockHash> {
+        salt.map(|s| s.0)
+    }
+}
+
 /// Key of one full block: chained over its parent (`None` for the first block), the extra key,
 /// and its token ids (little-endian u32).
 pub fn hash_block(parent: Option<BlockHash>, extra: BlockHash, tokens: &[u32]) -> BlockHash {
@@ -100,5 +120,16 @@ mod tests {
         let other_parent = hash_block(None, extra, &[9, 9, 9, 9]);
         assert_ne!(b, hash_block(Some(other_parent), extra, &[5, 6, 7, 8]));
         assert_ne!(b, hash_block(None, extra, &[5, 6, 7, 8]));
+    }
+
+    #[test]
+    fn salts_separate_first_blocks() {
+        let extra = BlockHash::of_bytes(b"model;f16");
+        let plain = hash_block(None, extra, &[1, 2]);
+        let a = hash_block(CacheSalt::root(Some(CacheSalt::new("a"))), extra, &[1, 2]);
+        let b = hash_block(CacheSalt::root(Some(CacheSalt::new("b"))), extra, &[1, 2]);
+        assert_ne!(a, plain);
+        assert_ne!(a, b);
+        assert_eq!(CacheSalt::root(None), None);
     }
 }

@@ -17,6 +17,8 @@ pub struct BlockTable {
     pub(crate) blocks: Vec<BlockId>,
     pub(crate) tokens: Vec<u32>,
     pub(crate) hashes: Vec<BlockHash>,
+    /// The salt's root key that the first block chains from (`None`: unsalted).
+    pub(crate) root: Option<BlockHash>,
 }
 
 impl BlockTable {

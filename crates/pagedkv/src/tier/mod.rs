@@ -18,6 +18,15 @@ use crate::error::Result;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TierKey(pub u128);
 
+/// Which tier below the pool holds a payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TierLevel {
+    /// Host memory.
+    Host,
+    /// Local disk.
+    Disk,
+}
+
 /// Recency order of keys: O(log n) touch and oldest-first eviction.
 #[derive(Debug, Default, Clone)]
 struct Lru {
@@ -103,6 +112,17 @@ impl TieredStore {
         match self.disk.as_mut() {
             Some(disk) => disk.get(key),
             None => Ok(None),
+        }
+    }
+
+    /// The tier holding a payload, if any (nothing is read or reordered).
+    pub fn locate(&self, key: TierKey) -> Option<TierLevel> {
+        if self.host.contains(key) {
+            Some(TierLevel::Host)
+        } else if self.disk.as_ref().is_some_and(|d| d.contains(key)) {
+            Some(TierLevel::Disk)
+        } else {
+            None
         }
     }
 
