@@ -6,7 +6,9 @@
 //!    computed right now by a running sequence waits for it, so a shared system prompt is
 //!    computed once, not once per request that arrived together;
 //! 2. gives every running sequence its pending tokens — one decode token, or a chunk of its
-//!    prompt within the step's token budget — reserving cache room first; when the pool is out
+//!    prompt within the step's token budget (with a compressed cache, up to the end of the
+//!    current block, so blocks are sealed before later tokens read them) — reserving cache
+//!    room first; when the pool is out
 //!    of blocks, the most recently admitted sequence is preempted: by default its blocks are
 //!    swapped to the host tier and come back bit for bit when it resumes ([`Preemption`]);
 //!    otherwise (or when the tier is full) they are freed, its generated tokens kept, and it
@@ -448,12 +450,21 @@ impl<'m> Scheduler<'m> {
         // preempt from the back until the reservations fit
         let mut plan: Vec<(usize, usize, usize)> = Vec::new(); // (running idx, start, len)
         let mut budget = self.config.max_step_tokens;
+        let bs = self.cache.layout().block_size();
+        let staged = !self.cache.layout().is_full_precision();
         let mut idx = 0;
         while idx < self.running.len() {
             let s = &self.running[idx];
             let committed = self.cache.table(s.seq)?.len();
             let total = s.request.prompt.len() + s.generated.len();
-            let len = (total - committed).min(budget);
+            let mut len = (total - committed).min(budget);
+            if staged {
+                // a compressed block is sealed when its forward commits it: a prefill chunk ends
+                // at a block boundary, so later tokens read earlier blocks as stored, exactly as
+                // in decoding and as when the prefix comes from the cache (the output never
+                // depends on what was cached, nor on how the prompt was chunked)
+                len = len.min(bs - committed % bs);
+            }
             if len == 0 {
                 idx += 1;
                 continue;

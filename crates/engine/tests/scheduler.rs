@@ -225,10 +225,8 @@ fn preemption_under_a_quarter_sized_pool_completes_everything_identically() {
 /// exactly the tokens of an unconstrained run: swapped blocks come back bit for bit.
 #[test]
 fn swap_preemption_runs_64_requests_in_a_pool_for_16_identically() {
-    // Prompts differ from their first block and each is prefilled in one step in both runs: on
-    // a compressed cache, a prompt split over steps (or served partly from the prefix cache)
-    // attends to sealed blocks where a one-step prefill sees its own f32 staging, which would
-    // make the runs differ for reasons other than preemption.
+    // Prompts differ from their first block, so that the runs share nothing but what
+    // preemption moves.
     let requests: Vec<Request> = (0..64)
         .map(|i| {
             let mut prompt = model().1.encode(&format!("Note {i}: ")).unwrap();
@@ -253,4 +251,60 @@ fn swap_preemption_runs_64_requests_in_a_pool_for_16_identically() {
     assert!(tight_stats.swaps > 0, "the small pool forced swaps");
     assert_eq!(tight_stats.swaps, tight_stats.preemptions);
     assert_eq!(free_run, tight_run);
+}
+
+/// On a compressed cache a prompt gives the same tokens whether its prefix comes from the cache
+/// or is computed, and however the step budget chunks it: prefill chunks end at block
+/// boundaries, so every token reads earlier blocks as stored.
+#[test]
+fn cached_and_computed_prefixes_give_the_same_tokens() {
+    let system = model()
+        .1
+        .encode(&"You are a careful assistant. ".repeat(12))
+        .unwrap();
+    let requests: Vec<Request> = (0..3)
+        .map(|i| {
+            let mut prompt = system.clone();
+            prompt.extend(plain_prompt(i));
+            request(i as u64, prompt, 24)
+        })
+        .collect();
+    let alone: Vec<Vec<u32>> = requests
+        .iter()
+        .map(|r| {
+            let (out, stats) = run_on(
+                std::slice::from_ref(r),
+                cache_with(256, Codec::Int4),
+                SchedulerConfig::default(),
+            );
+            assert_eq!(stats.cached_tokens, 0);
+            out[&r.id].clone()
+        })
+        .collect();
+    // one after another on one cache: the later ones find the system prompt cached
+    let mut scheduler = Scheduler::new(
+        &model().0,
+        cache_with(256, Codec::Int4),
+        SchedulerConfig {
+            max_step_tokens: 7,
+            ..SchedulerConfig::default()
+        },
+    )
+    .unwrap();
+    for (r, expected) in requests.iter().zip(&alone) {
+        scheduler.submit(r.clone()).unwrap();
+        let mut out = Vec::new();
+        scheduler
+            .run(|e| {
+                if let Event::Token { token, .. } = e {
+                    out.push(*token);
+                }
+            })
+            .unwrap();
+        assert_eq!(&out, expected, "request {}", r.id);
+    }
+    assert!(
+        scheduler.stats().cached_tokens >= 2 * (system.len() / 16) * 16,
+        "later requests were served from the cache"
+    );
 }

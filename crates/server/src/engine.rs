@@ -406,6 +406,8 @@ impl Engine<'_> {
         let pool_evictions = cache.prefix_stats().evictions;
         let tier_evictions = cache.tier_evictions();
         let last = &self.last;
+        m.forward_steps
+            .inc_by((stats.steps - last.stats.steps) as u64);
         let swaps = stats.swaps - last.stats.swaps;
         let preemptions = stats.preemptions - last.stats.preemptions;
         m.preemptions

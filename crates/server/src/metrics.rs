@@ -41,6 +41,8 @@ pub struct Metrics {
     pub inter_token_latency: Histogram,
     /// KV bytes per token of the cache's layout.
     pub kv_bytes_per_token: Gauge,
+    /// Batched forward passes (one per engine step that ran the model).
+    pub forward_steps: Counter,
 }
 
 impl Metrics {
@@ -61,6 +63,7 @@ impl Metrics {
             time_to_first_token: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             kv_bytes_per_token: Gauge::default(),
+            forward_steps: Counter::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -120,6 +123,11 @@ impl Metrics {
             "kv_bytes_per_token",
             "KV cache bytes per token of the layout",
             m.kv_bytes_per_token.clone(),
+        );
+        r.register(
+            "forward_steps",
+            "Batched forward passes of the model",
+            m.forward_steps.clone(),
         );
         r.register(
             "cache",
