@@ -123,8 +123,10 @@ impl CommonArgs {
     /// A cache of `budget_mib` MiB for the model.
     pub fn cache(&self, model: &Model, budget_mib: u64) -> Result<KvCacheManager> {
         let layout = self.layout(model)?;
-        let cache =
-            KvCacheManager::with_budget(layout, budget_mib << 20, b"SmolLM2-135M-Instruct.Q4_1")?;
+        let budget = budget_mib
+            .checked_mul(1 << 20)
+            .with_context(|| format!("a cache of {budget_mib} MiB is too large"))?;
+        let cache = KvCacheManager::with_budget(layout, budget, &model.fingerprint().key_bytes())?;
         anyhow::ensure!(
             cache.pool().num_blocks() > 0,
             "a {budget_mib} MiB cache holds no block"

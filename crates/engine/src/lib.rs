@@ -8,6 +8,7 @@ pub mod calibrate;
 pub mod error;
 pub mod eval;
 pub mod fetch;
+pub mod fingerprint;
 pub mod model;
 pub mod qgemm;
 pub mod sampler;
@@ -15,6 +16,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};
+pub use fingerprint::ModelFingerprint;
 pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
 pub use sampler::{Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{

@@ -19,6 +19,7 @@ use pagedkv::{Codec, KvCacheManager, KvLayout, LayerOverride, LayoutSpec, SeqId}
 use rayon::prelude::*;
 
 use crate::error::{candle_message, EngineError, Result};
+use crate::fingerprint::ModelFingerprint;
 use crate::qgemm::{QActivations, QWeights};
 use crate::tokenizer::GgufTokenizer;
 
@@ -190,6 +191,7 @@ pub struct Model {
     mode: WeightMode,
     device: Device,
     stop_tokens: Vec<u32>,
+    fingerprint: ModelFingerprint,
 }
 
 /// Which logits a batch item wants back.
@@ -237,6 +239,7 @@ impl Model {
         })?;
         let config = ModelConfig::from_gguf(path, &ct)?;
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+        let fingerprint = ModelFingerprint::of(&ct);
 
         let device = Device::Cpu;
         let mut tensor = |name: &str| -> Result<QTensor> {
@@ -299,6 +302,7 @@ impl Model {
                 mode,
                 device,
                 stop_tokens: tokenizer.stop_tokens(),
+                fingerprint,
             },
             tokenizer,
         ))
@@ -307,6 +311,11 @@ impl Model {
     /// Hyper-parameters.
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// The model file's identity (for prefix and tier keys).
+    pub fn fingerprint(&self) -> ModelFingerprint {
+        self.fingerprint
     }
 
     /// True for tokens that end a generation (end of text, end of turn).

@@ -2,9 +2,9 @@
 //!
 //! Each [`Scheduler::step`]:
 //! 1. admits waiting requests, oldest first, while the cache's watermark allows (a prompt's
-//!    cached prefix is reused, only the rest is computed); a request whose first block is being
-//!    computed right now by a running sequence waits for it, so a shared system prompt is
-//!    computed once, not once per request that arrived together;
+//!    cached prefix is reused, only the rest is computed); a request whose next uncached block
+//!    is being computed right now by a running sequence waits for it, so a shared system prompt
+//!    is computed once, not once per request that arrived together;
 //! 2. gives every running sequence its pending tokens — one decode token, or a chunk of its
 //!    prompt within the step's token budget (with a compressed cache, up to the end of the
 //!    current block, so blocks are sealed before later tokens read them) — reserving cache
@@ -339,7 +339,7 @@ impl<'m> Scheduler<'m> {
             }
             let tokens = next.tokens();
             let salt = next.request.salt;
-            if self.first_block_in_flight(&tokens, salt)? {
+            if self.next_block_in_flight(&tokens, salt)? {
                 break;
             }
             // with nothing running, admit without the reserve so a lone long request progresses
@@ -365,26 +365,21 @@ impl<'m> Scheduler<'m> {
         Ok(())
     }
 
-    /// True when the first full block of `tokens` is not cached but a running sequence is about
-    /// to compute the same block (it lies among its uncommitted tokens).
-    fn first_block_in_flight(&self, tokens: &[u32], salt: Option<CacheSalt>) -> Result<bool> {
+    /// True when the first full block of `tokens` that is not cached is about to be computed by
+    /// a running sequence (it lies among that sequence's uncommitted prompt tokens, under the
+    /// same salt): waiting for it costs nothing, computing it twice does.
+    fn next_block_in_flight(&self, tokens: &[u32], salt: Option<CacheSalt>) -> Result<bool> {
         let bs = self.cache.layout().block_size();
-        let Some(first) = self
-            .cache
-            .prefix_keys_salted(&tokens[..bs.min(tokens.len())], salt)
-            .first()
-            .copied()
-        else {
+        let keys = self.cache.prefix_keys_salted(tokens, salt);
+        let Some(missing) = keys.iter().position(|k| !self.cache.is_cached(*k)) else {
             return Ok(false);
         };
-        if self.cache.is_cached(first) {
-            return Ok(false);
-        }
+        let end = (missing + 1) * bs;
         for s in &self.running {
-            if self.cache.table(s.seq)?.len() < bs
-                && s.request.salt == salt
-                && s.request.prompt.len() >= bs
-                && s.request.prompt[..bs] == tokens[..bs]
+            if s.request.salt == salt
+                && s.request.prompt.len() >= end
+                && self.cache.table(s.seq)?.len() < end
+                && s.request.prompt[..end] == tokens[..end]
             {
                 return Ok(true);
             }

@@ -15,9 +15,6 @@ use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// The model's identity in prefix keys, as the command line uses it.
-pub const MODEL_KEY: &[u8] = b"SmolLM2-135M-Instruct.Q4_1";
-
 /// Loads the model (fetching it when absent) with q8 weights, as `pagedkv serve` does.
 pub fn load_model() -> (Model, pagedkv_engine::GgufTokenizer) {
     let path = ensure_model(None).expect("the model is fetched");
@@ -27,7 +24,7 @@ pub fn load_model() -> (Model, pagedkv_engine::GgufTokenizer) {
 /// A cache of `mib` MiB with `codec` for the model.
 pub fn cache_for(model: &Model, codec: Codec, mib: u64) -> KvCacheManager {
     let layout = model.config().kv_layout(codec, codec, 16).unwrap();
-    KvCacheManager::with_budget(layout, mib << 20, MODEL_KEY).unwrap()
+    KvCacheManager::with_budget(layout, mib << 20, &model.fingerprint().key_bytes()).unwrap()
 }
 
 /// A running server.
