@@ -2,11 +2,15 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
+use pagedkv::tier::RemoteStats;
 use pagedkv::{Codec, KvCacheManager, KvLayout};
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::{GgufTokenizer, Model, WeightMode};
+use pagedkv_redis::{RedisConfig, RedisStore};
 
 /// How weights are held (see `WeightMode`).
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -133,4 +137,36 @@ impl CommonArgs {
         );
         Ok(cache)
     }
+}
+
+/// Puts a shared tier on `url` (`redis://HOST:PORT[/DB]`) below the cache: sealed blocks are
+/// published there and prompts continue their chains there. A store that does not answer is
+/// a warning, not an error: the cache then runs on its own until the store is back.
+pub fn attach_shared_tier(
+    cache: &mut KvCacheManager,
+    model: &Model,
+    url: &str,
+) -> Result<Arc<RemoteStats>> {
+    let config = RedisConfig::new(url, &model.fingerprint().hex(), cache.layout());
+    let store = RedisStore::connect(config)?;
+    if !store.is_up() {
+        eprintln!(
+            "warning: the shared tier {url} does not answer; blocks are computed locally until it does"
+        );
+    }
+    let stats = store.stats();
+    cache.set_remote_store(Box::new(store));
+    Ok(stats)
+}
+
+/// One line on what the shared tier did in a run.
+pub fn shared_tier_summary(stats: &RemoteStats, cached_tokens: usize) -> String {
+    let get = RemoteStats::get;
+    format!(
+        "shared tier: {} blocks fetched, {} published, {} writes dropped, {} errors; prompt tokens from any cache: {cached_tokens}",
+        get(&stats.hits),
+        get(&stats.writes),
+        get(&stats.writes_dropped),
+        get(&stats.read_errors) + get(&stats.write_errors) + get(&stats.delete_errors),
+    )
 }

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use pagedkv_engine::{ChatMessage, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
 
-use crate::common::CommonArgs;
+use crate::common::{attach_shared_tier, shared_tier_summary, CommonArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -29,6 +29,10 @@ pub struct GenerateArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// A store shared with other engines, `redis://HOST:PORT[/DB]` (blocks published there,
+    /// and found there).
+    #[arg(long)]
+    shared_tier: Option<String>,
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
@@ -44,7 +48,11 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
             content: args.prompt.clone(),
         }])?
     };
-    let cache = common.cache(&model, args.cache_mib)?;
+    let mut cache = common.cache(&model, args.cache_mib)?;
+    let shared = match &args.shared_tier {
+        Some(url) => Some(attach_shared_tier(&mut cache, &model, url)?),
+        None => None,
+    };
     let mut scheduler = Scheduler::new(&model, cache, SchedulerConfig::default())?;
     let sampling = SamplingParams {
         temperature: args.temperature,
@@ -80,5 +88,11 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
         secs,
         generated.len() as f64 / secs
     );
+    let cached = scheduler.stats().cached_tokens;
+    // dropping the cache waits for the shared tier's queued writes
+    drop(scheduler);
+    if let Some(shared) = shared {
+        eprintln!("{}", shared_tier_summary(&shared, cached));
+    }
     Ok(())
 }

@@ -21,7 +21,7 @@ use crate::prefix::{hash_block, BlockHash, CacheSalt, PrefixStats};
 use crate::prefix_report::{MissReason, PrefixReport};
 use crate::storage::KvStorage;
 use crate::table::{BlockTable, SeqId};
-use crate::tier::{payload, TierKey, TierLevel, TieredStore};
+use crate::tier::{payload, RemoteError, RemoteKey, RemoteStore, TierKey, TierLevel, TieredStore};
 
 /// Prefix keys remembered after they leave the cache, to explain misses as evictions.
 const EVICTION_LOG_KEYS: usize = 1 << 16;
@@ -33,6 +33,17 @@ pub struct Admission {
     pub cached_tokens: usize,
     /// Where they came from, and why the chain stopped.
     pub report: PrefixReport,
+}
+
+/// Why a chain stopped in the shared store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RemoteStop {
+    /// A key had no payload (or there is no store).
+    Miss,
+    /// A payload failed its checks.
+    Damaged,
+    /// The store did not answer.
+    Unavailable,
 }
 
 /// A pinned prefix: its blocks are held (never evicted) until [`KvCacheManager::unpin`].
@@ -79,6 +90,9 @@ pub struct KvCacheManager {
     swap_nonce: u64,
     /// Where evicted prefix blocks go, to be found again by later prompts.
     prefix_tier: Option<TieredStore>,
+    /// A store shared with other engines: sealed blocks are published there, and prompts
+    /// continue their chains there once the local tiers stop matching.
+    remote: Option<Box<dyn RemoteStore>>,
     /// Keys that left the cache altogether (explains misses).
     eviction_log: EvictionLog,
     /// Payloads the prefix tier dropped altogether.
@@ -110,6 +124,7 @@ impl KvCacheManager {
             watermark_blocks: 0,
             swap_nonce: 0,
             prefix_tier: None,
+            remote: None,
             eviction_log: EvictionLog::new(EVICTION_LOG_KEYS),
             tier_evictions: 0,
             pins: HashMap::new(),
@@ -132,6 +147,12 @@ impl KvCacheManager {
     /// blocks brings it back instead of recomputing it.
     pub fn set_prefix_tier(&mut self, store: TieredStore) {
         self.prefix_tier = Some(store);
+    }
+
+    /// Gives the cache a store shared with other engines (DESIGN §12): every block sealed
+    /// from now on is offered to it, and admission continues a prompt's chain there.
+    pub fn set_remote_store(&mut self, store: Box<dyn RemoteStore>) {
+        self.remote = Some(store);
     }
 
     /// The prefix cache's lower tier, if any.
@@ -282,7 +303,16 @@ impl KvCacheManager {
         // the chain may continue in the prefix tier: those blocks come back instead of being
         // recomputed (they take fresh blocks, so the demand above already counts them)
         let parent = hashes.last().copied().or(root);
-        let (from_tier, damaged) = self.match_prefix_in_tier(prompt, hits.len(), parent)?;
+        let (mut from_tier, mut damaged) = self.match_prefix_in_tier(prompt, hits.len(), parent)?;
+        let mut unavailable = false;
+        if !damaged {
+            let matched = hits.len() + from_tier.len();
+            let parent = from_tier.last().map(|t| t.0).or(parent);
+            let (remote, stop) = self.match_prefix_in_remote(prompt, matched, parent, root);
+            from_tier.extend(remote);
+            damaged = stop == RemoteStop::Damaged;
+            unavailable = stop == RemoteStop::Unavailable;
+        }
         let found = hits.len() + from_tier.len();
         let matchable = (prompt.len() - 1) / bs;
         self.pool
@@ -292,6 +322,8 @@ impl KvCacheManager {
         let report = PrefixReport::new(bs, matchable, pool_hits, &levels, || {
             if damaged {
                 MissReason::Damaged
+            } else if unavailable {
+                MissReason::StoreUnavailable
             } else {
                 self.miss_reason(prompt, root)
             }
@@ -329,14 +361,14 @@ impl KvCacheManager {
 
     /// What `prompt` would find in the cache now, changing nothing (a dry run of admission:
     /// tier payloads are located, not read, so a damaged one shows only at admission).
-    pub fn lookup_prefix(&self, prompt: &[u32], salt: Option<CacheSalt>) -> PrefixReport {
+    pub fn lookup_prefix(&mut self, prompt: &[u32], salt: Option<CacheSalt>) -> PrefixReport {
         let bs = self.layout.block_size();
         let root = CacheSalt::root(salt);
         let (hits, hashes) = self.match_prefix(prompt, root);
         let matchable = prompt.len().saturating_sub(1) / bs;
         let mut levels = Vec::new();
+        let mut parent = hashes.last().copied().or(root);
         if let Some(store) = &self.prefix_tier {
-            let mut parent = hashes.last().copied().or(root);
             for chunk in prompt.chunks_exact(bs).take(matchable).skip(hits.len()) {
                 let hash = hash_block(parent, self.extra, chunk);
                 let Some(level) = store.locate(TierKey(hash.0)) else {
@@ -346,9 +378,107 @@ impl KvCacheManager {
                 parent = Some(hash);
             }
         }
+        let mut unavailable = false;
+        let matched = hits.len() + levels.len();
+        let keys = self.remote_keys(prompt, matched, parent, root);
+        if let (Some(store), false) = (self.remote.as_mut(), keys.is_empty()) {
+            match store.probe_run(&keys) {
+                Ok(found) => levels.extend(std::iter::repeat_n(TierLevel::Remote, found)),
+                Err(RemoteError::Unavailable(_)) => unavailable = true,
+            }
+        }
         PrefixReport::new(bs, matchable, hits.len(), &levels, || {
-            self.miss_reason(prompt, root)
+            if unavailable {
+                MissReason::StoreUnavailable
+            } else {
+                self.miss_reason(prompt, root)
+            }
         })
+    }
+
+    /// Shared-store keys of `prompt`'s cacheable blocks after the first `matched`, chained
+    /// from `parent`.
+    fn remote_keys(
+        &self,
+        prompt: &[u32],
+        matched: usize,
+        mut parent: Option<BlockHash>,
+        root: Option<BlockHash>,
+    ) -> Vec<RemoteKey> {
+        let bs = self.layout.block_size();
+        let matchable = prompt.len().saturating_sub(1) / bs;
+        prompt
+            .chunks_exact(bs)
+            .take(matchable)
+            .skip(matched)
+            .map(|chunk| {
+                let prefix = hash_block(parent, self.extra, chunk);
+                parent = Some(prefix);
+                RemoteKey { salt: root, prefix }
+            })
+            .collect()
+    }
+
+    /// Continues a chain of `matched` blocks in the shared store: the checked payloads of the
+    /// following blocks, and why the run stopped. A damaged payload is deleted from the store.
+    #[expect(
+        clippy::type_complexity,
+        reason = "a private helper's (key, bytes, tier) list"
+    )]
+    fn match_prefix_in_remote(
+        &mut self,
+        prompt: &[u32],
+        matched: usize,
+        parent: Option<BlockHash>,
+        root: Option<BlockHash>,
+    ) -> (Vec<(BlockHash, Vec<u8>, TierLevel)>, RemoteStop) {
+        let keys = self.remote_keys(prompt, matched, parent, root);
+        let Some(store) = self.remote.as_mut() else {
+            return (Vec::new(), RemoteStop::Miss);
+        };
+        if keys.is_empty() {
+            return (Vec::new(), RemoteStop::Miss);
+        }
+        let payloads = match store.fetch_run(&keys) {
+            Ok(payloads) => payloads,
+            Err(RemoteError::Unavailable(_)) => return (Vec::new(), RemoteStop::Unavailable),
+        };
+        let mut found = Vec::with_capacity(payloads.len());
+        for (key, bytes) in keys.iter().zip(payloads) {
+            let storage = &self.storage;
+            let usable =
+                payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
+                    .is_ok_and(|p| !p.kind.open && p.hash == Some(key.prefix));
+            if !usable {
+                store.delete(*key);
+                return (found, RemoteStop::Damaged);
+            }
+            found.push((key.prefix, bytes, TierLevel::Remote));
+        }
+        (found, RemoteStop::Miss)
+    }
+
+    /// Offers sealed, registered blocks to the shared store, if there is one.
+    fn publish(&mut self, blocks: &[(BlockId, BlockHash, Option<BlockHash>)]) -> Result<()> {
+        let Some(store) = self.remote.as_mut() else {
+            return Ok(());
+        };
+        let mut image = Vec::new();
+        for (block, prefix, salt) in blocks {
+            let kind = self.storage.export_block(*block, &mut image)?;
+            if kind.open {
+                continue;
+            }
+            let bytes = payload::encode(&self.layout, kind, Some(*prefix), &[], &image);
+            store.publish(
+                RemoteKey {
+                    salt: *salt,
+                    prefix: *prefix,
+                },
+                bytes,
+            );
+        }
+        Ok(())
     }
 
     /// Why the chain of `prompt` stops at its first block not found: evicted (the log remembers
@@ -641,6 +771,7 @@ impl KvCacheManager {
             });
         }
         table.tokens.extend_from_slice(tokens);
+        let mut sealed = Vec::new();
         for block_idx in table.hashes.len()..table.tokens.len() / bs {
             let parent = table.hashes.last().copied().or(table.root);
             let hash = hash_block(
@@ -654,9 +785,23 @@ impl KvCacheManager {
             // the recent window (a first block keeps its sink rows in f16 beside its pages)
             if let Some(old) = block_idx.checked_sub(self.layout.recent_blocks()) {
                 self.storage.seal(table.blocks[old], old * bs)?;
+                sealed.push((table.blocks[old], table.hashes[old], table.root));
             }
         }
-        Ok(())
+        self.publish_registered(sealed)
+    }
+
+    /// Publishes the blocks that are the cached ones for their keys (a block that computed a
+    /// prefix another block already holds stays private: the other was published).
+    fn publish_registered(
+        &mut self,
+        mut sealed: Vec<(BlockId, BlockHash, Option<BlockHash>)>,
+    ) -> Result<()> {
+        if self.remote.is_none() {
+            return Ok(());
+        }
+        sealed.retain(|(block, hash, _)| self.pool.block_hash(*block) == Ok(Some(*hash)));
+        self.publish(&sealed)
     }
 
     /// Registers `child` as a copy of `parent` sharing all its blocks (ref counts + 1). The first
@@ -812,9 +957,13 @@ impl KvCacheManager {
         let bs = self.layout.block_size();
         let full = table.tokens.len() / bs;
         let first = full.saturating_sub(self.layout.recent_blocks());
+        let mut sealed = Vec::new();
+        // (the recent window's blocks: commit has not sealed, so not published, them)
         for i in first..full {
             self.storage.seal(table.blocks[i], i * bs)?;
+            sealed.push((table.blocks[i], table.hashes[i], table.root));
         }
+        self.publish_registered(sealed)?;
         let table = self
             .seqs
             .remove(&seq)

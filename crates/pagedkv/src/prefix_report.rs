@@ -25,10 +25,13 @@ pub enum MissReason {
     /// A tier held the block but its payload was refused (checksum, version, layout); it was
     /// dropped and the block computed again.
     Damaged,
+    /// The chain might have continued in the shared store, but the store did not answer.
+    StoreUnavailable,
 }
 
 impl MissReason {
-    /// The reason's wire name: `none`, `no_entry`, `partial_block`, `evicted`, `damaged`.
+    /// The reason's wire name: `none`, `no_entry`, `partial_block`, `evicted`, `damaged`,
+    /// `store_unavailable`.
     pub fn name(&self) -> &'static str {
         match self {
             MissReason::None => "none",
@@ -36,6 +39,7 @@ impl MissReason {
             MissReason::PartialBlock => "partial_block",
             MissReason::Evicted { .. } => "evicted",
             MissReason::Damaged => "damaged",
+            MissReason::StoreUnavailable => "store_unavailable",
         }
     }
 }
@@ -53,6 +57,8 @@ pub struct PrefixReport {
     pub host_tokens: usize,
     /// Tokens served from the disk tier.
     pub disk_tokens: usize,
+    /// Tokens served from the shared store.
+    pub remote_tokens: usize,
     /// Index of the first block not served (for `PartialBlock`, the block holding the prompt's
     /// end); `None` when every cacheable block was served.
     pub first_missed_block: Option<usize>,
@@ -63,7 +69,7 @@ pub struct PrefixReport {
 impl PrefixReport {
     /// Tokens served from any cache level.
     pub fn cached_tokens(&self) -> usize {
-        self.pool_tokens + self.host_tokens + self.disk_tokens
+        self.pool_tokens + self.host_tokens + self.disk_tokens + self.remote_tokens
     }
 
     /// A report for `matchable` cacheable blocks of which the first `pool` came from the pool and
@@ -90,6 +96,7 @@ impl PrefixReport {
             pool_tokens: pool * block_size,
             host_tokens: count(TierLevel::Host),
             disk_tokens: count(TierLevel::Disk),
+            remote_tokens: count(TierLevel::Remote),
             first_missed_block,
             reason,
         }
@@ -102,12 +109,12 @@ mod tests {
 
     #[test]
     fn reports_count_tiers_and_name_the_stop() {
-        let r = PrefixReport::new(16, 4, 1, &[TierLevel::Host, TierLevel::Disk], || {
-            MissReason::NoEntry
-        });
+        let tiers = [TierLevel::Host, TierLevel::Disk, TierLevel::Remote];
+        let r = PrefixReport::new(16, 5, 1, &tiers, || MissReason::NoEntry);
         assert_eq!((r.pool_tokens, r.host_tokens, r.disk_tokens), (16, 16, 16));
-        assert_eq!(r.cached_tokens(), 48);
-        assert_eq!(r.first_missed_block, Some(3));
+        assert_eq!(r.remote_tokens, 16);
+        assert_eq!(r.cached_tokens(), 64);
+        assert_eq!(r.first_missed_block, Some(4));
         assert_eq!(r.reason.name(), "no_entry");
         let all = PrefixReport::new(16, 2, 2, &[], || unreachable!());
         assert_eq!(

@@ -9,6 +9,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use pagedkv::tier::RemoteStats;
 use pagedkv::{Admission, CacheSalt, KvCacheManager, PinId, PrefixReport};
 use pagedkv_engine::{
     EngineError, Event, FinishReason, Model, Request, Scheduler, SchedulerConfig, SchedulerStats,
@@ -87,13 +88,15 @@ struct Active {
     salt: Option<CacheSalt>,
 }
 
-/// Limits of the engine loop.
-#[derive(Debug, Clone, Copy)]
+/// Limits of the engine loop, and what it reports besides the cache.
+#[derive(Debug, Clone)]
 pub struct EngineLimits {
     /// Scheduler limits.
     pub scheduler: SchedulerConfig,
     /// Most blocks pins may hold.
     pub pin_budget_blocks: usize,
+    /// The shared store's counters, if the cache has one.
+    pub remote_stats: Option<Arc<RemoteStats>>,
 }
 
 /// Runs the engine until every command sender is gone and nothing is left to run.
@@ -107,6 +110,7 @@ pub fn run(
 ) -> Result<(), EngineError> {
     let mut engine = Engine {
         scheduler: Scheduler::new(model, cache, limits.scheduler)?,
+        remote_seen: Vec::new(),
         active: HashMap::new(),
         pins: Vec::new(),
         limits,
@@ -160,6 +164,8 @@ struct Engine<'m> {
     shared: Arc<Shared>,
     metrics: &'m Metrics,
     last: Counters,
+    /// The shared store's counters at the last metrics update.
+    remote_seen: Vec<u64>,
 }
 
 impl Engine<'_> {
@@ -172,7 +178,7 @@ impl Engine<'_> {
                 reply,
             } => {
                 // the asker may have gone; nothing to do then
-                let _ = reply.send(self.scheduler.cache().lookup_prefix(&prompt, salt));
+                let _ = reply.send(self.scheduler.cache_mut().lookup_prefix(&prompt, salt));
             }
             Command::Cancel { id } => {
                 if self.scheduler.cancel(id)? {
@@ -192,6 +198,8 @@ impl Engine<'_> {
                 for (pin, _) in std::mem::take(&mut self.pins) {
                     self.scheduler.cache_mut().unpin(pin)?;
                 }
+                // the metrics show the change before the client hears of it
+                self.update_gauges();
                 let _ = reply.send(count);
             }
         }
@@ -273,6 +281,7 @@ impl Engine<'_> {
                         ("pool", r.pool_tokens),
                         ("host", r.host_tokens),
                         ("disk", r.disk_tokens),
+                        ("remote", r.remote_tokens),
                     ] {
                         self.metrics
                             .prefix_hit_tokens
@@ -318,6 +327,7 @@ impl Engine<'_> {
                         .inc();
                     if let Some(ttl) = a.pin_ttl {
                         let pinned = self.pin(&a.prompt, a.salt, now + ttl)?;
+                        self.update_gauges();
                         let _ = a.events.send(pinned);
                     }
                     let _ = a.events.send(GenEvent::Finished(reason));
@@ -427,6 +437,35 @@ impl Engine<'_> {
             pool_evictions,
             tier_evictions,
         };
+        self.update_remote();
+    }
+
+    fn update_remote(&mut self) {
+        let Some(r) = &self.limits.remote_stats else {
+            return;
+        };
+        let now = [
+            ("hit_blocks", &r.hits),
+            ("misses", &r.misses),
+            ("writes", &r.writes),
+            ("writes_dropped", &r.writes_dropped),
+            ("damaged", &r.damaged),
+            ("read_errors", &r.read_errors),
+            ("write_errors", &r.write_errors),
+            ("delete_errors", &r.delete_errors),
+        ];
+        self.remote_seen.resize(now.len(), 0);
+        for ((kind, counter), seen) in now.iter().zip(self.remote_seen.iter_mut()) {
+            let value = RemoteStats::get(counter);
+            self.metrics
+                .remote
+                .get_or_create(&vec![("kind", *kind)])
+                .inc_by(value - *seen);
+            *seen = value;
+        }
+        self.metrics
+            .remote_up
+            .set(i64::from(r.up.load(Ordering::Relaxed)));
     }
 }
 

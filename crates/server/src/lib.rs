@@ -19,6 +19,7 @@ pub mod text;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
+use pagedkv::tier::RemoteStats;
 use pagedkv::KvCacheManager;
 use pagedkv_engine::{GgufTokenizer, Model, SchedulerConfig};
 
@@ -37,6 +38,8 @@ pub struct Loaded {
     pub tokenizer: GgufTokenizer,
     /// The KV cache (its layout must be the model's).
     pub cache: KvCacheManager,
+    /// The counters of the cache's shared store, if it has one (exported as metrics).
+    pub remote_stats: Option<Arc<RemoteStats>>,
 }
 
 /// Loads the model on the engine thread (so the server answers `/health` while it loads).
@@ -158,6 +161,7 @@ fn run_engine(
         model,
         tokenizer,
         cache,
+        remote_stats,
     } = loader().map_err(|e| ServerError::Load(e.to_string()))?;
     let layout = cache.layout();
     let block_size = layout.block_size();
@@ -181,6 +185,7 @@ fn run_engine(
     let limits = EngineLimits {
         scheduler,
         pin_budget_blocks: usize::try_from(pin_budget_bytes / block_bytes).unwrap_or(usize::MAX),
+        remote_stats,
     };
     let ready = shared.ready.get_or_init(|| ready);
     engine::run(

@@ -43,6 +43,11 @@ pub struct Metrics {
     pub kv_bytes_per_token: Gauge,
     /// Batched forward passes (one per engine step that ran the model).
     pub forward_steps: Counter,
+    /// Shared-store events, by kind (`hit_blocks`, `misses`, `writes`, `writes_dropped`,
+    /// `damaged`, `read_errors`, `write_errors`, `delete_errors`).
+    pub remote: Family<Labels, Counter>,
+    /// 1 while the shared store answers, 0 while it is down (absent without one).
+    pub remote_up: Gauge,
 }
 
 impl Metrics {
@@ -64,6 +69,8 @@ impl Metrics {
             inter_token_latency: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             kv_bytes_per_token: Gauge::default(),
             forward_steps: Counter::default(),
+            remote: Family::default(),
+            remote_up: Gauge::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -128,6 +135,16 @@ impl Metrics {
             "forward_steps",
             "Batched forward passes of the model",
             m.forward_steps.clone(),
+        );
+        r.register(
+            "shared_tier_events",
+            "Shared-store events by kind",
+            m.remote.clone(),
+        );
+        r.register(
+            "shared_tier_up",
+            "Whether the shared store answered its last call",
+            m.remote_up.clone(),
         );
         r.register(
             "cache",

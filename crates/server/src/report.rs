@@ -14,6 +14,7 @@ pub fn cache_report_json(report: &PrefixReport, prompt_tokens: usize) -> Value {
             "pool": report.pool_tokens,
             "host": report.host_tokens,
             "disk": report.disk_tokens,
+            "remote": report.remote_tokens,
         },
         "first_missed_block": report.first_missed_block,
         "miss_reason": report.reason.name(),

@@ -6,11 +6,13 @@
 pub mod disk;
 pub mod host;
 pub mod payload;
+pub mod remote;
 
 use std::collections::{BTreeMap, HashMap};
 
 pub use disk::DiskTier;
 pub use host::HostTier;
+pub use remote::{RemoteError, RemoteKey, RemoteStats, RemoteStore};
 
 use crate::error::Result;
 
@@ -25,6 +27,8 @@ pub enum TierLevel {
     Host,
     /// Local disk.
     Disk,
+    /// A store shared between engines ([`RemoteStore`]; never in a [`TieredStore`]).
+    Remote,
 }
 
 /// Recency order of keys: O(log n) touch and oldest-first eviction.

@@ -63,6 +63,7 @@ impl TestServer {
                     model,
                     tokenizer,
                     cache,
+                    remote_stats: None,
                 })
             });
             runtime.block_on(async move {
