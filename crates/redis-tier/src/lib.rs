@@ -12,6 +12,8 @@
 //!   to [`MAX_BACKOFF`]. Nothing here returns an error to a client of the engine.
 //! - Eviction is Redis's own (`maxmemory` with an LRU policy).
 
+pub mod local_server;
+
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -21,10 +23,12 @@ use pagedkv::tier::payload;
 use pagedkv::tier::{RemoteError, RemoteKey, RemoteStats, RemoteStore};
 use pagedkv::{BlockHash, KvLayout};
 
+pub use local_server::LocalRedis;
+
 /// First wait after a failure before the store is tried again.
 pub const INITIAL_BACKOFF: Duration = Duration::from_millis(250);
 /// Longest wait between tries while the store stays down.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Errors of setting the tier up (never of using it).
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +116,24 @@ impl Breaker {
     }
 }
 
+/// Why a call did not reach the store.
+#[derive(Debug)]
+enum LinkError {
+    /// The breaker is open: the call was not tried.
+    Open,
+    /// The call was tried and failed (connection refused, timeout, protocol error).
+    Failed(String),
+}
+
+impl From<LinkError> for RemoteError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Open => RemoteError::Unavailable("circuit open after a failure".into()),
+            LinkError::Failed(reason) => RemoteError::Unavailable(reason),
+        }
+    }
+}
+
 /// A connection made on demand, with every call under the timeout, behind a breaker.
 struct Link {
     client: redis::Client,
@@ -130,20 +152,26 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    /// Runs `call` on the connection (connecting first if needed); a failure drops the
-    /// connection and opens the breaker.
+    /// Runs `call` on the connection (connecting first if needed). A kept connection that
+    /// fails is replaced once and the call retried (it may be stale: the store restarted);
+    /// a failure then drops the connection and opens the breaker.
     fn run<T>(
         &mut self,
-        call: impl FnOnce(&mut redis::Connection) -> redis::RedisResult<T>,
-    ) -> Result<T, RemoteError> {
+        mut call: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T, LinkError> {
         if self.breaker.is_open() {
-            return Err(RemoteError::Unavailable(
-                "circuit open after a failure".into(),
-            ));
+            return Err(LinkError::Open);
         }
-        let result = self
+        let kept = self.connection.is_some();
+        let mut result = self
             .connect()
             .and_then(|c| call(c).map_err(|e| e.to_string()));
+        if result.is_err() && kept {
+            self.connection = None;
+            result = self
+                .connect()
+                .and_then(|c| call(c).map_err(|e| e.to_string()));
+        }
         match result {
             Ok(value) => {
                 self.breaker.reset();
@@ -152,7 +180,7 @@ impl Link {
             Err(reason) => {
                 self.connection = None;
                 self.breaker.trip();
-                Err(RemoteError::Unavailable(reason))
+                Err(LinkError::Failed(reason))
             }
         }
     }
@@ -251,10 +279,16 @@ impl RedisStore {
         &self.config
     }
 
-    fn note<T>(&self, result: &Result<T, RemoteError>, errors: &std::sync::atomic::AtomicU64) {
-        self.stats.up.store(result.is_ok(), Ordering::Relaxed);
-        if result.is_err() {
-            RemoteStats::bump(errors);
+    /// Records a call's outcome: the store is up after a success, down after a failure
+    /// (counted in `errors`); a call the breaker refused changes nothing.
+    fn note<T>(&self, result: &Result<T, LinkError>, errors: &std::sync::atomic::AtomicU64) {
+        match result {
+            Ok(_) => self.stats.up.store(true, Ordering::Relaxed),
+            Err(LinkError::Failed(_)) => {
+                self.stats.up.store(false, Ordering::Relaxed);
+                RemoteStats::bump(errors);
+            }
+            Err(LinkError::Open) => {}
         }
     }
 }
@@ -342,10 +376,11 @@ fn write_behind(
         });
         match result {
             Ok(_) => RemoteStats::bump(&stats.writes),
-            Err(RemoteError::Unavailable(_)) => {
+            Err(LinkError::Failed(_)) => {
                 RemoteStats::bump(&stats.write_errors);
                 RemoteStats::bump(&stats.writes_dropped);
             }
+            Err(LinkError::Open) => RemoteStats::bump(&stats.writes_dropped),
         }
     }
 }
