@@ -35,6 +35,9 @@ pub struct Admission {
     pub report: PrefixReport,
 }
 
+/// A block found below the pool: its key, its payload, and the tier it came from.
+type FetchedBlock = (BlockHash, Vec<u8>, TierLevel);
+
 /// Why a chain stopped in the shared store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RemoteStop {
@@ -421,17 +424,13 @@ impl KvCacheManager {
 
     /// Continues a chain of `matched` blocks in the shared store: the checked payloads of the
     /// following blocks, and why the run stopped. A damaged payload is deleted from the store.
-    #[expect(
-        clippy::type_complexity,
-        reason = "a private helper's (key, bytes, tier) list"
-    )]
     fn match_prefix_in_remote(
         &mut self,
         prompt: &[u32],
         matched: usize,
         parent: Option<BlockHash>,
         root: Option<BlockHash>,
-    ) -> (Vec<(BlockHash, Vec<u8>, TierLevel)>, RemoteStop) {
+    ) -> (Vec<FetchedBlock>, RemoteStop) {
         let keys = self.remote_keys(prompt, matched, parent, root);
         let Some(store) = self.remote.as_mut() else {
             return (Vec::new(), RemoteStop::Miss);
@@ -585,16 +584,12 @@ impl KvCacheManager {
     /// Continues a prefix chain of `matched` blocks (last key `parent`) in the prefix tier:
     /// the payloads of the following blocks, checked, as long as they are found, and whether
     /// the chain stopped at a damaged payload.
-    #[expect(
-        clippy::type_complexity,
-        reason = "a private helper's (key, bytes, tier) list"
-    )]
     fn match_prefix_in_tier(
         &mut self,
         prompt: &[u32],
         matched: usize,
         mut parent: Option<BlockHash>,
-    ) -> Result<(Vec<(BlockHash, Vec<u8>, TierLevel)>, bool)> {
+    ) -> Result<(Vec<FetchedBlock>, bool)> {
         let Some(store) = self.prefix_tier.as_mut() else {
             return Ok((Vec::new(), false));
         };
