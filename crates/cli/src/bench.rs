@@ -28,6 +28,9 @@ pub enum BenchCommand {
     Attention(AttentionBench),
     /// Swap-out and swap-in throughput of sequences through the host and the disk tier.
     Blocks(BlocksBench),
+    /// Time to first token of a long prompt whose blocks come from scratch, the pool, the
+    /// host and disk tiers, or a shared Redis.
+    Prefix(crate::bench_prefix::PrefixBench),
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +117,7 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
         BenchCommand::Codecs(args) => codecs(args),
         BenchCommand::Attention(args) => attention(args),
         BenchCommand::Blocks(args) => blocks(args),
+        BenchCommand::Prefix(args) => crate::bench_prefix::run(common, args),
     }
 }
 

@@ -293,6 +293,11 @@ impl<'m> Scheduler<'m> {
         &self.cache
     }
 
+    /// The cache back, for another scheduler (requests still queued are dropped).
+    pub fn into_cache(self) -> KvCacheManager {
+        self.cache
+    }
+
     /// The cache, for operations between steps (pins, lookups).
     pub fn cache_mut(&mut self) -> &mut KvCacheManager {
         &mut self.cache
