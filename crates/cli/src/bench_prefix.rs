@@ -195,7 +195,7 @@ fn measure(
         pool.push(t);
         // one engine computes and publishes the prompt (not timed) ...
         let mut cache = fresh()?;
-        let published = attach_shared_tier(&mut cache, model, url)?;
+        let published = attach_shared_tier(&mut cache, model, url, None)?;
         let (_, cache) = time_to_first_token(model, cache, &p)?;
         drop(cache); // waits for the queued writes
         anyhow::ensure!(
@@ -205,7 +205,7 @@ fn measure(
         );
         // ... and another, with an empty cache, finds it in Redis
         let mut cache = fresh()?;
-        let fetched = attach_shared_tier(&mut cache, model, url)?;
+        let fetched = attach_shared_tier(&mut cache, model, url, None)?;
         let (t, _) = time_to_first_token(model, cache, &p)?;
         redis.push(t);
         anyhow::ensure!(

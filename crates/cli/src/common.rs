@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
@@ -139,15 +140,50 @@ impl CommonArgs {
     }
 }
 
+/// The shared-tier flags of `serve`, `demo` and `generate`.
+#[derive(Debug, Clone, Args)]
+pub struct SharedTierArgs {
+    /// A store shared with other engines, `redis://HOST:PORT[/DB]`: blocks this engine seals
+    /// are published there, and prompts find blocks other engines computed.
+    #[arg(long)]
+    pub shared_tier: Option<String>,
+    /// Expiry of published blocks in seconds (default: until Redis evicts them).
+    #[arg(long, requires = "shared_tier")]
+    pub shared_tier_ttl_s: Option<u64>,
+}
+
+impl SharedTierArgs {
+    /// Puts the shared tier below `cache` when one is named; returns its counters.
+    pub fn attach(
+        &self,
+        cache: &mut KvCacheManager,
+        model: &Model,
+    ) -> Result<Option<Arc<RemoteStats>>> {
+        let Some(url) = &self.shared_tier else {
+            return Ok(None);
+        };
+        if self.shared_tier_ttl_s == Some(0) {
+            anyhow::bail!("--shared-tier-ttl-s must be at least 1");
+        }
+        let ttl = self.shared_tier_ttl_s.map(Duration::from_secs);
+        attach_shared_tier(cache, model, url, ttl).map(Some)
+    }
+}
+
 /// Puts a shared tier on `url` (`redis://HOST:PORT[/DB]`) below the cache: sealed blocks are
-/// published there and prompts continue their chains there. A store that does not answer is
-/// a warning, not an error: the cache then runs on its own until the store is back.
+/// published there (expiring after `ttl`, if given) and prompts continue their chains there.
+/// A store that does not answer is a warning, not an error: the cache then runs on its own
+/// until the store is back.
 pub fn attach_shared_tier(
     cache: &mut KvCacheManager,
     model: &Model,
     url: &str,
+    ttl: Option<Duration>,
 ) -> Result<Arc<RemoteStats>> {
-    let config = RedisConfig::new(url, &model.fingerprint().hex(), cache.layout());
+    let config = RedisConfig {
+        ttl,
+        ..RedisConfig::new(url, &model.fingerprint().hex(), cache.layout())
+    };
     let store = RedisStore::connect(config)?;
     if !store.is_up() {
         eprintln!(

@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pagedkv_engine::{ChatMessage, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
 
-use crate::common::{attach_shared_tier, shared_tier_summary, CommonArgs};
+use crate::common::{shared_tier_summary, CommonArgs, SharedTierArgs};
 
 /// A system prompt long enough (~200 tokens) that sharing it across requests matters.
 const SYSTEM: &str = "You are a concise assistant for engineers who build language-model inference servers. \
@@ -43,10 +43,8 @@ pub struct DemoArgs {
     /// Most tokens per answer.
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
-    /// A store shared with other engines, `redis://HOST:PORT[/DB]` (blocks published there,
-    /// and found there).
-    #[arg(long)]
-    shared_tier: Option<String>,
+    #[command(flatten)]
+    shared: SharedTierArgs,
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 64)]
     cache_mib: u64,
@@ -56,10 +54,7 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
     anyhow::ensure!(args.requests > 0, "--requests must be at least 1");
     let (model, tokenizer) = common.load_model()?;
     let mut cache = common.cache(&model, args.cache_mib)?;
-    let shared = match &args.shared_tier {
-        Some(url) => Some(attach_shared_tier(&mut cache, &model, url)?),
-        None => None,
-    };
+    let shared = args.shared.attach(&mut cache, &model)?;
     let layout = cache.layout().clone();
     let blocks = cache.pool().num_blocks();
     println!(

@@ -7,7 +7,7 @@ use anyhow::Result;
 use clap::Args;
 use pagedkv_engine::{ChatMessage, Event, Request, SamplingParams, Scheduler, SchedulerConfig};
 
-use crate::common::{attach_shared_tier, shared_tier_summary, CommonArgs};
+use crate::common::{shared_tier_summary, CommonArgs, SharedTierArgs};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
@@ -29,10 +29,8 @@ pub struct GenerateArgs {
     /// RNG seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A store shared with other engines, `redis://HOST:PORT[/DB]` (blocks published there,
-    /// and found there).
-    #[arg(long)]
-    shared_tier: Option<String>,
+    #[command(flatten)]
+    shared: SharedTierArgs,
     /// KV cache budget in MiB.
     #[arg(long, default_value_t = 256)]
     cache_mib: u64,
@@ -49,10 +47,7 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
         }])?
     };
     let mut cache = common.cache(&model, args.cache_mib)?;
-    let shared = match &args.shared_tier {
-        Some(url) => Some(attach_shared_tier(&mut cache, &model, url)?),
-        None => None,
-    };
+    let shared = args.shared.attach(&mut cache, &model)?;
     let mut scheduler = Scheduler::new(&model, cache, SchedulerConfig::default())?;
     let sampling = SamplingParams {
         temperature: args.temperature,

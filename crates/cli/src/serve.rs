@@ -9,7 +9,7 @@ use pagedkv::tier::{DiskTier, HostTier, TieredStore};
 use pagedkv_engine::{Preemption, SchedulerConfig};
 use pagedkv_server::{Loaded, ServerConfig};
 
-use crate::common::{attach_shared_tier, CommonArgs};
+use crate::common::{CommonArgs, SharedTierArgs};
 
 /// What happens to a sequence preempted for lack of blocks.
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -69,10 +69,8 @@ pub struct ServeArgs {
     /// What happens to a sequence preempted for lack of blocks.
     #[arg(long, value_enum, default_value_t = PreemptionFlag::Swap)]
     preemption: PreemptionFlag,
-    /// A store shared with other servers, `redis://HOST:PORT[/DB]`: blocks this server seals
-    /// are published there, and prompts find blocks other servers computed.
-    #[arg(long)]
-    shared_tier: Option<String>,
+    #[command(flatten)]
+    shared: SharedTierArgs,
 }
 
 pub fn run(common: &CommonArgs, args: ServeArgs, pool: rayon::ThreadPool) -> Result<()> {
@@ -123,7 +121,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs, pool: rayon::ThreadPool) -> Res
     let loader_args = common.clone();
     let cache_mib = args.cache_mib;
     let disk_dir = args.disk_tier.clone();
-    let shared_tier = args.shared_tier.clone();
+    let shared_tier = args.shared.clone();
     let loader = Box::new(move || {
         let load = || -> Result<Loaded> {
             let (model, tokenizer) = loader_args.load_model()?;
@@ -141,10 +139,7 @@ pub fn run(common: &CommonArgs, args: ServeArgs, pool: rayon::ThreadPool) -> Res
                     disk,
                 });
             }
-            let remote_stats = match &shared_tier {
-                Some(url) => Some(attach_shared_tier(&mut cache, &model, url)?),
-                None => None,
-            };
+            let remote_stats = shared_tier.attach(&mut cache, &model)?;
             eprintln!(
                 "model loaded: {} blocks of {} tokens, K={} V={}",
                 cache.pool().num_blocks(),
