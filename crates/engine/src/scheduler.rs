@@ -176,6 +176,8 @@ struct Sequence {
     sampler: Sampler,
     /// Set while the sequence's blocks wait in the host tier.
     swapped: Option<SwappedOut>,
+    /// Admitted once already (a preempted sequence is admitted again: counted once).
+    admitted: bool,
 }
 
 impl Sequence {
@@ -272,6 +274,7 @@ impl<'m> Scheduler<'m> {
             request,
             seq,
             generated: Vec::new(),
+            admitted: false,
             sampler,
             swapped: None,
         });
@@ -353,14 +356,15 @@ impl<'m> Scheduler<'m> {
             }
             match self.cache.admit_salted(next.seq, &tokens, salt) {
                 Ok(admission) => {
-                    if next.generated.is_empty() {
+                    let mut seq = self.waiting.pop_front().expect("front exists");
+                    if !seq.admitted {
+                        seq.admitted = true;
                         self.stats.cached_tokens += admission.cached_tokens;
                         events.push(Event::Admitted {
-                            id: next.request.id,
+                            id: seq.request.id,
                             admission,
                         });
                     }
-                    let seq = self.waiting.pop_front().expect("front exists");
                     self.running.push(seq);
                 }
                 Err(KvError::OutOfBlocks { .. }) => break,

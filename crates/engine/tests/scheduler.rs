@@ -45,14 +45,19 @@ fn run_on(
         scheduler.submit(r.clone()).unwrap();
     }
     let mut out: BTreeMap<u64, Vec<u32>> = requests.iter().map(|r| (r.id, Vec::new())).collect();
+    let mut admitted: BTreeMap<u64, usize> = BTreeMap::new();
     let stats = scheduler
-        .run(|e| {
-            if let Event::Token { id, token, .. } = e {
-                out.get_mut(id).unwrap().push(*token);
-            }
+        .run(|e| match e {
+            Event::Token { id, token, .. } => out.get_mut(id).unwrap().push(*token),
+            Event::Admitted { id, .. } => *admitted.entry(*id).or_default() += 1,
+            Event::Finished { .. } | Event::Preempted { .. } => {}
         })
         .unwrap();
     assert_eq!(stats.finished, requests.len(), "every request completes");
+    assert!(
+        requests.iter().all(|r| admitted.get(&r.id) == Some(&1)),
+        "each request's first admission is reported once, preempted or not: {admitted:?}"
+    );
     scheduler.cache().check_invariants().unwrap();
     assert_eq!(
         scheduler.cache().storage().open_blocks(),

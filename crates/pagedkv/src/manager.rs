@@ -322,13 +322,14 @@ impl KvCacheManager {
             .record_lookups(found as u64, (matchable - found) as u64);
         let pool_hits = hits.len();
         let levels: Vec<TierLevel> = from_tier.iter().map(|t| t.2).collect();
+        let last_found = from_tier.last().map(|t| t.0).or(parent);
         let report = PrefixReport::new(bs, matchable, pool_hits, &levels, || {
             if damaged {
                 MissReason::Damaged
             } else if unavailable {
                 MissReason::StoreUnavailable
             } else {
-                self.miss_reason(prompt, root)
+                self.miss_reason(prompt, found, last_found)
             }
         });
         for block in &hits {
@@ -339,6 +340,7 @@ impl KvCacheManager {
             tokens: prompt[..pool_hits * bs].to_vec(),
             hashes,
             root,
+            reused: 0,
         };
         let fresh = self.layout.blocks_for_tokens(prompt.len()) - table.blocks.len();
         self.pool.allocate(fresh, &mut table.blocks)?;
@@ -355,6 +357,7 @@ impl KvCacheManager {
             let at = (pool_hits + i) * bs;
             table.tokens.extend_from_slice(&prompt[at..at + bs]);
         }
+        table.reused = found;
         self.seqs.insert(seq, table);
         Ok(Admission {
             cached_tokens: found * bs,
@@ -386,15 +389,21 @@ impl KvCacheManager {
         let keys = self.remote_keys(prompt, matched, parent, root);
         if let (Some(store), false) = (self.remote.as_mut(), keys.is_empty()) {
             match store.probe_run(&keys) {
-                Ok(found) => levels.extend(std::iter::repeat_n(TierLevel::Remote, found)),
+                Ok(found) => {
+                    levels.extend(std::iter::repeat_n(TierLevel::Remote, found));
+                    parent = found
+                        .checked_sub(1)
+                        .map_or(parent, |i| Some(keys[i].prefix));
+                }
                 Err(RemoteError::Unavailable(_)) => unavailable = true,
             }
         }
+        let found = hits.len() + levels.len();
         PrefixReport::new(bs, matchable, hits.len(), &levels, || {
             if unavailable {
                 MissReason::StoreUnavailable
             } else {
-                self.miss_reason(prompt, root)
+                self.miss_reason(prompt, found, parent)
             }
         })
     }
@@ -480,27 +489,20 @@ impl KvCacheManager {
         Ok(())
     }
 
-    /// Why the chain of `prompt` stops at its first block not found: evicted (the log remembers
-    /// its key) or no entry.
-    fn miss_reason(&self, prompt: &[u32], root: Option<BlockHash>) -> MissReason {
+    /// Why the chain of `prompt` stopped at block `missed` (its parent key `parent`): evicted
+    /// (the log remembers the block's key) or no entry.
+    fn miss_reason(&self, prompt: &[u32], missed: usize, parent: Option<BlockHash>) -> MissReason {
         let bs = self.layout.block_size();
-        let mut parent = root;
-        for chunk in prompt.chunks_exact(bs) {
-            let hash = hash_block(parent, self.extra, chunk);
-            let cached = self.pool.lookup(hash).is_some()
-                || self
-                    .prefix_tier
-                    .as_ref()
-                    .is_some_and(|t| t.contains(TierKey(hash.0)));
-            if !cached {
-                return match self.eviction_log.evicted_at(hash) {
-                    Some(at) => MissReason::Evicted { ago: at.elapsed() },
-                    None => MissReason::NoEntry,
-                };
-            }
-            parent = Some(hash);
+        let Some(chunk) = prompt.chunks_exact(bs).nth(missed) else {
+            return MissReason::NoEntry;
+        };
+        match self
+            .eviction_log
+            .evicted_at(hash_block(parent, self.extra, chunk))
+        {
+            Some(at) => MissReason::Evicted { ago: at.elapsed() },
+            None => MissReason::NoEntry,
         }
-        MissReason::NoEntry
     }
 
     /// Holds the pool's cached blocks of `prompt`'s chain (every full block found, in order) so
@@ -780,7 +782,9 @@ impl KvCacheManager {
             // the recent window (a first block keeps its sink rows in f16 beside its pages)
             if let Some(old) = block_idx.checked_sub(self.layout.recent_blocks()) {
                 self.storage.seal(table.blocks[old], old * bs)?;
-                sealed.push((table.blocks[old], table.hashes[old], table.root));
+                if old >= table.reused {
+                    sealed.push((table.blocks[old], table.hashes[old], table.root));
+                }
             }
         }
         self.publish_registered(sealed)
@@ -805,10 +809,11 @@ impl KvCacheManager {
         if self.seqs.contains_key(&child) {
             return Err(KvError::SequenceExists(child));
         }
-        let table = self.table(parent)?.clone();
+        let mut table = self.table(parent)?.clone();
         for block in &table.blocks {
             self.pool.retain(*block)?;
         }
+        table.reused = table.hashes.len();
         self.seqs.insert(child, table);
         Ok(())
     }
@@ -936,6 +941,7 @@ impl KvCacheManager {
                 tokens: swapped.tokens.clone(),
                 hashes: swapped.hashes.clone(),
                 root: swapped.root,
+                reused: swapped.hashes.len(),
             },
         );
         for key in &swapped.keys {
@@ -956,7 +962,9 @@ impl KvCacheManager {
         // (the recent window's blocks: commit has not sealed, so not published, them)
         for i in first..full {
             self.storage.seal(table.blocks[i], i * bs)?;
-            sealed.push((table.blocks[i], table.hashes[i], table.root));
+            if i >= table.reused {
+                sealed.push((table.blocks[i], table.hashes[i], table.root));
+            }
         }
         self.publish_registered(sealed)?;
         let table = self

@@ -19,6 +19,9 @@ pub struct BlockTable {
     pub(crate) hashes: Vec<BlockHash>,
     /// The salt's root key that the first block chains from (`None`: unsalted).
     pub(crate) root: Option<BlockHash>,
+    /// Leading full blocks the sequence did not compute (cache hits at admission, restored
+    /// by a swap, shared by a fork): already published to a shared store, never again.
+    pub(crate) reused: usize,
 }
 
 impl BlockTable {

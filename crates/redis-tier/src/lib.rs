@@ -121,15 +121,20 @@ impl Breaker {
 enum LinkError {
     /// The breaker is open: the call was not tried.
     Open,
-    /// The call was tried and failed (connection refused, timeout, protocol error).
+    /// The call was tried and the store is unreachable (refused, timed out, dropped).
     Failed(String),
+    /// The store answered with an error reply (e.g. `OOM` under `maxmemory` with
+    /// `noeviction`): it is up, the call failed.
+    Refused(String),
 }
 
 impl From<LinkError> for RemoteError {
     fn from(e: LinkError) -> Self {
         match e {
             LinkError::Open => RemoteError::Unavailable("circuit open after a failure".into()),
-            LinkError::Failed(reason) => RemoteError::Unavailable(reason),
+            LinkError::Failed(reason) | LinkError::Refused(reason) => {
+                RemoteError::Unavailable(reason)
+            }
         }
     }
 }
@@ -153,8 +158,9 @@ impl std::fmt::Debug for Link {
 
 impl Link {
     /// Runs `call` on the connection (connecting first if needed). A kept connection that
-    /// fails is replaced once and the call retried (it may be stale: the store restarted);
-    /// a failure then drops the connection and opens the breaker.
+    /// fails to reach the store is replaced once and the call retried (it may be stale: the
+    /// store restarted); if that fails too, the connection is dropped and the breaker opens.
+    /// An error reply from the store fails only the call.
     fn run<T>(
         &mut self,
         mut call: impl FnMut(&mut redis::Connection) -> redis::RedisResult<T>,
@@ -163,42 +169,46 @@ impl Link {
             return Err(LinkError::Open);
         }
         let kept = self.connection.is_some();
-        let mut result = self
-            .connect()
-            .and_then(|c| call(c).map_err(|e| e.to_string()));
-        if result.is_err() && kept {
+        let mut result = self.connect().and_then(|c| call(c).map_err(classify));
+        if kept && matches!(result, Err(LinkError::Failed(_))) {
             self.connection = None;
-            result = self
-                .connect()
-                .and_then(|c| call(c).map_err(|e| e.to_string()));
+            result = self.connect().and_then(|c| call(c).map_err(classify));
         }
-        match result {
-            Ok(value) => {
-                self.breaker.reset();
-                Ok(value)
-            }
-            Err(reason) => {
+        match &result {
+            Ok(_) => self.breaker.reset(),
+            Err(LinkError::Failed(_)) => {
                 self.connection = None;
                 self.breaker.trip();
-                Err(LinkError::Failed(reason))
             }
+            Err(LinkError::Refused(_) | LinkError::Open) => {}
         }
+        result
     }
 
-    fn connect(&mut self) -> Result<&mut redis::Connection, String> {
+    fn connect(&mut self) -> Result<&mut redis::Connection, LinkError> {
         if self.connection.is_none() {
+            let unreachable = |e: redis::RedisError| LinkError::Failed(e.to_string());
             let c = self
                 .client
                 .get_connection_with_timeout(self.timeout)
-                .map_err(|e| e.to_string())?;
+                .map_err(unreachable)?;
             c.set_read_timeout(Some(self.timeout))
                 .and_then(|()| c.set_write_timeout(Some(self.timeout)))
-                .map_err(|e| e.to_string())?;
+                .map_err(unreachable)?;
             self.connection = Some(c);
         }
         self.connection
             .as_mut()
-            .ok_or_else(|| "no connection".to_string())
+            .ok_or_else(|| LinkError::Failed("no connection".to_string()))
+    }
+}
+
+/// Whether an error means the store is unreachable, or only that it refused the call.
+fn classify(e: redis::RedisError) -> LinkError {
+    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+        LinkError::Failed(e.to_string())
+    } else {
+        LinkError::Refused(e.to_string())
     }
 }
 
@@ -288,6 +298,10 @@ impl RedisStore {
                 self.stats.up.store(false, Ordering::Relaxed);
                 RemoteStats::bump(errors);
             }
+            Err(LinkError::Refused(_)) => {
+                self.stats.up.store(true, Ordering::Relaxed);
+                RemoteStats::bump(errors);
+            }
             Err(LinkError::Open) => {}
         }
     }
@@ -308,8 +322,13 @@ impl RemoteStore for RedisStore {
     }
 
     fn fetch_run(&mut self, keys: &[RemoteKey]) -> Result<Vec<Vec<u8>>, RemoteError> {
+        // one budget for the whole run: a slow store costs at most that per admission
+        let deadline = Instant::now() + self.config.timeout;
         let mut found = Vec::new();
         for chunk in keys.chunks(self.config.keys_per_fetch.max(1)) {
+            if !found.is_empty() && Instant::now() > deadline {
+                return Ok(found);
+            }
             let names: Vec<String> = chunk.iter().map(|k| self.config.key(k)).collect();
             let result = self.reader.run(|c| {
                 redis::cmd("MGET")
@@ -317,7 +336,15 @@ impl RemoteStore for RedisStore {
                     .query::<Vec<Option<Vec<u8>>>>(c)
             });
             self.note(&result, &self.stats.read_errors);
-            for value in result? {
+            let values = match result {
+                Ok(values) => values,
+                // the failure is counted above; what came before it is still good
+                Err(e) if found.is_empty() => return Err(e.into()),
+                Err(LinkError::Open | LinkError::Failed(_) | LinkError::Refused(_)) => {
+                    return Ok(found)
+                }
+            };
+            for value in values {
                 match value {
                     Some(bytes) => {
                         RemoteStats::bump(&self.stats.hits);
@@ -375,8 +402,16 @@ fn write_behind(
             set.query::<Option<String>>(c)
         });
         match result {
-            Ok(_) => RemoteStats::bump(&stats.writes),
+            Ok(_) => {
+                stats.up.store(true, Ordering::Relaxed);
+                RemoteStats::bump(&stats.writes);
+            }
             Err(LinkError::Failed(_)) => {
+                stats.up.store(false, Ordering::Relaxed);
+                RemoteStats::bump(&stats.write_errors);
+                RemoteStats::bump(&stats.writes_dropped);
+            }
+            Err(LinkError::Refused(_)) => {
                 RemoteStats::bump(&stats.write_errors);
                 RemoteStats::bump(&stats.writes_dropped);
             }

@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::state::Shared;
+use crate::stream::finish_reason;
 
 /// A request for the engine thread.
 pub enum Command {
@@ -271,6 +272,9 @@ impl Engine<'_> {
                     let Some(a) = self.active.get_mut(&id) else {
                         continue;
                     };
+                    if a.admitted {
+                        continue; // the scheduler reports a request's first admission only
+                    }
                     a.admitted = true;
                     self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
                     let r = &admission.report;
@@ -317,10 +321,7 @@ impl Engine<'_> {
                     let Some(a) = self.active.remove(&id) else {
                         continue;
                     };
-                    let label = match reason {
-                        FinishReason::Stop => "stop",
-                        FinishReason::Length | FinishReason::ContextFull => "length",
-                    };
+                    let label = finish_reason(reason);
                     self.metrics
                         .finished
                         .get_or_create(&vec![("reason", label)])

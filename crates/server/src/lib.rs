@@ -174,17 +174,23 @@ fn run_engine(
     metrics
         .kv_bytes_per_token
         .set(layout.kv_bytes_per_token().round() as i64);
+    // pins may hold at most half the pool, and every request is sized to fit beside them, so
+    // a request that was accepted always fits when it runs alone
+    let pool_blocks = cache.pool().num_blocks();
+    let pin_budget_blocks = usize::try_from(pin_budget_bytes / block_bytes)
+        .unwrap_or(usize::MAX)
+        .min(pool_blocks / 2);
     let ready = Ready {
         tokenizer,
         context_len: model.config().context_len,
-        pool_tokens: cache.pool().num_blocks() * block_size,
+        pool_tokens: (pool_blocks - pin_budget_blocks) * block_size,
         block_size,
         vocab: model.config().vocab,
         metrics,
     };
     let limits = EngineLimits {
         scheduler,
-        pin_budget_blocks: usize::try_from(pin_budget_bytes / block_bytes).unwrap_or(usize::MAX),
+        pin_budget_blocks,
         remote_stats,
     };
     let ready = shared.ready.get_or_init(|| ready);

@@ -128,7 +128,7 @@ async fn generate(
         .validate()
         .map_err(|e| ApiError::invalid("temperature", e.to_string()))?;
     let choices = submit_choices(&app, &req, &prompt, max_tokens, sampling, salt)?;
-    let meta = ResponseMeta::new(&app, &req, prompt.len());
+    let meta = ResponseMeta::new(&app, &req, prompt.len(), choices[0].0);
     if req.stream {
         Ok(stream_response(app.clone(), meta, choices, req.stop))
     } else {

@@ -17,7 +17,7 @@ pub struct Ready {
     pub tokenizer: GgufTokenizer,
     /// The model's context in tokens.
     pub context_len: usize,
-    /// Tokens the whole pool holds: no sequence can be longer.
+    /// Tokens one sequence can hold with every pin held: no request may ask for more.
     pub pool_tokens: usize,
     /// Tokens per block.
     pub block_size: usize,

@@ -34,15 +34,20 @@ pub struct ResponseMeta {
 }
 
 impl ResponseMeta {
-    /// The metadata of a request whose prompt has `prompt_tokens` tokens.
-    pub fn new(app: &AppState, req: &GenerationRequest, prompt_tokens: usize) -> Self {
+    /// The metadata of a request whose prompt has `prompt_tokens` tokens and whose first
+    /// choice has the engine id `first_id` (unique, so the response id is too).
+    pub fn new(
+        app: &AppState,
+        req: &GenerationRequest,
+        prompt_tokens: usize,
+        first_id: u64,
+    ) -> Self {
         let prefix = match req.route {
             Route::Chat => "chatcmpl",
             Route::Completion => "cmpl",
         };
-        let serial = app.shared.next_id.load(std::sync::atomic::Ordering::SeqCst);
         Self {
-            id: format!("{prefix}-{:x}{serial:06x}", unix_time()),
+            id: format!("{prefix}-{:x}{first_id:06x}", unix_time()),
             created: unix_time(),
             model: app.config.model_name.clone(),
             route: req.route,
@@ -156,11 +161,13 @@ impl ChoiceState {
                 Update::Text(released.text, std::mem::take(&mut self.pending))
             }
             GenEvent::Finished(reason) => {
-                self.finish = Some(match reason {
-                    FinishReason::Stop => "stop",
-                    FinishReason::Length | FinishReason::ContextFull => "length",
+                let tail = self.text.finish(tokenizer);
+                self.finish = Some(if self.text.stopped() {
+                    "stop"
+                } else {
+                    finish_reason(reason)
                 });
-                Update::Text(self.text.finish(), std::mem::take(&mut self.pending))
+                Update::Text(tail, std::mem::take(&mut self.pending))
             }
             GenEvent::Failed(e) => {
                 self.finish = Some("error");
@@ -168,6 +175,14 @@ impl ChoiceState {
             }
             GenEvent::Pinned(_) => Update::Nothing,
         }
+    }
+}
+
+/// OpenAI's name of a finish reason.
+pub fn finish_reason(reason: FinishReason) -> &'static str {
+    match reason {
+        FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::ContextFull => "length",
     }
 }
 
@@ -228,6 +243,35 @@ fn logprobs_json(
 
 type Choices = Vec<(u64, mpsc::UnboundedReceiver<GenEvent>)>;
 
+/// One choice to its end: its state, its text and the log-probabilities of its tokens.
+async fn follow_choice(
+    app: &AppState,
+    tokenizer: &GgufTokenizer,
+    mut state: ChoiceState,
+    mut receiver: mpsc::UnboundedReceiver<GenEvent>,
+) -> Result<(ChoiceState, String, Vec<(u32, TokenLogprobs)>), ApiError> {
+    let mut text = String::new();
+    let mut logprobs = Vec::new();
+    while state.finish.is_none() {
+        let Some(event) = receiver.recv().await else {
+            return Err(ApiError::unavailable("the engine stopped"));
+        };
+        match state.apply(tokenizer, event) {
+            Update::Nothing => {}
+            Update::Text(t, lp) => {
+                text.push_str(&t);
+                logprobs.extend(lp);
+            }
+            Update::Failed(e) => return Err(e),
+        }
+    }
+    if state.text.stopped() {
+        // the stop string ended the choice: the engine need not run it further
+        let _ = app.send(Command::Cancel { id: state.id });
+    }
+    Ok((state, text, logprobs))
+}
+
 /// Waits for every choice and builds the whole response.
 pub async fn collect(
     app: &AppState,
@@ -236,29 +280,18 @@ pub async fn collect(
     choices: Choices,
     stops: &[String],
 ) -> Result<Value, ApiError> {
-    let mut states = Vec::with_capacity(choices.len());
-    let mut bodies = Vec::with_capacity(choices.len());
-    for (index, (id, mut receiver)) in choices.into_iter().enumerate() {
-        let mut state = ChoiceState::new(id, stops);
-        let mut text = String::new();
-        let mut logprobs = Vec::new();
-        while state.finish.is_none() {
-            let Some(event) = receiver.recv().await else {
-                return Err(ApiError::unavailable("the engine stopped"));
-            };
-            match state.apply(&ready.tokenizer, event) {
-                Update::Nothing => {}
-                Update::Text(t, lp) => {
-                    text.push_str(&t);
-                    logprobs.extend(lp);
-                }
-                Update::Failed(e) => return Err(e),
-            }
-        }
-        if state.text.stopped() {
-            // the stop string ended the choice: the engine need not run it further
-            let _ = app.send(Command::Cancel { id: state.id });
-        }
+    // every choice is followed at once, so each is cancelled as soon as its stop string shows
+    let runs = choices.into_iter().map(|(id, receiver)| {
+        follow_choice(app, &ready.tokenizer, ChoiceState::new(id, stops), receiver)
+    });
+    let mut states = Vec::new();
+    let mut bodies = Vec::new();
+    for (index, run) in futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        let (state, text, logprobs) = run?;
         let logprobs = meta
             .logprobs
             .then(|| logprobs_json(meta.route, &ready.tokenizer, &logprobs, 0));
@@ -342,7 +375,12 @@ async fn produce(
     );
     let mut open = states.len();
     while open > 0 {
-        let Some((index, event)) = merged.next().await else {
+        let next = tokio::select! {
+            next = merged.next() => next,
+            // a client that leaves while its request waits is noticed now, not at its first token
+            () = sender.closed() => return Err(ClientGone),
+        };
+        let Some((index, event)) = next else {
             return send(ApiError::unavailable("the engine stopped").body()).await;
         };
         let state = &mut states[index];

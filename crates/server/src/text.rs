@@ -56,29 +56,44 @@ impl TextStream {
             };
         }
         self.tokens.push(token);
-        let window = &self.tokens[self.prefix_offset..];
-        // generated ids come from the model's own vocabulary, so decoding cannot fail on them
-        let before = tokenizer
-            .decode(&window[..self.read_offset - self.prefix_offset], true)
-            .unwrap_or_default();
-        let after = tokenizer.decode(window, true).unwrap_or_default();
-        if after.len() > before.len()
-            && after.is_char_boundary(before.len())
-            && !after.ends_with('\u{FFFD}')
-        {
-            self.held.push_str(&after[before.len()..]);
-            self.prefix_offset = self.read_offset;
-            self.read_offset = self.tokens.len();
+        if let Some(new) = self.decoded_tail(tokenizer) {
+            if !new.ends_with('\u{FFFD}') {
+                self.held.push_str(&new);
+                self.prefix_offset = self.read_offset;
+                self.read_offset = self.tokens.len();
+            }
         }
         self.release()
     }
 
-    /// Releases everything held (the choice ended for another reason than a stop string).
-    pub fn finish(&mut self) -> String {
+    /// The text the tokens after `read_offset` add to the decoded window, if they add any.
+    /// Generated ids come from the model's vocabulary, so decoding them does not fail; if it
+    /// did, nothing would be released (rather than text twice).
+    fn decoded_tail(&self, tokenizer: &GgufTokenizer) -> Option<String> {
+        let window = &self.tokens[self.prefix_offset..];
+        let before = tokenizer
+            .decode(&window[..self.read_offset - self.prefix_offset], true)
+            .ok()?;
+        let after = tokenizer.decode(window, true).ok()?;
+        (after.len() > before.len() && after.is_char_boundary(before.len()))
+            .then(|| after[before.len()..].to_string())
+    }
+
+    /// Releases everything left: the held text and the tokens that never decoded whole (a
+    /// character cut by the end), unless a stop string ends it first.
+    pub fn finish(&mut self, tokenizer: &GgufTokenizer) -> String {
         if self.stopped {
             return String::new();
         }
-        std::mem::take(&mut self.held)
+        if let Some(rest) = self.decoded_tail(tokenizer) {
+            self.held.push_str(&rest);
+            self.read_offset = self.tokens.len();
+        }
+        let released = self.release();
+        if released.stopped {
+            return released.text;
+        }
+        released.text + &std::mem::take(&mut self.held)
     }
 
     fn release(&mut self) -> Released {

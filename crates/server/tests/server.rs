@@ -367,7 +367,7 @@ fn a_pinned_prefix_survives_a_flood_that_evicts_an_unpinned_one() {
 #[test]
 fn a_dropped_stream_aborts_its_sequence_and_frees_its_blocks() {
     let server = TestServer::start(ServerConfig::default(), Codec::Int8, 64);
-    let body = json!({"prompt": "Once upon a time", "max_tokens": 4000, "stream": true});
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 2000, "stream": true});
     let response = server
         .client()
         .post(server.url("/v1/completions"))
@@ -399,7 +399,7 @@ fn a_dropped_stream_aborts_its_sequence_and_frees_its_blocks() {
     }
     let generated = server.metric("pagedkv_generation_tokens_total");
     assert!(
-        generated < 4000.0,
+        generated < 2000.0,
         "the sequence stopped early: {generated} tokens"
     );
     server.stop().unwrap();
