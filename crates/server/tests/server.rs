@@ -361,6 +361,20 @@ fn a_pinned_prefix_survives_a_flood_that_evicts_an_unpinned_one() {
     assert_eq!(request.status(), 200);
     assert_eq!(request.json::<Value>().unwrap()["unpinned"], 1);
     assert_eq!(server.metric("pagedkv_blocks{state=\"pinned\"}"), 0.0);
+
+    // a pin ends by itself when its time is up
+    let (status, _) = server.post_with(
+        "/v1/cache/pin",
+        &json!({"messages": pinned["messages"], "ttl_s": 0.3}),
+        &auth,
+    );
+    assert_eq!(status, 200);
+    assert!(server.metric("pagedkv_blocks{state=\"pinned\"}") > 0.0);
+    let started = Instant::now();
+    while server.metric("pagedkv_blocks{state=\"pinned\"}") > 0.0 {
+        assert!(started.elapsed() < Duration::from_secs(5), "the pin expires");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     server.stop().unwrap();
 }
 
