@@ -111,6 +111,10 @@ pub struct GenerateBench {
     json: Option<std::path::PathBuf>,
 }
 
+/// Longest context `bench attention` measures: 2²⁰ tokens of SmolLM2's K/V in f32 are 45 GiB,
+/// beyond the machines it runs on.
+const MAX_BENCH_CONTEXT: usize = 1 << 20;
+
 pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(common, args),
@@ -256,6 +260,10 @@ fn attention(args: AttentionBench) -> Result<()> {
         .map(|c| c.trim().parse::<usize>())
         .collect::<std::result::Result<Vec<_>, _>>()?;
     anyhow::ensure!(contexts.iter().all(|c| *c > 0), "contexts must be positive");
+    anyhow::ensure!(
+        contexts.iter().all(|c| *c <= MAX_BENCH_CONTEXT),
+        "contexts must be at most {MAX_BENCH_CONTEXT} tokens"
+    );
     let codecs = parse_codecs(&args.codecs)?;
     let threads = rayon::current_num_threads();
     let probe = BandwidthProbe::new();

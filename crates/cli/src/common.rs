@@ -13,6 +13,9 @@ use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::{GgufTokenizer, Model, WeightMode};
 use pagedkv_redis::{RedisConfig, RedisStore};
 
+/// Most worker threads a command starts (each has an 8 MiB stack).
+pub const MAX_THREADS: usize = 1024;
+
 /// How weights are held (see `WeightMode`).
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum Weights {
@@ -65,6 +68,10 @@ impl CommonArgs {
             .stack_size(8 << 20);
         if let Some(n) = self.threads {
             anyhow::ensure!(n > 0, "--threads must be at least 1");
+            anyhow::ensure!(
+                n <= MAX_THREADS,
+                "--threads {n} exceeds the limit of {MAX_THREADS}"
+            );
             std::env::set_var("RAYON_NUM_THREADS", n.to_string());
             builder = builder.num_threads(n);
         }

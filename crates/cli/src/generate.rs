@@ -46,6 +46,13 @@ pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
             content: args.prompt.clone(),
         }])?
     };
+    let context = model.config().context_len;
+    anyhow::ensure!(
+        prompt.len().saturating_add(args.max_tokens) <= context,
+        "the prompt's {} tokens plus --max-tokens {} exceed the model's context of {context} tokens",
+        prompt.len(),
+        args.max_tokens
+    );
     let mut cache = common.cache(&model, args.cache_mib)?;
     let shared = args.shared.attach(&mut cache, &model)?;
     let mut scheduler = Scheduler::new(&model, cache, SchedulerConfig::default())?;

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
@@ -25,6 +25,13 @@ pub struct InspectArgs {
 
 pub fn run(common: &CommonArgs, args: InspectArgs) -> Result<()> {
     anyhow::ensure!(args.context > 0, "--context must be positive");
+    let budget_bytes = args.budget_mib.checked_mul(1 << 20).with_context(|| {
+        format!(
+            "--budget-mib {} is too large (at most {} MiB)",
+            args.budget_mib,
+            u64::MAX >> 20
+        )
+    })?;
     let path = match args.path.as_deref().or(common.model.as_deref()) {
         Some(p) => p.to_path_buf(),
         None => ensure_model(None)?,
@@ -67,7 +74,7 @@ pub fn run(common: &CommonArgs, args: InspectArgs) -> Result<()> {
                 continue;
             }
         };
-        let blocks = layout.blocks_in_budget(args.budget_mib << 20);
+        let blocks = layout.blocks_in_budget(budget_bytes);
         let per_seq = layout.blocks_for_tokens(args.context) as u64;
         println!(
             "{:>16} {:>10.2} {:>12.0} {:>12} {:>14}",

@@ -119,7 +119,8 @@ pub async fn serve(
                 pool.install(|| run_engine(loader, limits, pin_budget, receiver, &engine_shared));
             if let Err(e) = &result {
                 let _ = engine_shared.failed.set(e.to_string());
-                engine_shared.stopped.notify_waiters();
+                // a permit, not a wake-up: the server may not be waiting yet
+                engine_shared.stopped.notify_one();
             }
             result
         })?;

@@ -372,7 +372,10 @@ fn a_pinned_prefix_survives_a_flood_that_evicts_an_unpinned_one() {
     assert!(server.metric("pagedkv_blocks{state=\"pinned\"}") > 0.0);
     let started = Instant::now();
     while server.metric("pagedkv_blocks{state=\"pinned\"}") > 0.0 {
-        assert!(started.elapsed() < Duration::from_secs(5), "the pin expires");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the pin expires"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     server.stop().unwrap();
