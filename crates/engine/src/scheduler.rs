@@ -412,8 +412,12 @@ impl<'m> Scheduler<'m> {
                 front.swapped = Some(swapped);
                 Ok(false)
             }
-            // payloads lost or damaged: recompute instead (the next loop turn admits it)
-            Err(_) => Ok(true),
+            // payloads lost or refused: recompute instead (the next loop turn admits it)
+            Err(KvError::SwappedBlockMissing { .. } | KvError::Payload(_)) => Ok(true),
+            Err(e) => {
+                front.swapped = Some(swapped);
+                Err(e.into())
+            }
         }
     }
 
@@ -425,7 +429,15 @@ impl<'m> Scheduler<'m> {
             .pop()
             .expect("caller checks running is non-empty");
         let swapped = match self.config.preemption {
-            Preemption::Swap { .. } => self.cache.swap_out(victim.seq, &mut self.host).ok(),
+            Preemption::Swap { .. } => match self.cache.swap_out(victim.seq, &mut self.host) {
+                Ok(swapped) => Some(swapped),
+                // the host tier cannot hold the sequence: recompute it instead
+                Err(KvError::OutOfBlocks { .. }) => None,
+                Err(e) => {
+                    self.running.push(victim);
+                    return Err(e.into());
+                }
+            },
             Preemption::Recompute => None,
         };
         match swapped {
