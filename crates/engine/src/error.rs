@@ -11,6 +11,9 @@ pub enum EngineError {
     /// candle failed (reading GGUF tensors, matmul).
     #[error("model computation failed: {}", candle_message(.0))]
     Candle(#[from] candle_core::Error),
+    /// The 8-bit matrix kernel was given shapes it cannot multiply.
+    #[error(transparent)]
+    Shape(#[from] crate::qgemm::ShapeError),
     /// A file could not be read.
     #[error("cannot read {path}")]
     Io {

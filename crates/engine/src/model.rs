@@ -75,8 +75,9 @@ impl ModelConfig {
         Self::from_gguf(path, &ct)
     }
 
-    /// The hyper-parameters in parsed GGUF metadata; the architecture must be llama.
-    fn from_gguf(path: &Path, ct: &gguf_file::Content) -> Result<Self> {
+    /// The hyper-parameters in parsed GGUF metadata (of the file at `path`, named in errors);
+    /// the architecture must be llama, and every value of the type and range it must have.
+    pub fn from_gguf(path: &Path, ct: &gguf_file::Content) -> Result<Self> {
         let arch = ct
             .metadata
             .get("general.architecture")
@@ -112,17 +113,99 @@ impl ModelConfig {
                 "embedding length is not a multiple of the head count",
             ));
         }
-        Ok(ModelConfig {
+        let kv_heads = uint("llama.attention.head_count_kv")?;
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(bad_model(
+                path,
+                "the head count is not a multiple of the kv head count",
+            ));
+        }
+        // absent: llama's default base; present, it must be a number
+        let rope_base = match ct.metadata.get("llama.rope.freq_base") {
+            None => 10_000.0,
+            Some(_) => float("llama.rope.freq_base")?,
+        };
+        let config = ModelConfig {
             layers: uint("llama.block_count")?,
             heads,
-            kv_heads: uint("llama.attention.head_count_kv")?,
+            kv_heads,
             head_dim: hidden / heads,
             hidden,
             vocab: uint("llama.vocab_size")?,
-            rope_base: float("llama.rope.freq_base").unwrap_or(10_000.0),
+            rope_base,
             rms_eps: float("llama.attention.layer_norm_rms_epsilon")?,
             context_len: uint("llama.context_length")?,
-        })
+        };
+        for (name, value) in [
+            ("llama.block_count", config.layers),
+            ("llama.vocab_size", config.vocab),
+            ("llama.context_length", config.context_len),
+        ] {
+            if value == 0 {
+                return Err(bad_model(path, format!("`{name}` is zero")));
+            }
+        }
+        if !(config.rope_base.is_finite() && config.rope_base > 0.0) {
+            return Err(bad_model(path, "the RoPE base is not a positive number"));
+        }
+        Ok(config)
+    }
+
+    /// Checks that every tensor the forward pass reads exists with the shape the metadata
+    /// implies, before any weight is read: a file whose shapes disagree is an error, never an
+    /// assertion or silent garbage later.
+    pub fn check_tensors(&self, path: &Path, ct: &gguf_file::Content) -> Result<()> {
+        let dims = |name: &str| -> Result<Vec<usize>> {
+            ct.tensor_infos
+                .get(name)
+                .map(|t| t.shape.dims().to_vec())
+                .ok_or_else(|| bad_model(path, format!("missing tensor `{name}`")))
+        };
+        let expect = |name: &str, want: &[usize]| -> Result<()> {
+            let got = dims(name)?;
+            if got != want {
+                return Err(bad_model(
+                    path,
+                    format!("tensor `{name}` has shape {got:?}; the metadata implies {want:?}"),
+                ));
+            }
+            Ok(())
+        };
+        let (h, q, kv) = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+        );
+        // the feed-forward width is read from the first gate and must agree everywhere
+        let ff = match dims("blk.0.ffn_gate.weight")?.as_slice() {
+            [ff, cols] if *cols == h && *ff > 0 => *ff,
+            other => {
+                return Err(bad_model(
+                    path,
+                    format!(
+                        "tensor `blk.0.ffn_gate.weight` has shape {other:?}; expected [n, {h}]"
+                    ),
+                ))
+            }
+        };
+        for i in 0..self.layers {
+            let name = |n: &str| format!("blk.{i}.{n}.weight");
+            expect(&name("attn_norm"), &[h])?;
+            expect(&name("attn_q"), &[q, h])?;
+            expect(&name("attn_k"), &[kv, h])?;
+            expect(&name("attn_v"), &[kv, h])?;
+            expect(&name("attn_output"), &[h, q])?;
+            expect(&name("ffn_norm"), &[h])?;
+            expect(&name("ffn_gate"), &[ff, h])?;
+            expect(&name("ffn_up"), &[ff, h])?;
+            expect(&name("ffn_down"), &[h, ff])?;
+        }
+        expect("token_embd.weight", &[self.vocab, h])?;
+        expect("output_norm.weight", &[h])?;
+        if ct.tensor_infos.contains_key("output.weight") {
+            expect("output.weight", &[self.vocab, h])?;
+        }
+        Ok(())
     }
 
     /// The KV layout of this model for the given codecs and block size.
@@ -238,6 +321,7 @@ impl Model {
             )
         })?;
         let config = ModelConfig::from_gguf(path, &ct)?;
+        config.check_tensors(path, &ct)?;
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
         let fingerprint = ModelFingerprint::of(&ct);
 
@@ -345,12 +429,15 @@ impl Model {
                     *out = m.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
                 }
                 Linear::Q8(q) => {
-                    let acts = acts.get_or_insert_with(|| {
+                    // quantized once, shared by every matrix of this input
+                    if acts.is_none() {
                         let mut a = QActivations::default();
-                        a.quantize(x, rows, q.k());
-                        a
-                    });
-                    q.matmul(acts, out);
+                        a.quantize(x, rows, q.k())?;
+                        acts = Some(a);
+                    }
+                    if let Some(a) = &acts {
+                        q.matmul(a, out)?;
+                    }
                 }
             }
         }

@@ -48,12 +48,35 @@ pub struct QActivations {
     sum: Vec<i32>,
 }
 
-/// Shape errors of [`QWeights::new`].
+/// Shape errors of the 8-bit kernel's entry points.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("weight matrix {n}×{k}: outputs must be a multiple of 16 and inputs of 32")]
-pub struct ShapeError {
-    n: usize,
-    k: usize,
+pub enum ShapeError {
+    /// [`QWeights::new`]: a matrix the kernel cannot hold.
+    #[error("weight matrix {n}×{k}: outputs must be a multiple of 16 and inputs of 32")]
+    Weights {
+        /// Outputs.
+        n: usize,
+        /// Inputs.
+        k: usize,
+    },
+    /// [`QActivations::quantize`]: rows that are not `rows × k` with `k` a multiple of 32.
+    #[error("activations of {len} values as {rows} rows × {k}: k must be a multiple of 32")]
+    Activations {
+        /// Rows given.
+        rows: usize,
+        /// Width given.
+        k: usize,
+        /// Values given.
+        len: usize,
+    },
+    /// [`QWeights::matmul`]: activations of another width than the weights' inputs.
+    #[error("activations of width {activations} for weights of {weights} inputs")]
+    Mismatch {
+        /// The weights' inputs.
+        weights: usize,
+        /// The activations' width.
+        activations: usize,
+    },
 }
 
 /// 1.5·2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer,
@@ -84,7 +107,7 @@ impl QWeights {
             || !k.is_multiple_of(BLOCK)
             || weights.len() != n * k
         {
-            return Err(ShapeError { n, k });
+            return Err(ShapeError::Weights { n, k });
         }
         let blocks = k / BLOCK;
         let groups = n / LANES;
@@ -125,8 +148,13 @@ impl QWeights {
     }
 
     /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for the quantized rows of `x`; `out` is `rows × n`.
-    pub fn matmul(&self, x: &QActivations, out: &mut Vec<f32>) {
-        assert_eq!(x.k, self.k, "activation width must match the weights");
+    pub fn matmul(&self, x: &QActivations, out: &mut Vec<f32>) -> Result<(), ShapeError> {
+        if x.k != self.k {
+            return Err(ShapeError::Mismatch {
+                weights: self.k,
+                activations: x.k,
+            });
+        }
         let rows = x.rows;
         let groups = self.n / LANES;
         // per-group results [g][row][lane], then scattered to row-major
@@ -155,6 +183,7 @@ impl QWeights {
                 out[r * self.n + g * LANES..r * self.n + (g + 1) * LANES].copy_from_slice(src);
             }
         }
+        Ok(())
     }
 
     /// The scalar twin of the SIMD kernel: the same integer sums, and per (row, column) the same
@@ -232,11 +261,14 @@ impl QWeights {
 
 impl QActivations {
     /// Quantizes `rows` rows of width `k` (a multiple of 32), reusing this buffer.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) {
-        assert!(
-            k.is_multiple_of(BLOCK) && x.len() == rows * k,
-            "activations must be rows × k with k a multiple of 32"
-        );
+    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) -> Result<(), ShapeError> {
+        if !k.is_multiple_of(BLOCK) || rows.checked_mul(k) != Some(x.len()) {
+            return Err(ShapeError::Activations {
+                rows,
+                k,
+                len: x.len(),
+            });
+        }
         let blocks = k / BLOCK;
         self.rows = rows;
         self.k = k;
@@ -252,6 +284,7 @@ impl QActivations {
             self.scale[i] = scale;
             self.sum[i] = sum;
         }
+        Ok(())
     }
 }
 
@@ -293,9 +326,9 @@ mod tests {
         let x = data(rows * k, 2);
         let qw = QWeights::new(&w, n, k).unwrap();
         let mut qa = QActivations::default();
-        qa.quantize(&x, rows, k);
+        qa.quantize(&x, rows, k).unwrap();
         let mut out = Vec::new();
-        qw.matmul(&qa, &mut out);
+        qw.matmul(&qa, &mut out).unwrap();
         for r in 0..rows {
             for c in 0..n {
                 let exact: f64 = (0..k)
@@ -321,7 +354,7 @@ mod tests {
         let w = QWeights::new(&data(n * k, 3), n, k).unwrap();
         let x = data(9 * k, 4);
         let mut batch = QActivations::default();
-        batch.quantize(&x, 9, k);
+        batch.quantize(&x, 9, k).unwrap();
         let groups = n / LANES;
         for g in 0..groups {
             let mut scalar = vec![0f32; 9 * LANES];
@@ -336,12 +369,12 @@ mod tests {
         }
         // a row alone gives exactly its row of the batch
         let mut all = Vec::new();
-        w.matmul(&batch, &mut all);
+        w.matmul(&batch, &mut all).unwrap();
         for r in 0..9 {
             let mut one = QActivations::default();
-            one.quantize(&x[r * k..(r + 1) * k], 1, k);
+            one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
             let mut out = Vec::new();
-            w.matmul(&one, &mut out);
+            w.matmul(&one, &mut out).unwrap();
             assert_eq!(out, all[r * n..(r + 1) * n]);
         }
     }
@@ -364,5 +397,24 @@ mod tests {
         assert!(QWeights::new(&[0.0; 15 * 32], 15, 32).is_err());
         assert!(QWeights::new(&[0.0; 16 * 33], 16, 33).is_err());
         assert!(QWeights::new(&[0.0; 10], 16, 32).is_err());
+        let mut acts = QActivations::default();
+        assert_eq!(
+            acts.quantize(&[0.0; 40], 1, 40),
+            Err(ShapeError::Activations {
+                rows: 1,
+                k: 40,
+                len: 40
+            })
+        );
+        assert!(acts.quantize(&[0.0; 63], 2, 32).is_err());
+        acts.quantize(&[0.0; 64], 1, 64).unwrap();
+        let w = QWeights::new(&[0.0; 16 * 32], 16, 32).unwrap();
+        assert_eq!(
+            w.matmul(&acts, &mut Vec::new()),
+            Err(ShapeError::Mismatch {
+                weights: 32,
+                activations: 64
+            })
+        );
     }
 }
