@@ -391,7 +391,8 @@ fn candle_baseline(model: &mut ModelWeights, prompt: &[u32], tokens: usize) -> R
     Ok(tokens as f64 / started.elapsed().as_secs_f64())
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+/// The middle value (the upper one of an even count).
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }

@@ -13,6 +13,7 @@ use pagedkv::{Codec, KvCacheManager};
 use pagedkv_engine::{Event, Model, Request, SamplingParams, Scheduler, SchedulerConfig};
 use pagedkv_redis::LocalRedis;
 
+use crate::bench::median;
 use crate::common::{attach_shared_tier, CommonArgs};
 
 #[derive(Debug, Args)]
@@ -164,11 +165,6 @@ fn time_to_first_token(
     })?;
     let seconds = first.unwrap_or_else(|| started.elapsed()).as_secs_f64();
     Ok((seconds, scheduler.into_cache()))
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 fn measure(

@@ -84,7 +84,13 @@ struct Active {
     arrived: Instant,
     last_token: Option<Instant>,
     admitted: bool,
-    pin_ttl: Option<Duration>,
+    /// For a pin request only: what to pin, and for how long, once it has run.
+    pin: Option<PinOrder>,
+}
+
+/// A prompt to pin when its request finishes.
+struct PinOrder {
+    ttl: Duration,
     prompt: Vec<u32>,
     salt: Option<CacheSalt>,
 }
@@ -183,11 +189,7 @@ impl Engine<'_> {
             }
             Command::Cancel { id } => {
                 if self.scheduler.cancel(id)? {
-                    if let Some(a) = self.active.remove(&id) {
-                        if !a.admitted {
-                            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-                        }
-                    }
+                    self.release(id);
                     self.metrics
                         .finished
                         .get_or_create(&vec![("reason", "stop")])
@@ -215,9 +217,11 @@ impl Engine<'_> {
             arrived: s.arrived,
             last_token: None,
             admitted: false,
-            pin_ttl: s.pin_ttl,
-            prompt: s.request.prompt.clone(),
-            salt: s.request.salt,
+            pin: s.pin_ttl.map(|ttl| PinOrder {
+                ttl,
+                prompt: s.request.prompt.clone(),
+                salt: s.request.salt,
+            }),
         };
         match self.scheduler.submit(s.request) {
             Ok(()) => {
@@ -253,15 +257,22 @@ impl Engine<'_> {
 
     /// Drops a request's record; counts it as aborted for `reason`.
     fn forget(&mut self, id: u64, reason: &'static str) {
-        if let Some(a) = self.active.remove(&id) {
-            if !a.admitted {
-                self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
-            }
+        if self.release(id).is_some() {
             self.metrics
                 .aborted
                 .get_or_create(&vec![("reason", reason)])
                 .inc();
         }
+    }
+
+    /// Drops a request's record, giving back its place in the admission queue if it still
+    /// held one.
+    fn release(&mut self, id: u64) -> Option<Active> {
+        let a = self.active.remove(&id)?;
+        if !a.admitted {
+            self.shared.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+        Some(a)
     }
 
     fn dispatch(&mut self, events: Vec<Event>) -> Result<(), EngineError> {
@@ -326,8 +337,8 @@ impl Engine<'_> {
                         .finished
                         .get_or_create(&vec![("reason", label)])
                         .inc();
-                    if let Some(ttl) = a.pin_ttl {
-                        let pinned = self.pin(&a.prompt, a.salt, now + ttl)?;
+                    if let Some(order) = &a.pin {
+                        let pinned = self.pin(&order.prompt, order.salt, now + order.ttl)?;
                         self.update_gauges();
                         let _ = a.events.send(pinned);
                     }

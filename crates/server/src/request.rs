@@ -84,11 +84,7 @@ pub struct GenerationRequest {
 
 /// Parses a request body of `route`.
 pub fn parse(route: Route, body: &[u8]) -> Result<GenerationRequest, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::malformed("the body must be a JSON object"));
-    };
+    let obj = json_object(body)?;
     let f = Fields(&obj);
     refuse_unsupported(&f, route)?;
     let prompt = match route {
@@ -162,11 +158,7 @@ pub fn parse(route: Route, body: &[u8]) -> Result<GenerationRequest, ApiError> {
 pub fn parse_cache_prompt(
     body: &[u8],
 ) -> Result<(PromptInput, Option<String>, Option<f64>), ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::malformed(format!("the body is not valid JSON: {e}")))?;
-    let Value::Object(obj) = value else {
-        return Err(ApiError::malformed("the body must be a JSON object"));
-    };
+    let obj = json_object(body)?;
     let f = Fields(&obj);
     let prompt = match (f.get("messages"), f.get("prompt")) {
         (Some(_), None) => PromptInput::Messages(messages(&f)?),
@@ -180,6 +172,17 @@ pub fn parse_cache_prompt(
     };
     let ttl = f.number("ttl_s", 0.001, 30.0 * 86_400.0)?;
     Ok((prompt, salt(&f)?, ttl))
+}
+
+/// The body as a JSON object.
+fn json_object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(obj)) => Ok(obj),
+        Ok(_) => Err(ApiError::malformed("the body must be a JSON object")),
+        Err(e) => Err(ApiError::malformed(format!(
+            "the body is not valid JSON: {e}"
+        ))),
+    }
 }
 
 /// Typed access to the fields of a request object.
