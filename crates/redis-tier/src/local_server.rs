@@ -16,6 +16,20 @@ pub struct LocalRedis {
 }
 
 impl LocalRedis {
+    /// The `redis-server` binary that the install script `script` (the repository's
+    /// `scripts/redis-server`) finds or installs, from the path it prints.
+    pub fn installed_binary(script: &Path) -> std::io::Result<PathBuf> {
+        let out = Command::new("bash").arg(script).output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "{} failed: {}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+    }
+
     /// Starts `binary` on a free loopback port with `extra` arguments (e.g. `--maxmemory 2mb`),
     /// and waits until it answers.
     pub fn start(binary: &Path, extra: &[&str]) -> std::io::Result<Self> {

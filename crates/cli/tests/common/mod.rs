@@ -146,14 +146,6 @@ pub fn terminate(mut server: Child) -> bool {
 
 /// The `redis-server` binary (installed by `scripts/redis-server` when missing).
 pub fn redis_binary() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo_root().join("scripts/redis-server"))
-        .output()
-        .expect("bash runs");
-    assert!(
-        out.status.success(),
-        "scripts/redis-server failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    pagedkv_redis::LocalRedis::installed_binary(&repo_root().join("scripts/redis-server"))
+        .expect("a redis-server binary")
 }
