@@ -169,6 +169,18 @@ impl ModelConfig {
                     format!("tensor `{name}` has shape {got:?}; the metadata implies {want:?}"),
                 ));
             }
+            // a quantized type stores rows in whole blocks
+            let dtype = ct.tensor_infos[name].ggml_dtype;
+            let row = want[want.len() - 1];
+            if !row.is_multiple_of(dtype.block_size()) {
+                return Err(bad_model(
+                    path,
+                    format!(
+                        "tensor `{name}` is {dtype:?}, whose blocks of {} do not divide its rows of {row}",
+                        dtype.block_size()
+                    ),
+                ));
+            }
             Ok(())
         };
         let (h, q, kv) = (
@@ -323,6 +335,17 @@ impl Model {
         let config = ModelConfig::from_gguf(path, &ct)?;
         config.check_tensors(path, &ct)?;
         let tokenizer = GgufTokenizer::from_gguf(&ct)?;
+        // a token the embedding has no row for would be refused at every prompt that holds it
+        if tokenizer.vocab_size() > config.vocab {
+            return Err(bad_model(
+                path,
+                format!(
+                    "the tokenizer has {} tokens; the model's vocabulary is {}",
+                    tokenizer.vocab_size(),
+                    config.vocab
+                ),
+            ));
+        }
         let fingerprint = ModelFingerprint::of(&ct);
 
         let device = Device::Cpu;

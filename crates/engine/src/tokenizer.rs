@@ -159,6 +159,12 @@ impl GgufTokenizer {
             .and_then(integer)
             .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))?
             as u32;
+        if eos as usize >= tokens.len() {
+            return Err(EngineError::Tokenizer(format!(
+                "eos token {eos} is outside the vocabulary of {} tokens",
+                tokens.len()
+            )));
+        }
         let im_end = tokens
             .iter()
             .position(|t| t == "<|im_end|>")

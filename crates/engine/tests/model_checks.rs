@@ -1,14 +1,22 @@
-//! The engine checks what it loads: metadata of the wrong type or range, and tensors whose
-//! shapes disagree with the metadata, are typed errors naming what is wrong.
+//! The engine checks what it loads. Each test writes a small GGUF file (tests/tiny_gguf) with one
+//! thing wrong and asserts the typed error naming it; the valid file loads and generates, and the
+//! real model passes the same checks.
+
+mod tiny_gguf;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
+use pagedkv::{Codec, KvCacheManager};
 use pagedkv_engine::fetch::ensure_model;
-use pagedkv_engine::{EngineError, ModelConfig};
+use pagedkv_engine::{
+    EngineError, Event, Model, ModelConfig, Request, SamplingParams, Scheduler, SchedulerConfig,
+    WeightMode,
+};
+use tiny_gguf::{qtensor, TinyGguf, HIDDEN};
 
-fn content() -> (std::path::PathBuf, Content) {
-    let path = ensure_model(None).unwrap();
-    let content = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
-    (path, content)
+/// Writes and loads the file; only the error matters.
+fn load(file: &TinyGguf, name: &str) -> Result<(), EngineError> {
+    Model::load(&file.write(name), WeightMode::Exact).map(|_| ())
 }
 
 fn bad_model_reason(result: Result<impl std::fmt::Debug, EngineError>) -> String {
@@ -18,9 +26,48 @@ fn bad_model_reason(result: Result<impl std::fmt::Debug, EngineError>) -> String
     }
 }
 
+fn generate(model: &Model, prompt: Vec<u32>, codec: Codec) -> Vec<u32> {
+    let layout = model.config().kv_layout(codec, codec, 16).unwrap();
+    let cache = KvCacheManager::new(layout, 16, b"tiny-gguf").unwrap();
+    let mut scheduler = Scheduler::new(model, cache, SchedulerConfig::default()).unwrap();
+    let request = Request::new(0, prompt, 12, SamplingParams::default());
+    scheduler.submit(request).unwrap();
+    let mut tokens = Vec::new();
+    scheduler
+        .run(|event| {
+            if let Event::Token { token, .. } = event {
+                tokens.push(*token);
+            }
+        })
+        .unwrap();
+    tokens
+}
+
+#[test]
+fn a_valid_small_file_loads_and_generates() {
+    let path = TinyGguf::valid().write("valid");
+    let (model, tokenizer) = Model::load(&path, WeightMode::Exact).unwrap();
+    let c = model.config();
+    assert_eq!((c.layers, c.heads, c.kv_heads, c.head_dim), (2, 2, 1, 64));
+    let prompt = tokenizer.encode("hello, small model").unwrap();
+    assert_eq!(
+        tokenizer.decode(&prompt, false).unwrap(),
+        "hello, small model"
+    );
+    let f16 = generate(&model, prompt.clone(), Codec::F16);
+    assert!(!f16.is_empty() && f16.len() <= 12);
+    assert!(f16.iter().all(|t| (*t as usize) < c.vocab));
+    assert_eq!(
+        f16,
+        generate(&model, prompt, Codec::F16),
+        "greedy is reproducible"
+    );
+}
+
 #[test]
 fn the_real_file_passes_every_check() {
-    let (path, ct) = content();
+    let path = ensure_model(None).unwrap();
+    let ct = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
     let config = ModelConfig::from_gguf(&path, &ct).unwrap();
     config.check_tensors(&path, &ct).unwrap();
     assert_eq!((config.layers, config.heads, config.kv_heads), (30, 9, 3));
@@ -28,56 +75,135 @@ fn the_real_file_passes_every_check() {
 
 #[test]
 fn metadata_of_the_wrong_type_or_range_is_refused() {
-    let (path, ct) = content();
-    let with = |key: &str, value: Value| {
-        let mut ct = Content {
-            magic: ct.magic,
-            metadata: ct.metadata.clone(),
-            tensor_infos: Default::default(),
-            tensor_data_offset: ct.tensor_data_offset,
-        };
-        ct.metadata.insert(key.to_string(), value);
-        ModelConfig::from_gguf(&path, &ct)
-    };
-    let reason = bad_model_reason(with("llama.rope.freq_base", Value::String("big".into())));
-    assert!(
-        reason.contains("`llama.rope.freq_base` is not an f32"),
-        "{reason}"
-    );
-    let reason = bad_model_reason(with("llama.rope.freq_base", Value::F32(-1.0)));
-    assert!(reason.contains("RoPE base"), "{reason}");
-    let reason = bad_model_reason(with("llama.attention.head_count_kv", Value::U32(4)));
-    assert!(reason.contains("kv head count"), "{reason}");
-    let reason = bad_model_reason(with("llama.block_count", Value::U32(0)));
-    assert!(reason.contains("`llama.block_count` is zero"), "{reason}");
-    let reason = bad_model_reason(with("general.architecture", Value::String("mamba".into())));
-    assert!(reason.contains("is not llama"), "{reason}");
+    let cases = [
+        (
+            "llama.rope.freq_base",
+            Value::String("big".into()),
+            "`llama.rope.freq_base` is not an f32",
+        ),
+        ("llama.rope.freq_base", Value::F32(-1.0), "RoPE base"),
+        ("llama.rope.freq_base", Value::F32(f32::NAN), "RoPE base"),
+        (
+            "llama.attention.head_count_kv",
+            Value::U32(3),
+            "kv head count",
+        ),
+        ("llama.attention.head_count", Value::U32(0), "head count"),
+        (
+            "llama.block_count",
+            Value::U32(0),
+            "`llama.block_count` is zero",
+        ),
+        (
+            "llama.block_count",
+            Value::String("2".into()),
+            "`llama.block_count` is not a u32",
+        ),
+        (
+            "llama.context_length",
+            Value::U32(0),
+            "`llama.context_length` is zero",
+        ),
+        (
+            "general.architecture",
+            Value::String("mamba".into()),
+            "is not llama",
+        ),
+    ];
+    for (key, value, expected) in cases {
+        let mut file = TinyGguf::valid();
+        file.set(key, value.clone());
+        let reason = bad_model_reason(load(&file, "metadata"));
+        assert!(reason.contains(expected), "{key} = {value:?}: {reason}");
+    }
 }
 
 #[test]
 fn tensors_that_disagree_with_the_metadata_are_refused() {
-    let (path, mut ct) = content();
-    let config = ModelConfig::from_gguf(&path, &ct).unwrap();
-    let good = ct.tensor_infos["blk.7.attn_k.weight"].shape.clone();
-    ct.tensor_infos
-        .get_mut("blk.7.attn_k.weight")
-        .unwrap()
-        .shape = (64, 576).into();
-    let reason = bad_model_reason(config.check_tensors(&path, &ct));
+    let mut file = TinyGguf::valid();
+    file.replace(
+        "blk.1.attn_k.weight",
+        qtensor(&[32, HIDDEN], GgmlDType::Q8_0, 7),
+    );
+    let reason = bad_model_reason(load(&file, "shape"));
     assert!(
         reason.contains(
-            "tensor `blk.7.attn_k.weight` has shape [64, 576]; the metadata implies [192, 576]"
+            "tensor `blk.1.attn_k.weight` has shape [32, 128]; the metadata implies [64, 128]"
         ),
         "{reason}"
     );
-    ct.tensor_infos
-        .get_mut("blk.7.attn_k.weight")
-        .unwrap()
-        .shape = good;
-    ct.tensor_infos.remove("blk.29.ffn_down.weight");
-    let reason = bad_model_reason(config.check_tensors(&path, &ct));
+
+    let mut file = TinyGguf::valid();
+    file.remove("blk.1.ffn_down.weight");
+    let reason = bad_model_reason(load(&file, "missing"));
     assert!(
-        reason.contains("missing tensor `blk.29.ffn_down.weight`"),
+        reason.contains("missing tensor `blk.1.ffn_down.weight`"),
+        "{reason}"
+    );
+
+    let mut file = TinyGguf::valid();
+    file.set("llama.embedding_length", Value::U32(256));
+    let reason = bad_model_reason(load(&file, "width"));
+    assert!(reason.contains("expected [n, 256]"), "{reason}");
+}
+
+#[test]
+fn a_tokenizer_larger_than_the_embedding_is_refused() {
+    // 261 tokens, an embedding of 200 rows: a prompt with token 250 would index past it
+    let mut file = TinyGguf::valid();
+    file.set("llama.vocab_size", Value::U32(200));
+    file.replace(
+        "token_embd.weight",
+        qtensor(&[200, HIDDEN], GgmlDType::Q8_0, 9),
+    );
+    let reason = bad_model_reason(load(&file, "vocab"));
+    assert!(
+        reason.contains("the tokenizer has 261 tokens; the model's vocabulary is 200"),
+        "{reason}"
+    );
+
+    let mut file = TinyGguf::valid();
+    file.set("tokenizer.ggml.eos_token_id", Value::U32(4000));
+    match load(&file, "eos") {
+        Err(EngineError::Tokenizer(message)) => {
+            assert!(message.contains("eos token 4000"), "{message}")
+        }
+        other => panic!("expected a tokenizer error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_truncated_file_is_an_error() {
+    let path = TinyGguf::valid().write("truncated");
+    let bytes = std::fs::read(&path).unwrap();
+    for keep in [8, 200, bytes.len() / 2, bytes.len() - 100] {
+        std::fs::write(&path, &bytes[..keep]).unwrap();
+        assert!(
+            Model::load(&path, WeightMode::Exact).is_err(),
+            "a file cut to {keep} of {} bytes loads",
+            bytes.len()
+        );
+    }
+}
+
+#[test]
+fn a_type_whose_blocks_do_not_divide_the_rows_is_refused() {
+    // type ids of the GGUF format
+    const GGML_TYPE_Q8_0: u32 = 8;
+    const GGML_TYPE_Q4_K: u32 = 12;
+    // the writer refuses such a tensor, so the type is changed in the written tensor table:
+    // after the name come the dimension count (u32), the dimensions (u64 each) and the type
+    let path = TinyGguf::valid().write("type");
+    let mut bytes = std::fs::read(&path).unwrap();
+    let name = b"blk.0.attn_q.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len();
+    let type_at = at + 4 + 2 * 8;
+    assert_eq!(bytes[type_at..type_at + 4], GGML_TYPE_Q8_0.to_le_bytes());
+    bytes[type_at..type_at + 4].copy_from_slice(&GGML_TYPE_Q4_K.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let reason = bad_model_reason(Model::load(&path, WeightMode::Exact).map(|_| ()));
+    assert!(
+        reason.contains("tensor `blk.0.attn_q.weight` is Q4K, whose blocks of 256 do not divide its rows of 128"),
         "{reason}"
     );
 }
