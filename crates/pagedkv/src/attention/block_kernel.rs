@@ -20,7 +20,7 @@
 use std::arch::x86_64::*;
 
 use super::pages::x86::{by_component, exp_shifted};
-use super::pages::{lazy_max, LAZY_MAX_SLACK};
+use super::softmax::{lazy_max, LAZY_MAX_SLACK};
 
 /// Head dimension and block size this path serves.
 pub(super) const D: usize = 64;

@@ -377,7 +377,7 @@ impl FibTables {
                 let bin = &bins[b * words..(b + 1) * words];
                 for j in 0..k {
                     let column = &fq.codebook().column(j)[..words];
-                    self.rotated[b * k + j] = super::pages::dot(bin, column);
+                    self.rotated[b * k + j] = super::softmax::dot(bin, column);
                 }
             }
             fq.unrotate_scaled(&mut self.rotated, 1.0);

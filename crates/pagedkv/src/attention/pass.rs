@@ -1,0 +1,295 @@
+//! One kv head's query group over a range of blocks: the loop that reads each block in its
+//! codec (whole-block kernel or page readers), sink rows, split keys and the online softmax.
+
+#[cfg(target_arch = "x86_64")]
+use super::block_kernel;
+use super::pages::{accumulate_values, key_scores, prefetch, Shape};
+use super::softmax::softmax_step;
+use super::{Context, Partial, Scratch};
+use crate::block::BlockId;
+use crate::codec::Role;
+use crate::error::Result;
+use crate::storage::{KvStorage, PageRef};
+
+/// How far ahead of the block being read a pass prefetches pages, in bytes of both pages.
+const PREFETCH_BYTES: usize = 8192;
+
+/// One kv head's query group over a range of the context's blocks.
+#[derive(Clone, Copy)]
+pub(super) struct Pass<'a> {
+    pub(super) storage: &'a KvStorage,
+    pub(super) layer: usize,
+    pub(super) head: usize,
+    pub(super) ctx: Context<'a>,
+    /// The group's query rows (`group × d`).
+    pub(super) q: &'a [f32],
+    pub(super) scale: f32,
+}
+
+impl Pass<'_> {
+    /// The f16 key and value rows of the sink tokens a sealed `block` keeps, if any.
+    fn sink_rows(&self, block: BlockId) -> Option<(&[half::f16], &[half::f16])> {
+        let keys = self
+            .storage
+            .sink_rows(self.layer, block, self.head, Role::Key)?;
+        let values = self
+            .storage
+            .sink_rows(self.layer, block, self.head, Role::Value)?;
+        Some((keys, values))
+    }
+
+    /// The page kinds (keys, values) when this pass's full blocks go through
+    /// [`block_kernel`]: a pair of codecs it is built for, SmolLM2's geometry, no per-layer
+    /// key transform (`plain`), the CPU able.
+    #[cfg(target_arch = "x86_64")]
+    fn block_kernel_kinds(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
+        let layout = self.storage.layout();
+        let fits = simd
+            && plain
+            && layout.head_dim() == block_kernel::D
+            && layout.block_size() == block_kernel::BS
+            && layout.group_size() <= 4
+            && block_kernel::available();
+        if !fits {
+            return None;
+        }
+        let kb = block_kernel::kind(layout.key_codec(self.layer))?;
+        let vb = block_kernel::kind(layout.value_codec(self.layer))?;
+        block_kernel::supported(kb, vb).then_some((kb, vb))
+    }
+
+    /// Runs on the widest SIMD available when `simd`, else on the baseline target.
+    pub(super) fn run(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+        simd: bool,
+    ) -> Result<()> {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            use std::arch::is_x86_feature_detected as has;
+            if has!("avx512f") && has!("avx2") && has!("f16c") {
+                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above).
+                return unsafe { self.run_avx512(blocks, partial, scratch) };
+            }
+            if has!("avx2") && has!("f16c") {
+                // SAFETY: AVX2 and F16C are present (checked on the line above).
+                return unsafe { self.run_avx2(blocks, partial, scratch) };
+            }
+        }
+        self.body(blocks, partial, scratch, false)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    fn run_avx512(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        self.body(blocks, partial, scratch, true)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn run_avx2(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+    ) -> Result<()> {
+        self.body(blocks, partial, scratch, false)
+    }
+
+    /// The pass; `simd` lets whole-block kernels beyond the page readers run (AVX-512 builds).
+    #[inline(always)]
+    fn body(
+        &self,
+        blocks: std::ops::Range<usize>,
+        partial: &mut Partial,
+        scratch: &mut Scratch,
+        simd: bool,
+    ) -> Result<()> {
+        let layout = self.storage.layout();
+        let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
+        let shape = Shape { group, d, bs };
+        let Scratch {
+            scores,
+            pages,
+            fib,
+            lanes,
+            split_tables,
+            #[cfg(target_arch = "x86_64")]
+            scaled_q,
+            #[cfg(target_arch = "x86_64")]
+            zeros,
+            ..
+        } = scratch;
+        scores.resize(group * bs, 0.0);
+        lanes.clear();
+        lanes.resize(group, [0.0; 16]);
+        partial.reset(group, d);
+        let Partial { max, sum, acc } = partial;
+        fib.start_head();
+        // normalized keys: sealed pages score the mean's term besides their codes
+        let key_norm = layout.key_norm(self.layer);
+        let key_split = layout.key_split(self.layer);
+        let mut split_ready = false;
+        // pages are asked for about 8 KiB ahead of the block being read: far enough to hide
+        // a miss to memory behind the reading of the blocks between
+        let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
+        let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
+        // full blocks of the page kinds `block_kernel` reads: one call each
+        #[cfg(target_arch = "x86_64")]
+        let kernel_kinds = self.block_kernel_kinds(simd, key_norm.is_none() && key_split.is_none());
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = simd;
+        #[cfg(target_arch = "x86_64")]
+        // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
+        let mut in_run = false;
+        // the kernel's query, scaled once per pass (only when the kernel will read it)
+        #[cfg(target_arch = "x86_64")]
+        if kernel_kinds.is_some() {
+            scaled_q.clear();
+            scaled_q.extend(self.q.iter().map(|x| x * self.scale));
+        }
+        for block_idx in blocks {
+            let block = self.ctx.blocks[block_idx];
+            let start = block_idx * bs;
+            if start >= self.ctx.len {
+                break;
+            }
+            let n = (self.ctx.len - start).min(bs);
+            if let Some(next) = self.ctx.blocks.get(block_idx + ahead) {
+                if start + ahead * bs < self.ctx.len {
+                    prefetch(self.storage.key_page(self.layer, *next, self.head)?);
+                    prefetch(self.storage.value_page(self.layer, *next, self.head)?);
+                }
+            }
+            let keys = self.storage.key_page(self.layer, block, self.head)?;
+            let values = self.storage.value_page(self.layer, block, self.head)?;
+            #[cfg(target_arch = "x86_64")]
+            {
+                // a sealed page of the kind, or f16/bf16 pages of an all-f16/bf16 layout
+                // (channel-major keys); a packed f16 page (a layer overridden inside a
+                // compressed layout) is token-major and read apart, as is the open block's
+                // staging
+                let bytes = |page, kind| match page {
+                    PageRef::Packed { codec, bytes, .. }
+                        if !block_kernel::full(kind) && block_kernel::kind(codec) == Some(kind) =>
+                    {
+                        Some(bytes)
+                    }
+                    PageRef::F16T(elements) | PageRef::F16(elements)
+                        if kind == block_kernel::F16 =>
+                    {
+                        Some(bytemuck::cast_slice::<half::f16, u8>(elements))
+                    }
+                    PageRef::Bf16T(elements) | PageRef::Bf16(elements)
+                        if kind == block_kernel::BF16 =>
+                    {
+                        Some(bytemuck::cast_slice::<half::bf16, u8>(elements))
+                    }
+                    _ => None,
+                };
+                let pages =
+                    kernel_kinds.and_then(|(kb, vb)| Some((bytes(keys, kb)?, bytes(values, vb)?)));
+                if let (Some((kb, vb)), Some((key_bytes, value_bytes))) = (kernel_kinds, pages) {
+                    if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
+                        if !std::mem::replace(&mut in_run, true) {
+                            block_kernel::enter(vb, group, acc);
+                        }
+                        let mut run = block_kernel::Running {
+                            max,
+                            lanes,
+                            acc,
+                            zeros,
+                        };
+                        // SAFETY: `block_kernel_kinds` answered only with the features present;
+                        // lengths are checked inside.
+                        let done = unsafe {
+                            block_kernel::dispatch(
+                                kb,
+                                vb,
+                                group,
+                                key_bytes,
+                                value_bytes,
+                                scaled_q,
+                                &mut run,
+                            )
+                        };
+                        if done {
+                            continue;
+                        }
+                    }
+                }
+                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), kernel_kinds) {
+                    block_kernel::leave(vb, group, zeros, acc);
+                }
+            }
+            match (key_split, keys) {
+                (Some(plan), PageRef::Packed { bytes, .. }) => {
+                    if !split_ready {
+                        plan.query_tables(self.head, self.q, split_tables);
+                        split_ready = true;
+                    }
+                    plan.scores(bytes, n, split_tables, self.scale, bs, scores)?;
+                }
+                _ => key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?,
+            }
+            if let (Some(norm), PageRef::Packed { .. }) = (key_norm, keys) {
+                let (q, layer, head) = (self.q, self.layer, self.head);
+                fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
+            }
+            // a sealed first block's sink tokens are scored and weighted from their f16 rows
+            let sinks = if block_idx == 0 {
+                self.sink_rows(block)
+            } else {
+                None
+            };
+            if let Some((sink_keys, _)) = sinks {
+                for (g, q) in self.q.chunks_exact(d).enumerate() {
+                    for (t, k) in sink_keys.chunks_exact(d).take(n).enumerate() {
+                        let dot: f32 = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum();
+                        scores[g * bs + t] = dot * self.scale;
+                    }
+                }
+            }
+            // online softmax: the running sums rescaled only when the reference point moves
+            for g in 0..group {
+                let (new_max, correction) =
+                    softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g], &mut lanes[g]);
+                max[g] = new_max;
+                if correction != 1.0 {
+                    acc[g * d..(g + 1) * d]
+                        .iter_mut()
+                        .for_each(|a| *a *= correction);
+                    fib.rescale(g, group, correction);
+                }
+            }
+            if let Some((_, sink_values)) = sinks {
+                for g in 0..group {
+                    let acc = &mut acc[g * d..(g + 1) * d];
+                    for (t, v) in sink_values.chunks_exact(d).take(n).enumerate() {
+                        let w = std::mem::take(&mut scores[g * bs + t]);
+                        acc.iter_mut()
+                            .zip(v)
+                            .for_each(|(a, x)| *a += w * x.to_f32());
+                    }
+                }
+            }
+            accumulate_values(values, n, shape, scores, acc, pages, fib)?;
+        }
+        #[cfg(target_arch = "x86_64")]
+        if let (true, Some((_, vb))) = (in_run, kernel_kinds) {
+            block_kernel::leave(vb, group, zeros, acc);
+        }
+        fib.finish(shape, acc);
+        for (s, l) in sum.iter_mut().zip(lanes.iter()) {
+            *s = l.iter().sum();
+        }
+        Ok(())
+    }
+}

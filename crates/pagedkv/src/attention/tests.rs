@@ -1,0 +1,465 @@
+//! The kernel against the f64 reference, per codec, geometry and path.
+
+use super::*;
+use crate::codec::{Codec, Role};
+use crate::layout::{KvLayout, LayoutSpec};
+
+fn filled(
+    codec: Codec,
+    kv_heads: usize,
+    query_heads: usize,
+    tokens: usize,
+) -> (KvStorage, Vec<BlockId>) {
+    let mut spec = LayoutSpec::new(1, kv_heads, query_heads, 32, codec);
+    spec.block_size = 4;
+    let layout = KvLayout::new(spec).unwrap();
+    let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).rev().map(BlockId).collect();
+    let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
+    let mut x = 0.37f32;
+    let mut next = || {
+        x = (x * 9.1 + 0.3).fract();
+        x * 4.0 - 2.0
+    };
+    for pos in 0..tokens {
+        let k: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
+        let v: Vec<f32> = (0..layout.token_width()).map(|_| next()).collect();
+        s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
+        if pos % 4 == 3 {
+            // full blocks are sealed; the last, partial one stays open (f32 staging)
+            s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
+        }
+    }
+    (s, blocks)
+}
+
+/// A storage of `layout` (blocks of 16) holding `tokens` tokens of smooth test rows, full
+/// blocks sealed, in a block table of descending ids; the first key scaled by `first_key`.
+fn filled_16(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage, Vec<BlockId>) {
+    let width = layout.token_width();
+    let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+    let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+    for pos in 0..tokens {
+        let boost = if pos == 0 { first_key } else { 1.0 };
+        let k: Vec<f32> = (0..width)
+            .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0 * boost)
+            .collect();
+        let v: Vec<f32> = (0..width)
+            .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
+            .collect();
+        s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+            .unwrap();
+        if pos % 16 == 15 {
+            s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+        }
+    }
+    (s, blocks)
+}
+
+fn every_codec() -> Vec<Codec> {
+    let mut all = Codec::FIXED.to_vec();
+    all.extend([
+        Codec::FibQuant { k: 2, n: 256 },
+        Codec::FibQuant { k: 4, n: 256 },
+        Codec::FibQuant { k: 2, n: 16 },
+    ]);
+    all
+}
+
+fn assert_close(fast: &[f32], slow: &[f32], what: &str) {
+    let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    for (a, b) in fast.iter().zip(slow) {
+        assert!((a - b).abs() <= 1e-4 * scale, "{what}: {a} vs {b}");
+    }
+}
+
+/// Decode (one query over the whole context) and prefill (one query per position, each
+/// seeing the positions up to its own: the causal mask) against the f64 reference, for every
+/// codec, MHA / GQA 9:3 / MQA, contexts that are and are not whole blocks, and length 1.
+#[test]
+fn kernel_matches_reference_for_every_codec_mha_gqa_mqa_decode_and_prefill() {
+    for codec in every_codec() {
+        for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
+            for tokens in [1, 3, 4, 13] {
+                let (s, blocks) = filled(codec, kv, qh, tokens);
+                for len in 1..=tokens {
+                    let q: Vec<f32> = (0..qh * 32)
+                        .map(|i| ((i * 7 % 11 + len) as f32 - 5.0) / 3.0)
+                        .collect();
+                    let ctx = Context {
+                        blocks: &blocks,
+                        len,
+                    };
+                    let (mut fast, mut slow) = (vec![0.0; qh * 32], vec![0.0; qh * 32]);
+                    let mut portable = vec![0.0; qh * 32];
+                    attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
+                    attend_portable(&s, 0, ctx, &q, 0.35, &mut portable, &mut Scratch::default())
+                        .unwrap();
+                    attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
+                    let what = format!("{codec} {kv}/{qh} {tokens} tokens, position {len}");
+                    assert_close(&fast, &slow, &what);
+                    assert_close(&portable, &slow, &what);
+                }
+            }
+        }
+    }
+}
+
+/// Normalized FibQuant keys (a RoPE-rotated mean removed): the kernel
+/// scores them as the reference's restored reconstruction, in decode, prefill and split-K,
+/// with FibQuant or other values.
+#[test]
+fn normalized_keys_match_the_reference() {
+    use crate::key_norm::KeyNorm;
+    let (kv, qh) = (3, 9);
+    let fib = Codec::FibQuant { k: 4, n: 256 };
+    // the table path (blocks of 4) and the AVX-512 path (blocks of 16, head_dim 64)
+    // and split keys (the pairs' bits allocated by a plan)
+    for (((d, bs), value), split_keys) in [(32, 4), (64, 16)]
+        .into_iter()
+        .flat_map(|g| [fib, Codec::F16, Codec::Int4].map(|v| (g, v)))
+        .flat_map(|c| [(c, false), (c, true)])
+    {
+        let means: Vec<f32> = (0..kv * d)
+            .map(|i| ((i * 5 % 7) as f32 - 3.0) * 1.5)
+            .collect();
+        let mut spec = LayoutSpec::new(1, kv, qh, d, fib);
+        spec.value_codec = value;
+        spec.block_size = bs;
+        let norm = KeyNorm::new(1, kv, d, bs, 10_000.0, means.clone()).unwrap();
+        spec.key_norm = Some(std::sync::Arc::new(norm));
+        if split_keys {
+            let pairs = kv * d / 2;
+            let keys: Vec<f64> = (0..pairs).map(|i| 1.0 + (i * 13 % 17) as f64).collect();
+            let queries: Vec<f64> = (0..pairs).map(|i| 0.5 + (i * 5 % 7) as f64).collect();
+            let plan = crate::SplitPlan::fit(fib, d, &keys, &queries).unwrap();
+            let split = crate::KeySplit::new(kv, d, vec![Some(plan)]).unwrap();
+            spec.key_split = Some(std::sync::Arc::new(split));
+        }
+        let layout = KvLayout::new(spec).unwrap();
+        assert_eq!(layout.key_split(0).is_some(), split_keys);
+        let tokens = bs * 40 + 3;
+        let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).map(BlockId).collect();
+        let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
+        let mut shift = vec![0f32; d];
+        for pos in 0..tokens {
+            let mut k: Vec<f32> = (0..kv * d)
+                .map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin())
+                .collect();
+            let v: Vec<f32> = (0..kv * d)
+                .map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos())
+                .collect();
+            for h in 0..kv {
+                layout.key_norm(0).unwrap().shift(0, h, pos, &mut shift);
+                k[h * d..(h + 1) * d]
+                    .iter_mut()
+                    .zip(&shift)
+                    .for_each(|(x, m)| *x += m);
+            }
+            s.write_token(0, blocks[pos / bs], pos % bs, &k, &v)
+                .unwrap();
+            if pos % bs == bs - 1 {
+                s.seal(blocks[pos / bs], pos / bs * bs).unwrap();
+            }
+        }
+        for len in [1, 5, 64, tokens] {
+            let q: Vec<f32> = (0..qh * d)
+                .map(|i| ((i + len) as f32 * 0.37).cos())
+                .collect();
+            let ctx = Context {
+                blocks: &blocks,
+                len,
+            };
+            let (mut fast, mut split, mut slow) =
+                (vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]);
+            let mut portable = vec![0.0; qh * d];
+            attend(&s, 0, ctx, &q, 0.3, &mut fast, &mut Scratch::default()).unwrap();
+            attend_portable(&s, 0, ctx, &q, 0.3, &mut portable, &mut Scratch::default()).unwrap();
+            attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
+            attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
+            let what = format!("{fib}/{value} normalized keys (split {split_keys}), length {len}");
+            assert_close(&fast, &slow, &what);
+            assert_close(&portable, &slow, &what);
+            assert_close(&split, &slow, &what);
+        }
+    }
+}
+
+/// The split-K parallel kernel merges block ranges into exactly the sequential result.
+#[test]
+fn split_context_merges_to_the_same_output() {
+    for codec in every_codec() {
+        let mut spec = LayoutSpec::new(1, 3, 9, 32, codec);
+        spec.block_size = 4;
+        let layout = KvLayout::new(spec).unwrap();
+        let tokens: usize = 4 * 70 + 3;
+        let blocks: Vec<BlockId> = (0..tokens.div_ceil(4) as u32).map(BlockId).collect();
+        let mut s = KvStorage::new(layout.clone(), blocks.len()).unwrap();
+        for pos in 0..tokens {
+            let k: Vec<f32> = (0..96)
+                .map(|i| ((pos * 31 + i * 7) as f32 * 0.01).sin() * 3.0)
+                .collect();
+            let v: Vec<f32> = (0..96)
+                .map(|i| ((pos * 17 + i * 5) as f32 * 0.02).cos())
+                .collect();
+            s.write_token(0, blocks[pos / 4], pos % 4, &k, &v).unwrap();
+            if pos % 4 == 3 {
+                s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
+            }
+        }
+        let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.21).cos()).collect();
+        // 30 tokens: one range per kv head, run on the calling thread; all tokens: nine
+        // ranges, run on rayon's pool
+        for len in [30, tokens] {
+            let ctx = Context {
+                blocks: &blocks,
+                len,
+            };
+            let (mut one, mut split, mut slow) = (vec![0.0; 288], vec![0.0; 288], vec![0.0; 288]);
+            attend(&s, 0, ctx, &q, 0.3, &mut one, &mut Scratch::default()).unwrap();
+            attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
+            attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
+            assert_close(&split, &slow, &format!("{codec} {len} split"));
+            // same ranges, same merge order: one thread or many, the same bits
+            assert_eq!(one, split, "{codec} {len}");
+            assert_close(&one, &slow, &format!("{codec} {len} one pass"));
+        }
+    }
+}
+
+/// Sink tokens kept in f16 beside a sealed first block (scored and weighted from those rows,
+/// the block's other tokens from their codes), at SmolLM2's geometry where the AVX-512 loops
+/// run: fast, portable and split passes against the reference, and different from the same
+/// cache without sinks (the rows are used). The first token's key is large, as an attention
+/// sink's score is.
+#[test]
+fn sink_rows_beside_a_sealed_block_match_the_reference() {
+    let (d, kv, qh, tokens): (usize, usize, usize, usize) = (64, 3, 9, 16 * 3 + 5);
+    for codec in every_codec() {
+        let mut outputs = Vec::new();
+        for sinks in [0, 4] {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
+            spec.block_size = 16;
+            spec.sink_tokens = sinks;
+            let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 3.0);
+            let has_rows = s.sink_rows(0, blocks[0], 2, Role::Value).is_some();
+            assert_eq!(has_rows, sinks > 0 && !codec.is_full_precision(), "{codec}");
+            let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.11).sin()).collect();
+            for len in [3, 16, 40, tokens] {
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
+                let [fast, portable, slow] = &mut out;
+                let mut split = vec![0.0; qh * d];
+                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
+                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
+                attend_split(&s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
+                let what = format!("{codec} sinks {sinks} len {len}");
+                assert_close(fast, slow, &format!("{what} simd"));
+                assert_close(portable, slow, &format!("{what} portable"));
+                assert_close(&split, slow, &format!("{what} split"));
+                if len == tokens {
+                    outputs.push(fast.clone());
+                }
+            }
+        }
+        if !codec.is_full_precision() {
+            assert_ne!(outputs[0], outputs[1], "{codec}: the sink rows are read");
+        }
+    }
+}
+
+/// SmolLM2's geometry (blocks of 16, head_dim 64, 9/3 heads), where the AVX-512 loops
+/// (block scores, softmax step, value accumulation) run: against the reference and the
+/// portable build, for full blocks, partial ones and a single token.
+#[test]
+fn simd_loops_match_the_reference_at_smollm_geometry() {
+    // head_dim 64 as SmolLM2, and 128 (two 64-channel chunks, eight FibQuant chunks); a
+    // group of 20 query heads (more than the 16 whose key terms stay in registers, and a
+    // last group of 4 heads after 16)
+    for (d, kv, qh) in [(64, 3, 9), (128, 3, 9), (64, 1, 20)] {
+        for codec in every_codec() {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
+            spec.block_size = 16;
+            let tokens: usize = 16 * 5 + 7;
+            let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 1.0);
+            for len in [1, 9, 16, 17, 40, tokens] {
+                let q: Vec<f32> = (0..qh * d)
+                    .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
+                    .collect();
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
+                let [fast, portable, slow] = &mut out;
+                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
+                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
+                assert_close(
+                    fast,
+                    slow,
+                    &format!("{codec} d {d} {kv}/{qh} len {len} simd"),
+                );
+                assert_close(
+                    portable,
+                    slow,
+                    &format!("{codec} d {d} {kv}/{qh} len {len} portable"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn blocks_read_in_one_call_match_the_reference() {
+    // every pair of f16, bf16, integer and fp8 key and value codecs; groups of 1 (MHA),
+    // 3 (GQA), 4 (MQA, the widest group read in one call) and 9 (MQA past it); keys growing
+    // along the context so the softmax reference point moves inside a run of blocks
+    let ints = [
+        Codec::F16,
+        Codec::Bf16,
+        Codec::Int8,
+        Codec::Int4,
+        Codec::Int2,
+        Codec::Fp8E4m3,
+        Codec::Fp8E5m2,
+    ];
+    let d = 64;
+    for (key_codec, value_codec) in ints.iter().flat_map(|k| ints.iter().map(move |v| (*k, *v))) {
+        for (kv, qh) in [(3, 3), (3, 9), (1, 4), (1, 9)] {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, key_codec);
+            spec.value_codec = value_codec;
+            spec.block_size = 16;
+            let layout = KvLayout::new(spec).unwrap();
+            let width = layout.token_width();
+            let tokens: usize = 16 * 6 + 5;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).map(BlockId).collect();
+            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            for pos in 0..tokens {
+                let growth = 1.0 + pos as f32 * 0.08;
+                let k: Vec<f32> = (0..width)
+                    .map(|i| ((pos * 13 + i * 7) as f32 * 0.031).sin() * 2.0 * growth)
+                    .collect();
+                let v: Vec<f32> = (0..width)
+                    .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos() + 0.3)
+                    .collect();
+                s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                    .unwrap();
+                if pos % 16 == 15 {
+                    s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+                }
+            }
+            let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.23).sin() * 1.5).collect();
+            for len in [1, 16, 40, 80, tokens] {
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let (mut fast, mut slow) = (vec![0.0; qh * d], vec![0.0; qh * d]);
+                attend(&s, 0, ctx, &q, 0.125, &mut fast, &mut Scratch::default()).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
+                let what = format!("{key_codec}/{value_codec} {kv}/{qh} len {len}");
+                assert_close(&fast, &slow, &what);
+            }
+        }
+    }
+}
+
+/// A full-precision layer inside a compressed layout (a per-layer override) is read from its
+/// packed pages like any other.
+#[test]
+fn an_overridden_full_precision_layer_matches_the_reference() {
+    for high in [Codec::F32, Codec::F16, Codec::Bf16] {
+        let mut spec = LayoutSpec::new(2, 3, 9, 32, Codec::Int4);
+        spec.block_size = 4;
+        spec.layer_overrides = vec![crate::LayerOverride {
+            layers: crate::LayerSet::of([1]).unwrap(),
+            key_codec: high,
+            value_codec: high,
+        }];
+        let layout = KvLayout::new(spec).unwrap();
+        let blocks: Vec<BlockId> = (0..4).map(BlockId).collect();
+        let mut s = KvStorage::new(layout, 4).unwrap();
+        for pos in 0..14 {
+            let k: Vec<f32> = (0..96)
+                .map(|i| ((pos * 7 + i) as f32 * 0.13).sin())
+                .collect();
+            for layer in 0..2 {
+                s.write_token(layer, blocks[pos / 4], pos % 4, &k, &k)
+                    .unwrap();
+            }
+            if pos % 4 == 3 {
+                s.seal(blocks[pos / 4], pos / 4 * 4).unwrap();
+            }
+        }
+        assert!(matches!(
+            s.key_page(1, blocks[0], 0).unwrap(),
+            crate::PageRef::Packed { .. }
+        ));
+        let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.07).cos()).collect();
+        let ctx = Context {
+            blocks: &blocks,
+            len: 14,
+        };
+        let (mut fast, mut slow) = (vec![0.0; 288], vec![0.0; 288]);
+        attend(&s, 1, ctx, &q, 0.3, &mut fast, &mut Scratch::default()).unwrap();
+        attend_reference(&s, 1, ctx, &q, 0.3, &mut slow).unwrap();
+        assert_close(&fast, &slow, &format!("{high} layer in int4"));
+    }
+}
+
+/// One scratch reused across codecs, heads and lengths gives the same results as fresh ones.
+#[test]
+fn scratch_reuse_does_not_leak_state() {
+    let mut scratch = Scratch::default();
+    for codec in every_codec() {
+        let (s, blocks) = filled(codec, 3, 9, 13);
+        let q: Vec<f32> = (0..9 * 32).map(|i| (i as f32 * 0.13).sin()).collect();
+        let ctx = Context {
+            blocks: &blocks,
+            len: 13,
+        };
+        let (mut reused, mut fresh) = (vec![0.0; 9 * 32], vec![0.0; 9 * 32]);
+        attend(&s, 0, ctx, &q, 0.2, &mut reused, &mut scratch).unwrap();
+        attend(&s, 0, ctx, &q, 0.2, &mut fresh, &mut Scratch::default()).unwrap();
+        assert_eq!(reused, fresh, "{codec}");
+    }
+}
+
+#[test]
+fn bad_shapes_are_errors() {
+    let (s, blocks) = filled(Codec::F32, 3, 9, 5);
+    let q = vec![0.0; 9 * 32];
+    let mut out = vec![0.0; 9 * 32];
+    let ctx = |len| Context {
+        blocks: &blocks,
+        len,
+    };
+    assert!(matches!(
+        attend(&s, 0, ctx(0), &q, 1.0, &mut out, &mut Scratch::default()),
+        Err(KvError::IndexOutOfRange { .. })
+    ));
+    assert!(matches!(
+        attend(&s, 0, ctx(9), &q, 1.0, &mut out, &mut Scratch::default()),
+        Err(KvError::IndexOutOfRange { .. })
+    ));
+    assert!(matches!(
+        attend(
+            &s,
+            0,
+            ctx(5),
+            &q[1..],
+            1.0,
+            &mut out,
+            &mut Scratch::default()
+        ),
+        Err(KvError::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]),
+        Err(KvError::ShapeMismatch { .. })
+    ));
+}
