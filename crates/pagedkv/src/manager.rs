@@ -11,7 +11,6 @@
 //! blocks for its prompt and reserves the rest under the admission watermark.
 
 use std::collections::HashMap;
-use std::time::Instant;
 
 use crate::block::{BlockId, BlockPool, PoolCounts};
 use crate::error::{KvError, Result};
@@ -21,7 +20,14 @@ use crate::prefix::{hash_block, BlockHash, CacheSalt, PrefixStats};
 use crate::prefix_report::{MissReason, PrefixReport};
 use crate::storage::KvStorage;
 use crate::table::{BlockTable, SeqId};
-use crate::tier::{payload, RemoteError, RemoteKey, RemoteStore, TierKey, TierLevel, TieredStore};
+use crate::tier::{payload, RemoteStore, TierLevel, TieredStore};
+
+mod invariants;
+mod prefix_lookup;
+mod swap;
+
+use prefix_lookup::RemoteStop;
+pub use swap::SwappedOut;
 
 /// Prefix keys remembered after they leave the cache, to explain misses as evictions.
 const EVICTION_LOG_KEYS: usize = 1 << 16;
@@ -35,50 +41,9 @@ pub struct Admission {
     pub report: PrefixReport,
 }
 
-/// A block found below the pool: its key, its payload, and the tier it came from.
-type FetchedBlock = (BlockHash, Vec<u8>, TierLevel);
-
-/// Why a chain stopped in the shared store.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum RemoteStop {
-    /// A key had no payload (or there is no store).
-    Miss,
-    /// A payload failed its checks.
-    Damaged,
-    /// The store did not answer.
-    Unavailable,
-}
-
 /// A pinned prefix: its blocks are held (never evicted) until [`KvCacheManager::unpin`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PinId(pub u64);
-
-/// A sequence swapped out of the pool: what its block table held, and the tier keys of its
-/// blocks' payloads.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SwappedOut {
-    seq: SeqId,
-    root: Option<BlockHash>,
-    tokens: Vec<u32>,
-    hashes: Vec<BlockHash>,
-    keys: Vec<TierKey>,
-    bytes: u64,
-}
-
-impl SwappedOut {
-    /// The sequence.
-    pub fn seq(&self) -> SeqId {
-        self.seq
-    }
-    /// Payload bytes written to the tiers.
-    pub fn bytes(&self) -> u64 {
-        self.bytes
-    }
-    /// Committed tokens.
-    pub fn tokens(&self) -> &[u32] {
-        &self.tokens
-    }
-}
 
 /// Owns every block of one cache and the sequences using them.
 #[derive(Debug)]
@@ -365,146 +330,6 @@ impl KvCacheManager {
         })
     }
 
-    /// What `prompt` would find in the cache now, changing nothing (a dry run of admission:
-    /// tier payloads are located, not read, so a damaged one shows only at admission).
-    pub fn lookup_prefix(&mut self, prompt: &[u32], salt: Option<CacheSalt>) -> PrefixReport {
-        let bs = self.layout.block_size();
-        let root = CacheSalt::root(salt);
-        let (hits, hashes) = self.match_prefix(prompt, root);
-        let matchable = prompt.len().saturating_sub(1) / bs;
-        let mut levels = Vec::new();
-        let mut parent = hashes.last().copied().or(root);
-        if let Some(store) = &self.prefix_tier {
-            for chunk in prompt.chunks_exact(bs).take(matchable).skip(hits.len()) {
-                let hash = hash_block(parent, self.extra, chunk);
-                let Some(level) = store.locate(TierKey(hash.0)) else {
-                    break;
-                };
-                levels.push(level);
-                parent = Some(hash);
-            }
-        }
-        let mut unavailable = false;
-        let matched = hits.len() + levels.len();
-        let keys = self.remote_keys(prompt, matched, parent, root);
-        if let (Some(store), false) = (self.remote.as_mut(), keys.is_empty()) {
-            match store.probe_run(&keys) {
-                Ok(found) => {
-                    levels.extend(std::iter::repeat_n(TierLevel::Remote, found));
-                    parent = found
-                        .checked_sub(1)
-                        .map_or(parent, |i| Some(keys[i].prefix));
-                }
-                Err(RemoteError::Unavailable(_)) => unavailable = true,
-            }
-        }
-        let found = hits.len() + levels.len();
-        PrefixReport::new(bs, matchable, hits.len(), &levels, || {
-            if unavailable {
-                MissReason::StoreUnavailable
-            } else {
-                self.miss_reason(prompt, found, parent)
-            }
-        })
-    }
-
-    /// Shared-store keys of `prompt`'s cacheable blocks after the first `matched`, chained
-    /// from `parent`.
-    fn remote_keys(
-        &self,
-        prompt: &[u32],
-        matched: usize,
-        mut parent: Option<BlockHash>,
-        root: Option<BlockHash>,
-    ) -> Vec<RemoteKey> {
-        let bs = self.layout.block_size();
-        let matchable = prompt.len().saturating_sub(1) / bs;
-        prompt
-            .chunks_exact(bs)
-            .take(matchable)
-            .skip(matched)
-            .map(|chunk| {
-                let prefix = hash_block(parent, self.extra, chunk);
-                parent = Some(prefix);
-                RemoteKey { salt: root, prefix }
-            })
-            .collect()
-    }
-
-    /// Continues a chain of `matched` blocks in the shared store: the checked payloads of the
-    /// following blocks, and why the run stopped. A damaged payload is deleted from the store.
-    fn match_prefix_in_remote(
-        &mut self,
-        prompt: &[u32],
-        matched: usize,
-        parent: Option<BlockHash>,
-        root: Option<BlockHash>,
-    ) -> (Vec<FetchedBlock>, RemoteStop) {
-        let keys = self.remote_keys(prompt, matched, parent, root);
-        let Some(store) = self.remote.as_mut() else {
-            return (Vec::new(), RemoteStop::Miss);
-        };
-        if keys.is_empty() {
-            return (Vec::new(), RemoteStop::Miss);
-        }
-        let payloads = match store.fetch_run(&keys) {
-            Ok(payloads) => payloads,
-            Err(RemoteError::Unavailable(_)) => return (Vec::new(), RemoteStop::Unavailable),
-        };
-        let mut found = Vec::with_capacity(payloads.len());
-        for (key, bytes) in keys.iter().zip(payloads) {
-            let storage = &self.storage;
-            let usable =
-                payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
-                    .is_ok_and(|p| !p.kind.open && p.hash == Some(key.prefix));
-            if !usable {
-                store.delete(*key);
-                return (found, RemoteStop::Damaged);
-            }
-            found.push((key.prefix, bytes, TierLevel::Remote));
-        }
-        (found, RemoteStop::Miss)
-    }
-
-    /// Offers sealed, registered blocks to the shared store, if there is one.
-    fn publish(&mut self, blocks: &[(BlockId, BlockHash, Option<BlockHash>)]) -> Result<()> {
-        let Some(store) = self.remote.as_mut() else {
-            return Ok(());
-        };
-        let mut image = Vec::new();
-        for (block, prefix, salt) in blocks {
-            let kind = self.storage.export_block(*block, &mut image)?;
-            if kind.open {
-                continue;
-            }
-            let bytes = payload::encode(&self.layout, kind, Some(*prefix), &[], &image);
-            store.publish(
-                RemoteKey {
-                    salt: *salt,
-                    prefix: *prefix,
-                },
-                bytes,
-            );
-        }
-        Ok(())
-    }
-
-    /// Why the chain of `prompt` stopped at block `missed` (its parent key `parent`): evicted
-    /// (the log remembers the block's key) or no entry.
-    fn miss_reason(&self, prompt: &[u32], missed: usize, parent: Option<BlockHash>) -> MissReason {
-        let bs = self.layout.block_size();
-        let Some(chunk) = prompt.chunks_exact(bs).nth(missed) else {
-            return MissReason::NoEntry;
-        };
-        match self
-            .eviction_log
-            .evicted_at(hash_block(parent, self.extra, chunk))
-        {
-            Some(at) => MissReason::Evicted { ago: at.elapsed() },
-            None => MissReason::NoEntry,
-        }
-    }
-
     /// Holds the pool's cached blocks of `prompt`'s chain (every full block found, in order) so
     /// they are never evicted until [`unpin`](Self::unpin). Returns the pin and its tokens.
     pub fn pin_prefix(
@@ -544,107 +369,6 @@ impl KvCacheManager {
             }
         }
         Ok(())
-    }
-
-    /// Drops the payloads of a swapped-out sequence that will not resume (cancelled).
-    pub fn discard_swapped(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
-        for key in &swapped.keys {
-            store.take(*key)?;
-        }
-        Ok(())
-    }
-
-    /// Writes the cached blocks the pool just evicted to the prefix tier, under their keys
-    /// (their data is intact until the new owner writes); without a tier they are simply gone.
-    fn demote_evicted(&mut self) -> Result<()> {
-        let evicted = self.pool.take_evicted();
-        if evicted.is_empty() {
-            return Ok(());
-        }
-        let now = Instant::now();
-        let Some(store) = self.prefix_tier.as_mut() else {
-            for (_, hash) in evicted {
-                self.eviction_log.record(hash, now);
-            }
-            return Ok(());
-        };
-        let mut image = Vec::new();
-        for (block, hash) in evicted {
-            let kind = self.storage.export_block(block, &mut image)?;
-            if kind.open {
-                continue; // an open block stays in the pool's staging only
-            }
-            let bytes = payload::encode(&self.layout, kind, Some(hash), &[], &image);
-            for dropped in store.put(TierKey(hash.0), bytes)? {
-                self.tier_evictions += 1;
-                self.eviction_log.record(BlockHash(dropped.0), now);
-            }
-        }
-        Ok(())
-    }
-
-    /// Continues a prefix chain of `matched` blocks (last key `parent`) in the prefix tier:
-    /// the payloads of the following blocks, checked, as long as they are found, and whether
-    /// the chain stopped at a damaged payload.
-    fn match_prefix_in_tier(
-        &mut self,
-        prompt: &[u32],
-        matched: usize,
-        mut parent: Option<BlockHash>,
-    ) -> Result<(Vec<FetchedBlock>, bool)> {
-        let Some(store) = self.prefix_tier.as_mut() else {
-            return Ok((Vec::new(), false));
-        };
-        let bs = self.layout.block_size();
-        let matchable = prompt.len().saturating_sub(1) / bs;
-        let mut found = Vec::new();
-        for chunk in prompt.chunks_exact(bs).take(matchable).skip(matched) {
-            let hash = hash_block(parent, self.extra, chunk);
-            let Some(level) = store.locate(TierKey(hash.0)) else {
-                break;
-            };
-            let Some(bytes) = store.get(TierKey(hash.0))? else {
-                break;
-            };
-            let storage = &self.storage;
-            let usable =
-                payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
-                    .is_ok_and(|p| !p.kind.open && p.hash == Some(hash));
-            if !usable {
-                // a damaged or foreign payload is dropped and the block recomputed
-                store.take(TierKey(hash.0))?;
-                return Ok((found, true));
-            }
-            found.push((hash, bytes, level));
-            parent = Some(hash);
-        }
-        Ok((found, false))
-    }
-
-    /// Longest chain of cached blocks for the prompt's full blocks, excluding a block that would
-    /// hold the prompt's last token.
-    fn match_prefix(
-        &self,
-        prompt: &[u32],
-        root: Option<BlockHash>,
-    ) -> (Vec<BlockId>, Vec<BlockHash>) {
-        let bs = self.layout.block_size();
-        let matchable = prompt.len().saturating_sub(1) / bs;
-        let mut blocks = Vec::new();
-        let mut hashes = Vec::new();
-        let mut parent = root;
-        for chunk in prompt.chunks_exact(bs).take(matchable) {
-            let hash = hash_block(parent, self.extra, chunk);
-            match self.pool.lookup(hash) {
-                Some(block) => {
-                    blocks.push(block);
-                    hashes.push(hash);
-                    parent = Some(hash);
-                }
-                None => break,
-            }
-        }
-        (blocks, hashes)
     }
 
     /// Makes room for `n` more tokens after the committed ones: allocates blocks as needed and,
@@ -818,138 +542,6 @@ impl KvCacheManager {
         Ok(())
     }
 
-    /// Moves a sequence out of the pool (swap preemption): each block holding its tokens is
-    /// written to `store` as a checked payload, then the sequence is freed (its full blocks stay
-    /// in the prefix cache until evicted). If the store cannot keep every payload, nothing of
-    /// the sequence is left in it and the sequence stays in the pool (error: the caller falls
-    /// back to recompute).
-    pub fn swap_out(&mut self, seq: SeqId, store: &mut TieredStore) -> Result<SwappedOut> {
-        let table = self.table(seq)?.clone();
-        let bs = self.layout.block_size();
-        let used_blocks = self.layout.blocks_for_tokens(table.tokens.len());
-        self.swap_nonce += 1;
-        let mut keys = Vec::with_capacity(used_blocks);
-        let mut image = Vec::new();
-        let mut bytes = 0u64;
-        for (i, block) in table.blocks.iter().take(used_blocks).enumerate() {
-            let kind = self.storage.export_block(*block, &mut image)?;
-            let end = ((i + 1) * bs).min(table.tokens.len());
-            let payload = payload::encode(
-                &self.layout,
-                kind,
-                table.hashes.get(i).copied(),
-                &table.tokens[i * bs..end],
-                &image,
-            );
-            bytes += payload.len() as u64;
-            let mut name = self.swap_nonce.to_le_bytes().to_vec();
-            name.extend_from_slice(&seq.0.to_le_bytes());
-            name.extend_from_slice(&(i as u64).to_le_bytes());
-            let key = TierKey(BlockHash::of_bytes(&name).0);
-            let dropped = store.put(key, payload)?;
-            keys.push(key);
-            if dropped.iter().any(|d| keys.contains(d)) {
-                for key in &keys {
-                    store.take(*key)?;
-                }
-                return Err(KvError::OutOfBlocks {
-                    needed: used_blocks,
-                    free: i,
-                });
-            }
-        }
-        self.free(seq)?;
-        Ok(SwappedOut {
-            seq,
-            root: table.root,
-            tokens: table.tokens,
-            hashes: table.hashes,
-            keys,
-            bytes,
-        })
-    }
-
-    /// Brings a swapped-out sequence back: every payload is read and checked first, then blocks
-    /// still in the prefix cache are shared and the others allocated and filled bit for bit.
-    /// All or nothing: `OutOfBlocks` (or a refused payload) leaves pool and store unchanged.
-    pub fn swap_in(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
-        let seq = swapped.seq;
-        if self.seqs.contains_key(&seq) {
-            return Err(KvError::SequenceExists(seq));
-        }
-        let bs = self.layout.block_size();
-        let mut payloads = Vec::with_capacity(swapped.keys.len());
-        for (index, key) in swapped.keys.iter().enumerate() {
-            let bytes = store
-                .get(*key)?
-                .ok_or(KvError::SwappedBlockMissing { seq, index })?;
-            payloads.push(bytes);
-        }
-        let mut decoded = Vec::with_capacity(payloads.len());
-        for (i, bytes) in payloads.iter().enumerate() {
-            let storage = &self.storage;
-            let block =
-                payload::decode(&self.layout, bytes, |kind| storage.block_image_bytes(kind))?;
-            let end = ((i + 1) * bs).min(swapped.tokens.len());
-            if block.tokens != swapped.tokens[i * bs..end]
-                || block.hash != swapped.hashes.get(i).copied()
-            {
-                return Err(payload::PayloadError::Malformed(
-                    "payload does not belong to this sequence",
-                )
-                .into());
-            }
-            decoded.push(block);
-        }
-        // cached full blocks are shared; an idle one leaves the free queue like a fresh one
-        let hits: Vec<Option<BlockId>> = decoded
-            .iter()
-            .map(|b| b.hash.and_then(|h| self.pool.lookup(h)))
-            .collect();
-        let needed = hits
-            .iter()
-            .filter(|h| h.is_none_or(|b| self.pool.ref_count(b) == Ok(0)))
-            .count();
-        if needed > self.pool.num_available() {
-            return Err(KvError::OutOfBlocks {
-                needed,
-                free: self.pool.num_available(),
-            });
-        }
-        let mut blocks = Vec::with_capacity(decoded.len());
-        for (block, hit) in decoded.iter().zip(&hits) {
-            match hit {
-                Some(b) => {
-                    self.pool.retain(*b)?;
-                    blocks.push(*b);
-                }
-                None => {
-                    let b = self.pool.allocate_one()?;
-                    self.demote_evicted()?;
-                    self.storage.import_block(b, block.kind, block.image)?;
-                    if let Some(h) = block.hash {
-                        self.pool.register(b, h)?;
-                    }
-                    blocks.push(b);
-                }
-            }
-        }
-        self.seqs.insert(
-            seq,
-            BlockTable {
-                blocks,
-                tokens: swapped.tokens.clone(),
-                hashes: swapped.hashes.clone(),
-                root: swapped.root,
-                reused: swapped.hashes.len(),
-            },
-        );
-        for key in &swapped.keys {
-            store.take(*key)?;
-        }
-        Ok(())
-    }
-
     /// Removes a sequence and releases its blocks, tail first, so that the head of a shared
     /// prefix is the last to be evicted.
     pub fn free(&mut self, seq: SeqId) -> Result<()> {
@@ -976,61 +568,6 @@ impl KvCacheManager {
             // a partial block never enters the prefix cache: its staging can go now
             if self.pool.ref_count(*block)? == 0 && self.pool.block_hash(*block)?.is_none() {
                 self.storage.discard(*block);
-            }
-        }
-        Ok(())
-    }
-
-    /// Checks the manager's invariants (pool structure, ref count = number of tables holding the
-    /// block, table shapes, prefix keys of committed blocks); the first violation is returned.
-    pub fn check_invariants(&self) -> std::result::Result<(), String> {
-        self.pool.check_invariants()?;
-        let bs = self.layout.block_size();
-        let mut holders = vec![0u32; self.pool.num_blocks()];
-        for (id, table) in &self.seqs {
-            if table.blocks.len() * bs < table.tokens.len() {
-                return Err(format!("{id:?} has more tokens than block capacity"));
-            }
-            if table.hashes.len() != table.tokens.len() / bs {
-                return Err(format!(
-                    "{id:?} has {} keys for {} tokens",
-                    table.hashes.len(),
-                    table.tokens.len()
-                ));
-            }
-            let keys = self.chain_from(table.root, &table.tokens[..table.hashes.len() * bs]);
-            if keys.last() != table.hashes.last() {
-                return Err(format!("{id:?} has a stale prefix key"));
-            }
-            for block in &table.blocks {
-                holders[block.index()] += 1;
-            }
-        }
-        for blocks in self.pins.values() {
-            for block in blocks {
-                holders[block.index()] += 1;
-            }
-        }
-        for i in 0..self.pool.num_blocks() {
-            let block = BlockId(i as u32);
-            if self.storage.is_open(block)
-                && self.pool.ref_count(block) == Ok(0)
-                && self.pool.block_hash(block) == Ok(None)
-            {
-                return Err(format!(
-                    "block {i} holds staging but has no owner and no key"
-                ));
-            }
-        }
-        for (i, holders) in holders.iter().enumerate() {
-            let refs = self
-                .pool
-                .ref_count(BlockId(i as u32))
-                .map_err(|e| e.to_string())?;
-            if refs != *holders {
-                return Err(format!(
-                    "block {i}: ref count {refs} but {holders} tables hold it"
-                ));
             }
         }
         Ok(())

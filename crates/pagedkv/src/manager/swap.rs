@@ -1,0 +1,177 @@
+//! Preemption by swap: a sequence's blocks written to the tiers and read back.
+
+use super::KvCacheManager;
+use crate::block::BlockId;
+use crate::error::{KvError, Result};
+use crate::prefix::BlockHash;
+use crate::table::{BlockTable, SeqId};
+use crate::tier::{payload, TierKey, TieredStore};
+
+/// A sequence swapped out of the pool: what its block table held, and the tier keys of its
+/// blocks' payloads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwappedOut {
+    seq: SeqId,
+    root: Option<BlockHash>,
+    tokens: Vec<u32>,
+    hashes: Vec<BlockHash>,
+    keys: Vec<TierKey>,
+    bytes: u64,
+}
+
+impl SwappedOut {
+    /// The sequence.
+    pub fn seq(&self) -> SeqId {
+        self.seq
+    }
+    /// Payload bytes written to the tiers.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+    /// Committed tokens.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
+    }
+}
+
+impl KvCacheManager {
+    /// Drops the payloads of a swapped-out sequence that will not resume (cancelled).
+    pub fn discard_swapped(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
+        for key in &swapped.keys {
+            store.take(*key)?;
+        }
+        Ok(())
+    }
+
+    /// Moves a sequence out of the pool (swap preemption): each block holding its tokens is
+    /// written to `store` as a checked payload, then the sequence is freed (its full blocks stay
+    /// in the prefix cache until evicted). If the store cannot keep every payload, nothing of
+    /// the sequence is left in it and the sequence stays in the pool (error: the caller falls
+    /// back to recompute).
+    pub fn swap_out(&mut self, seq: SeqId, store: &mut TieredStore) -> Result<SwappedOut> {
+        let table = self.table(seq)?.clone();
+        let bs = self.layout.block_size();
+        let used_blocks = self.layout.blocks_for_tokens(table.tokens.len());
+        self.swap_nonce += 1;
+        let mut keys = Vec::with_capacity(used_blocks);
+        let mut image = Vec::new();
+        let mut bytes = 0u64;
+        for (i, block) in table.blocks.iter().take(used_blocks).enumerate() {
+            let kind = self.storage.export_block(*block, &mut image)?;
+            let end = ((i + 1) * bs).min(table.tokens.len());
+            let payload = payload::encode(
+                &self.layout,
+                kind,
+                table.hashes.get(i).copied(),
+                &table.tokens[i * bs..end],
+                &image,
+            );
+            bytes += payload.len() as u64;
+            let mut name = self.swap_nonce.to_le_bytes().to_vec();
+            name.extend_from_slice(&seq.0.to_le_bytes());
+            name.extend_from_slice(&(i as u64).to_le_bytes());
+            let key = TierKey(BlockHash::of_bytes(&name).0);
+            let dropped = store.put(key, payload)?;
+            keys.push(key);
+            if dropped.iter().any(|d| keys.contains(d)) {
+                for key in &keys {
+                    store.take(*key)?;
+                }
+                return Err(KvError::OutOfBlocks {
+                    needed: used_blocks,
+                    free: i,
+                });
+            }
+        }
+        self.free(seq)?;
+        Ok(SwappedOut {
+            seq,
+            root: table.root,
+            tokens: table.tokens,
+            hashes: table.hashes,
+            keys,
+            bytes,
+        })
+    }
+
+    /// Brings a swapped-out sequence back: every payload is read and checked first, then blocks
+    /// still in the prefix cache are shared and the others allocated and filled bit for bit.
+    /// All or nothing: `OutOfBlocks` (or a refused payload) leaves pool and store unchanged.
+    pub fn swap_in(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
+        let seq = swapped.seq;
+        if self.seqs.contains_key(&seq) {
+            return Err(KvError::SequenceExists(seq));
+        }
+        let bs = self.layout.block_size();
+        let mut payloads = Vec::with_capacity(swapped.keys.len());
+        for (index, key) in swapped.keys.iter().enumerate() {
+            let bytes = store
+                .get(*key)?
+                .ok_or(KvError::SwappedBlockMissing { seq, index })?;
+            payloads.push(bytes);
+        }
+        let mut decoded = Vec::with_capacity(payloads.len());
+        for (i, bytes) in payloads.iter().enumerate() {
+            let storage = &self.storage;
+            let block =
+                payload::decode(&self.layout, bytes, |kind| storage.block_image_bytes(kind))?;
+            let end = ((i + 1) * bs).min(swapped.tokens.len());
+            if block.tokens != swapped.tokens[i * bs..end]
+                || block.hash != swapped.hashes.get(i).copied()
+            {
+                return Err(payload::PayloadError::Malformed(
+                    "payload does not belong to this sequence",
+                )
+                .into());
+            }
+            decoded.push(block);
+        }
+        // cached full blocks are shared; an idle one leaves the free queue like a fresh one
+        let hits: Vec<Option<BlockId>> = decoded
+            .iter()
+            .map(|b| b.hash.and_then(|h| self.pool.lookup(h)))
+            .collect();
+        let needed = hits
+            .iter()
+            .filter(|h| h.is_none_or(|b| self.pool.ref_count(b) == Ok(0)))
+            .count();
+        if needed > self.pool.num_available() {
+            return Err(KvError::OutOfBlocks {
+                needed,
+                free: self.pool.num_available(),
+            });
+        }
+        let mut blocks = Vec::with_capacity(decoded.len());
+        for (block, hit) in decoded.iter().zip(&hits) {
+            match hit {
+                Some(b) => {
+                    self.pool.retain(*b)?;
+                    blocks.push(*b);
+                }
+                None => {
+                    let b = self.pool.allocate_one()?;
+                    self.demote_evicted()?;
+                    self.storage.import_block(b, block.kind, block.image)?;
+                    if let Some(h) = block.hash {
+                        self.pool.register(b, h)?;
+                    }
+                    blocks.push(b);
+                }
+            }
+        }
+        self.seqs.insert(
+            seq,
+            BlockTable {
+                blocks,
+                tokens: swapped.tokens.clone(),
+                hashes: swapped.hashes.clone(),
+                root: swapped.root,
+                reused: swapped.hashes.len(),
+            },
+        );
+        for key in &swapped.keys {
+            store.take(*key)?;
+        }
+        Ok(())
+    }
+}
