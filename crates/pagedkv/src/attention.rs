@@ -49,7 +49,6 @@ use crate::block::BlockId;
 use crate::error::{KvError, Result};
 use crate::storage::KvStorage;
 
-use lut::FibTables;
 use pages::PageScratch;
 use pass::Pass;
 
@@ -69,7 +68,6 @@ pub struct Scratch {
     scores: Vec<f32>,
     partial: Partial,
     pages: PageScratch,
-    fib: FibTables,
     /// Running softmax sums per query head, spread over 16 lanes.
     lanes: Vec<[f32; 16]>,
     /// Split keys: the pass's query tables (see [`crate::SplitPlan::query_tables`]).

@@ -12,7 +12,7 @@ use crate::codec::Codec;
 use crate::error::{KvError, Result};
 use crate::key_norm::KeyNorm;
 
-use super::pages::Shape;
+use super::pages::{ScaledQuery, Shape};
 
 /// Tables and bins of one kv head's pass, reused across heads and calls.
 #[derive(Debug, Default, Clone)]
@@ -89,15 +89,36 @@ impl FibTables {
         Ok(largest)
     }
 
-    /// Adds the normalized keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of a block
-    /// whose first token is at `start`.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn add_mean_scores(
+    /// Computes, once per pass, the coefficients of the normalized keys' mean term for the
+    /// query rows `q` of kv `head` in `layer` (see [`Self::add_mean_scores`]).
+    pub(super) fn prepare_mean_scores(
         &mut self,
         c: &KeyNorm,
         layer: usize,
         head: usize,
         q: &[f32],
+        shape: Shape,
+    ) {
+        if self.bias_ready {
+            return;
+        }
+        let d = shape.d;
+        self.bias_coefficients.resize(shape.group * d, 0.0);
+        for (qg, out) in q
+            .chunks_exact(d)
+            .zip(self.bias_coefficients.chunks_exact_mut(d))
+        {
+            c.bias_coefficients(layer, head, qg, out);
+        }
+        self.bias_ready = true;
+    }
+
+    /// Adds the normalized keys' mean term `scale·⟨q_g, RoPE_p(m)⟩` to the scores of the first
+    /// `n` tokens of a block whose first token is at `start` (after
+    /// [`Self::prepare_mean_scores`]).
+    pub(super) fn add_mean_scores(
+        &mut self,
+        c: &KeyNorm,
         start: usize,
         n: usize,
         shape: Shape,
@@ -105,16 +126,6 @@ impl FibTables {
         scores: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
-        if !self.bias_ready {
-            self.bias_coefficients.resize(group * d, 0.0);
-            for (qg, out) in q
-                .chunks_exact(d)
-                .zip(self.bias_coefficients.chunks_exact_mut(d))
-            {
-                c.bias_coefficients(layer, head, qg, out);
-            }
-            self.bias_ready = true;
-        }
         for g in 0..group {
             let coefficients = &self.bias_coefficients[g * d..(g + 1) * d];
             c.add_block_bias(
@@ -171,7 +182,6 @@ impl FibTables {
     }
 
     /// `scores[g·bs + t] = scale·⟨q_g, k̂_t⟩` from the codes of a key page.
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     pub(super) fn key_scores(
         &mut self,
@@ -179,16 +189,14 @@ impl FibTables {
         bytes: &[u8],
         n: usize,
         shape: Shape,
-        q: &[f32],
-        scale: f32,
+        query: ScaledQuery,
         scores: &mut [f32],
     ) -> Result<()> {
         self.with_quantizer(codec, shape.d, |tables, fq| {
-            tables.key_scores_with(fq, bytes, n, shape, q, scale, scores)
+            tables.key_scores_with(fq, bytes, n, shape, query, scores)
         })
     }
 
-    #[allow(clippy::too_many_arguments)]
     #[inline(always)]
     fn key_scores_with(
         &mut self,
@@ -196,11 +204,11 @@ impl FibTables {
         bytes: &[u8],
         n: usize,
         shape: Shape,
-        q: &[f32],
-        scale: f32,
+        query: ScaledQuery,
         scores: &mut [f32],
     ) -> Result<()> {
         let Shape { group, d, bs } = shape;
+        let ScaledQuery { rows: q, scale } = query;
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
             let largest = Self::check_page(fq, bytes, n)?;
@@ -216,11 +224,14 @@ impl FibTables {
             // SAFETY: AVX-512F and F16C are present (`fast`); every index is below the
             // codebook size (checked above) and lengths are checked inside.
             unsafe {
-                let q = &self.rotated_q;
+                let rotated = ScaledQuery {
+                    rows: &self.rotated_q,
+                    scale,
+                };
                 if fq.profile().k == 4 {
-                    x86::fib_scores_16::<4>(bytes, largest, n, shape, words, q, scale, scores)
+                    x86::fib_scores_16::<4>(bytes, largest, n, shape, words, rotated, scores)
                 } else {
-                    x86::fib_scores_16::<2>(bytes, largest, n, shape, words, q, scale, scores)
+                    x86::fib_scores_16::<2>(bytes, largest, n, shape, words, rotated, scores)
                 }
             };
             return Ok(());
@@ -398,7 +409,7 @@ impl FibTables {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Shape;
+    use super::{ScaledQuery, Shape};
     use crate::codec::vector::{token_norm, PAGE_HEADER};
 
     /// Sixteen rotated coordinates of the token whose indices start at `idx`: four codewords
@@ -501,18 +512,20 @@ mod x86 {
     /// AVX-512F and F16C must be present and every index of the first `n` codes below
     /// `words.len() / 4`.
     #[target_feature(enable = "avx512f,f16c")]
-    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn fib_scores_16<const K: usize>(
         bytes: &[u8],
         largest: f32,
         n: usize,
         shape: Shape,
         words: &[f32],
-        rotated_q: &[f32],
-        scale: f32,
+        rotated: ScaledQuery,
         scores: &mut [f32],
     ) {
         let Shape { group, d, bs } = shape;
+        let ScaledQuery {
+            rows: rotated_q,
+            scale,
+        } = rotated;
         let (code_bytes, nu) = check::<K>(bytes, largest, n, shape, words);
         assert!(rotated_q.len() >= group * d && scores.len() >= group * bs);
         let (w, q) = (words.as_ptr(), rotated_q.as_ptr());

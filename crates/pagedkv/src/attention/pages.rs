@@ -30,9 +30,19 @@ pub(super) struct Shape {
     pub bs: usize,
 }
 
+/// The query rows a key page is scored against (`group × d`), and the factor every score is
+/// multiplied by (the softmax scale).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ScaledQuery<'a> {
+    pub rows: &'a [f32],
+    pub scale: f32,
+}
+
 /// Buffers reused across pages.
 #[derive(Debug, Default, Clone)]
 pub(super) struct PageScratch {
+    /// FibQuant's query tables and value bins (kept across the blocks of a pass).
+    pub fib: FibTables,
     /// A converted page (f16/bf16, or a packed full-precision page).
     page: Vec<f32>,
     /// Query rows with key scales folded in (`group × d`), and their constant terms.
@@ -242,19 +252,17 @@ fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &
 }
 
 /// `scores[g·bs + t] = scale·⟨q_g, k_t⟩` for the first `n` tokens of a key page.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 pub(super) fn key_scores(
     page: PageRef,
     n: usize,
     shape: Shape,
-    q: &[f32],
-    scale: f32,
+    query: ScaledQuery,
     scores: &mut [f32],
     scratch: &mut PageScratch,
-    fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { d, bs, .. } = shape;
+    let ScaledQuery { rows: q, scale } = query;
     #[cfg(target_arch = "x86_64")]
     if bs == 16 && x86::available() {
         // SAFETY (each call): AVX-512F, AVX2 and F16C are present (checked above); lengths are
@@ -281,7 +289,7 @@ pub(super) fn key_scores(
         let PageRef::Packed { codec, bytes, .. } = page else {
             unreachable!("every other page kind has rows")
         };
-        return packed_key_scores(codec, bytes, n, shape, q, scale, scores, scratch, fib);
+        return packed_key_scores(codec, bytes, n, shape, query, scores, scratch);
     };
     for (g, qg) in q.chunks_exact(d).enumerate() {
         for (t, key) in rows.chunks_exact(d).enumerate() {
@@ -291,20 +299,18 @@ pub(super) fn key_scores(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn packed_key_scores(
     codec: Codec,
     bytes: &[u8],
     n: usize,
     shape: Shape,
-    q: &[f32],
-    scale: f32,
+    query: ScaledQuery,
     scores: &mut [f32],
     scratch: &mut PageScratch,
-    fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { group, d, bs } = shape;
+    let ScaledQuery { rows: q, scale } = query;
     match codec {
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
             // channel-major codes: scales folded into the query, zero points into a constant,
@@ -385,7 +391,9 @@ fn packed_key_scores(
             column_scores(&scratch.page, shape, &scratch.folded, 1.0, scores);
             Ok(())
         }
-        Codec::FibQuant { .. } => fib.key_scores(codec, bytes, n, shape, q, scale, scores),
+        Codec::FibQuant { .. } => scratch
+            .fib
+            .key_scores(codec, bytes, n, shape, query, scores),
         Codec::F32 | Codec::F16 | Codec::Bf16 => {
             // a full-precision layer inside a compressed layout: decode the page, then dot
             decode_packed(codec, crate::Role::Key, bytes, shape, scratch)?;
@@ -454,7 +462,6 @@ pub(super) fn accumulate_values(
     probs: &[f32],
     acc: &mut [f32],
     scratch: &mut PageScratch,
-    fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { d, .. } = shape;
     #[cfg(target_arch = "x86_64")]
@@ -478,7 +485,7 @@ pub(super) fn accumulate_values(
         let PageRef::Packed { codec, bytes, .. } = page else {
             unreachable!("full-precision pages have rows")
         };
-        return packed_values(codec, bytes, n, shape, probs, acc, scratch, fib);
+        return packed_values(codec, bytes, n, shape, probs, acc, scratch);
     };
     weighted_rows(rows, n, shape, probs, acc);
     Ok(())
@@ -539,7 +546,6 @@ fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut 
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn packed_values(
     codec: Codec,
@@ -549,7 +555,6 @@ fn packed_values(
     probs: &[f32],
     acc: &mut [f32],
     scratch: &mut PageScratch,
-    fib: &mut FibTables,
 ) -> Result<()> {
     let Shape { group, d, bs } = shape;
     match codec {
@@ -641,7 +646,7 @@ fn packed_values(
             }
             Ok(())
         }
-        Codec::FibQuant { .. } => fib.accumulate(codec, bytes, n, shape, probs),
+        Codec::FibQuant { .. } => scratch.fib.accumulate(codec, bytes, n, shape, probs),
         Codec::F32 | Codec::F16 | Codec::Bf16 => {
             decode_packed(codec, crate::Role::Value, bytes, shape, scratch)?;
             weighted_rows(&scratch.page, n, shape, probs, acc);

@@ -3,7 +3,7 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::block_kernel;
-use super::pages::{accumulate_values, key_scores, prefetch, Shape};
+use super::pages::{accumulate_values, key_scores, prefetch, ScaledQuery, Shape};
 use super::softmax::softmax_step;
 use super::{Context, Partial, Scratch};
 use crate::block::BlockId;
@@ -118,7 +118,6 @@ impl Pass<'_> {
         let Scratch {
             scores,
             pages,
-            fib,
             lanes,
             split_tables,
             #[cfg(target_arch = "x86_64")]
@@ -132,7 +131,7 @@ impl Pass<'_> {
         lanes.resize(group, [0.0; 16]);
         partial.reset(group, d);
         let Partial { max, sum, acc } = partial;
-        fib.start_head();
+        pages.fib.start_head();
         // normalized keys: sealed pages score the mean's term besides their codes
         let key_norm = layout.key_norm(self.layer);
         let key_split = layout.key_split(self.layer);
@@ -237,11 +236,18 @@ impl Pass<'_> {
                     }
                     plan.scores(bytes, n, split_tables, self.scale, bs, scores)?;
                 }
-                _ => key_scores(keys, n, shape, self.q, self.scale, scores, pages, fib)?,
+                _ => {
+                    let query = ScaledQuery {
+                        rows: self.q,
+                        scale: self.scale,
+                    };
+                    key_scores(keys, n, shape, query, scores, pages)?
+                }
             }
             if let (Some(norm), PageRef::Packed { .. }) = (key_norm, keys) {
-                let (q, layer, head) = (self.q, self.layer, self.head);
-                fib.add_mean_scores(norm, layer, head, q, start, n, shape, self.scale, scores);
+                let fib = &mut pages.fib;
+                fib.prepare_mean_scores(norm, self.layer, self.head, self.q, shape);
+                fib.add_mean_scores(norm, start, n, shape, self.scale, scores);
             }
             // a sealed first block's sink tokens are scored and weighted from their f16 rows
             let sinks = if block_idx == 0 {
@@ -266,7 +272,7 @@ impl Pass<'_> {
                     acc[g * d..(g + 1) * d]
                         .iter_mut()
                         .for_each(|a| *a *= correction);
-                    fib.rescale(g, group, correction);
+                    pages.fib.rescale(g, group, correction);
                 }
             }
             if let Some((_, sink_values)) = sinks {
@@ -280,13 +286,13 @@ impl Pass<'_> {
                     }
                 }
             }
-            accumulate_values(values, n, shape, scores, acc, pages, fib)?;
+            accumulate_values(values, n, shape, scores, acc, pages)?;
         }
         #[cfg(target_arch = "x86_64")]
         if let (true, Some((_, vb))) = (in_run, kernel_kinds) {
             block_kernel::leave(vb, group, zeros, acc);
         }
-        fib.finish(shape, acc);
+        pages.fib.finish(shape, acc);
         for (s, l) in sum.iter_mut().zip(lanes.iter()) {
             *s = l.iter().sum();
         }
