@@ -21,6 +21,7 @@ use std::arch::x86_64::*;
 
 use super::pages::x86::{by_component, exp_shifted};
 use super::softmax::{lazy_max, LAZY_MAX_SLACK};
+use crate::codec::{Codec, PageLayout, Role};
 
 /// Head dimension and block size this path serves.
 pub(super) const D: usize = 64;
@@ -57,23 +58,24 @@ const fn fp8(kind: usize) -> bool {
     matches!(kind, E4M3 | E5M2)
 }
 
-/// Parameter bytes after the codes of a key page and of a value page.
-const fn key_params(kind: usize) -> usize {
-    if integer(kind) {
-        4 * D
-    } else if fp8(kind) {
-        2 * D
-    } else {
-        0
+/// The codec whose pages are of `kind`.
+const fn codec(kind: usize) -> Codec {
+    match kind {
+        F16 => Codec::F16,
+        BF16 => Codec::Bf16,
+        INT8 => Codec::Int8,
+        INT4 => Codec::Int4,
+        INT2 => Codec::Int2,
+        E4M3 => Codec::Fp8E4m3,
+        _ => Codec::Fp8E5m2,
     }
 }
-const fn value_params(kind: usize) -> usize {
-    if integer(kind) {
-        4 * 2 * BS
-    } else if fp8(kind) {
-        2 * BS
-    } else {
-        0
+
+/// Where a page of `kind` keeps its codes and parameters at this geometry.
+const fn page(kind: usize, role: Role) -> PageLayout {
+    match PageLayout::scalar(codec(kind), role, BS, D) {
+        Some(layout) => layout,
+        None => panic!("every kind has a scalar page layout at D × BS"),
     }
 }
 
@@ -231,10 +233,9 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     q: &[f32],
     run: &mut Running,
 ) {
-    // full-precision pages hold no parameters after their elements
-    let key_codes = D * BS * bits(KB) / 8;
-    let value_codes = D * BS * bits(VB) / 8;
-    let (key_params, value_params) = (key_params(KB), value_params(VB));
+    let (key_page, value_page) = const { (page(KB, Role::Key), page(VB, Role::Value)) };
+    let (key_codes, value_codes) = (key_page.code_bytes, value_page.code_bytes);
+    let (key_params, value_params) = (key_page.param_bytes, value_page.param_bytes);
     assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
     assert!(run.max.len() >= H && run.lanes.len() >= H);
     assert!(keys.len() >= key_codes + key_params && values.len() >= value_codes + value_params);

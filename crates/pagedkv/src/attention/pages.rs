@@ -10,9 +10,10 @@
 //! Every function is `#[inline(always)]` so the SIMD build of the kernel compiles them with
 //! its target features.
 
-use crate::codec::scalar::{code_bits, data_bytes, fp8_table, get_f16};
+use crate::codec::scalar::{code_bits, fp8_table, get_f16};
+use crate::codec::PageLayout;
 use crate::codec::{Codec, Role, VALUE_GROUP};
-use crate::error::Result;
+use crate::error::{KvError, Result};
 use crate::storage::PageRef;
 
 use super::convert::{bf16_to_f32, f16_bytes_to_f32, f16_to_f32};
@@ -251,6 +252,15 @@ fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &
     }
 }
 
+/// Where a scalar codec's page keeps its codes and parameters.
+#[inline(always)]
+fn page_layout(codec: Codec, role: Role, shape: Shape) -> Result<PageLayout> {
+    PageLayout::scalar(codec, role, shape.bs, shape.d).ok_or(KvError::UnsupportedCodec {
+        codec: codec.to_string(),
+        reason: "no scalar page layout",
+    })
+}
+
 /// `scores[g·bs + t] = scale·⟨q_g, k_t⟩` for the first `n` tokens of a key page.
 #[inline(always)]
 pub(super) fn key_scores(
@@ -315,7 +325,7 @@ fn packed_key_scores(
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
             // channel-major codes: scales folded into the query, zero points into a constant,
             // then the block's scores column by column like a full-precision page
-            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
+            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes);
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
             #[cfg(target_arch = "x86_64")]
@@ -360,8 +370,8 @@ fn packed_key_scores(
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             // channel-major codes; per-channel scales folded into the query
-            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Key, bs, d));
-            f16_bytes_to_f32(&params[..2 * d], &mut scratch.scale);
+            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes);
+            f16_bytes_to_f32(params, &mut scratch.scale);
             scratch.folded.resize(group * d, 0.0);
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 let folded = &mut scratch.folded[g * d..(g + 1) * d];
@@ -418,7 +428,7 @@ fn fold_int_key_params(
     scratch: &mut PageScratch,
 ) {
     let d = shape.d;
-    f16_bytes_to_f32(&params[..4 * d], &mut scratch.pairs);
+    f16_bytes_to_f32(params, &mut scratch.pairs);
     scratch.scale.resize(d, 0.0);
     scratch.zero.resize(d, 0.0);
     for ((s, z), sz) in scratch
@@ -559,7 +569,7 @@ fn packed_values(
     let Shape { group, d, bs } = shape;
     match codec {
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
-            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Value, bs, d));
+            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
@@ -605,11 +615,11 @@ fn packed_values(
             Ok(())
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
-            let (codes, params) = bytes.split_at(data_bytes(codec, Role::Value, bs, d));
+            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
             #[cfg(target_arch = "x86_64")]
             if d.is_multiple_of(64) && x86::available() {
                 // the per-token scales folded into the weights
-                f16_bytes_to_f32(&params[..2 * bs], &mut scratch.scale);
+                f16_bytes_to_f32(params, &mut scratch.scale);
                 scratch.folded.resize(group * bs, 0.0);
                 for (w, p) in scratch
                     .folded

@@ -4,6 +4,7 @@
 //! stored. This module is the single place that knows each codec's name and its exact byte size,
 //! so capacity planning and the prefix-hash `extra` key agree with the arenas.
 
+pub mod page_layout;
 pub mod scalar;
 pub mod synthetic;
 pub mod vector;
@@ -12,6 +13,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::error::{KvError, Result};
+pub use page_layout::{PageLayout, Params};
 
 /// Whether a page holds keys or values: the quantized codecs group them differently
 /// (keys per channel over the block's tokens, values per token, as KIVI does).
@@ -85,48 +87,13 @@ impl Codec {
 
     /// Bytes of one page: `block_size` tokens of `head_dim` elements for one (layer, kv head).
     pub fn page_bytes(self, role: Role, block_size: usize, head_dim: usize) -> Result<usize> {
-        let overflow = |what| KvError::SizeOverflow { what };
-        let elements = block_size
-            .checked_mul(head_dim)
-            .ok_or(overflow("page elements"))?;
-        let scale_pairs = match role {
-            // one f16 scale + one f16 zero (or a single f16 scale for fp8) per channel
-            Role::Key => head_dim,
-            // per token, per group of VALUE_GROUP channels
-            Role::Value => block_size
-                .checked_mul(head_dim.div_ceil(VALUE_GROUP))
-                .ok_or(overflow("value groups"))?,
-        };
         let bytes = match self {
-            Codec::F32 => elements.checked_mul(4),
-            Codec::F16 | Codec::Bf16 => elements.checked_mul(2),
-            Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
-                let scales = match role {
-                    Role::Key => head_dim,
-                    Role::Value => block_size,
-                };
-                scales.checked_mul(2).and_then(|s| elements.checked_add(s))
-            }
-            Codec::Int8 => scale_pairs
-                .checked_mul(4)
-                .and_then(|s| elements.checked_add(s)),
-            Codec::Int4 | Codec::Int2 => {
-                let per_byte = 8 / scalar::code_bits(self);
-                match role {
-                    Role::Key => head_dim.checked_mul(block_size.div_ceil(per_byte)),
-                    Role::Value => block_size.checked_mul(head_dim.div_ceil(per_byte)),
-                }
-            }
-            .and_then(|packed| {
-                scale_pairs
-                    .checked_mul(4)
-                    .and_then(|s| packed.checked_add(s))
-            }),
             Codec::FibQuant { .. } => self
                 .fibquant_profile(head_dim)
                 .and_then(|profile| vector::page_bytes(profile, block_size)),
+            _ => PageLayout::scalar(self, role, block_size, head_dim).map(|l| l.page_bytes()),
         };
-        bytes.ok_or(overflow("page bytes"))
+        bytes.ok_or(KvError::SizeOverflow { what: "page bytes" })
     }
 
     /// Storage cost in bits per stored element, scales and norms included.

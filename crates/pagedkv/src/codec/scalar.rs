@@ -1,15 +1,7 @@
 //! Page encode/decode for every codec: the scalar ones here, FibQuant pages in `vector`. Scalar
 //! codecs of one page (`block_size` tokens × `head_dim`, token-major f32 rows), DESIGN §5.
 //!
-//! ```text
-//!  page = [data][parameters]
-//!  f32/f16/bf16  data only, little-endian
-//!  int8          data: 1 byte per element (token-major)      int4: 2 elements per byte (low nibble first)
-//!                                                             int2: 4 elements per byte (low bits first)
-//!                keys:   per channel over the block's tokens   [scale f16, zero f16] × head_dim
-//!                values: per token, per group of 32 channels   [scale f16, zero f16] × block_size × groups
-//!  fp8 e4m3/e5m2 data: 1 code per element; keys: f16 scale × head_dim; values: f16 scale × block_size
-//! ```
+//! Where codes and parameters lie in a page: [`super::page_layout`].
 //!
 //! Integer codecs are asymmetric: `x̂ = q·scale + zero` with `zero` the group minimum rounded
 //! down to f16 and `scale` rounded up to f16, so every input lies inside the grid and the error is
@@ -21,6 +13,8 @@
 use float8::{F8E4M3, F8E5M2};
 use half::{bf16, f16};
 
+pub(crate) use super::page_layout::code_bits;
+use super::page_layout::PageLayout;
 use super::{Codec, Role, VALUE_GROUP};
 use crate::error::{KvError, Result};
 
@@ -66,35 +60,15 @@ pub(crate) fn get_f16(bytes: &[u8], idx: usize) -> f32 {
     f16::from_le_bytes([bytes[idx * 2], bytes[idx * 2 + 1]]).to_f32()
 }
 
-/// Bits of one stored code of an integer or fp8 codec: int4 and int2 pack several per byte.
-pub(crate) fn code_bits(codec: Codec) -> usize {
-    match codec {
-        Codec::Int4 => 4,
-        Codec::Int2 => 2,
-        _ => 8,
-    }
-}
-
 /// Levels of an integer codec: q ∈ 0..=levels.
 fn levels(codec: Codec) -> u32 {
     (1 << code_bits(codec)) - 1
 }
 
-/// Bytes of the data part of a page.
-pub fn data_bytes(codec: Codec, role: Role, block_size: usize, head_dim: usize) -> usize {
-    match codec {
-        Codec::F32 => block_size * head_dim * 4,
-        Codec::F16 | Codec::Bf16 => block_size * head_dim * 2,
-        // packed along the stored axis: a key channel's tokens, a value token's channels
-        Codec::Int4 | Codec::Int2 => {
-            let per_byte = 8 / code_bits(codec);
-            match role {
-                Role::Key => head_dim * block_size.div_ceil(per_byte),
-                Role::Value => block_size * head_dim.div_ceil(per_byte),
-            }
-        }
-        _ => block_size * head_dim,
-    }
+/// The page layout of a scalar codec (sizes already checked by [`check_page`]).
+fn page_layout(codec: Codec, role: Role, block_size: usize, head_dim: usize) -> Result<PageLayout> {
+    PageLayout::scalar(codec, role, block_size, head_dim)
+        .ok_or(KvError::SizeOverflow { what: "page bytes" })
 }
 
 /// Asymmetric (scale, zero) covering `[min, max]` with `levels` steps, both as f16.
@@ -297,7 +271,7 @@ pub fn encode_page(
     if let Codec::FibQuant { .. } = codec {
         return super::vector::encode_page(codec, rows, head_dim, out);
     }
-    let data_len = data_bytes(codec, role, block_size, head_dim);
+    let data_len = page_layout(codec, role, block_size, head_dim)?.code_bytes;
     let (data, params) = out.split_at_mut(data_len);
     match codec {
         Codec::F32 => rows
@@ -475,7 +449,7 @@ pub fn decode_page(
     if let Codec::FibQuant { .. } = codec {
         return super::vector::decode_page(codec, page, head_dim, out);
     }
-    let data_len = data_bytes(codec, role, block_size, head_dim);
+    let data_len = page_layout(codec, role, block_size, head_dim)?.code_bytes;
     let (data, params) = page.split_at(data_len);
     match codec {
         Codec::F32 => data
@@ -526,7 +500,7 @@ mod tests {
 
     /// The worst-case error each codec states, per element, from the page's own parameters.
     fn bound(codec: Codec, role: Role, page: &[u8], rows: &[f32], d: usize) -> Vec<f32> {
-        let params = &page[data_bytes(codec, role, BS, d)..];
+        let params = &page[page_layout(codec, role, BS, d).unwrap().code_bytes..];
         let mut b = vec![0f32; rows.len()];
         match codec {
             Codec::F32 => {}
