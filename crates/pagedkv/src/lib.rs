@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod block;
+pub mod calibration;
 pub mod codec;
 pub mod error;
 pub mod eviction_log;
@@ -21,9 +22,10 @@ pub mod table;
 pub mod tier;
 
 pub use block::{BlockId, BlockPool, PoolCounts};
+pub use calibration::KeyNormFit;
 pub use codec::{Codec, Role};
 pub use error::{KvError, Result};
-pub use key_norm::{KeyNorm, KeyNormFit};
+pub use key_norm::KeyNorm;
 pub use key_split::{KeySplit, SplitPlan};
 pub use layout::{AttentionKind, KvLayout, LayerOverride, LayerSet, LayoutSpec};
 pub use manager::{Admission, KvCacheManager, PinId, SwappedOut};
