@@ -132,13 +132,9 @@ impl KeyStats {
 }
 
 /// Whether a key split is worth its codebooks under the key codec `codec`: a FibQuant codec of
-/// fewer than 4 stored index bits per coordinate. Measured on the calibration text (the 2.5-bit
-/// assignment on windows 3–6 of *Around the World*, past the two it was measured on; key mean
-/// and statistics from 4 windows): with every key layer split KL 0.0409;
-/// with the layers in fibquant-k2n256 (4 bits) plain 0.0400; plain also at fibquant-k4n4096
-/// (3 bits) 0.0407. Fine codebooks on 16-coordinate chunks lose to one 64-wide code (on its own,
-/// fibquant-k2n256 split is KL 0.031 against 0.024 plain), while the ranking by query energy
-/// pays where bits are scarce.
+/// fewer than 4 stored index bits per coordinate. Fine codebooks on 16-coordinate chunks lose to
+/// one 64-wide code where bits are plentiful, while the ranking by query energy pays where they
+/// are scarce (docs/quality.md, "Key split").
 pub fn splits_pay(codec: Codec) -> bool {
     match codec {
         Codec::FibQuant { k, n } => fibquant::index_bits(n as usize) < 4 * k as u32,

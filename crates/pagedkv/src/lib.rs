@@ -21,6 +21,11 @@ pub mod storage;
 pub mod table;
 pub mod tier;
 
+/// The README's Rust code, compiled and run as a doctest so the front page's example stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;
+
 pub use block::{BlockId, BlockPool, PoolCounts};
 pub use calibration::KeyNormFit;
 pub use codec::{Codec, Role};
