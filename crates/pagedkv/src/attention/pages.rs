@@ -573,7 +573,9 @@ fn packed_values(
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
-                if d.is_multiple_of(64) && VALUE_GROUP == 32 && has!("avx512f") && has!("f16c") {
+                // the loop reads the parameters of 16 tokens at a time: blocks of 16 only
+                let fits = bs == 16 && d.is_multiple_of(64) && VALUE_GROUP == 32;
+                if fits && has!("avx512f") && has!("f16c") {
                     // SAFETY: AVX-512F and F16C are present (checked on the line above);
                     // lengths are checked inside.
                     unsafe {

@@ -32,11 +32,12 @@ fn filled(
     (s, blocks)
 }
 
-/// A storage of `layout` (blocks of 16) holding `tokens` tokens of smooth test rows, full
-/// blocks sealed, in a block table of descending ids; the first key scaled by `first_key`.
-fn filled_16(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage, Vec<BlockId>) {
-    let width = layout.token_width();
-    let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+/// A one-layer storage of `layout` holding `tokens` tokens of smooth test rows, full blocks
+/// sealed (the last, partial one open), in a block table of descending ids; the first key
+/// scaled by `first_key`.
+fn filled_layout(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage, Vec<BlockId>) {
+    let (width, bs) = (layout.token_width(), layout.block_size());
+    let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).rev().map(BlockId).collect();
     let mut s = KvStorage::new(layout, blocks.len()).unwrap();
     for pos in 0..tokens {
         let boost = if pos == 0 { first_key } else { 1.0 };
@@ -46,13 +47,34 @@ fn filled_16(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage, Vec
         let v: Vec<f32> = (0..width)
             .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos())
             .collect();
-        s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+        s.write_token(0, blocks[pos / bs], pos % bs, &k, &v)
             .unwrap();
-        if pos % 16 == 15 {
-            s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+        if pos % bs == bs - 1 {
+            s.seal(blocks[pos / bs], pos / bs * bs).unwrap();
         }
     }
     (s, blocks)
+}
+
+/// Attention of `q` over the first `len` positions on the widest SIMD and on the portable build,
+/// each within 1e-4 of the f64 reference.
+fn widest_and_portable_match_the_reference(
+    s: &KvStorage,
+    blocks: &[BlockId],
+    len: usize,
+    q: &[f32],
+    scale: f32,
+    what: &str,
+) {
+    let ctx = Context { blocks, len };
+    let width = q.len();
+    let mut out = [vec![0.0; width], vec![0.0; width], vec![0.0; width]];
+    let [fast, portable, slow] = &mut out;
+    attend(s, 0, ctx, q, scale, fast, &mut Scratch::default()).unwrap();
+    attend_portable(s, 0, ctx, q, scale, portable, &mut Scratch::default()).unwrap();
+    attend_reference(s, 0, ctx, q, scale, slow).unwrap();
+    assert_close(fast, slow, &format!("{what}, widest SIMD"));
+    assert_close(portable, slow, &format!("{what}, portable"));
 }
 
 fn every_codec() -> Vec<Codec> {
@@ -240,7 +262,7 @@ fn sink_rows_beside_a_sealed_block_match_the_reference() {
             let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
             spec.block_size = 16;
             spec.sink_tokens = sinks;
-            let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 3.0);
+            let (s, blocks) = filled_layout(KvLayout::new(spec).unwrap(), tokens, 3.0);
             let has_rows = s.sink_rows(0, blocks[0], 2, Role::Value).is_some();
             assert_eq!(has_rows, sinks > 0 && !codec.is_full_precision(), "{codec}");
             let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.11).sin()).collect();
@@ -284,30 +306,13 @@ fn simd_loops_match_the_reference_at_smollm_geometry() {
             let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
             spec.block_size = 16;
             let tokens: usize = 16 * 5 + 7;
-            let (s, blocks) = filled_16(KvLayout::new(spec).unwrap(), tokens, 1.0);
+            let (s, blocks) = filled_layout(KvLayout::new(spec).unwrap(), tokens, 1.0);
             for len in [1, 9, 16, 17, 40, tokens] {
                 let q: Vec<f32> = (0..qh * d)
                     .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
                     .collect();
-                let ctx = Context {
-                    blocks: &blocks,
-                    len,
-                };
-                let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
-                let [fast, portable, slow] = &mut out;
-                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
-                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
-                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
-                assert_close(
-                    fast,
-                    slow,
-                    &format!("{codec} d {d} {kv}/{qh} len {len} simd"),
-                );
-                assert_close(
-                    portable,
-                    slow,
-                    &format!("{codec} d {d} {kv}/{qh} len {len} portable"),
-                );
+                let what = format!("{codec} d {d} {kv}/{qh} len {len}");
+                widest_and_portable_match_the_reference(&s, &blocks, len, &q, 0.125, &what);
             }
         }
     }
@@ -462,4 +467,30 @@ fn bad_shapes_are_errors() {
         attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]),
         Err(KvError::ShapeMismatch { .. })
     ));
+}
+
+/// Llama-family geometries (head_dim 128 with 32/8 and 28/4 heads, head_dim 64 with 32/4 and
+/// 14/2), blocks of 8, 16, 32, 64 and an odd size, every codec: decode over two sealed blocks
+/// and an open one, on the widest SIMD and the portable build, against the f64 reference.
+#[test]
+fn every_geometry_and_block_size_matches_the_reference() {
+    for (d, qh, kv) in [(128, 32, 8), (128, 28, 4), (64, 32, 4), (64, 14, 2)] {
+        for bs in [8, 16, 32, 64, 7] {
+            for codec in every_codec() {
+                let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
+                spec.block_size = bs;
+                let layout = KvLayout::new(spec).unwrap();
+                let tokens = 2 * bs + 3;
+                let (s, blocks) = filled_layout(layout, tokens, 1.0);
+                let q: Vec<f32> = (0..qh * d)
+                    .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+                    .collect();
+                for len in [1, bs, tokens] {
+                    let what =
+                        format!("{codec} d {d} heads {qh}/{kv} blocks of {bs}, length {len}");
+                    widest_and_portable_match_the_reference(&s, &blocks, len, &q, 0.1, &what);
+                }
+            }
+        }
+    }
 }
