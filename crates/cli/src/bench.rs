@@ -95,20 +95,28 @@ pub struct CodecsBench {
 pub struct GenerateBench {
     /// Tokens generated per sequence.
     #[arg(long, default_value_t = 64)]
-    tokens: usize,
+    pub(crate) tokens: usize,
     /// Concurrent sequences in the batched run.
     #[arg(long, default_value_t = 16)]
-    concurrent: usize,
+    pub(crate) concurrent: usize,
     /// Codecs to measure (comma-separated).
     #[arg(long, default_value = "f32,f16")]
     codecs: String,
     /// Rounds; baseline, single and batched runs are interleaved and medians reported, since this
     /// machine's speed drifts.
     #[arg(long, default_value_t = 3)]
-    rounds: usize,
+    pub(crate) rounds: usize,
+    /// A prompt of this many tokens before decoding (0: a one-sentence prompt, against candle);
+    /// with N > 0 prefill and decode rates and KV GB/s are measured, against llama.cpp when
+    /// installed (scripts/llama-cpp-server).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) context: usize,
+    /// llama.cpp's KV cache types measured with --context (comma-separated: f16, q8_0, q4_0).
+    #[arg(long, default_value = "f16,q8_0,q4_0")]
+    pub(crate) llama_kv: String,
     /// Write the figures as JSON.
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    pub(crate) json: Option<std::path::PathBuf>,
 }
 
 /// Longest context `bench attention` measures: 2²⁰ tokens of SmolLM2's K/V in f32 are 45 GiB,
@@ -397,6 +405,35 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// A scheduler over a cache of `codec` with room for `n` sequences of `prompt` and
+/// `max_tokens` more, and `n` requests submitted: `prompt` with one distinct token appended
+/// to each, so that no request is a pure prefix hit of another.
+pub(crate) fn submitted<'m>(
+    model: &'m Model,
+    common: &CommonArgs,
+    codec: Codec,
+    prompt: &[u32],
+    n: usize,
+    max_tokens: usize,
+    max_step_tokens: usize,
+) -> Result<Scheduler<'m>> {
+    let layout = model.config().kv_layout(codec, codec, common.block_size)?;
+    let blocks = n * (prompt.len() + max_tokens + 16).div_ceil(common.block_size) + 16;
+    let cache = pagedkv::KvCacheManager::new(layout, blocks, b"bench")?;
+    let config = SchedulerConfig {
+        max_step_tokens,
+        max_running: n.max(1),
+        ..SchedulerConfig::default()
+    };
+    let mut scheduler = Scheduler::new(model, cache, config)?;
+    for id in 0..n as u64 {
+        let mut p = prompt.to_vec();
+        p.push(100 + id as u32);
+        scheduler.submit(Request::new(id, p, max_tokens, SamplingParams::default()))?;
+    }
+    Ok(scheduler)
+}
+
 /// Our scheduler: `n` requests of `tokens` tokens each; aggregate decode tokens/s, counted from
 /// the first generated token of the run (prefill excluded, as for the baseline).
 fn ours(
@@ -407,24 +444,7 @@ fn ours(
     n: usize,
     tokens: usize,
 ) -> Result<f64> {
-    let layout = model.config().kv_layout(codec, codec, common.block_size)?;
-    let blocks = n * (prompt.len() + tokens + 16).div_ceil(common.block_size) + 16;
-    let cache = pagedkv::KvCacheManager::new(layout, blocks, b"bench")?;
-    let mut scheduler = Scheduler::new(
-        model,
-        cache,
-        SchedulerConfig {
-            max_step_tokens: 4096,
-            max_running: n.max(1),
-            ..SchedulerConfig::default()
-        },
-    )?;
-    for id in 0..n as u64 {
-        // distinct prompts (one token differs) so no request is a pure prefix hit of another
-        let mut p = prompt.to_vec();
-        p.push(100 + id as u32);
-        scheduler.submit(Request::new(id, p, tokens + 1, SamplingParams::default()))?;
-    }
+    let mut scheduler = submitted(model, common, codec, prompt, n, tokens + 1, 4096)?;
     let mut first: Option<Instant> = None;
     let mut counted = 0usize;
     scheduler.run(|e| {
@@ -443,6 +463,10 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
         args.rounds > 0 && args.tokens > 0 && args.concurrent > 0,
         "rounds, tokens and concurrent must be positive"
     );
+    if args.context > 0 {
+        let codecs = parse_codecs(&args.codecs)?;
+        return crate::bench_context::run(common, args, codecs);
+    }
     let path = ensure_model(common.model.as_deref())?;
     let (model, tokenizer) = common.load_model()?;
     let mut file = std::fs::File::open(&path)?;

@@ -1,6 +1,7 @@
 //! The `pagedkv` binary (DESIGN §10): demo, generate, eval, inspect, bench, serve.
 
 mod bench;
+mod bench_context;
 mod bench_prefix;
 mod common;
 mod demo;

@@ -109,6 +109,18 @@ fn bad_flags_get_clear_errors() {
         ),
         (g(&["--cache-mib", "99999999999999"]), "is too large"),
         (
+            ["bench", "generate", "--context", "9000"]
+                .map(String::from)
+                .to_vec(),
+            "--context 9000 plus --tokens 64 exceed the model's context of 8192 tokens",
+        ),
+        (
+            ["bench", "generate", "--context", "64", "--llama-kv", "q5_1"]
+                .map(String::from)
+                .to_vec(),
+            "unknown llama.cpp KV type `q5_1`",
+        ),
+        (
             vec!["eval".into(), "--window".into(), "1".into()],
             "window (1) must be at least 2 tokens",
         ),
