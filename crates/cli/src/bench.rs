@@ -6,10 +6,11 @@
 
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::{Args, Subcommand};
+use pagedkv::attention::Simd;
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::sampler::argmax;
@@ -70,9 +71,22 @@ pub struct AttentionBench {
     /// Rounds over all codecs (the median of every round's steps is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The attention kernels' dispatch level: avx512, avx2 or portable (default: the widest
+    /// this CPU has).
+    #[arg(long)]
+    simd: Option<String>,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+}
+
+/// A dispatch level by name.
+fn parse_simd(name: &str) -> Result<Simd> {
+    let level = Simd::ALL
+        .into_iter()
+        .find(|l| l.to_string() == name)
+        .with_context(|| format!("unknown --simd `{name}` (avx512, avx2, portable)"))?;
+    Ok(level.check()?)
 }
 
 #[derive(Debug, Args)]
@@ -255,7 +269,7 @@ impl BandwidthProbe {
 }
 
 fn attention(args: AttentionBench) -> Result<()> {
-    use pagedkv::attention::{attend_split, Context};
+    use pagedkv::attention::{attend_split_at, Context};
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
     anyhow::ensure!(
@@ -274,9 +288,13 @@ fn attention(args: AttentionBench) -> Result<()> {
     );
     let codecs = parse_codecs(&args.codecs)?;
     let threads = rayon::current_num_threads();
+    let simd = args
+        .simd
+        .as_deref()
+        .map_or(Ok(Simd::widest()), parse_simd)?;
     let probe = BandwidthProbe::new();
     println!(
-        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads; median of {} rounds × {} steps, codecs interleaved",
+        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",
         args.layers, args.rounds, args.steps
     );
     println!(
@@ -333,7 +351,7 @@ fn attention(args: AttentionBench) -> Result<()> {
                 for step in 0..args.steps + 1 {
                     let started = Instant::now();
                     for layer in 0..args.layers {
-                        attend_split(storage, layer, ctx, &q, scale, &mut out)?;
+                        attend_split_at(simd, storage, layer, ctx, &q, scale, &mut out)?;
                     }
                     if step > 0 {
                         times.push(started.elapsed().as_secs_f64());
@@ -368,7 +386,7 @@ fn attention(args: AttentionBench) -> Result<()> {
                 "codec": codec.to_string(), "context": context, "layers": args.layers,
                 "seconds_per_step": step, "kv_bytes_per_step": bytes, "bytes_per_second": rate,
                 "fraction_of_bandwidth": rate / bandwidth, "time_vs_f16": f16_time.map(|t| step / t),
-                "read_bandwidth_bytes_per_second": bandwidth,
+                "read_bandwidth_bytes_per_second": bandwidth, "simd": simd.to_string(),
             }));
         }
     }

@@ -166,10 +166,13 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let llama = llama_cpp_dir();
+    let sequences = match args.concurrent {
+        1 => "1 sequence".to_string(),
+        n => format!("1 and {n} sequences"),
+    };
     println!(
-        "bench generate: a prompt of {context} tokens, then {} tokens; 1 and {} sequences; weights {:?}, threads {}, median of {} interleaved rounds",
+        "bench generate: a prompt of {context} tokens, then {} tokens; {sequences}; weights {:?}, threads {}, median of {} interleaved rounds",
         args.tokens,
-        args.concurrent,
         model.weight_mode(),
         common.threads_label(),
         args.rounds

@@ -109,6 +109,12 @@ fn bad_flags_get_clear_errors() {
         ),
         (g(&["--cache-mib", "99999999999999"]), "is too large"),
         (
+            ["bench", "attention", "--contexts", "16", "--simd", "avx9"]
+                .map(String::from)
+                .to_vec(),
+            "unknown --simd `avx9` (avx512, avx2, portable)",
+        ),
+        (
             ["bench", "generate", "--context", "9000"]
                 .map(String::from)
                 .to_vec(),

@@ -39,11 +39,13 @@ mod lut;
 mod pages;
 mod pass;
 mod reference;
+mod simd;
 mod softmax;
 #[cfg(test)]
 mod tests;
 
 pub use reference::attend_reference;
+pub use simd::Simd;
 
 use crate::block::BlockId;
 use crate::error::{KvError, Result};
@@ -78,6 +80,24 @@ pub struct Scratch {
     scaled_q: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
     zeros: block_kernel::ZeroSums,
+    /// The dispatch level passes run at; `None`: the widest this CPU has.
+    simd: Option<Simd>,
+}
+
+impl Scratch {
+    /// Buffers whose passes run at `simd` (an error if this CPU cannot run it): how tests run
+    /// every path the machine has.
+    pub fn at(simd: Simd) -> Result<Self> {
+        Ok(Self {
+            simd: Some(simd.check()?),
+            ..Self::default()
+        })
+    }
+
+    /// The level passes with these buffers run at.
+    pub fn simd(&self) -> Simd {
+        self.simd.unwrap_or_else(Simd::widest)
+    }
 }
 
 fn check(storage: &KvStorage, ctx: &Context, q: &[f32], out: &[f32]) -> Result<()> {
@@ -161,9 +181,9 @@ impl Partial {
 
 /// Attention of one query token (all query heads) over `ctx`, written to `out`
 /// (`query_heads × head_dim`): each page read in its codec (see `pages`, `lut`), online
-/// softmax, on the widest SIMD the CPU offers (runtime detection; [`attend_portable`] is the
-/// same code built for the baseline target). Single-threaded: callers run many queries in
-/// parallel, or use [`attend_split`] for one long one.
+/// softmax, at the scratch's dispatch level: the widest this CPU has unless it was made with
+/// [`Scratch::at`] ([`attend_portable`] is the baseline build). Single-threaded: callers run
+/// many queries in parallel, or use [`attend_split`] for one long one.
 pub fn attend(
     storage: &KvStorage,
     layer: usize,
@@ -174,14 +194,8 @@ pub fn attend(
     scratch: &mut Scratch,
 ) -> Result<()> {
     check(storage, &ctx, q, out)?;
-    let query = Query {
-        storage,
-        layer,
-        ctx,
-        q,
-        scale,
-    };
-    query.attend_heads(out, scratch, true)
+    let simd = scratch.simd();
+    Query::new(storage, layer, ctx, q, scale).attend_heads(out, scratch, simd)
 }
 
 /// [`attend`] without SIMD beyond the baseline target: the fallback, and the twin the SIMD
@@ -196,14 +210,7 @@ pub fn attend_portable(
     scratch: &mut Scratch,
 ) -> Result<()> {
     check(storage, &ctx, q, out)?;
-    let query = Query {
-        storage,
-        layer,
-        ctx,
-        q,
-        scale,
-    };
-    query.attend_heads(out, scratch, false)
+    Query::new(storage, layer, ctx, q, scale).attend_heads(out, scratch, Simd::Portable)
 }
 
 /// One query token (every query head) over a context: what every pass of it shares.
@@ -218,6 +225,22 @@ struct Query<'a> {
 }
 
 impl<'a> Query<'a> {
+    fn new(
+        storage: &'a KvStorage,
+        layer: usize,
+        ctx: Context<'a>,
+        q: &'a [f32],
+        scale: f32,
+    ) -> Self {
+        Self {
+            storage,
+            layer,
+            ctx,
+            q,
+            scale,
+        }
+    }
+
     /// The pass of kv `head`'s query group.
     fn pass(&self, head: usize) -> Pass<'a> {
         let group_width = self.storage.layout().group_size() * self.storage.layout().head_dim();
@@ -231,7 +254,7 @@ impl<'a> Query<'a> {
         }
     }
 
-    fn attend_heads(&self, out: &mut [f32], scratch: &mut Scratch, simd: bool) -> Result<()> {
+    fn attend_heads(&self, out: &mut [f32], scratch: &mut Scratch, simd: Simd) -> Result<()> {
         let layout = self.storage.layout();
         let (d, group) = (layout.head_dim(), layout.group_size());
         let blocks = self.ctx.len.div_ceil(layout.block_size());
@@ -281,7 +304,21 @@ pub fn attend_split(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
+    attend_split_at(Simd::widest(), storage, layer, ctx, q, scale, out)
+}
+
+/// [`attend_split`] at dispatch level `simd` (an error if this CPU cannot run it).
+pub fn attend_split_at(
+    simd: Simd,
+    storage: &KvStorage,
+    layer: usize,
+    ctx: Context,
+    q: &[f32],
+    scale: f32,
+    out: &mut [f32],
+) -> Result<()> {
     use rayon::prelude::*;
+    let simd = simd.check()?;
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
@@ -289,17 +326,11 @@ pub fn attend_split(
     let items: Vec<(usize, std::ops::Range<usize>)> = (0..heads)
         .flat_map(|h| ranges(blocks).map(move |r| (h, r)))
         .collect();
-    let query = Query {
-        storage,
-        layer,
-        ctx,
-        q,
-        scale,
-    };
+    let query = Query::new(storage, layer, ctx, q, scale);
     let run = |scratch: &mut Scratch, (head, range): &(usize, std::ops::Range<usize>)| {
         let pass = query.pass(*head);
         let mut partial = Partial::default();
-        pass.run(range.clone(), &mut partial, scratch, true)
+        pass.run(range.clone(), &mut partial, scratch, simd)
             .map(|()| (*head, partial))
     };
     // a context of a few ranges runs on the calling thread, without rayon: handing it to a

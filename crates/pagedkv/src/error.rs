@@ -55,6 +55,12 @@ pub enum KvError {
         /// Why.
         reason: &'static str,
     },
+    /// An attention dispatch level was asked for that this CPU cannot run.
+    #[error("this CPU cannot run the {level} attention kernels")]
+    UnsupportedCpu {
+        /// The level asked for.
+        level: String,
+    },
     /// Not enough free (or evictable) blocks; nothing was allocated.
     #[error("out of KV blocks: needed {needed}, free {free}")]
     OutOfBlocks {

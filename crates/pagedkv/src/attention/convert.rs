@@ -2,6 +2,7 @@
 
 use half::{bf16, f16};
 
+use super::Simd;
 use crate::codec::scalar::get_f16;
 
 /// f16 → f32 in plain integer and float operations that vectorize (the `half` crate converts
@@ -9,10 +10,10 @@ use crate::codec::scalar::get_f16;
 /// position and rescaled by 2¹¹², exact for normals and subnormals; infinities and NaNs get
 /// the all-ones exponent. Bit-identical to `f16::to_f32` (tested on all 65,536 codes).
 #[inline(always)]
-pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32], simd: Simd) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked on the line above).
+    if simd == Simd::Avx512 {
+        // SAFETY: AVX-512F is present (a pass runs at a level only where the CPU has it).
         return unsafe { f16_to_f32_avx512(src, dst) };
     }
     f16_to_f32_portable(src, dst)
@@ -51,13 +52,14 @@ fn f16_to_f32_portable(src: &[f16], dst: &mut [f32]) {
 
 /// Little-endian f16 values stored as bytes (any alignment) → f32, resizing `out`.
 #[inline(always)]
-pub(super) fn f16_bytes_to_f32(bytes: &[u8], out: &mut Vec<f32>) {
+pub(super) fn f16_bytes_to_f32(bytes: &[u8], out: &mut Vec<f32>, simd: Simd) {
     let len = bytes.len() / 2;
     out.resize(len, 0.0);
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked on the line above); lengths are checked inside.
+    if simd == Simd::Avx512 {
+        // SAFETY: AVX-512F is present (a pass runs at a level only where the CPU has it);
+        // lengths are checked inside.
         done = unsafe { super::pages::x86::f16_bytes_to_f32_16(bytes, out) };
     }
     for (i, o) in out.iter_mut().enumerate().skip(done) {
@@ -82,7 +84,7 @@ mod tests {
         let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
         let mut ours = vec![0f32; all.len()];
         let mut portable = vec![0f32; all.len()];
-        f16_to_f32(&all, &mut ours);
+        f16_to_f32(&all, &mut ours, Simd::widest());
         f16_to_f32_portable(&all, &mut portable);
         for ((h, o), p) in all.iter().zip(&ours).zip(&portable) {
             let want = h.to_f32();

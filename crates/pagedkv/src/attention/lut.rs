@@ -54,13 +54,11 @@ impl FibTables {
     fn fast(fq: &FibQuant, shape: Shape) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            use std::arch::is_x86_feature_detected as has;
             matches!(fq.profile().k, 2 | 4)
                 && fq.index_bits() == 8
                 && shape.bs == 16
                 && shape.d.is_multiple_of(16)
-                && has!("avx512f")
-                && has!("f16c")
+                && shape.simd == super::Simd::Avx512
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -125,7 +123,7 @@ impl FibTables {
         scale: f32,
         scores: &mut [f32],
     ) {
-        let Shape { group, d, bs } = shape;
+        let Shape { group, d, bs, .. } = shape;
         for g in 0..group {
             let coefficients = &self.bias_coefficients[g * d..(g + 1) * d];
             c.add_block_bias(
@@ -207,7 +205,7 @@ impl FibTables {
         query: ScaledQuery,
         scores: &mut [f32],
     ) -> Result<()> {
-        let Shape { group, d, bs } = shape;
+        let Shape { group, d, bs, .. } = shape;
         let ScaledQuery { rows: q, scale } = query;
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
@@ -297,7 +295,7 @@ impl FibTables {
         shape: Shape,
         probs: &[f32],
     ) -> Result<()> {
-        let Shape { group, d, bs } = shape;
+        let Shape { group, d, bs, .. } = shape;
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
             let largest = Self::check_page(fq, bytes, n)?;
@@ -521,7 +519,7 @@ mod x86 {
         rotated: ScaledQuery,
         scores: &mut [f32],
     ) {
-        let Shape { group, d, bs } = shape;
+        let Shape { group, d, bs, .. } = shape;
         let ScaledQuery {
             rows: rotated_q,
             scale,
@@ -584,7 +582,7 @@ mod x86 {
         probs: &[f32],
         acc: &mut [f32],
     ) {
-        let Shape { group, d, bs } = shape;
+        let Shape { group, d, bs, .. } = shape;
         let (code_bytes, nu) = check::<K>(bytes, largest, n, shape, words);
         assert!(probs.len() >= group * bs && acc.len() >= group * d);
         let w = words.as_ptr();

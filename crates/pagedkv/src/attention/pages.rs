@@ -19,16 +19,20 @@ use crate::storage::PageRef;
 use super::convert::{bf16_to_f32, f16_bytes_to_f32, f16_to_f32};
 use super::lut::FibTables;
 use super::softmax::{axpy, dot};
+use super::Simd;
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86;
 
-/// Geometry of one kv head's pass: `group` query heads of `d` elements, blocks of `bs`.
+/// Geometry of one kv head's pass: `group` query heads of `d` elements, blocks of `bs`; and
+/// the level it runs at.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Shape {
     pub group: usize,
     pub d: usize,
     pub bs: usize,
+    /// The dispatch level of the pass: the hand-written AVX-512 loops run only at `Avx512`.
+    pub simd: Simd,
 }
 
 /// The query rows a key page is scored against (`group × d`), and the factor every score is
@@ -161,12 +165,13 @@ fn full_precision_rows<'a>(
     page: PageRef<'a>,
     len: usize,
     buffer: &'a mut Vec<f32>,
+    simd: Simd,
 ) -> Option<&'a [f32]> {
     match page {
         PageRef::F32(p) => Some(&p[..len]),
         PageRef::F16(p) => {
             buffer.resize(len, 0.0);
-            f16_to_f32(&p[..len], buffer);
+            f16_to_f32(&p[..len], buffer, simd);
             Some(buffer)
         }
         PageRef::Bf16(p) => {
@@ -180,12 +185,12 @@ fn full_precision_rows<'a>(
 
 /// A channel-major key page as f32 columns (`d × bs`, borrowed or converted into `buffer`).
 #[inline(always)]
-fn key_columns<'a>(page: PageRef<'a>, buffer: &'a mut Vec<f32>) -> Option<&'a [f32]> {
+fn key_columns<'a>(page: PageRef<'a>, buffer: &'a mut Vec<f32>, simd: Simd) -> Option<&'a [f32]> {
     match page {
         PageRef::F32T(p) => Some(p),
         PageRef::F16T(p) => {
             buffer.resize(p.len(), 0.0);
-            f16_to_f32(p, buffer);
+            f16_to_f32(p, buffer, simd);
             Some(buffer)
         }
         PageRef::Bf16T(p) => {
@@ -205,7 +210,7 @@ fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &
     const LANES: usize = 16;
     let Shape { d, bs, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if bs == LANES && columns.len() >= d * LANES && x86::available() {
+    if bs == LANES && columns.len() >= d * LANES && shape.simd == Simd::Avx512 {
         // SAFETY: AVX-512F, AVX2 and F16C are present (checked on this line); lengths are checked
         // inside.
         return unsafe { x86::column_scores_16(columns, shape, q, scale, scores) };
@@ -274,7 +279,7 @@ pub(super) fn key_scores(
     let Shape { d, bs, .. } = shape;
     let ScaledQuery { rows: q, scale } = query;
     #[cfg(target_arch = "x86_64")]
-    if bs == 16 && x86::available() {
+    if bs == 16 && shape.simd == Simd::Avx512 {
         // SAFETY (each call): AVX-512F, AVX2 and F16C are present (checked above); lengths are
         // checked inside.
         match page {
@@ -290,12 +295,12 @@ pub(super) fn key_scores(
         }
     }
     let PageScratch { page: buffer, .. } = scratch;
-    if let Some(columns) = key_columns(page, buffer) {
+    if let Some(columns) = key_columns(page, buffer, shape.simd) {
         column_scores(columns, shape, q, scale, scores);
         return Ok(());
     }
     let PageScratch { page: buffer, .. } = scratch;
-    let Some(rows) = full_precision_rows(page, n * d, buffer) else {
+    let Some(rows) = full_precision_rows(page, n * d, buffer, shape.simd) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
             unreachable!("every other page kind has rows")
         };
@@ -319,7 +324,7 @@ fn packed_key_scores(
     scores: &mut [f32],
     scratch: &mut PageScratch,
 ) -> Result<()> {
-    let Shape { group, d, bs } = shape;
+    let Shape { group, d, bs, .. } = shape;
     let ScaledQuery { rows: q, scale } = query;
     match codec {
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
@@ -329,13 +334,14 @@ fn packed_key_scores(
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
             #[cfg(target_arch = "x86_64")]
-            let folded_in_registers = bs == 16 && d.is_multiple_of(16) && x86::available() && {
-                let (folded, bias) = (&mut scratch.folded, &mut scratch.bias);
-                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above);
-                // lengths are checked inside.
-                unsafe { x86::fold_int_key_params(params, q, shape, scale, folded, bias) };
-                true
-            };
+            let folded_in_registers =
+                bs == 16 && d.is_multiple_of(16) && shape.simd == Simd::Avx512 && {
+                    let (folded, bias) = (&mut scratch.folded, &mut scratch.bias);
+                    // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above);
+                    // lengths are checked inside.
+                    unsafe { x86::fold_int_key_params(params, q, shape, scale, folded, bias) };
+                    true
+                };
             #[cfg(not(target_arch = "x86_64"))]
             let folded_in_registers = false;
             if !folded_in_registers {
@@ -343,7 +349,7 @@ fn packed_key_scores(
             }
             let folded = &scratch.folded;
             #[cfg(target_arch = "x86_64")]
-            let done = bs == 16 && x86::available() && {
+            let done = bs == 16 && shape.simd == Simd::Avx512 && {
                 // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above);
                 // lengths are checked inside.
                 unsafe {
@@ -371,7 +377,7 @@ fn packed_key_scores(
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             // channel-major codes; per-channel scales folded into the query
             let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes);
-            f16_bytes_to_f32(params, &mut scratch.scale);
+            f16_bytes_to_f32(params, &mut scratch.scale, shape.simd);
             scratch.folded.resize(group * d, 0.0);
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 let folded = &mut scratch.folded[g * d..(g + 1) * d];
@@ -380,7 +386,7 @@ fn packed_key_scores(
                 }
             }
             #[cfg(target_arch = "x86_64")]
-            if bs == 16 && x86::available() {
+            if bs == 16 && shape.simd == Simd::Avx512 {
                 let folded = &scratch.folded;
                 // SAFETY: AVX-512F, AVX2 and F16C are present (checked above); lengths are
                 // checked inside.
@@ -428,7 +434,7 @@ fn fold_int_key_params(
     scratch: &mut PageScratch,
 ) {
     let d = shape.d;
-    f16_bytes_to_f32(params, &mut scratch.pairs);
+    f16_bytes_to_f32(params, &mut scratch.pairs, shape.simd);
     scratch.scale.resize(d, 0.0);
     scratch.zero.resize(d, 0.0);
     for ((s, z), sz) in scratch
@@ -475,7 +481,7 @@ pub(super) fn accumulate_values(
 ) -> Result<()> {
     let Shape { d, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(64) && x86::available() {
+    if d.is_multiple_of(64) && shape.simd == Simd::Avx512 {
         // SAFETY (each call): AVX-512F, AVX2 and F16C are present (checked above); lengths are
         // checked inside.
         match page {
@@ -491,7 +497,7 @@ pub(super) fn accumulate_values(
         }
     }
     let PageScratch { page: buffer, .. } = scratch;
-    let Some(rows) = full_precision_rows(page, n * d, buffer) else {
+    let Some(rows) = full_precision_rows(page, n * d, buffer, shape.simd) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
             unreachable!("full-precision pages have rows")
         };
@@ -506,9 +512,9 @@ pub(super) fn accumulate_values(
 #[inline(always)]
 fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut [f32]) {
     const LANES: usize = 16;
-    let Shape { group, d, bs } = shape;
+    let Shape { group, d, bs, .. } = shape;
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(64) && x86::available() {
+    if d.is_multiple_of(64) && shape.simd == Simd::Avx512 {
         // SAFETY: AVX-512F, AVX2 and F16C are present (checked on this line); lengths are checked
         // inside.
         return unsafe { x86::weighted_rows_64(rows, n, shape, probs, acc) };
@@ -566,16 +572,15 @@ fn packed_values(
     acc: &mut [f32],
     scratch: &mut PageScratch,
 ) -> Result<()> {
-    let Shape { group, d, bs } = shape;
+    let Shape { group, d, bs, .. } = shape;
     match codec {
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
             let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
             #[cfg(target_arch = "x86_64")]
             {
-                use std::arch::is_x86_feature_detected as has;
                 // the loop reads the parameters of 16 tokens at a time: blocks of 16 only
                 let fits = bs == 16 && d.is_multiple_of(64) && VALUE_GROUP == 32;
-                if fits && has!("avx512f") && has!("f16c") {
+                if fits && shape.simd == Simd::Avx512 {
                     // SAFETY: AVX-512F and F16C are present (checked on the line above);
                     // lengths are checked inside.
                     unsafe {
@@ -619,9 +624,9 @@ fn packed_values(
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
             #[cfg(target_arch = "x86_64")]
-            if d.is_multiple_of(64) && x86::available() {
+            if d.is_multiple_of(64) && shape.simd == Simd::Avx512 {
                 // the per-token scales folded into the weights
-                f16_bytes_to_f32(params, &mut scratch.scale);
+                f16_bytes_to_f32(params, &mut scratch.scale, shape.simd);
                 scratch.folded.resize(group * bs, 0.0);
                 for (w, p) in scratch
                     .folded

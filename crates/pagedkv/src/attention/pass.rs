@@ -5,7 +5,7 @@
 use super::block_kernel;
 use super::pages::{accumulate_values, key_scores, prefetch, ScaledQuery, Shape};
 use super::softmax::softmax_step;
-use super::{Context, Partial, Scratch};
+use super::{Context, Partial, Scratch, Simd};
 use crate::block::BlockId;
 use crate::codec::Role;
 use crate::error::Result;
@@ -42,9 +42,9 @@ impl Pass<'_> {
     /// [`block_kernel`]: a pair of codecs it is built for, SmolLM2's geometry, no per-layer
     /// key transform (`plain`), the CPU able.
     #[cfg(target_arch = "x86_64")]
-    fn block_kernel_kinds(&self, simd: bool, plain: bool) -> Option<(usize, usize)> {
+    fn block_kernel_kinds(&self, simd: Simd, plain: bool) -> Option<(usize, usize)> {
         let layout = self.storage.layout();
-        let fits = simd
+        let fits = simd == Simd::Avx512
             && plain
             && layout.head_dim() == block_kernel::D
             && layout.block_size() == block_kernel::BS
@@ -58,27 +58,27 @@ impl Pass<'_> {
         block_kernel::supported(kb, vb).then_some((kb, vb))
     }
 
-    /// Runs on the widest SIMD available when `simd`, else on the baseline target.
+    /// Runs at dispatch level `simd` (one this CPU can run: the callers check).
     pub(super) fn run(
         &self,
         blocks: std::ops::Range<usize>,
         partial: &mut Partial,
         scratch: &mut Scratch,
-        simd: bool,
+        simd: Simd,
     ) -> Result<()> {
         #[cfg(target_arch = "x86_64")]
-        if simd {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") && has!("avx2") && has!("f16c") {
-                // SAFETY: AVX-512F, AVX2 and F16C are present (checked on the line above).
+        match simd {
+            Simd::Avx512 if simd.available() => {
+                // SAFETY: AVX-512F, AVX2, FMA and F16C are present (`available`).
                 return unsafe { self.run_avx512(blocks, partial, scratch) };
             }
-            if has!("avx2") && has!("f16c") {
-                // SAFETY: AVX2 and F16C are present (checked on the line above).
+            Simd::Avx2 if simd.available() => {
+                // SAFETY: AVX2, FMA and F16C are present (`available`).
                 return unsafe { self.run_avx2(blocks, partial, scratch) };
             }
+            _ => {}
         }
-        self.body(blocks, partial, scratch, false)
+        self.body(blocks, partial, scratch, Simd::Portable)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -89,7 +89,7 @@ impl Pass<'_> {
         partial: &mut Partial,
         scratch: &mut Scratch,
     ) -> Result<()> {
-        self.body(blocks, partial, scratch, true)
+        self.body(blocks, partial, scratch, Simd::Avx512)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -100,21 +100,22 @@ impl Pass<'_> {
         partial: &mut Partial,
         scratch: &mut Scratch,
     ) -> Result<()> {
-        self.body(blocks, partial, scratch, false)
+        self.body(blocks, partial, scratch, Simd::Avx2)
     }
 
-    /// The pass; `simd` lets whole-block kernels beyond the page readers run (AVX-512 builds).
+    /// The pass, built for the level `simd` names: it chooses the hand-written loops (the
+    /// whole-block kernel and the AVX-512 page loops) only at that level.
     #[inline(always)]
     fn body(
         &self,
         blocks: std::ops::Range<usize>,
         partial: &mut Partial,
         scratch: &mut Scratch,
-        simd: bool,
+        simd: Simd,
     ) -> Result<()> {
         let layout = self.storage.layout();
         let (d, bs, group) = (layout.head_dim(), layout.block_size(), layout.group_size());
-        let shape = Shape { group, d, bs };
+        let shape = Shape { group, d, bs, simd };
         let Scratch {
             scores,
             pages,
@@ -143,8 +144,6 @@ impl Pass<'_> {
         // full blocks of the page kinds `block_kernel` reads: one call each
         #[cfg(target_arch = "x86_64")]
         let kernel_kinds = self.block_kernel_kinds(simd, key_norm.is_none() && key_split.is_none());
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = simd;
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
@@ -265,8 +264,13 @@ impl Pass<'_> {
             }
             // online softmax: the running sums rescaled only when the reference point moves
             for g in 0..group {
-                let (new_max, correction) =
-                    softmax_step(&mut scores[g * bs..(g + 1) * bs], n, max[g], &mut lanes[g]);
+                let (new_max, correction) = softmax_step(
+                    &mut scores[g * bs..(g + 1) * bs],
+                    n,
+                    max[g],
+                    &mut lanes[g],
+                    simd,
+                );
                 max[g] = new_max;
                 if correction != 1.0 {
                     acc[g * d..(g + 1) * d]

@@ -1,6 +1,8 @@
 //! The online softmax's arithmetic: dot products, the branch-free exponential, the lazily
 //! moving reference point and one block's step.
 
+use super::Simd;
+
 /// Dot product with 16 independent partial sums, so the compiler keeps them in vector lanes.
 #[inline(always)]
 pub(super) fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -73,10 +75,11 @@ pub(super) fn softmax_step(
     n: usize,
     max_in: f32,
     lanes: &mut [f32; 16],
+    simd: Simd,
 ) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
-    if scores.len() == 16 && std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is present (checked on this line).
+    if scores.len() == 16 && simd == Simd::Avx512 {
+        // SAFETY: AVX-512F is present (a pass runs at a level only where the CPU has it).
         return unsafe { super::pages::x86::softmax_step_16(scores, n, max_in, lanes) };
     }
     let block = &mut scores[..n];

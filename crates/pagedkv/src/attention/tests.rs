@@ -56,25 +56,35 @@ fn filled_layout(layout: KvLayout, tokens: usize, first_key: f32) -> (KvStorage,
     (s, blocks)
 }
 
-/// Attention of `q` over the first `len` positions on the widest SIMD and on the portable build,
-/// each within 1e-4 of the f64 reference.
-fn widest_and_portable_match_the_reference(
+/// The dispatch levels this CPU runs, printed under the test's name (`--nocapture` shows
+/// them), with the levels it cannot run, whose kernels this machine leaves untested.
+fn levels(test: &str) -> Vec<Simd> {
+    let (ran, missing): (Vec<Simd>, Vec<Simd>) = Simd::ALL.into_iter().partition(|l| l.available());
+    println!("{test}: ran {ran:?}; not on this CPU: {missing:?}");
+    ran
+}
+
+/// Attention of `q` over the first `len` positions at every level in `levels`, each within
+/// 1e-4 of the f64 reference; returns the output of the widest.
+fn every_level_matches_the_reference(
+    levels: &[Simd],
     s: &KvStorage,
     blocks: &[BlockId],
     len: usize,
     q: &[f32],
     scale: f32,
     what: &str,
-) {
+) -> Vec<f32> {
     let ctx = Context { blocks, len };
-    let width = q.len();
-    let mut out = [vec![0.0; width], vec![0.0; width], vec![0.0; width]];
-    let [fast, portable, slow] = &mut out;
-    attend(s, 0, ctx, q, scale, fast, &mut Scratch::default()).unwrap();
-    attend_portable(s, 0, ctx, q, scale, portable, &mut Scratch::default()).unwrap();
-    attend_reference(s, 0, ctx, q, scale, slow).unwrap();
-    assert_close(fast, slow, &format!("{what}, widest SIMD"));
-    assert_close(portable, slow, &format!("{what}, portable"));
+    let mut slow = vec![0.0; q.len()];
+    attend_reference(s, 0, ctx, q, scale, &mut slow).unwrap();
+    let mut out = vec![0.0; q.len()];
+    for &level in levels {
+        let mut scratch = Scratch::at(level).unwrap();
+        attend(s, 0, ctx, q, scale, &mut out, &mut scratch).unwrap();
+        assert_close(&out, &slow, &format!("{what}, {level}"));
+    }
+    out
 }
 
 fn every_codec() -> Vec<Codec> {
@@ -99,6 +109,7 @@ fn assert_close(fast: &[f32], slow: &[f32], what: &str) {
 /// codec, MHA / GQA 9:3 / MQA, contexts that are and are not whole blocks, and length 1.
 #[test]
 fn kernel_matches_reference_for_every_codec_mha_gqa_mqa_decode_and_prefill() {
+    let levels = levels("kernel_matches_reference");
     for codec in every_codec() {
         for (kv, qh) in [(3, 3), (3, 9), (1, 4)] {
             for tokens in [1, 3, 4, 13] {
@@ -107,19 +118,8 @@ fn kernel_matches_reference_for_every_codec_mha_gqa_mqa_decode_and_prefill() {
                     let q: Vec<f32> = (0..qh * 32)
                         .map(|i| ((i * 7 % 11 + len) as f32 - 5.0) / 3.0)
                         .collect();
-                    let ctx = Context {
-                        blocks: &blocks,
-                        len,
-                    };
-                    let (mut fast, mut slow) = (vec![0.0; qh * 32], vec![0.0; qh * 32]);
-                    let mut portable = vec![0.0; qh * 32];
-                    attend(&s, 0, ctx, &q, 0.35, &mut fast, &mut Scratch::default()).unwrap();
-                    attend_portable(&s, 0, ctx, &q, 0.35, &mut portable, &mut Scratch::default())
-                        .unwrap();
-                    attend_reference(&s, 0, ctx, &q, 0.35, &mut slow).unwrap();
                     let what = format!("{codec} {kv}/{qh} {tokens} tokens, position {len}");
-                    assert_close(&fast, &slow, &what);
-                    assert_close(&portable, &slow, &what);
+                    every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.35, &what);
                 }
             }
         }
@@ -131,6 +131,7 @@ fn kernel_matches_reference_for_every_codec_mha_gqa_mqa_decode_and_prefill() {
 /// with FibQuant or other values.
 #[test]
 fn normalized_keys_match_the_reference() {
+    let levels = levels("normalized_keys");
     use crate::key_norm::KeyNorm;
     let (kv, qh) = (3, 9);
     let fib = Codec::FibQuant { k: 4, n: 256 };
@@ -191,17 +192,12 @@ fn normalized_keys_match_the_reference() {
                 blocks: &blocks,
                 len,
             };
-            let (mut fast, mut split, mut slow) =
-                (vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]);
-            let mut portable = vec![0.0; qh * d];
-            attend(&s, 0, ctx, &q, 0.3, &mut fast, &mut Scratch::default()).unwrap();
-            attend_portable(&s, 0, ctx, &q, 0.3, &mut portable, &mut Scratch::default()).unwrap();
+            let what = format!("{fib}/{value} normalized keys (split {split_keys}), length {len}");
+            let (mut split, mut slow) = (vec![0.0; qh * d], vec![0.0; qh * d]);
+            every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.3, &what);
             attend_split(&s, 0, ctx, &q, 0.3, &mut split).unwrap();
             attend_reference(&s, 0, ctx, &q, 0.3, &mut slow).unwrap();
-            let what = format!("{fib}/{value} normalized keys (split {split_keys}), length {len}");
-            assert_close(&fast, &slow, &what);
-            assert_close(&portable, &slow, &what);
-            assert_close(&split, &slow, &what);
+            assert_close(&split, &slow, &format!("{what}, split"));
         }
     }
 }
@@ -255,6 +251,7 @@ fn split_context_merges_to_the_same_output() {
 /// sink's score is.
 #[test]
 fn sink_rows_beside_a_sealed_block_match_the_reference() {
+    let levels = levels("sink_rows");
     let (d, kv, qh, tokens): (usize, usize, usize, usize) = (64, 3, 9, 16 * 3 + 5);
     for codec in every_codec() {
         let mut outputs = Vec::new();
@@ -271,19 +268,15 @@ fn sink_rows_beside_a_sealed_block_match_the_reference() {
                     blocks: &blocks,
                     len,
                 };
-                let mut out = [vec![0.0; qh * d], vec![0.0; qh * d], vec![0.0; qh * d]];
-                let [fast, portable, slow] = &mut out;
-                let mut split = vec![0.0; qh * d];
-                attend(&s, 0, ctx, &q, 0.125, fast, &mut Scratch::default()).unwrap();
-                attend_portable(&s, 0, ctx, &q, 0.125, portable, &mut Scratch::default()).unwrap();
-                attend_split(&s, 0, ctx, &q, 0.125, &mut split).unwrap();
-                attend_reference(&s, 0, ctx, &q, 0.125, slow).unwrap();
                 let what = format!("{codec} sinks {sinks} len {len}");
-                assert_close(fast, slow, &format!("{what} simd"));
-                assert_close(portable, slow, &format!("{what} portable"));
-                assert_close(&split, slow, &format!("{what} split"));
+                let fast =
+                    every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.125, &what);
+                let (mut split, mut slow) = (vec![0.0; qh * d], vec![0.0; qh * d]);
+                attend_split(&s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
+                assert_close(&split, &slow, &format!("{what} split"));
                 if len == tokens {
-                    outputs.push(fast.clone());
+                    outputs.push(fast);
                 }
             }
         }
@@ -298,6 +291,7 @@ fn sink_rows_beside_a_sealed_block_match_the_reference() {
 /// portable build, for full blocks, partial ones and a single token.
 #[test]
 fn simd_loops_match_the_reference_at_smollm_geometry() {
+    let levels = levels("simd_loops");
     // head_dim 64 as SmolLM2, and 128 (two 64-channel chunks, eight FibQuant chunks); a
     // group of 20 query heads (more than the 16 whose key terms stay in registers, and a
     // last group of 4 heads after 16)
@@ -312,7 +306,7 @@ fn simd_loops_match_the_reference_at_smollm_geometry() {
                     .map(|i| ((i + len) as f32 * 0.11).sin() * 1.5)
                     .collect();
                 let what = format!("{codec} d {d} {kv}/{qh} len {len}");
-                widest_and_portable_match_the_reference(&s, &blocks, len, &q, 0.125, &what);
+                every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.125, &what);
             }
         }
     }
@@ -320,6 +314,8 @@ fn simd_loops_match_the_reference_at_smollm_geometry() {
 
 #[test]
 fn blocks_read_in_one_call_match_the_reference() {
+    // the whole-block kernel runs at the AVX-512 level only: `levels` says whether it ran
+    let levels = levels("blocks_read_in_one_call");
     // every pair of f16, bf16, integer and fp8 key and value codecs; groups of 1 (MHA),
     // 3 (GQA), 4 (MQA, the widest group read in one call) and 9 (MQA past it); keys growing
     // along the context so the softmax reference point moves inside a run of blocks
@@ -359,15 +355,8 @@ fn blocks_read_in_one_call_match_the_reference() {
             }
             let q: Vec<f32> = (0..qh * d).map(|i| (i as f32 * 0.23).sin() * 1.5).collect();
             for len in [1, 16, 40, 80, tokens] {
-                let ctx = Context {
-                    blocks: &blocks,
-                    len,
-                };
-                let (mut fast, mut slow) = (vec![0.0; qh * d], vec![0.0; qh * d]);
-                attend(&s, 0, ctx, &q, 0.125, &mut fast, &mut Scratch::default()).unwrap();
-                attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
                 let what = format!("{key_codec}/{value_codec} {kv}/{qh} len {len}");
-                assert_close(&fast, &slow, &what);
+                every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.125, &what);
             }
         }
     }
@@ -474,6 +463,7 @@ fn bad_shapes_are_errors() {
 /// and an open one, on the widest SIMD and the portable build, against the f64 reference.
 #[test]
 fn every_geometry_and_block_size_matches_the_reference() {
+    let levels = levels("every_geometry_and_block_size");
     for (d, qh, kv) in [(128, 32, 8), (128, 28, 4), (64, 32, 4), (64, 14, 2)] {
         for bs in [8, 16, 32, 64, 7] {
             for codec in every_codec() {
@@ -488,7 +478,7 @@ fn every_geometry_and_block_size_matches_the_reference() {
                 for len in [1, bs, tokens] {
                     let what =
                         format!("{codec} d {d} heads {qh}/{kv} blocks of {bs}, length {len}");
-                    widest_and_portable_match_the_reference(&s, &blocks, len, &q, 0.1, &what);
+                    every_level_matches_the_reference(&levels, &s, &blocks, len, &q, 0.1, &what);
                 }
             }
         }
