@@ -423,20 +423,20 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A scheduler over a cache of `codec` with room for `n` sequences of `prompt` and
-/// `max_tokens` more, and `n` requests submitted: `prompt` with one distinct token appended
-/// to each, so that no request is a pure prefix hit of another.
+/// A scheduler over a cache of `codec` with room for the `prompts` and `max_tokens` more each,
+/// and one request per prompt submitted (ids 0, 1, …).
 pub(crate) fn submitted<'m>(
     model: &'m Model,
     common: &CommonArgs,
     codec: Codec,
-    prompt: &[u32],
-    n: usize,
+    prompts: &[Vec<u32>],
     max_tokens: usize,
     max_step_tokens: usize,
 ) -> Result<Scheduler<'m>> {
     let layout = model.config().kv_layout(codec, codec, common.block_size)?;
-    let blocks = n * (prompt.len() + max_tokens + 16).div_ceil(common.block_size) + 16;
+    let n = prompts.len();
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let blocks = n * (longest + max_tokens + 16).div_ceil(common.block_size) + 16;
     let cache = pagedkv::KvCacheManager::new(layout, blocks, b"bench")?;
     let config = SchedulerConfig {
         max_step_tokens,
@@ -444,10 +444,14 @@ pub(crate) fn submitted<'m>(
         ..SchedulerConfig::default()
     };
     let mut scheduler = Scheduler::new(model, cache, config)?;
-    for id in 0..n as u64 {
-        let mut p = prompt.to_vec();
-        p.push(100 + id as u32);
-        scheduler.submit(Request::new(id, p, max_tokens, SamplingParams::default()))?;
+    for (id, prompt) in prompts.iter().enumerate() {
+        let request = Request::new(
+            id as u64,
+            prompt.clone(),
+            max_tokens,
+            SamplingParams::default(),
+        );
+        scheduler.submit(request)?;
     }
     Ok(scheduler)
 }
@@ -462,7 +466,11 @@ fn ours(
     n: usize,
     tokens: usize,
 ) -> Result<f64> {
-    let mut scheduler = submitted(model, common, codec, prompt, n, tokens + 1, 4096)?;
+    // one distinct token appended to each prompt: no request is a pure prefix hit of another
+    let prompts: Vec<Vec<u32>> = (0..n as u32)
+        .map(|i| [prompt, &[100 + i]].concat())
+        .collect();
+    let mut scheduler = submitted(model, common, codec, &prompts, tokens + 1, 4096)?;
     let mut first: Option<Instant> = None;
     let mut counted = 0usize;
     scheduler.run(|e| {

@@ -1,8 +1,8 @@
-//! `pagedkv bench generate --context N`: decode where the KV cache dominates. A prompt of N
-//! tokens (the start of the eval text), then greedy decode; per codec, one sequence and
-//! `--concurrent` sequences through our scheduler, and llama.cpp (llama-cpp-python, the same
-//! GGUF and prompt ids, the same threads, its f16 / q8_0 / q4_0 KV cache) in the same rounds
-//! when it is installed (`scripts/llama-cpp-server`).
+//! `pagedkv bench generate --context N`: decode where the KV cache dominates. Prompts of N
+//! tokens (consecutive windows of the eval text, so that no two share a prefix), then greedy
+//! decode; per codec, one sequence and `--concurrent` sequences through our scheduler, and
+//! llama.cpp (llama-cpp-python, the same GGUF and first prompt, the same threads, its f16 /
+//! q8_0 / q4_0 KV cache) in the same rounds when it is installed (`scripts/llama-cpp-server`).
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -28,17 +28,17 @@ struct Rates {
     decode: f64,
 }
 
-/// Our scheduler: `n` sequences with `prompt` (one distinct token appended to each), `tokens`
-/// tokens each.
+/// Our scheduler: one sequence per prompt, `tokens` tokens each.
 fn ours(
     model: &Model,
     common: &CommonArgs,
     codec: Codec,
-    prompt: &[u32],
-    n: usize,
+    prompts: &[Vec<u32>],
     tokens: usize,
 ) -> Result<Rates> {
-    let mut scheduler = submitted(model, common, codec, prompt, n, tokens, 2048)?;
+    let n = prompts.len();
+    let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
+    let mut scheduler = submitted(model, common, codec, prompts, tokens, 2048)?;
     let started = Instant::now();
     let mut first_seen = vec![false; n];
     let (mut all_first, mut after) = (None, 0usize);
@@ -57,7 +57,7 @@ fn ours(
     })?;
     let all_first = all_first.context("no sequence produced a token")?;
     Ok(Rates {
-        prefill: (n * (prompt.len() + 1)) as f64 / (all_first - started).as_secs_f64(),
+        prefill: prompt_tokens as f64 / (all_first - started).as_secs_f64(),
         decode: after as f64 / all_first.elapsed().as_secs_f64(),
     })
 }
@@ -147,17 +147,25 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let limit = model.config().context_len;
     let context = args.context;
     anyhow::ensure!(
-        context + 1 + args.tokens <= limit,
+        context + args.tokens <= limit,
         "--context {context} plus --tokens {} exceed the model's context of {limit} tokens",
         args.tokens
     );
-    let mut prompt = tokenizer.encode(PROMPT_TEXT)?;
+    // sequence i reads window i of the text: no two share a prefix, so every sequence's KV is
+    // its own, as with independent users
+    let text = tokenizer.encode(PROMPT_TEXT)?;
+    let windows = args.concurrent.max(1);
     anyhow::ensure!(
-        prompt.len() >= context,
-        "the prompt text has only {} tokens",
-        prompt.len()
+        text.len() >= context * windows,
+        "the prompt text has {} tokens: too few for {windows} prompts of {context}",
+        text.len()
     );
-    prompt.truncate(context);
+    let prompts: Vec<Vec<u32>> = text
+        .chunks_exact(context)
+        .take(windows)
+        .map(<[u32]>::to_vec)
+        .collect();
+    let prompt = &prompts[0];
     let kv_types: Vec<String> = args.llama_kv.split(',').map(str::to_string).collect();
     for kv in &kv_types {
         llama_cpp_bytes_per_element(kv)?;
@@ -188,14 +196,13 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let mut theirs = vec![Vec::new(); kv_types.len()];
     for _ in 0..args.rounds {
         for (i, codec) in codecs.iter().enumerate() {
-            single[i].push(ours(&model, common, *codec, &prompt, 1, args.tokens)?);
+            single[i].push(ours(&model, common, *codec, &prompts[..1], args.tokens)?);
             if args.concurrent > 1 {
-                let n = args.concurrent;
-                batched[i].push(ours(&model, common, *codec, &prompt, n, args.tokens)?);
+                batched[i].push(ours(&model, common, *codec, &prompts, args.tokens)?);
             }
         }
         if let Some(dir) = &llama {
-            let rates = llama_cpp(dir, &model_path, threads, &prompt, args.tokens, &kv_types)?;
+            let rates = llama_cpp(dir, &model_path, threads, prompt, args.tokens, &kv_types)?;
             for (all, r) in theirs.iter_mut().zip(rates) {
                 all.push(r);
             }
@@ -208,7 +215,7 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
         )
     };
     // KV bytes read per decoded token: the context at the middle of the decode
-    let mean_context = (context + 1 + args.tokens / 2) as f64;
+    let mean_context = (context + args.tokens / 2) as f64;
     let c = model.config();
     let elements = (2 * c.layers * c.kv_heads * c.head_dim) as f64;
     let llama_f16 = theirs
