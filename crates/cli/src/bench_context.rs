@@ -147,7 +147,9 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let limit = model.config().context_len;
     let context = args.context;
     anyhow::ensure!(
-        context + args.tokens <= limit,
+        context
+            .checked_add(args.tokens)
+            .is_some_and(|end| end <= limit),
         "--context {context} plus --tokens {} exceed the model's context of {limit} tokens",
         args.tokens
     );
@@ -156,7 +158,10 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let text = tokenizer.encode(PROMPT_TEXT)?;
     let windows = args.concurrent.max(1);
     anyhow::ensure!(
-        text.len() >= context * windows,
+        context > 0
+            && context
+                .checked_mul(windows)
+                .is_some_and(|n| n <= text.len()),
         "the prompt text has {} tokens: too few for {windows} prompts of {context}",
         text.len()
     );

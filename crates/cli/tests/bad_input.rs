@@ -115,6 +115,12 @@ fn bad_flags_get_clear_errors() {
             "unknown --simd `avx9` (avx512, avx2, portable)",
         ),
         (
+            ["bench", "generate", "--context", "18446744073709551615"]
+                .map(String::from)
+                .to_vec(),
+            "exceed the model's context of 8192 tokens",
+        ),
+        (
             ["bench", "generate", "--context", "9000"]
                 .map(String::from)
                 .to_vec(),

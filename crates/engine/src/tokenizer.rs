@@ -157,14 +157,17 @@ impl GgufTokenizer {
         let eos = metadata(ct, "tokenizer.ggml.eos_token_id")
             .ok()
             .and_then(integer)
-            .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))?
-            as u32;
-        if eos as usize >= tokens.len() {
-            return Err(EngineError::Tokenizer(format!(
-                "eos token {eos} is outside the vocabulary of {} tokens",
-                tokens.len()
-            )));
-        }
+            .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))?;
+        // checked before narrowing: 2³² + 5 must not become token 5
+        let eos = u32::try_from(eos)
+            .ok()
+            .filter(|e| (*e as usize) < tokens.len())
+            .ok_or_else(|| {
+                EngineError::Tokenizer(format!(
+                    "eos token {eos} is outside the vocabulary of {} tokens",
+                    tokens.len()
+                ))
+            })?;
         let im_end = tokens
             .iter()
             .position(|t| t == "<|im_end|>")

@@ -162,13 +162,19 @@ fn a_tokenizer_larger_than_the_embedding_is_refused() {
         "{reason}"
     );
 
-    let mut file = TinyGguf::valid();
-    file.set("tokenizer.ggml.eos_token_id", Value::U32(4000));
-    match load(&file, "eos") {
-        Err(EngineError::Tokenizer(message)) => {
-            assert!(message.contains("eos token 4000"), "{message}")
+    // 2³² + 5 must not wrap to token 5
+    for (eos, shown) in [
+        (Value::U32(4000), "4000"),
+        (Value::U64((1 << 32) + 5), "4294967301"),
+    ] {
+        let mut file = TinyGguf::valid();
+        file.set("tokenizer.ggml.eos_token_id", eos);
+        match load(&file, "eos") {
+            Err(EngineError::Tokenizer(message)) => {
+                assert!(message.contains(&format!("eos token {shown}")), "{message}")
+            }
+            other => panic!("expected a tokenizer error, got {other:?}"),
         }
-        other => panic!("expected a tokenizer error, got {other:?}"),
     }
 }
 

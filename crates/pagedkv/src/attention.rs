@@ -198,8 +198,8 @@ pub fn attend(
     Query::new(storage, layer, ctx, q, scale).attend_heads(out, scratch, simd)
 }
 
-/// [`attend`] without SIMD beyond the baseline target: the fallback, and the twin the SIMD
-/// builds are tested against.
+/// [`attend`] without SIMD beyond the baseline target (as with a [`Scratch::at`]
+/// `Simd::Portable`), whatever the scratch's level.
 pub fn attend_portable(
     storage: &KvStorage,
     layer: usize,

@@ -67,7 +67,8 @@ const fn codec(kind: usize) -> Codec {
         INT4 => Codec::Int4,
         INT2 => Codec::Int2,
         E4M3 => Codec::Fp8E4m3,
-        _ => Codec::Fp8E5m2,
+        E5M2 => Codec::Fp8E5m2,
+        _ => panic!("not a page kind"),
     }
 }
 
