@@ -62,42 +62,64 @@ fn ours(
     })
 }
 
-/// Where `scripts/llama-cpp-server` installs llama-cpp-python, if it is there and imports.
-fn llama_cpp_dir() -> Option<PathBuf> {
-    let home = std::env::var_os("PAGEDKV_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pagedkv")))?;
-    let dir = home.join("llama-cpp-python");
-    let imports = Command::new("python3")
-        .args(["-c", "import llama_cpp, numpy"])
-        .env("PYTHONPATH", &dir)
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    imports.then_some(dir)
+/// llama-cpp-python as `scripts/llama-cpp-server` installs it, and our decode script for it
+/// written once to a temporary file (removed on drop).
+struct LlamaCpp {
+    dir: PathBuf,
+    script: PathBuf,
+}
+
+impl LlamaCpp {
+    /// `None` when llama-cpp-python is not installed (or does not import).
+    fn installed() -> Result<Option<Self>> {
+        let Some(home) = std::env::var_os("PAGEDKV_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/pagedkv")))
+        else {
+            return Ok(None);
+        };
+        let dir = home.join("llama-cpp-python");
+        let imports = Command::new("python3")
+            .args(["-c", "import llama_cpp, numpy"])
+            .env("PYTHONPATH", &dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !imports {
+            return Ok(None);
+        }
+        let script = std::env::temp_dir().join(format!(
+            "pagedkv-llama-cpp-decode-{}.py",
+            std::process::id()
+        ));
+        std::fs::write(&script, LLAMA_CPP_DECODE)?;
+        Ok(Some(Self { dir, script }))
+    }
+}
+
+impl Drop for LlamaCpp {
+    fn drop(&mut self) {
+        // a temporary file: nothing to do if it is already gone
+        let _ = std::fs::remove_file(&self.script);
+    }
 }
 
 /// llama.cpp's rates for each KV type, one process per round (see scripts/llama-cpp-decode).
 fn llama_cpp(
-    dir: &PathBuf,
+    llama: &LlamaCpp,
     model: &std::path::Path,
     threads: usize,
     prompt: &[u32],
     tokens: usize,
     kv_types: &[String],
 ) -> Result<Vec<Rates>> {
-    let script = std::env::temp_dir().join(format!(
-        "pagedkv-llama-cpp-decode-{}.py",
-        std::process::id()
-    ));
-    std::fs::write(&script, LLAMA_CPP_DECODE)?;
     let mut child = Command::new("python3")
-        .arg(&script)
+        .arg(&llama.script)
         .arg(model)
         .arg(threads.to_string())
         .arg(tokens.to_string())
         .arg(kv_types.join(","))
-        .env("PYTHONPATH", dir)
+        .env("PYTHONPATH", &llama.dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -108,7 +130,6 @@ fn llama_cpp(
         .context("llama.cpp's stdin")?
         .write_all(serde_json::to_string(prompt)?.as_bytes())?;
     let output = child.wait_with_output()?;
-    let _ = std::fs::remove_file(&script);
     anyhow::ensure!(
         output.status.success(),
         "llama.cpp's run failed: {}",
@@ -178,7 +199,7 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let threads = common
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let llama = llama_cpp_dir();
+    let llama = LlamaCpp::installed()?;
     let sequences = match args.concurrent {
         1 => "1 sequence".to_string(),
         n => format!("1 and {n} sequences"),
@@ -206,8 +227,8 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
                 batched[i].push(ours(&model, common, *codec, &prompts, args.tokens)?);
             }
         }
-        if let Some(dir) = &llama {
-            let rates = llama_cpp(dir, &model_path, threads, prompt, args.tokens, &kv_types)?;
+        if let Some(llama) = &llama {
+            let rates = llama_cpp(llama, &model_path, threads, prompt, args.tokens, &kv_types)?;
             for (all, r) in theirs.iter_mut().zip(rates) {
                 all.push(r);
             }

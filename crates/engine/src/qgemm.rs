@@ -356,11 +356,20 @@ mod tests {
         let mut batch = QActivations::default();
         batch.quantize(&x, 9, k).unwrap();
         let groups = n / LANES;
+        let simd_ran = vnni_available();
+        println!(
+            "{}",
+            if simd_ran {
+                "compared the AVX-512 VNNI kernel with the scalar one"
+            } else {
+                "no AVX-512 VNNI on this CPU: only the scalar kernel was run"
+            }
+        );
         for g in 0..groups {
             let mut scalar = vec![0f32; 9 * LANES];
             w.group_scalar(g, &batch, &mut scalar);
             #[cfg(target_arch = "x86_64")]
-            if vnni_available() {
+            if simd_ran {
                 let mut simd = vec![0f32; 9 * LANES];
                 // SAFETY: features checked just above.
                 unsafe { w.group_avx512(g, &batch, &mut simd) };

@@ -168,6 +168,15 @@ mod tests {
             columns[stride + i] = c[1];
             norms[i] = c[0] * c[0] + c[1] * c[1];
         }
+        #[cfg(target_arch = "x86_64")]
+        println!(
+            "dispatched search and portable loop run; the AVX loop {}",
+            if std::arch::is_x86_feature_detected!("avx") {
+                "too"
+            } else {
+                "not (no AVX on this CPU)"
+            }
+        );
         for x in [[0.25f32, -0.5], [0.0, 0.0], [0.9, 0.9], [-0.3, 0.1]] {
             let want = nearest_portable(&columns, &norms, stride, &x);
             assert_eq!(nearest(&columns, &norms, stride, &x), want);

@@ -3,6 +3,7 @@
 //! says which it was.
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use crate::error::{KvError, Result};
 
@@ -40,13 +41,16 @@ impl Simd {
         }
     }
 
-    /// The widest level this CPU can run.
+    /// The widest level this CPU can run (detected once: every attention call asks).
     pub fn widest() -> Simd {
-        Self::ALL
-            .into_iter()
-            .rev()
-            .find(|level| level.available())
-            .unwrap_or(Simd::Portable)
+        static WIDEST: OnceLock<Simd> = OnceLock::new();
+        *WIDEST.get_or_init(|| {
+            Self::ALL
+                .into_iter()
+                .rev()
+                .find(|level| level.available())
+                .unwrap_or(Simd::Portable)
+        })
     }
 
     /// Every level this CPU can run, narrowest first.
