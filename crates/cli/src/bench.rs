@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use clap::{Args, Subcommand};
-use pagedkv::attention::Simd;
+use pagedkv::attention::{AttentionPath, Simd};
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::sampler::argmax;
@@ -75,9 +75,25 @@ pub struct AttentionBench {
     /// this CPU has).
     #[arg(long)]
     simd: Option<String>,
+    /// Paths measured (comma-separated: exact, fast); the fast path only for codecs it has a
+    /// kernel for at this level.
+    #[arg(long, default_value = "exact,fast")]
+    attention: String,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+}
+
+/// Attention paths by name (comma-separated).
+fn parse_paths(names: &str) -> Result<Vec<AttentionPath>> {
+    names
+        .split(',')
+        .map(|name| match name.trim() {
+            "exact" => Ok(AttentionPath::Exact),
+            "fast" => Ok(AttentionPath::Fast),
+            other => anyhow::bail!("unknown attention path `{other}` (exact, fast)"),
+        })
+        .collect()
 }
 
 /// A dispatch level by name.
@@ -269,7 +285,7 @@ impl BandwidthProbe {
 }
 
 fn attention(args: AttentionBench) -> Result<()> {
-    use pagedkv::attention::{attend_split_at, Context};
+    use pagedkv::attention::{attend_split_at, fast_kernel_reads, Context, Dispatch};
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
     anyhow::ensure!(
@@ -292,6 +308,7 @@ fn attention(args: AttentionBench) -> Result<()> {
         .simd
         .as_deref()
         .map_or(Ok(Simd::widest()), parse_simd)?;
+    let paths = parse_paths(&args.attention)?;
     let probe = BandwidthProbe::new();
     println!(
         "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",
@@ -301,8 +318,9 @@ fn attention(args: AttentionBench) -> Result<()> {
         "machine read bandwidth: a threaded sum over 1 GiB in every round (best of 2 passes); \"of bandw.\" is against its median over the context's rounds"
     );
     println!(
-        "{:>16} {:>7} {:>11} {:>13} {:>9} {:>10} {:>9} {:>10}",
+        "{:>16} {:>6} {:>7} {:>11} {:>13} {:>9} {:>10} {:>9} {:>10}",
         "codec",
+        "path",
         "context",
         "µs / step",
         "ns / ctx tok",
@@ -335,6 +353,13 @@ fn attention(args: AttentionBench) -> Result<()> {
             }
             caches.push((codec, layout, storage));
         }
+        // (cache, path) pairs measured: the fast path where it has its own kernel
+        let runs: Vec<(usize, AttentionPath)> = (0..caches.len())
+            .flat_map(|i| paths.iter().map(move |p| (i, *p)))
+            .filter(|(i, p)| {
+                *p == AttentionPath::Exact || fast_kernel_reads(&caches[*i].1, 0, simd)
+            })
+            .collect();
         let q = gaussian(9 * 64, 7);
         let mut out = vec![0f32; 9 * 64];
         let ctx = Context {
@@ -342,16 +367,18 @@ fn attention(args: AttentionBench) -> Result<()> {
             len: context,
         };
         let scale = 0.125;
-        let mut times = vec![Vec::with_capacity(args.rounds * args.steps); caches.len()];
+        let mut times = vec![Vec::with_capacity(args.rounds * args.steps); runs.len()];
         let mut bandwidths = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds {
             bandwidths.push(probe.measure(2));
-            for ((_, _, storage), times) in caches.iter().zip(times.iter_mut()) {
+            for (&(cache, path), times) in runs.iter().zip(times.iter_mut()) {
+                let storage = &caches[cache].2;
+                let dispatch = Dispatch { simd, path };
                 // one untimed step brings this codec's pages and tables back in
                 for step in 0..args.steps + 1 {
                     let started = Instant::now();
                     for layer in 0..args.layers {
-                        attend_split_at(simd, storage, layer, ctx, &q, scale, &mut out)?;
+                        attend_split_at(dispatch, storage, layer, ctx, &q, scale, &mut out)?;
                     }
                     if step > 0 {
                         times.push(started.elapsed().as_secs_f64());
@@ -361,11 +388,12 @@ fn attention(args: AttentionBench) -> Result<()> {
         }
         let steps: Vec<f64> = times.into_iter().map(median).collect();
         let bandwidth = median(bandwidths);
-        let f16_time = codecs
+        let f16_time = runs
             .iter()
-            .position(|c| *c == Codec::F16)
+            .position(|(i, p)| caches[*i].0 == Codec::F16 && *p == AttentionPath::Exact)
             .map(|i| steps[i]);
-        for ((codec, layout, _), step) in caches.iter().zip(steps) {
+        for (&(cache, path), step) in runs.iter().zip(steps) {
+            let (codec, layout, _) = &caches[cache];
             // bytes of every page read: whole blocks, keys and values, every layer
             let bytes = (0..args.layers)
                 .map(|l| (layout.key_page_bytes(l) + layout.value_page_bytes(l)) * 3)
@@ -374,8 +402,9 @@ fn attention(args: AttentionBench) -> Result<()> {
             let rate = bytes / step;
             let vs_f16 = f16_time.map_or("-".to_string(), |t| format!("{:.2}", step / t));
             println!(
-                "{:>16} {context:>7} {:>11.1} {:>13.2} {:>9.1} {:>9.0}% {vs_f16:>9} {:>10.1}",
+                "{:>16} {:>6} {context:>7} {:>11.1} {:>13.2} {:>9.1} {:>9.0}% {vs_f16:>9} {:>10.1}",
                 codec.to_string(),
+                path.to_string(),
                 step * 1e6,
                 step * 1e9 / (context * args.layers) as f64,
                 rate / 1e9,
@@ -383,7 +412,7 @@ fn attention(args: AttentionBench) -> Result<()> {
                 bandwidth / 1e9
             );
             rows.push(serde_json::json!({
-                "codec": codec.to_string(), "context": context, "layers": args.layers,
+                "codec": codec.to_string(), "attention": path.to_string(), "context": context, "layers": args.layers,
                 "seconds_per_step": step, "kv_bytes_per_step": bytes, "bytes_per_second": rate,
                 "fraction_of_bandwidth": rate / bandwidth, "time_vs_f16": f16_time.map(|t| step / t),
                 "read_bandwidth_bytes_per_second": bandwidth, "simd": simd.to_string(),

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use pagedkv::attention::{self, Context, Scratch};
+use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Scratch};
 use pagedkv::{Codec, KvCacheManager, KvLayout, LayerOverride, LayoutSpec, SeqId};
 use rayon::prelude::*;
 
@@ -284,6 +284,8 @@ pub struct Model {
     out_norm: Vec<f32>,
     output: Linear,
     mode: WeightMode,
+    /// The arithmetic attention reads compressed pages with.
+    attention: AttentionPath,
     device: Device,
     stop_tokens: Vec<u32>,
     fingerprint: ModelFingerprint,
@@ -407,6 +409,7 @@ impl Model {
                 out_norm,
                 output,
                 mode,
+                attention: AttentionPath::Exact,
                 device,
                 stop_tokens: tokenizer.stop_tokens(),
                 fingerprint,
@@ -433,6 +436,16 @@ impl Model {
     /// How weights are held.
     pub fn weight_mode(&self) -> WeightMode {
         self.mode
+    }
+
+    /// The attention path (exact by default; see [`AttentionPath`]).
+    pub fn attention_path(&self) -> AttentionPath {
+        self.attention
+    }
+
+    /// Reads compressed pages on `path` from now on.
+    pub fn set_attention_path(&mut self, path: AttentionPath) {
+        self.attention = path;
     }
 
     /// Applies several linear layers to the same input; for 8-bit weights the input is quantized
@@ -574,7 +587,8 @@ impl Model {
                         blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
-                    attention::attend_split(storage, layer_idx, ctx, qr, scale, out)?;
+                    let dispatch = Dispatch::widest(self.attention);
+                    attention::attend_split_at(dispatch, storage, layer_idx, ctx, qr, scale, out)?;
                 }
             } else {
                 attn_out
@@ -582,7 +596,7 @@ impl Model {
                     .zip(q.par_chunks(q_width))
                     .zip(rows.par_iter())
                     .try_for_each_init(
-                        Scratch::default,
+                        || Scratch::on(self.attention),
                         |scratch, ((out, qr), (item_idx, pos))| {
                             let ctx = Context {
                                 blocks: &tables[*item_idx],

@@ -35,6 +35,8 @@ macro_rules! with_heads {
 #[cfg(target_arch = "x86_64")]
 mod block_kernel;
 mod convert;
+#[cfg(target_arch = "x86_64")]
+mod fast_kernel;
 mod lut;
 mod pages;
 mod pass;
@@ -46,6 +48,64 @@ mod tests;
 
 pub use reference::attend_reference;
 pub use simd::Simd;
+
+/// The arithmetic compressed pages are read with (issue 22's accuracy contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum AttentionPath {
+    /// f32 arithmetic on the codes: within 1e-4 of the f64 reference on the codec's
+    /// reconstruction (DESIGN §7). The oracle of every other path.
+    #[default]
+    Exact,
+    /// Integer dot products where a kernel for the pages exists (int8, int4 and int2 keys and
+    /// values at head_dim 64, blocks of 16, up to four query heads per kv head, on AVX-512
+    /// VNNI): the query, with the key scales folded in, and the softmax weights, with the
+    /// value scales folded in, rounded to 16-bit integers per block. Within 2e-3 of the
+    /// output's scale; every other page is read as on the exact path.
+    Fast,
+}
+
+impl std::fmt::Display for AttentionPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            AttentionPath::Exact => "exact",
+            AttentionPath::Fast => "fast",
+        })
+    }
+}
+
+/// Whether [`AttentionPath::Fast`] reads layer `layer` of `layout` with its own kernel at
+/// level `simd` (elsewhere it reads pages as the exact path does).
+pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: Simd) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let plain = layout.key_norm(layer).is_none() && layout.key_split(layer).is_none();
+        pass::whole_block(layout, layer, simd, plain, AttentionPath::Fast).is_some_and(|k| k.fast)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (layout, layer, simd);
+        false
+    }
+}
+
+/// Where and how passes run: the SIMD level and the arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dispatch {
+    /// The instruction sets passes may use.
+    pub simd: Simd,
+    /// The arithmetic of compressed pages.
+    pub path: AttentionPath,
+}
+
+impl Dispatch {
+    /// The widest level this CPU has, on `path`.
+    pub fn widest(path: AttentionPath) -> Self {
+        Self {
+            simd: Simd::widest(),
+            path,
+        }
+    }
+}
 
 use crate::block::BlockId;
 use crate::error::{KvError, Result};
@@ -82,6 +142,7 @@ pub struct Scratch {
     zeros: block_kernel::ZeroSums,
     /// The dispatch level passes run at; `None`: the widest this CPU has.
     simd: Option<Simd>,
+    path: AttentionPath,
 }
 
 impl Scratch {
@@ -94,9 +155,30 @@ impl Scratch {
         })
     }
 
+    /// Buffers whose passes run as `dispatch` says (an error if this CPU cannot run its level).
+    pub fn with(dispatch: Dispatch) -> Result<Self> {
+        Ok(Self {
+            path: dispatch.path,
+            ..Self::at(dispatch.simd)?
+        })
+    }
+
+    /// Buffers whose passes take `path`, at the widest level this CPU has.
+    pub fn on(path: AttentionPath) -> Self {
+        Self {
+            path,
+            ..Self::default()
+        }
+    }
+
     /// The level passes with these buffers run at.
     pub fn simd(&self) -> Simd {
         self.simd.unwrap_or_else(Simd::widest)
+    }
+
+    /// The arithmetic passes with these buffers use.
+    pub fn path(&self) -> AttentionPath {
+        self.path
     }
 }
 
@@ -304,12 +386,20 @@ pub fn attend_split(
     scale: f32,
     out: &mut [f32],
 ) -> Result<()> {
-    attend_split_at(Simd::widest(), storage, layer, ctx, q, scale, out)
+    attend_split_at(
+        Dispatch::widest(AttentionPath::Exact),
+        storage,
+        layer,
+        ctx,
+        q,
+        scale,
+        out,
+    )
 }
 
-/// [`attend_split`] at dispatch level `simd` (an error if this CPU cannot run it).
+/// [`attend_split`] as `dispatch` says (an error if this CPU cannot run its level).
 pub fn attend_split_at(
-    simd: Simd,
+    dispatch: Dispatch,
     storage: &KvStorage,
     layer: usize,
     ctx: Context,
@@ -318,7 +408,8 @@ pub fn attend_split_at(
     out: &mut [f32],
 ) -> Result<()> {
     use rayon::prelude::*;
-    let simd = simd.check()?;
+    let simd = dispatch.simd.check()?;
+    let new_scratch = || Scratch::on(dispatch.path);
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
@@ -336,7 +427,7 @@ pub fn attend_split_at(
     // a context of a few ranges runs on the calling thread, without rayon: handing it to a
     // worker costs more than the work (ranges and merge order are the same either way)
     let partials = if items.len() <= MIN_RANGES_PER_TASK {
-        let mut scratch = Scratch::default();
+        let mut scratch = new_scratch();
         items
             .iter()
             .map(|item| run(&mut scratch, item))
@@ -345,7 +436,7 @@ pub fn attend_split_at(
         items
             .par_iter()
             .with_min_len(MIN_RANGES_PER_TASK)
-            .map_init(Scratch::default, run)
+            .map_init(new_scratch, run)
             .collect::<Result<Vec<_>>>()?
     };
     for head in 0..heads {

@@ -38,7 +38,7 @@ pub(super) const E4M3: usize = 0x100 | 8;
 pub(super) const E5M2: usize = 0x200 | 8;
 
 /// Bits of one stored element of `kind`.
-const fn bits(kind: usize) -> usize {
+pub(super) const fn bits(kind: usize) -> usize {
     kind & 0xFF
 }
 
@@ -49,7 +49,7 @@ pub(super) const fn full(kind: usize) -> bool {
 }
 
 /// Integer codes: an f16 (scale, zero) per key channel, per value token and group of 32.
-const fn integer(kind: usize) -> bool {
+pub(super) const fn integer(kind: usize) -> bool {
     matches!(kind, INT8 | INT4 | INT2)
 }
 
@@ -73,7 +73,7 @@ const fn codec(kind: usize) -> Codec {
 }
 
 /// Where a page of `kind` keeps its codes and parameters at this geometry.
-const fn page(kind: usize, role: Role) -> PageLayout {
+pub(super) const fn page(kind: usize, role: Role) -> PageLayout {
     match PageLayout::scalar(codec(kind), role, BS, D) {
         Some(layout) => layout,
         None => panic!("every kind has a scalar page layout at D × BS"),
@@ -107,6 +107,49 @@ pub(super) struct Running<'a> {
     /// `heads × 64` unnormalized outputs.
     pub acc: &'a mut [f32],
     pub zeros: &'a mut ZeroSums,
+}
+
+impl Running<'_> {
+    /// The online-softmax step of head `h` over a block's 16 `scores`: the block's weights
+    /// `exp(s − reference)`, added into the head's running sums; when the reference point
+    /// moves, everything summed so far (sums, outputs, zero-point sums) is rescaled to it.
+    ///
+    /// # Safety
+    /// AVX-512F present. (Inlined into each kernel rather than a call: the call's spills of
+    /// its registers cost as much as the step.)
+    #[inline(always)]
+    pub(super) unsafe fn softmax_step(&mut self, h: usize, scores: __m512) -> __m512 {
+        // SAFETY: AVX-512F present (the caller's contract); the loads and stores read and
+        // write `lanes[h]`'s 16 floats.
+        unsafe {
+            let max_in = self.max[h];
+            let over =
+                _mm512_cmp_ps_mask::<_CMP_GT_OQ>(scores, _mm512_set1_ps(max_in + LAZY_MAX_SLACK));
+            let max = if over != 0 || max_in == f32::NEG_INFINITY {
+                lazy_max(max_in, _mm512_reduce_max_ps(scores))
+            } else {
+                max_in
+            };
+            let e = exp_shifted(_mm512_sub_ps(scores, _mm512_set1_ps(max)));
+            let sums = _mm512_loadu_ps(self.lanes[h].as_ptr());
+            let sums = if max != max_in {
+                // the reference point moved: everything summed so far rescaled to it
+                let correction = (max_in - max).exp();
+                self.acc[h * D..(h + 1) * D]
+                    .iter_mut()
+                    .for_each(|x| *x *= correction);
+                for lanes in self.zeros[h].iter_mut() {
+                    lanes.iter_mut().for_each(|x| *x *= correction);
+                }
+                _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e)
+            } else {
+                _mm512_add_ps(sums, e)
+            };
+            _mm512_storeu_ps(self.lanes[h].as_mut_ptr(), sums);
+            self.max[h] = max;
+            e
+        }
+    }
 }
 
 /// The lane of element `i` (0..16) of a group of sixteen elements of `kind` as [`codes16`]
@@ -187,7 +230,7 @@ unsafe fn codes16<const KIND: usize>(at: *const u8) -> __m512 {
 /// # Safety
 /// AVX-512F and F16C present; 64 bytes readable at `at`.
 #[inline(always)]
-unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
+pub(super) unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
     // SAFETY: 64 bytes readable at `at` (the caller's contract).
     let (a, b) = unsafe {
         (
@@ -209,7 +252,7 @@ unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
 /// # Safety
 /// AVX-512F and F16C present; 128 bytes readable at `at`.
 #[inline(always)]
-unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
+pub(super) unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
     // SAFETY: 128 bytes readable at `at` (the caller's contract).
     let x = unsafe {
         [
@@ -303,34 +346,8 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
             ),
             _mm512_set1_ps(_mm512_reduce_add_ps(bias[h])),
         );
-        let max_in = run.max[h];
-        let over =
-            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(scores, _mm512_set1_ps(max_in + LAZY_MAX_SLACK));
-        let max = if over != 0 || max_in == f32::NEG_INFINITY {
-            lazy_max(max_in, _mm512_reduce_max_ps(scores))
-        } else {
-            max_in
-        };
-        let e = exp_shifted(_mm512_sub_ps(scores, _mm512_set1_ps(max)));
-        // SAFETY: `lanes[h]` holds 16 floats.
-        let sums = unsafe { _mm512_loadu_ps(run.lanes[h].as_ptr()) };
-        let sums = if max != max_in {
-            // the reference point moved: everything summed so far rescaled to it
-            let correction = (max_in - max).exp();
-            run.acc[h * D..(h + 1) * D]
-                .iter_mut()
-                .for_each(|x| *x *= correction);
-            for lanes in run.zeros[h].iter_mut() {
-                lanes.iter_mut().for_each(|x| *x *= correction);
-            }
-            _mm512_fmadd_ps(sums, _mm512_set1_ps(correction), e)
-        } else {
-            _mm512_add_ps(sums, e)
-        };
-        // SAFETY: as for the load.
-        unsafe { _mm512_storeu_ps(run.lanes[h].as_mut_ptr(), sums) };
-        run.max[h] = max;
-        weights[h] = e;
+        // SAFETY: AVX-512F present (this function's features).
+        weights[h] = unsafe { run.softmax_step(h, scores) };
     }
 
     // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
@@ -424,6 +441,12 @@ pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f3
             *x = lanes[lane_of(vb, i)];
         }
     }
+    add_zero_sums(heads, zeros, acc);
+}
+
+/// Adds the values' zero-point sums (`Σ p·z` per group of 32 channels, spread over token
+/// lanes) into outputs in channel order, and clears them.
+pub(super) fn add_zero_sums(heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
     for (h, groups) in zeros.iter_mut().enumerate().take(heads) {
         for (g, lanes) in groups.iter_mut().enumerate() {
             let sum: f32 = lanes.iter().sum();

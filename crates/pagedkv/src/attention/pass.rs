@@ -1,18 +1,98 @@
 //! One kv head's query group over a range of blocks: the loop that reads each block in its
 //! codec (whole-block kernel or page readers), sink rows, split keys and the online softmax.
 
-#[cfg(target_arch = "x86_64")]
-use super::block_kernel;
 use super::pages::{accumulate_values, key_scores, prefetch, ScaledQuery, Shape};
 use super::softmax::softmax_step;
-use super::{Context, Partial, Scratch, Simd};
+#[cfg(target_arch = "x86_64")]
+use super::{block_kernel, fast_kernel};
+use super::{AttentionPath, Context, Partial, Scratch, Simd};
 use crate::block::BlockId;
 use crate::codec::Role;
 use crate::error::Result;
+#[cfg(target_arch = "x86_64")]
+use crate::layout::KvLayout;
 use crate::storage::{KvStorage, PageRef};
 
 /// How far ahead of the block being read a pass prefetches pages, in bytes of both pages.
 const PREFETCH_BYTES: usize = 8192;
+
+/// The whole-block kernel a pass reads its full blocks with: page kinds, and whether it is
+/// the fast path's.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WholeBlock {
+    keys: usize,
+    values: usize,
+    pub(super) fast: bool,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl WholeBlock {
+    fn enter(self, group: usize, acc: &mut [f32]) {
+        if self.fast {
+            fast_kernel::enter(self.values, group, acc)
+        } else {
+            block_kernel::enter(self.values, group, acc)
+        }
+    }
+
+    fn leave(self, group: usize, zeros: &mut block_kernel::ZeroSums, acc: &mut [f32]) {
+        if self.fast {
+            fast_kernel::leave(self.values, group, zeros, acc)
+        } else {
+            block_kernel::leave(self.values, group, zeros, acc)
+        }
+    }
+
+    /// # Safety
+    /// [`Pass::whole_block`] chose `self` (so the CPU has the kernel's features).
+    unsafe fn attend(
+        self,
+        group: usize,
+        keys: &[u8],
+        values: &[u8],
+        q: &[f32],
+        run: &mut block_kernel::Running,
+    ) -> bool {
+        let (kb, vb) = (self.keys, self.values);
+        // SAFETY: the caller's contract.
+        unsafe {
+            if self.fast {
+                fast_kernel::dispatch(kb, vb, group, keys, values, q, run)
+            } else {
+                block_kernel::dispatch(kb, vb, group, keys, values, q, run)
+            }
+        }
+    }
+}
+
+/// The whole-block kernel the full blocks of `layer` go through, if any: a pair of page kinds
+/// one is built for, SmolLM2's geometry, no per-layer key transform (`plain`), the CPU able;
+/// the fast path's kernel when `path` asks for it and it reads the pair.
+#[cfg(target_arch = "x86_64")]
+pub(super) fn whole_block(
+    layout: &KvLayout,
+    layer: usize,
+    simd: Simd,
+    plain: bool,
+    path: AttentionPath,
+) -> Option<WholeBlock> {
+    let fits = simd == Simd::Avx512
+        && plain
+        && layout.head_dim() == block_kernel::D
+        && layout.block_size() == block_kernel::BS
+        && layout.group_size() <= 4;
+    if !fits {
+        return None;
+    }
+    let keys = block_kernel::kind(layout.key_codec(layer))?;
+    let values = block_kernel::kind(layout.value_codec(layer))?;
+    let fast = path == AttentionPath::Fast
+        && fast_kernel::supported(keys, values)
+        && fast_kernel::available();
+    let exact = block_kernel::supported(keys, values) && block_kernel::available();
+    (fast || exact).then_some(WholeBlock { keys, values, fast })
+}
 
 /// One kv head's query group over a range of the context's blocks.
 #[derive(Clone, Copy)]
@@ -36,26 +116,6 @@ impl Pass<'_> {
             .storage
             .sink_rows(self.layer, block, self.head, Role::Value)?;
         Some((keys, values))
-    }
-
-    /// The page kinds (keys, values) when this pass's full blocks go through
-    /// [`block_kernel`]: a pair of codecs it is built for, SmolLM2's geometry, no per-layer
-    /// key transform (`plain`), the CPU able.
-    #[cfg(target_arch = "x86_64")]
-    fn block_kernel_kinds(&self, simd: Simd, plain: bool) -> Option<(usize, usize)> {
-        let layout = self.storage.layout();
-        let fits = simd == Simd::Avx512
-            && plain
-            && layout.head_dim() == block_kernel::D
-            && layout.block_size() == block_kernel::BS
-            && layout.group_size() <= 4
-            && block_kernel::available();
-        if !fits {
-            return None;
-        }
-        let kb = block_kernel::kind(layout.key_codec(self.layer))?;
-        let vb = block_kernel::kind(layout.value_codec(self.layer))?;
-        block_kernel::supported(kb, vb).then_some((kb, vb))
     }
 
     /// Runs at dispatch level `simd` (one this CPU can run: the callers check).
@@ -125,6 +185,7 @@ impl Pass<'_> {
             scaled_q,
             #[cfg(target_arch = "x86_64")]
             zeros,
+            path,
             ..
         } = scratch;
         scores.resize(group * bs, 0.0);
@@ -143,13 +204,14 @@ impl Pass<'_> {
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
         // full blocks of the page kinds `block_kernel` reads: one call each
         #[cfg(target_arch = "x86_64")]
-        let kernel_kinds = self.block_kernel_kinds(simd, key_norm.is_none() && key_split.is_none());
+        let plain = key_norm.is_none() && key_split.is_none();
+        let kernel = whole_block(layout, self.layer, simd, plain, *path);
         #[cfg(target_arch = "x86_64")]
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         let mut in_run = false;
         // the kernel's query, scaled once per pass (only when the kernel will read it)
         #[cfg(target_arch = "x86_64")]
-        if kernel_kinds.is_some() {
+        if kernel.is_some() {
             scaled_q.clear();
             scaled_q.extend(self.q.iter().map(|x| x * self.scale));
         }
@@ -193,11 +255,11 @@ impl Pass<'_> {
                     _ => None,
                 };
                 let pages =
-                    kernel_kinds.and_then(|(kb, vb)| Some((bytes(keys, kb)?, bytes(values, vb)?)));
-                if let (Some((kb, vb)), Some((key_bytes, value_bytes))) = (kernel_kinds, pages) {
+                    kernel.and_then(|k| Some((bytes(keys, k.keys)?, bytes(values, k.values)?)));
+                if let (Some(kernel), Some((key_bytes, value_bytes))) = (kernel, pages) {
                     if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
                         if !std::mem::replace(&mut in_run, true) {
-                            block_kernel::enter(vb, group, acc);
+                            kernel.enter(group, acc);
                         }
                         let mut run = block_kernel::Running {
                             max,
@@ -205,26 +267,18 @@ impl Pass<'_> {
                             acc,
                             zeros,
                         };
-                        // SAFETY: `block_kernel_kinds` answered only with the features present;
+                        // SAFETY: `whole_block` chose the kernel (the features are present);
                         // lengths are checked inside.
                         let done = unsafe {
-                            block_kernel::dispatch(
-                                kb,
-                                vb,
-                                group,
-                                key_bytes,
-                                value_bytes,
-                                scaled_q,
-                                &mut run,
-                            )
+                            kernel.attend(group, key_bytes, value_bytes, scaled_q, &mut run)
                         };
                         if done {
                             continue;
                         }
                     }
                 }
-                if let (true, Some((_, vb))) = (std::mem::take(&mut in_run), kernel_kinds) {
-                    block_kernel::leave(vb, group, zeros, acc);
+                if let (true, Some(kernel)) = (std::mem::take(&mut in_run), kernel) {
+                    kernel.leave(group, zeros, acc);
                 }
             }
             match (key_split, keys) {
@@ -293,8 +347,8 @@ impl Pass<'_> {
             accumulate_values(values, n, shape, scores, acc, pages)?;
         }
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some((_, vb))) = (in_run, kernel_kinds) {
-            block_kernel::leave(vb, group, zeros, acc);
+        if let (true, Some(kernel)) = (in_run, kernel) {
+            kernel.leave(group, zeros, acc);
         }
         pages.fib.finish(shape, acc);
         for (s, l) in sum.iter_mut().zip(lanes.iter()) {

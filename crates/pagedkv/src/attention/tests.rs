@@ -485,3 +485,98 @@ fn every_geometry_and_block_size_matches_the_reference() {
         }
     }
 }
+
+/// The fast path against the f64 reference on the codec's reconstruction, within its contract
+/// (2e-3 of the output's scale): every integer key/value pair at the fast kernel's geometry,
+/// every group size it serves, keys with outlier channels (a few channels 30× the rest: the
+/// case where an 8-bit query fails), contexts of whole blocks and not, decode and split-K;
+/// other codecs (read on the exact path) too. Prints whether the fast kernel ran.
+#[test]
+fn fast_path_meets_its_contract_at_every_level() {
+    #[cfg(target_arch = "x86_64")]
+    let kernel = super::fast_kernel::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel = false;
+    let levels = levels("fast_path_meets_its_contract");
+    println!("fast_path_meets_its_contract: the AVX-512 VNNI fast kernel ran: {kernel}");
+    let integers = [Codec::Int8, Codec::Int4, Codec::Int2];
+    let mut pairs: Vec<(Codec, Codec)> = integers
+        .iter()
+        .flat_map(|k| integers.iter().map(move |v| (*k, *v)))
+        .collect();
+    pairs.extend([
+        (Codec::F16, Codec::Int4),
+        (Codec::Fp8E4m3, Codec::Fp8E4m3),
+        (
+            Codec::FibQuant { k: 4, n: 256 },
+            Codec::FibQuant { k: 4, n: 256 },
+        ),
+    ]);
+    let d = 64;
+    for (key_codec, value_codec) in pairs {
+        for (qh, kv) in [(3, 3), (6, 3), (9, 3), (8, 2)] {
+            let mut spec = LayoutSpec::new(1, kv, qh, d, key_codec);
+            spec.value_codec = value_codec;
+            spec.block_size = 16;
+            let layout = KvLayout::new(spec).unwrap();
+            let width = layout.token_width();
+            let tokens: usize = 16 * 9 + 5;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+            let mut s = KvStorage::new(layout, blocks.len()).unwrap();
+            for pos in 0..tokens {
+                let k: Vec<f32> = (0..width)
+                    .map(|i| {
+                        let outlier = if i % d == 5 || i % d == 40 { 30.0 } else { 1.0 };
+                        ((pos * 13 + i * 7) as f32 * 0.031).sin() * outlier + 0.2
+                    })
+                    .collect();
+                let v: Vec<f32> = (0..width)
+                    .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos() + (i % 7) as f32 * 0.1)
+                    .collect();
+                s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                    .unwrap();
+                if pos % 16 == 15 {
+                    s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+                }
+            }
+            let q: Vec<f32> = (0..qh * d)
+                .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0 + if i % d == 40 { 2.0 } else { 0.0 })
+                .collect();
+            for len in [16, 16 * 5, tokens] {
+                let ctx = Context {
+                    blocks: &blocks,
+                    len,
+                };
+                let mut slow = vec![0.0; q.len()];
+                attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
+                let what = format!("{key_codec}/{value_codec} heads {qh}/{kv}, length {len}");
+                for &simd in &levels {
+                    let dispatch = Dispatch {
+                        simd,
+                        path: AttentionPath::Fast,
+                    };
+                    let mut out = vec![0.0; q.len()];
+                    let mut scratch = Scratch::with(dispatch).unwrap();
+                    attend(&s, 0, ctx, &q, 0.125, &mut out, &mut scratch).unwrap();
+                    assert_within(&out, &slow, 2e-3, &format!("{what}, {simd}"));
+                    let mut split = vec![0.0; q.len()];
+                    attend_split_at(dispatch, &s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                    assert_eq!(out, split, "{what}, {simd}: split-K gives the same bits");
+                }
+            }
+        }
+    }
+}
+
+fn assert_within(fast: &[f32], slow: &[f32], bound: f32, what: &str) {
+    let scale = slow.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+    let worst = fast
+        .iter()
+        .zip(slow)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0f32, f32::max);
+    assert!(
+        worst <= bound,
+        "{what}: error {worst:.2e} of the output's scale"
+    );
+}

@@ -1,0 +1,615 @@
+//! The fast path's whole-block kernel (issue 22's contract, see [`super::AttentionPath`]): one
+//! full block of integer pages (int8, int4 or int2 keys and values, any pair) at SmolLM2's
+//! geometry (head_dim 64, blocks of 16, up to four query heads per kv head) read with integer
+//! dot products, `vpdpwssd` (AVX-512 VNNI): two 16-bit products per 32-bit lane and
+//! instruction, where the exact kernel ([`super::block_kernel`]) widens every code to f32 and
+//! spends one FMA per code and head.
+//!
+//! - Keys: the channel scales fold into the query (`q·(s⊙x + z) = (q⊙s)·x + q·z`, as on the
+//!   exact path); the folded query is rounded to 16-bit integers, one scale per head and
+//!   block (8-bit queries err by up to a quarter of the output's scale on outlier channels:
+//!   `docs/query-quantization-simulation.py`). Lanes are tokens; each lane's 32 bits hold
+//!   the codes of two channels.
+//! - Values: the softmax weights times the tokens' scales (`p·s` per token and group of 32
+//!   channels) are rounded to 16-bit integers, one scale per head, group and block; lanes are
+//!   channels, each lane's 32 bits the codes of two tokens. Zero points are summed in f32
+//!   (`Σ p·z`), as on the exact path.
+//! - Codes are not shifted down: a lane's code keeps the place its nibble or crumb had in its
+//!   byte (×1, ×16; ×1, ×4, ×16, ×64), and the lane's dot is scaled back once per block. One
+//!   byte shuffle and one mask per register of 32 codes, no conversion.
+//!
+//! Sums fit 32 bits: 64 channels × 32767 × 255 < 2³¹ (keys); 16 tokens likewise (values).
+
+use std::arch::x86_64::*;
+
+use super::block_kernel::{bits, page, pairs16, token_params, Running, ZeroSums, BS, D};
+use super::block_kernel::{INT2, INT4, INT8};
+use crate::codec::Role;
+
+/// Largest magnitude of a rounded query or weight.
+const UNIT: f32 = 32767.0;
+
+/// The CPU features the kernel needs.
+pub(super) fn available() -> bool {
+    use std::arch::is_x86_feature_detected as has;
+    has!("avx512f")
+        && has!("avx512bw")
+        && has!("avx512vnni")
+        && has!("avx2")
+        && has!("f16c")
+        && has!("fma")
+}
+
+/// Whether the kernel reads keys of kind `kb` with values of kind `vb`: integer kinds.
+pub(super) fn supported(kb: usize, vb: usize) -> bool {
+    matches!(kb, INT8 | INT4 | INT2) && matches!(vb, INT8 | INT4 | INT2)
+}
+
+/// The factor a key code of token `t` carries in its lane (its place in its byte).
+const fn key_place(kind: usize, t: usize) -> u32 {
+    match kind {
+        INT4 => 1 << (4 * (t % 2)),
+        INT2 => 1 << (2 * (t % 4)),
+        _ => 1,
+    }
+}
+
+/// Which value channel lane `l` of accumulator `r` (0..4) holds, and the factor its codes
+/// carry. Accumulator `r` serves the channel group `r / 2` (32 channels each).
+const fn value_lane(kind: usize, r: usize, l: usize) -> (usize, u32) {
+    match kind {
+        // bytes 16m .. 16m + 16 of a row: low nibbles (r even), high nibbles (r odd)
+        INT4 => (32 * (r / 2) + 2 * l + r % 2, 1 << (4 * (r % 2))),
+        // bytes 8g .. 8g + 8 of a row, twice: crumbs 0 and 1 (r even), 2 and 3 (r odd)
+        INT2 => {
+            let crumb = 2 * (r % 2) + l / 8;
+            (32 * (r / 2) + 4 * (l % 8) + crumb, 1 << (2 * crumb))
+        }
+        _ => (16 * r + l, 1),
+    }
+}
+
+/// A byte-shuffle control placing, in each 32-bit lane `l`, byte `low[l]` of its 128-bit
+/// source lane in byte 0 and byte `high[l]` in byte 2 (`ZERO`: zero).
+const fn shuffle(low: [u8; 16], high: [u8; 16]) -> [u8; 64] {
+    let mut out = [ZERO; 64];
+    let mut l = 0;
+    while l < 16 {
+        out[4 * l] = low[l];
+        out[4 * l + 2] = high[l];
+        l += 1;
+    }
+    out
+}
+
+/// A shuffle index that makes a zero byte.
+const ZERO: u8 = 0x80;
+
+/// Byte indices `f(l)` for the 16 lanes (`f` a const-evaluable table of 16 entries).
+const fn lanes(first: u8, step_every: usize, base_period: usize) -> [u8; 16] {
+    // lane l picks byte first + (l % base_period) / step_every
+    let mut out = [0u8; 16];
+    let mut l = 0;
+    while l < 16 {
+        out[l] = first + ((l % base_period) / step_every) as u8;
+        l += 1;
+    }
+    out
+}
+
+/// The byte-shuffle controls of a kernel instance: keys (two, for int8's two sources) and
+/// values (per group for int2; else one pair for both rows).
+const fn key_shuffles(kb: usize) -> [[u8; 64]; 2] {
+    let none = [ZERO; 16];
+    match kb {
+        // the two channels' columns (8 bytes each, one source): byte t / 2 of each
+        INT4 => {
+            let s = shuffle(lanes(0, 2, 16), lanes(8, 2, 16));
+            [s, s]
+        }
+        // 4 bytes each (broadcast as 8 bytes): byte t / 4 of each
+        INT2 => {
+            let s = shuffle(lanes(0, 4, 16), lanes(4, 4, 16));
+            [s, s]
+        }
+        // a column per source: byte t of the first into the low half, of the second the high
+        _ => [
+            shuffle(lanes(0, 1, 16), none),
+            shuffle(none, lanes(0, 1, 16)),
+        ],
+    }
+}
+
+/// Values: rows `t` and `t + 1` are two sources; byte `l` of each (int2: byte `8g + l % 8`
+/// for group `g`).
+const fn value_shuffles(vb: usize) -> [[[u8; 64]; 2]; 2] {
+    let none = [ZERO; 16];
+    match vb {
+        INT2 => [
+            [shuffle(lanes(0, 1, 8), none), shuffle(none, lanes(0, 1, 8))],
+            [shuffle(lanes(8, 1, 8), none), shuffle(none, lanes(8, 1, 8))],
+        ],
+        _ => {
+            let pair = [
+                shuffle(lanes(0, 1, 16), none),
+                shuffle(none, lanes(0, 1, 16)),
+            ];
+            [pair, pair]
+        }
+    }
+}
+
+/// Per-lane 32-bit masks keeping the two 16-bit codes of each lane's field.
+const fn masks(bits: usize, place: [u32; 16]) -> [u32; 16] {
+    let field = (1u32 << bits) - 1;
+    let mut out = [0u32; 16];
+    let mut l = 0;
+    while l < 16 {
+        out[l] = field * place[l] * 0x0001_0001;
+        l += 1;
+    }
+    out
+}
+
+const fn key_places(kb: usize) -> [u32; 16] {
+    let mut out = [0u32; 16];
+    let mut t = 0;
+    while t < 16 {
+        out[t] = key_place(kb, t);
+        t += 1;
+    }
+    out
+}
+
+const fn value_places(vb: usize, r: usize) -> [u32; 16] {
+    let mut out = [0u32; 16];
+    let mut l = 0;
+    while l < 16 {
+        out[l] = value_lane(vb, r, l).1;
+        l += 1;
+    }
+    out
+}
+
+const fn reciprocals(places: [u32; 16]) -> [f32; 16] {
+    let mut out = [0f32; 16];
+    let mut l = 0;
+    while l < 16 {
+        out[l] = 1.0 / places[l] as f32;
+        l += 1;
+    }
+    out
+}
+
+/// The loop-invariant registers of one kernel instance.
+struct Consts {
+    key_shuffle: [__m512i; 2],
+    key_mask: __m512i,
+    /// 1 / the key codes' places, per token lane.
+    key_unplace: __m512,
+    value_shuffle: [[__m512i; 2]; 2],
+    value_mask: [__m512i; 2],
+    /// 1 / the value codes' places, per accumulator and channel lane.
+    value_unplace: [__m512; 4],
+}
+
+impl Consts {
+    #[inline(always)]
+    fn new<const KB: usize, const VB: usize>() -> Self {
+        // SAFETY (each load): 64 bytes read from a constant table of 64 bytes.
+        let load = |bytes: &[u8; 64]| unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) };
+        let words = |w: &[u32; 16]| unsafe { _mm512_loadu_si512(w.as_ptr().cast()) };
+        let floats = |f: &[f32; 16]| unsafe { _mm512_loadu_ps(f.as_ptr()) };
+        let key_shuffle = const { key_shuffles(KB) };
+        let value_shuffle = const { value_shuffles(VB) };
+        let key_mask = const { masks(bits(KB), key_places(KB)) };
+        let value_mask = const {
+            [
+                masks(bits(VB), value_places(VB, 0)),
+                masks(bits(VB), value_places(VB, 1)),
+            ]
+        };
+        let key_unplace = const { reciprocals(key_places(KB)) };
+        let value_unplace = const {
+            [
+                reciprocals(value_places(VB, 0)),
+                reciprocals(value_places(VB, 1)),
+                reciprocals(value_places(VB, 2)),
+                reciprocals(value_places(VB, 3)),
+            ]
+        };
+        Self {
+            key_shuffle: [load(&key_shuffle[0]), load(&key_shuffle[1])],
+            key_mask: words(&key_mask),
+            key_unplace: floats(&key_unplace),
+            value_shuffle: [
+                [load(&value_shuffle[0][0]), load(&value_shuffle[0][1])],
+                [load(&value_shuffle[1][0]), load(&value_shuffle[1][1])],
+            ],
+            value_mask: [words(&value_mask[0]), words(&value_mask[1])],
+            value_unplace: std::array::from_fn(|r| floats(&value_unplace[r])),
+        }
+    }
+}
+
+/// 16 bytes at `at` in each 128-bit lane.
+///
+/// # Safety
+/// 16 bytes readable at `at`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn broadcast16(at: *const u8) -> __m512i {
+    // SAFETY: the caller's contract.
+    _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(at.cast()) })
+}
+
+/// Key channels `c` and `c + 1` (`c` even) of a channel-major page of `KB` codes: token `t`'s
+/// two codes in lane `t`'s 16-bit halves, each at its place.
+///
+/// # Safety
+/// The page's codes readable at `kp` (`D × 16 × bits / 8` bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn key_pair<const KB: usize>(kp: *const u8, c: usize, k: &Consts) -> __m512i {
+    let column = BS * bits(KB) / 8;
+    // SAFETY (each arm): channel c + 1's column ends at (c + 2)·column ≤ D·column bytes.
+    unsafe {
+        match KB {
+            INT4 => _mm512_and_si512(
+                _mm512_shuffle_epi8(broadcast16(kp.add(c * column)), k.key_shuffle[0]),
+                k.key_mask,
+            ),
+            INT2 => {
+                let both = _mm512_set1_epi64(kp.add(c * column).cast::<i64>().read_unaligned());
+                _mm512_and_si512(_mm512_shuffle_epi8(both, k.key_shuffle[0]), k.key_mask)
+            }
+            _ => _mm512_or_si512(
+                _mm512_shuffle_epi8(broadcast16(kp.add(c * column)), k.key_shuffle[0]),
+                _mm512_shuffle_epi8(broadcast16(kp.add((c + 1) * column)), k.key_shuffle[1]),
+            ),
+        }
+    }
+}
+
+/// Tokens `t` and `t + 1` (`t` even) of a token-major page of `VB` codes as the four
+/// accumulators' operands ([`value_lane`]): a lane's 16-bit halves hold its channel's code of
+/// token `t` and of token `t + 1`, each at its place.
+///
+/// # Safety
+/// The page's codes readable at `vp` (`16 × D × bits / 8` bytes).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+unsafe fn value_pairs<const VB: usize>(vp: *const u8, t: usize, k: &Consts) -> [__m512i; 4] {
+    let row = D * bits(VB) / 8;
+    let (a, b) = (vp.wrapping_add(t * row), vp.wrapping_add((t + 1) * row));
+    // bytes `offset .. + 16` of both rows, interleaved by the shuffles of `pair`
+    let join = |offset: usize, pair: [__m512i; 2]| {
+        // SAFETY: offset + 16 ≤ row, and token t + 1's row ends at (t + 2)·row ≤ 16·row.
+        let (x, y) = unsafe { (broadcast16(a.add(offset)), broadcast16(b.add(offset))) };
+        _mm512_or_si512(
+            _mm512_shuffle_epi8(x, pair[0]),
+            _mm512_shuffle_epi8(y, pair[1]),
+        )
+    };
+    let [m0, m1] = k.value_mask;
+    match VB {
+        INT4 => {
+            let (low, high) = (join(0, k.value_shuffle[0]), join(16, k.value_shuffle[0]));
+            [
+                _mm512_and_si512(low, m0),
+                _mm512_and_si512(low, m1),
+                _mm512_and_si512(high, m0),
+                _mm512_and_si512(high, m1),
+            ]
+        }
+        INT2 => {
+            let (g0, g1) = (join(0, k.value_shuffle[0]), join(0, k.value_shuffle[1]));
+            [
+                _mm512_and_si512(g0, m0),
+                _mm512_and_si512(g0, m1),
+                _mm512_and_si512(g1, m0),
+                _mm512_and_si512(g1, m1),
+            ]
+        }
+        _ => std::array::from_fn(|r| join(16 * r, k.value_shuffle[0])),
+    }
+}
+
+/// `x` rounded to 16-bit integers with one scale (the largest magnitude ↦ 32767), written to
+/// `out`; returns the value of one step (0 when every element is 0, or too small to scale).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn round16<const N: usize>(x: [__m512; N], out: &mut [i16]) -> f32 {
+    assert!(out.len() >= 16 * N);
+    let magnitude = x.iter().fold(_mm512_setzero_ps(), |m, v| {
+        _mm512_max_ps(m, _mm512_abs_ps(*v))
+    });
+    let largest = _mm512_reduce_max_ps(magnitude);
+    let up = UNIT / largest;
+    let (up, step) = if up.is_finite() {
+        (up, largest * (1.0 / UNIT))
+    } else {
+        (0.0, 0.0)
+    };
+    for (i, v) in x.iter().enumerate() {
+        let ints = _mm512_cvtps_epi32(_mm512_mul_ps(*v, _mm512_set1_ps(up)));
+        // SAFETY: 16·(i + 1) ≤ 16·N ≤ out.len() (asserted).
+        unsafe {
+            _mm256_storeu_si256(
+                out.as_mut_ptr().add(16 * i).cast(),
+                _mm512_cvtsepi32_epi16(ints),
+            )
+        };
+    }
+    step
+}
+
+/// Two adjacent 16-bit integers (elements `2i`, `2i + 1`) in every 32-bit lane.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn pair_of(x: &[i16], i: usize) -> __m512i {
+    assert!(2 * i + 2 <= x.len());
+    // SAFETY: elements 2i and 2i + 1 lie inside `x` (asserted).
+    _mm512_set1_epi32(unsafe { x.as_ptr().add(2 * i).cast::<i32>().read_unaligned() })
+}
+
+/// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
+/// full block of `KB` keys and `VB` values, the outputs in the lanes of [`enter`].
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
+    keys: &[u8],
+    values: &[u8],
+    q: &[f32],
+    run: &mut Running,
+) {
+    let (key_page, value_page) = const { (page(KB, Role::Key), page(VB, Role::Value)) };
+    let (key_codes, value_codes) = (key_page.code_bytes, value_page.code_bytes);
+    assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
+    assert!(run.max.len() >= H && run.lanes.len() >= H);
+    assert!(keys.len() >= key_codes + key_page.param_bytes);
+    assert!(values.len() >= value_codes + value_page.param_bytes);
+    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+    let k = Consts::new::<KB, VB>();
+
+    // keys: scales folded into the query, which is rounded per head; zero points into a bias
+    let mut folded = [[_mm512_setzero_ps(); 4]; 4];
+    let mut bias = [_mm512_setzero_ps(); 4];
+    // SAFETY: the pairs of channels 16i .. 16i + 16 lie at key_codes + 64i .. + 64.
+    let params: [(__m512, __m512); D / 16] =
+        std::array::from_fn(|i| unsafe { pairs16(kp.add(key_codes + 64 * i)) });
+    for (h, (row, b)) in folded.iter_mut().zip(bias.iter_mut()).enumerate().take(H) {
+        for (i, (f, (s, z))) in row.iter_mut().zip(params).enumerate() {
+            // SAFETY: h·64 + 16i + 16 ≤ H·64 ≤ q.len() (asserted).
+            let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * D + 16 * i)) };
+            *f = _mm512_mul_ps(x, s);
+            *b = _mm512_fmadd_ps(x, z, *b);
+        }
+    }
+    let mut query = [[0i16; D]; 4];
+    let mut query_step = [0f32; 4];
+    for h in 0..H {
+        query_step[h] = round16(folded[h], &mut query[h]);
+    }
+    // four accumulators per head (channel pairs mod 4) for independent dependency chains
+    let mut dots = [[_mm512_setzero_si512(); 4]; 4];
+    for c in (0..D).step_by(8) {
+        // SAFETY: channels c .. c + 8 lie inside the page's codes (key_codes, asserted).
+        let pairs =
+            unsafe { std::array::from_fn::<_, 4, _>(|i| key_pair::<KB>(kp, c + 2 * i, &k)) };
+        for h in 0..H {
+            for (i, pair) in pairs.iter().enumerate() {
+                dots[h][i] = _mm512_dpwssd_epi32(dots[h][i], *pair, pair_of(&query[h], c / 2 + i));
+            }
+        }
+    }
+    let mut weights = [_mm512_setzero_ps(); 4];
+    for h in 0..H {
+        let [a, b, c, d] = dots[h];
+        let dot = _mm512_add_epi32(_mm512_add_epi32(a, b), _mm512_add_epi32(c, d));
+        let scores = _mm512_fmadd_ps(
+            _mm512_cvtepi32_ps(dot),
+            _mm512_mul_ps(k.key_unplace, _mm512_set1_ps(query_step[h])),
+            _mm512_set1_ps(_mm512_reduce_add_ps(bias[h])),
+        );
+        // SAFETY: AVX-512F present (this function's features).
+        weights[h] = unsafe { run.softmax_step(h, scores) };
+    }
+
+    // values: the weights times the tokens' scales, rounded per head and group; Σ p·z in f32
+    // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
+    let [s0, z0, s1, z1] = unsafe { token_params::<INT8>(vp.add(value_codes)) };
+    let mut scaled = [[0i16; 2 * BS]; 4];
+    let mut scaled_step = [[0f32; 2]; 4];
+    for h in 0..H {
+        let p = weights[h];
+        for (g, z) in [z0, z1].into_iter().enumerate() {
+            let at = run.zeros[h][g].as_mut_ptr();
+            // SAFETY: `zeros[h][g]` holds 16 floats.
+            unsafe { _mm512_storeu_ps(at, _mm512_fmadd_ps(p, z, _mm512_loadu_ps(at))) };
+        }
+        let (low, high) = scaled[h].split_at_mut(BS);
+        scaled_step[h] = [
+            round16([_mm512_mul_ps(p, s0)], low),
+            round16([_mm512_mul_ps(p, s1)], high),
+        ];
+    }
+    let mut sums = [[_mm512_setzero_si512(); 4]; 4];
+    for t in (0..BS).step_by(2) {
+        // SAFETY: tokens t and t + 1 are rows of the page's codes (value_codes, asserted).
+        let v = unsafe { value_pairs::<VB>(vp, t, &k) };
+        for h in 0..H {
+            let (low, high) = scaled[h].split_at(BS);
+            let (w0, w1) = (pair_of(low, t / 2), pair_of(high, t / 2));
+            sums[h][0] = _mm512_dpwssd_epi32(sums[h][0], v[0], w0);
+            sums[h][1] = _mm512_dpwssd_epi32(sums[h][1], v[1], w0);
+            sums[h][2] = _mm512_dpwssd_epi32(sums[h][2], v[2], w1);
+            sums[h][3] = _mm512_dpwssd_epi32(sums[h][3], v[3], w1);
+        }
+    }
+    for h in 0..H {
+        for (r, sum) in sums[h].iter().enumerate() {
+            let step = _mm512_mul_ps(k.value_unplace[r], _mm512_set1_ps(scaled_step[h][r / 2]));
+            // SAFETY: h·64 + 16r + 16 ≤ H·64 ≤ acc.len() (asserted).
+            unsafe {
+                let at = run.acc.as_mut_ptr().add(h * D + 16 * r);
+                let x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*sum), step, _mm512_loadu_ps(at));
+                _mm512_storeu_ps(at, x);
+            }
+        }
+    }
+}
+
+/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`attend_block`]
+/// accumulates values of kind `vb` in: before the first block of a run.
+pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
+    for head in acc[..heads * D].chunks_exact_mut(D) {
+        let natural: [f32; D] = (&*head).try_into().expect("rows of 64");
+        for (i, x) in head.iter_mut().enumerate() {
+            *x = natural[value_lane(vb, i / 16, i % 16).0];
+        }
+    }
+}
+
+/// Ends a run of [`attend_block`] calls: the outputs back in channel order, the values'
+/// zero-point sums added into them and cleared.
+pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
+    for head in acc[..heads * D].chunks_exact_mut(D) {
+        let lanes: [f32; D] = (&*head).try_into().expect("rows of 64");
+        for (i, x) in lanes.into_iter().enumerate() {
+            head[value_lane(vb, i / 16, i % 16).0] = x;
+        }
+    }
+    super::block_kernel::add_zero_sums(heads, zeros, acc);
+}
+
+/// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads (1 to
+/// 4); false (and nothing done) for a pair that is not [`supported`].
+///
+/// # Safety
+/// [`available`] must have answered true.
+pub(super) unsafe fn dispatch(
+    kb: usize,
+    vb: usize,
+    heads: usize,
+    keys: &[u8],
+    values: &[u8],
+    q: &[f32],
+    run: &mut Running,
+) -> bool {
+    macro_rules! pairs {
+        ($($k:ident / $v:ident),*) => {
+            match (kb, vb) {
+                $(($k, $v) => with_heads!(heads, H, {
+                    // SAFETY: the features are present (the caller's contract).
+                    unsafe { attend_block::<$k, $v, H>(keys, values, q, run) }
+                }),)*
+                _ => return false,
+            }
+        };
+    }
+    pairs!(
+        INT8 / INT8,
+        INT8 / INT4,
+        INT8 / INT2,
+        INT4 / INT8,
+        INT4 / INT4,
+        INT4 / INT2,
+        INT2 / INT8,
+        INT2 / INT4,
+        INT2 / INT2
+    );
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn value_lanes_are_a_permutation_within_each_group() {
+        for vb in [INT8, INT4, INT2] {
+            let mut seen = [false; D];
+            for r in 0..4 {
+                for l in 0..16 {
+                    let (channel, place) = value_lane(vb, r, l);
+                    assert_eq!(
+                        channel / 32,
+                        r / 2,
+                        "kind {vb}: accumulator {r} serves group"
+                    );
+                    assert!(!seen[channel], "kind {vb}: channel {channel} twice");
+                    assert!(
+                        place * ((1 << bits(vb)) - 1) <= 255,
+                        "the field fits its byte"
+                    );
+                    seen[channel] = true;
+                }
+            }
+            assert!(seen.iter().all(|s| *s));
+        }
+    }
+
+    #[test]
+    fn codes_pair_into_their_lanes_exactly_on_vnni_cpus() {
+        if !available() {
+            println!("codes_pair_into_their_lanes_exactly: no AVX-512 VNNI on this CPU, not run");
+            return;
+        }
+        println!("codes_pair_into_their_lanes_exactly: ran the AVX-512 VNNI kernel's shuffles");
+        let bytes: Vec<u8> = (0..16 * 64).map(|i| (i * 97 + i / 7) as u8).collect();
+        let code = |bits: usize, i: usize| {
+            let mask = ((1u16 << bits) - 1) as u8;
+            u32::from((bytes[i * bits / 8] >> (i * bits % 8)) & mask)
+        };
+        for kind in [INT8, INT4, INT2] {
+            let b = bits(kind);
+            for c in (0..D).step_by(2) {
+                let mut lanes = [0u32; 16];
+                // SAFETY: VNNI present (checked above); `bytes` holds a page's codes.
+                unsafe {
+                    let pair = match kind {
+                        INT8 => key_pair::<INT8>(bytes.as_ptr(), c, &Consts::new::<INT8, INT8>()),
+                        INT4 => key_pair::<INT4>(bytes.as_ptr(), c, &Consts::new::<INT4, INT4>()),
+                        _ => key_pair::<INT2>(bytes.as_ptr(), c, &Consts::new::<INT2, INT2>()),
+                    };
+                    _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pair);
+                }
+                for (t, lane) in lanes.iter().enumerate() {
+                    let place = key_place(kind, t);
+                    let want =
+                        (code(b, c * BS + t) * place) | ((code(b, (c + 1) * BS + t) * place) << 16);
+                    assert_eq!(*lane, want, "kind {kind}: key channels {c}, token {t}");
+                }
+            }
+            for t in (0..BS).step_by(2) {
+                let mut regs = [[0u32; 16]; 4];
+                // SAFETY: as above.
+                unsafe {
+                    let v = match kind {
+                        INT8 => {
+                            value_pairs::<INT8>(bytes.as_ptr(), t, &Consts::new::<INT8, INT8>())
+                        }
+                        INT4 => {
+                            value_pairs::<INT4>(bytes.as_ptr(), t, &Consts::new::<INT4, INT4>())
+                        }
+                        _ => value_pairs::<INT2>(bytes.as_ptr(), t, &Consts::new::<INT2, INT2>()),
+                    };
+                    for (out, reg) in regs.iter_mut().zip(v) {
+                        _mm512_storeu_si512(out.as_mut_ptr().cast(), reg);
+                    }
+                }
+                for (r, lanes) in regs.iter().enumerate() {
+                    for (l, lane) in lanes.iter().enumerate() {
+                        let (channel, place) = value_lane(kind, r, l);
+                        let want = (code(b, t * D + channel) * place)
+                            | ((code(b, (t + 1) * D + channel) * place) << 16);
+                        assert_eq!(
+                            *lane, want,
+                            "kind {kind}: values {t}, accumulator {r} lane {l}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
