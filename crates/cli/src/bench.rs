@@ -75,10 +75,10 @@ pub struct AttentionBench {
     /// this CPU has).
     #[arg(long)]
     simd: Option<String>,
-    /// Paths measured (comma-separated: exact, fast); the fast path only for codecs it has a
-    /// kernel for at this level.
+    /// Attention paths measured (comma-separated: exact, fast); the fast path only for codecs
+    /// it has a kernel for at this level.
     #[arg(long, default_value = "exact,fast")]
-    attention: String,
+    paths: String,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -308,7 +308,7 @@ fn attention(args: AttentionBench) -> Result<()> {
         .simd
         .as_deref()
         .map_or(Ok(Simd::widest()), parse_simd)?;
-    let paths = parse_paths(&args.attention)?;
+    let paths = parse_paths(&args.paths)?;
     let probe = BandwidthProbe::new();
     println!(
         "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",

@@ -71,3 +71,31 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(args) => serve::run(common, args, pool),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::{CommandFactory, Parser};
+
+    /// Every subcommand parses with its defaults and a global flag: clap's checks
+    /// (`debug_assert`) miss a subcommand flag named like a global one, which panics only
+    /// when the matches are read (`bench attention --attention` did).
+    #[test]
+    fn every_subcommand_parses() {
+        super::Cli::command().debug_assert();
+        for args in [
+            &["demo"][..],
+            &["generate", "--prompt", "hi"],
+            &["eval"],
+            &["inspect"],
+            &["serve"],
+            &["bench", "generate"],
+            &["bench", "codecs"],
+            &["bench", "attention"],
+            &["bench", "blocks"],
+            &["bench", "prefix"],
+        ] {
+            let line = ["pagedkv", "--attention", "fast"].iter().chain(args);
+            assert!(super::Cli::try_parse_from(line).is_ok(), "{args:?}");
+        }
+    }
+}

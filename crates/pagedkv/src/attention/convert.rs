@@ -62,6 +62,12 @@ pub(super) fn f16_bytes_to_f32(bytes: &[u8], out: &mut Vec<f32>, simd: Simd) {
         // lengths are checked inside.
         done = unsafe { super::pages::x86::f16_bytes_to_f32_16(bytes, out) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if simd == Simd::Avx2 {
+        // SAFETY: F16C and AVX are present (a pass runs at a level only where the CPU has
+        // it); lengths are checked inside.
+        done = unsafe { super::pages::avx2::f16_bytes_to_f32_8(bytes, out) };
+    }
     for (i, o) in out.iter_mut().enumerate().skip(done) {
         *o = get_f16(bytes, i);
     }

@@ -22,6 +22,8 @@ use super::softmax::{axpy, dot};
 use super::Simd;
 
 #[cfg(target_arch = "x86_64")]
+pub(super) mod avx2;
+#[cfg(target_arch = "x86_64")]
 pub(super) mod x86;
 
 /// Geometry of one kv head's pass: `group` query heads of `d` elements, blocks of `bs`; and
@@ -215,6 +217,12 @@ fn column_scores(columns: &[f32], shape: Shape, q: &[f32], scale: f32, scores: &
         // inside.
         return unsafe { x86::column_scores_16(columns, shape, q, scale, scores) };
     }
+    #[cfg(target_arch = "x86_64")]
+    if bs == LANES && columns.len() >= d * LANES && shape.simd == Simd::Avx2 {
+        // SAFETY: AVX2, FMA and F16C are present (checked on this line); lengths are checked
+        // inside.
+        return unsafe { avx2::column_scores_16(columns, shape, q, scale, scores) };
+    }
     if bs == LANES {
         // the default block size: each channel's column is one register, no bounds checks
         let (columns, _) = columns.as_chunks::<LANES>();
@@ -294,6 +302,22 @@ pub(super) fn key_scores(
             _ => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if bs == 16 && shape.simd == Simd::Avx2 {
+        // SAFETY (each call): AVX2, FMA and F16C are present (checked above); lengths are
+        // checked inside.
+        match page {
+            PageRef::F16T(p) => {
+                unsafe { avx2::column_scores_16_f16(p, shape, q, scale, scores) };
+                return Ok(());
+            }
+            PageRef::Bf16T(p) => {
+                unsafe { avx2::column_scores_16_bf16(p, shape, q, scale, scores) };
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     let PageScratch { page: buffer, .. } = scratch;
     if let Some(columns) = key_columns(page, buffer, shape.simd) {
         column_scores(columns, shape, q, scale, scores);
@@ -361,6 +385,24 @@ fn packed_key_scores(
                 };
                 true
             };
+            #[cfg(target_arch = "x86_64")]
+            let done = done
+                || bs == 16 && shape.simd == Simd::Avx2 && {
+                    // SAFETY: AVX2, FMA and F16C are present (checked on the line above);
+                    // lengths are checked inside.
+                    unsafe {
+                        match codec {
+                            Codec::Int8 => {
+                                avx2::column_scores_16_u8(codes, shape, folded, 1.0, scores)
+                            }
+                            Codec::Int4 => {
+                                avx2::column_scores_16_u4(codes, shape, folded, 1.0, scores)
+                            }
+                            _ => avx2::column_scores_16_u2(codes, shape, folded, 1.0, scores),
+                        }
+                    };
+                    true
+                };
             #[cfg(not(target_arch = "x86_64"))]
             let done = false;
             if !done {
@@ -395,6 +437,20 @@ fn packed_key_scores(
                         x86::column_scores_16_e4m3(codes, shape, folded, 1.0, scores)
                     } else {
                         x86::column_scores_16_e5m2(codes, shape, folded, 1.0, scores)
+                    }
+                };
+                return Ok(());
+            }
+            #[cfg(target_arch = "x86_64")]
+            if bs == 16 && shape.simd == Simd::Avx2 {
+                let folded = &scratch.folded;
+                // SAFETY: AVX2, FMA and F16C are present (checked above); lengths are checked
+                // inside.
+                unsafe {
+                    if codec == Codec::Fp8E4m3 {
+                        avx2::column_scores_16_e4m3(codes, shape, folded, 1.0, scores)
+                    } else {
+                        avx2::column_scores_16_e5m2(codes, shape, folded, 1.0, scores)
                     }
                 };
                 return Ok(());
@@ -496,6 +552,22 @@ pub(super) fn accumulate_values(
             _ => {}
         }
     }
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && shape.simd == Simd::Avx2 {
+        // SAFETY (each call): AVX2, FMA and F16C are present (checked above); lengths are
+        // checked inside.
+        match page {
+            PageRef::F16(p) => {
+                unsafe { avx2::weighted_rows_16_f16(p, n, shape, probs, acc) };
+                return Ok(());
+            }
+            PageRef::Bf16(p) => {
+                unsafe { avx2::weighted_rows_16_bf16(p, n, shape, probs, acc) };
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
     let PageScratch { page: buffer, .. } = scratch;
     let Some(rows) = full_precision_rows(page, n * d, buffer, shape.simd) else {
         let PageRef::Packed { codec, bytes, .. } = page else {
@@ -518,6 +590,12 @@ fn weighted_rows(rows: &[f32], n: usize, shape: Shape, probs: &[f32], acc: &mut 
         // SAFETY: AVX-512F, AVX2 and F16C are present (checked on this line); lengths are checked
         // inside.
         return unsafe { x86::weighted_rows_64(rows, n, shape, probs, acc) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(16) && shape.simd == Simd::Avx2 {
+        // SAFETY: AVX2, FMA and F16C are present (checked on this line); lengths are checked
+        // inside.
+        return unsafe { avx2::weighted_rows_16(rows, n, shape, probs, acc) };
     }
     if d.is_multiple_of(LANES) {
         // rows as arrays of whole registers: no bounds checks in the token loop
@@ -597,6 +675,23 @@ fn packed_values(
                     return Ok(());
                 }
             }
+            #[cfg(target_arch = "x86_64")]
+            if d.is_multiple_of(32) && VALUE_GROUP == 32 && shape.simd == Simd::Avx2 {
+                // SAFETY: AVX2, FMA and F16C are present (checked on the line above); lengths
+                // are checked inside.
+                unsafe {
+                    match codec {
+                        Codec::Int8 => {
+                            avx2::int_weighted_rows_16_u8(codes, params, n, shape, probs, acc)
+                        }
+                        Codec::Int4 => {
+                            avx2::int_weighted_rows_16_u4(codes, params, n, shape, probs, acc)
+                        }
+                        _ => avx2::int_weighted_rows_16_u2(codes, params, n, shape, probs, acc),
+                    }
+                };
+                return Ok(());
+            }
             let groups = d.div_ceil(VALUE_GROUP);
             for t in 0..n {
                 let row = code_row(codec, codes, t, d, &mut scratch.codes);
@@ -624,7 +719,13 @@ fn packed_values(
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
             #[cfg(target_arch = "x86_64")]
-            if d.is_multiple_of(64) && shape.simd == Simd::Avx512 {
+            let fits = match shape.simd {
+                Simd::Avx512 => d.is_multiple_of(64),
+                Simd::Avx2 => d.is_multiple_of(16),
+                Simd::Portable => false,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if fits {
                 // the per-token scales folded into the weights
                 f16_bytes_to_f32(params, &mut scratch.scale, shape.simd);
                 scratch.folded.resize(group * bs, 0.0);
@@ -638,13 +739,20 @@ fn packed_values(
                     }
                 }
                 let weights = &scratch.folded;
-                // SAFETY: AVX-512F, AVX2 and F16C are present (checked above); lengths are
-                // checked inside.
+                // SAFETY: the level's features are present (`fits` names a level, and a pass
+                // runs at one only where the CPU has it); lengths are checked inside.
                 unsafe {
-                    if codec == Codec::Fp8E4m3 {
-                        x86::weighted_rows_64_e4m3(codes, n, shape, weights, acc)
-                    } else {
-                        x86::weighted_rows_64_e5m2(codes, n, shape, weights, acc)
+                    match (shape.simd, codec) {
+                        (Simd::Avx512, Codec::Fp8E4m3) => {
+                            x86::weighted_rows_64_e4m3(codes, n, shape, weights, acc)
+                        }
+                        (Simd::Avx512, _) => {
+                            x86::weighted_rows_64_e5m2(codes, n, shape, weights, acc)
+                        }
+                        (_, Codec::Fp8E4m3) => {
+                            avx2::weighted_rows_16_e4m3(codes, n, shape, weights, acc)
+                        }
+                        _ => avx2::weighted_rows_16_e5m2(codes, n, shape, weights, acc),
                     }
                 };
                 return Ok(());

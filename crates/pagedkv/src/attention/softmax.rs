@@ -34,25 +34,31 @@ pub(super) fn lazy_max(max_in: f32, block_max: f32) -> f32 {
     }
 }
 
+/// ln 2 in two parts (Cody–Waite): `n·LN2_HI` is exact for the `n` of an f32 exponent.
+pub(super) const LN2_HI: f32 = 0.693_359_4;
+pub(super) const LN2_LO: f32 = -2.121_944_4e-4;
+
+/// Cephes' expf polynomial for `(eʳ − 1 − r) / r²`, highest power first.
+pub(super) const EXP_POLY: [f32; 6] = [
+    1.987_569_1e-4,
+    1.398_199_9e-3,
+    8.333_452e-3,
+    4.166_579_6e-2,
+    1.666_666_5e-1,
+    0.5,
+];
+
 /// `x ← eˣ` for scores shifted by the softmax reference point (x ≤ 8, or −∞), branch-free so it
 /// vectorizes: x = n·ln2 + r with |r| ≤ ln2/2, eʳ by a degree-6 polynomial (Cephes' expf
 /// coefficients), 2ⁿ put in the exponent bits. Relative error below 3·10⁻⁷; below −87 the
 /// result is 0 (f32 would be subnormal there; softmax weights that small do not count).
 #[inline(always)]
 pub(super) fn exp_in_place(xs: &mut [f32]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
     for x in xs.iter_mut() {
         let v = x.max(-87.0);
-        let n = (v * LOG2E + 0.5).floor();
+        let n = (v * std::f32::consts::LOG2_E + 0.5).floor();
         let r = v - n * LN2_HI - n * LN2_LO;
-        let p = 1.987_569_1e-4;
-        let p = p * r + 1.398_199_9e-3;
-        let p = p * r + 8.333_452e-3;
-        let p = p * r + 4.166_579_6e-2;
-        let p = p * r + 1.666_666_5e-1;
-        let p = p * r + 0.5;
+        let p = EXP_POLY[1..].iter().fold(EXP_POLY[0], |p, c| p * r + c);
         let e = p * r * r + r + 1.0;
         let scaled = e * f32::from_bits((((n as i32) + 127) << 23) as u32);
         *x = if *x < -87.0 { 0.0 } else { scaled };
@@ -81,6 +87,11 @@ pub(super) fn softmax_step(
     if scores.len() == 16 && simd == Simd::Avx512 {
         // SAFETY: AVX-512F is present (a pass runs at a level only where the CPU has it).
         return unsafe { super::pages::x86::softmax_step_16(scores, n, max_in, lanes) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if scores.len() == 16 && simd == Simd::Avx2 {
+        // SAFETY: AVX2 and FMA are present (a pass runs at a level only where the CPU has it).
+        return unsafe { super::pages::avx2::softmax_step_16(scores, n, max_in, lanes) };
     }
     let block = &mut scores[..n];
     let block_max = block.iter().copied().fold(f32::NEG_INFINITY, f32::max);

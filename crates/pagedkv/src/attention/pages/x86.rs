@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::Shape;
-use crate::attention::softmax::{correction, lazy_max, LAZY_MAX_SLACK};
+use crate::attention::softmax::{correction, lazy_max, EXP_POLY, LAZY_MAX_SLACK, LN2_HI, LN2_LO};
 
 /// Sixteen consecutive elements starting at element `i` of a page as f32: f32 loaded,
 /// f16 converted by `vcvtph2ps`, bf16 widened and shifted, u8 and u4 codes (two per byte,
@@ -286,17 +286,11 @@ pub(in crate::attention) fn exp_shifted(x: __m512) -> __m512 {
         _mm512_set1_ps(std::f32::consts::LOG2_E),
         _mm512_set1_ps(0.5),
     ));
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693_359_4), v);
-    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.121_944_4e-4), r);
-    let mut p = _mm512_set1_ps(1.987_569_1e-4);
-    for c in [
-        1.398_199_9e-3,
-        8.333_452e-3,
-        4.166_579_6e-2,
-        1.666_666_5e-1,
-        0.5,
-    ] {
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_HI), v);
+    let r = _mm512_fnmadd_ps(k, _mm512_set1_ps(LN2_LO), r);
+    let mut p = _mm512_set1_ps(EXP_POLY[0]);
+    for c in &EXP_POLY[1..] {
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(*c));
     }
     let r2 = _mm512_mul_ps(r, r);
     let e = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0));
