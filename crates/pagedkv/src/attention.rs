@@ -250,6 +250,27 @@ impl Partial {
         }
     }
 
+    /// Floats [`Self::store`] writes for `group` heads of `d` elements.
+    fn slot_len(group: usize, d: usize) -> usize {
+        group * (2 + d)
+    }
+
+    /// Copies the state into `slot` ([`Self::slot_len`] floats): maxima, sums, outputs.
+    fn store(&self, slot: &mut [f32]) {
+        let group = self.max.len();
+        slot[..group].copy_from_slice(&self.max);
+        slot[group..2 * group].copy_from_slice(&self.sum);
+        slot[2 * group..].copy_from_slice(&self.acc);
+    }
+
+    /// The state [`Self::store`] wrote into `slot`.
+    fn load(&mut self, slot: &[f32], group: usize, d: usize) {
+        self.reset(group, d);
+        self.max.copy_from_slice(&slot[..group]);
+        self.sum.copy_from_slice(&slot[group..2 * group]);
+        self.acc.copy_from_slice(&slot[2 * group..]);
+    }
+
     /// Writes the normalized outputs of the group into `out` (`group × d`).
     fn write(&self, d: usize, out: &mut [f32]) {
         for (g, dst) in out.chunks_exact_mut(d).enumerate() {
@@ -360,6 +381,11 @@ impl<'a> Query<'a> {
     }
 }
 
+thread_local! {
+    /// The buffers [`attend_split_at`] runs its items with on this thread.
+    static SPLIT_BUFFERS: std::cell::RefCell<(Scratch, Partial)> = Default::default();
+}
+
 /// Blocks per work item of a pass. Fixed, not derived from the thread count, so that the
 /// arithmetic (and thus every output bit) is the same whether ranges run on one thread or
 /// many, and a sequence decodes identically alone or in a batch.
@@ -409,7 +435,6 @@ pub fn attend_split_at(
 ) -> Result<()> {
     use rayon::prelude::*;
     let simd = dispatch.simd.check()?;
-    let new_scratch = || Scratch::on(dispatch.path);
     check(storage, &ctx, q, out)?;
     let layout = storage.layout();
     let (d, group, heads) = (layout.head_dim(), layout.group_size(), layout.kv_heads());
@@ -418,38 +443,50 @@ pub fn attend_split_at(
         .flat_map(|h| ranges(blocks).map(move |r| (h, r)))
         .collect();
     let query = Query::new(storage, layer, ctx, q, scale);
-    let run = |scratch: &mut Scratch, (head, range): &(usize, std::ops::Range<usize>)| {
-        let pass = query.pass(*head);
-        let mut partial = Partial::default();
-        pass.run(range.clone(), &mut partial, scratch, simd)
-            .map(|()| (*head, partial))
+    // each item's partial state in one slot of one buffer, the buffers of each thread reused
+    // from call to call: a call per layer and token must not allocate per item
+    let slot_len = Partial::slot_len(group, d);
+    let mut slots = vec![0f32; items.len() * slot_len];
+    let run = |slot: &mut [f32], (head, range): &(usize, std::ops::Range<usize>)| {
+        SPLIT_BUFFERS.with(|cell| {
+            let (scratch, partial) = &mut *cell.borrow_mut();
+            scratch.path = dispatch.path;
+            query
+                .pass(*head)
+                .run(range.clone(), partial, scratch, simd)?;
+            partial.store(slot);
+            Ok::<(), KvError>(())
+        })
     };
     // a context of a few ranges runs on the calling thread, without rayon: handing it to a
     // worker costs more than the work (ranges and merge order are the same either way)
-    let partials = if items.len() <= MIN_RANGES_PER_TASK {
-        let mut scratch = new_scratch();
-        items
-            .iter()
-            .map(|item| run(&mut scratch, item))
-            .collect::<Result<Vec<_>>>()?
+    if items.len() <= MIN_RANGES_PER_TASK {
+        for (slot, item) in slots.chunks_mut(slot_len).zip(&items) {
+            run(slot, item)?;
+        }
     } else {
-        items
-            .par_iter()
+        slots
+            .par_chunks_mut(slot_len)
+            .zip(items.par_iter())
             .with_min_len(MIN_RANGES_PER_TASK)
-            .map_init(new_scratch, run)
-            .collect::<Result<Vec<_>>>()?
-    };
+            .try_for_each(|(slot, item)| run(slot, item))?;
+    }
+    let (mut merged, mut part) = (Partial::default(), Partial::default());
     for head in 0..heads {
-        let mut merged: Option<Partial> = None;
-        for (_, p) in partials.iter().filter(|(h, _)| *h == head) {
-            match merged.as_mut() {
-                None => merged = Some(p.clone()),
-                Some(m) => m.merge(p, d),
-            }
+        let mut slots_of_head = slots
+            .chunks(slot_len)
+            .zip(&items)
+            .filter(|(_, (h, _))| *h == head)
+            .map(|(slot, _)| slot);
+        let Some(first) = slots_of_head.next() else {
+            continue;
+        };
+        merged.load(first, group, d);
+        for slot in slots_of_head {
+            part.load(slot, group, d);
+            merged.merge(&part, d);
         }
-        if let Some(m) = merged {
-            m.write(d, &mut out[head * group * d..(head + 1) * group * d]);
-        }
+        merged.write(d, &mut out[head * group * d..(head + 1) * group * d]);
     }
     Ok(())
 }

@@ -265,6 +265,21 @@ pub(super) unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4]
     by_component(x, |t| lane_of(KB, t))
 }
 
+/// [`attend_block`] over a run of full blocks (key and value pages each), the pages of the
+/// block `ahead` further prefetched while one is read.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+fn attend_run<const KB: usize, const VB: usize, const H: usize>(
+    pages: &[(&[u8], &[u8])],
+    ahead: usize,
+    q: &[f32],
+    run: &mut Running,
+) {
+    for (i, (keys, values)) in pages.iter().enumerate() {
+        super::pages::prefetch_run(pages, i, ahead);
+        attend_block::<KB, VB, H>(keys, values, q, run);
+    }
+}
+
 /// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
 /// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of kind
 /// `KB` (f16 elements; integer codes with per-channel (scale, zero) pairs; fp8 codes with
@@ -492,15 +507,15 @@ macro_rules! kernel_pairs {
             kb: usize,
             vb: usize,
             heads: usize,
-            keys: &[u8],
-            values: &[u8],
+            pages: &[(&[u8], &[u8])],
+            ahead: usize,
             q: &[f32],
             run: &mut Running,
         ) -> bool {
             match (kb, vb) {
                 $(($k, $v) => with_heads!(heads, H, {
                     // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_block::<$k, $v, H>(keys, values, q, run) }
+                    unsafe { attend_run::<$k, $v, H>(pages, ahead, q, run) }
                 }),)*
                 _ => return false,
             }

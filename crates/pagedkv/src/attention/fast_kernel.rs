@@ -353,6 +353,21 @@ fn pair_of(x: &[i16], i: usize) -> __m512i {
     _mm512_set1_epi32(unsafe { x.as_ptr().add(2 * i).cast::<i32>().read_unaligned() })
 }
 
+/// [`attend_block`] over a run of full blocks (key and value pages each), the pages of the
+/// block `ahead` further prefetched while one is read.
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
+fn attend_run<const KB: usize, const VB: usize, const H: usize>(
+    pages: &[(&[u8], &[u8])],
+    ahead: usize,
+    q: &[f32],
+    run: &mut Running,
+) {
+    for (i, (keys, values)) in pages.iter().enumerate() {
+        super::pages::prefetch_run(pages, i, ahead);
+        attend_block::<KB, VB, H>(keys, values, q, run);
+    }
+}
+
 /// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
 /// full block of `KB` keys and `VB` values, the outputs in the lanes of [`enter`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
@@ -491,8 +506,8 @@ pub(super) unsafe fn dispatch(
     kb: usize,
     vb: usize,
     heads: usize,
-    keys: &[u8],
-    values: &[u8],
+    pages: &[(&[u8], &[u8])],
+    ahead: usize,
     q: &[f32],
     run: &mut Running,
 ) -> bool {
@@ -501,7 +516,7 @@ pub(super) unsafe fn dispatch(
             match (kb, vb) {
                 $(($k, $v) => with_heads!(heads, H, {
                     // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_block::<$k, $v, H>(keys, values, q, run) }
+                    unsafe { attend_run::<$k, $v, H>(pages, ahead, q, run) }
                 }),)*
                 _ => return false,
             }

@@ -68,29 +68,40 @@ pub(super) struct PageScratch {
 /// with a stall on memory.
 #[inline(always)]
 pub(super) fn prefetch(page: PageRef) {
+    let bytes: &[u8] = match page {
+        PageRef::F32(p) | PageRef::F32T(p) => bytemuck::cast_slice(p),
+        PageRef::F16(p) | PageRef::F16T(p) => bytemuck::cast_slice(p),
+        PageRef::Bf16(p) | PageRef::Bf16T(p) => bytemuck::cast_slice(p),
+        PageRef::Packed { bytes, .. } => bytes,
+    };
+    prefetch_bytes(bytes);
+}
+
+/// [`prefetch`] of a page's bytes.
+#[inline(always)]
+pub(super) fn prefetch_bytes(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let (ptr, bytes) = match page {
-            PageRef::F32(p) | PageRef::F32T(p) => {
-                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
-            }
-            PageRef::F16(p) | PageRef::F16T(p) => {
-                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
-            }
-            PageRef::Bf16(p) | PageRef::Bf16T(p) => {
-                (p.as_ptr().cast::<i8>(), std::mem::size_of_val(p))
-            }
-            PageRef::Packed { bytes, .. } => (bytes.as_ptr().cast::<i8>(), bytes.len()),
-        };
-        for offset in (0..bytes).step_by(64) {
-            // SAFETY: `offset < bytes`, so the address lies inside the borrowed page; a
+        for offset in (0..bytes.len()).step_by(64) {
+            // SAFETY: `offset < bytes.len()`, so the address lies inside the borrowed page; a
             // prefetch only hints the cache and never faults.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(ptr.add(offset)) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(bytes.as_ptr().add(offset).cast()) };
         }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    let _ = page;
+    let _ = bytes;
+}
+
+/// Prefetches the pages of `runs[i + ahead]` while `runs[i]` is read, and the first `ahead`
+/// before: what a whole-block kernel calls for each block of its run.
+#[inline(always)]
+pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, ahead: usize) {
+    let first = if i == 0 { 0 } else { i + ahead };
+    for (keys, values) in runs.iter().take(i + ahead + 1).skip(first) {
+        prefetch_bytes(keys);
+        prefetch_bytes(values);
+    }
 }
 
 /// Channel-major integer key codes as f32 columns (`d × bs`) in `out`.

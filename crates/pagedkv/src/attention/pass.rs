@@ -16,6 +16,10 @@ use crate::storage::{KvStorage, PageRef};
 /// How far ahead of the block being read a pass prefetches pages, in bytes of both pages.
 const PREFETCH_BYTES: usize = 8192;
 
+/// Most blocks a whole-block kernel reads in one call.
+#[cfg(target_arch = "x86_64")]
+const RUN_BLOCKS: usize = 32;
+
 /// The whole-block kernel a pass reads its full blocks with: page kinds, and whether it is
 /// the fast path's.
 #[cfg(target_arch = "x86_64")]
@@ -44,25 +48,29 @@ impl WholeBlock {
         }
     }
 
+    /// Reads a run of full blocks (key and value pages each), prefetching `ahead` blocks
+    /// ahead of the one being read.
+    ///
     /// # Safety
-    /// [`Pass::whole_block`] chose `self` (so the CPU has the kernel's features).
+    /// [`whole_block`] chose `self` (so the CPU has the kernel's features).
     unsafe fn attend(
         self,
         group: usize,
-        keys: &[u8],
-        values: &[u8],
+        pages: &[(&[u8], &[u8])],
+        ahead: usize,
         q: &[f32],
         run: &mut block_kernel::Running,
-    ) -> bool {
+    ) {
         let (kb, vb) = (self.keys, self.values);
         // SAFETY: the caller's contract.
-        unsafe {
+        let done = unsafe {
             if self.fast {
-                fast_kernel::dispatch(kb, vb, group, keys, values, q, run)
+                fast_kernel::dispatch(kb, vb, group, pages, ahead, q, run)
             } else {
-                block_kernel::dispatch(kb, vb, group, keys, values, q, run)
+                block_kernel::dispatch(kb, vb, group, pages, ahead, q, run)
             }
-        }
+        };
+        assert!(done, "whole_block chose a pair its kernel reads");
     }
 }
 
@@ -215,6 +223,38 @@ impl Pass<'_> {
             scaled_q.clear();
             scaled_q.extend(self.q.iter().map(|x| x * self.scale));
         }
+        // full blocks the kernel reads, gathered into runs of consecutive ones and read in
+        // one call each (page lookups, dispatch and the kernel's constants once per run)
+        #[cfg(target_arch = "x86_64")]
+        let mut pending: [(&[u8], &[u8]); RUN_BLOCKS] = [(&[], &[]); RUN_BLOCKS];
+        #[cfg(target_arch = "x86_64")]
+        let mut pending_len = 0;
+        #[cfg(target_arch = "x86_64")]
+        let flush = |run_pages: &[(&[u8], &[u8])],
+                     in_run: &mut bool,
+                     max: &mut Vec<f32>,
+                     lanes: &mut Vec<[f32; 16]>,
+                     acc: &mut Vec<f32>,
+                     zeros: &mut block_kernel::ZeroSums|
+         -> Result<()> {
+            let Some(kernel) = kernel else { return Ok(()) };
+            if run_pages.is_empty() {
+                return Ok(());
+            }
+            if !std::mem::replace(in_run, true) {
+                kernel.enter(group, acc);
+            }
+            let mut run = block_kernel::Running {
+                max,
+                lanes,
+                acc,
+                zeros,
+            };
+            // SAFETY: `whole_block` chose the kernel (the features are present); lengths are
+            // checked inside.
+            unsafe { kernel.attend(group, run_pages, ahead, scaled_q, &mut run) };
+            Ok(())
+        };
         for block_idx in blocks {
             let block = self.ctx.blocks[block_idx];
             let start = block_idx * bs;
@@ -222,7 +262,14 @@ impl Pass<'_> {
                 break;
             }
             let n = (self.ctx.len - start).min(bs);
-            if let Some(next) = self.ctx.blocks.get(block_idx + ahead) {
+            // the whole-block kernels prefetch their runs' pages themselves
+            #[cfg(target_arch = "x86_64")]
+            let prefetched_by_kernel = kernel.is_some();
+            #[cfg(not(target_arch = "x86_64"))]
+            let prefetched_by_kernel = false;
+            if let (Some(next), false) =
+                (self.ctx.blocks.get(block_idx + ahead), prefetched_by_kernel)
+            {
                 if start + ahead * bs < self.ctx.len {
                     prefetch(self.storage.key_page(self.layer, *next, self.head)?);
                     prefetch(self.storage.value_page(self.layer, *next, self.head)?);
@@ -256,27 +303,26 @@ impl Pass<'_> {
                 };
                 let pages =
                     kernel.and_then(|k| Some((bytes(keys, k.keys)?, bytes(values, k.values)?)));
-                if let (Some(kernel), Some((key_bytes, value_bytes))) = (kernel, pages) {
+                if let (Some(_), Some(page_pair)) = (kernel, pages) {
                     if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
-                        if !std::mem::replace(&mut in_run, true) {
-                            kernel.enter(group, acc);
+                        // read with the run it belongs to, once the run ends
+                        pending[pending_len] = page_pair;
+                        pending_len += 1;
+                        if pending_len == pending.len() {
+                            std::mem::take(&mut pending_len);
+                            flush(&pending, &mut in_run, max, lanes, acc, zeros)?;
                         }
-                        let mut run = block_kernel::Running {
-                            max,
-                            lanes,
-                            acc,
-                            zeros,
-                        };
-                        // SAFETY: `whole_block` chose the kernel (the features are present);
-                        // lengths are checked inside.
-                        let done = unsafe {
-                            kernel.attend(group, key_bytes, value_bytes, scaled_q, &mut run)
-                        };
-                        if done {
-                            continue;
-                        }
+                        continue;
                     }
                 }
+                flush(
+                    &pending[..std::mem::take(&mut pending_len)],
+                    &mut in_run,
+                    max,
+                    lanes,
+                    acc,
+                    zeros,
+                )?;
                 if let (true, Some(kernel)) = (std::mem::take(&mut in_run), kernel) {
                     kernel.leave(group, zeros, acc);
                 }
@@ -347,8 +393,11 @@ impl Pass<'_> {
             accumulate_values(values, n, shape, scores, acc, pages)?;
         }
         #[cfg(target_arch = "x86_64")]
-        if let (true, Some(kernel)) = (in_run, kernel) {
-            kernel.leave(group, zeros, acc);
+        {
+            flush(&pending[..pending_len], &mut in_run, max, lanes, acc, zeros)?;
+            if let (true, Some(kernel)) = (in_run, kernel) {
+                kernel.leave(group, zeros, acc);
+            }
         }
         pages.fib.finish(shape, acc);
         for (s, l) in sum.iter_mut().zip(lanes.iter()) {
