@@ -276,6 +276,11 @@ struct Layer {
     w_down: Linear,
 }
 
+thread_local! {
+    /// The attention buffers of each thread running a batch's queries.
+    static ATTENTION_SCRATCH: std::cell::RefCell<Scratch> = Default::default();
+}
+
 /// The loaded model.
 pub struct Model {
     config: ModelConfig,
@@ -595,16 +600,18 @@ impl Model {
                     .par_chunks_mut(q_width)
                     .zip(q.par_chunks(q_width))
                     .zip(rows.par_iter())
-                    .try_for_each_init(
-                        || Scratch::on(self.attention),
-                        |scratch, ((out, qr), (item_idx, pos))| {
-                            let ctx = Context {
-                                blocks: &tables[*item_idx],
-                                len: pos + 1,
-                            };
+                    .try_for_each(|((out, qr), (item_idx, pos))| {
+                        let ctx = Context {
+                            blocks: &tables[*item_idx],
+                            len: pos + 1,
+                        };
+                        // each thread's buffers kept from call to call (a call per layer)
+                        ATTENTION_SCRATCH.with(|cell| {
+                            let scratch = &mut *cell.borrow_mut();
+                            scratch.set_path(self.attention);
                             attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
-                        },
-                    )?;
+                        })
+                    })?;
             }
             let [o] = self.project([&layer.wo], &attn_out, n)?;
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);

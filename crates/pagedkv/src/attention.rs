@@ -128,7 +128,9 @@ pub struct Context<'a> {
 #[derive(Debug, Default, Clone)]
 pub struct Scratch {
     scores: Vec<f32>,
+    /// A pass's state, and the heads' merged state (kept: a call must not allocate).
     partial: Partial,
+    merged: Partial,
     pages: PageScratch,
     /// Running softmax sums per query head, spread over 16 lanes.
     lanes: Vec<[f32; 16]>,
@@ -179,6 +181,11 @@ impl Scratch {
     /// The arithmetic passes with these buffers use.
     pub fn path(&self) -> AttentionPath {
         self.path
+    }
+
+    /// Passes with these buffers take `path` from now on.
+    pub fn set_path(&mut self, path: AttentionPath) {
+        self.path = path;
     }
 }
 
@@ -362,7 +369,7 @@ impl<'a> Query<'a> {
         let (d, group) = (layout.head_dim(), layout.group_size());
         let blocks = self.ctx.len.div_ceil(layout.block_size());
         let mut partial = std::mem::take(&mut scratch.partial);
-        let mut merged = Partial::default();
+        let mut merged = std::mem::take(&mut scratch.merged);
         for head in 0..layout.kv_heads() {
             let pass = self.pass(head);
             // the same block ranges and merge order as `attend_split`, so both give the same bits
@@ -377,6 +384,7 @@ impl<'a> Query<'a> {
             merged.write(d, &mut out[head * group * d..(head + 1) * group * d]);
         }
         scratch.partial = partial;
+        scratch.merged = merged;
         Ok(())
     }
 }
