@@ -115,6 +115,12 @@ fn bad_flags_get_clear_errors() {
             "unknown --simd `avx9` (avx512, avx2, portable)",
         ),
         (
+            ["bench", "attention", "--contexts", "16", "--paths", "quick"]
+                .map(String::from)
+                .to_vec(),
+            "unknown attention path `quick` (exact, fast)",
+        ),
+        (
             ["bench", "generate", "--context", "18446744073709551615"]
                 .map(String::from)
                 .to_vec(),

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 pub use codebook::Codebook;
-pub use rotation::{HadamardRotation, Rotation, RotationKind};
+pub use rotation::{HadamardRotation, Isa, Rotation, RotationKind};
 
 /// Bits of one codeword index: ⌈log2 N⌉ (N ≥ 2).
 pub fn index_bits(n: usize) -> u32 {
@@ -193,9 +193,19 @@ impl FibQuant {
         self.rotation.apply(x);
     }
 
+    /// [`Self::rotate`] with the instructions `isa` allows (the same result on every one).
+    pub fn rotate_with(&self, x: &mut [f32], isa: Isa) {
+        self.rotation.apply_with(x, isa);
+    }
+
     /// Rotates `x` back from the quantizer's basis and multiplies by `scale`.
     pub fn unrotate_scaled(&self, x: &mut [f32], scale: f32) {
         self.rotation.inverse_scaled(x, scale);
+    }
+
+    /// [`Self::unrotate_scaled`] with the instructions `isa` allows.
+    pub fn unrotate_scaled_with(&self, x: &mut [f32], scale: f32, isa: Isa) {
+        self.rotation.inverse_scaled_with(x, scale, isa);
     }
 
     /// Bytes of one encoded vector.

@@ -58,16 +58,27 @@ impl Rotation {
 
     /// Rotates `x` in place.
     pub fn apply(&self, x: &mut [f32]) {
+        self.apply_with(x, Isa::widest());
+    }
+
+    /// [`Self::apply`] with the instructions `isa` allows (the same result on every one).
+    pub fn apply_with(&self, x: &mut [f32], isa: Isa) {
         match self {
-            Rotation::Hadamard(r) => r.apply(x),
+            Rotation::Hadamard(r) => r.apply_with(x, isa),
             Rotation::Haar(r) => r.apply(x),
         }
     }
 
     /// Undoes [`apply`](Self::apply) and multiplies by `scale`.
     pub fn inverse_scaled(&self, x: &mut [f32], scale: f32) {
+        self.inverse_scaled_with(x, scale, Isa::widest());
+    }
+
+    /// [`Self::inverse_scaled`] with the instructions `isa` allows (the same result on every
+    /// one).
+    pub fn inverse_scaled_with(&self, x: &mut [f32], scale: f32, isa: Isa) {
         match self {
-            Rotation::Hadamard(r) => r.inverse_scaled(x, scale),
+            Rotation::Hadamard(r) => r.inverse_scaled_with(x, scale, isa),
             Rotation::Haar(r) => r.inverse_scaled(x, scale),
         }
     }
@@ -149,8 +160,13 @@ impl HadamardRotation {
 
     /// Rotates `x` in place.
     pub fn apply(&self, x: &mut [f32]) {
+        self.apply_with(x, Isa::widest());
+    }
+
+    /// [`Self::apply`] with the instructions `isa` allows.
+    pub fn apply_with(&self, x: &mut [f32], isa: Isa) {
         x.iter_mut().zip(&self.signs).for_each(|(v, s)| *v *= s);
-        fwht(x);
+        fwht(x, isa);
         let norm = 1.0 / (x.len() as f32).sqrt();
         x.iter_mut().for_each(|v| *v *= norm);
     }
@@ -162,7 +178,12 @@ impl HadamardRotation {
 
     /// Undoes [`apply`](Self::apply) and multiplies by `scale`, in one pass over the output.
     pub fn inverse_scaled(&self, x: &mut [f32], scale: f32) {
-        fwht(x);
+        self.inverse_scaled_with(x, scale, Isa::widest());
+    }
+
+    /// [`Self::inverse_scaled`] with the instructions `isa` allows.
+    pub fn inverse_scaled_with(&self, x: &mut [f32], scale: f32, isa: Isa) {
+        fwht(x, isa);
         let norm = scale / (x.len() as f32).sqrt();
         x.iter_mut()
             .zip(&self.signs)
@@ -170,20 +191,66 @@ impl HadamardRotation {
     }
 }
 
-/// Unnormalized fast Walsh–Hadamard transform (H·x; H·H = d·I), on the widest SIMD the CPU
-/// has: the same additions in the same order on every path, so results do not depend on it.
-fn fwht(x: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU supports AVX-512F, checked on the line above.
-        return unsafe { fwht_avx512(x) };
+/// Which instructions the rotation may use: a caller that measures or tests one dispatch
+/// level (pagedkv's attention) passes its own. Every level gives the same result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// The baseline target's instructions.
+    Portable,
+    /// AVX2.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+impl Isa {
+    /// The widest level this CPU has (detected once).
+    pub fn widest() -> Isa {
+        static WIDEST: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+        *WIDEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    return Isa::Avx512;
+                }
+                if std::arch::is_x86_feature_detected!("avx2") {
+                    return Isa::Avx2;
+                }
+            }
+            Isa::Portable
+        })
     }
+}
+
+/// Unnormalized fast Walsh–Hadamard transform (H·x; H·H = d·I) with the instructions `isa`
+/// allows, where the CPU has them: the same additions in the same order on every path, so
+/// results do not depend on it.
+fn fwht(x: &mut [f32], isa: Isa) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
+            // SAFETY: the CPU supports AVX-512F, checked on the line above.
+            return unsafe { fwht_avx512(x) };
+        }
+        Isa::Avx2 if std::arch::is_x86_feature_detected!("avx2") => {
+            // SAFETY: the CPU supports AVX2, checked on the line above.
+            return unsafe { fwht_avx2(x) };
+        }
+        _ => {}
+    }
+    let _ = isa;
     fwht_portable(x)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn fwht_avx512(x: &mut [f32]) {
+    fwht_portable(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn fwht_avx2(x: &mut [f32]) {
     fwht_portable(x)
 }
 
@@ -221,14 +288,19 @@ mod tests {
 
     #[test]
     fn simd_transform_matches_the_portable_one_and_the_definition() {
+        println!("fwht: the widest level on this CPU is {:?}", Isa::widest());
         for d in [1usize, 2, 4, 8, 64, 128, 1024] {
             let x: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
-            let (mut fast, mut plain) = (x.clone(), x.clone());
-            fwht(&mut fast);
+            let mut plain = x.clone();
             fwht_portable(&mut plain);
-            assert_eq!(fast, plain, "d={d}");
+            // every level this CPU has (the others fall back to the portable loop)
+            for isa in [Isa::Avx512, Isa::Avx2, Isa::Portable] {
+                let mut fast = x.clone();
+                fwht(&mut fast, isa);
+                assert_eq!(fast, plain, "d={d}, {isa:?}");
+            }
             // H[i][j] = (−1)^popcount(i & j)
-            for (i, got) in fast.iter().enumerate() {
+            for (i, got) in plain.iter().enumerate() {
                 let want: f64 = x
                     .iter()
                     .enumerate()

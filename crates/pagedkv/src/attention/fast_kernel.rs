@@ -85,20 +85,20 @@ const fn shuffle(low: [u8; 16], high: [u8; 16]) -> [u8; 64] {
 /// A shuffle index that makes a zero byte.
 const ZERO: u8 = 0x80;
 
-/// Byte indices `f(l)` for the 16 lanes (`f` a const-evaluable table of 16 entries).
-const fn lanes(first: u8, step_every: usize, base_period: usize) -> [u8; 16] {
-    // lane l picks byte first + (l % base_period) / step_every
+/// The source byte of each of the 16 lanes: lane `l` picks `first + (l % period) / every`
+/// (`every` lanes share a byte; the pattern repeats every `period` lanes).
+const fn lanes(first: u8, every: usize, period: usize) -> [u8; 16] {
     let mut out = [0u8; 16];
     let mut l = 0;
     while l < 16 {
-        out[l] = first + ((l % base_period) / step_every) as u8;
+        out[l] = first + ((l % period) / every) as u8;
         l += 1;
     }
     out
 }
 
-/// The byte-shuffle controls of a kernel instance: keys (two, for int8's two sources) and
-/// values (per group for int2; else one pair for both rows).
+/// The byte-shuffle controls of the keys: two, for int8's two sources (one column each);
+/// int4's and int2's two columns share one source.
 const fn key_shuffles(kb: usize) -> [[u8; 64]; 2] {
     let none = [ZERO; 16];
     match kb {

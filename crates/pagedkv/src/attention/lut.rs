@@ -13,6 +13,7 @@ use crate::error::{KvError, Result};
 use crate::key_norm::KeyNorm;
 
 use super::pages::{ScaledQuery, Shape};
+use super::Simd;
 
 /// Tables and bins of one kv head's pass, reused across heads and calls.
 #[derive(Debug, Default, Clone)]
@@ -38,6 +39,16 @@ pub(super) struct FibTables {
     bias: Vec<f32>,
 }
 
+/// The `fibquant` crate's instruction set for a pass at `simd`: its rotation runs at the
+/// pass's level, so a forced level measures and tests only that level's loops.
+fn isa(simd: Simd) -> fibquant::Isa {
+    match simd {
+        Simd::Portable => fibquant::Isa::Portable,
+        Simd::Avx2 => fibquant::Isa::Avx2,
+        Simd::Avx512 => fibquant::Isa::Avx512,
+    }
+}
+
 impl FibTables {
     /// Forgets the previous head's tables and bins.
     pub(super) fn start_head(&mut self) {
@@ -48,8 +59,8 @@ impl FibTables {
         self.rotated_used = false;
     }
 
-    /// True when the AVX-512 path serves this page: 2- or 4-coordinate codewords with byte indices,
-    /// blocks of 16, head_dim a multiple of 16.
+    /// True when the AVX-512 or AVX2 loops serve this page: 2- or 4-coordinate codewords with
+    /// byte indices, blocks of 16, head_dim a multiple of 16, a pass at either level.
     #[inline(always)]
     fn fast(fq: &FibQuant, shape: Shape) -> bool {
         #[cfg(target_arch = "x86_64")]
@@ -58,7 +69,7 @@ impl FibTables {
                 && fq.index_bits() == 8
                 && shape.bs == 16
                 && shape.d.is_multiple_of(16)
-                && shape.simd == super::Simd::Avx512
+                && matches!(shape.simd, Simd::Avx512 | Simd::Avx2)
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -214,22 +225,30 @@ impl FibTables {
                 self.rotated_q.resize(group * d, 0.0);
                 self.rotated_q.copy_from_slice(&q[..group * d]);
                 for qg in self.rotated_q.chunks_exact_mut(d) {
-                    fq.rotate(qg);
+                    fq.rotate_with(qg, isa(shape.simd));
                 }
                 self.rotated_ready = true;
             }
             let words = fq.codebook().words();
-            // SAFETY: AVX-512F and F16C are present (`fast`); every index is below the
+            // SAFETY: the pass's level has its features (`fast` names AVX-512 or AVX2, and a
+            // pass runs at a level only where the CPU has it); every index is below the
             // codebook size (checked above) and lengths are checked inside.
             unsafe {
                 let rotated = ScaledQuery {
                     rows: &self.rotated_q,
                     scale,
                 };
-                if fq.profile().k == 4 {
-                    x86::fib_scores_16::<4>(bytes, largest, n, shape, words, rotated, scores)
-                } else {
-                    x86::fib_scores_16::<2>(bytes, largest, n, shape, words, rotated, scores)
+                match (shape.simd, fq.profile().k) {
+                    (Simd::Avx512, 4) => {
+                        x86::fib_scores_16::<4>(bytes, largest, n, shape, words, rotated, scores)
+                    }
+                    (Simd::Avx512, _) => {
+                        x86::fib_scores_16::<2>(bytes, largest, n, shape, words, rotated, scores)
+                    }
+                    (_, 4) => {
+                        avx2::fib_scores_16::<4>(bytes, largest, n, shape, words, rotated, scores)
+                    }
+                    _ => avx2::fib_scores_16::<2>(bytes, largest, n, shape, words, rotated, scores),
                 }
             };
             return Ok(());
@@ -241,7 +260,7 @@ impl FibTables {
             self.rotated.resize(d, 0.0);
             for (g, qg) in q.chunks_exact(d).enumerate() {
                 self.rotated.copy_from_slice(qg);
-                fq.rotate(&mut self.rotated);
+                fq.rotate_with(&mut self.rotated, isa(shape.simd));
                 for b in 0..blocks {
                     let table = &mut self.tables[(g * blocks + b) * words..][..words];
                     table.fill(0.0);
@@ -308,10 +327,15 @@ impl FibTables {
             // SAFETY: as in `key_scores`.
             unsafe {
                 let acc = &mut self.rotated_acc;
-                if fq.profile().k == 4 {
-                    x86::fib_values_16::<4>(bytes, largest, n, shape, words, probs, acc)
-                } else {
-                    x86::fib_values_16::<2>(bytes, largest, n, shape, words, probs, acc)
+                match (shape.simd, fq.profile().k) {
+                    (Simd::Avx512, 4) => {
+                        x86::fib_values_16::<4>(bytes, largest, n, shape, words, probs, acc)
+                    }
+                    (Simd::Avx512, _) => {
+                        x86::fib_values_16::<2>(bytes, largest, n, shape, words, probs, acc)
+                    }
+                    (_, 4) => avx2::fib_values_16::<4>(bytes, largest, n, shape, words, probs, acc),
+                    _ => avx2::fib_values_16::<2>(bytes, largest, n, shape, words, probs, acc),
                 }
             };
             return Ok(());
@@ -364,7 +388,7 @@ impl FibTables {
                     .chunks_exact_mut(d)
                     .zip(self.rotated_acc.chunks_exact_mut(d))
                 {
-                    fq.unrotate_scaled(r, 1.0);
+                    fq.unrotate_scaled_with(r, 1.0, isa(shape.simd));
                     a.iter_mut().zip(r.iter()).for_each(|(a, r)| *a += r);
                 }
             }
@@ -389,7 +413,7 @@ impl FibTables {
                     self.rotated[b * k + j] = super::softmax::dot(bin, column);
                 }
             }
-            fq.unrotate_scaled(&mut self.rotated, 1.0);
+            fq.unrotate_scaled_with(&mut self.rotated, 1.0, isa(shape.simd));
             acc[g * d..(g + 1) * d]
                 .iter_mut()
                 .zip(&self.rotated)
@@ -403,6 +427,8 @@ impl FibTables {
 /// token's rotated vector is put together in registers from its codewords (one load each), so
 /// neither tables nor bins are written; values are summed in the rotated space and rotated back
 /// once per pass.
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -439,7 +465,7 @@ mod x86 {
 
     /// Checks the page's shape and returns the bytes of one token's code (norm byte, then one
     /// byte per codeword index) and the norms `ν_t` of its first `n` tokens.
-    fn check<const K: usize>(
+    pub(super) fn check<const K: usize>(
         bytes: &[u8],
         largest: f32,
         n: usize,

@@ -365,7 +365,7 @@ fn packed_key_scores(
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
             // channel-major codes: scales folded into the query, zero points into a constant,
             // then the block's scores column by column like a full-precision page
-            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes);
+            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes)?;
             scratch.folded.resize(group * d, 0.0);
             scratch.bias.resize(group, 0.0);
             #[cfg(target_arch = "x86_64")]
@@ -429,7 +429,7 @@ fn packed_key_scores(
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
             // channel-major codes; per-channel scales folded into the query
-            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes);
+            let (codes, params) = page_layout(codec, Role::Key, shape)?.split(bytes)?;
             f16_bytes_to_f32(params, &mut scratch.scale, shape.simd);
             scratch.folded.resize(group * d, 0.0);
             for (g, qg) in q.chunks_exact(d).enumerate() {
@@ -664,7 +664,7 @@ fn packed_values(
     let Shape { group, d, bs, .. } = shape;
     match codec {
         Codec::Int8 | Codec::Int4 | Codec::Int2 => {
-            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
+            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes)?;
             #[cfg(target_arch = "x86_64")]
             {
                 // the loop reads the parameters of 16 tokens at a time: blocks of 16 only
@@ -728,7 +728,7 @@ fn packed_values(
             Ok(())
         }
         Codec::Fp8E4m3 | Codec::Fp8E5m2 => {
-            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes);
+            let (codes, params) = page_layout(codec, Role::Value, shape)?.split(bytes)?;
             #[cfg(target_arch = "x86_64")]
             let fits = match shape.simd {
                 Simd::Avx512 => d.is_multiple_of(64),

@@ -107,10 +107,19 @@ impl PageLayout {
         self.code_bytes + self.param_bytes
     }
 
-    /// The page's codes and its parameters (`page` at least [`Self::page_bytes`] long).
-    pub fn split<'a>(&self, page: &'a [u8]) -> (&'a [u8], &'a [u8]) {
-        let (codes, rest) = page.split_at(self.code_bytes);
-        (codes, &rest[..self.param_bytes])
+    /// The page's codes and its parameters; an error if `page` is shorter than
+    /// [`Self::page_bytes`].
+    pub fn split<'a>(&self, page: &'a [u8]) -> crate::Result<(&'a [u8], &'a [u8])> {
+        match page.split_at_checked(self.code_bytes) {
+            Some((codes, rest)) if rest.len() >= self.param_bytes => {
+                Ok((codes, &rest[..self.param_bytes]))
+            }
+            _ => Err(crate::KvError::ShapeMismatch {
+                what: "page bytes",
+                expected: self.page_bytes(),
+                got: page.len(),
+            }),
+        }
     }
 }
 
@@ -149,5 +158,19 @@ mod tests {
             PageLayout::scalar(Codec::F32, Role::Key, usize::MAX, 2),
             None
         );
+    }
+
+    #[test]
+    fn a_short_page_is_an_error_not_a_panic() {
+        let layout = PageLayout::scalar(Codec::Int4, Role::Key, 16, 64).unwrap();
+        let page = vec![7u8; layout.page_bytes()];
+        let (codes, params) = layout.split(&page).unwrap();
+        assert_eq!((codes.len(), params.len()), (512, 256));
+        for short in [0, 100, 512, layout.page_bytes() - 1] {
+            assert!(matches!(
+                layout.split(&page[..short]),
+                Err(crate::KvError::ShapeMismatch { .. })
+            ));
+        }
     }
 }
