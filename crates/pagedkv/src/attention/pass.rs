@@ -210,12 +210,15 @@ impl Pass<'_> {
         // a miss to memory behind the reading of the blocks between
         let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
-        // full blocks of the page kinds `block_kernel` reads: one call each
+        // the whole-block kernel of this layer's pages, if any (no per-layer key transform)
         #[cfg(target_arch = "x86_64")]
         let plain = key_norm.is_none() && key_split.is_none();
-        let kernel = whole_block(layout, self.layer, simd, plain, *path);
         #[cfg(target_arch = "x86_64")]
+        let kernel = whole_block(layout, self.layer, simd, plain, *path);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = path;
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
+        #[cfg(target_arch = "x86_64")]
         let mut in_run = false;
         // the kernel's query, scaled once per pass (only when the kernel will read it)
         #[cfg(target_arch = "x86_64")]
@@ -309,8 +312,8 @@ impl Pass<'_> {
                         pending[pending_len] = page_pair;
                         pending_len += 1;
                         if pending_len == pending.len() {
-                            std::mem::take(&mut pending_len);
                             flush(&pending, &mut in_run, max, lanes, acc, zeros)?;
+                            pending_len = 0;
                         }
                         continue;
                     }
