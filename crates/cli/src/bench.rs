@@ -76,7 +76,7 @@ pub struct AttentionBench {
     #[arg(long)]
     simd: Option<String>,
     /// Attention paths measured (comma-separated: exact, fast); the fast path only for codecs
-    /// it has a kernel for at this level.
+    /// it has a kernel for at this level. The global --attention does not apply here.
     #[arg(long, default_value = "exact,fast")]
     paths: String,
     /// Write the figures as JSON.

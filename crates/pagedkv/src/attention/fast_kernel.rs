@@ -194,7 +194,8 @@ struct Consts {
 }
 
 impl Consts {
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f")]
     fn new<const KB: usize, const VB: usize>() -> Self {
         // SAFETY (each load): 64 bytes read from a constant table of 64 bytes.
         let load = |bytes: &[u8; 64]| unsafe { _mm512_loadu_si512(bytes.as_ptr().cast()) };

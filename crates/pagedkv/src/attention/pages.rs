@@ -93,8 +93,8 @@ pub(super) fn prefetch_bytes(bytes: &[u8]) {
     let _ = bytes;
 }
 
-/// Prefetches the pages of `runs[i + ahead]` while `runs[i]` is read, and the first `ahead`
-/// before: what a whole-block kernel calls for each block of its run.
+/// Prefetches the pages of `runs[i + ahead]` while `runs[i]` is read (at `i` = 0, those of
+/// blocks 0 ..= `ahead`): what a whole-block kernel calls for each block of its run.
 #[inline(always)]
 pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, ahead: usize) {
     let first = if i == 0 { 0 } else { i + ahead };

@@ -201,6 +201,11 @@ impl Pass<'_> {
         lanes.resize(group, [0.0; 16]);
         partial.reset(group, d);
         let Partial { max, sum, acc } = partial;
+        // no zero-point sums carried over from a pass that ended early (an error)
+        #[cfg(target_arch = "x86_64")]
+        {
+            *zeros = Default::default();
+        }
         pages.fib.start_head();
         // normalized keys: sealed pages score the mean's term besides their codes
         let key_norm = layout.key_norm(self.layer);
@@ -227,7 +232,7 @@ impl Pass<'_> {
             scaled_q.extend(self.q.iter().map(|x| x * self.scale));
         }
         // full blocks the kernel reads, gathered into runs of consecutive ones and read in
-        // one call each (page lookups, dispatch and the kernel's constants once per run)
+        // one call each (dispatch once per run, and the kernel prefetches within the run)
         #[cfg(target_arch = "x86_64")]
         let mut pending: [(&[u8], &[u8]); RUN_BLOCKS] = [(&[], &[]); RUN_BLOCKS];
         #[cfg(target_arch = "x86_64")]
