@@ -363,19 +363,22 @@ fn attend_run<const KB: usize, const VB: usize, const H: usize>(
     q: &[f32],
     run: &mut Running,
 ) {
+    let k = Consts::new::<KB, VB>();
     for (i, (keys, values)) in pages.iter().enumerate() {
         super::pages::prefetch_run(pages, i, ahead);
-        attend_block::<KB, VB, H>(keys, values, q, run);
+        attend_block::<KB, VB, H>(keys, values, q, &k, run);
     }
 }
 
 /// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
-/// full block of `KB` keys and `VB` values, the outputs in the lanes of [`enter`].
+/// full block of `KB` keys and `VB` values (`k`: the constants of that pair), the outputs in
+/// the lanes of [`enter`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
+fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     keys: &[u8],
     values: &[u8],
     q: &[f32],
+    k: &Consts,
     run: &mut Running,
 ) {
     let (key_page, value_page) = const { (page(KB, Role::Key), page(VB, Role::Value)) };
@@ -385,7 +388,6 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     assert!(keys.len() >= key_codes + key_page.param_bytes);
     assert!(values.len() >= value_codes + value_page.param_bytes);
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
-    let k = Consts::new::<KB, VB>();
 
     // keys: scales folded into the query, which is rounded per head; zero points into a bias
     let mut folded = [[_mm512_setzero_ps(); 4]; 4];
@@ -410,8 +412,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     let mut dots = [[_mm512_setzero_si512(); 4]; 4];
     for c in (0..D).step_by(8) {
         // SAFETY: channels c .. c + 8 lie inside the page's codes (key_codes, asserted).
-        let pairs =
-            unsafe { std::array::from_fn::<_, 4, _>(|i| key_pair::<KB>(kp, c + 2 * i, &k)) };
+        let pairs = unsafe { std::array::from_fn::<_, 4, _>(|i| key_pair::<KB>(kp, c + 2 * i, k)) };
         for h in 0..H {
             for (i, pair) in pairs.iter().enumerate() {
                 dots[h][i] = _mm512_dpwssd_epi32(dots[h][i], *pair, pair_of(&query[h], c / 2 + i));
@@ -452,7 +453,7 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
     let mut sums = [[_mm512_setzero_si512(); 4]; 4];
     for t in (0..BS).step_by(2) {
         // SAFETY: tokens t and t + 1 are rows of the page's codes (value_codes, asserted).
-        let v = unsafe { value_pairs::<VB>(vp, t, &k) };
+        let v = unsafe { value_pairs::<VB>(vp, t, k) };
         for h in 0..H {
             let (low, high) = scaled[h].split_at(BS);
             let (w0, w1) = (pair_of(low, t / 2), pair_of(high, t / 2));
