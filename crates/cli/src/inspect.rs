@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
-use pagedkv_engine::ModelConfig;
+use pagedkv_engine::{ModelConfig, RopeScaling};
 
 use crate::common::CommonArgs;
 
@@ -38,6 +38,16 @@ pub fn run(common: &CommonArgs, args: InspectArgs) -> Result<()> {
     };
     let c = ModelConfig::read(&path)?;
     println!("{}", path.display());
+    println!(
+        "  architecture {}, RoPE base {} {}",
+        c.architecture.name(),
+        c.rope_base,
+        match c.rope_scaling {
+            RopeScaling::None => "unscaled".to_string(),
+            RopeScaling::Linear(f) => format!("scaled linearly by {f}"),
+            RopeScaling::FrequencyFactors => "with per-frequency factors".to_string(),
+        }
+    );
     println!(
         "  layers {}, query heads {}, kv heads {} ({}), head_dim {}, hidden {}, vocab {}, context {}",
         c.layers,

@@ -1,23 +1,26 @@
-//! Model runner for pagedkv: SmolLM2-135M-Instruct (GGUF, Llama architecture) whose attention
-//! reads the paged cache, its tokenizer, sampling and a continuous-batching scheduler
-//! (DESIGN §9).
+//! Model runner for pagedkv: Llama-family GGUF models (architectures `llama` and `qwen2`;
+//! SmolLM2-135M-Instruct by default) whose attention reads the paged cache, their tokenizers,
+//! sampling and a continuous-batching scheduler (DESIGN §9).
 #![warn(missing_docs)]
 
 pub mod allocate;
 pub mod calibrate;
+pub mod config;
 pub mod error;
 pub mod eval;
 pub mod fetch;
 pub mod fingerprint;
 pub mod model;
 pub mod qgemm;
+mod rope;
 pub mod sampler;
 pub mod scheduler;
 pub mod tokenizer;
 
+pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 pub use error::{EngineError, Result};
 pub use fingerprint::ModelFingerprint;
-pub use model::{BatchItem, Logits, Model, ModelConfig, WeightMode};
+pub use model::{BatchItem, Logits, Model, WeightMode};
 pub use sampler::{Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{
     Event, FinishReason, Preemption, Request, Scheduler, SchedulerConfig, SchedulerStats,

@@ -1,9 +1,11 @@
-//! SmolLM2 (Llama architecture, GGUF) whose attention reads the paged cache (DESIGN §9).
+//! A Llama-family model (GGUF architectures `llama` and `qwen2`) whose attention reads the paged
+//! cache (DESIGN §9).
 //!
-//! Straight-line Llama: embedding → 30 × [RMSNorm → Q/K/V → RoPE (interleaved pairs, as GGUF
-//! Llama weights expect) → K/V into the cache → paged attention → output projection → residual →
-//! RMSNorm → SwiGLU → residual] → RMSNorm → tied output matrix. Activations are plain `Vec<f32>`
-//! rows of all tokens of the batch; candle does the quantized matrix products.
+//! Straight-line Llama: embedding → layers × [RMSNorm → Q/K/V (+ bias on Qwen2) → RoPE (the
+//! architecture's pairing, see [`crate::config::RopeStyle`]) → K/V into the cache → paged
+//! attention → output projection → residual → RMSNorm → SwiGLU → residual] → RMSNorm → output
+//! matrix (or the embedding, when tied). Activations are plain `Vec<f32>` rows of all tokens of
+//! the batch; candle does the quantized matrix products.
 //!
 //! One forward serves a batch of sequences each bringing any number of new tokens (prefill
 //! chunks and single decode tokens together): the matmuls run over all rows at once, attention
@@ -15,12 +17,14 @@ use std::path::Path;
 use candle_core::quantized::{gguf_file, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Scratch};
-use pagedkv::{Codec, KvCacheManager, KvLayout, LayerOverride, LayoutSpec, SeqId};
+use pagedkv::{KvCacheManager, SeqId};
 use rayon::prelude::*;
 
+use crate::config::{bad_model, ModelConfig, RopeScaling};
 use crate::error::{candle_message, EngineError, Result};
 use crate::fingerprint::ModelFingerprint;
 use crate::qgemm::{QActivations, QWeights};
+use crate::rope::Rope;
 use crate::tokenizer::GgufTokenizer;
 
 /// How the weight matrices are held in memory.
@@ -36,225 +40,6 @@ pub enum WeightMode {
     Q8,
 }
 
-/// Hyper-parameters read from the GGUF metadata.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct ModelConfig {
-    /// Transformer layers.
-    pub layers: usize,
-    /// Query heads.
-    pub heads: usize,
-    /// Key/value heads.
-    pub kv_heads: usize,
-    /// Elements per head.
-    pub head_dim: usize,
-    /// Hidden size.
-    pub hidden: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// RoPE frequency base.
-    pub rope_base: f32,
-    /// RMSNorm epsilon.
-    pub rms_eps: f32,
-    /// Trained context length.
-    pub context_len: usize,
-}
-
-impl ModelConfig {
-    /// Reads the hyper-parameters of a GGUF file (metadata only, no weights).
-    pub fn read(path: &Path) -> Result<Self> {
-        let mut file = File::open(path).map_err(|source| EngineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let ct = gguf_file::Content::read(&mut file).map_err(|e| {
-            bad_model(
-                path,
-                format!("not a readable GGUF file: {}", candle_message(&e)),
-            )
-        })?;
-        Self::from_gguf(path, &ct)
-    }
-
-    /// The hyper-parameters in parsed GGUF metadata (of the file at `path`, named in errors);
-    /// the architecture must be llama, and every value of the type and range it must have.
-    pub fn from_gguf(path: &Path, ct: &gguf_file::Content) -> Result<Self> {
-        let arch = ct
-            .metadata
-            .get("general.architecture")
-            .and_then(|v| v.to_string().ok())
-            .cloned();
-        if arch.as_deref() != Some("llama") {
-            return Err(bad_model(
-                path,
-                format!("architecture {arch:?} is not llama"),
-            ));
-        }
-        let get = |key: &str| -> Result<&gguf_file::Value> {
-            ct.metadata
-                .get(key)
-                .ok_or_else(|| bad_model(path, format!("missing metadata `{key}`")))
-        };
-        let uint = |key: &str| -> Result<usize> {
-            get(key)?
-                .to_u32()
-                .map(|v| v as usize)
-                .map_err(|_| bad_model(path, format!("`{key}` is not a u32")))
-        };
-        let float = |key: &str| -> Result<f32> {
-            get(key)?
-                .to_f32()
-                .map_err(|_| bad_model(path, format!("`{key}` is not an f32")))
-        };
-        let heads = uint("llama.attention.head_count")?;
-        let hidden = uint("llama.embedding_length")?;
-        if heads == 0 || hidden % heads != 0 {
-            return Err(bad_model(
-                path,
-                "embedding length is not a multiple of the head count",
-            ));
-        }
-        let kv_heads = uint("llama.attention.head_count_kv")?;
-        if kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(bad_model(
-                path,
-                "the head count is not a multiple of the kv head count",
-            ));
-        }
-        // absent: llama's default base; present, it must be a number
-        let rope_base = match ct.metadata.get("llama.rope.freq_base") {
-            None => 10_000.0,
-            Some(_) => float("llama.rope.freq_base")?,
-        };
-        let config = ModelConfig {
-            layers: uint("llama.block_count")?,
-            heads,
-            kv_heads,
-            head_dim: hidden / heads,
-            hidden,
-            vocab: uint("llama.vocab_size")?,
-            rope_base,
-            rms_eps: float("llama.attention.layer_norm_rms_epsilon")?,
-            context_len: uint("llama.context_length")?,
-        };
-        for (name, value) in [
-            ("llama.block_count", config.layers),
-            ("llama.vocab_size", config.vocab),
-            ("llama.context_length", config.context_len),
-        ] {
-            if value == 0 {
-                return Err(bad_model(path, format!("`{name}` is zero")));
-            }
-        }
-        if !(config.rope_base.is_finite() && config.rope_base > 0.0) {
-            return Err(bad_model(path, "the RoPE base is not a positive number"));
-        }
-        Ok(config)
-    }
-
-    /// Checks that every tensor the forward pass reads exists with the shape the metadata
-    /// implies, before any weight is read: a file whose shapes disagree is an error, never an
-    /// assertion or silent garbage later.
-    pub fn check_tensors(&self, path: &Path, ct: &gguf_file::Content) -> Result<()> {
-        let dims = |name: &str| -> Result<Vec<usize>> {
-            ct.tensor_infos
-                .get(name)
-                .map(|t| t.shape.dims().to_vec())
-                .ok_or_else(|| bad_model(path, format!("missing tensor `{name}`")))
-        };
-        let expect = |name: &str, want: &[usize]| -> Result<()> {
-            let got = dims(name)?;
-            if got != want {
-                return Err(bad_model(
-                    path,
-                    format!("tensor `{name}` has shape {got:?}; the metadata implies {want:?}"),
-                ));
-            }
-            // a quantized type stores rows in whole blocks
-            let dtype = ct.tensor_infos[name].ggml_dtype;
-            let row = want[want.len() - 1];
-            if !row.is_multiple_of(dtype.block_size()) {
-                return Err(bad_model(
-                    path,
-                    format!(
-                        "tensor `{name}` is {dtype:?}, whose blocks of {} do not divide its rows of {row}",
-                        dtype.block_size()
-                    ),
-                ));
-            }
-            Ok(())
-        };
-        let (h, q, kv) = (
-            self.hidden,
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-        );
-        // the feed-forward width is read from the first gate and must agree everywhere
-        let ff = match dims("blk.0.ffn_gate.weight")?.as_slice() {
-            [ff, cols] if *cols == h && *ff > 0 => *ff,
-            other => {
-                return Err(bad_model(
-                    path,
-                    format!(
-                        "tensor `blk.0.ffn_gate.weight` has shape {other:?}; expected [n, {h}]"
-                    ),
-                ))
-            }
-        };
-        for i in 0..self.layers {
-            let name = |n: &str| format!("blk.{i}.{n}.weight");
-            expect(&name("attn_norm"), &[h])?;
-            expect(&name("attn_q"), &[q, h])?;
-            expect(&name("attn_k"), &[kv, h])?;
-            expect(&name("attn_v"), &[kv, h])?;
-            expect(&name("attn_output"), &[h, q])?;
-            expect(&name("ffn_norm"), &[h])?;
-            expect(&name("ffn_gate"), &[ff, h])?;
-            expect(&name("ffn_up"), &[ff, h])?;
-            expect(&name("ffn_down"), &[h, ff])?;
-        }
-        expect("token_embd.weight", &[self.vocab, h])?;
-        expect("output_norm.weight", &[h])?;
-        if ct.tensor_infos.contains_key("output.weight") {
-            expect("output.weight", &[self.vocab, h])?;
-        }
-        Ok(())
-    }
-
-    /// The KV layout of this model for the given codecs and block size.
-    pub fn kv_layout(
-        &self,
-        key_codec: Codec,
-        value_codec: Codec,
-        block_size: usize,
-    ) -> Result<KvLayout> {
-        self.kv_layout_with(key_codec, value_codec, block_size, Vec::new())
-    }
-
-    /// The KV layout with other codecs on some layers (a later override wins on shared layers).
-    pub fn kv_layout_with(
-        &self,
-        key_codec: Codec,
-        value_codec: Codec,
-        block_size: usize,
-        layer_overrides: Vec<LayerOverride>,
-    ) -> Result<KvLayout> {
-        Ok(KvLayout::new(LayoutSpec {
-            layers: self.layers,
-            kv_heads: self.kv_heads,
-            query_heads: self.heads,
-            head_dim: self.head_dim,
-            block_size,
-            key_codec,
-            value_codec,
-            layer_overrides,
-            sink_tokens: 0,
-            recent_tokens: 0,
-            key_norm: None,
-            key_split: None,
-        })?)
-    }
-}
-
 /// Sees every layer's queries and keys after RoPE: `(layer, queries, keys)`.
 pub type LayerObserver<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 
@@ -266,6 +51,8 @@ enum Linear {
 
 struct Layer {
     attn_norm: Vec<f32>,
+    /// Biases of the q, k and v projections (Qwen2), added after the matmuls.
+    qkv_bias: Option<[Vec<f32>; 3]>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
@@ -286,6 +73,7 @@ pub struct Model {
     config: ModelConfig,
     embedding: Vec<f32>,
     layers: Vec<Layer>,
+    rope: Rope,
     out_norm: Vec<f32>,
     output: Linear,
     mode: WeightMode,
@@ -316,13 +104,6 @@ pub struct BatchItem<'a> {
     pub tokens: &'a [u32],
     /// Which logits to return.
     pub logits: Logits,
-}
-
-fn bad_model(path: &Path, reason: impl Into<String>) -> EngineError {
-    EngineError::BadModel {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
 }
 
 impl Model {
@@ -379,8 +160,19 @@ impl Model {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let name = |n: &str| format!("blk.{i}.{n}.weight");
+            let qkv_bias = if config.attention_bias {
+                let bias = |n: &str| format!("blk.{i}.{n}.bias");
+                Some([
+                    vector(tensor(&bias("attn_q"))?)?,
+                    vector(tensor(&bias("attn_k"))?)?,
+                    vector(tensor(&bias("attn_v"))?)?,
+                ])
+            } else {
+                None
+            };
             layers.push(Layer {
                 attn_norm: vector(tensor(&name("attn_norm"))?)?,
+                qkv_bias,
                 wq: matrix(tensor(&name("attn_q"))?)?,
                 wk: matrix(tensor(&name("attn_k"))?)?,
                 wv: matrix(tensor(&name("attn_v"))?)?,
@@ -406,11 +198,23 @@ impl Model {
             matrix(embedding_q)?
         };
         let out_norm = vector(tensor("output_norm.weight")?)?;
+        let factors = match config.rope_scaling {
+            RopeScaling::FrequencyFactors => Some(vector(tensor("rope_freqs.weight")?)?),
+            RopeScaling::None | RopeScaling::Linear(_) => None,
+        };
+        let rope = Rope::new(
+            config.rope_base,
+            config.head_dim,
+            config.architecture.rope_style(),
+            config.rope_scaling,
+            factors.as_deref(),
+        );
         Ok((
             Self {
                 config,
                 embedding,
                 layers,
+                rope,
                 out_norm,
                 output,
                 mode,
@@ -548,7 +352,7 @@ impl Model {
         for t in &tokens {
             x.extend_from_slice(&self.embedding[*t as usize * h..(*t as usize + 1) * h]);
         }
-        let rope = RopeTable::new(c.rope_base, d, rows.iter().map(|(_, pos)| *pos));
+        let rope = self.rope.table(rows.iter().map(|(_, pos)| *pos));
         let scale = 1.0 / (d as f32).sqrt();
         let mut attn_out = vec![0f32; n * q_width];
         let mut normed = vec![0f32; n * h];
@@ -559,7 +363,15 @@ impl Model {
             .collect::<pagedkv::Result<Vec<_>>>()?;
         for (layer_idx, layer) in self.layers.iter().enumerate() {
             rms_norm(&x, &layer.attn_norm, c.rms_eps, &mut normed);
-            let [mut q, mut k, v] = self.project([&layer.wq, &layer.wk, &layer.wv], &normed, n)?;
+            let [mut q, mut k, mut v] =
+                self.project([&layer.wq, &layer.wk, &layer.wv], &normed, n)?;
+            if let Some(biases) = &layer.qkv_bias {
+                for (m, bias) in [&mut q, &mut k, &mut v].into_iter().zip(biases) {
+                    for row in m.chunks_exact_mut(bias.len()) {
+                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                    }
+                }
+            }
             for (r, (qr, kr)) in q
                 .chunks_exact_mut(q_width)
                 .zip(k.chunks_exact_mut(kv_width))
@@ -674,48 +486,6 @@ fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
         let m = (sum2 / dim as f32 + eps).sqrt();
         for ((o, v), w) in dst.iter_mut().zip(row).zip(weight) {
             *o = *v / m * *w;
-        }
-    }
-}
-
-/// cos/sin of every (token, frequency) of a batch; frequencies as candle computes them.
-struct RopeTable {
-    half: usize,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
-}
-
-impl RopeTable {
-    fn new(base: f32, head_dim: usize, positions: impl Iterator<Item = usize>) -> Self {
-        let theta: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1f32 / base.powf(i as f32 / head_dim as f32))
-            .collect();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for pos in positions {
-            for t in &theta {
-                let angle = pos as f32 * t;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self {
-            half: head_dim / 2,
-            cos,
-            sin,
-        }
-    }
-
-    /// Rotates interleaved pairs (2i, 2i+1) of every head in `row` by the token's angles.
-    fn apply(&self, token: usize, row: &mut [f32]) {
-        let cos = &self.cos[token * self.half..(token + 1) * self.half];
-        let sin = &self.sin[token * self.half..(token + 1) * self.half];
-        for head in row.chunks_exact_mut(2 * self.half) {
-            for (i, pair) in head.chunks_exact_mut(2).enumerate() {
-                let (x0, x1) = (pair[0], pair[1]);
-                pair[0] = x0 * cos[i] - x1 * sin[i];
-                pair[1] = x0 * sin[i] + x1 * cos[i];
-            }
         }
     }
 }

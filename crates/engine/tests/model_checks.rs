@@ -12,7 +12,7 @@ use pagedkv_engine::{
     EngineError, Event, Model, ModelConfig, Request, SamplingParams, Scheduler, SchedulerConfig,
     WeightMode,
 };
-use tiny_gguf::{qtensor, TinyGguf, HIDDEN};
+use tiny_gguf::{qtensor, Spec, TinyGguf, HIDDEN};
 
 /// Writes and loads the file; only the error matters.
 fn load(file: &TinyGguf, name: &str) -> Result<(), EngineError> {
@@ -105,9 +105,39 @@ fn metadata_of_the_wrong_type_or_range_is_refused() {
             "`llama.context_length` is zero",
         ),
         (
+            "llama.rope.scaling.type",
+            Value::String("yarn".into()),
+            "RoPE scaling `yarn` is not supported",
+        ),
+        (
+            "llama.rope.scaling.factor",
+            Value::F32(0.0),
+            "RoPE scaling factor 0 is not a positive number",
+        ),
+        (
+            "llama.rope.dimension_count",
+            Value::U32(32),
+            "RoPE over 32 of 64 elements per head is not supported",
+        ),
+        (
+            "llama.attention.value_length",
+            Value::U32(32),
+            "value heads of 32 elements differ from key heads of 64",
+        ),
+        (
+            "llama.attention.key_length",
+            Value::U32(33),
+            "head size 33 is not a positive even number",
+        ),
+        (
+            "llama.attention.layer_norm_rms_epsilon",
+            Value::F32(f32::NAN),
+            "RMSNorm epsilon",
+        ),
+        (
             "general.architecture",
             Value::String("mamba".into()),
-            "is not llama",
+            "is not supported (supported: llama, qwen2)",
         ),
     ];
     for (key, value, expected) in cases {
@@ -143,8 +173,36 @@ fn tensors_that_disagree_with_the_metadata_are_refused() {
 
     let mut file = TinyGguf::valid();
     file.set("llama.embedding_length", Value::U32(256));
+    file.set("llama.rope.dimension_count", Value::U32(128));
     let reason = bad_model_reason(load(&file, "width"));
     assert!(reason.contains("expected [n, 256]"), "{reason}");
+}
+
+#[test]
+fn tensors_an_architecture_or_scaling_needs_are_required() {
+    // qwen2 reads biases on q/k/v
+    let mut file = TinyGguf::new(Spec {
+        architecture: "qwen2",
+        ..Spec::SMALL
+    });
+    file.remove("blk.1.attn_v.bias");
+    let reason = bad_model_reason(load(&file, "bias"));
+    assert!(
+        reason.contains("missing tensor `blk.1.attn_v.bias`"),
+        "{reason}"
+    );
+
+    // frequency factors: one per rotated pair
+    let mut file = TinyGguf::valid();
+    file.tensors.push((
+        "rope_freqs.weight".into(),
+        qtensor(&[16], GgmlDType::F32, 3),
+    ));
+    let reason = bad_model_reason(load(&file, "freqs"));
+    assert!(
+        reason.contains("tensor `rope_freqs.weight` has shape [16]; the metadata implies [32]"),
+        "{reason}"
+    );
 }
 
 #[test]

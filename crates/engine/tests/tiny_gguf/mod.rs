@@ -60,9 +60,45 @@ fn ones(len: usize) -> QTensor {
     .unwrap()
 }
 
+/// The shape and storage of a test model.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    /// `llama` or `qwen2` (which has biases on q/k/v).
+    pub architecture: &'static str,
+    pub hidden: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub feed_forward: usize,
+    /// The matrices' type (norms and biases are f32).
+    pub dtype: GgmlDType,
+    /// A separate `output.weight` (else the embedding is the output matrix).
+    pub output_matrix: bool,
+}
+
+impl Spec {
+    /// The file `valid()` writes: llama, hidden 128, 2/1 heads of 64, Q8_0, tied output.
+    pub const SMALL: Spec = Spec {
+        architecture: "llama",
+        hidden: HIDDEN,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        head_dim: HIDDEN / HEADS,
+        feed_forward: FEED_FORWARD,
+        dtype: GgmlDType::Q8_0,
+        output_matrix: false,
+    };
+}
+
 impl TinyGguf {
     /// A file that loads: matrices in Q8_0, norms in f32.
     pub fn valid() -> Self {
+        Self::new(Spec::SMALL)
+    }
+
+    /// A file of the given shape with random weights and the 261-token tokenizer.
+    pub fn new(spec: Spec) -> Self {
+        let arch = spec.architecture;
         let tokens = tokens();
         let vocab = tokens.len();
         let token_types: Vec<Value> = tokens
@@ -70,58 +106,121 @@ impl TinyGguf {
             .map(|t| Value::I32(if t.starts_with("<|") { 3 } else { 1 }))
             .collect();
         let eos = tokens.iter().position(|t| t == "<|endoftext|>").unwrap();
-        let metadata = vec![
-            ("general.architecture", Value::String("llama".into())),
-            ("llama.block_count", Value::U32(LAYERS as u32)),
-            ("llama.embedding_length", Value::U32(HIDDEN as u32)),
-            ("llama.feed_forward_length", Value::U32(FEED_FORWARD as u32)),
-            ("llama.attention.head_count", Value::U32(HEADS as u32)),
-            ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
-            ("llama.context_length", Value::U32(CONTEXT as u32)),
-            ("llama.vocab_size", Value::U32(vocab as u32)),
-            ("llama.rope.freq_base", Value::F32(10_000.0)),
-            ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-            ("tokenizer.ggml.model", Value::String("gpt2".into())),
-            ("tokenizer.ggml.pre", Value::String("gpt2".into())),
+        let key = |k: &str| format!("{arch}.{k}");
+        let mut metadata: Vec<(String, Value)> = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
+            (key("block_count"), Value::U32(LAYERS as u32)),
+            (key("embedding_length"), Value::U32(spec.hidden as u32)),
             (
-                "tokenizer.ggml.tokens",
-                Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+                key("feed_forward_length"),
+                Value::U32(spec.feed_forward as u32),
             ),
+            (key("attention.head_count"), Value::U32(spec.heads as u32)),
             (
-                "tokenizer.ggml.merges",
-                Value::Array(vec![
-                    Value::String("h e".into()),
-                    Value::String("l l".into()),
-                ]),
+                key("attention.head_count_kv"),
+                Value::U32(spec.kv_heads as u32),
             ),
-            ("tokenizer.ggml.token_type", Value::Array(token_types)),
-            ("tokenizer.ggml.eos_token_id", Value::U32(eos as u32)),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        let (h, kv, ff) = (HIDDEN, HIDDEN / HEADS * KV_HEADS, FEED_FORWARD);
+            (key("context_length"), Value::U32(CONTEXT as u32)),
+            (key("rope.freq_base"), Value::F32(10_000.0)),
+            (
+                key("rope.dimension_count"),
+                Value::U32(spec.head_dim as u32),
+            ),
+            (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        ];
+        if arch == "llama" {
+            metadata.push((key("vocab_size"), Value::U32(vocab as u32)));
+        }
+        if spec.head_dim * spec.heads != spec.hidden {
+            metadata.push((
+                key("attention.key_length"),
+                Value::U32(spec.head_dim as u32),
+            ));
+            metadata.push((
+                key("attention.value_length"),
+                Value::U32(spec.head_dim as u32),
+            ));
+        }
+        metadata.extend(
+            [
+                ("tokenizer.ggml.model", Value::String("gpt2".into())),
+                ("tokenizer.ggml.pre", Value::String("gpt2".into())),
+                (
+                    "tokenizer.ggml.tokens",
+                    Value::Array(tokens.iter().cloned().map(Value::String).collect()),
+                ),
+                (
+                    "tokenizer.ggml.merges",
+                    Value::Array(vec![
+                        Value::String("h e".into()),
+                        Value::String("l l".into()),
+                    ]),
+                ),
+                ("tokenizer.ggml.token_type", Value::Array(token_types)),
+                ("tokenizer.ggml.eos_token_id", Value::U32(eos as u32)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+        let h = spec.hidden;
+        let (q, kv, ff) = (
+            spec.heads * spec.head_dim,
+            spec.kv_heads * spec.head_dim,
+            spec.feed_forward,
+        );
         let mut tensors = Vec::new();
         let mut seed = 1;
         let mut matrix = |name: String, rows: usize, cols: usize| {
             seed += 1;
-            (name, qtensor(&[rows, cols], GgmlDType::Q8_0, seed))
+            (name, qtensor(&[rows, cols], spec.dtype, seed))
         };
         for i in 0..LAYERS {
             let name = |n: &str| format!("blk.{i}.{n}.weight");
             tensors.push((name("attn_norm"), ones(h)));
-            tensors.push(matrix(name("attn_q"), h, h));
+            tensors.push(matrix(name("attn_q"), q, h));
             tensors.push(matrix(name("attn_k"), kv, h));
             tensors.push(matrix(name("attn_v"), kv, h));
-            tensors.push(matrix(name("attn_output"), h, h));
+            tensors.push(matrix(name("attn_output"), h, q));
             tensors.push((name("ffn_norm"), ones(h)));
             tensors.push(matrix(name("ffn_gate"), ff, h));
             tensors.push(matrix(name("ffn_up"), ff, h));
             tensors.push(matrix(name("ffn_down"), h, ff));
+            if arch == "qwen2" {
+                for (n, len) in [("attn_q", q), ("attn_k", kv), ("attn_v", kv)] {
+                    let bias = QTensor::quantize(
+                        &random(&[len], 100 + i as u64 * 3 + len as u64, 0.5),
+                        GgmlDType::F32,
+                    )
+                    .unwrap();
+                    tensors.push((format!("blk.{i}.{n}.bias"), bias));
+                }
+            }
         }
         tensors.push(matrix("token_embd.weight".into(), vocab, h));
+        if spec.output_matrix {
+            tensors.push(matrix("output.weight".into(), vocab, h));
+        }
         tensors.push(("output_norm.weight".into(), ones(h)));
         Self { metadata, tensors }
+    }
+
+    /// The same file with every tensor dequantized to f32 (what candle reads in f32 mode).
+    pub fn dequantized(&self) -> Self {
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(n, t)| {
+                let values = t.dequantize(&Device::Cpu).unwrap();
+                (
+                    n.clone(),
+                    QTensor::quantize(&values, GgmlDType::F32).unwrap(),
+                )
+            })
+            .collect();
+        Self {
+            metadata: self.metadata.clone(),
+            tensors,
+        }
     }
 
     pub fn set(&mut self, key: &str, value: Value) -> &mut Self {
