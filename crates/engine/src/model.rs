@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::config::{bad_model, ModelConfig, RopeScaling};
 use crate::error::{candle_message, EngineError, Result};
 use crate::fingerprint::ModelFingerprint;
-use crate::qgemm::{QActivations, QWeights};
+use crate::qgemm::{QActivations, QWeights, ShapeError};
 use crate::rope::Rope;
 use crate::tokenizer::GgufTokenizer;
 
@@ -36,7 +36,8 @@ pub enum WeightMode {
     /// Dequantized to f32 once at load: no activation quantization inside matmuls (for `eval`).
     F32,
     /// Requantized at load to 8 bits per weight (f32 scale per 32) for our AVX-512 VNNI kernel,
-    /// which reuses each weight across the rows of a batch (for speed; see `qgemm`).
+    /// which reuses each weight across the rows of a batch (for speed; see `qgemm`); a matrix whose
+    /// shape the kernel cannot tile (outputs not a multiple of 16) stays as stored.
     Q8,
 }
 
@@ -153,7 +154,15 @@ impl Model {
                 WeightMode::Q8 => {
                     let (n, k) = q.shape().dims2()?;
                     let w = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
-                    Linear::Q8(QWeights::new(&w, n, k).map_err(|e| bad_model(path, e.to_string()))?)
+                    match QWeights::new(&w, n, k) {
+                        Ok(weights) => Linear::Q8(weights),
+                        // a shape the kernel cannot tile (an odd vocabulary): candle's matmul
+                        // on the weights as stored
+                        Err(ShapeError::Weights { .. }) => {
+                            Linear::Candle(QMatMul::from_qtensor(q)?)
+                        }
+                        Err(e) => return Err(bad_model(path, e.to_string())),
+                    }
                 }
             })
         };

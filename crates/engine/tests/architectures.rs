@@ -150,3 +150,85 @@ fn every_architecture_and_geometry_matches_candle_in_f32() {
         }
     }
 }
+
+#[test]
+fn every_weight_type_runs_in_every_weight_mode() {
+    let prompt: Vec<u32> = (0..21).map(|i| (i * 53 + 11) % 256).collect();
+    let types = [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ];
+    for dtype in types {
+        let shape = Spec {
+            dtype,
+            ..spec("qwen2", 256, 4, 2)
+        };
+        let path = TinyGguf::new(shape).write("weight-type");
+        // as stored: candle's quantized matmuls on both sides, which quantize activations to
+        // 8 bits, so a difference in attention's summation order can flip a rounding (see
+        // reference.rs): the prompt's logits agree closely, greedy runs for a while
+        let (exact, _) = Model::load(&path, WeightMode::Exact).unwrap();
+        let mut reference = Reference::load(&path, shape.architecture);
+        let (stored_diff, ours, theirs) = compare(&exact, &mut reference, &prompt);
+        let same = ours.iter().zip(&theirs).take_while(|(a, b)| a == b).count();
+        // dequantized, and requantized to 8 bits for our kernel: the same model within rounding
+        let (f32_model, _) = Model::load(&path, WeightMode::F32).unwrap();
+        let (q8_model, _) = Model::load(&path, WeightMode::Q8).unwrap();
+        let (a, b) = (
+            first_logits(&f32_model, &prompt),
+            first_logits(&q8_model, &prompt),
+        );
+        let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let q8_diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        println!(
+            "{dtype:?}: as stored vs candle {stored_diff:.1e}, greedy identical for {same} of \
+             {GREEDY_TOKENS}; 8-bit vs f32 {q8_diff:.1e} of {range:.2}"
+        );
+        assert!(
+            stored_diff <= 0.5,
+            "{dtype:?} as stored: max |Δlogit| {stored_diff}"
+        );
+        assert!(
+            same >= 8,
+            "{dtype:?} as stored: greedy tokens differ at {same}"
+        );
+        assert!(
+            q8_diff <= 0.1 * range,
+            "{dtype:?}: 8-bit weights differ by {q8_diff} of {range}"
+        );
+    }
+}
+
+fn first_logits(model: &Model, prompt: &[u32]) -> Vec<f32> {
+    let layout = model
+        .config()
+        .kv_layout(Codec::F32, Codec::F32, 16)
+        .unwrap();
+    let mut cache = KvCacheManager::new(layout, 8, b"architectures-test").unwrap();
+    cache.admit(SeqId(0), prompt).unwrap();
+    model
+        .forward(
+            &mut cache,
+            &[BatchItem {
+                seq: SeqId(0),
+                tokens: prompt,
+                logits: Logits::Last,
+            }],
+        )
+        .unwrap()
+        .remove(0)
+}
