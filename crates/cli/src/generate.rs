@@ -14,7 +14,8 @@ pub struct GenerateArgs {
     /// The prompt.
     #[arg(long)]
     prompt: String,
-    /// Send the prompt as-is instead of wrapping it in the chat template.
+    /// Send the prompt as-is (after the model's beginning-of-sequence token, if it uses one)
+    /// instead of wrapping it in the chat template.
     #[arg(long)]
     raw: bool,
     /// Most tokens to generate.
@@ -39,7 +40,7 @@ pub struct GenerateArgs {
 pub fn run(common: &CommonArgs, args: GenerateArgs) -> Result<()> {
     let (model, tokenizer) = common.load_model()?;
     let prompt = if args.raw {
-        tokenizer.encode(&args.prompt)?
+        tokenizer.encode_prompt(&args.prompt)?
     } else {
         tokenizer.chat_prompt(&[ChatMessage {
             role: "user".into(),

