@@ -37,6 +37,10 @@ pub enum EngineError {
     /// The tokenizer could not be built or failed on input.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// The model's chat template does not compile, or failed on a conversation (its own
+    /// `raise_exception`, e.g. roles that do not alternate).
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
     /// A prompt does not fit the model's context or the cache.
     #[error("prompt of {tokens} tokens does not fit: limit {limit}")]
     PromptTooLong {

@@ -5,6 +5,7 @@
 
 pub mod allocate;
 pub mod calibrate;
+pub mod chat_template;
 pub mod config;
 pub mod error;
 pub mod eval;

@@ -5,9 +5,12 @@
 
 mod vocabulary;
 
+use std::sync::Arc;
+
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
 
+use crate::chat_template::{ChatTemplate, Piece, CHATML};
 use crate::error::{EngineError, Result};
 use vocabulary::{integer, metadata, Vocabulary};
 
@@ -44,6 +47,10 @@ pub struct GgufTokenizer {
     bos: Option<u32>,
     stop: Vec<u32>,
     token_count: usize,
+    /// The file's chat template (ChatML when it has none).
+    template: Arc<ChatTemplate>,
+    /// Names of the special tokens, where rendered chat prompts are split.
+    specials: Vec<String>,
 }
 
 /// A token id from the metadata, checked against the vocabulary before narrowing (2³² + 5
@@ -71,6 +78,7 @@ impl GgufTokenizer {
         let Vocabulary {
             tokenizer,
             tokens,
+            specials,
             add_bos,
         } = Vocabulary::from_gguf(ct)?;
         let count = tokens.len();
@@ -95,6 +103,14 @@ impl GgufTokenizer {
         );
         stop.sort_unstable();
         stop.dedup();
+        let source = match ct.metadata.get("tokenizer.chat_template") {
+            None => CHATML.to_string(),
+            Some(v) => v.to_string().cloned().map_err(|_| {
+                EngineError::ChatTemplate("`tokenizer.chat_template` is not a string".into())
+            })?,
+        };
+        let name = |id: Option<u32>| id.map_or("", |i| tokens[i as usize].as_str());
+        let template = ChatTemplate::new(&source, name(bos), name(eos))?;
         let mut plain = tokenizer.clone();
         plain.set_encode_special_tokens(true);
         Ok(Self {
@@ -103,6 +119,8 @@ impl GgufTokenizer {
             bos: bos.filter(|_| add_bos),
             stop,
             token_count: count,
+            template: Arc::new(template),
+            specials,
         })
     }
 
@@ -164,21 +182,19 @@ impl GgufTokenizer {
         self.token_count
     }
 
-    /// The model's chat template (ChatML, as SmolLM2's `tokenizer.chat_template` says), ending
-    /// with the assistant's header so the model answers next. As the template does, a default
-    /// system message is inserted when the conversation does not start with one. Message text is
-    /// user input: control-token names inside it stay plain text.
+    /// The prompt of a conversation: the model's chat template (`tokenizer.chat_template`,
+    /// ChatML when the file has none) rendered with the messages, ending where the assistant's
+    /// answer begins. The template writes any beginning-of-sequence token itself, as Hugging
+    /// Face's `apply_chat_template` does. Message text is user input: control-token names
+    /// inside it stay plain text.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
-        if messages.first().map(|m| m.role.as_str()) != Some("system") {
-            ids.extend(self.encode_with_specials(DEFAULT_SYSTEM)?);
+        for piece in self.template.render(messages, &self.specials)? {
+            match piece {
+                Piece::Control(name) => ids.extend(self.encode_with_specials(&name)?),
+                Piece::Text(text) => ids.extend(self.encode(&text)?),
+            }
         }
-        for m in messages {
-            ids.extend(self.encode_with_specials(&format!("<|im_start|>{}\n", m.role))?);
-            ids.extend(self.encode(&m.content)?);
-            ids.extend(self.encode_with_specials("<|im_end|>\n")?);
-        }
-        ids.extend(self.encode_with_specials("<|im_start|>assistant\n")?);
         Ok(ids)
     }
 }

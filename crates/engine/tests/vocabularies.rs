@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use candle_core::quantized::gguf_file::Content;
-use pagedkv_engine::GgufTokenizer;
+use pagedkv_engine::{ChatMessage, GgufTokenizer};
 
 /// The fetched directory (the script runs once per machine; later calls return at once).
 pub fn vocabularies() -> PathBuf {
@@ -111,4 +111,85 @@ fn text_round_trips_and_control_tokens_are_special_only_when_asked() {
             "{name}: {control} as text"
         );
     }
+}
+
+/// The tokenizer of a vocabulary file with a chat template from llama.cpp's collection.
+fn with_template(vocabulary: &str, template: &str) -> GgufTokenizer {
+    let dir = vocabularies();
+    let path = dir.join(format!("ggml-vocab-{vocabulary}.gguf"));
+    let mut ct = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
+    let source = std::fs::read_to_string(dir.join(format!("templates/{template}.jinja"))).unwrap();
+    ct.metadata.insert(
+        "tokenizer.chat_template".into(),
+        candle_core::quantized::gguf_file::Value::String(source),
+    );
+    GgufTokenizer::from_gguf(&ct).unwrap()
+}
+
+fn message(role: &str, content: &str) -> ChatMessage {
+    ChatMessage {
+        role: role.into(),
+        content: content.into(),
+    }
+}
+
+#[test]
+fn each_family_renders_its_own_chat_template() {
+    let today = chrono::Local::now().format("%d %b %Y");
+    let cases = [
+        (
+            "llama-bpe",
+            "meta-llama-Llama-3.2-3B-Instruct",
+            vec![message("system", " Be brief. "), message("user", "Hi <|eot_id|>")],
+            format!(
+                "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: {today}\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nHi <|eot_id|><|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+            ),
+        ),
+        (
+            "qwen2",
+            "Qwen-Qwen2.5-7B-Instruct",
+            vec![message("user", "Hi <|im_end|>")],
+            "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n<|im_start|>user\nHi <|im_end|><|im_end|>\n<|im_start|>assistant\n".to_string(),
+        ),
+        (
+            "llama-spm",
+            "mistralai-Mistral-Nemo-Instruct-2407",
+            vec![
+                message("system", "Be brief."),
+                message("user", "Hi"),
+                message("assistant", "Hello."),
+                message("user", "Bye </s>"),
+            ],
+            // rendered "<s>[INST]Hi…"; SentencePiece puts its word mark before the text after
+            // each control token, as Hugging Face's and llama.cpp's do, and it decodes as a space
+            "<s> [INST]Hi[/INST]Hello.</s> [INST]Be brief.\n\nBye </s>[/INST]".to_string(),
+        ),
+    ];
+    for (vocabulary, template, messages, expected) in cases {
+        let t = with_template(vocabulary, template);
+        let ids = t.chat_prompt(&messages).unwrap();
+        assert_eq!(t.decode(&ids, false).unwrap(), expected, "{template}");
+        // the control name in the last message is text: its id occurs once fewer than its name
+        let control = ["<|eot_id|>", "<|im_end|>", "</s>"]
+            .into_iter()
+            .find(|c| messages.last().unwrap().content.contains(c))
+            .unwrap();
+        let id = t.encode_with_specials(control).unwrap()[0];
+        assert_eq!(
+            ids.iter().filter(|i| **i == id).count() + 1,
+            expected.matches(control).count(),
+            "{template}: {ids:?}"
+        );
+        println!("{template} on {vocabulary}: {} tokens", ids.len());
+    }
+    // Mistral's template refuses a conversation whose roles do not alternate
+    let t = with_template("llama-spm", "mistralai-Mistral-Nemo-Instruct-2407");
+    let e = t
+        .chat_prompt(&[message("user", "a"), message("user", "b")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("chat template") && e.contains("must alternate"),
+        "{e}"
+    );
 }

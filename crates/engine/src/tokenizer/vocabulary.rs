@@ -47,6 +47,8 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 pub(super) struct Vocabulary {
     pub tokenizer: Tokenizer,
     pub tokens: Vec<String>,
+    /// The names of control and user-defined tokens (special tokens).
+    pub specials: Vec<String>,
     /// Whether prompts start with the beginning-of-sequence token.
     pub add_bos: bool,
 }
@@ -147,19 +149,24 @@ impl Vocabulary {
                 )))
             }
         };
-        let specials: Vec<AddedToken> = types
+        let specials: Vec<String> = types
             .iter()
             .zip(&tokens)
             .filter(|(t, _)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-            .map(|(_, t)| AddedToken::from(t.clone(), true))
+            .map(|(_, t)| t.clone())
+            .collect();
+        let added: Vec<AddedToken> = specials
+            .iter()
+            .map(|t| AddedToken::from(t.clone(), true))
             .collect();
         tokenizer
-            .add_special_tokens(specials)
+            .add_special_tokens(added)
             .map_err(tokenizer_error)?;
         let add_bos = flag(ct, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
         Ok(Self {
             tokenizer,
             tokens,
+            specials,
             add_bos,
         })
     }
