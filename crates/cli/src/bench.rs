@@ -8,15 +8,16 @@ use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
+use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use clap::{Args, Subcommand};
 use pagedkv::attention::{AttentionPath, Simd};
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::sampler::argmax;
+use pagedkv_engine::Architecture;
 use pagedkv_engine::{Event, Model, Request, SamplingParams, Scheduler, SchedulerConfig};
 
-use crate::common::CommonArgs;
+use crate::common::{CacheSetting, CommonArgs};
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -129,9 +130,9 @@ pub struct GenerateBench {
     /// Concurrent sequences in the batched run.
     #[arg(long, default_value_t = 16)]
     pub(crate) concurrent: usize,
-    /// Codecs to measure (comma-separated).
+    /// Codecs to measure (comma-separated; with --kv-profile, the profile as well).
     #[arg(long, default_value = "f32,f16")]
-    codecs: String,
+    pub(crate) codecs: String,
     /// Rounds; baseline, single and batched runs are interleaved and medians reported, since this
     /// machine's speed drifts.
     #[arg(long, default_value_t = 3)]
@@ -156,6 +157,11 @@ const MAX_BENCH_CONTEXT: usize = 1 << 20;
 pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
     match command {
         BenchCommand::Generate(args) => generate(common, args),
+        _ if common.kv_profile.is_some() => {
+            anyhow::bail!(
+                "--kv-profile applies to `bench generate`; the other benchmarks take --codecs"
+            )
+        }
         BenchCommand::Codecs(args) => codecs(args),
         BenchCommand::Attention(args) => attention(args),
         BenchCommand::Blocks(args) => blocks(args),
@@ -428,20 +434,55 @@ fn attention(args: AttentionBench) -> Result<()> {
 
 const PROMPT: &str = "The history of the printing press begins in the fifteenth century, when";
 
-/// candle's quantized_llama: greedy decode of `tokens` tokens after the prompt; decode tokens/s.
+/// candle-transformers' model of the file's architecture, the baseline of `bench generate`.
+enum CandleModel {
+    Llama(quantized_llama::ModelWeights),
+    Qwen2(quantized_qwen2::ModelWeights),
+}
+
+impl CandleModel {
+    fn load(path: &std::path::Path, architecture: Architecture) -> Result<Self> {
+        let mut file = std::fs::File::open(path)?;
+        let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
+        Ok(match architecture {
+            Architecture::Llama => Self::Llama(quantized_llama::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+            Architecture::Qwen2 => Self::Qwen2(quantized_qwen2::ModelWeights::from_gguf(
+                content,
+                &mut file,
+                &Device::Cpu,
+            )?),
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Llama(_) => "quantized_llama",
+            Self::Qwen2(_) => "quantized_qwen2",
+        }
+    }
+
+    /// The last position's logits after `tokens` at `pos`.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Result<Vec<f32>> {
+        let input = Tensor::new(tokens, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = match self {
+            Self::Llama(m) => m.forward(&input, pos)?,
+            Self::Qwen2(m) => m.forward(&input, pos)?,
+        };
+        Ok(logits.squeeze(0)?.to_vec1::<f32>()?)
+    }
+}
+
+/// candle's model: greedy decode of `tokens` tokens after the prompt; decode tokens/s.
 /// `forward` at position 0 starts a fresh KV cache, so one loaded model serves every round.
-fn candle_baseline(model: &mut ModelWeights, prompt: &[u32], tokens: usize) -> Result<f64> {
-    let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
-    let logits = model.forward(&input, 0)?.squeeze(0)?.to_vec1::<f32>()?;
-    let mut next = argmax(&logits);
+fn candle_baseline(model: &mut CandleModel, prompt: &[u32], tokens: usize) -> Result<f64> {
+    let mut next = argmax(&model.forward(prompt, 0)?);
     let started = Instant::now();
     for step in 0..tokens {
-        let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model
-            .forward(&input, prompt.len() + step)?
-            .squeeze(0)?
-            .to_vec1::<f32>()?;
-        next = argmax(&logits);
+        next = argmax(&model.forward(&[next], prompt.len() + step)?);
     }
     Ok(tokens as f64 / started.elapsed().as_secs_f64())
 }
@@ -452,17 +493,17 @@ pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// A scheduler over a cache of `codec` with room for the `prompts` and `max_tokens` more each,
+/// A scheduler over a cache in `setting` with room for the `prompts` and `max_tokens` more each,
 /// and one request per prompt submitted (ids 0, 1, …).
 pub(crate) fn submitted<'m>(
     model: &'m Model,
     common: &CommonArgs,
-    codec: Codec,
+    setting: &CacheSetting,
     prompts: &[Vec<u32>],
     max_tokens: usize,
     max_step_tokens: usize,
 ) -> Result<Scheduler<'m>> {
-    let layout = model.config().kv_layout(codec, codec, common.block_size)?;
+    let layout = setting.layout(model, common.block_size)?;
     let n = prompts.len();
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     let blocks = n * (longest + max_tokens + 16).div_ceil(common.block_size) + 16;
@@ -490,7 +531,7 @@ pub(crate) fn submitted<'m>(
 fn ours(
     model: &Model,
     common: &CommonArgs,
-    codec: Codec,
+    setting: &CacheSetting,
     prompt: &[u32],
     n: usize,
     tokens: usize,
@@ -499,7 +540,7 @@ fn ours(
     let prompts: Vec<Vec<u32>> = (0..n as u32)
         .map(|i| [prompt, &[100 + i]].concat())
         .collect();
-    let mut scheduler = submitted(model, common, codec, &prompts, tokens + 1, 4096)?;
+    let mut scheduler = submitted(model, common, setting, &prompts, tokens + 1, 4096)?;
     let mut first: Option<Instant> = None;
     let mut counted = 0usize;
     scheduler.run(|e| {
@@ -519,16 +560,13 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
         "rounds, tokens and concurrent must be positive"
     );
     if args.context > 0 {
-        let codecs = parse_codecs(&args.codecs)?;
-        return crate::bench_context::run(common, args, codecs);
+        return crate::bench_context::run(common, args);
     }
     let path = ensure_model(common.model.as_deref())?;
     let (model, tokenizer) = common.load_model()?;
-    let mut file = std::fs::File::open(&path)?;
-    let content = candle_core::quantized::gguf_file::Content::read(&mut file)?;
-    let mut reference = ModelWeights::from_gguf(content, &mut file, &Device::Cpu)?;
+    let mut reference = CandleModel::load(&path, model.config().architecture)?;
     let prompt = tokenizer.encode(PROMPT)?;
-    let codecs = parse_codecs(&args.codecs)?;
+    let codecs = common.bench_settings(&args.codecs, &model)?;
     println!(
         "bench generate: {} tokens per sequence, {} concurrent, weights {:?}, threads {}, median of {} interleaved rounds",
         args.tokens,
@@ -543,11 +581,11 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
     for _ in 0..args.rounds {
         baseline.push(candle_baseline(&mut reference, &prompt, args.tokens)?);
         for (i, codec) in codecs.iter().enumerate() {
-            single[i].push(ours(&model, common, *codec, &prompt, 1, args.tokens)?);
+            single[i].push(ours(&model, common, codec, &prompt, 1, args.tokens)?);
             batched[i].push(ours(
                 &model,
                 common,
-                *codec,
+                codec,
                 &prompt,
                 args.concurrent,
                 args.tokens,
@@ -556,7 +594,8 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
     }
     let baseline = median(baseline);
     println!(
-        "  baseline candle-transformers quantized_llama (Q4_1 as stored): {baseline:.1} tokens/s"
+        "  baseline candle-transformers {} (weights as stored): {baseline:.1} tokens/s",
+        reference.name()
     );
     let mut rows = Vec::new();
     for (i, codec) in codecs.iter().enumerate() {
@@ -570,7 +609,8 @@ fn generate(common: &CommonArgs, args: GenerateBench) -> Result<()> {
                 .collect(),
         );
         println!(
-            "  {codec:>9}: 1 sequence {one:.1} tokens/s ({:.2}x candle); {} concurrent {many:.1} tokens/s aggregate ({:.2}x our 1-sequence rate; per-round median {per_round:.2}x)",
+            "  {:>9}: 1 sequence {one:.1} tokens/s ({:.2}x candle); {} concurrent {many:.1} tokens/s aggregate ({:.2}x our 1-sequence rate; per-round median {per_round:.2}x)",
+            codec.to_string(),
             one / baseline,
             args.concurrent,
             many / one,

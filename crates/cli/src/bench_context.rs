@@ -9,8 +9,8 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use crate::common::CacheSetting;
 use anyhow::{Context, Result};
-use pagedkv::Codec;
 use pagedkv_engine::{Event, Model};
 
 use crate::bench::{median, submitted, GenerateBench};
@@ -32,13 +32,13 @@ struct Rates {
 fn ours(
     model: &Model,
     common: &CommonArgs,
-    codec: Codec,
+    setting: &CacheSetting,
     prompts: &[Vec<u32>],
     tokens: usize,
 ) -> Result<Rates> {
     let n = prompts.len();
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum();
-    let mut scheduler = submitted(model, common, codec, prompts, tokens, 2048)?;
+    let mut scheduler = submitted(model, common, setting, prompts, tokens, 2048)?;
     let started = Instant::now();
     let mut first_seen = vec![false; n];
     let (mut all_first, mut after) = (None, 0usize);
@@ -163,8 +163,9 @@ fn llama_cpp_bytes_per_element(kv: &str) -> Result<f64> {
     })
 }
 
-pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Result<()> {
+pub fn run(common: &CommonArgs, args: GenerateBench) -> Result<()> {
     let (model, tokenizer) = common.load_model()?;
+    let codecs = common.bench_settings(&args.codecs, &model)?;
     let limit = model.config().context_len;
     let context = args.context;
     anyhow::ensure!(
@@ -222,9 +223,9 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     let mut theirs = vec![Vec::new(); kv_types.len()];
     for _ in 0..args.rounds {
         for (i, codec) in codecs.iter().enumerate() {
-            single[i].push(ours(&model, common, *codec, &prompts[..1], args.tokens)?);
+            single[i].push(ours(&model, common, codec, &prompts[..1], args.tokens)?);
             if args.concurrent > 1 {
-                batched[i].push(ours(&model, common, *codec, &prompts, args.tokens)?);
+                batched[i].push(ours(&model, common, codec, &prompts, args.tokens)?);
             }
         }
         if let Some(llama) = &llama {
@@ -257,12 +258,10 @@ pub fn run(common: &CommonArgs, args: GenerateBench, codecs: Vec<Codec>) -> Resu
     );
     let our_f16 = codecs
         .iter()
-        .position(|c| *c == Codec::F16)
+        .position(CacheSetting::is_f16)
         .map(|i| medians(&single[i]).1);
     for (i, codec) in codecs.iter().enumerate() {
-        let layout = model
-            .config()
-            .kv_layout(*codec, *codec, common.block_size)?;
+        let layout = codec.layout(&model, common.block_size)?;
         let bytes = layout.kv_bytes_per_token();
         for (label, runs, n) in [
             ("1 sequence", &single[i], 1),

@@ -11,7 +11,7 @@ use pagedkv::attention::AttentionPath;
 use pagedkv::tier::RemoteStats;
 use pagedkv::{Codec, KvCacheManager, KvLayout};
 use pagedkv_engine::fetch::ensure_model;
-use pagedkv_engine::{GgufTokenizer, Model, WeightMode};
+use pagedkv_engine::{GgufTokenizer, KvProfile, Model, WeightMode};
 use pagedkv_redis::{RedisConfig, RedisStore};
 
 /// Most worker threads a command starts (each has an 8 MiB stack).
@@ -47,9 +47,10 @@ pub struct CommonArgs {
     /// Worker threads (default: all cores).
     #[arg(long, global = true)]
     pub threads: Option<usize>,
-    /// Codec of keys and values: f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8, int4, int2, fibquant-k{K}n{N}.
-    #[arg(long, global = true, default_value = "int8")]
-    pub codec: String,
+    /// Codec of keys and values: f32, f16, bf16, fp8-e4m3, fp8-e5m2, int8, int4, int2,
+    /// fibquant-k{K}n{N} [default: int8].
+    #[arg(long, global = true)]
+    pub codec: Option<String>,
     /// Codec of keys (overrides --codec).
     #[arg(long, global = true)]
     pub key_codec: Option<String>,
@@ -69,7 +70,15 @@ pub struct CommonArgs {
     /// How attention reads compressed pages.
     #[arg(long, global = true, value_enum, default_value = "exact")]
     pub attention: Attention,
+    /// A KV profile made by `pagedkv calibrate` for this model: codecs per layer and role, sink
+    /// tokens, key means and key split, instead of --codec, --key-codec, --value-codec and
+    /// --sink-tokens.
+    #[arg(long, global = true)]
+    pub kv_profile: Option<PathBuf>,
 }
+
+/// The codec when no flag names one.
+const DEFAULT_CODEC: &str = "int8";
 
 impl CommonArgs {
     /// Sizes the thread pools: rayon's (attention) and candle's (matmuls; it reads the same
@@ -106,17 +115,38 @@ impl CommonArgs {
 
     /// Key and value codecs from the flags.
     pub fn codecs(&self) -> Result<(Codec, Codec)> {
+        let codec = self.codec.as_deref().unwrap_or(DEFAULT_CODEC);
         let key = self
             .key_codec
             .as_deref()
-            .unwrap_or(&self.codec)
+            .unwrap_or(codec)
             .parse::<Codec>()?;
         let value = self
             .value_codec
             .as_deref()
-            .unwrap_or(&self.codec)
+            .unwrap_or(codec)
             .parse::<Codec>()?;
         Ok((key, value))
+    }
+
+    /// The `--kv-profile`, read and checked against `model`; an error if codec flags are given
+    /// beside it.
+    pub fn profile(&self, model: &Model) -> Result<Option<KvProfile>> {
+        let Some(path) = &self.kv_profile else {
+            return Ok(None);
+        };
+        let given = [
+            ("--codec", self.codec.is_some()),
+            ("--key-codec", self.key_codec.is_some()),
+            ("--value-codec", self.value_codec.is_some()),
+            ("--sink-tokens", self.sink_tokens > 0),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, set)| *set) {
+            anyhow::bail!("--kv-profile sets the cache's codecs and sinks: drop {flag}");
+        }
+        let profile = KvProfile::load(path)?;
+        profile.check_model(path, model.fingerprint())?;
+        Ok(Some(profile))
     }
 
     /// Loads (fetching if needed) the model and its tokenizer, weights held as `--weights`
@@ -148,14 +178,33 @@ impl CommonArgs {
         }
     }
 
-    /// The model's KV layout for the chosen codecs.
+    /// The model's KV layout for the chosen codecs, or the `--kv-profile`'s.
     pub fn layout(&self, model: &Model) -> Result<KvLayout> {
+        if let Some(profile) = self.profile(model)? {
+            return Ok(profile.layout(model.config(), self.block_size)?);
+        }
         let (key, value) = self.codecs()?;
         let layout = model.config().kv_layout(key, value, self.block_size)?;
         Ok(KvLayout::new(pagedkv::LayoutSpec {
             sink_tokens: self.sink_tokens,
             ..layout.spec().clone()
         })?)
+    }
+
+    /// How the cache's codecs are named in reports: the profile, or the key and value codecs.
+    pub fn cache_label(&self, layout: &KvLayout) -> String {
+        match &self.kv_profile {
+            Some(path) => format!(
+                "profile {} ({:.2} bits per element)",
+                path.display(),
+                layout.bits_per_element()
+            ),
+            None => format!(
+                "K={} V={}",
+                layout.spec().key_codec,
+                layout.spec().value_codec
+            ),
+        }
     }
 
     /// A cache of `budget_mib` MiB for the model.
@@ -170,6 +219,57 @@ impl CommonArgs {
             "a {budget_mib} MiB cache holds no block"
         );
         Ok(cache)
+    }
+}
+
+/// One cache configuration a benchmark measures: a codec for keys and values, or a profile.
+#[derive(Debug, Clone)]
+pub enum CacheSetting {
+    /// The same codec for keys and values on every layer.
+    Codec(Codec),
+    /// A `--kv-profile`, named by its file.
+    Profile(Arc<KvProfile>, String),
+}
+
+impl CacheSetting {
+    /// The model's layout in this setting.
+    pub fn layout(&self, model: &Model, block_size: usize) -> Result<KvLayout> {
+        Ok(match self {
+            Self::Codec(codec) => model.config().kv_layout(*codec, *codec, block_size)?,
+            Self::Profile(profile, _) => profile.layout(model.config(), block_size)?,
+        })
+    }
+
+    /// Whether this is the f16 cache (the baseline of the ratios).
+    pub fn is_f16(&self) -> bool {
+        matches!(self, Self::Codec(Codec::F16))
+    }
+}
+
+impl std::fmt::Display for CacheSetting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Codec(codec) => write!(f, "{codec}"),
+            Self::Profile(_, name) => write!(f, "profile {name}"),
+        }
+    }
+}
+
+impl CommonArgs {
+    /// The codecs of a comma-separated list, then the `--kv-profile` if there is one.
+    pub fn bench_settings(&self, list: &str, model: &Model) -> Result<Vec<CacheSetting>> {
+        let mut settings = list
+            .split(',')
+            .map(|c| Ok(CacheSetting::Codec(c.trim().parse::<Codec>()?)))
+            .collect::<Result<Vec<_>>>()?;
+        if let (Some(profile), Some(path)) = (self.profile(model)?, &self.kv_profile) {
+            let name = path.file_name().map_or_else(
+                || path.display().to_string(),
+                |n| n.to_string_lossy().into(),
+            );
+            settings.push(CacheSetting::Profile(Arc::new(profile), name));
+        }
+        Ok(settings)
     }
 }
 

@@ -58,13 +58,12 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
     let layout = cache.layout().clone();
     let blocks = cache.pool().num_blocks();
     println!(
-        "pagedkv demo: SmolLM2-135M-Instruct, {} requests sharing a system prompt; cache {} MiB = {} blocks of {} tokens, codecs K={} V={} ({:.0} KV bytes/token)",
+        "pagedkv demo: SmolLM2-135M-Instruct, {} requests sharing a system prompt; cache {} MiB = {} blocks of {} tokens, codecs {} ({:.0} KV bytes/token)",
         args.requests,
         args.cache_mib,
         blocks,
         layout.block_size(),
-        layout.spec().key_codec,
-        layout.spec().value_codec,
+        common.cache_label(&layout),
         layout.kv_bytes_per_token()
     );
     let mut scheduler = Scheduler::new(&model, cache, SchedulerConfig::default())?;

@@ -12,8 +12,8 @@ use pagedkv_engine::WeightMode;
 
 use crate::common::CommonArgs;
 
-mod calibration;
-use calibration::{fit_key_calibration, sensitivity};
+pub(crate) mod calibration;
+use calibration::{fit_key_calibration, sensitivity, SensitivityArgs};
 
 /// The default text: Lewis Carroll, "Alice's Adventures in Wonderland" (1865, public domain).
 const DEFAULT_TEXT: &str = include_str!("../../../data/alice-in-wonderland.txt");
@@ -24,7 +24,8 @@ pub struct EvalArgs {
     /// Text to evaluate on (default: "Alice's Adventures in Wonderland", built in).
     #[arg(long)]
     text: Option<PathBuf>,
-    /// Codec settings (comma-separated): a codec for keys and values, or KEY/VALUE.
+    /// Codec settings (comma-separated): a codec for keys and values, or KEY/VALUE (with
+    /// --kv-profile: the profile's setting instead).
     #[arg(
         long,
         default_value = "f16,bf16,int8,fp8-e4m3,fp8-e5m2,int4,int2,int8/int4,fibquant-k2n256,fibquant-k2n256+keynorm,fibquant-k2n64,fibquant-k4n256,fibquant-k4n256+keynorm,fibquant-k4n256+keynorm+sink1,fibquant-k4n256+keysplit+sink1,fibquant-k2n16"
@@ -85,7 +86,7 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         }
         return Ok(());
     }
-    let settings = args
+    let mut settings = args
         .codecs
         .split(',')
         .map(|c| c.parse::<CodecPair>())
@@ -106,23 +107,53 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         .as_deref()
         .map(str::parse::<CodecPair>)
         .transpose()?;
-    let wanted = settings.iter().chain(&probed).any(|s| s.key_norm);
-    let split_wanted = settings.iter().chain(&probed).any(|s| s.key_split);
-    let (key_norm, key_stats) = if wanted {
-        let (norm, stats) = fit_key_calibration(common, &args, &model, &tokenizer, split_wanted)?;
-        (
-            Some(std::sync::Arc::new(norm)),
-            stats.map(std::sync::Arc::new),
-        )
-    } else {
-        (None, None)
-    };
-    let config = EvalConfig {
-        window: args.window,
-        block_size: common.block_size,
-        max_windows: (args.windows > 0).then_some(args.windows),
-        key_norm,
-        key_stats,
+    let profile = common.profile(&model)?;
+    let config = match &profile {
+        Some(profile) => {
+            anyhow::ensure!(
+                probed.is_none(),
+                "--sensitivity measures a setting, not a --kv-profile"
+            );
+            // the profile's setting with its own means and plans: nothing is fitted
+            settings = vec![profile.setting.clone()];
+            EvalConfig {
+                window: args.window,
+                block_size: common.block_size,
+                max_windows: (args.windows > 0).then_some(args.windows),
+                key_norm: profile
+                    .key_norm(model.config(), common.block_size)?
+                    .map(std::sync::Arc::new),
+                key_stats: None,
+                key_split: profile.key_split(model.config())?.map(std::sync::Arc::new),
+            }
+        }
+        None => {
+            let wanted = settings.iter().chain(&probed).any(|s| s.key_norm);
+            let split_wanted = settings.iter().chain(&probed).any(|s| s.key_split);
+            let (key_norm, key_stats) = if wanted {
+                let (norm, stats) = fit_key_calibration(
+                    &model,
+                    &tokenizer,
+                    args.calibration.as_deref(),
+                    common.block_size,
+                    split_wanted,
+                )?;
+                (
+                    Some(std::sync::Arc::new(norm)),
+                    stats.map(std::sync::Arc::new),
+                )
+            } else {
+                (None, None)
+            };
+            EvalConfig {
+                window: args.window,
+                block_size: common.block_size,
+                max_windows: (args.windows > 0).then_some(args.windows),
+                key_norm,
+                key_stats,
+                key_split: None,
+            }
+        }
     };
     let all = tokens.len() / args.window.max(1);
     let windows = if args.windows > 0 {
@@ -139,7 +170,13 @@ pub fn run(common: &CommonArgs, args: EvalArgs) -> Result<()> {
         common.threads_label()
     );
     if let Some(setting) = probed {
-        return sensitivity(&model, &tokens, setting, &args, config, windows);
+        let assign = SensitivityArgs {
+            levels: &args.levels,
+            budget: args.budget,
+            json: args.json.as_deref(),
+        };
+        sensitivity(&model, &tokens, setting, &assign, config, windows)?;
+        return Ok(());
     }
     let bar = progress_bar(windows);
     let started = Instant::now();

@@ -1,8 +1,9 @@
-//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, inspect, bench, serve.
+//! The `pagedkv` binary (DESIGN §10): demo, generate, eval, calibrate, inspect, bench, serve.
 
 mod bench;
 mod bench_context;
 mod bench_prefix;
+mod calibrate;
 mod common;
 mod demo;
 mod eval;
@@ -37,6 +38,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Codec quality on real text: perplexity, KL to the f32 cache, top-1 agreement.
     Eval(eval::EvalArgs),
+    /// Make a KV profile: per-layer codecs for a bit budget, key means and key split, fitted on
+    /// a calibration text, for --kv-profile.
+    Calibrate(calibrate::CalibrateArgs),
     /// The model's KV layout, bytes per token per codec, sequences that fit a budget.
     Inspect(inspect::InspectArgs),
     /// An OpenAI-compatible HTTP server whose prefix cache explains itself.
@@ -65,6 +69,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Demo(args) => pool.install(|| demo::run(common, args)),
         Command::Generate(args) => pool.install(|| generate::run(common, args)),
         Command::Eval(args) => pool.install(|| eval::run(common, args)),
+        Command::Calibrate(args) => pool.install(|| calibrate::run(common, args)),
         Command::Inspect(args) => pool.install(|| inspect::run(common, args)),
         Command::Bench(command) => pool.install(|| bench::run(common, command)),
         // the server's engine thread enters the pool itself; its HTTP threads stay outside

@@ -98,8 +98,11 @@ pub fn run(common: &CommonArgs, args: ServeArgs, pool: rayon::ThreadPool) -> Res
         args.disk_tier.is_none() || host_tier_bytes > 0,
         "--disk-tier needs --host-tier-mib (the disk tier takes what the host tier evicts)"
     );
-    // check the codec flags now, not after the model has loaded
+    // check the codec flags and the profile now, not after the model has loaded
     common.codecs()?;
+    if let Some(path) = &common.kv_profile {
+        pagedkv_engine::KvProfile::load(path)?;
+    }
     let config = ServerConfig {
         model_name: args.model_name.clone(),
         max_queued_requests: args.max_queued_requests,
@@ -141,11 +144,10 @@ pub fn run(common: &CommonArgs, args: ServeArgs, pool: rayon::ThreadPool) -> Res
             }
             let remote_stats = shared_tier.attach(&mut cache, &model)?;
             eprintln!(
-                "model loaded: {} blocks of {} tokens, K={} V={}",
+                "model loaded: {} blocks of {} tokens, {}",
                 cache.pool().num_blocks(),
                 cache.layout().block_size(),
-                cache.layout().spec().key_codec,
-                cache.layout().spec().value_codec
+                loader_args.cache_label(cache.layout())
             );
             Ok(Loaded {
                 model,

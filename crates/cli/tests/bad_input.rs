@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pagedkv_engine::fetch::ensure_model;
+use pagedkv_engine::{KvProfile, ModelFingerprint};
 
 /// Runs `pagedkv ARGS` (at most 120 s) and checks it fails with status 1 and `expected` in
 /// its error message.
@@ -46,6 +47,22 @@ fn bad_flags_get_clear_errors() {
         r#"[{"codec": "int4", "bits_per_element": "x"}]"#,
     )
     .unwrap();
+    // the repository's profile, damaged by one digit, and re-signed for another model
+    let profile_path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../profiles/smollm2-2.5bit.json"
+    );
+    let profile_text = std::fs::read_to_string(profile_path).unwrap();
+    let first_mean = profile_text.find("\"key_means\": [").unwrap();
+    let point = first_mean + profile_text[first_mean..].find('.').unwrap();
+    let mut damaged = profile_text.clone();
+    damaged.insert(point + 1, '7');
+    std::fs::write(path("damaged-profile.json"), damaged).unwrap();
+    let mut foreign = KvProfile::load(std::path::Path::new(profile_path)).unwrap();
+    foreign.model = ModelFingerprint(1);
+    foreign
+        .save(std::path::Path::new(&path("foreign-profile.json")))
+        .unwrap();
     let long_prompt = "word ".repeat(9000);
     let (corrupt, trunc, short, bad) = (
         path("corrupt.gguf"),
@@ -59,7 +76,38 @@ fn bad_flags_get_clear_errors() {
         args.extend(extra.iter().map(|s| s.to_string()));
         args
     };
+    let (damaged, foreign) = (path("damaged-profile.json"), path("foreign-profile.json"));
     let rows: Vec<(Vec<String>, &str)> = vec![
+        (
+            g(&["--kv-profile", &damaged]),
+            "the file is damaged or was edited",
+        ),
+        (
+            g(&["--kv-profile", &foreign]),
+            "it was made for model 00000000000000000000000000000001; this model is",
+        ),
+        (
+            g(&["--kv-profile", profile_path, "--codec", "int4"]),
+            "--kv-profile sets the cache's codecs and sinks: drop --codec",
+        ),
+        (
+            ["bench", "attention", "--kv-profile", profile_path]
+                .map(String::from)
+                .to_vec(),
+            "--kv-profile applies to `bench generate`",
+        ),
+        (
+            [
+                "eval",
+                "--sensitivity",
+                "int4",
+                "--kv-profile",
+                profile_path,
+            ]
+            .map(String::from)
+            .to_vec(),
+            "--sensitivity measures a setting, not a --kv-profile",
+        ),
         (
             g(&["--codec", "int9"]),
             "unknown codec `int9`; valid codecs: f32, f16",

@@ -21,8 +21,9 @@ fn pagedkv(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn models() -> Vec<(Spec, &'static str)> {
-    let spec = |architecture, hidden, heads, kv_heads| Spec {
+/// A small model: Q8_0 matrices, head_dim hidden / heads.
+fn spec(architecture: &'static str, hidden: usize, heads: usize, kv_heads: usize) -> Spec {
+    Spec {
         architecture,
         hidden,
         heads,
@@ -31,7 +32,10 @@ fn models() -> Vec<(Spec, &'static str)> {
         feed_forward: 512,
         dtype: GgmlDType::Q8_0,
         output_matrix: architecture == "qwen2",
-    };
+    }
+}
+
+fn models() -> Vec<(Spec, &'static str)> {
     vec![
         (
             spec("llama", 256, 4, 2),
@@ -105,5 +109,67 @@ fn generate_runs_on_each_model_with_a_compressed_cache() {
             ]);
             assert!(!out.is_empty(), "{} {codec}: no output", spec.architecture);
         }
+    }
+}
+
+#[test]
+fn every_tool_runs_at_each_geometry() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-models-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // head_dim 64 with 8 query heads per kv head; 128 with 4; Qwen2 (no key normalization)
+    for (spec, setting) in [
+        (spec("llama", 512, 8, 1), "fibquant-k4n256+keysplit+sink1"),
+        (spec("llama", 512, 4, 1), "fibquant-k4n256+keysplit+sink1"),
+        (spec("qwen2", 256, 2, 1), "fibquant-k4n256+sink1"),
+    ] {
+        let path = TinyGguf::new(spec).write("cli-tools");
+        let model = path.to_str().unwrap();
+        let profile = dir.join(format!("{}-{}.json", spec.architecture, spec.heads));
+        let profile = profile.to_str().unwrap();
+        let with = |args: &[&str]| {
+            let mut all = vec!["--model", model, "--threads", "2"];
+            all.extend_from_slice(args);
+            pagedkv(&all)
+        };
+        let small = ["--window", "64", "--windows", "1"];
+        let eval = with(
+            &[
+                &["eval", "--codecs", "f16,int4,fibquant-k4n256"][..],
+                &small,
+            ]
+            .concat(),
+        );
+        assert!(eval.contains("fibquant-k4n256"), "{eval}");
+        let made = with(
+            &[
+                &["calibrate", "--setting", setting, "--out", profile][..],
+                // few levels: the large codebooks' error measurement alone takes a minute
+                &["--levels", "fibquant-k4n128,fibquant-k4n512,int8"],
+                &small,
+            ]
+            .concat(),
+        );
+        assert!(made.contains("profile written"), "{made}");
+        let eval = with(&[&["--kv-profile", profile, "eval"][..], &small].concat());
+        assert!(!eval.contains("fitted"), "{eval}");
+        let bench = with(&[
+            "--kv-profile",
+            profile,
+            "bench",
+            "generate",
+            "--codecs",
+            "f16,int4",
+            "--tokens",
+            "8",
+            "--rounds",
+            "1",
+            "--concurrent",
+            "2",
+        ]);
+        assert!(
+            bench.contains("profile ") && bench.contains("baseline candle"),
+            "{bench}"
+        );
+        println!("{} {} heads: every tool ran", spec.architecture, spec.heads);
     }
 }

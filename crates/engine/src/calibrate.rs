@@ -29,6 +29,7 @@ pub fn fit_key_norm(
     windows: usize,
     block_size: usize,
 ) -> Result<KeyNorm> {
+    crate::profile::key_norm_supported(model.config())?;
     let c = model.config();
     let mut fit = KeyNormFit::new(c.layers, c.kv_heads, c.head_dim, block_size, c.rope_base);
     let kv_width = c.kv_heads * c.head_dim;

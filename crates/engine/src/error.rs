@@ -31,6 +31,14 @@ pub enum EngineError {
         /// What is wrong.
         reason: String,
     },
+    /// A KV profile is damaged, of another version, or made for another model.
+    #[error("KV profile {path}: {reason}")]
+    BadProfile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// Fetching the model failed.
     #[error("fetching the model failed: {0}")]
     Fetch(String),

@@ -179,6 +179,9 @@ pub struct EvalConfig {
     pub key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
     /// The key statistics the settings marked `+keysplit` allocate their key bits from.
     pub key_stats: Option<std::sync::Arc<crate::calibrate::KeyStats>>,
+    /// Ready key split plans (a profile's) for the `+keysplit` settings, instead of plans
+    /// allocated from `key_stats`.
+    pub key_split: Option<std::sync::Arc<pagedkv::KeySplit>>,
 }
 
 /// Results of one codec setting.
@@ -257,16 +260,17 @@ pub fn evaluate(
                     )))
                 }
             };
-            let key_stats = match (s.key_split, &config.key_stats) {
-                (false, _) => None,
-                (true, Some(c)) => Some(&**c),
-                (true, None) => {
+            let key_split = match (s.key_split, &config.key_split, &config.key_stats) {
+                (false, _, _) => KeySplitSource::None,
+                (true, Some(plans), _) => KeySplitSource::Plans(plans.clone()),
+                (true, None, Some(stats)) => KeySplitSource::Stats(stats),
+                (true, None, None) => {
                     return Err(EngineError::InvalidArgument(format!(
                         "`{s}` asks for a key split but no key statistics were measured"
                     )))
                 }
             };
-            setting_layout(model, s, bs, key_norm, key_stats)
+            setting_layout(model, s, bs, key_norm, key_split)
         })
         .collect::<Result<Vec<_>>>()?;
     let vocab = model.config().vocab;
@@ -316,23 +320,36 @@ pub fn evaluate(
         .collect())
 }
 
+/// Where a `+keysplit` setting's plans come from.
+enum KeySplitSource<'a> {
+    /// No split.
+    None,
+    /// Allocated for the setting's key codecs from measured statistics.
+    Stats(&'a crate::calibrate::KeyStats),
+    /// Ready plans (a profile's).
+    Plans(std::sync::Arc<pagedkv::KeySplit>),
+}
+
 /// The cache layout of a setting, with blocks of `block_size`.
 fn setting_layout(
     model: &Model,
     setting: &CodecPair,
     block_size: usize,
     key_norm: Option<std::sync::Arc<pagedkv::KeyNorm>>,
-    key_stats: Option<&crate::calibrate::KeyStats>,
+    key_split: KeySplitSource,
 ) -> Result<pagedkv::KvLayout> {
     let s = setting;
     let layout =
         model
             .config()
             .kv_layout_with(s.key, s.value, block_size, s.layer_overrides.clone())?;
-    let key_split = key_stats
-        .map(|stats| stats.split(|layer| layout.key_codec(layer)))
-        .transpose()?
-        .map(std::sync::Arc::new);
+    let key_split = match key_split {
+        KeySplitSource::None => None,
+        KeySplitSource::Stats(stats) => Some(std::sync::Arc::new(
+            stats.split(|layer| layout.key_codec(layer))?,
+        )),
+        KeySplitSource::Plans(plans) => Some(plans),
+    };
     Ok(pagedkv::KvLayout::new(pagedkv::LayoutSpec {
         sink_tokens: s.sinks,
         recent_tokens: s.recent,
@@ -350,7 +367,7 @@ pub fn setting_bits(
     block_size: usize,
     window: usize,
 ) -> Result<f64> {
-    let layout = setting_layout(model, setting, block_size, None, None)?;
+    let layout = setting_layout(model, setting, block_size, None, KeySplitSource::None)?;
     Ok(window_cost(&layout, window).0)
 }
 

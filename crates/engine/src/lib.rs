@@ -12,6 +12,7 @@ pub mod eval;
 pub mod fetch;
 pub mod fingerprint;
 pub mod model;
+pub mod profile;
 pub mod qgemm;
 mod rope;
 pub mod sampler;
@@ -22,6 +23,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling, RopeStyle};
 pub use error::{EngineError, Result};
 pub use fingerprint::ModelFingerprint;
 pub use model::{BatchItem, Logits, Model, WeightMode};
+pub use profile::KvProfile;
 pub use sampler::{Sampler, SamplingParams, TokenLogprobs};
 pub use scheduler::{
     Event, FinishReason, Preemption, Request, Scheduler, SchedulerConfig, SchedulerStats,

@@ -30,6 +30,7 @@ fn kl_is_zero_for_f32_and_rises_as_bits_fall() {
         max_windows: Some(1),
         key_norm: None,
         key_stats: None,
+        key_split: None,
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
     for r in &rows {
@@ -86,6 +87,7 @@ fn key_normalization_key_split_and_a_sink_token_lower_fibquant_kl_on_an_unseen_t
         max_windows: Some(2),
         key_norm: Some(std::sync::Arc::new(key_norm)),
         key_stats: Some(std::sync::Arc::new(key_stats)),
+        key_split: None,
     };
     let rows = evaluate(&model, &tokens, &settings, config.clone(), |_, _| {}).unwrap();
     let (plain, normed, sunk, split) = (&rows[1], &rows[2], &rows[3], &rows[4]);

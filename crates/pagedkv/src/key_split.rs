@@ -183,6 +183,16 @@ impl SplitPlan {
         &self.chunks
     }
 
+    /// Per head, the source coordinate of each ranked position (`heads × head_dim`).
+    pub fn order(&self) -> &[u16] {
+        &self.order
+    }
+
+    /// Per head, the whitening factor of each ranked position (`heads × head_dim`).
+    pub fn scale(&self) -> &[f32] {
+        &self.scale
+    }
+
     /// Heads the plan covers.
     pub fn heads(&self) -> usize {
         self.order.len() / self.head_dim

@@ -2,39 +2,66 @@
 //! calibration text, and `--sensitivity` (per-layer KL, then a codec per layer for a bit
 //! budget). Nothing here runs when serving.
 
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use pagedkv::LayerSet;
 use pagedkv_engine::eval::{evaluate, setting_bits, CodecPair, EvalConfig};
 
-use super::{progress_bar, EvalArgs};
-use crate::common::CommonArgs;
+use super::progress_bar;
 
-/// The key normalization fitted on the calibration text, for `+keynorm` settings, and with
-/// `with_stats` the key statistics of `+keysplit` settings.
-pub(super) fn fit_key_calibration(
-    common: &CommonArgs,
-    args: &EvalArgs,
-    model: &pagedkv_engine::Model,
-    tokenizer: &pagedkv_engine::GgufTokenizer,
-    with_stats: bool,
-) -> Result<(
-    pagedkv::KeyNorm,
-    Option<pagedkv_engine::calibrate::KeyStats>,
-)> {
-    use pagedkv_engine::calibrate;
-    let (text, name) = match &args.calibration {
+/// How the built-in calibration text is named in the output.
+pub(crate) const DEFAULT_CALIBRATION_NAME: &str = "data/around-the-world-in-80-days.txt (built in)";
+
+/// What `--sensitivity` assigns from, besides the measured KLs.
+pub(crate) struct SensitivityArgs<'a> {
+    /// Codecs a layer's keys or values may get (comma-separated).
+    pub levels: &'a str,
+    /// Bits per element to aim for.
+    pub budget: f64,
+    /// Where to write the per-layer KLs and the proposal as JSON.
+    pub json: Option<&'a Path>,
+}
+
+/// The assignment `--sensitivity` proposes.
+pub(crate) struct Proposal {
+    /// The setting with its per-layer overrides.
+    pub setting: CodecPair,
+    /// Its stored bits per element over a window.
+    pub bits: f64,
+}
+
+/// The calibration text (`path`, else the built-in one) and its name for the output.
+pub(crate) fn calibration_text(path: Option<&Path>) -> Result<(String, String)> {
+    Ok(match path {
         Some(path) => (
             std::fs::read_to_string(path)
                 .with_context(|| format!("reading the calibration text {}", path.display()))?,
             path.display().to_string(),
         ),
         None => (
-            calibrate::DEFAULT_TEXT.to_string(),
-            "data/around-the-world-in-80-days.txt (built in)".to_string(),
+            pagedkv_engine::calibrate::DEFAULT_TEXT.to_string(),
+            DEFAULT_CALIBRATION_NAME.to_string(),
         ),
-    };
+    })
+}
+
+/// The key normalization fitted on the calibration text (`calibration`, else the built-in
+/// one) for blocks of `block_size`, and with `with_stats` the key statistics of `+keysplit`
+/// settings.
+pub(crate) fn fit_key_calibration(
+    model: &pagedkv_engine::Model,
+    tokenizer: &pagedkv_engine::GgufTokenizer,
+    calibration: Option<&Path>,
+    block_size: usize,
+    with_stats: bool,
+) -> Result<(
+    pagedkv::KeyNorm,
+    Option<pagedkv_engine::calibrate::KeyStats>,
+)> {
+    use pagedkv_engine::calibrate;
+    let (text, name) = calibration_text(calibration)?;
     let started = Instant::now();
     let tokens = tokenizer.encode(&text)?;
     let (window, windows) = (calibrate::DEFAULT_WINDOW, calibrate::DEFAULT_WINDOWS);
@@ -45,7 +72,7 @@ pub(super) fn fit_key_calibration(
             2 * window
         );
     }
-    let key_norm = calibrate::fit_key_norm(model, &tokens, window, windows, common.block_size)?;
+    let key_norm = calibrate::fit_key_norm(model, &tokens, window, windows, block_size)?;
     println!(
         "key normalization: fitted on {name}, {} tokens, {:.1} s",
         window * windows.min(tokens.len() / window - 1),
@@ -67,14 +94,14 @@ pub(super) fn fit_key_calibration(
 /// other layer f32), then a codec from `--levels` for each layer's keys and values that
 /// minimises the predicted KL within `--budget` bits per element (see
 /// [`pagedkv_engine::allocate`]).
-pub(super) fn sensitivity(
+pub(crate) fn sensitivity(
     model: &pagedkv_engine::Model,
     tokens: &[u32],
     low: CodecPair,
-    args: &EvalArgs,
+    args: &SensitivityArgs,
     config: EvalConfig,
     windows: usize,
-) -> Result<()> {
+) -> Result<Proposal> {
     use pagedkv::Codec;
     use pagedkv_engine::allocate::{assign_levels, Level};
     anyhow::ensure!(
@@ -172,7 +199,7 @@ pub(super) fn sensitivity(
         args.budget,
         kl.iter().map(|k| k[0] + k[1]).sum::<f64>(),
     );
-    if let Some(path) = &args.json {
+    if let Some(path) = args.json {
         let json = serde_json::json!({
             "setting": low.to_string(),
             "windows": windows,
@@ -192,7 +219,10 @@ pub(super) fn sensitivity(
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    Ok(())
+    Ok(Proposal {
+        setting: proposal,
+        bits,
+    })
 }
 
 /// `low` with an override per (key codec, value codec) pair of the assignment that differs
