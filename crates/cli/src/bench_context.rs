@@ -9,12 +9,11 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use crate::common::CacheSetting;
 use anyhow::{Context, Result};
 use pagedkv_engine::{Event, Model};
 
 use crate::bench::{median, submitted, GenerateBench};
-use crate::common::CommonArgs;
+use crate::common::{CacheSetting, CommonArgs};
 
 const PROMPT_TEXT: &str = include_str!("../../../data/alice-in-wonderland.txt");
 const LLAMA_CPP_DECODE: &str = include_str!("../../../scripts/llama-cpp-decode");

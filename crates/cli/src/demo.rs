@@ -58,7 +58,12 @@ pub fn run(common: &CommonArgs, args: DemoArgs) -> Result<()> {
     let layout = cache.layout().clone();
     let blocks = cache.pool().num_blocks();
     println!(
-        "pagedkv demo: SmolLM2-135M-Instruct, {} requests sharing a system prompt; cache {} MiB = {} blocks of {} tokens, codecs {} ({:.0} KV bytes/token)",
+        "pagedkv demo: {}, {} requests sharing a system prompt; cache {} MiB = {} blocks of {} tokens, codecs {} ({:.0} KV bytes/token)",
+        common
+            .model
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .map_or("SmolLM2-135M-Instruct".into(), |n| n.to_string_lossy()),
         args.requests,
         args.cache_mib,
         blocks,

@@ -4,11 +4,12 @@
 //! the render with the template's message, and `strftime_now` formats today's date.
 //!
 //! Message text is user input: a control-token name inside it (`<|im_start|>`) must stay text.
-//! Before rendering, every such name in a message is broken by a marker character, so that the
-//! rendered prompt can be split at the control tokens the template wrote and nowhere else;
-//! the markers are taken out of the text pieces afterwards (see [`split_at_controls`]).
+//! Before rendering, every character of every such name in a message is escaped by a marker
+//! character before it, so that the rendered prompt can be split at the control tokens the
+//! template wrote and nowhere else; the markers are taken out of the text pieces afterwards
+//! (see [`ControlNames::split`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use minijinja::syntax::SyntaxConfig;
 use minijinja::{Environment, Error, ErrorKind, Value};
@@ -16,7 +17,7 @@ use minijinja::{Environment, Error, ErrorKind, Value};
 use crate::error::{EngineError, Result};
 use crate::tokenizer::ChatMessage;
 
-/// Breaks control-token names in message text; doubled when the text has one of its own.
+/// Escapes the character after it in message text (a marker of the user's own is escaped too).
 /// A noncharacter: no encoding of real text contains it.
 const MARK: char = '\u{FDD0}';
 
@@ -82,14 +83,14 @@ impl ChatTemplate {
     }
 
     /// The prompt for `messages`, ending where the assistant's answer begins, split at the
-    /// control tokens (`controls`: every control-token name of the vocabulary) the template wrote.
-    pub fn render(&self, messages: &[ChatMessage], controls: &[String]) -> Result<Vec<Piece>> {
+    /// control tokens (`controls`: the vocabulary's) the template wrote.
+    pub fn render(&self, messages: &[ChatMessage], controls: &ControlNames) -> Result<Vec<Piece>> {
         let messages: Vec<Value> = messages
             .iter()
             .map(|m| {
                 let mut map = BTreeMap::new();
                 map.insert("role", Value::from(m.role.as_str()));
-                map.insert("content", Value::from(break_controls(&m.content, controls)));
+                map.insert("content", Value::from(controls.escape(&m.content)));
                 Value::from(map)
             })
             .collect();
@@ -105,82 +106,108 @@ impl ChatTemplate {
         let rendered = template
             .render(Value::from(context))
             .map_err(|e| template_error(&e))?;
-        Ok(split_at_controls(&rendered, controls))
+        Ok(controls.split(&rendered))
     }
 }
 
-/// `text` with the marker doubled where it occurs and put after the first character of every
-/// control-token name in it.
-fn break_controls(text: &str, controls: &[String]) -> String {
-    let escaped = text.replace(MARK, &format!("{MARK}{MARK}"));
-    let mut out = String::with_capacity(escaped.len());
-    let mut rest = escaped.as_str();
-    'scan: while !rest.is_empty() {
-        for name in controls {
-            if !name.is_empty() && rest.starts_with(name.as_str()) {
-                let first = name.chars().next().map_or(0, char::len_utf8);
-                out.push_str(&rest[..first]);
-                out.push(MARK);
-                out.push_str(&rest[first..name.len()]);
-                rest = &rest[name.len()..];
-                continue 'scan;
+/// The control-token names of a vocabulary, by first character, longest first.
+#[derive(Debug, Clone, Default)]
+pub struct ControlNames {
+    by_first: HashMap<char, Vec<String>>,
+}
+
+impl ControlNames {
+    /// An index of `names` (empty names are ignored).
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        let mut by_first: HashMap<char, Vec<String>> = HashMap::new();
+        for name in names {
+            if let Some(first) = name.chars().next() {
+                by_first.entry(first).or_default().push(name);
             }
         }
-        let c = rest.chars().next().map_or(0, char::len_utf8);
-        out.push_str(&rest[..c]);
-        rest = &rest[c..];
+        for names in by_first.values_mut() {
+            names.sort_by_key(|n| std::cmp::Reverse(n.len()));
+            names.dedup();
+        }
+        Self { by_first }
     }
-    out
-}
 
-/// Splits a rendered prompt at the control-token names in it (the longest at each place), and
-/// undoes [`break_controls`] in the text between them: a doubled marker is one marker of the
-/// user's, a single one is removed.
-pub fn split_at_controls(rendered: &str, controls: &[String]) -> Vec<Piece> {
-    let mut pieces = Vec::new();
-    let mut text = String::new();
-    let mut rest = rendered;
-    while !rest.is_empty() {
-        let control = controls
+    /// The longest name that `text` starts with.
+    fn at(&self, text: &str) -> Option<&str> {
+        let first = text.chars().next()?;
+        self.by_first
+            .get(&first)?
             .iter()
-            .filter(|name| !name.is_empty() && rest.starts_with(name.as_str()))
-            .max_by_key(|name| name.len());
-        if let Some(name) = control {
-            if !text.is_empty() {
-                pieces.push(Piece::Text(std::mem::take(&mut text)));
+            .find(|name| text.starts_with(name.as_str()))
+            .map(String::as_str)
+    }
+
+    /// `text` with a marker before every character of every control-token name in it, and
+    /// before every marker of its own. [`Self::split`] starts no control token at an escaped
+    /// character, and no name survives unescaped: one would start at a character the scan
+    /// looked at and found no name at.
+    pub fn escape(&self, text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        while let Some(c) = rest.chars().next() {
+            let taken = match self.at(rest) {
+                Some(name) => name,
+                None if c == MARK => &rest[..c.len_utf8()],
+                None => {
+                    out.push(c);
+                    rest = &rest[c.len_utf8()..];
+                    continue;
+                }
+            };
+            for c in taken.chars() {
+                out.push(MARK);
+                out.push(c);
             }
-            pieces.push(Piece::Control(name.clone()));
-            rest = &rest[name.len()..];
-            continue;
+            rest = &rest[taken.len()..];
         }
-        let mut chars = rest.chars();
-        match chars.next() {
-            Some(MARK) if chars.next() == Some(MARK) => {
-                text.push(MARK);
-                rest = &rest[2 * MARK.len_utf8()..];
-            }
-            Some(MARK) => rest = &rest[MARK.len_utf8()..],
-            Some(c) => {
-                text.push(c);
+        out
+    }
+
+    /// Splits a rendered prompt at the control-token names in it (the longest at each place)
+    /// that start at an unescaped character, and takes the markers out of the text between.
+    pub fn split(&self, rendered: &str) -> Vec<Piece> {
+        let mut pieces = Vec::new();
+        let mut text = String::new();
+        let mut rest = rendered;
+        while let Some(c) = rest.chars().next() {
+            if c == MARK {
+                // the escaped character is text, whatever it is (a lone marker at the end: dropped)
                 rest = &rest[c.len_utf8()..];
+                if let Some(escaped) = rest.chars().next() {
+                    text.push(escaped);
+                    rest = &rest[escaped.len_utf8()..];
+                }
+                continue;
             }
-            None => break,
+            if let Some(name) = self.at(rest) {
+                if !text.is_empty() {
+                    pieces.push(Piece::Text(std::mem::take(&mut text)));
+                }
+                pieces.push(Piece::Control(name.to_string()));
+                rest = &rest[name.len()..];
+                continue;
+            }
+            text.push(c);
+            rest = &rest[c.len_utf8()..];
         }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        pieces
     }
-    if !text.is_empty() {
-        pieces.push(Piece::Text(text));
-    }
-    pieces
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn controls() -> Vec<String> {
-        ["<|im_start|>", "<|im_end|>", "<|im"]
-            .map(String::from)
-            .to_vec()
+    fn controls() -> ControlNames {
+        ControlNames::new(["<|im_start|>", "<|im_end|>", "<|im", "im_", "#"].map(String::from))
     }
 
     fn user(content: &str) -> ChatMessage {
@@ -193,7 +220,7 @@ mod tests {
     #[test]
     fn control_names_in_messages_stay_text_and_markers_survive() {
         let t = ChatTemplate::new(CHATML, "", "").unwrap();
-        let content = format!("a<|im_end|>b{MARK}c{MARK}{MARK}<|im_start|>");
+        let content = format!("a<|im_end|>b{MARK}c{MARK}{MARK}<|im_start|># x{MARK}");
         let pieces = t.render(&[user(&content)], &controls()).unwrap();
         assert_eq!(
             pieces,
@@ -206,6 +233,35 @@ mod tests {
                 Piece::Text("assistant\n".into()),
             ]
         );
+    }
+
+    #[test]
+    fn any_text_escaped_splits_back_to_itself() {
+        let names = controls();
+        // every mix of names, their fragments, markers and other characters, up to 5 parts
+        let parts = [
+            "<|im_start|>",
+            "<|im_end|>",
+            "<|im",
+            "im_",
+            "#",
+            "<|",
+            "_end|>",
+            "x",
+            "\u{FDD0}",
+            "é",
+        ];
+        let mut texts = vec![String::new()];
+        for _ in 0..5 {
+            texts = texts
+                .iter()
+                .flat_map(|t| parts.iter().map(move |p| format!("{t}{p}")))
+                .collect();
+            for t in &texts {
+                let pieces = names.split(&names.escape(t));
+                assert_eq!(pieces, [Piece::Text(t.clone())], "{t:?}");
+            }
+        }
     }
 
     #[test]
@@ -226,7 +282,9 @@ mod tests {
     fn python_string_methods_and_block_trimming_work() {
         let source = "{% for m in messages %}\n  {{ m.content.strip().upper() }}|{{ m.role.startswith('us') }}\n{% endfor %}";
         let t = ChatTemplate::new(source, "", "").unwrap();
-        let pieces = t.render(&[user("  hi  ")], &[]).unwrap();
+        let pieces = t
+            .render(&[user("  hi  ")], &ControlNames::default())
+            .unwrap();
         // as Python's Jinja: lstrip_blocks strips before block tags only; booleans print as Python's
         assert_eq!(pieces, [Piece::Text("  HI|True\n".into())]);
     }

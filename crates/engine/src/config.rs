@@ -301,6 +301,25 @@ impl ModelConfig {
                 expect(&bias("attn_v"), &[kv])?;
             }
         }
+        // a bias the forward pass would not add (llama.cpp reads some on attn_output or the
+        // feed-forward of other models) would make every logit wrong without a word
+        let read_bias = |name: &str| {
+            self.attention_bias
+                && ["attn_q", "attn_k", "attn_v"]
+                    .iter()
+                    .any(|m| name.ends_with(&format!(".{m}.bias")))
+        };
+        if let Some(name) = ct
+            .tensor_infos
+            .keys()
+            .filter(|n| n.ends_with(".bias"))
+            .find(|n| !read_bias(n))
+        {
+            return Err(bad_model(
+                path,
+                format!("tensor `{name}` is a bias this engine does not apply"),
+            ));
+        }
         expect("token_embd.weight", &[self.vocab, h])?;
         expect("output_norm.weight", &[h])?;
         if ct.tensor_infos.contains_key("output.weight") {

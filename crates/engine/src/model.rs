@@ -24,7 +24,7 @@ use crate::config::{bad_model, ModelConfig, RopeScaling};
 use crate::error::{candle_message, EngineError, Result};
 use crate::fingerprint::ModelFingerprint;
 use crate::qgemm::{QActivations, QWeights, ShapeError};
-use crate::rope::Rope;
+use crate::rope::{Rope, Stretch};
 use crate::tokenizer::GgufTokenizer;
 
 /// How the weight matrices are held in memory.
@@ -208,15 +208,29 @@ impl Model {
         };
         let out_norm = vector(tensor("output_norm.weight")?)?;
         let factors = match config.rope_scaling {
-            RopeScaling::FrequencyFactors => Some(vector(tensor("rope_freqs.weight")?)?),
-            RopeScaling::None | RopeScaling::Linear(_) => None,
+            RopeScaling::FrequencyFactors => {
+                let factors = vector(tensor("rope_freqs.weight")?)?;
+                if let Some(bad) = factors.iter().find(|f| !(f.is_finite() && **f > 0.0)) {
+                    return Err(bad_model(
+                        path,
+                        format!("RoPE frequency factor {bad} is not a positive number"),
+                    ));
+                }
+                factors
+            }
+            RopeScaling::None | RopeScaling::Linear(_) => Vec::new(),
+        };
+        let stretch = match config.rope_scaling {
+            RopeScaling::None => Stretch::None,
+            RopeScaling::Linear(factor) => Stretch::Linear(factor),
+            // check_tensors made sure there is one per pair
+            RopeScaling::FrequencyFactors => Stretch::Factors(&factors),
         };
         let rope = Rope::new(
             config.rope_base,
             config.head_dim,
             config.architecture.rope_style(),
-            config.rope_scaling,
-            factors.as_deref(),
+            stretch,
         );
         Ok((
             Self {

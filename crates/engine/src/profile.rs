@@ -148,37 +148,60 @@ impl KvProfile {
         Ok(())
     }
 
-    /// The content every field contributes to, as canonical bytes (the checksum's input).
+    /// The content every field contributes to, as canonical bytes (the checksum's input): each
+    /// part tagged and its length first, so no two contents share their bytes.
     fn content(&self) -> Vec<u8> {
         let (layers, kv_heads, head_dim) = self.geometry;
         let p = &self.provenance;
-        let mut bytes = format!(
-            "{FORMAT};v{VERSION};model={};layers={layers};kv_heads={kv_heads};head_dim={head_dim};rope_base={};setting={};text={};windows={};skip={};window={};budget={};bits={}",
-            self.model.hex(),
-            self.rope_base.to_bits(),
-            self.setting,
-            p.text,
-            p.windows,
-            p.skip_windows,
-            p.window,
-            p.budget_bits.to_bits(),
-            p.bits_per_element.to_bits(),
-        )
-        .into_bytes();
+        let mut bytes = Vec::new();
+        let mut put = |tag: &str, part: &[u8]| {
+            bytes.extend_from_slice(tag.as_bytes());
+            bytes.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            bytes.extend_from_slice(part);
+        };
+        put("format", format!("{FORMAT};v{VERSION}").as_bytes());
+        put("model", self.model.hex().as_bytes());
+        put(
+            "geometry",
+            format!(
+                "{layers};{kv_heads};{head_dim};{}",
+                self.rope_base.to_bits()
+            )
+            .as_bytes(),
+        );
+        put("setting", self.setting.to_string().as_bytes());
+        put("text", p.text.as_bytes());
+        put(
+            "calibration",
+            format!(
+                "{};{};{};{};{}",
+                p.windows,
+                p.skip_windows,
+                p.window,
+                p.budget_bits.to_bits(),
+                p.bits_per_element.to_bits()
+            )
+            .as_bytes(),
+        );
         if let Some(means) = &self.key_means {
-            bytes.extend_from_slice(b";means");
-            bytes.extend(means.iter().flat_map(|x| x.to_le_bytes()));
+            let means: Vec<u8> = means.iter().flat_map(|x| x.to_le_bytes()).collect();
+            put("means", &means);
         }
         if let Some(plans) = &self.key_split {
+            put("split", &(plans.len() as u64).to_le_bytes());
             for (layer, plan) in plans.iter().enumerate() {
                 let Some(plan) = plan else { continue };
-                bytes.extend_from_slice(format!(";plan{layer}:{}:", plan.for_codec()).as_bytes());
+                put("plan", format!("{layer};{}", plan.for_codec()).as_bytes());
                 for chunk in plan.chunks() {
-                    bytes.extend_from_slice(chunk.map_or("-".into(), |c| c.to_string()).as_bytes());
-                    bytes.push(b',');
+                    put(
+                        "chunk",
+                        chunk.map_or("-".into(), |c| c.to_string()).as_bytes(),
+                    );
                 }
-                bytes.extend(plan.order().iter().flat_map(|o| o.to_le_bytes()));
-                bytes.extend(plan.scale().iter().flat_map(|s| s.to_le_bytes()));
+                let order: Vec<u8> = plan.order().iter().flat_map(|o| o.to_le_bytes()).collect();
+                put("order", &order);
+                let scale: Vec<u8> = plan.scale().iter().flat_map(|s| s.to_le_bytes()).collect();
+                put("scale", &scale);
             }
         }
         bytes
@@ -234,9 +257,18 @@ impl KvProfile {
         one_line_lists(&text)
     }
 
-    /// Writes the profile to `path`.
+    /// Writes the profile to `path`, after checking that its parts fit together and that the
+    /// JSON reads back as the same profile (a value JSON cannot hold, e.g. NaN, is refused).
     pub fn save(&self, path: &Path) -> Result<()> {
-        std::fs::write(path, self.to_json()).map_err(|source| EngineError::Io {
+        let json = self.to_json();
+        self.check_parts()
+            .and_then(|()| match Self::from_json(&json) {
+                Ok(back) if back == *self => Ok(()),
+                Ok(_) => Err("it does not read back as written".to_string()),
+                Err(reason) => Err(format!("it does not read back: {reason}")),
+            })
+            .map_err(|reason| bad(path, reason))?;
+        std::fs::write(path, json).map_err(|source| EngineError::Io {
             path: path.to_path_buf(),
             source,
         })
@@ -253,7 +285,7 @@ impl KvProfile {
     }
 
     /// Parses a profile's JSON; the error says what is wrong.
-    pub fn from_json(text: &str) -> std::result::Result<Self, String> {
+    fn from_json(text: &str) -> std::result::Result<Self, String> {
         let doc: Value =
             serde_json::from_str(text).map_err(|e| format!("not a JSON profile: {e}"))?;
         if doc["format"] != FORMAT {
@@ -337,7 +369,11 @@ impl KvProfile {
             return Err("the setting's +keysplit and the key split plans disagree".into());
         }
         if let Some(means) = &self.key_means {
-            if means.len() != layers * kv_heads * head_dim {
+            let expected = layers
+                .checked_mul(kv_heads)
+                .and_then(|n| n.checked_mul(head_dim))
+                .ok_or("the geometry is too large")?;
+            if means.len() != expected {
                 return Err(format!(
                     "{} key means for {layers} layers × {kv_heads} kv heads × {head_dim}",
                     means.len()

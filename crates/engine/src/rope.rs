@@ -1,7 +1,18 @@
 //! Rotary position embedding for a batch: cos/sin of every (token, frequency), applied to query
 //! and key rows in the pairing the architecture uses.
 
-use crate::config::{RopeScaling, RopeStyle};
+use crate::config::RopeStyle;
+
+/// How the plain frequencies `base^(−2i/d)` are stretched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum Stretch<'a> {
+    /// Not at all.
+    None,
+    /// All divided by one factor (linear position scaling).
+    Linear(f32),
+    /// Each divided by its own factor.
+    Factors(&'a [f32]),
+}
 
 /// What a model's RoPE needs besides positions.
 #[derive(Debug, Clone, PartialEq)]
@@ -13,23 +24,18 @@ pub(crate) struct Rope {
 }
 
 impl Rope {
-    /// `factors`: one divisor per frequency, for [`RopeScaling::FrequencyFactors`].
-    pub(crate) fn new(
-        base: f32,
-        head_dim: usize,
-        style: RopeStyle,
-        scaling: RopeScaling,
-        factors: Option<&[f32]>,
-    ) -> Self {
+    /// The frequencies of `head_dim` elements; [`Stretch::Factors`] holds one factor per pair
+    /// (the model checks the count and their values when it loads them).
+    pub(crate) fn new(base: f32, head_dim: usize, style: RopeStyle, stretch: Stretch) -> Self {
         let theta = (0..head_dim)
             .step_by(2)
             .enumerate()
             .map(|(k, i)| {
                 let theta = 1f32 / base.powf(i as f32 / head_dim as f32);
-                match (scaling, factors) {
-                    (RopeScaling::Linear(factor), _) => theta / factor,
-                    (RopeScaling::FrequencyFactors, Some(f)) => theta / f[k],
-                    _ => theta,
+                match stretch {
+                    Stretch::None => theta,
+                    Stretch::Linear(factor) => theta / factor,
+                    Stretch::Factors(f) => theta / f[k],
                 }
             })
             .collect();
@@ -104,8 +110,8 @@ mod tests {
     fn the_two_pairings_rotate_the_same_pairs_by_the_same_angles() {
         let d = 8;
         let row: Vec<f32> = (0..d).map(|i| i as f32 + 1.0).collect();
-        let inter = Rope::new(10_000.0, d, RopeStyle::Interleaved, RopeScaling::None, None);
-        let halves = Rope::new(10_000.0, d, RopeStyle::Halves, RopeScaling::None, None);
+        let inter = Rope::new(10_000.0, d, RopeStyle::Interleaved, Stretch::None);
+        let halves = Rope::new(10_000.0, d, RopeStyle::Halves, Stretch::None);
         // halves' pair (i, i + d/2) is interleaved's (2i, 2i+1) after a permutation
         let permuted: Vec<f32> = (0..d / 2).flat_map(|i| [row[i], row[i + d / 2]]).collect();
         let a = rotate(&inter, 7, &permuted);
@@ -122,14 +128,8 @@ mod tests {
     fn linear_scaling_divides_positions_and_factors_divide_frequencies() {
         let d = 8;
         let row: Vec<f32> = (0..d).map(|i| (i as f32 * 0.3).sin()).collect();
-        let plain = Rope::new(500.0, d, RopeStyle::Interleaved, RopeScaling::None, None);
-        let linear = Rope::new(
-            500.0,
-            d,
-            RopeStyle::Interleaved,
-            RopeScaling::Linear(4.0),
-            None,
-        );
+        let plain = Rope::new(500.0, d, RopeStyle::Interleaved, Stretch::None);
+        let linear = Rope::new(500.0, d, RopeStyle::Interleaved, Stretch::Linear(4.0));
         let (a, b) = (rotate(&plain, 3, &row), rotate(&linear, 12, &row));
         assert!(
             a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5),
@@ -140,16 +140,14 @@ mod tests {
             500.0,
             d,
             RopeStyle::Interleaved,
-            RopeScaling::FrequencyFactors,
-            Some(&[4.0; 4]),
+            Stretch::Factors(&[4.0; 4]),
         );
         assert_eq!(rotate(&fours, 12, &row), b);
         let mixed = Rope::new(
             500.0,
             d,
             RopeStyle::Interleaved,
-            RopeScaling::FrequencyFactors,
-            Some(&[1.0, 4.0, 4.0, 4.0]),
+            Stretch::Factors(&[1.0, 4.0, 4.0, 4.0]),
         );
         let m = rotate(&mixed, 12, &row);
         assert_eq!(m[..2], rotate(&plain, 12, &row)[..2]);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::quantized::gguf_file::Content;
 use tokenizers::Tokenizer;
 
-use crate::chat_template::{ChatTemplate, Piece, CHATML};
+use crate::chat_template::{ChatTemplate, ControlNames, Piece, CHATML};
 use crate::error::{EngineError, Result};
 use vocabulary::{integer, metadata, Vocabulary};
 
@@ -49,8 +49,8 @@ pub struct GgufTokenizer {
     token_count: usize,
     /// The file's chat template (ChatML when it has none).
     template: Arc<ChatTemplate>,
-    /// Names of the special tokens, where rendered chat prompts are split.
-    specials: Vec<String>,
+    /// Names of the control tokens, where rendered chat prompts are split.
+    controls: ControlNames,
 }
 
 /// A token id from the metadata, checked against the vocabulary before narrowing (2³² + 5
@@ -78,10 +78,11 @@ impl GgufTokenizer {
         let Vocabulary {
             tokenizer,
             tokens,
-            specials,
+            controls,
             add_bos,
         } = Vocabulary::from_gguf(ct)?;
         let count = tokens.len();
+        // eos is required (generation must be able to end); bos is optional
         metadata(ct, "tokenizer.ggml.eos_token_id")?;
         let eos = token_id(ct, "tokenizer.ggml.eos_token_id", "eos", count)?;
         let bos = token_id(ct, "tokenizer.ggml.bos_token_id", "bos", count)?;
@@ -120,7 +121,7 @@ impl GgufTokenizer {
             stop,
             token_count: count,
             template: Arc::new(template),
-            specials,
+            controls: ControlNames::new(controls),
         })
     }
 
@@ -189,7 +190,7 @@ impl GgufTokenizer {
     /// inside it stay plain text.
     pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<Vec<u32>> {
         let mut ids = Vec::new();
-        for piece in self.template.render(messages, &self.specials)? {
+        for piece in self.template.render(messages, &self.controls)? {
             match piece {
                 Piece::Control(name) => ids.extend(self.encode_with_specials(&name)?),
                 Piece::Text(text) => ids.extend(self.encode(&text)?),

@@ -192,6 +192,30 @@ fn tensors_an_architecture_or_scaling_needs_are_required() {
         "{reason}"
     );
 
+    // a bias the forward pass would not add
+    let mut file = TinyGguf::valid();
+    file.tensors.push((
+        "blk.0.attn_output.bias".into(),
+        qtensor(&[HIDDEN], GgmlDType::F32, 4),
+    ));
+    let reason = bad_model_reason(load(&file, "bias-unread"));
+    assert!(
+        reason.contains("tensor `blk.0.attn_output.bias` is a bias this engine does not apply"),
+        "{reason}"
+    );
+
+    // frequency factors must be positive numbers
+    let mut file = TinyGguf::valid();
+    file.tensors.push((
+        "rope_freqs.weight".into(),
+        qtensor(&[32], GgmlDType::F32, 5),
+    ));
+    let reason = bad_model_reason(load(&file, "freqs-negative"));
+    assert!(
+        reason.contains("RoPE frequency factor -") && reason.contains("is not a positive number"),
+        "{reason}"
+    );
+
     // frequency factors: one per rotated pair
     let mut file = TinyGguf::valid();
     file.tensors.push((

@@ -8,7 +8,7 @@
 //!   `<0xNN>` byte tokens. The `tokenizers` crate runs it as BPE whose merges are derived from
 //!   the scores, as Hugging Face's own converter does.
 //!
-//! Control and user-defined tokens become special (added) tokens.
+//! Control tokens become special tokens; user-defined tokens are matched in any text.
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -47,8 +47,8 @@ const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}
 pub(super) struct Vocabulary {
     pub tokenizer: Tokenizer,
     pub tokens: Vec<String>,
-    /// The names of control and user-defined tokens (special tokens).
-    pub specials: Vec<String>,
+    /// The names of the control tokens (special tokens).
+    pub controls: Vec<String>,
     /// Whether prompts start with the beginning-of-sequence token.
     pub add_bos: bool,
 }
@@ -149,24 +149,32 @@ impl Vocabulary {
                 )))
             }
         };
-        let specials: Vec<String> = types
-            .iter()
-            .zip(&tokens)
-            .filter(|(t, _)| matches!(**t, TOKEN_TYPE_CONTROL | TOKEN_TYPE_USER_DEFINED))
-            .map(|(_, t)| t.clone())
+        // control tokens are special (their names in plain text stay text); user-defined ones
+        // are matched in any text, as Hugging Face's and llama.cpp's tokenizers do
+        let of_type = |wanted: i64| {
+            types
+                .iter()
+                .zip(&tokens)
+                .filter(move |(t, _)| **t == wanted)
+                .map(|(_, name)| name.clone())
+        };
+        let controls: Vec<String> = of_type(TOKEN_TYPE_CONTROL).collect();
+        let added: Vec<AddedToken> = of_type(TOKEN_TYPE_USER_DEFINED)
+            .map(|name| AddedToken::from(name, false))
             .collect();
-        let added: Vec<AddedToken> = specials
+        tokenizer.add_tokens(added).map_err(tokenizer_error)?;
+        let specials: Vec<AddedToken> = controls
             .iter()
-            .map(|t| AddedToken::from(t.clone(), true))
+            .map(|name| AddedToken::from(name.clone(), true))
             .collect();
         tokenizer
-            .add_special_tokens(added)
+            .add_special_tokens(specials)
             .map_err(tokenizer_error)?;
         let add_bos = flag(ct, "tokenizer.ggml.add_bos_token")?.unwrap_or(default_bos);
         Ok(Self {
             tokenizer,
             tokens,
-            specials,
+            controls,
             add_bos,
         })
     }
@@ -286,11 +294,12 @@ fn sentencepiece(ct: &Content, tokens: &[String], types: &[i64]) -> Result<Token
         .iter()
         .map(|(_, l, r, _)| (tokens[*l as usize].clone(), tokens[*r as usize].clone()))
         .collect();
-    let unknown = ct
-        .metadata
-        .get("tokenizer.ggml.unknown_token_id")
-        .and_then(integer)
-        .unwrap_or(0);
+    let unknown = match ct.metadata.get("tokenizer.ggml.unknown_token_id") {
+        None => 0,
+        Some(v) => integer(v).ok_or_else(|| {
+            EngineError::Tokenizer("`tokenizer.ggml.unknown_token_id` is not an integer".into())
+        })?,
+    };
     let unknown = usize::try_from(unknown)
         .ok()
         .and_then(|i| tokens.get(i))
