@@ -23,16 +23,7 @@ fn pagedkv(args: &[&str]) -> String {
 
 /// A small model: Q8_0 matrices, head_dim hidden / heads.
 fn spec(architecture: &'static str, hidden: usize, heads: usize, kv_heads: usize) -> Spec {
-    Spec {
-        architecture,
-        hidden,
-        heads,
-        kv_heads,
-        head_dim: hidden / heads,
-        feed_forward: 512,
-        dtype: GgmlDType::Q8_0,
-        output_matrix: architecture == "qwen2",
-    }
+    Spec::of(architecture, hidden, heads, kv_heads, GgmlDType::Q8_0)
 }
 
 fn models() -> Vec<(Spec, &'static str)> {

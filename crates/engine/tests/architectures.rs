@@ -19,16 +19,7 @@ use tiny_gguf::{Spec, TinyGguf};
 const GREEDY_TOKENS: usize = 32;
 
 fn spec(architecture: &'static str, hidden: usize, heads: usize, kv_heads: usize) -> Spec {
-    Spec {
-        architecture,
-        hidden,
-        heads,
-        kv_heads,
-        head_dim: hidden / heads,
-        feed_forward: 512,
-        dtype: GgmlDType::F32,
-        output_matrix: architecture == "qwen2",
-    }
+    Spec::of(architecture, hidden, heads, kv_heads, GgmlDType::F32)
 }
 
 /// The test models: (what it is, its shape).

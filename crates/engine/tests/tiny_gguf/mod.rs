@@ -77,6 +77,27 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// A model of `heads` query and `kv_heads` key/value heads of `hidden / heads` elements, a
+    /// feed-forward of 512, matrices in `dtype`; Qwen2 with a separate output matrix.
+    pub fn of(
+        architecture: &'static str,
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        dtype: GgmlDType,
+    ) -> Spec {
+        Spec {
+            architecture,
+            hidden,
+            heads,
+            kv_heads,
+            head_dim: hidden / heads,
+            feed_forward: 512,
+            dtype,
+            output_matrix: architecture == "qwen2",
+        }
+    }
+
     /// The file `valid()` writes: llama, hidden 128, 2/1 heads of 64, Q8_0, tied output.
     pub const SMALL: Spec = Spec {
         architecture: "llama",
