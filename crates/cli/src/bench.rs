@@ -62,10 +62,16 @@ pub struct AttentionBench {
         default_value = "f16,f32,bf16,int8,fp8-e4m3,int4,fibquant-k2n256,fibquant-k4n256"
     )]
     codecs: String,
-    /// Layers of SmolLM2's geometry (9 query heads, 3 kv heads, head_dim 64) attended per
-    /// step, each with its own cache, as one decode step of the model does.
+    /// Layers attended per step, each with its own cache, as one decode step of the model
+    /// does.
     #[arg(long, default_value_t = 30)]
     layers: usize,
+    /// Query heads / kv heads (SmolLM2: 9/3; Llama 3 8B: 32/8; Qwen2.5 7B: 28/4).
+    #[arg(long, default_value = "9/3")]
+    heads: String,
+    /// Channels per head (SmolLM2: 64; Llama 3, Qwen2.5, Mistral: 128).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
     /// Timed decode steps per codec and round.
     #[arg(long, default_value_t = 5)]
     steps: usize,
@@ -163,7 +169,7 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
             )
         }
         BenchCommand::Codecs(args) => codecs(args),
-        BenchCommand::Attention(args) => attention(args),
+        BenchCommand::Attention(args) => attention(args, common.block_size),
         BenchCommand::Blocks(args) => blocks(args),
         BenchCommand::Prefix(args) => crate::bench_prefix::run(common, args),
     }
@@ -290,7 +296,20 @@ impl BandwidthProbe {
     }
 }
 
-fn attention(args: AttentionBench) -> Result<()> {
+/// `Q/KV` heads as numbers.
+fn parse_heads(text: &str) -> Result<(usize, usize)> {
+    let parsed = text
+        .split_once('/')
+        .and_then(|(q, kv)| Some((q.trim().parse().ok()?, kv.trim().parse().ok()?)));
+    match parsed {
+        Some((q, kv)) if kv > 0 && q > 0 && q % kv == 0 => Ok((q, kv)),
+        _ => anyhow::bail!(
+            "--heads `{text}`: query heads / kv heads, positive, the first a multiple of the second (e.g. 32/8)"
+        ),
+    }
+}
+
+fn attention(args: AttentionBench, block_size: usize) -> Result<()> {
     use pagedkv::attention::{attend_split_at, fast_kernel_reads, Context, Dispatch};
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
@@ -315,9 +334,15 @@ fn attention(args: AttentionBench) -> Result<()> {
         .as_deref()
         .map_or(Ok(Simd::widest()), parse_simd)?;
     let paths = parse_paths(&args.paths)?;
+    let (query_heads, kv_heads) = parse_heads(&args.heads)?;
+    let (d, bs) = (args.head_dim, block_size);
+    anyhow::ensure!(
+        d > 0 && bs > 0,
+        "--head-dim and --block-size must be positive"
+    );
     let probe = BandwidthProbe::new();
     println!(
-        "bench attention: decode, 9 query / 3 kv heads, head_dim 64, blocks of 16, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",
+        "bench attention: decode, {query_heads} query / {kv_heads} kv heads, head_dim {d}, blocks of {bs}, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",
         args.layers, args.rounds, args.steps
     );
     println!(
@@ -337,13 +362,13 @@ fn attention(args: AttentionBench) -> Result<()> {
     );
     let mut rows = Vec::new();
     for &context in &contexts {
-        let blocks: Vec<BlockId> = (0..context.div_ceil(16) as u32).map(BlockId).collect();
+        let blocks: Vec<BlockId> = (0..context.div_ceil(bs) as u32).map(BlockId).collect();
         // every codec's cache first, then rounds that visit the codecs in turn: a drift in
         // this machine's speed falls on all of them alike instead of on whichever ran then
         let mut caches = Vec::with_capacity(codecs.len());
         for &codec in &codecs {
-            let mut spec = LayoutSpec::new(args.layers, 3, 9, 64, codec);
-            spec.block_size = 16;
+            let mut spec = LayoutSpec::new(args.layers, kv_heads, query_heads, d, codec);
+            spec.block_size = bs;
             let layout = KvLayout::new(spec)?;
             let mut storage = KvStorage::new(layout.clone(), blocks.len())?;
             let width = layout.token_width();
@@ -351,10 +376,10 @@ fn attention(args: AttentionBench) -> Result<()> {
             for pos in 0..context {
                 let (k, v) = kv[(pos % 64) * 2 * width..][..2 * width].split_at(width);
                 for layer in 0..args.layers {
-                    storage.write_token(layer, blocks[pos / 16], pos % 16, k, v)?;
+                    storage.write_token(layer, blocks[pos / bs], pos % bs, k, v)?;
                 }
-                if pos % 16 == 15 {
-                    storage.seal(blocks[pos / 16], pos / 16 * 16)?;
+                if pos % bs == bs - 1 {
+                    storage.seal(blocks[pos / bs], pos / bs * bs)?;
                 }
             }
             caches.push((codec, layout, storage));
@@ -366,13 +391,13 @@ fn attention(args: AttentionBench) -> Result<()> {
                 *p == AttentionPath::Exact || fast_kernel_reads(&caches[*i].1, 0, simd)
             })
             .collect();
-        let q = gaussian(9 * 64, 7);
-        let mut out = vec![0f32; 9 * 64];
+        let q = gaussian(query_heads * d, 7);
+        let mut out = vec![0f32; query_heads * d];
         let ctx = Context {
             blocks: &blocks,
             len: context,
         };
-        let scale = 0.125;
+        let scale = 1.0 / (d as f32).sqrt();
         let mut times = vec![Vec::with_capacity(args.rounds * args.steps); runs.len()];
         let mut bandwidths = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds {
@@ -402,7 +427,7 @@ fn attention(args: AttentionBench) -> Result<()> {
             let (codec, layout, _) = &caches[cache];
             // bytes of every page read: whole blocks, keys and values, every layer
             let bytes = (0..args.layers)
-                .map(|l| (layout.key_page_bytes(l) + layout.value_page_bytes(l)) * 3)
+                .map(|l| (layout.key_page_bytes(l) + layout.value_page_bytes(l)) * kv_heads)
                 .sum::<usize>() as f64
                 * blocks.len() as f64;
             let rate = bytes / step;

@@ -169,6 +169,12 @@ fn bad_flags_get_clear_errors() {
             "unknown attention path `quick` (exact, fast)",
         ),
         (
+            ["bench", "attention", "--contexts", "16", "--heads", "9/2"]
+                .map(String::from)
+                .to_vec(),
+            "--heads `9/2`: query heads / kv heads, positive, the first a multiple of the second",
+        ),
+        (
             ["bench", "generate", "--context", "18446744073709551615"]
                 .map(String::from)
                 .to_vec(),

@@ -318,15 +318,42 @@ fn cached_and_computed_prefixes_give_the_same_tokens() {
     );
 }
 
-/// The real model generates with every codec at blocks of 8, 16, 32, 64 and an odd size; the
-/// near-lossless codecs' (f16, bf16, int8) first greedy tokens are f32's (a broken page reader
-/// gives garbage, not a slightly different continuation); the others must produce tokens.
+/// The real model generates with every codec at blocks of 8, 16, 32, 64 and an odd size, after
+/// a prompt of more than two blocks of 64 (so full blocks of every size are sealed and read
+/// whole where a kernel exists); the near-lossless codecs' (f16, bf16, int8) first greedy
+/// tokens are f32's (a broken page reader gives garbage, not a slightly different
+/// continuation); the others must produce tokens.
 #[test]
 fn every_codec_generates_at_every_block_size() {
-    let prompt = model()
-        .1
-        .encode("The capital of France is Paris. The capital of Italy is")
-        .unwrap();
+    let countries = [
+        ("France", "Paris"),
+        ("Germany", "Berlin"),
+        ("Spain", "Madrid"),
+        ("Portugal", "Lisbon"),
+        ("Austria", "Vienna"),
+        ("Greece", "Athens"),
+        ("Norway", "Oslo"),
+        ("Sweden", "Stockholm"),
+        ("Finland", "Helsinki"),
+        ("Poland", "Warsaw"),
+        ("Ireland", "Dublin"),
+        ("Hungary", "Budapest"),
+        ("Denmark", "Copenhagen"),
+        ("Egypt", "Cairo"),
+        ("Japan", "Tokyo"),
+        ("Kenya", "Nairobi"),
+        ("Peru", "Lima"),
+        ("Chile", "Santiago"),
+        ("Canada", "Ottawa"),
+        ("Cuba", "Havana"),
+    ];
+    let mut text: String = countries
+        .iter()
+        .map(|(country, city)| format!("The capital of {country} is {city}. "))
+        .collect();
+    text.push_str("The capital of Italy is");
+    let prompt = model().1.encode(&text).unwrap();
+    assert!(prompt.len() > 2 * 64, "{} prompt tokens", prompt.len());
     let mut codecs = Codec::FIXED.to_vec();
     codecs.extend([
         Codec::FibQuant { k: 2, n: 256 },

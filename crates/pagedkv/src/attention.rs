@@ -57,8 +57,7 @@ pub enum AttentionPath {
     #[default]
     Exact,
     /// Integer dot products where a kernel for the pages exists (int8, int4 and int2 keys and
-    /// values at head_dim 64, blocks of 16, up to four query heads per kv head, on AVX-512
-    /// VNNI): the query, with the key scales folded in, and the softmax weights, with the
+    /// values at head_dim 64 or 128, blocks of 16, 32 or 64 tokens, on AVX-512 VNNI): the query, with the key scales folded in, and the softmax weights, with the
     /// value scales folded in, rounded to 16-bit integers per block. Within 2e-3 of the
     /// output's scale; every other page is read as on the exact path.
     Fast,
@@ -141,7 +140,7 @@ pub struct Scratch {
     #[cfg(target_arch = "x86_64")]
     scaled_q: Vec<f32>,
     #[cfg(target_arch = "x86_64")]
-    zeros: block_kernel::ZeroSums,
+    zeros: Vec<block_kernel::ZeroSums>,
     /// The dispatch level passes run at; `None`: the widest this CPU has.
     simd: Option<Simd>,
     path: AttentionPath,

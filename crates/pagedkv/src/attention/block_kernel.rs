@@ -1,31 +1,46 @@
 //! One full block whose keys and values are f16, bf16, integer (int8, int4, int2) or fp8
-//! pages (the pairs [`supported`] lists), at SmolLM2's geometry (head_dim 64, blocks of 16, up
-//! to four query heads per kv head), read in one call: key parameters folded into the query,
-//! the scores, the online-softmax step and the weighted values, with nothing but the block's
-//! 16 weights passing through memory.
+//! pages (the pairs [`supported`] lists), at head_dim 64 or 128 and blocks of 16, 32 or 64
+//! tokens (any multiple of 16), read in one call: key parameters folded into the query, the
+//! scores, the online-softmax step and the weighted values, with nothing but each slice's 16
+//! weights passing through memory. Up to four query heads per call: a larger group is read in
+//! turns of four, block by block, so the pages are read from memory once.
 //!
 //! The general path (`pages`) reads the same pages in separate calls, each converting its
 //! parameters through scratch buffers and reducing zero-point sums horizontally per block;
 //! on a core with two 512-bit FMA pipes (AMD Zen 5) that bookkeeping, not the arithmetic, set
 //! the pace for int4 (about 950 cycles per block and kv head where the FMAs need 192). Here:
+//! - a block is read in slices of 16 tokens, one per lane ([`SLICE`]); the key parameters are
+//!   per block and folded once, the values' per token;
 //! - codes are widened in registers by shifts and one conversion per 16 codes, operations
 //!   this core runs beside its FMAs (byte permutes and `vpternlogd` compete with them); int4
 //!   codes come out in the lane order [`lane_of`] gives, which the block keeps throughout:
 //!   token lanes through the softmax, channel lanes in the outputs until [`leave`];
 //! - the key scales fold into the query once per block (`q·(s⊙x + z) = (q⊙s)·x + q·z`) and
 //!   the folded query is read by the FMAs as broadcast memory operands;
-//! - the values' zero points are summed per token lane (`Σₜ pₜ·zₜ`) and reduced once per
-//!   run of blocks ([`leave`]), not once per block.
+//! - the values are read 64 channels at a time (16 accumulators for four heads); their zero
+//!   points are summed per token lane (`Σₜ pₜ·zₜ`) and reduced once per run of blocks
+//!   ([`leave`]), not once per block.
 
 use std::arch::x86_64::*;
 
 use super::pages::x86::{by_component, exp_shifted};
 use super::softmax::{lazy_max, LAZY_MAX_SLACK};
-use crate::codec::{Codec, PageLayout, Role};
+use crate::codec::{Codec, PageLayout, Role, VALUE_GROUP};
 
-/// Head dimension and block size this path serves.
-pub(super) const D: usize = 64;
-pub(super) const BS: usize = 16;
+/// Tokens read at once, one per lane of a register: a block is read in slices of this many.
+pub(super) const SLICE: usize = 16;
+
+/// Most query heads one call attends; a larger group is read in turns.
+pub(super) const MAX_HEADS: usize = 4;
+
+/// Most groups of [`VALUE_GROUP`] value channels in a head (head_dim 128).
+const MAX_GROUPS: usize = 4;
+
+/// Whether the whole-block kernels serve `head_dim` and `block_size`: head_dim 64 or 128
+/// (a const parameter of each kernel), blocks of whole slices.
+pub(super) fn serves(head_dim: usize, block_size: usize) -> bool {
+    matches!(head_dim, 64 | 128) && block_size > 0 && block_size.is_multiple_of(SLICE)
+}
 
 /// How a page's elements are stored (the kernel's `KIND` parameters): the low byte is the
 /// width of a code in bits.
@@ -72,11 +87,31 @@ const fn codec(kind: usize) -> Codec {
     }
 }
 
-/// Where a page of `kind` keeps its codes and parameters at this geometry.
-pub(super) const fn page(kind: usize, role: Role) -> PageLayout {
-    match PageLayout::scalar(codec(kind), role, BS, D) {
+/// Where a page of `kind` keeps its codes and parameters in blocks of `tokens` tokens of
+/// `head_dim` channels (a geometry the layout accepted, so the sizes fit).
+pub(super) const fn page(kind: usize, role: Role, tokens: usize, head_dim: usize) -> PageLayout {
+    match PageLayout::scalar(codec(kind), role, tokens, head_dim) {
         Some(layout) => layout,
-        None => panic!("every kind has a scalar page layout at D × BS"),
+        None => panic!("a layout's pages have sizes that fit"),
+    }
+}
+
+/// The pages of one run of blocks: where keys and values keep their parts, and the tokens
+/// of a block.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pages {
+    pub key: PageLayout,
+    pub value: PageLayout,
+    pub tokens: usize,
+}
+
+impl Pages {
+    pub(super) const fn new(kb: usize, vb: usize, tokens: usize, head_dim: usize) -> Self {
+        Self {
+            key: page(kb, Role::Key, tokens, head_dim),
+            value: page(vb, Role::Value, tokens, head_dim),
+            tokens,
+        }
     }
 }
 
@@ -97,20 +132,32 @@ pub(super) fn available() -> bool {
 }
 
 /// Per query head of the pass: the values' zero-point sums per token lane and group of 32
-/// channels (`[head][group][lane]`), kept until [`leave`] adds them to the outputs.
-pub(super) type ZeroSums = [[[f32; 16]; 2]; 4];
+/// channels (`[group][lane]`), kept until [`leave`] adds them to the outputs.
+pub(super) type ZeroSums = [[f32; 16]; MAX_GROUPS];
 
-/// The online-softmax state of a pass's query heads (`heads ≤ 4`), borrowed from the pass.
+/// The online-softmax state of some of a pass's query heads, borrowed from the pass.
 pub(super) struct Running<'a> {
     pub max: &'a mut [f32],
     pub lanes: &'a mut [[f32; 16]],
-    /// `heads × 64` unnormalized outputs.
+    /// `heads × head_dim` unnormalized outputs.
     pub acc: &'a mut [f32],
-    pub zeros: &'a mut ZeroSums,
+    pub zeros: &'a mut [ZeroSums],
 }
 
 impl Running<'_> {
-    /// The online-softmax step of head `h` over a block's 16 `scores`: the block's weights
+    /// Heads `first .. first + n` of the state (`head_dim` outputs each).
+    pub(super) fn heads(&mut self, first: usize, n: usize, head_dim: usize) -> Running<'_> {
+        Running {
+            max: &mut self.max[first..first + n],
+            lanes: &mut self.lanes[first..first + n],
+            acc: &mut self.acc[first * head_dim..(first + n) * head_dim],
+            zeros: &mut self.zeros[first..first + n],
+        }
+    }
+}
+
+impl Running<'_> {
+    /// The online-softmax step of head `h` (`d` outputs) over a slice's 16 `scores`: the block's weights
     /// `exp(s − reference)`, added into the head's running sums; when the reference point
     /// moves, everything summed so far (sums, outputs, zero-point sums) is rescaled to it.
     ///
@@ -118,7 +165,7 @@ impl Running<'_> {
     /// AVX-512F present. (Inlined into each kernel rather than a call: the call's spills of
     /// its registers cost as much as the step.)
     #[inline(always)]
-    pub(super) unsafe fn softmax_step(&mut self, h: usize, scores: __m512) -> __m512 {
+    pub(super) unsafe fn softmax_step(&mut self, h: usize, d: usize, scores: __m512) -> __m512 {
         // SAFETY: AVX-512F present (the caller's contract); the loads and stores read and
         // write `lanes[h]`'s 16 floats.
         unsafe {
@@ -135,7 +182,7 @@ impl Running<'_> {
             let sums = if max != max_in {
                 // the reference point moved: everything summed so far rescaled to it
                 let correction = (max_in - max).exp();
-                self.acc[h * D..(h + 1) * D]
+                self.acc[h * d..(h + 1) * d]
                     .iter_mut()
                     .for_each(|x| *x *= correction);
                 for lanes in self.zeros[h].iter_mut() {
@@ -246,74 +293,124 @@ pub(super) unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
     )
 }
 
-/// The values' per-token parameters of a block (16 tokens × two groups × (scale, zero), f16,
-/// 128 bytes) as [s₀, z₀, s₁, z₁], token t in lane `lane_of(KB, t)` (the keys' lanes).
+/// The values' per-token parameters of a slice (16 tokens × `D / 32` groups × (scale, zero),
+/// f16) as `[s, z, s', z']` per 64 channels (groups `2i` and `2i + 1`), token t in lane
+/// `lane_of(KB, t)` (the keys' lanes); head_dim 64 fills the first.
 ///
 /// # Safety
-/// AVX-512F and F16C present; 128 bytes readable at `at`.
+/// AVX-512F and F16C present; `16 · D / 32 · 4` bytes readable at `at`.
 #[inline(always)]
-pub(super) unsafe fn token_params<const KB: usize>(at: *const u8) -> [__m512; 4] {
-    // SAFETY: 128 bytes readable at `at` (the caller's contract).
-    let x = unsafe {
-        [
-            _mm512_cvtph_ps(_mm256_loadu_si256(at.cast())),
-            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32).cast())),
-            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(64).cast())),
-            _mm512_cvtph_ps(_mm256_loadu_si256(at.add(96).cast())),
-        ]
+pub(super) unsafe fn token_params<const KB: usize, const D: usize>(
+    at: *const u8,
+) -> [[__m512; 4]; 2] {
+    let load = |i: usize| {
+        // SAFETY: register i's 32 bytes lie inside the parameters (the caller's contract).
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32 * i).cast())) }
     };
-    by_component(x, |t| lane_of(KB, t))
+    let lane = |t| lane_of(KB, t);
+    if D == 64 {
+        // four tokens × (s₀, z₀, s₁, z₁) per register
+        let zero = [_mm512_setzero_ps(); 4];
+        return [
+            by_component([load(0), load(1), load(2), load(3)], lane),
+            zero,
+        ];
+    }
+    // two tokens × (s₀, z₀, … s₃, z₃) per register: each token's first four components, then
+    // its last four, gathered four tokens to a register
+    let pick = |first: i32| {
+        let index: [i32; 16] = std::array::from_fn(|i| (i as i32 / 4) * 8 + first + i as i32 % 4);
+        // SAFETY: 16 i32 read from a local array.
+        unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+    };
+    let (low, high) = (pick(0), pick(4));
+    let x: [__m512; 8] = std::array::from_fn(load);
+    let quads =
+        |index| std::array::from_fn(|j| _mm512_permutex2var_ps(x[2 * j], index, x[2 * j + 1]));
+    [
+        by_component(quads(low), lane),
+        by_component(quads(high), lane),
+    ]
 }
 
-/// [`attend_block`] over a run of full blocks (key and value pages each), the pages of the
-/// block `ahead` further prefetched while one is read.
+/// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
+/// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
+/// block; the pages of the block `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn attend_run<const KB: usize, const VB: usize, const H: usize>(
+fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     pages: &[(&[u8], &[u8])],
+    tokens: usize,
     ahead: usize,
+    heads: usize,
     q: &[f32],
     run: &mut Running,
 ) {
+    let layout = Pages::new(KB, VB, tokens, D);
     for (i, (keys, values)) in pages.iter().enumerate() {
         super::pages::prefetch_run(pages, i, ahead);
-        attend_block::<KB, VB, H>(keys, values, q, run);
+        in_turns(heads, D, q, run, |n, q, part| {
+            with_heads!(n, H, {
+                attend_block::<KB, VB, H, D>(keys, values, &layout, q, part)
+            })
+        });
     }
 }
 
-/// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
+/// Calls `read` with the heads of a pass four at a time: how many, their query rows (`d`
+/// each) and their state.
+#[inline(always)]
+pub(super) fn in_turns(
+    heads: usize,
+    d: usize,
+    q: &[f32],
+    run: &mut Running,
+    mut read: impl FnMut(usize, &[f32], &mut Running),
+) {
+    for first in (0..heads).step_by(MAX_HEADS) {
+        let n = (heads - first).min(MAX_HEADS);
+        read(
+            n,
+            &q[first * d..(first + n) * d],
+            &mut run.heads(first, n, d),
+        );
+    }
+}
+
+/// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
 /// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of kind
 /// `KB` (f16 elements; integer codes with per-channel (scale, zero) pairs; fp8 codes with
 /// per-channel scales), `values` a token-major page of kind `VB` (f16; integer codes with
 /// per-token (scale, zero) pairs per group of 32 channels; fp8 codes with per-token scales).
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
-pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
+fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize>(
     keys: &[u8],
     values: &[u8],
+    layout: &Pages,
     q: &[f32],
     run: &mut Running,
 ) {
-    let (key_page, value_page) = const { (page(KB, Role::Key), page(VB, Role::Value)) };
-    let (key_codes, value_codes) = (key_page.code_bytes, value_page.code_bytes);
-    let (key_params, value_params) = (key_page.param_bytes, value_page.param_bytes);
-    assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
-    assert!(run.max.len() >= H && run.lanes.len() >= H);
-    assert!(keys.len() >= key_codes + key_params && values.len() >= value_codes + value_params);
+    let Pages { key, value, tokens } = *layout;
+    assert!(H <= MAX_HEADS && (D == 64 || D == 128) && tokens.is_multiple_of(SLICE));
+    assert!(q.len() >= H * D && run.acc.len() >= H * D);
+    assert!(run.max.len() >= H && run.lanes.len() >= H && run.zeros.len() >= H);
+    assert!(keys.len() >= key.page_bytes() && values.len() >= value.page_bytes());
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
 
     // keys: per-channel scales folded into the query, zero points into one constant per head
-    let mut folded = [[0f32; D]; 4];
-    let mut bias = [_mm512_setzero_ps(); 4];
+    let mut folded = [[0f32; D]; MAX_HEADS];
+    let mut bias = [_mm512_setzero_ps(); MAX_HEADS];
     if full(KB) {
         for (h, row) in folded.iter_mut().enumerate().take(H) {
             row.copy_from_slice(&q[h * D..(h + 1) * D]);
         }
     }
     for c in (0..D).step_by(16).take(if fp8(KB) { D / 16 } else { 0 }) {
-        // SAFETY: the scales of channels c .. c + 16 lie at key_codes + 2c .. + 32 ≤ keys.len().
-        let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(key_codes + 2 * c).cast())) };
+        // SAFETY: the scales of channels c .. c + 16 lie at code_bytes + 2c .. + 32 ≤ the page.
+        let s =
+            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(key.code_bytes + 2 * c).cast())) };
         let s = _mm512_mul_ps(s, _mm512_set1_ps(unit(KB)));
         for (h, row) in folded.iter_mut().enumerate().take(H) {
-            // SAFETY: h·64 + c + 16 ≤ H·64 ≤ q.len() (asserted); c + 16 ≤ the row's 64.
+            // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len() (asserted); c + 16 ≤ the row's D.
             unsafe {
                 let x = _mm512_loadu_ps(q.as_ptr().add(h * D + c));
                 _mm512_storeu_ps(row.as_mut_ptr().add(c), _mm512_mul_ps(x, s));
@@ -324,122 +421,153 @@ pub(super) fn attend_block<const KB: usize, const VB: usize, const H: usize>(
         .step_by(16)
         .take(if integer(KB) { D / 16 } else { 0 })
     {
-        // SAFETY: the pairs of channels c .. c + 16 lie at key_codes + 4c .. + 64 ≤ keys.len().
-        let (s, z) = unsafe { pairs16(kp.add(key_codes + 4 * c)) };
+        // SAFETY: the pairs of channels c .. c + 16 lie at code_bytes + 4c .. + 64 ≤ the page.
+        let (s, z) = unsafe { pairs16(kp.add(key.code_bytes + 4 * c)) };
         for h in 0..H {
-            // SAFETY: h·64 + c + 16 ≤ H·64 ≤ q.len() (asserted).
+            // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len() (asserted).
             let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * D + c)) };
-            // SAFETY: c + 16 ≤ 64 = the row's length.
+            // SAFETY: c + 16 ≤ D = the row's length.
             unsafe { _mm512_storeu_ps(folded[h].as_mut_ptr().add(c), _mm512_mul_ps(x, s)) };
             bias[h] = _mm512_fmadd_ps(x, z, bias[h]);
         }
     }
-    // four accumulators per head (channels mod 4): enough independent FMA chains to cover
-    // the FMA latency on two pipes even for one head
-    let mut dots = [[_mm512_setzero_ps(); 4]; 4];
-    for c in (0..D).step_by(4) {
-        // SAFETY: channel c + 3's column ends at (c + 4)·16·bits/8 ≤ key_codes.
-        let columns = unsafe {
-            let column = |c: usize| codes16::<KB>(kp.add(c * BS * bits(KB) / 8));
-            [column(c), column(c + 1), column(c + 2), column(c + 3)]
-        };
-        for h in 0..H {
-            for (i, column) in columns.iter().enumerate() {
-                let qc = _mm512_set1_ps(folded[h][c + i]);
-                dots[h][i] = _mm512_fmadd_ps(qc, *column, dots[h][i]);
-            }
-        }
-    }
+    let bias: [f32; MAX_HEADS] = std::array::from_fn(|h| _mm512_reduce_add_ps(bias[h]));
 
-    // online softmax over the 16 scores of each head
-    let mut weights = [_mm512_setzero_ps(); 4];
-    for h in 0..H {
-        let scores = _mm512_add_ps(
-            _mm512_add_ps(
-                _mm512_add_ps(dots[h][0], dots[h][1]),
-                _mm512_add_ps(dots[h][2], dots[h][3]),
-            ),
-            _mm512_set1_ps(_mm512_reduce_add_ps(bias[h])),
-        );
-        // SAFETY: AVX-512F present (this function's features).
-        weights[h] = unsafe { run.softmax_step(h, scores) };
-    }
-
-    // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
-    let mut w = [[[0f32; BS]; 2]; 4];
-    let [s0, z0, s1, z1] = if full(VB) {
-        let one = _mm512_set1_ps(1.0);
-        [one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]
-    } else if fp8(VB) {
-        // one scale per token for all channels, in the keys' token lanes
-        // SAFETY: the 32 bytes of scales follow the value codes (asserted above).
-        let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(vp.add(value_codes).cast())) };
-        let lanes: [i32; 16] =
-            std::array::from_fn(|l| (0..16).position(|t| lane_of(KB, t) == l).unwrap_or(l) as i32);
-        // SAFETY: 16 i32 read from a local array.
-        let order = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-        let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, s), _mm512_set1_ps(unit(VB)));
-        [s, _mm512_setzero_ps(), s, _mm512_setzero_ps()]
-    } else {
-        // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
-        unsafe { token_params::<KB>(vp.add(value_codes)) }
+    // a channel's column holds the block's tokens; a value row one token's channels
+    let column = tokens * bits(KB) / 8;
+    let row = D * bits(VB) / 8;
+    let token_param_bytes = match value.params {
+        crate::codec::Params::TokenGroupPairs => D / VALUE_GROUP * 4,
+        crate::codec::Params::TokenScales => 2,
+        _ => 0,
     };
-    for h in 0..H {
-        // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
-        unsafe {
-            _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
-            _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
-            for (g, z) in [z0, z1]
-                .into_iter()
-                .enumerate()
-                .take(if integer(VB) { 2 } else { 0 })
-            {
-                let at = run.zeros[h][g].as_mut_ptr();
-                _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
+    for slice in 0..tokens / SLICE {
+        let first = slice * SLICE;
+        // SAFETY: the slice's codes start inside the column (first < tokens).
+        let kp = unsafe { kp.add(first * bits(KB) / 8) };
+        // four accumulators per head (channels mod 4): enough independent FMA chains to
+        // cover the FMA latency on two pipes even for one head
+        let mut dots = [[_mm512_setzero_ps(); 4]; MAX_HEADS];
+        for c in (0..D).step_by(4) {
+            // SAFETY: channel c + 3's column ends at (c + 4)·column ≤ code_bytes; the slice's
+            // 16 codes lie inside it.
+            let columns = unsafe {
+                let column = |c: usize| codes16::<KB>(kp.add(c * column));
+                [column(c), column(c + 1), column(c + 2), column(c + 3)]
+            };
+            for h in 0..H {
+                for (i, column) in columns.iter().enumerate() {
+                    let qc = _mm512_set1_ps(folded[h][c + i]);
+                    dots[h][i] = _mm512_fmadd_ps(qc, *column, dots[h][i]);
+                }
             }
         }
-    }
-    let mut acc = [[_mm512_setzero_ps(); 4]; 4];
-    for (h, a) in acc.iter_mut().enumerate().take(H) {
-        for (i, a) in a.iter_mut().enumerate() {
-            // SAFETY: h·64 + 16i + 16 ≤ H·64 ≤ acc.len() (asserted).
-            *a = unsafe { _mm512_loadu_ps(run.acc.as_ptr().add(h * D + 16 * i)) };
-        }
-    }
-    for t in 0..BS {
-        let row = t * D * bits(VB) / 8;
-        // SAFETY: token t's codes end at (t + 1)·64·bits/8 ≤ value_codes.
-        let v = unsafe {
-            [
-                codes16::<VB>(vp.add(row)),
-                codes16::<VB>(vp.add(row + 2 * bits(VB))),
-                codes16::<VB>(vp.add(row + 4 * bits(VB))),
-                codes16::<VB>(vp.add(row + 6 * bits(VB))),
-            ]
-        };
+
+        // online softmax over the 16 scores of each head
+        let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
         for h in 0..H {
-            // token t's weight sits in the keys' lane for it
-            let lane = lane_of(KB, t);
-            let (w0, w1) = (_mm512_set1_ps(w[h][0][lane]), _mm512_set1_ps(w[h][1][lane]));
-            acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
-            acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
-            acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
-            acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
+            let scores = _mm512_add_ps(
+                _mm512_add_ps(
+                    _mm512_add_ps(dots[h][0], dots[h][1]),
+                    _mm512_add_ps(dots[h][2], dots[h][3]),
+                ),
+                _mm512_set1_ps(bias[h]),
+            );
+            // SAFETY: AVX-512F present (this function's features).
+            weights[h] = unsafe { run.softmax_step(h, D, scores) };
         }
-    }
-    for (h, a) in acc.iter().enumerate().take(H) {
-        for (i, a) in a.iter().enumerate() {
-            // SAFETY: as for the loads.
-            unsafe { _mm512_storeu_ps(run.acc.as_mut_ptr().add(h * D + 16 * i), *a) };
+
+        // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
+        // SAFETY: the slice's rows and parameters lie inside the page (asserted above).
+        let (rows, params) = unsafe {
+            (
+                vp.add(first * row),
+                vp.add(value.code_bytes + first * token_param_bytes),
+            )
+        };
+        let scales: [[__m512; 4]; 2] = if full(VB) {
+            let one = _mm512_set1_ps(1.0);
+            [[one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]; 2]
+        } else if fp8(VB) {
+            // one scale per token for all channels, in the keys' token lanes
+            // SAFETY: the slice's 32 bytes of scales lie inside the parameters.
+            let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(params.cast())) };
+            let lanes: [i32; 16] = std::array::from_fn(|l| {
+                (0..16).position(|t| lane_of(KB, t) == l).unwrap_or(l) as i32
+            });
+            // SAFETY: 16 i32 read from a local array.
+            let order = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+            let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, s), _mm512_set1_ps(unit(VB)));
+            [[s, _mm512_setzero_ps(), s, _mm512_setzero_ps()]; 2]
+        } else {
+            // SAFETY: the slice's 16·D/32·4 bytes of parameters lie inside the page.
+            unsafe { token_params::<KB, D>(params) }
+        };
+        for (half, [s0, z0, s1, z1]) in scales.into_iter().enumerate().take(D / 64) {
+            let mut w = [[[0f32; SLICE]; 2]; MAX_HEADS];
+            for h in 0..H {
+                // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
+                unsafe {
+                    _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
+                    _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
+                    for (g, z) in
+                        [z0, z1]
+                            .into_iter()
+                            .enumerate()
+                            .take(if integer(VB) { 2 } else { 0 })
+                    {
+                        let at = run.zeros[h][2 * half + g].as_mut_ptr();
+                        _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
+                    }
+                }
+            }
+            let channels = 64 * half;
+            let mut acc = [[_mm512_setzero_ps(); 4]; MAX_HEADS];
+            for (h, a) in acc.iter_mut().enumerate().take(H) {
+                for (i, a) in a.iter_mut().enumerate() {
+                    // SAFETY: h·D + channels + 16i + 16 ≤ H·D ≤ acc.len() (asserted).
+                    *a =
+                        unsafe { _mm512_loadu_ps(run.acc.as_ptr().add(h * D + channels + 16 * i)) };
+                }
+            }
+            for t in 0..SLICE {
+                let at = t * row + channels * bits(VB) / 8;
+                // SAFETY: token t's 64 channels from `channels` end inside its row.
+                let v = unsafe {
+                    [
+                        codes16::<VB>(rows.add(at)),
+                        codes16::<VB>(rows.add(at + 2 * bits(VB))),
+                        codes16::<VB>(rows.add(at + 4 * bits(VB))),
+                        codes16::<VB>(rows.add(at + 6 * bits(VB))),
+                    ]
+                };
+                for h in 0..H {
+                    // token t's weight sits in the keys' lane for it
+                    let lane = lane_of(KB, t);
+                    let (w0, w1) = (_mm512_set1_ps(w[h][0][lane]), _mm512_set1_ps(w[h][1][lane]));
+                    acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
+                    acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
+                    acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
+                    acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
+                }
+            }
+            for (h, a) in acc.iter().enumerate().take(H) {
+                for (i, a) in a.iter().enumerate() {
+                    // SAFETY: as for the loads.
+                    unsafe {
+                        _mm512_storeu_ps(run.acc.as_mut_ptr().add(h * D + channels + 16 * i), *a)
+                    };
+                }
+            }
         }
     }
 }
 
-/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`attend_block`]
+/// Puts a pass's outputs (`heads × d`, channels in order) into the lanes [`attend_block`]
 /// accumulates values of kind `vb` in: before the first block of a run.
-pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
-    for chunk in acc[..heads * D].chunks_exact_mut(16) {
-        let natural: [f32; 16] = chunk.try_into().expect("chunks of 16");
+pub(super) fn enter(vb: usize, heads: usize, d: usize, acc: &mut [f32]) {
+    for chunk in acc[..heads * d].chunks_exact_mut(16) {
+        let natural: [f32; 16] = (&*chunk).try_into().expect("chunks of 16");
         for (i, x) in natural.into_iter().enumerate() {
             chunk[lane_of(vb, i)] = x;
         }
@@ -449,23 +577,24 @@ pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
 /// Ends a run of [`attend_block`] calls: the outputs back in channel order, the values'
 /// zero-point sums added into them and cleared. Before any other reader of `acc` (another
 /// page kind's block, or the end of the pass).
-pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
-    for chunk in acc[..heads * D].chunks_exact_mut(16) {
-        let lanes: [f32; 16] = chunk.try_into().expect("chunks of 16");
+pub(super) fn leave(vb: usize, heads: usize, d: usize, zeros: &mut [ZeroSums], acc: &mut [f32]) {
+    for chunk in acc[..heads * d].chunks_exact_mut(16) {
+        let lanes: [f32; 16] = (&*chunk).try_into().expect("chunks of 16");
         for (i, x) in chunk.iter_mut().enumerate() {
             *x = lanes[lane_of(vb, i)];
         }
     }
-    add_zero_sums(heads, zeros, acc);
+    add_zero_sums(heads, d, zeros, acc);
 }
 
 /// Adds the values' zero-point sums (`Σ p·z` per group of 32 channels, spread over token
 /// lanes) into outputs in channel order, and clears them.
-pub(super) fn add_zero_sums(heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
+pub(super) fn add_zero_sums(heads: usize, d: usize, zeros: &mut [ZeroSums], acc: &mut [f32]) {
     for (h, groups) in zeros.iter_mut().enumerate().take(heads) {
-        for (g, lanes) in groups.iter_mut().enumerate() {
+        for (g, lanes) in groups.iter_mut().enumerate().take(d / VALUE_GROUP) {
             let sum: f32 = lanes.iter().sum();
-            acc[h * D + 32 * g..h * D + 32 * (g + 1)]
+            let channels = h * d + VALUE_GROUP * g;
+            acc[channels..channels + VALUE_GROUP]
                 .iter_mut()
                 .for_each(|a| *a += sum);
             *lanes = [0.0; 16];
@@ -498,25 +627,36 @@ macro_rules! kernel_pairs {
             matches!((kb, vb), $(($k, $v))|*)
         }
 
-        /// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads
-        /// (1 to 4); false (and nothing done) for a pair that is not [`supported`].
+        /// [`attend_block`] over a run of blocks of `tokens` tokens, for keys of kind `kb`,
+        /// values of kind `vb`, head_dim `d` and `heads` query heads; false (and nothing
+        /// done) for a pair that is not [`supported`] or a geometry not [`serves`]d.
         ///
         /// # Safety
         /// [`available`] must have answered true.
+        #[allow(clippy::too_many_arguments)]
         pub(super) unsafe fn dispatch(
             kb: usize,
             vb: usize,
+            d: usize,
+            tokens: usize,
             heads: usize,
             pages: &[(&[u8], &[u8])],
             ahead: usize,
             q: &[f32],
             run: &mut Running,
         ) -> bool {
-            match (kb, vb) {
-                $(($k, $v) => with_heads!(heads, H, {
+            if !serves(d, tokens) {
+                return false;
+            }
+            match (kb, vb, d) {
+                $(($k, $v, 64) => {
                     // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_run::<$k, $v, H>(pages, ahead, q, run) }
-                }),)*
+                    unsafe { attend_run::<$k, $v, 64>(pages, tokens, ahead, heads, q, run) }
+                }
+                ($k, $v, _) => {
+                    // SAFETY: as above.
+                    unsafe { attend_run::<$k, $v, 128>(pages, tokens, ahead, heads, q, run) }
+                })*
                 _ => return false,
             }
             true
@@ -638,19 +778,19 @@ mod tests {
     #[test]
     fn entering_and_leaving_a_run_restores_channel_order() {
         for vb in [8, 4, 2] {
-            let original: Vec<f32> = (0..3 * D).map(|i| i as f32).collect();
+            let original: Vec<f32> = (0..3 * 64).map(|i| i as f32).collect();
             let mut acc = original.clone();
-            enter(vb, 3, &mut acc);
+            enter(vb, 3, 64, &mut acc);
             if vb == 4 {
                 assert_ne!(acc, original);
                 // channel 8 of each chunk sits in lane 1
                 assert_eq!(acc[1], 8.0);
             }
-            let mut zeros: ZeroSums = Default::default();
+            let mut zeros = vec![ZeroSums::default(); 3];
             zeros[1][1][5] = 2.0;
-            leave(vb, 3, &mut zeros, &mut acc);
+            leave(vb, 3, 64, &mut zeros, &mut acc);
             for (i, (a, o)) in acc.iter().zip(&original).enumerate() {
-                let added = if (D + 32..2 * D).contains(&i) {
+                let added = if (64 + 32..2 * 64).contains(&i) {
                     2.0
                 } else {
                     0.0

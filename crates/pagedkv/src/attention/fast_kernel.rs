@@ -1,7 +1,7 @@
 //! The fast path's whole-block kernel (issue 22's contract, see [`super::AttentionPath`]): one
-//! full block of integer pages (int8, int4 or int2 keys and values, any pair) at SmolLM2's
-//! geometry (head_dim 64, blocks of 16, up to four query heads per kv head) read with integer
-//! dot products, `vpdpwssd` (AVX-512 VNNI): two 16-bit products per 32-bit lane and
+//! full block of integer pages (int8, int4 or int2 keys and values, any pair) at the geometries
+//! of [`super::block_kernel`] (head_dim 64 or 128, blocks of whole 16-token slices, four query
+//! heads per call) read with integer dot products, `vpdpwssd` (AVX-512 VNNI): two 16-bit products per 32-bit lane and
 //! instruction, where the exact kernel ([`super::block_kernel`]) widens every code to f32 and
 //! spends one FMA per code and head.
 //!
@@ -18,13 +18,13 @@
 //!   byte (×1, ×16; ×1, ×4, ×16, ×64), and the lane's dot is scaled back once per block. One
 //!   byte shuffle and one mask per register of 32 codes, no conversion.
 //!
-//! Sums fit 32 bits: 64 channels × 32767 × 255 < 2³¹ (keys); 16 tokens likewise (values).
+//! Sums fit 32 bits: 128 channels × 32767 × 255 < 2³¹ (keys); 16 tokens likewise (values).
 
 use std::arch::x86_64::*;
 
-use super::block_kernel::{bits, page, pairs16, token_params, Running, ZeroSums, BS, D};
-use super::block_kernel::{INT2, INT4, INT8};
-use crate::codec::Role;
+use super::block_kernel::ZeroSums;
+use super::block_kernel::{bits, in_turns, pairs16, serves, token_params, Pages, Running};
+use super::block_kernel::{INT2, INT4, INT8, MAX_HEADS, SLICE};
 
 /// Largest magnitude of a rounded query or weight.
 const UNIT: f32 = 32767.0;
@@ -244,48 +244,76 @@ unsafe fn broadcast16(at: *const u8) -> __m512i {
     _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(at.cast()) })
 }
 
-/// Key channels `c` and `c + 1` (`c` even) of a channel-major page of `KB` codes: token `t`'s
-/// two codes in lane `t`'s 16-bit halves, each at its place.
+/// Key channels `c` and `c + 1` (`c` even) of a slice of a channel-major page of `KB` codes
+/// (`kp`: the slice's first codes, `column`: bytes of a channel's column): token `t`'s two
+/// codes in lane `t`'s 16-bit halves, each at its place.
 ///
 /// # Safety
-/// The page's codes readable at `kp` (`D × 16 × bits / 8` bytes).
+/// The slice's codes of channels `c` and `c + 1` readable at `kp + c·column` and after.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn key_pair<const KB: usize>(kp: *const u8, c: usize, k: &Consts) -> __m512i {
-    let column = BS * bits(KB) / 8;
-    // SAFETY (each arm): channel c + 1's column ends at (c + 2)·column ≤ D·column bytes.
+unsafe fn key_pair<const KB: usize>(kp: *const u8, c: usize, column: usize, k: &Consts) -> __m512i {
+    let (first, second) = (
+        kp.wrapping_add(c * column),
+        kp.wrapping_add((c + 1) * column),
+    );
+    // SAFETY (each arm): each channel's slice holds 16·bits/8 bytes (the caller's contract);
+    // adjacent columns (blocks of 16) are read as one.
     unsafe {
         match KB {
-            INT4 => _mm512_and_si512(
-                _mm512_shuffle_epi8(broadcast16(kp.add(c * column)), k.key_shuffle[0]),
-                k.key_mask,
-            ),
+            INT4 => {
+                let both = if column == 8 {
+                    _mm_loadu_si128(first.cast())
+                } else {
+                    _mm_set_epi64x(
+                        second.cast::<i64>().read_unaligned(),
+                        first.cast::<i64>().read_unaligned(),
+                    )
+                };
+                let both = _mm512_broadcast_i32x4(both);
+                _mm512_and_si512(_mm512_shuffle_epi8(both, k.key_shuffle[0]), k.key_mask)
+            }
             INT2 => {
-                let both = _mm512_set1_epi64(kp.add(c * column).cast::<i64>().read_unaligned());
+                let both = if column == 4 {
+                    first.cast::<i64>().read_unaligned()
+                } else {
+                    let (low, high) = (
+                        first.cast::<u32>().read_unaligned(),
+                        second.cast::<u32>().read_unaligned(),
+                    );
+                    (u64::from(high) << 32 | u64::from(low)) as i64
+                };
+                let both = _mm512_set1_epi64(both);
                 _mm512_and_si512(_mm512_shuffle_epi8(both, k.key_shuffle[0]), k.key_mask)
             }
             _ => _mm512_or_si512(
-                _mm512_shuffle_epi8(broadcast16(kp.add(c * column)), k.key_shuffle[0]),
-                _mm512_shuffle_epi8(broadcast16(kp.add((c + 1) * column)), k.key_shuffle[1]),
+                _mm512_shuffle_epi8(broadcast16(first), k.key_shuffle[0]),
+                _mm512_shuffle_epi8(broadcast16(second), k.key_shuffle[1]),
             ),
         }
     }
 }
 
 /// Tokens `t` and `t + 1` (`t` even) of a token-major page of `VB` codes as the four
-/// accumulators' operands ([`value_lane`]): a lane's 16-bit halves hold its channel's code of
-/// token `t` and of token `t + 1`, each at its place.
+/// accumulators' operands ([`value_lane`]) of 64 channels: a lane's 16-bit halves hold its
+/// channel's code of token `t` and of token `t + 1`, each at its place. `vp`: the first of
+/// the 64 channels in the first row; `row`: bytes of a row.
 ///
 /// # Safety
-/// The page's codes readable at `vp` (`16 × D × bits / 8` bytes).
+/// The 64 channels' codes of rows `t` and `t + 1` readable.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-unsafe fn value_pairs<const VB: usize>(vp: *const u8, t: usize, k: &Consts) -> [__m512i; 4] {
-    let row = D * bits(VB) / 8;
+unsafe fn value_pairs<const VB: usize>(
+    vp: *const u8,
+    t: usize,
+    row: usize,
+    k: &Consts,
+) -> [__m512i; 4] {
     let (a, b) = (vp.wrapping_add(t * row), vp.wrapping_add((t + 1) * row));
     // bytes `offset .. + 16` of both rows, interleaved by the shuffles of `pair`
     let join = |offset: usize, pair: [__m512i; 2]| {
-        // SAFETY: offset + 16 ≤ row, and token t + 1's row ends at (t + 2)·row ≤ 16·row.
+        // SAFETY: offset + 16 ≤ the 64 channels' 64·bits/8 bytes of each row (the caller's
+        // contract).
         let (x, y) = unsafe { (broadcast16(a.add(offset)), broadcast16(b.add(offset))) };
         _mm512_or_si512(
             _mm512_shuffle_epi8(x, pair[0]),
@@ -320,8 +348,8 @@ unsafe fn value_pairs<const VB: usize>(vp: *const u8, t: usize, k: &Consts) -> [
 /// `out`; returns the value of one step (0 when every element is 0, or too small to scale).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn round16<const N: usize>(x: [__m512; N], out: &mut [i16]) -> f32 {
-    assert!(out.len() >= 16 * N);
+fn round16(x: &[__m512], out: &mut [i16]) -> f32 {
+    assert!(out.len() >= 16 * x.len());
     let magnitude = x.iter().fold(_mm512_setzero_ps(), |m, v| {
         _mm512_max_ps(m, _mm512_abs_ps(*v))
     });
@@ -334,7 +362,7 @@ fn round16<const N: usize>(x: [__m512; N], out: &mut [i16]) -> f32 {
     };
     for (i, v) in x.iter().enumerate() {
         let ints = _mm512_cvtps_epi32(_mm512_mul_ps(*v, _mm512_set1_ps(up)));
-        // SAFETY: 16·(i + 1) ≤ 16·N ≤ out.len() (asserted).
+        // SAFETY: 16·(i + 1) ≤ 16·x.len() ≤ out.len() (asserted).
         unsafe {
             _mm256_storeu_si256(
                 out.as_mut_ptr().add(16 * i).cast(),
@@ -354,134 +382,174 @@ fn pair_of(x: &[i16], i: usize) -> __m512i {
     _mm512_set1_epi32(unsafe { x.as_ptr().add(2 * i).cast::<i32>().read_unaligned() })
 }
 
-/// [`attend_block`] over a run of full blocks (key and value pages each), the pages of the
-/// block `ahead` further prefetched while one is read.
+/// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
+/// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
+/// block; the pages of the block `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn attend_run<const KB: usize, const VB: usize, const H: usize>(
+fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     pages: &[(&[u8], &[u8])],
+    tokens: usize,
     ahead: usize,
+    heads: usize,
     q: &[f32],
     run: &mut Running,
 ) {
     let k = Consts::new::<KB, VB>();
+    let layout = Pages::new(KB, VB, tokens, D);
     for (i, (keys, values)) in pages.iter().enumerate() {
         super::pages::prefetch_run(pages, i, ahead);
-        attend_block::<KB, VB, H>(keys, values, q, &k, run);
+        in_turns(heads, D, q, run, |n, q, part| {
+            with_heads!(n, H, {
+                attend_block::<KB, VB, H, D>(keys, values, &layout, q, &k, part)
+            })
+        });
     }
 }
 
-/// Attends `H` query heads (`q`: `H × 64`, already multiplied by the softmax scale) to one
+/// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
 /// full block of `KB` keys and `VB` values (`k`: the constants of that pair), the outputs in
 /// the lanes of [`enter`].
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
-fn attend_block<const KB: usize, const VB: usize, const H: usize>(
+fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize>(
     keys: &[u8],
     values: &[u8],
+    layout: &Pages,
     q: &[f32],
     k: &Consts,
     run: &mut Running,
 ) {
-    let (key_page, value_page) = const { (page(KB, Role::Key), page(VB, Role::Value)) };
-    let (key_codes, value_codes) = (key_page.code_bytes, value_page.code_bytes);
-    assert!(H <= 4 && q.len() >= H * D && run.acc.len() >= H * D);
-    assert!(run.max.len() >= H && run.lanes.len() >= H);
-    assert!(keys.len() >= key_codes + key_page.param_bytes);
-    assert!(values.len() >= value_codes + value_page.param_bytes);
+    let Pages { key, value, tokens } = *layout;
+    assert!(H <= MAX_HEADS && (D == 64 || D == 128) && tokens.is_multiple_of(SLICE));
+    assert!(q.len() >= H * D && run.acc.len() >= H * D);
+    assert!(run.max.len() >= H && run.lanes.len() >= H && run.zeros.len() >= H);
+    assert!(keys.len() >= key.page_bytes() && values.len() >= value.page_bytes());
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+    let registers = D / 16;
 
     // keys: scales folded into the query, which is rounded per head; zero points into a bias
-    let mut folded = [[_mm512_setzero_ps(); 4]; 4];
-    let mut bias = [_mm512_setzero_ps(); 4];
-    // SAFETY: the pairs of channels 16i .. 16i + 16 lie at key_codes + 64i .. + 64.
-    let params: [(__m512, __m512); D / 16] =
-        std::array::from_fn(|i| unsafe { pairs16(kp.add(key_codes + 64 * i)) });
+    let mut folded = [[_mm512_setzero_ps(); 8]; MAX_HEADS];
+    let mut bias = [_mm512_setzero_ps(); MAX_HEADS];
+    let params: [(__m512, __m512); 8] = std::array::from_fn(|i| {
+        if i < registers {
+            // SAFETY: the pairs of channels 16i .. 16i + 16 (i < D/16) lie at code_bytes + 64i.
+            unsafe { pairs16(kp.add(key.code_bytes + 64 * i)) }
+        } else {
+            (_mm512_setzero_ps(), _mm512_setzero_ps())
+        }
+    });
     for (h, (row, b)) in folded.iter_mut().zip(bias.iter_mut()).enumerate().take(H) {
-        for (i, (f, (s, z))) in row.iter_mut().zip(params).enumerate() {
-            // SAFETY: h·64 + 16i + 16 ≤ H·64 ≤ q.len() (asserted).
+        for (i, (f, (s, z))) in row.iter_mut().zip(params).enumerate().take(registers) {
+            // SAFETY: h·D + 16i + 16 ≤ H·D ≤ q.len() (asserted).
             let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * D + 16 * i)) };
             *f = _mm512_mul_ps(x, s);
             *b = _mm512_fmadd_ps(x, z, *b);
         }
     }
-    let mut query = [[0i16; D]; 4];
-    let mut query_step = [0f32; 4];
+    let mut query = [[0i16; D]; MAX_HEADS];
+    let mut query_step = [0f32; MAX_HEADS];
     for h in 0..H {
-        query_step[h] = round16(folded[h], &mut query[h]);
+        query_step[h] = round16(&folded[h][..registers], &mut query[h]);
     }
-    // four accumulators per head (channel pairs mod 4) for independent dependency chains
-    let mut dots = [[_mm512_setzero_si512(); 4]; 4];
-    for c in (0..D).step_by(8) {
-        // SAFETY: channels c .. c + 8 lie inside the page's codes (key_codes, asserted).
-        let pairs = unsafe { std::array::from_fn::<_, 4, _>(|i| key_pair::<KB>(kp, c + 2 * i, k)) };
-        for h in 0..H {
-            for (i, pair) in pairs.iter().enumerate() {
-                dots[h][i] = _mm512_dpwssd_epi32(dots[h][i], *pair, pair_of(&query[h], c / 2 + i));
+    let bias: [f32; MAX_HEADS] = std::array::from_fn(|h| _mm512_reduce_add_ps(bias[h]));
+    let key_steps: [__m512; MAX_HEADS] =
+        std::array::from_fn(|h| _mm512_mul_ps(k.key_unplace, _mm512_set1_ps(query_step[h])));
+
+    let column = tokens * bits(KB) / 8;
+    let row = D * bits(VB) / 8;
+    for slice in 0..tokens / SLICE {
+        let first = slice * SLICE;
+        // SAFETY: the slice's codes start inside each column (first < tokens).
+        let kp = unsafe { kp.add(first * bits(KB) / 8) };
+        // four accumulators per head (channel pairs mod 4) for independent dependency chains
+        let mut dots = [[_mm512_setzero_si512(); 4]; MAX_HEADS];
+        for c in (0..D).step_by(8) {
+            // SAFETY: channels c .. c + 8 lie inside the page's codes (asserted).
+            let pairs = unsafe {
+                std::array::from_fn::<_, 4, _>(|i| key_pair::<KB>(kp, c + 2 * i, column, k))
+            };
+            for h in 0..H {
+                for (i, pair) in pairs.iter().enumerate() {
+                    let q = pair_of(&query[h], c / 2 + i);
+                    dots[h][i] = _mm512_dpwssd_epi32(dots[h][i], *pair, q);
+                }
             }
         }
-    }
-    let mut weights = [_mm512_setzero_ps(); 4];
-    for h in 0..H {
-        let [a, b, c, d] = dots[h];
-        let dot = _mm512_add_epi32(_mm512_add_epi32(a, b), _mm512_add_epi32(c, d));
-        let scores = _mm512_fmadd_ps(
-            _mm512_cvtepi32_ps(dot),
-            _mm512_mul_ps(k.key_unplace, _mm512_set1_ps(query_step[h])),
-            _mm512_set1_ps(_mm512_reduce_add_ps(bias[h])),
-        );
-        // SAFETY: AVX-512F present (this function's features).
-        weights[h] = unsafe { run.softmax_step(h, scores) };
-    }
-
-    // values: the weights times the tokens' scales, rounded per head and group; Σ p·z in f32
-    // SAFETY: the 128 bytes of parameters follow the value codes (asserted above).
-    let [s0, z0, s1, z1] = unsafe { token_params::<INT8>(vp.add(value_codes)) };
-    let mut scaled = [[0i16; 2 * BS]; 4];
-    let mut scaled_step = [[0f32; 2]; 4];
-    for h in 0..H {
-        let p = weights[h];
-        for (g, z) in [z0, z1].into_iter().enumerate() {
-            let at = run.zeros[h][g].as_mut_ptr();
-            // SAFETY: `zeros[h][g]` holds 16 floats.
-            unsafe { _mm512_storeu_ps(at, _mm512_fmadd_ps(p, z, _mm512_loadu_ps(at))) };
-        }
-        let (low, high) = scaled[h].split_at_mut(BS);
-        scaled_step[h] = [
-            round16([_mm512_mul_ps(p, s0)], low),
-            round16([_mm512_mul_ps(p, s1)], high),
-        ];
-    }
-    let mut sums = [[_mm512_setzero_si512(); 4]; 4];
-    for t in (0..BS).step_by(2) {
-        // SAFETY: tokens t and t + 1 are rows of the page's codes (value_codes, asserted).
-        let v = unsafe { value_pairs::<VB>(vp, t, k) };
+        let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
         for h in 0..H {
-            let (low, high) = scaled[h].split_at(BS);
-            let (w0, w1) = (pair_of(low, t / 2), pair_of(high, t / 2));
-            sums[h][0] = _mm512_dpwssd_epi32(sums[h][0], v[0], w0);
-            sums[h][1] = _mm512_dpwssd_epi32(sums[h][1], v[1], w0);
-            sums[h][2] = _mm512_dpwssd_epi32(sums[h][2], v[2], w1);
-            sums[h][3] = _mm512_dpwssd_epi32(sums[h][3], v[3], w1);
+            let [a, b, c, d] = dots[h];
+            let dot = _mm512_add_epi32(_mm512_add_epi32(a, b), _mm512_add_epi32(c, d));
+            let scores = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(dot),
+                key_steps[h],
+                _mm512_set1_ps(bias[h]),
+            );
+            // SAFETY: AVX-512F present (this function's features).
+            weights[h] = unsafe { run.softmax_step(h, D, scores) };
         }
-    }
-    for h in 0..H {
-        for (r, sum) in sums[h].iter().enumerate() {
-            let step = _mm512_mul_ps(k.value_unplace[r], _mm512_set1_ps(scaled_step[h][r / 2]));
-            // SAFETY: h·64 + 16r + 16 ≤ H·64 ≤ acc.len() (asserted).
-            unsafe {
-                let at = run.acc.as_mut_ptr().add(h * D + 16 * r);
-                let x = _mm512_fmadd_ps(_mm512_cvtepi32_ps(*sum), step, _mm512_loadu_ps(at));
-                _mm512_storeu_ps(at, x);
+
+        // values: the weights times the tokens' scales, rounded per head and group; Σ p·z
+        // in f32
+        // SAFETY: the slice's rows and its 16·D/32·4 bytes of parameters lie inside the page.
+        let (rows, scales) = unsafe {
+            (
+                vp.add(first * row),
+                token_params::<INT8, D>(vp.add(value.code_bytes + first * D / 8)),
+            )
+        };
+        for (half, [s0, z0, s1, z1]) in scales.into_iter().enumerate().take(D / 64) {
+            let mut scaled = [[0i16; 2 * SLICE]; MAX_HEADS];
+            let mut scaled_step = [[0f32; 2]; MAX_HEADS];
+            for h in 0..H {
+                let p = weights[h];
+                for (g, z) in [z0, z1].into_iter().enumerate() {
+                    let at = run.zeros[h][2 * half + g].as_mut_ptr();
+                    // SAFETY: `zeros[h][g]` holds 16 floats.
+                    unsafe { _mm512_storeu_ps(at, _mm512_fmadd_ps(p, z, _mm512_loadu_ps(at))) };
+                }
+                let (low, high) = scaled[h].split_at_mut(SLICE);
+                scaled_step[h] = [
+                    round16(&[_mm512_mul_ps(p, s0)], low),
+                    round16(&[_mm512_mul_ps(p, s1)], high),
+                ];
+            }
+            // SAFETY: the half's channels start inside each row.
+            let rows = unsafe { rows.add(64 * half * bits(VB) / 8) };
+            let mut sums = [[_mm512_setzero_si512(); 4]; MAX_HEADS];
+            for t in (0..SLICE).step_by(2) {
+                // SAFETY: tokens t and t + 1 are rows of the slice, inside the page's codes.
+                let v = unsafe { value_pairs::<VB>(rows, t, row, k) };
+                for h in 0..H {
+                    let (low, high) = scaled[h].split_at(SLICE);
+                    let (w0, w1) = (pair_of(low, t / 2), pair_of(high, t / 2));
+                    sums[h][0] = _mm512_dpwssd_epi32(sums[h][0], v[0], w0);
+                    sums[h][1] = _mm512_dpwssd_epi32(sums[h][1], v[1], w0);
+                    sums[h][2] = _mm512_dpwssd_epi32(sums[h][2], v[2], w1);
+                    sums[h][3] = _mm512_dpwssd_epi32(sums[h][3], v[3], w1);
+                }
+            }
+            for h in 0..H {
+                for (r, sum) in sums[h].iter().enumerate() {
+                    let step =
+                        _mm512_mul_ps(k.value_unplace[r], _mm512_set1_ps(scaled_step[h][r / 2]));
+                    // SAFETY: h·D + 64·half + 16r + 16 ≤ H·D ≤ acc.len() (asserted).
+                    unsafe {
+                        let at = run.acc.as_mut_ptr().add(h * D + 64 * half + 16 * r);
+                        let x =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(*sum), step, _mm512_loadu_ps(at));
+                        _mm512_storeu_ps(at, x);
+                    }
+                }
             }
         }
     }
 }
 
-/// Puts a pass's outputs (`heads × 64`, channels in order) into the lanes [`attend_block`]
-/// accumulates values of kind `vb` in: before the first block of a run.
-pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
-    for head in acc[..heads * D].chunks_exact_mut(D) {
-        let natural: [f32; D] = (&*head).try_into().expect("rows of 64");
-        for (i, x) in head.iter_mut().enumerate() {
+/// Puts a pass's outputs (`heads × d`, channels in order) into the lanes [`attend_block`]
+/// accumulates values of kind `vb` in (per 64 channels): before the first block of a run.
+pub(super) fn enter(vb: usize, heads: usize, d: usize, acc: &mut [f32]) {
+    for chunk in acc[..heads * d].chunks_exact_mut(64) {
+        let natural: [f32; 64] = (&*chunk).try_into().expect("chunks of 64");
+        for (i, x) in chunk.iter_mut().enumerate() {
             *x = natural[value_lane(vb, i / 16, i % 16).0];
         }
     }
@@ -489,37 +557,48 @@ pub(super) fn enter(vb: usize, heads: usize, acc: &mut [f32]) {
 
 /// Ends a run of [`attend_block`] calls: the outputs back in channel order, the values'
 /// zero-point sums added into them and cleared.
-pub(super) fn leave(vb: usize, heads: usize, zeros: &mut ZeroSums, acc: &mut [f32]) {
-    for head in acc[..heads * D].chunks_exact_mut(D) {
-        let lanes: [f32; D] = (&*head).try_into().expect("rows of 64");
+pub(super) fn leave(vb: usize, heads: usize, d: usize, zeros: &mut [ZeroSums], acc: &mut [f32]) {
+    for chunk in acc[..heads * d].chunks_exact_mut(64) {
+        let lanes: [f32; 64] = (&*chunk).try_into().expect("chunks of 64");
         for (i, x) in lanes.into_iter().enumerate() {
-            head[value_lane(vb, i / 16, i % 16).0] = x;
+            chunk[value_lane(vb, i / 16, i % 16).0] = x;
         }
     }
-    super::block_kernel::add_zero_sums(heads, zeros, acc);
+    super::block_kernel::add_zero_sums(heads, d, zeros, acc);
 }
 
-/// [`attend_block`] for keys of kind `kb`, values of kind `vb` and `heads` query heads (1 to
-/// 4); false (and nothing done) for a pair that is not [`supported`].
+/// [`attend_block`] over a run of blocks of `tokens` tokens, for keys of kind `kb`, values of
+/// kind `vb`, head_dim `d` and `heads` query heads; false (and nothing done) for a pair that
+/// is not [`supported`] or a geometry the kernels do not serve.
 ///
 /// # Safety
 /// [`available`] must have answered true.
+#[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn dispatch(
     kb: usize,
     vb: usize,
+    d: usize,
+    tokens: usize,
     heads: usize,
     pages: &[(&[u8], &[u8])],
     ahead: usize,
     q: &[f32],
     run: &mut Running,
 ) -> bool {
+    if !serves(d, tokens) {
+        return false;
+    }
     macro_rules! pairs {
         ($($k:ident / $v:ident),*) => {
-            match (kb, vb) {
-                $(($k, $v) => with_heads!(heads, H, {
+            match (kb, vb, d) {
+                $(($k, $v, 64) => {
                     // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_run::<$k, $v, H>(pages, ahead, q, run) }
-                }),)*
+                    unsafe { attend_run::<$k, $v, 64>(pages, tokens, ahead, heads, q, run) }
+                }
+                ($k, $v, _) => {
+                    // SAFETY: as above.
+                    unsafe { attend_run::<$k, $v, 128>(pages, tokens, ahead, heads, q, run) }
+                })*
                 _ => return false,
             }
         };
@@ -545,7 +624,7 @@ mod tests {
     #[test]
     fn value_lanes_are_a_permutation_within_each_group() {
         for vb in [INT8, INT4, INT2] {
-            let mut seen = [false; D];
+            let mut seen = [false; 64];
             for r in 0..4 {
                 for l in 0..16 {
                     let (channel, place) = value_lane(vb, r, l);
@@ -573,57 +652,80 @@ mod tests {
             return;
         }
         println!("codes_pair_into_their_lanes_exactly: ran the AVX-512 VNNI kernel's shuffles");
-        let bytes: Vec<u8> = (0..16 * 64).map(|i| (i * 97 + i / 7) as u8).collect();
+        const D: usize = 64;
+        let bytes: Vec<u8> = (0..64 * 64).map(|i| (i * 97 + i / 7) as u8).collect();
         let code = |bits: usize, i: usize| {
             let mask = ((1u16 << bits) - 1) as u8;
             u32::from((bytes[i * bits / 8] >> (i * bits % 8)) & mask)
         };
         for kind in [INT8, INT4, INT2] {
             let b = bits(kind);
-            for c in (0..D).step_by(2) {
-                let mut lanes = [0u32; 16];
-                // SAFETY: VNNI present (checked above); `bytes` holds a page's codes.
-                unsafe {
-                    let pair = match kind {
-                        INT8 => key_pair::<INT8>(bytes.as_ptr(), c, &Consts::new::<INT8, INT8>()),
-                        INT4 => key_pair::<INT4>(bytes.as_ptr(), c, &Consts::new::<INT4, INT4>()),
-                        _ => key_pair::<INT2>(bytes.as_ptr(), c, &Consts::new::<INT2, INT2>()),
-                    };
-                    _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pair);
-                }
-                for (t, lane) in lanes.iter().enumerate() {
-                    let place = key_place(kind, t);
-                    let want =
-                        (code(b, c * BS + t) * place) | ((code(b, (c + 1) * BS + t) * place) << 16);
-                    assert_eq!(*lane, want, "kind {kind}: key channels {c}, token {t}");
-                }
-            }
-            for t in (0..BS).step_by(2) {
-                let mut regs = [[0u32; 16]; 4];
-                // SAFETY: as above.
-                unsafe {
-                    let v = match kind {
-                        INT8 => {
-                            value_pairs::<INT8>(bytes.as_ptr(), t, &Consts::new::<INT8, INT8>())
+            // keys: blocks of 16 (adjacent columns read as one) and 32 and 64, every slice
+            for tokens in [16, 32, 64] {
+                let column = tokens * b / 8;
+                for slice in 0..tokens / SLICE {
+                    let kp = bytes[slice * SLICE * b / 8..].as_ptr();
+                    for c in (0..D).step_by(2) {
+                        let mut lanes = [0u32; 16];
+                        // SAFETY: VNNI present (checked above); `bytes` holds the page's codes.
+                        unsafe {
+                            let pair = match kind {
+                                INT8 => {
+                                    key_pair::<INT8>(kp, c, column, &Consts::new::<INT8, INT8>())
+                                }
+                                INT4 => {
+                                    key_pair::<INT4>(kp, c, column, &Consts::new::<INT4, INT4>())
+                                }
+                                _ => key_pair::<INT2>(kp, c, column, &Consts::new::<INT2, INT2>()),
+                            };
+                            _mm512_storeu_si512(lanes.as_mut_ptr().cast(), pair);
                         }
-                        INT4 => {
-                            value_pairs::<INT4>(bytes.as_ptr(), t, &Consts::new::<INT4, INT4>())
+                        for (l, lane) in lanes.iter().enumerate() {
+                            let (place, t) = (key_place(kind, l), slice * SLICE + l);
+                            let want = (code(b, c * tokens + t) * place)
+                                | ((code(b, (c + 1) * tokens + t) * place) << 16);
+                            assert_eq!(
+                                *lane, want,
+                                "kind {kind}, block {tokens}: key channels {c}, token {t}"
+                            );
                         }
-                        _ => value_pairs::<INT2>(bytes.as_ptr(), t, &Consts::new::<INT2, INT2>()),
-                    };
-                    for (out, reg) in regs.iter_mut().zip(v) {
-                        _mm512_storeu_si512(out.as_mut_ptr().cast(), reg);
                     }
                 }
-                for (r, lanes) in regs.iter().enumerate() {
-                    for (l, lane) in lanes.iter().enumerate() {
-                        let (channel, place) = value_lane(kind, r, l);
-                        let want = (code(b, t * D + channel) * place)
-                            | ((code(b, (t + 1) * D + channel) * place) << 16);
-                        assert_eq!(
-                            *lane, want,
-                            "kind {kind}: values {t}, accumulator {r} lane {l}"
-                        );
+            }
+            // values: rows of 64 and 128 channels, each 64-channel half
+            for d in [64, 128] {
+                let row = d * b / 8;
+                for half in 0..d / 64 {
+                    let vp = bytes[64 * half * b / 8..].as_ptr();
+                    for t in (0..SLICE).step_by(2) {
+                        let mut regs = [[0u32; 16]; 4];
+                        // SAFETY: as above.
+                        unsafe {
+                            let v = match kind {
+                                INT8 => {
+                                    value_pairs::<INT8>(vp, t, row, &Consts::new::<INT8, INT8>())
+                                }
+                                INT4 => {
+                                    value_pairs::<INT4>(vp, t, row, &Consts::new::<INT4, INT4>())
+                                }
+                                _ => value_pairs::<INT2>(vp, t, row, &Consts::new::<INT2, INT2>()),
+                            };
+                            for (out, reg) in regs.iter_mut().zip(v) {
+                                _mm512_storeu_si512(out.as_mut_ptr().cast(), reg);
+                            }
+                        }
+                        for (r, lanes) in regs.iter().enumerate() {
+                            for (l, lane) in lanes.iter().enumerate() {
+                                let (channel, place) = value_lane(kind, r, l);
+                                let channel = 64 * half + channel;
+                                let want = (code(b, t * d + channel) * place)
+                                    | ((code(b, (t + 1) * d + channel) * place) << 16);
+                                assert_eq!(
+                                    *lane, want,
+                                    "kind {kind}, head_dim {d}: values {t}, accumulator {r} lane {l}"
+                                );
+                            }
+                        }
                     }
                 }
             }

@@ -27,24 +27,28 @@ const RUN_BLOCKS: usize = 32;
 pub(super) struct WholeBlock {
     keys: usize,
     values: usize,
+    head_dim: usize,
+    block_size: usize,
     pub(super) fast: bool,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl WholeBlock {
     fn enter(self, group: usize, acc: &mut [f32]) {
+        let d = self.head_dim;
         if self.fast {
-            fast_kernel::enter(self.values, group, acc)
+            fast_kernel::enter(self.values, group, d, acc)
         } else {
-            block_kernel::enter(self.values, group, acc)
+            block_kernel::enter(self.values, group, d, acc)
         }
     }
 
-    fn leave(self, group: usize, zeros: &mut block_kernel::ZeroSums, acc: &mut [f32]) {
+    fn leave(self, group: usize, zeros: &mut [block_kernel::ZeroSums], acc: &mut [f32]) {
+        let d = self.head_dim;
         if self.fast {
-            fast_kernel::leave(self.values, group, zeros, acc)
+            fast_kernel::leave(self.values, group, d, zeros, acc)
         } else {
-            block_kernel::leave(self.values, group, zeros, acc)
+            block_kernel::leave(self.values, group, d, zeros, acc)
         }
     }
 
@@ -61,13 +65,13 @@ impl WholeBlock {
         q: &[f32],
         run: &mut block_kernel::Running,
     ) {
-        let (kb, vb) = (self.keys, self.values);
+        let (kb, vb, d, bs) = (self.keys, self.values, self.head_dim, self.block_size);
         // SAFETY: the caller's contract.
         let done = unsafe {
             if self.fast {
-                fast_kernel::dispatch(kb, vb, group, pages, ahead, q, run)
+                fast_kernel::dispatch(kb, vb, d, bs, group, pages, ahead, q, run)
             } else {
-                block_kernel::dispatch(kb, vb, group, pages, ahead, q, run)
+                block_kernel::dispatch(kb, vb, d, bs, group, pages, ahead, q, run)
             }
         };
         assert!(done, "whole_block chose a pair its kernel reads");
@@ -75,8 +79,9 @@ impl WholeBlock {
 }
 
 /// The whole-block kernel the full blocks of `layer` go through, if any: a pair of page kinds
-/// one is built for, SmolLM2's geometry, no per-layer key transform (`plain`), the CPU able;
-/// the fast path's kernel when `path` asks for it and it reads the pair.
+/// one is built for, a geometry the kernels serve (head_dim 64 or 128, blocks of whole
+/// 16-token slices, any group), no per-layer key transform (`plain`), the CPU able; the fast
+/// path's kernel when `path` asks for it and it reads the pair.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn whole_block(
     layout: &KvLayout,
@@ -85,11 +90,8 @@ pub(super) fn whole_block(
     plain: bool,
     path: AttentionPath,
 ) -> Option<WholeBlock> {
-    let fits = simd == Simd::Avx512
-        && plain
-        && layout.head_dim() == block_kernel::D
-        && layout.block_size() == block_kernel::BS
-        && layout.group_size() <= 4;
+    let (head_dim, block_size) = (layout.head_dim(), layout.block_size());
+    let fits = simd == Simd::Avx512 && plain && block_kernel::serves(head_dim, block_size);
     if !fits {
         return None;
     }
@@ -99,7 +101,13 @@ pub(super) fn whole_block(
         && fast_kernel::supported(keys, values)
         && fast_kernel::available();
     let exact = block_kernel::supported(keys, values) && block_kernel::available();
-    (fast || exact).then_some(WholeBlock { keys, values, fast })
+    (fast || exact).then_some(WholeBlock {
+        keys,
+        values,
+        head_dim,
+        block_size,
+        fast,
+    })
 }
 
 /// One kv head's query group over a range of the context's blocks.
@@ -204,7 +212,8 @@ impl Pass<'_> {
         // no zero-point sums carried over from a pass that ended early (an error)
         #[cfg(target_arch = "x86_64")]
         {
-            *zeros = Default::default();
+            zeros.clear();
+            zeros.resize(group, Default::default());
         }
         pages.fib.start_head();
         // normalized keys: sealed pages score the mean's term besides their codes
@@ -243,7 +252,7 @@ impl Pass<'_> {
                      max: &mut Vec<f32>,
                      lanes: &mut Vec<[f32; 16]>,
                      acc: &mut Vec<f32>,
-                     zeros: &mut block_kernel::ZeroSums|
+                     zeros: &mut [block_kernel::ZeroSums]|
          -> Result<()> {
             let Some(kernel) = kernel else { return Ok(()) };
             if run_pages.is_empty() {

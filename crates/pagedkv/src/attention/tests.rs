@@ -461,7 +461,8 @@ fn bad_shapes_are_errors() {
 
 /// Llama-family geometries (head_dim 128 with 32/8 and 28/4 heads, head_dim 64 with 32/4 and
 /// 14/2), blocks of 8, 16, 32, 64 and an odd size, every codec: decode over two sealed blocks
-/// and an open one, on the widest SIMD and the portable build, against the f64 reference.
+/// and an open one, at every level this CPU runs, against the f64 reference; the whole-block
+/// kernel reads blocks of 16, 32 and 64 of every codec it has at the AVX-512 level.
 #[test]
 fn every_geometry_and_block_size_matches_the_reference() {
     let levels = levels("every_geometry_and_block_size");
@@ -471,6 +472,19 @@ fn every_geometry_and_block_size_matches_the_reference() {
                 let mut spec = LayoutSpec::new(1, kv, qh, d, codec);
                 spec.block_size = bs;
                 let layout = KvLayout::new(spec).unwrap();
+                #[cfg(target_arch = "x86_64")]
+                for &simd in &levels {
+                    let kernel = pass::whole_block(&layout, 0, simd, true, AttentionPath::Exact);
+                    // blocks of whole 16-token slices at head_dim 64 and 128 are read whole
+                    let expected = simd == Simd::Avx512
+                        && bs % 16 == 0
+                        && !matches!(codec, Codec::F32 | Codec::FibQuant { .. });
+                    assert_eq!(
+                        kernel.is_some(),
+                        expected,
+                        "{codec} d {d} blocks of {bs}, {simd}: the whole-block kernel reads"
+                    );
+                }
                 let tokens = 2 * bs + 3;
                 let (s, blocks) = filled_layout(layout, tokens, 1.0);
                 let q: Vec<f32> = (0..qh * d)
@@ -487,8 +501,8 @@ fn every_geometry_and_block_size_matches_the_reference() {
 }
 
 /// The fast path against the f64 reference on the codec's reconstruction, within its contract
-/// (2e-3 of the output's scale): every integer key/value pair at the fast kernel's geometry,
-/// every group size it serves, keys with outlier channels (a few channels 30× the rest: the
+/// (2e-3 of the output's scale): every integer key/value pair at the fast kernel's geometries
+/// (head_dim 64 and 128, blocks of 16, 32 and 64), groups of 1 to 8, keys with outlier channels (a few channels 30× the rest: the
 /// case where an 8-bit query fails), contexts of whole blocks and not, decode and split-K;
 /// other codecs (read on the exact path) too. Prints whether the fast kernel ran.
 #[test]
@@ -512,16 +526,35 @@ fn fast_path_meets_its_contract_at_every_level() {
             Codec::FibQuant { k: 4, n: 256 },
         ),
     ]);
-    let d = 64;
+    let geometries = [
+        (64, 16, 3, 3),
+        (64, 16, 6, 3),
+        (64, 16, 9, 3),
+        (64, 16, 8, 2),
+        (64, 32, 14, 2),
+        (128, 16, 28, 4),
+        (128, 64, 32, 8),
+        (128, 32, 8, 8),
+    ];
     for (key_codec, value_codec) in pairs {
-        for (qh, kv) in [(3, 3), (6, 3), (9, 3), (8, 2)] {
+        for (d, bs, qh, kv) in geometries {
             let mut spec = LayoutSpec::new(1, kv, qh, d, key_codec);
             spec.value_codec = value_codec;
-            spec.block_size = 16;
+            spec.block_size = bs;
             let layout = KvLayout::new(spec).unwrap();
+            let integer = integers.contains(&key_codec) && integers.contains(&value_codec);
+            for &simd in &levels {
+                let read = fast_kernel_reads(&layout, 0, simd);
+                // the fast kernel reads every integer pair at these geometries on its CPUs
+                assert_eq!(
+                    read,
+                    kernel && integer && simd == Simd::Avx512,
+                    "{key_codec}/{value_codec} d {d} blocks of {bs}, {simd}: the fast kernel reads"
+                );
+            }
             let width = layout.token_width();
-            let tokens: usize = 16 * 9 + 5;
-            let blocks: Vec<BlockId> = (0..tokens.div_ceil(16) as u32).rev().map(BlockId).collect();
+            let tokens: usize = bs * 9 + 5;
+            let blocks: Vec<BlockId> = (0..tokens.div_ceil(bs) as u32).rev().map(BlockId).collect();
             let mut s = KvStorage::new(layout, blocks.len()).unwrap();
             for pos in 0..tokens {
                 let k: Vec<f32> = (0..width)
@@ -533,23 +566,26 @@ fn fast_path_meets_its_contract_at_every_level() {
                 let v: Vec<f32> = (0..width)
                     .map(|i| ((pos * 5 + i * 3) as f32 * 0.017).cos() + (i % 7) as f32 * 0.1)
                     .collect();
-                s.write_token(0, blocks[pos / 16], pos % 16, &k, &v)
+                s.write_token(0, blocks[pos / bs], pos % bs, &k, &v)
                     .unwrap();
-                if pos % 16 == 15 {
-                    s.seal(blocks[pos / 16], pos / 16 * 16).unwrap();
+                if pos % bs == bs - 1 {
+                    s.seal(blocks[pos / bs], pos / bs * bs).unwrap();
                 }
             }
             let q: Vec<f32> = (0..qh * d)
                 .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0 + if i % d == 40 { 2.0 } else { 0.0 })
                 .collect();
-            for len in [16, 16 * 5, tokens] {
+            for len in [bs, bs * 5, tokens] {
                 let ctx = Context {
                     blocks: &blocks,
                     len,
                 };
                 let mut slow = vec![0.0; q.len()];
-                attend_reference(&s, 0, ctx, &q, 0.125, &mut slow).unwrap();
-                let what = format!("{key_codec}/{value_codec} heads {qh}/{kv}, length {len}");
+                let scale = 1.0 / (d as f32).sqrt();
+                attend_reference(&s, 0, ctx, &q, scale, &mut slow).unwrap();
+                let what = format!(
+                    "{key_codec}/{value_codec} d {d} blocks of {bs} heads {qh}/{kv}, length {len}"
+                );
                 for &simd in &levels {
                     let dispatch = Dispatch {
                         simd,
@@ -557,10 +593,10 @@ fn fast_path_meets_its_contract_at_every_level() {
                     };
                     let mut out = vec![0.0; q.len()];
                     let mut scratch = Scratch::with(dispatch).unwrap();
-                    attend(&s, 0, ctx, &q, 0.125, &mut out, &mut scratch).unwrap();
+                    attend(&s, 0, ctx, &q, scale, &mut out, &mut scratch).unwrap();
                     assert_within(&out, &slow, 2e-3, &format!("{what}, {simd}"));
                     let mut split = vec![0.0; q.len()];
-                    attend_split_at(dispatch, &s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                    attend_split_at(dispatch, &s, 0, ctx, &q, scale, &mut split).unwrap();
                     assert_eq!(out, split, "{what}, {simd}: split-K gives the same bits");
                 }
             }
