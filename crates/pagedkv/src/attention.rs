@@ -32,6 +32,75 @@ macro_rules! with_heads {
     };
 }
 
+/// The (key kind, value kind) pairs the exact path's whole-block kernels (`block_kernel` and
+/// its AVX2 twin) are built for, listed once: f16 and integer kinds in any pair, bf16 with
+/// bf16, fp8 kinds with each other. Hands the list to `$callback!` after its own arguments.
+#[allow(unused_macros)] // used by the x86-64 kernels only
+macro_rules! exact_pairs {
+    ($callback:ident!($($args:tt)*)) => {
+        $callback!($($args)*;
+            F16 / F16, F16 / INT8, F16 / INT4, F16 / INT2,
+            INT8 / F16, INT8 / INT8, INT8 / INT4, INT8 / INT2,
+            INT4 / F16, INT4 / INT8, INT4 / INT4, INT4 / INT2,
+            INT2 / F16, INT2 / INT8, INT2 / INT4, INT2 / INT2,
+            BF16 / BF16,
+            E4M3 / E4M3, E4M3 / E5M2, E5M2 / E4M3, E5M2 / E5M2
+        )
+    };
+}
+
+/// Whether (`$kb`, `$vb`) is one of the listed pairs.
+#[allow(unused_macros)] // used by the x86-64 kernels only
+macro_rules! pair_listed {
+    ($kb:expr, $vb:expr; $($k:ident / $v:ident),*) => {
+        matches!(($kb, $vb), $(($k, $v))|*)
+    };
+}
+
+/// Calls `$run::<K, V, D>($args)` for the listed pair (`$kb`, `$vb`) at head_dim `$d` (64, or
+/// else 128); true if the pair is listed, else false with nothing done. Inside an `unsafe fn`
+/// whose contract is the kernel's features.
+#[allow(unused_macros)] // used by the x86-64 kernels only
+macro_rules! dispatch_pairs {
+    ($run:ident, ($kb:expr, $vb:expr, $d:expr), $args:tt; $($k:ident / $v:ident),*) => {
+        match ($kb, $vb, $d) {
+            $(($k, $v, 64) => {
+                // SAFETY: the features are present (the caller's contract).
+                unsafe { $run::<$k, $v, 64> $args };
+                true
+            }
+            ($k, $v, _) => {
+                // SAFETY: as above.
+                unsafe { $run::<$k, $v, 128> $args };
+                true
+            })*
+            _ => false,
+        }
+    };
+}
+
+/// The loop of a whole-block kernel over a run of `$blocks` (a `&Blocks`), expanded inside
+/// the kernel's own function (a closure handed to a helper without the kernel's target
+/// features is called, not inlined, once per block): each block's pages as `$keys` and
+/// `$values`, the pages `ahead` prefetched first, and its query heads four at a time as the
+/// constant `$h`, their rows `$q` and their state `$part`.
+#[allow(unused_macros)] // used by the x86-64 kernels only
+macro_rules! read_run {
+    ($blocks:expr, $run:expr, |$keys:ident, $values:ident, $h:ident, $q:ident, $part:ident| $body:block) => {{
+        let blocks: &Blocks = $blocks;
+        let d = blocks.head_dim;
+        for (i, &($keys, $values)) in blocks.pages.iter().enumerate() {
+            $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.ahead);
+            for first in (0..blocks.heads).step_by(MAX_HEADS) {
+                let n = (blocks.heads - first).min(MAX_HEADS);
+                let $q = &blocks.q[first * d..(first + n) * d];
+                let $part = &mut $run.heads(first, n, d);
+                with_heads!(n, $h, $body);
+            }
+        }
+    }};
+}
+
 #[cfg(target_arch = "x86_64")]
 mod block_kernel;
 mod convert;
@@ -78,7 +147,8 @@ pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: S
     #[cfg(target_arch = "x86_64")]
     {
         let plain = layout.key_norm(layer).is_none() && layout.key_split(layer).is_none();
-        pass::whole_block(layout, layer, simd, plain, AttentionPath::Fast).is_some_and(|k| k.fast)
+        pass::whole_block(layout, layer, simd, plain, AttentionPath::Fast)
+            .is_some_and(|k| k.kernel == pass::Kernel::Vnni)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

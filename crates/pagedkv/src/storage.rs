@@ -31,6 +31,7 @@ use crate::error::{KvError, Result};
 use crate::layout::KvLayout;
 
 mod arena;
+mod head_pages;
 mod image;
 mod staging;
 #[cfg(test)]
@@ -38,6 +39,7 @@ mod tests;
 
 use arena::Arena;
 pub use arena::PageRef;
+pub(crate) use head_pages::HeadPages;
 pub use image::ImageKind;
 use staging::{Staging, NO_SLOT};
 

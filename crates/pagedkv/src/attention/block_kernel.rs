@@ -21,6 +21,8 @@
 //!   points are summed per token lane (`Σₜ pₜ·zₜ`) and reduced once per run of blocks
 //!   ([`leave`]), not once per block.
 
+pub(super) mod avx2;
+
 use std::arch::x86_64::*;
 
 use super::pages::x86::{by_component, exp_shifted};
@@ -113,6 +115,37 @@ impl Pages {
             tokens,
         }
     }
+
+    /// Asserts what a kernel reading `heads` query heads of `head_dim` channels from one
+    /// block in slices of `slice` tokens relies on: the geometry, and the lengths of the
+    /// pages, the query and the state.
+    #[inline(always)]
+    pub(super) fn check(
+        &self,
+        (heads, head_dim, slice): (usize, usize, usize),
+        (keys, values): (&[u8], &[u8]),
+        q: &[f32],
+        run: &Running,
+    ) {
+        assert!(heads <= MAX_HEADS && matches!(head_dim, 64 | 128));
+        assert!(self.tokens.is_multiple_of(slice));
+        assert!(q.len() >= heads * head_dim && run.acc.len() >= heads * head_dim);
+        assert!(run.max.len() >= heads && run.lanes.len() >= heads && run.zeros.len() >= heads);
+        assert!(keys.len() >= self.key.page_bytes() && values.len() >= self.value.page_bytes());
+    }
+}
+
+/// A run of full blocks for a kernel to read: their (key, value) pages, the block's tokens
+/// and head_dim, how many blocks ahead to prefetch, and the query heads (`q`: `heads ×
+/// head_dim`, already multiplied by the softmax scale).
+#[derive(Clone, Copy)]
+pub(super) struct Blocks<'a> {
+    pub pages: &'a [(&'a [u8], &'a [u8])],
+    pub tokens: usize,
+    pub head_dim: usize,
+    pub ahead: usize,
+    pub heads: usize,
+    pub q: &'a [f32],
 }
 
 /// What [`codes16`] returns is the element divided by this (e4m3 placed in an f16 reads
@@ -338,42 +371,13 @@ pub(super) unsafe fn token_params<const KB: usize, const D: usize>(
 /// block; the pages of the block `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
-    pages: &[(&[u8], &[u8])],
-    tokens: usize,
-    ahead: usize,
-    heads: usize,
-    q: &[f32],
+    blocks: &Blocks,
     run: &mut Running,
 ) {
-    let layout = Pages::new(KB, VB, tokens, D);
-    for (i, (keys, values)) in pages.iter().enumerate() {
-        super::pages::prefetch_run(pages, i, ahead);
-        in_turns(heads, D, q, run, |n, q, part| {
-            with_heads!(n, H, {
-                attend_block::<KB, VB, H, D>(keys, values, &layout, q, part)
-            })
-        });
-    }
-}
-
-/// Calls `read` with the heads of a pass four at a time: how many, their query rows (`d`
-/// each) and their state.
-#[inline(always)]
-pub(super) fn in_turns(
-    heads: usize,
-    d: usize,
-    q: &[f32],
-    run: &mut Running,
-    mut read: impl FnMut(usize, &[f32], &mut Running),
-) {
-    for first in (0..heads).step_by(MAX_HEADS) {
-        let n = (heads - first).min(MAX_HEADS);
-        read(
-            n,
-            &q[first * d..(first + n) * d],
-            &mut run.heads(first, n, d),
-        );
-    }
+    let layout = Pages::new(KB, VB, blocks.tokens, D);
+    read_run!(blocks, run, |keys, values, H, q, part| {
+        attend_block::<KB, VB, H, D>(keys, values, &layout, q, part)
+    });
 }
 
 /// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
@@ -389,11 +393,8 @@ fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize
     q: &[f32],
     run: &mut Running,
 ) {
+    layout.check((H, D, SLICE), (keys, values), q, run);
     let Pages { key, value, tokens } = *layout;
-    assert!(H <= MAX_HEADS && (D == 64 || D == 128) && tokens.is_multiple_of(SLICE));
-    assert!(q.len() >= H * D && run.acc.len() >= H * D);
-    assert!(run.max.len() >= H && run.lanes.len() >= H && run.zeros.len() >= H);
-    assert!(keys.len() >= key.page_bytes() && values.len() >= value.page_bytes());
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
 
     // keys: per-channel scales folded into the query, zero points into one constant per head
@@ -617,82 +618,33 @@ pub(super) fn kind(codec: crate::Codec) -> Option<usize> {
     }
 }
 
-/// The (key kind, value kind) pairs [`attend_block`] is built for, listed once: f16 and
-/// integer kinds in any pair, bf16 with bf16, fp8 kinds with each other. Defines
-/// [`supported`] and [`dispatch`] over the same list.
-macro_rules! kernel_pairs {
-    ($($k:ident / $v:ident),* $(,)?) => {
-        /// Whether [`attend_block`] is built for keys of kind `kb` with values of kind `vb`.
-        pub(super) fn supported(kb: usize, vb: usize) -> bool {
-            matches!((kb, vb), $(($k, $v))|*)
-        }
-
-        /// [`attend_block`] over a run of blocks of `tokens` tokens, for keys of kind `kb`,
-        /// values of kind `vb`, head_dim `d` and `heads` query heads; false (and nothing
-        /// done) for a pair that is not [`supported`] or a geometry not [`serves`]d.
-        ///
-        /// # Safety
-        /// [`available`] must have answered true.
-        #[allow(clippy::too_many_arguments)]
-        pub(super) unsafe fn dispatch(
-            kb: usize,
-            vb: usize,
-            d: usize,
-            tokens: usize,
-            heads: usize,
-            pages: &[(&[u8], &[u8])],
-            ahead: usize,
-            q: &[f32],
-            run: &mut Running,
-        ) -> bool {
-            if !serves(d, tokens) {
-                return false;
-            }
-            match (kb, vb, d) {
-                $(($k, $v, 64) => {
-                    // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_run::<$k, $v, 64>(pages, tokens, ahead, heads, q, run) }
-                }
-                ($k, $v, _) => {
-                    // SAFETY: as above.
-                    unsafe { attend_run::<$k, $v, 128>(pages, tokens, ahead, heads, q, run) }
-                })*
-                _ => return false,
-            }
-            true
-        }
-    };
+/// Whether [`attend_block`] (and the AVX2 kernel) is built for keys of kind `kb` with values
+/// of kind `vb`.
+pub(super) fn supported(kb: usize, vb: usize) -> bool {
+    exact_pairs!(pair_listed!(kb, vb))
 }
-kernel_pairs!(
-    F16 / F16,
-    F16 / INT8,
-    F16 / INT4,
-    F16 / INT2,
-    INT8 / F16,
-    INT8 / INT8,
-    INT8 / INT4,
-    INT8 / INT2,
-    INT4 / F16,
-    INT4 / INT8,
-    INT4 / INT4,
-    INT4 / INT2,
-    INT2 / F16,
-    INT2 / INT8,
-    INT2 / INT4,
-    INT2 / INT2,
-    BF16 / BF16,
-    E4M3 / E4M3,
-    E4M3 / E5M2,
-    E5M2 / E4M3,
-    E5M2 / E5M2,
-);
+
+/// [`attend_block`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`;
+/// false (and nothing done) for a pair that
+/// is not [`supported`] or a geometry not [`serves`]d.
+///
+/// # Safety
+/// [`available`] must have answered true.
+pub(super) unsafe fn dispatch(kb: usize, vb: usize, blocks: &Blocks, run: &mut Running) -> bool {
+    serves(blocks.head_dim, blocks.tokens)
+        && exact_pairs!(dispatch_pairs!(
+            attend_run,
+            (kb, vb, blocks.head_dim),
+            (blocks, run)
+        ))
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// Code `i` of a packed group as the scalar codec stores it (lowest bits first).
-    fn code(bytes: &[u8], bits: usize, i: usize) -> u8 {
+    pub(super) fn code(bytes: &[u8], bits: usize, i: usize) -> u8 {
         let mask = ((1u16 << bits) - 1) as u8;
         (bytes[i * bits / 8] >> (i * bits % 8)) & mask
     }
@@ -751,24 +703,31 @@ mod tests {
         if !ran_here("fp8_codes_widen_to_their_values") {
             return;
         }
+        assert_fp8_widening(16, |kind, group| {
+            let mut out = vec![0f32; 16];
+            // SAFETY: AVX-512F and F16C present (checked above); 16 bytes in the group.
+            unsafe {
+                let v = match kind {
+                    E4M3 => codes16::<E4M3>(group.as_ptr()),
+                    _ => codes16::<E5M2>(group.as_ptr()),
+                };
+                _mm512_storeu_ps(out.as_mut_ptr(), v);
+            }
+            out.iter().map(|x| x * unit(kind)).collect()
+        });
+    }
+
+    /// Every fp8 code of each kind, `lanes` at a time, widened by `widen` (and multiplied by
+    /// its unit) to its value: NaN codes are never stored; every other one exactly.
+    pub(super) fn assert_fp8_widening(lanes: usize, widen: impl Fn(usize, &[u8]) -> Vec<f32>) {
         let all: Vec<u8> = (0..=255).collect();
         for (kind, codec) in [(E4M3, crate::Codec::Fp8E4m3), (E5M2, crate::Codec::Fp8E5m2)] {
             let table = crate::codec::scalar::fp8_table(codec);
-            for group in all.chunks_exact(16) {
-                let mut out = [0f32; 16];
-                // SAFETY: AVX-512F and F16C present (checked above); 16 bytes in the group.
-                unsafe {
-                    let v = match kind {
-                        E4M3 => codes16::<E4M3>(group.as_ptr()),
-                        _ => codes16::<E5M2>(group.as_ptr()),
-                    };
-                    _mm512_storeu_ps(out.as_mut_ptr(), v);
-                }
-                for (code, x) in group.iter().zip(out) {
+            for group in all.chunks_exact(lanes) {
+                for (code, x) in group.iter().zip(widen(kind, group)) {
                     let want = table[*code as usize];
-                    // NaN codes are never stored; every other one exactly
                     if want.is_finite() {
-                        assert_eq!(x * unit(kind), want, "{codec} code {code:#04x}");
+                        assert_eq!(x, want, "{codec} code {code:#04x}");
                     }
                 }
             }

@@ -23,7 +23,7 @@
 use std::arch::x86_64::*;
 
 use super::block_kernel::ZeroSums;
-use super::block_kernel::{bits, in_turns, pairs16, serves, token_params, Pages, Running};
+use super::block_kernel::{bits, pairs16, serves, token_params, Blocks, Pages, Running};
 use super::block_kernel::{INT2, INT4, INT8, MAX_HEADS, SLICE};
 
 /// Largest magnitude of a rounded query or weight.
@@ -387,23 +387,14 @@ fn pair_of(x: &[i16], i: usize) -> __m512i {
 /// block; the pages of the block `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
-    pages: &[(&[u8], &[u8])],
-    tokens: usize,
-    ahead: usize,
-    heads: usize,
-    q: &[f32],
+    blocks: &Blocks,
     run: &mut Running,
 ) {
     let k = Consts::new::<KB, VB>();
-    let layout = Pages::new(KB, VB, tokens, D);
-    for (i, (keys, values)) in pages.iter().enumerate() {
-        super::pages::prefetch_run(pages, i, ahead);
-        in_turns(heads, D, q, run, |n, q, part| {
-            with_heads!(n, H, {
-                attend_block::<KB, VB, H, D>(keys, values, &layout, q, &k, part)
-            })
-        });
-    }
+    let layout = Pages::new(KB, VB, blocks.tokens, D);
+    read_run!(blocks, run, |keys, values, H, q, part| {
+        attend_block::<KB, VB, H, D>(keys, values, &layout, q, &k, part)
+    });
 }
 
 /// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
@@ -418,11 +409,8 @@ fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize
     k: &Consts,
     run: &mut Running,
 ) {
+    layout.check((H, D, SLICE), (keys, values), q, run);
     let Pages { key, value, tokens } = *layout;
-    assert!(H <= MAX_HEADS && (D == 64 || D == 128) && tokens.is_multiple_of(SLICE));
-    assert!(q.len() >= H * D && run.acc.len() >= H * D);
-    assert!(run.max.len() >= H && run.lanes.len() >= H && run.zeros.len() >= H);
-    assert!(keys.len() >= key.page_bytes() && values.len() >= value.page_bytes());
     let (kp, vp) = (keys.as_ptr(), values.as_ptr());
     let registers = D / 16;
 
@@ -567,54 +555,22 @@ pub(super) fn leave(vb: usize, heads: usize, d: usize, zeros: &mut [ZeroSums], a
     super::block_kernel::add_zero_sums(heads, d, zeros, acc);
 }
 
-/// [`attend_block`] over a run of blocks of `tokens` tokens, for keys of kind `kb`, values of
-/// kind `vb`, head_dim `d` and `heads` query heads; false (and nothing done) for a pair that
+/// [`attend_block`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`;
+/// false (and nothing done) for a pair that
 /// is not [`supported`] or a geometry the kernels do not serve.
 ///
 /// # Safety
 /// [`available`] must have answered true.
-#[allow(clippy::too_many_arguments)]
-pub(super) unsafe fn dispatch(
-    kb: usize,
-    vb: usize,
-    d: usize,
-    tokens: usize,
-    heads: usize,
-    pages: &[(&[u8], &[u8])],
-    ahead: usize,
-    q: &[f32],
-    run: &mut Running,
-) -> bool {
-    if !serves(d, tokens) {
-        return false;
-    }
-    macro_rules! pairs {
-        ($($k:ident / $v:ident),*) => {
-            match (kb, vb, d) {
-                $(($k, $v, 64) => {
-                    // SAFETY: the features are present (the caller's contract).
-                    unsafe { attend_run::<$k, $v, 64>(pages, tokens, ahead, heads, q, run) }
-                }
-                ($k, $v, _) => {
-                    // SAFETY: as above.
-                    unsafe { attend_run::<$k, $v, 128>(pages, tokens, ahead, heads, q, run) }
-                })*
-                _ => return false,
-            }
-        };
-    }
-    pairs!(
-        INT8 / INT8,
-        INT8 / INT4,
-        INT8 / INT2,
-        INT4 / INT8,
-        INT4 / INT4,
-        INT4 / INT2,
-        INT2 / INT8,
-        INT2 / INT4,
-        INT2 / INT2
-    );
-    true
+pub(super) unsafe fn dispatch(kb: usize, vb: usize, blocks: &Blocks, run: &mut Running) -> bool {
+    serves(blocks.head_dim, blocks.tokens)
+        && dispatch_pairs!(
+            attend_run,
+            (kb, vb, blocks.head_dim),
+            (blocks, run);
+            INT8 / INT8, INT8 / INT4, INT8 / INT2,
+            INT4 / INT8, INT4 / INT4, INT4 / INT2,
+            INT2 / INT8, INT2 / INT4, INT2 / INT2
+        )
 }
 
 #[cfg(test)]

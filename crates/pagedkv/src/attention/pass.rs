@@ -11,6 +11,8 @@ use crate::codec::Role;
 use crate::error::Result;
 #[cfg(target_arch = "x86_64")]
 use crate::layout::KvLayout;
+#[cfg(target_arch = "x86_64")]
+use crate::storage::HeadPages;
 use crate::storage::{KvStorage, PageRef};
 
 /// How far ahead of the block being read a pass prefetches pages, in bytes of both pages.
@@ -20,8 +22,20 @@ const PREFETCH_BYTES: usize = 8192;
 #[cfg(target_arch = "x86_64")]
 const RUN_BLOCKS: usize = 32;
 
-/// The whole-block kernel a pass reads its full blocks with: page kinds, and whether it is
-/// the fast path's.
+/// Which whole-block kernel reads a pass's full blocks.
+#[cfg(target_arch = "x86_64")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kernel {
+    /// The exact path's AVX-512 kernel (slices of 16 tokens).
+    Avx512,
+    /// The fast path's AVX-512 VNNI kernel.
+    Vnni,
+    /// The exact path's AVX2 kernel (slices of 8 tokens): AVX2 machines, and blocks of 8 on
+    /// AVX-512 ones.
+    Avx2,
+}
+
+/// The whole-block kernel a pass reads its full blocks with: page kinds, geometry and kernel.
 #[cfg(target_arch = "x86_64")]
 #[derive(Debug, Clone, Copy)]
 pub(super) struct WholeBlock {
@@ -29,26 +43,27 @@ pub(super) struct WholeBlock {
     values: usize,
     head_dim: usize,
     block_size: usize,
-    pub(super) fast: bool,
+    pub(super) kernel: Kernel,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl WholeBlock {
     fn enter(self, group: usize, acc: &mut [f32]) {
         let d = self.head_dim;
-        if self.fast {
-            fast_kernel::enter(self.values, group, d, acc)
-        } else {
-            block_kernel::enter(self.values, group, d, acc)
+        match self.kernel {
+            Kernel::Vnni => fast_kernel::enter(self.values, group, d, acc),
+            Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
+            // outputs in channel order throughout
+            Kernel::Avx2 => {}
         }
     }
 
     fn leave(self, group: usize, zeros: &mut [block_kernel::ZeroSums], acc: &mut [f32]) {
         let d = self.head_dim;
-        if self.fast {
-            fast_kernel::leave(self.values, group, d, zeros, acc)
-        } else {
-            block_kernel::leave(self.values, group, d, zeros, acc)
+        match self.kernel {
+            Kernel::Vnni => fast_kernel::leave(self.values, group, d, zeros, acc),
+            Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
+            Kernel::Avx2 => block_kernel::add_zero_sums(group, d, zeros, acc),
         }
     }
 
@@ -65,13 +80,21 @@ impl WholeBlock {
         q: &[f32],
         run: &mut block_kernel::Running,
     ) {
-        let (kb, vb, d, bs) = (self.keys, self.values, self.head_dim, self.block_size);
+        let (kb, vb) = (self.keys, self.values);
+        let blocks = block_kernel::Blocks {
+            pages,
+            tokens: self.block_size,
+            head_dim: self.head_dim,
+            ahead,
+            heads: group,
+            q,
+        };
         // SAFETY: the caller's contract.
         let done = unsafe {
-            if self.fast {
-                fast_kernel::dispatch(kb, vb, d, bs, group, pages, ahead, q, run)
-            } else {
-                block_kernel::dispatch(kb, vb, d, bs, group, pages, ahead, q, run)
+            match self.kernel {
+                Kernel::Vnni => fast_kernel::dispatch(kb, vb, &blocks, run),
+                Kernel::Avx512 => block_kernel::dispatch(kb, vb, &blocks, run),
+                Kernel::Avx2 => block_kernel::avx2::dispatch(kb, vb, &blocks, run),
             }
         };
         assert!(done, "whole_block chose a pair its kernel reads");
@@ -79,9 +102,10 @@ impl WholeBlock {
 }
 
 /// The whole-block kernel the full blocks of `layer` go through, if any: a pair of page kinds
-/// one is built for, a geometry the kernels serve (head_dim 64 or 128, blocks of whole
-/// 16-token slices, any group), no per-layer key transform (`plain`), the CPU able; the fast
-/// path's kernel when `path` asks for it and it reads the pair.
+/// one is built for, a geometry a kernel serves (head_dim 64 or 128, blocks of whole 16-token
+/// slices on AVX-512, of 8-token slices on AVX2 and for blocks of 8 on AVX-512; any group), no
+/// per-layer key transform (`plain`), the CPU able; the fast path's kernel when `path` asks
+/// for it and it reads the pair.
 #[cfg(target_arch = "x86_64")]
 pub(super) fn whole_block(
     layout: &KvLayout,
@@ -91,22 +115,35 @@ pub(super) fn whole_block(
     path: AttentionPath,
 ) -> Option<WholeBlock> {
     let (head_dim, block_size) = (layout.head_dim(), layout.block_size());
-    let fits = simd == Simd::Avx512 && plain && block_kernel::serves(head_dim, block_size);
-    if !fits {
-        return None;
-    }
     let keys = block_kernel::kind(layout.key_codec(layer))?;
     let values = block_kernel::kind(layout.value_codec(layer))?;
-    let fast = path == AttentionPath::Fast
-        && fast_kernel::supported(keys, values)
-        && fast_kernel::available();
-    let exact = block_kernel::supported(keys, values) && block_kernel::available();
-    (fast || exact).then_some(WholeBlock {
+    if !plain || !block_kernel::supported(keys, values) {
+        return None;
+    }
+    let wide = block_kernel::serves(head_dim, block_size);
+    // full-precision pairs measured about 4% faster through the AVX2 page loops than through
+    // the AVX2 kernel (`bench attention --simd avx2`, f16 at 1,024 and 8,192 tokens)
+    let narrow = block_kernel::avx2::serves(head_dim, block_size)
+        && !(block_kernel::full(keys) && block_kernel::full(values));
+    let kernel = match simd {
+        Simd::Avx512
+            if wide
+                && path == AttentionPath::Fast
+                && fast_kernel::supported(keys, values)
+                && fast_kernel::available() =>
+        {
+            Kernel::Vnni
+        }
+        Simd::Avx512 if wide && block_kernel::available() => Kernel::Avx512,
+        Simd::Avx512 | Simd::Avx2 if narrow && block_kernel::avx2::available() => Kernel::Avx2,
+        _ => return None,
+    };
+    Some(WholeBlock {
         keys,
         values,
         head_dim,
         block_size,
-        fast,
+        kernel,
     })
 }
 
@@ -231,6 +268,22 @@ impl Pass<'_> {
         let kernel = whole_block(layout, self.layer, simd, plain, *path);
         #[cfg(not(target_arch = "x86_64"))]
         let _ = path;
+        // the kernel's pages: packed pages of a compressed kind, or the typed pages of an
+        // all-f16/bf16 layout (channel-major keys); a packed f16 page (a layer overridden
+        // inside a compressed layout) is token-major and read apart, as is the open block's
+        // staging
+        #[cfg(target_arch = "x86_64")]
+        let kernel_pages = match kernel {
+            Some(k) => {
+                let keys = self.storage.head_pages(self.layer, self.head, Role::Key)?;
+                let values = self
+                    .storage
+                    .head_pages(self.layer, self.head, Role::Value)?;
+                let readable = |pages: &HeadPages, kind| pages.packed != block_kernel::full(kind);
+                (readable(&keys, k.keys) && readable(&values, k.values)).then_some((keys, values))
+            }
+            None => None,
+        };
         // inside a run of such blocks (outputs in the kernel's lanes, zero sums pending)
         #[cfg(target_arch = "x86_64")]
         let mut in_run = false;
@@ -292,45 +345,22 @@ impl Pass<'_> {
                     prefetch(self.storage.value_page(self.layer, *next, self.head)?);
                 }
             }
-            let keys = self.storage.key_page(self.layer, block, self.head)?;
-            let values = self.storage.value_page(self.layer, block, self.head)?;
             #[cfg(target_arch = "x86_64")]
             {
-                // a sealed page of the kind, or f16/bf16 pages of an all-f16/bf16 layout
-                // (channel-major keys); a packed f16 page (a layer overridden inside a
-                // compressed layout) is token-major and read apart, as is the open block's
-                // staging
-                let bytes = |page, kind| match page {
-                    PageRef::Packed { codec, bytes, .. }
-                        if !block_kernel::full(kind) && block_kernel::kind(codec) == Some(kind) =>
-                    {
-                        Some(bytes)
+                // a sealed, full block goes with the run the kernel reads (a first block whose
+                // sink tokens are kept apart does not)
+                let pair = kernel_pages
+                    .filter(|_| n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()))
+                    .and_then(|(keys, values)| Some((keys.sealed(block)?, values.sealed(block)?)));
+                if let Some(page_pair) = pair {
+                    // read with the run it belongs to, once the run ends
+                    pending[pending_len] = page_pair;
+                    pending_len += 1;
+                    if pending_len == pending.len() {
+                        flush(&pending, &mut in_run, max, lanes, acc, zeros)?;
+                        pending_len = 0;
                     }
-                    PageRef::F16T(elements) | PageRef::F16(elements)
-                        if kind == block_kernel::F16 =>
-                    {
-                        Some(bytemuck::cast_slice::<half::f16, u8>(elements))
-                    }
-                    PageRef::Bf16T(elements) | PageRef::Bf16(elements)
-                        if kind == block_kernel::BF16 =>
-                    {
-                        Some(bytemuck::cast_slice::<half::bf16, u8>(elements))
-                    }
-                    _ => None,
-                };
-                let pages =
-                    kernel.and_then(|k| Some((bytes(keys, k.keys)?, bytes(values, k.values)?)));
-                if let (Some(_), Some(page_pair)) = (kernel, pages) {
-                    if n == bs && !(block_idx == 0 && self.sink_rows(block).is_some()) {
-                        // read with the run it belongs to, once the run ends
-                        pending[pending_len] = page_pair;
-                        pending_len += 1;
-                        if pending_len == pending.len() {
-                            flush(&pending, &mut in_run, max, lanes, acc, zeros)?;
-                            pending_len = 0;
-                        }
-                        continue;
-                    }
+                    continue;
                 }
                 flush(
                     &pending[..std::mem::take(&mut pending_len)],
@@ -344,6 +374,8 @@ impl Pass<'_> {
                     kernel.leave(group, zeros, acc);
                 }
             }
+            let keys = self.storage.key_page(self.layer, block, self.head)?;
+            let values = self.storage.value_page(self.layer, block, self.head)?;
             match (key_split, keys) {
                 (Some(plan), PageRef::Packed { bytes, .. }) => {
                     if !split_ready {

@@ -272,7 +272,7 @@ int_weighted_rows_16!(int_weighted_rows_16_u2, u2, 4);
 /// of `exp_in_place`, 2ⁿ built in the exponent bits; below −87 (and for −∞) exactly 0.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-fn exp8(x: __m256) -> __m256 {
+pub(in crate::attention) fn exp8(x: __m256) -> __m256 {
     let floor_x = _mm256_set1_ps(-87.0);
     let keep = _mm256_cmp_ps::<_CMP_GE_OQ>(x, floor_x);
     let v = _mm256_max_ps(x, floor_x);

@@ -1,0 +1,77 @@
+//! One kv head's stored pages of one layer and role as bytes, for the whole-block attention
+//! kernels: a pass over a run of sealed blocks takes each block's page by arithmetic, where
+//! [`KvStorage::key_page`] checks the block and builds a [`super::PageRef`] per call (which
+//! cost the pass more than its own work at SmolLM2's geometry).
+
+use super::{Arena, KvStorage, Staging};
+use crate::block::BlockId;
+use crate::codec::Role;
+use crate::error::{KvError, Result};
+
+/// The pages of (layer, kv head, role), consecutive blocks adjacent.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct HeadPages<'a> {
+    bytes: &'a [u8],
+    page_bytes: usize,
+    staging: Option<&'a Staging>,
+    /// Packed pages of the layer's codec; else the layout's full-precision elements (key
+    /// pages channel-major, value pages token-major).
+    pub packed: bool,
+}
+
+impl<'a> HeadPages<'a> {
+    /// The stored page of `block`, if it is sealed: `None` for an open block (its rows are in
+    /// staging) or one outside the storage.
+    #[inline]
+    pub fn sealed(&self, block: BlockId) -> Option<&'a [u8]> {
+        if self.staging.is_some_and(|s| s.slot(block).is_some()) {
+            return None;
+        }
+        let start = block.index().checked_mul(self.page_bytes)?;
+        self.bytes.get(start..start.checked_add(self.page_bytes)?)
+    }
+}
+
+impl KvStorage {
+    /// The pages of kv head `head` of `layer`'s keys or values.
+    pub(crate) fn head_pages(
+        &self,
+        layer: usize,
+        head: usize,
+        role: Role,
+    ) -> Result<HeadPages<'_>> {
+        let (layers, heads) = (self.layout.layers(), self.layout.kv_heads());
+        let check = |what, index, limit| {
+            if index < limit {
+                Ok(())
+            } else {
+                Err(KvError::IndexOutOfRange { what, index, limit })
+            }
+        };
+        check("layer", layer, layers)?;
+        check("kv head", head, heads)?;
+        let (arena, page_bytes) = match role {
+            Role::Key => (&self.keys[layer], self.layout.key_page_bytes(layer)),
+            Role::Value => (&self.values[layer], self.layout.value_page_bytes(layer)),
+        };
+        let page_elements = self.layout.page_elements();
+        let typed =
+            head * page_elements * self.num_blocks..(head + 1) * page_elements * self.num_blocks;
+        let (bytes, page_bytes, packed): (&[u8], usize, bool) = match arena {
+            Arena::Packed(a) => {
+                let pages =
+                    head * self.num_blocks * page_bytes..(head + 1) * self.num_blocks * page_bytes;
+                (&a[pages], page_bytes, true)
+            }
+            Arena::F32(a) => (bytemuck::cast_slice(&a[typed]), 4 * page_elements, false),
+            Arena::F16(a) => (bytemuck::cast_slice(&a[typed]), 2 * page_elements, false),
+            Arena::Bf16(a) => (bytemuck::cast_slice(&a[typed]), 2 * page_elements, false),
+        };
+        Ok(HeadPages {
+            bytes,
+            page_bytes,
+            staging: self.staging.as_ref(),
+            packed,
+        })
+    }
+}
