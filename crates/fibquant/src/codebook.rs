@@ -267,6 +267,19 @@ impl Codebook {
         best.0 as usize
     }
 
+    /// The index of the codeword nearest to each block of `blocks` (consecutive blocks of k)
+    /// into `out`: what [`Self::nearest`] gives each, sixteen blocks searched at once where
+    /// the exhaustive scan applies.
+    pub fn nearest_blocks(&self, blocks: &[f32], out: &mut [u16]) {
+        if self.k <= 3 && self.len() > MAX_SCANNED_N {
+            for (index, block) in out.iter_mut().zip(blocks.chunks_exact(self.k)) {
+                *index = self.nearest_pruned(block) as u16;
+            }
+        } else {
+            scan::nearest_blocks(&self.columns, &self.norms, self.stride, self.k, blocks, out);
+        }
+    }
+
     /// Index of the codeword nearest to `x`: exact search over all codewords, minimizing
     /// ‖c‖² − 2⟨x, c⟩ (= ‖x − c‖² − ‖x‖²); the first index on ties. Uses the widest SIMD the
     /// CPU has (runtime detection); every path returns the same index, since each lane performs
