@@ -170,7 +170,7 @@ mod x86 {
     ) {
         let k = if K == 0 { k } else { K };
         assert!(k <= 8 && columns.len() >= stride * k && norms.len() >= stride);
-        assert!(blocks.len() == k * out.len());
+        assert!(stride.is_multiple_of(LANES) && blocks.len() == k * out.len());
         for (group, out) in blocks.chunks(LANES * k).zip(out.chunks_mut(LANES)) {
             // coordinate j of the group's blocks, doubled, one block per lane
             let mut lanes = [[0f32; LANES]; 8];

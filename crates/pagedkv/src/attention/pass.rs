@@ -289,7 +289,7 @@ impl Pass<'_> {
         let mut in_run = false;
         // the kernel's query, scaled once per pass (only when the kernel will read it)
         #[cfg(target_arch = "x86_64")]
-        if kernel.is_some() {
+        if kernel_pages.is_some() {
             scaled_q.clear();
             scaled_q.extend(self.q.iter().map(|x| x * self.scale));
         }
@@ -334,7 +334,7 @@ impl Pass<'_> {
             let n = (self.ctx.len - start).min(bs);
             // the whole-block kernels prefetch their runs' pages themselves
             #[cfg(target_arch = "x86_64")]
-            let prefetched_by_kernel = kernel.is_some();
+            let prefetched_by_kernel = kernel_pages.is_some();
             #[cfg(not(target_arch = "x86_64"))]
             let prefetched_by_kernel = false;
             if let (Some(next), false) =

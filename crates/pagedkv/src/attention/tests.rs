@@ -315,10 +315,11 @@ fn simd_loops_match_the_reference_at_smollm_geometry() {
 
 #[test]
 fn blocks_read_in_one_call_match_the_reference() {
-    // the whole-block kernel runs at the AVX-512 level only: `levels` says whether it ran
+    // the whole-block kernels run at the AVX-512 and AVX2 levels: `levels` says which ran
     let levels = levels("blocks_read_in_one_call");
-    // every pair of f16, bf16, integer and fp8 key and value codecs; groups of 1 (MHA),
-    // 3 (GQA), 4 (MQA, the widest group read in one call) and 9 (MQA past it); keys growing
+    // every pair of f16, bf16, integer and fp8 key and value codecs (the kernels' pairs and
+    // the ones they leave to the page readers); groups of 1 (MHA), 3 (GQA), 4 (MQA, the most
+    // heads read in one turn) and 9 (MQA, three turns); keys growing
     // along the context so the softmax reference point moves inside a run of blocks
     let ints = [
         Codec::F16,
@@ -457,6 +458,36 @@ fn bad_shapes_are_errors() {
         attend_reference(&s, 0, ctx(5), &q, 1.0, &mut out[2..]),
         Err(KvError::ShapeMismatch { .. })
     ));
+}
+
+/// A block table naming a block the storage does not have is an error at every level, also
+/// where a whole-block kernel would read the blocks (sealed int4 pages at SmolLM2's geometry,
+/// and f16 at blocks of 8), not a panic.
+#[test]
+fn a_block_outside_the_storage_is_an_error_on_every_path() {
+    let levels = levels("a_block_outside_the_storage");
+    for (codec, bs) in [(Codec::Int4, 16), (Codec::Int8, 8), (Codec::F16, 16)] {
+        let mut spec = LayoutSpec::new(1, 3, 9, 64, codec);
+        spec.block_size = bs;
+        let (s, mut blocks) = filled_layout(KvLayout::new(spec).unwrap(), 3 * bs, 1.0);
+        blocks[1] = BlockId(99);
+        let q = vec![0.5; 9 * 64];
+        let mut out = vec![0.0; 9 * 64];
+        let ctx = Context {
+            blocks: &blocks,
+            len: 3 * bs,
+        };
+        for &simd in &levels {
+            for path in [AttentionPath::Exact, AttentionPath::Fast] {
+                let mut scratch = Scratch::with(Dispatch { simd, path }).unwrap();
+                let result = attend(&s, 0, ctx, &q, 0.125, &mut out, &mut scratch);
+                assert!(
+                    matches!(result, Err(KvError::InvalidBlock(BlockId(99)))),
+                    "{codec}, blocks of {bs}, {simd}, {path}: {result:?}"
+                );
+            }
+        }
+    }
 }
 
 /// Llama-family geometries (head_dim 128 with 32/8 and 28/4 heads, head_dim 64 with 32/4 and

@@ -24,11 +24,13 @@ impl<'a> HeadPages<'a> {
     /// staging) or one outside the storage.
     #[inline]
     pub fn sealed(&self, block: BlockId) -> Option<&'a [u8]> {
-        if self.staging.is_some_and(|s| s.slot(block).is_some()) {
-            return None;
-        }
+        // in range first: the staging's slot table is indexed by block
         let start = block.index().checked_mul(self.page_bytes)?;
-        self.bytes.get(start..start.checked_add(self.page_bytes)?)
+        let page = self.bytes.get(start..start.checked_add(self.page_bytes)?)?;
+        match self.staging.and_then(|s| s.slot(block)) {
+            Some(_) => None,
+            None => Some(page),
+        }
     }
 }
 
