@@ -166,6 +166,14 @@ impl KvStorage {
     }
 
     fn check(&self, layer: usize, block: BlockId) -> Result<()> {
+        self.check_layer(layer)?;
+        if block.index() >= self.num_blocks {
+            return Err(KvError::InvalidBlock(block));
+        }
+        Ok(())
+    }
+
+    fn check_layer(&self, layer: usize) -> Result<()> {
         if layer >= self.layout.layers() {
             return Err(KvError::IndexOutOfRange {
                 what: "layer",
@@ -173,8 +181,16 @@ impl KvStorage {
                 limit: self.layout.layers(),
             });
         }
-        if block.index() >= self.num_blocks {
-            return Err(KvError::InvalidBlock(block));
+        Ok(())
+    }
+
+    fn check_head(&self, head: usize) -> Result<()> {
+        if head >= self.layout.kv_heads() {
+            return Err(KvError::IndexOutOfRange {
+                what: "kv head",
+                index: head,
+                limit: self.layout.kv_heads(),
+            });
         }
         Ok(())
     }
@@ -402,13 +418,7 @@ impl KvStorage {
 
     fn page(&self, layer: usize, block: BlockId, head: usize, role: Role) -> Result<PageRef<'_>> {
         self.check(layer, block)?;
-        if head >= self.layout.kv_heads() {
-            return Err(KvError::IndexOutOfRange {
-                what: "kv head",
-                index: head,
-                limit: self.layout.kv_heads(),
-            });
-        }
+        self.check_head(head)?;
         let l = &self.layout;
         let arena = if role == Role::Key {
             &self.keys[layer]

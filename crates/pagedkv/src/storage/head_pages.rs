@@ -6,7 +6,7 @@
 use super::{Arena, KvStorage, Staging};
 use crate::block::BlockId;
 use crate::codec::Role;
-use crate::error::{KvError, Result};
+use crate::error::Result;
 
 /// The pages of (layer, kv head, role), consecutive blocks adjacent.
 #[derive(Debug, Clone, Copy)]
@@ -42,28 +42,20 @@ impl KvStorage {
         head: usize,
         role: Role,
     ) -> Result<HeadPages<'_>> {
-        let (layers, heads) = (self.layout.layers(), self.layout.kv_heads());
-        let check = |what, index, limit| {
-            if index < limit {
-                Ok(())
-            } else {
-                Err(KvError::IndexOutOfRange { what, index, limit })
-            }
-        };
-        check("layer", layer, layers)?;
-        check("kv head", head, heads)?;
+        self.check_layer(layer)?;
+        self.check_head(head)?;
         let (arena, page_bytes) = match role {
             Role::Key => (&self.keys[layer], self.layout.key_page_bytes(layer)),
             Role::Value => (&self.values[layer], self.layout.value_page_bytes(layer)),
         };
+        // the head's pages, in the arena's order (`page_index`)
+        let pages = self.page_index(BlockId(0), head)..self.page_index(BlockId(0), head + 1);
         let page_elements = self.layout.page_elements();
-        let typed =
-            head * page_elements * self.num_blocks..(head + 1) * page_elements * self.num_blocks;
+        let typed = pages.start * page_elements..pages.end * page_elements;
         let (bytes, page_bytes, packed): (&[u8], usize, bool) = match arena {
             Arena::Packed(a) => {
-                let pages =
-                    head * self.num_blocks * page_bytes..(head + 1) * self.num_blocks * page_bytes;
-                (&a[pages], page_bytes, true)
+                let bytes = pages.start * page_bytes..pages.end * page_bytes;
+                (&a[bytes], page_bytes, true)
             }
             Arena::F32(a) => (bytemuck::cast_slice(&a[typed]), 4 * page_elements, false),
             Arena::F16(a) => (bytemuck::cast_slice(&a[typed]), 2 * page_elements, false),
