@@ -24,8 +24,10 @@ pub enum Weights {
     Exact,
     /// Dequantized to f32 (no activation quantization in matmuls).
     F32,
-    /// Requantized to Q8_0 at load (SIMD kernels).
+    /// Requantized to 8 bits at load (our SIMD kernel).
     Q8,
+    /// Q4_1 read as stored by our SIMD kernel, other types as q8: the default.
+    Q4,
 }
 
 /// The arithmetic attention reads compressed pages with (see `AttentionPath`).
@@ -64,7 +66,7 @@ pub struct CommonArgs {
     /// sinks; compressed codecs only, at most the block size).
     #[arg(long, global = true, default_value_t = 0)]
     pub sink_tokens: usize,
-    /// How weights are held in memory (default: q8; f32 for `eval`).
+    /// How weights are held in memory (default: q4; f32 for `eval`).
     #[arg(long, global = true, value_enum)]
     pub weights: Option<Weights>,
     /// How attention reads compressed pages.
@@ -150,9 +152,9 @@ impl CommonArgs {
     }
 
     /// Loads (fetching if needed) the model and its tokenizer, weights held as `--weights`
-    /// says or else as q8.
+    /// says or else as q4 (Q4_1 read as stored by our kernel).
     pub fn load_model(&self) -> Result<(Model, GgufTokenizer)> {
-        self.load_model_or(WeightMode::Q8)
+        self.load_model_or(WeightMode::Q4)
     }
 
     /// Loads the model with `default` weights unless `--weights` is given.
@@ -162,6 +164,7 @@ impl CommonArgs {
             Some(Weights::Exact) => WeightMode::Exact,
             Some(Weights::F32) => WeightMode::F32,
             Some(Weights::Q8) => WeightMode::Q8,
+            Some(Weights::Q4) => WeightMode::Q4,
             None => default,
         };
         let (mut model, tokenizer) =

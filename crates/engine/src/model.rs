@@ -14,7 +14,7 @@
 use std::fs::File;
 use std::path::Path;
 
-use candle_core::quantized::{gguf_file, QMatMul, QTensor};
+use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Scratch};
 use pagedkv::{KvCacheManager, SeqId};
@@ -23,7 +23,7 @@ use rayon::prelude::*;
 use crate::config::{bad_model, ModelConfig, RopeScaling};
 use crate::error::{candle_message, EngineError, Result};
 use crate::fingerprint::ModelFingerprint;
-use crate::qgemm::{QActivations, QWeights, ShapeError};
+use crate::qgemm::{matmul_many, GroupedWeights, Q4Weights, QActivations, QWeights, ShapeError};
 use crate::rope::{Rope, Stretch};
 use crate::tokenizer::GgufTokenizer;
 
@@ -39,15 +39,31 @@ pub enum WeightMode {
     /// which reuses each weight across the rows of a batch (for speed; see `qgemm`); a matrix whose
     /// shape the kernel cannot tile (outputs not a multiple of 16) stays as stored.
     Q8,
+    /// Q4_1 matrices read as stored by our AVX-512 VNNI kernel (`qgemm::Q4Weights`): the
+    /// file's own weights, at 0.625 bytes each; matrices of another type (the Q8_0 embedding
+    /// that doubles as output) as in `Q8`.
+    Q4,
 }
 
 /// Sees every layer's queries and keys after RoPE: `(layer, queries, keys)`.
 pub type LayerObserver<'a> = dyn FnMut(usize, &[f32], &[f32]) + 'a;
 
-/// A linear layer: candle's matmul on weights as stored or dequantized, or our 8-bit kernel.
+/// A linear layer: candle's matmul on weights as stored or dequantized, or one of our kernels.
 enum Linear {
     Candle(QMatMul),
     Q8(QWeights),
+    Q4(Q4Weights),
+}
+
+impl Linear {
+    /// Our kernel's matrix, if this layer has one.
+    fn grouped(&self) -> Option<&dyn GroupedWeights> {
+        match self {
+            Linear::Candle(_) => None,
+            Linear::Q8(w) => Some(w),
+            Linear::Q4(w) => Some(w),
+        }
+    }
 }
 
 struct Layer {
@@ -148,22 +164,29 @@ impl Model {
             Ok(q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?)
         };
         let matrix = |q: QTensor| -> Result<Linear> {
+            let (n, k) = q.shape().dims2()?;
+            // a shape a kernel cannot tile (an odd vocabulary): candle's matmul on the weights
+            // as stored
+            let or_as_stored =
+                |kernel: std::result::Result<Linear, ShapeError>, q: QTensor| match kernel {
+                    Ok(linear) => Ok(linear),
+                    Err(ShapeError::Weights { .. }) => {
+                        Ok(Linear::Candle(QMatMul::from_qtensor(q)?))
+                    }
+                    Err(e) => Err(bad_model(path, e.to_string())),
+                };
+            let requantized = |q: &QTensor| -> Result<_> {
+                let w = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(QWeights::new(&w, n, k).map(Linear::Q8))
+            };
             Ok(match mode {
                 WeightMode::Exact => Linear::Candle(QMatMul::from_qtensor(q)?),
                 WeightMode::F32 => Linear::Candle(QMatMul::Tensor(q.dequantize(&device)?)),
-                WeightMode::Q8 => {
-                    let (n, k) = q.shape().dims2()?;
-                    let w = q.dequantize(&device)?.flatten_all()?.to_vec1::<f32>()?;
-                    match QWeights::new(&w, n, k) {
-                        Ok(weights) => Linear::Q8(weights),
-                        // a shape the kernel cannot tile (an odd vocabulary): candle's matmul
-                        // on the weights as stored
-                        Err(ShapeError::Weights { .. }) => {
-                            Linear::Candle(QMatMul::from_qtensor(q)?)
-                        }
-                        Err(e) => return Err(bad_model(path, e.to_string())),
-                    }
+                WeightMode::Q4 if q.dtype() == GgmlDType::Q4_1 => {
+                    let kernel = Q4Weights::from_q4_1(&q.data()?, n, k).map(Linear::Q4);
+                    or_as_stored(kernel, q)?
                 }
+                WeightMode::Q8 | WeightMode::Q4 => or_as_stored(requantized(&q)?, q)?,
             })
         };
         let mut layers = Vec::with_capacity(config.layers);
@@ -288,25 +311,24 @@ impl Model {
         x: &[f32],
         rows: usize,
     ) -> Result<[Vec<f32>; N]> {
-        let mut acts: Option<QActivations> = None;
         let mut outs: [Vec<f32>; N] = std::array::from_fn(|_| Vec::new());
+        let kernels: Option<Vec<&dyn GroupedWeights>> = ws.iter().map(|w| w.grouped()).collect();
+        if let Some(kernels) = kernels {
+            // quantized once, shared by every matrix of this input, in one parallel pass
+            let mut acts = QActivations::default();
+            acts.quantize(x, rows, kernels[0].k())?;
+            matmul_many(&kernels, &acts, &mut outs)?;
+            return Ok(outs);
+        }
+        // some matrix left as stored (a shape our kernels cannot tile): one by one
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
-            match w {
-                Linear::Candle(m) => {
-                    let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
-                    *out = m.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
-                }
-                Linear::Q8(q) => {
-                    // quantized once, shared by every matrix of this input
-                    if acts.is_none() {
-                        let mut a = QActivations::default();
-                        a.quantize(x, rows, q.k())?;
-                        acts = Some(a);
-                    }
-                    if let Some(a) = &acts {
-                        q.matmul(a, out)?;
-                    }
-                }
+            if let Linear::Candle(m) = w {
+                let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;
+                *out = m.forward(&input)?.flatten_all()?.to_vec1::<f32>()?;
+            } else if let Some(kernel) = w.grouped() {
+                let mut acts = QActivations::default();
+                acts.quantize(x, rows, kernel.k())?;
+                matmul_many(&[kernel], &acts, std::slice::from_mut(out))?;
             }
         }
         Ok(outs)

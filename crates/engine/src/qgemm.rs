@@ -20,6 +20,9 @@
 
 use rayon::prelude::*;
 
+mod q4_1;
+pub use q4_1::Q4Weights;
+
 /// Inputs per quantization block.
 const BLOCK: usize = 32;
 /// Output columns per group (lanes of a 512-bit register).
@@ -149,41 +152,7 @@ impl QWeights {
 
     /// `out[r][c] = Σ_i x[r][i] · w[c][i]` for the quantized rows of `x`; `out` is `rows × n`.
     pub fn matmul(&self, x: &QActivations, out: &mut Vec<f32>) -> Result<(), ShapeError> {
-        if x.k != self.k {
-            return Err(ShapeError::Mismatch {
-                weights: self.k,
-                activations: x.k,
-            });
-        }
-        let rows = x.rows;
-        let groups = self.n / LANES;
-        // per-group results [g][row][lane], then scattered to row-major
-        let mut by_group = vec![0f32; groups * rows * LANES];
-        let simd = vnni_available();
-        by_group
-            .par_chunks_mut(rows * LANES)
-            .with_min_len(4)
-            .enumerate()
-            .for_each(|(g, dst)| {
-                if simd {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `vnni_available` checked avx512f, avx512bw and avx512vnni at run time.
-                    unsafe {
-                        self.group_avx512(g, x, dst)
-                    };
-                } else {
-                    self.group_scalar(g, x, dst);
-                }
-            });
-        out.clear();
-        out.resize(rows * self.n, 0.0);
-        for g in 0..groups {
-            for r in 0..rows {
-                let src = &by_group[(g * rows + r) * LANES..(g * rows + r + 1) * LANES];
-                out[r * self.n + g * LANES..r * self.n + (g + 1) * LANES].copy_from_slice(src);
-            }
-        }
-        Ok(())
+        matmul_many(&[self], x, std::slice::from_mut(out))
     }
 
     /// The scalar twin of the SIMD kernel: the same integer sums, and per (row, column) the same
@@ -259,6 +228,86 @@ impl QWeights {
     }
 }
 
+/// A weight matrix in one of the kernels' layouts, its outputs in groups of 16 columns.
+pub trait GroupedWeights: Sync {
+    /// Outputs.
+    fn n(&self) -> usize;
+    /// Inputs.
+    fn k(&self) -> usize;
+    /// Group `g`'s 16 outputs for every row of `x` into `dst` (`rows × 16`), by the SIMD
+    /// kernel when `simd` ([`vnni_available`]) and by its scalar twin otherwise.
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool);
+}
+
+impl GroupedWeights for QWeights {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is `vnni_available()`, which checked avx512f, avx512bw and
+            // avx512vnni at run time.
+            unsafe { self.group_avx512(g, x, dst) };
+            return;
+        }
+        let _ = simd;
+        self.group_scalar(g, x, dst);
+    }
+}
+
+/// `outs[i] = x · ws[i]ᵀ` for matrices of the same input width, in one parallel pass over the
+/// groups of all of them: one fork and join for the q, k and v projections rather than three,
+/// and the small k and v matrices no longer leave a thread idle on their own.
+pub fn matmul_many(
+    ws: &[&dyn GroupedWeights],
+    x: &QActivations,
+    outs: &mut [Vec<f32>],
+) -> Result<(), ShapeError> {
+    assert_eq!(ws.len(), outs.len(), "one output per matrix");
+    if let Some(w) = ws.iter().find(|w| w.k() != x.k) {
+        return Err(ShapeError::Mismatch {
+            weights: w.k(),
+            activations: x.k,
+        });
+    }
+    let rows = x.rows;
+    if rows == 0 {
+        outs.iter_mut().for_each(Vec::clear);
+        return Ok(());
+    }
+    // (matrix, group) of every group, matrices one after another
+    let work: Vec<(usize, usize)> = ws
+        .iter()
+        .enumerate()
+        .flat_map(|(i, w)| (0..w.n() / LANES).map(move |g| (i, g)))
+        .collect();
+    // per-group results [matrix][g][row][lane], then scattered to row-major
+    let mut by_group = vec![0f32; work.len() * rows * LANES];
+    let simd = vnni_available();
+    by_group
+        .par_chunks_mut(rows * LANES)
+        .zip(work.par_iter())
+        .with_min_len(4)
+        .for_each(|(dst, (i, g))| ws[*i].group(*g, x, dst, simd));
+    let mut groups = by_group.chunks_exact(rows * LANES);
+    for (w, out) in ws.iter().zip(outs.iter_mut()) {
+        let n = w.n();
+        out.clear();
+        out.resize(rows * n, 0.0);
+        for g in 0..n / LANES {
+            let Some(group) = groups.next() else { break };
+            for (r, src) in group.chunks_exact(LANES).enumerate() {
+                out[r * n + g * LANES..][..LANES].copy_from_slice(src);
+            }
+        }
+    }
+    Ok(())
+}
+
 impl QActivations {
     /// Quantizes `rows` rows of width `k` (a multiple of 32), reusing this buffer.
     pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) -> Result<(), ShapeError> {
@@ -306,10 +355,11 @@ pub fn vnni_available() -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn data(len: usize, seed: u32) -> Vec<f32> {
+    /// `len` values in ±2 from a seeded generator.
+    pub(in crate::qgemm) fn data(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed;
         (0..len)
             .map(|_| {
@@ -367,14 +417,10 @@ mod tests {
         );
         for g in 0..groups {
             let mut scalar = vec![0f32; 9 * LANES];
-            w.group_scalar(g, &batch, &mut scalar);
-            #[cfg(target_arch = "x86_64")]
-            if simd_ran {
-                let mut simd = vec![0f32; 9 * LANES];
-                // SAFETY: features checked just above.
-                unsafe { w.group_avx512(g, &batch, &mut simd) };
-                assert_eq!(scalar, simd);
-            }
+            w.group(g, &batch, &mut scalar, false);
+            let mut simd = vec![0f32; 9 * LANES];
+            w.group(g, &batch, &mut simd, simd_ran);
+            assert_eq!(scalar, simd);
         }
         // a row alone gives exactly its row of the batch
         let mut all = Vec::new();

@@ -175,19 +175,19 @@ fn every_weight_type_runs_in_every_weight_mode() {
         // dequantized, and requantized to 8 bits for our kernel: the same model within rounding
         let (f32_model, _) = Model::load(&path, WeightMode::F32).unwrap();
         let (q8_model, _) = Model::load(&path, WeightMode::Q8).unwrap();
-        let (a, b) = (
-            first_logits(&f32_model, &prompt),
-            first_logits(&q8_model, &prompt),
-        );
+        let (q4_model, _) = Model::load(&path, WeightMode::Q4).unwrap();
+        let a = first_logits(&f32_model, &prompt);
         let range = a.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let q8_diff = a
-            .iter()
-            .zip(&b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max);
+        let diff = |model: &Model| {
+            a.iter()
+                .zip(&first_logits(model, &prompt))
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max)
+        };
+        let (q8_diff, q4_diff) = (diff(&q8_model), diff(&q4_model));
         println!(
             "{dtype:?}: as stored vs candle {stored_diff:.1e}, greedy identical for {same} of \
-             {GREEDY_TOKENS}; 8-bit vs f32 {q8_diff:.1e} of {range:.2}"
+             {GREEDY_TOKENS}; 8-bit vs f32 {q8_diff:.1e}, q4 mode vs f32 {q4_diff:.1e} of {range:.2}"
         );
         assert!(
             stored_diff <= 0.5,
@@ -200,6 +200,11 @@ fn every_weight_type_runs_in_every_weight_mode() {
         assert!(
             q8_diff <= 0.1 * range,
             "{dtype:?}: 8-bit weights differ by {q8_diff} of {range}"
+        );
+        // Q4_1 through our 4-bit kernel, other types requantized to 8 bits
+        assert!(
+            q4_diff <= 0.1 * range,
+            "{dtype:?}: q4 mode differs by {q4_diff} of {range}"
         );
     }
 }

@@ -9,7 +9,7 @@ use pagedkv_engine::{Model, ModelFingerprint, WeightMode};
 fn the_fingerprint_is_the_files_and_changes_with_it() {
     let path = ensure_model(None).unwrap();
     let content = Content::read(&mut std::fs::File::open(&path).unwrap()).unwrap();
-    let (model, _) = Model::load(&path, WeightMode::Q8).unwrap();
+    let (model, _) = Model::load(&path, WeightMode::Q4).unwrap();
     let fp = ModelFingerprint::of(&content);
     assert_eq!(
         model.fingerprint(),

@@ -24,3 +24,26 @@ fn exact_weights_agree_within_activation_quantization_noise() {
         println!("prompt {i}: greedy tokens identical for {common_prefix} of 16");
     }
 }
+
+/// Our Q4_1 kernel reads the same stored weights with the same 8-bit activation rounding as
+/// candle (per 32 inputs), so it is held to the same band as `exact`.
+#[test]
+fn q4_kernel_agrees_with_candle_on_the_stored_weights() {
+    for (i, c) in common::compare(pagedkv_engine::WeightMode::Q4, 16)
+        .iter()
+        .enumerate()
+    {
+        assert!(c.max_diff <= 1.0, "prompt {i}: max |Δlogit| {}", c.max_diff);
+        assert_eq!(c.ours[0], c.theirs[0], "prompt {i}: next token differs");
+        let common_prefix = c
+            .ours
+            .iter()
+            .zip(&c.theirs)
+            .take_while(|(a, b)| a == b)
+            .count();
+        println!(
+            "prompt {i}: max |Δlogit| {:.2}, greedy tokens identical for {common_prefix} of 16",
+            c.max_diff
+        );
+    }
+}

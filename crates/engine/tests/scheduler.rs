@@ -1,4 +1,4 @@
-//! The scheduler on the real model (fetched when absent; never skipped), Q8 weights for speed.
+//! The scheduler on the real model (fetched when absent; never skipped), q4 weights (the default).
 //! Matmul rows and attention queries are computed independently of one another, so a sequence's
 //! greedy tokens must not depend on what it was batched with, on preemption, or on prefix reuse.
 
@@ -14,7 +14,7 @@ use pagedkv_engine::{
 
 fn model() -> &'static (Model, GgufTokenizer) {
     static MODEL: OnceLock<(Model, GgufTokenizer)> = OnceLock::new();
-    MODEL.get_or_init(|| Model::load(&ensure_model(None).unwrap(), WeightMode::Q8).unwrap())
+    MODEL.get_or_init(|| Model::load(&ensure_model(None).unwrap(), WeightMode::Q4).unwrap())
 }
 
 fn cache(blocks: usize) -> KvCacheManager {

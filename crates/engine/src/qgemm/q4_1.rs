@@ -1,0 +1,280 @@
+//! Q4_1 weight matrices read as the GGUF file stores them: 4-bit codes with an f16 scale and
+//! minimum per 32 weights (`w = d·q + m`), multiplied with 8-bit activations by `vpdpbusd`.
+//!
+//! The codes are unsigned, as `vpdpbusd` wants its first operand, so no offset needs undoing;
+//! the minimum adds `m · Σ x` per block, and the activations' block sums are already there.
+//! A group's blocks are repacked so that each 32-bit lane belongs to a different output column:
+//!
+//! ```text
+//!  group g = columns 16g .. 16g+15, block b = inputs 32b .. 32b+31            (320 bytes)
+//!  [j = 0..4][lane = column 0..16][4 bytes: the file's qs[4j .. 4j+4]]         256 bytes
+//!  [lane] d as f16, then [lane] m as f16                                        2 × 32 bytes
+//! ```
+//!
+//! A byte's low nibble is input `4j + i` and its high nibble input `16 + 4j + i` (the file's
+//! own pairing), so one load gives two of the 8-bit kernel's registers after a mask and a
+//! shift. Half the 8-bit layout's bytes per weight (0.625 against 1.125): single-sequence
+//! decode reads every weight once per token, so it runs at the speed of these bytes.
+
+use super::{GroupedWeights, QActivations, ShapeError, BLOCK, LANES, ROW_TILE};
+use half::f16;
+
+/// Bytes of one Q4_1 block in the file: d, m (f16 each), 16 bytes of codes.
+const FILE_BLOCK: usize = 20;
+/// Bytes of one (group, block) in the repacked layout.
+const PACKED: usize = LANES * (BLOCK / 2 + 4);
+/// Where the scales and minimums start in a (group, block).
+const SCALES_AT: usize = LANES * BLOCK / 2;
+const MINS_AT: usize = SCALES_AT + 2 * LANES;
+
+/// A weight matrix `[n outputs × k inputs]` of Q4_1 blocks, repacked.
+#[derive(Debug, Clone)]
+pub struct Q4Weights {
+    n: usize,
+    k: usize,
+    packed: Vec<u8>,
+}
+
+impl Q4Weights {
+    /// Repacks the file's Q4_1 data of a matrix of `n` rows (outputs) by `k` columns (inputs):
+    /// row-major, `k / 32` blocks of 20 bytes per row.
+    pub fn from_q4_1(data: &[u8], n: usize, k: usize) -> Result<Self, ShapeError> {
+        if n == 0
+            || k == 0
+            || !n.is_multiple_of(LANES)
+            || !k.is_multiple_of(BLOCK)
+            || data.len() != n * k / BLOCK * FILE_BLOCK
+        {
+            return Err(ShapeError::Weights { n, k });
+        }
+        let blocks = k / BLOCK;
+        let mut packed = vec![0u8; n / LANES * blocks * PACKED];
+        for col in 0..n {
+            let (g, lane) = (col / LANES, col % LANES);
+            for b in 0..blocks {
+                let src = &data[(col * blocks + b) * FILE_BLOCK..][..FILE_BLOCK];
+                let dst = &mut packed[(g * blocks + b) * PACKED..][..PACKED];
+                dst[SCALES_AT + 2 * lane..][..2].copy_from_slice(&src[0..2]);
+                dst[MINS_AT + 2 * lane..][..2].copy_from_slice(&src[2..4]);
+                for j in 0..4 {
+                    dst[(j * LANES + lane) * 4..][..4].copy_from_slice(&src[4 + 4 * j..][..4]);
+                }
+            }
+        }
+        Ok(Self { n, k, packed })
+    }
+
+    /// Column `lane`'s (d, m) in (group, block) `at` (its byte offset).
+    fn scale_and_min(&self, at: usize, lane: usize) -> (f32, f32) {
+        let read = |offset: usize| {
+            let bytes = [self.packed[at + offset], self.packed[at + offset + 1]];
+            f16::from_le_bytes(bytes).to_f32()
+        };
+        (read(SCALES_AT + 2 * lane), read(MINS_AT + 2 * lane))
+    }
+
+    /// The scalar twin of the SIMD kernel: the same integer sums, and per (row, column) the
+    /// same f32 operations in the same order (`d · s`, then a fused multiply-add for the codes
+    /// and one for the minimum, per block).
+    fn group_scalar(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        let blocks = self.k / BLOCK;
+        for r in 0..x.rows {
+            for lane in 0..LANES {
+                let mut acc = 0f32;
+                for b in 0..blocks {
+                    let at = (g * blocks + b) * PACKED;
+                    let xq = &x.q[r * self.k + b * BLOCK..][..BLOCK];
+                    let mut dot = 0i32;
+                    for j in 0..4 {
+                        for i in 0..4 {
+                            let byte = self.packed[at + (j * LANES + lane) * 4 + i];
+                            dot += (byte & 0x0F) as i32 * xq[4 * j + i] as i32;
+                            dot += (byte >> 4) as i32 * xq[16 + 4 * j + i] as i32;
+                        }
+                    }
+                    let (d, m) = self.scale_and_min(at, lane);
+                    let s = x.scale[r * blocks + b];
+                    acc = (dot as f32).mul_add(d * s, acc);
+                    acc = m.mul_add(s * x.sum[r * blocks + b] as f32, acc);
+                }
+                dst[r * LANES + lane] = acc;
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX-512F, AVX-512BW, AVX-512 VNNI and F16C present.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
+    unsafe fn group_avx512(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let blocks = self.k / BLOCK;
+        assert!(self.packed.len() >= (g + 1) * blocks * PACKED);
+        assert!(x.q.len() >= x.rows * self.k && dst.len() >= x.rows * LANES);
+        assert!(x.scale.len() >= x.rows * blocks && x.sum.len() >= x.rows * blocks);
+        let nibble = _mm512_set1_epi8(0x0F);
+        let mut row = 0;
+        while row < x.rows {
+            let tile = (x.rows - row).min(ROW_TILE);
+            let mut acc = [_mm512_setzero_ps(); ROW_TILE];
+            for b in 0..blocks {
+                // SAFETY: (g, b)'s 320 bytes lie inside `packed` (asserted above).
+                let at = unsafe { self.packed.as_ptr().add((g * blocks + b) * PACKED) };
+                // codes of inputs 4t .. 4t+4 for t = 0..8: low nibbles, then high
+                let mut w = [_mm512_setzero_si512(); 8];
+                for j in 0..4 {
+                    // SAFETY: register j's 64 bytes lie inside the (group, block).
+                    let bytes = unsafe { _mm512_loadu_si512(at.add(64 * j).cast()) };
+                    w[j] = _mm512_and_si512(bytes, nibble);
+                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), nibble);
+                }
+                // SAFETY: the 16 scales and 16 minimums lie inside the (group, block).
+                let (d, m) = unsafe {
+                    (
+                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(SCALES_AT).cast())),
+                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(MINS_AT).cast())),
+                    )
+                };
+                for (i, acc) in acc.iter_mut().enumerate().take(tile) {
+                    let r = row + i;
+                    // SAFETY: row r's block b: 32 bytes inside `x.q` (asserted above).
+                    let xq = unsafe { x.q.as_ptr().add(r * self.k + b * BLOCK) };
+                    let mut dot = _mm512_setzero_si512();
+                    for (t, w) in w.iter().enumerate() {
+                        // SAFETY: bytes 4t .. 4t+4 of the block's 32.
+                        let four = unsafe { xq.add(4 * t).cast::<i32>().read_unaligned() };
+                        dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four));
+                    }
+                    let s = x.scale[r * blocks + b];
+                    let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, *acc);
+                    let min_term = _mm512_set1_ps(s * x.sum[r * blocks + b] as f32);
+                    *acc = _mm512_fmadd_ps(m, min_term, *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate().take(tile) {
+                // SAFETY: dst is rows × 16 floats (asserted); row + i < rows.
+                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((row + i) * LANES), *acc) };
+            }
+            row += tile;
+        }
+    }
+}
+
+impl GroupedWeights for Q4Weights {
+    fn n(&self) -> usize {
+        self.n
+    }
+    fn k(&self) -> usize {
+        self.k
+    }
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool) {
+        #[cfg(target_arch = "x86_64")]
+        if simd {
+            // SAFETY: `simd` is `super::vnni_available()`, which checked the features.
+            unsafe { self.group_avx512(g, x, dst) };
+            return;
+        }
+        let _ = simd;
+        self.group_scalar(g, x, dst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{matmul_many, tests::data, vnni_available};
+    use super::*;
+
+    /// A Q4_1 matrix in the file's format from seeded values, and its dequantized f32 values.
+    fn q4_1_matrix(n: usize, k: usize, seed: u32) -> (Vec<u8>, Vec<f32>) {
+        let values = data(n * k, seed);
+        let (mut file, mut exact) = (Vec::new(), Vec::new());
+        for block in values.chunks_exact(BLOCK) {
+            let (lo, hi) = block
+                .iter()
+                .fold((f32::MAX, f32::MIN), |(a, b), v| (a.min(*v), b.max(*v)));
+            let d = f16::from_f32((hi - lo) / 15.0);
+            let m = f16::from_f32(lo);
+            let q: Vec<u8> = block
+                .iter()
+                .map(|v| ((v - m.to_f32()) / d.to_f32()).round().clamp(0.0, 15.0) as u8)
+                .collect();
+            file.extend_from_slice(&d.to_le_bytes());
+            file.extend_from_slice(&m.to_le_bytes());
+            file.extend((0..16).map(|i| q[i] | (q[i + 16] << 4)));
+            exact.extend(q.iter().map(|q| d.to_f32() * *q as f32 + m.to_f32()));
+        }
+        (file, exact)
+    }
+
+    #[test]
+    fn matches_the_dequantized_weights_within_activation_rounding() {
+        let (n, k, rows) = (48, 96, 5);
+        let (file, w) = q4_1_matrix(n, k, 7);
+        let weights = Q4Weights::from_q4_1(&file, n, k).unwrap();
+        let x = data(rows * k, 8);
+        let mut acts = QActivations::default();
+        acts.quantize(&x, rows, k).unwrap();
+        let mut out = [Vec::new()];
+        matmul_many(&[&weights], &acts, &mut out).unwrap();
+        for r in 0..rows {
+            for c in 0..n {
+                let exact: f64 = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
+                    .sum();
+                // the activations' 8-bit rounding only: ≤ 0.5% of Σ|x·w|
+                let bound = (0..k)
+                    .map(|i| (x[r * k + i] * w[c * k + i]).abs() as f64)
+                    .sum::<f64>()
+                    * 0.005;
+                let got = out[0][r * n + c] as f64;
+                assert!((got - exact).abs() <= bound, "({r},{c}): {got} vs {exact}");
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_scalar_are_bit_identical_and_rows_independent() {
+        let (n, k) = (64, 128);
+        let (file, _) = q4_1_matrix(n, k, 9);
+        let w = Q4Weights::from_q4_1(&file, n, k).unwrap();
+        let x = data(9 * k, 10);
+        let mut batch = QActivations::default();
+        batch.quantize(&x, 9, k).unwrap();
+        let simd_ran = vnni_available();
+        println!(
+            "{}",
+            if simd_ran {
+                "compared the AVX-512 VNNI Q4_1 kernel with the scalar one"
+            } else {
+                "no AVX-512 VNNI on this CPU: only the scalar Q4_1 kernel was run"
+            }
+        );
+        for g in 0..n / LANES {
+            let mut scalar = vec![0f32; 9 * LANES];
+            w.group(g, &batch, &mut scalar, false);
+            let mut simd = vec![0f32; 9 * LANES];
+            w.group(g, &batch, &mut simd, simd_ran);
+            assert_eq!(scalar, simd);
+        }
+        let mut all = [Vec::new()];
+        matmul_many(&[&w], &batch, &mut all).unwrap();
+        for r in 0..9 {
+            let mut one = QActivations::default();
+            one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
+            let mut out = [Vec::new()];
+            matmul_many(&[&w], &one, &mut out).unwrap();
+            assert_eq!(out[0], all[0][r * n..(r + 1) * n]);
+        }
+    }
+
+    #[test]
+    fn bad_shapes_are_rejected() {
+        let (file, _) = q4_1_matrix(16, 64, 1);
+        assert!(Q4Weights::from_q4_1(&file, 16, 64).is_ok());
+        assert!(Q4Weights::from_q4_1(&file[1..], 16, 64).is_err());
+        assert!(Q4Weights::from_q4_1(&file, 32, 32).is_ok()); // same bytes, another shape
+        assert!(Q4Weights::from_q4_1(&file, 8, 128).is_err());
+        assert!(Q4Weights::from_q4_1(&file, 16, 48).is_err());
+    }
+}
