@@ -23,7 +23,9 @@ use rayon::prelude::*;
 use crate::config::{bad_model, ModelConfig, RopeScaling};
 use crate::error::{candle_message, EngineError, Result};
 use crate::fingerprint::ModelFingerprint;
-use crate::qgemm::{matmul_many, GroupedWeights, Q4Weights, QActivations, QWeights, ShapeError};
+use crate::qgemm::{
+    matmul_many, swiglu, GroupedWeights, Q4Weights, QActivations, QWeights, ShapeError,
+};
 use crate::rope::{Rope, Stretch};
 use crate::tokenizer::GgufTokenizer;
 
@@ -334,6 +336,23 @@ impl Model {
         Ok(outs)
     }
 
+    /// The feed-forward's hidden layer `silu(x·gate) ⊙ (x·up)`: in one pass of our kernels
+    /// where both matrices have them, else products then the element-wise step.
+    fn swiglu(&self, layer: &Layer, x: &[f32], rows: usize) -> Result<Vec<f32>> {
+        if let (Some(gate), Some(up)) = (layer.w_gate.grouped(), layer.w_up.grouped()) {
+            let mut acts = QActivations::default();
+            acts.quantize(x, rows, gate.k())?;
+            let mut hidden = Vec::new();
+            swiglu(gate, up, &acts, &mut hidden)?;
+            return Ok(hidden);
+        }
+        let [gate, mut up] = self.project([&layer.w_gate, &layer.w_up], x, rows)?;
+        up.iter_mut()
+            .zip(&gate)
+            .for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
+        Ok(up)
+    }
+
     /// Runs one forward over the batch: writes every new token's K/V into the cache, commits the
     /// tokens, and returns the requested logits (rows of `vocab`), item by item in order.
     pub fn forward(
@@ -474,11 +493,8 @@ impl Model {
             x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
 
             rms_norm(&x, &layer.ffn_norm, c.rms_eps, &mut normed);
-            let [gate, mut up] = self.project([&layer.w_gate, &layer.w_up], &normed, n)?;
-            up.iter_mut()
-                .zip(&gate)
-                .for_each(|(u, g)| *u *= g / (1.0 + (-g).exp()));
-            let [down] = self.project([&layer.w_down], &up, n)?;
+            let hidden = self.swiglu(layer, &normed, n)?;
+            let [down] = self.project([&layer.w_down], &hidden, n)?;
             x.iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
         for item in batch {

@@ -20,7 +20,10 @@
 
 use rayon::prelude::*;
 
+mod activations;
 mod q4_1;
+use activations::quantize_block;
+pub use activations::QActivations;
 pub use q4_1::Q4Weights;
 
 /// Inputs per quantization block.
@@ -38,17 +41,6 @@ pub struct QWeights {
     /// Weight + 128 as u8 (VNNI multiplies unsigned × signed); see the module diagram.
     packed: Vec<u8>,
     scales: Vec<f32>,
-}
-
-/// Activations quantized per row and block.
-#[derive(Debug, Clone, Default)]
-pub struct QActivations {
-    rows: usize,
-    k: usize,
-    q: Vec<i8>,
-    scale: Vec<f32>,
-    /// Σ q per (row, block): undoes the +128 offset of the weights.
-    sum: Vec<i32>,
 }
 
 /// Shape errors of the 8-bit kernel's entry points.
@@ -80,25 +72,6 @@ pub enum ShapeError {
         /// The activations' width.
         activations: usize,
     },
-}
-
-/// 1.5·2^23: adding and subtracting it rounds an f32 of magnitude < 2^22 to the nearest integer,
-/// ties to even, with two plain additions (the x86-64 baseline has no rounding instruction, so
-/// `round` and `round_ties_even` become library calls that stop the loop from vectorizing).
-const ROUNDING_MAGIC: f32 = 12_582_912.0;
-
-/// Quantizes one block to i8 with `scale = max|x| / 127`, rounding half to even.
-fn quantize_block(x: &[f32], out: &mut [i8]) -> (f32, i32) {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-    let scale = amax / 127.0;
-    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-    let mut sum = 0i32;
-    for (o, v) in out.iter_mut().zip(x) {
-        let q = (((v * inv) + ROUNDING_MAGIC) - ROUNDING_MAGIC).clamp(-127.0, 127.0) as i8;
-        *o = q;
-        sum += q as i32;
-    }
-    (scale, sum)
 }
 
 impl QWeights {
@@ -308,33 +281,50 @@ pub fn matmul_many(
     Ok(())
 }
 
-impl QActivations {
-    /// Quantizes `rows` rows of width `k` (a multiple of 32), reusing this buffer.
-    pub fn quantize(&mut self, x: &[f32], rows: usize, k: usize) -> Result<(), ShapeError> {
-        if !k.is_multiple_of(BLOCK) || rows.checked_mul(k) != Some(x.len()) {
-            return Err(ShapeError::Activations {
-                rows,
-                k,
-                len: x.len(),
-            });
-        }
-        let blocks = k / BLOCK;
-        self.rows = rows;
-        self.k = k;
-        self.q.resize(rows * k, 0);
-        self.scale.resize(rows * blocks, 0.0);
-        self.sum.resize(rows * blocks, 0);
-        for (i, (src, dst)) in x
-            .chunks_exact(BLOCK)
-            .zip(self.q.chunks_exact_mut(BLOCK))
-            .enumerate()
-        {
-            let (scale, sum) = quantize_block(src, dst);
-            self.scale[i] = scale;
-            self.sum[i] = sum;
-        }
-        Ok(())
+/// SwiGLU's hidden layer `silu(x·gateᵀ) ⊙ (x·upᵀ)` in one parallel pass: the thread that
+/// makes a group's gate and up outputs combines them, so the exponentials are spread over the
+/// threads instead of following the products on one. Each element is computed as the model's
+/// plain loop would (`u · (g / (1 + e^−g))`).
+pub fn swiglu(
+    gate: &dyn GroupedWeights,
+    up: &dyn GroupedWeights,
+    x: &QActivations,
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
+    if let Some(w) = [gate, up].into_iter().find(|w| w.k() != x.k) {
+        return Err(ShapeError::Mismatch {
+            weights: w.k(),
+            activations: x.k,
+        });
     }
+    assert_eq!(gate.n(), up.n(), "gate and up have the same outputs");
+    let (rows, n) = (x.rows, gate.n());
+    out.clear();
+    out.resize(rows * n, 0.0);
+    if rows == 0 {
+        return Ok(());
+    }
+    // per group: its gate outputs (combined in place), then its up outputs
+    let mut by_group = vec![0f32; n / LANES * 2 * rows * LANES];
+    let simd = vnni_available();
+    by_group
+        .par_chunks_mut(2 * rows * LANES)
+        .enumerate()
+        .with_min_len(2)
+        .for_each(|(g, dst)| {
+            let (gates, ups) = dst.split_at_mut(rows * LANES);
+            gate.group(g, x, gates, simd);
+            up.group(g, x, ups, simd);
+            for (g, u) in gates.iter_mut().zip(ups.iter()) {
+                *g = u * (*g / (1.0 + (-*g).exp()));
+            }
+        });
+    for (g, group) in by_group.chunks_exact(2 * rows * LANES).enumerate() {
+        for (r, src) in group[..rows * LANES].chunks_exact(LANES).enumerate() {
+            out[r * n + g * LANES..][..LANES].copy_from_slice(src);
+        }
+    }
+    Ok(())
 }
 
 /// Whether the AVX-512 VNNI kernel can run on this machine.
@@ -435,16 +425,23 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn rounding_is_to_nearest_even() {
-        let x: Vec<f32> = [127.0, -0.5, 0.5, 1.5, 2.5, -1.5, 3.49, -3.51]
-            .into_iter()
-            .chain(std::iter::repeat_n(0.0, 24))
+    fn swiglu_in_one_pass_is_the_products_then_the_element_wise_step() {
+        let (n, k, rows) = (48, 64, 3);
+        let gate = QWeights::new(&data(n * k, 11), n, k).unwrap();
+        let up = QWeights::new(&data(n * k, 12), n, k).unwrap();
+        let mut x = QActivations::default();
+        x.quantize(&data(rows * k, 13), rows, k).unwrap();
+        let mut products = [Vec::new(), Vec::new()];
+        matmul_many(&[&gate, &up], &x, &mut products).unwrap();
+        let [g, u] = products;
+        let expected: Vec<f32> = u
+            .iter()
+            .zip(&g)
+            .map(|(u, g)| u * (g / (1.0 + (-g).exp())))
             .collect();
-        let mut q = [0i8; BLOCK];
-        let (scale, sum) = quantize_block(&x, &mut q);
-        assert_eq!(scale, 1.0);
-        assert_eq!(&q[..8], &[127, 0, 0, 2, 2, -2, 3, -4]);
-        assert_eq!(sum, 127 + 2 + 2 - 2 + 3 - 4);
+        let mut fused = Vec::new();
+        swiglu(&gate, &up, &x, &mut fused).unwrap();
+        assert_eq!(fused, expected);
     }
 
     #[test]
