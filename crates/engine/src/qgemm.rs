@@ -19,9 +19,13 @@
 //! the scalar twin gives bit-identical results (tested).
 
 use rayon::prelude::*;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m512, __m512i};
 
 mod activations;
 mod q4_1;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 use activations::quantize_block;
 pub use activations::QActivations;
 pub use q4_1::Q4Weights;
@@ -30,8 +34,6 @@ pub use q4_1::Q4Weights;
 const BLOCK: usize = 32;
 /// Output columns per group (lanes of a 512-bit register).
 const LANES: usize = 16;
-/// Rows computed together per pass over a group's weights.
-const ROW_TILE: usize = 4;
 
 /// A weight matrix `[n outputs × k inputs]` in the repacked 8-bit layout.
 #[derive(Debug, Clone)]
@@ -153,51 +155,51 @@ impl QWeights {
             }
         }
     }
+}
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn group_avx512(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
-        use std::arch::x86_64::*;
+#[cfg(target_arch = "x86_64")]
+impl tiles::Layout for QWeights {
+    /// The block's 16 weight scales.
+    type Params = __m512;
+
+    fn inputs(&self) -> usize {
+        self.k
+    }
+
+    fn check_group(&self, g: usize) {
         let blocks = self.k / BLOCK;
-        let mut row = 0;
-        while row < x.rows {
-            let tile = (x.rows - row).min(ROW_TILE);
-            let mut acc = [_mm512_setzero_ps(); ROW_TILE];
-            for b in 0..blocks {
-                let base = (g * blocks + b) * 8 * LANES * 4;
-                let mut w = [_mm512_setzero_si512(); 8];
-                for (t, reg) in w.iter_mut().enumerate() {
-                    // SAFETY: `packed` holds groups·blocks·512 bytes; this reads bytes
-                    // base + 64t .. base + 64t + 64 of group g, block b (unaligned load).
-                    *reg = unsafe {
-                        _mm512_loadu_si512(self.packed.as_ptr().add(base + t * 64) as *const _)
-                    };
-                }
-                // SAFETY: 16 scales of (g, b) lie at (g·blocks + b)·16 within `scales`.
-                let wscale =
-                    unsafe { _mm512_loadu_ps(self.scales.as_ptr().add((g * blocks + b) * LANES)) };
-                for (i, acc) in acc.iter_mut().enumerate().take(tile) {
-                    let r = row + i;
-                    let xq = &x.q[r * self.k + b * BLOCK..r * self.k + (b + 1) * BLOCK];
-                    let mut dot = _mm512_setzero_si512();
-                    for (t, reg) in w.iter().enumerate() {
-                        // SAFETY: xq has 32 bytes; bytes 4t..4t+4 are in bounds for t < 8.
-                        let four = unsafe {
-                            std::ptr::read_unaligned(xq.as_ptr().add(t * 4) as *const i32)
-                        };
-                        dot = _mm512_dpbusd_epi32(dot, *reg, _mm512_set1_epi32(four));
-                    }
-                    dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * x.sum[r * blocks + b]));
-                    let s = _mm512_mul_ps(wscale, _mm512_set1_ps(x.scale[r * blocks + b]));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, *acc);
-                }
-            }
-            for (i, acc) in acc.iter().enumerate().take(tile) {
-                // SAFETY: dst is rows × 16 floats; row + i < rows.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((row + i) * LANES), *acc) };
-            }
-            row += tile;
+        assert!(self.packed.len() >= (g + 1) * blocks * BLOCK * LANES);
+        assert!(self.scales.len() >= (g + 1) * blocks * LANES);
+    }
+
+    #[inline(always)]
+    unsafe fn registers(&self, g: usize, b: usize) -> ([__m512i; 8], Self::Params) {
+        use std::arch::x86_64::*;
+        let at = (g * self.k / BLOCK + b) * BLOCK * LANES;
+        // SAFETY: (g, b)'s 512 bytes and 16 scales lie inside the arrays (checked group,
+        // b < blocks: the caller's contract).
+        unsafe {
+            let base = self.packed.as_ptr().add(at);
+            (
+                std::array::from_fn(|t| _mm512_loadu_si512(base.add(64 * t).cast())),
+                _mm512_loadu_ps(self.scales.as_ptr().add(at / BLOCK)),
+            )
         }
+    }
+
+    #[inline(always)]
+    unsafe fn accumulate(
+        acc: __m512,
+        dot: __m512i,
+        wscale: Self::Params,
+        s: f32,
+        sum: i32,
+    ) -> __m512 {
+        use std::arch::x86_64::*;
+        // the weights carry +128: Σ (w + 128)·x − 128·Σx
+        let dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
+        let s = _mm512_mul_ps(wscale, _mm512_set1_ps(s));
+        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc)
     }
 }
 
@@ -222,9 +224,8 @@ impl GroupedWeights for QWeights {
     fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool) {
         #[cfg(target_arch = "x86_64")]
         if simd {
-            // SAFETY: `simd` is `vnni_available()`, which checked avx512f, avx512bw and
-            // avx512vnni at run time.
-            unsafe { self.group_avx512(g, x, dst) };
+            // SAFETY: `simd` is `vnni_available()`, which checked the features at run time.
+            unsafe { tiles::group(self, g, x, dst) };
             return;
         }
         let _ = simd;
@@ -337,6 +338,7 @@ pub fn vnni_available() -> bool {
         is_x86_feature_detected!("avx512f")
             && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("f16c")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -73,6 +73,37 @@ impl QActivations {
     }
 }
 
+impl QActivations {
+    /// Bytes `4t .. 4t + 4` of row `row`'s block `b`, as the kernels broadcast them.
+    ///
+    /// # Safety
+    /// `row < rows`, `b < k / 32`, `t < 8`.
+    #[inline(always)]
+    pub(super) unsafe fn q_word(&self, row: usize, b: usize, t: usize) -> i32 {
+        debug_assert!(row < self.rows && (b + 1) * BLOCK <= self.k && t < BLOCK / 4);
+        // SAFETY: inside `q` (rows × k bytes) by the caller's contract.
+        unsafe {
+            self.q
+                .as_ptr()
+                .add(row * self.k + b * BLOCK + 4 * t)
+                .cast::<i32>()
+                .read_unaligned()
+        }
+    }
+
+    /// Row `row`'s block `b`: its scale and the sum of its codes.
+    ///
+    /// # Safety
+    /// `row < rows`, `b < k / 32`.
+    #[inline(always)]
+    pub(super) unsafe fn block_scale_and_sum(&self, row: usize, b: usize) -> (f32, i32) {
+        let at = row * (self.k / BLOCK) + b;
+        debug_assert!(at < self.scale.len() && at < self.sum.len());
+        // SAFETY: rows · k/32 entries each (resized by `quantize`), by the caller's contract.
+        unsafe { (*self.scale.get_unchecked(at), *self.sum.get_unchecked(at)) }
+    }
+}
+
 /// Whether [`quantize_block_avx512`] can run here (AVX-512F and BW, and not
 /// `PAGEDKV_FORCE_SCALAR`, which `super::vnni_available` also obeys).
 fn quantize_simd_available() -> bool {

@@ -16,8 +16,10 @@
 //! shift. Half the 8-bit layout's bytes per weight (0.625 against 1.125): single-sequence
 //! decode reads every weight once per token, so it runs at the speed of these bytes.
 
-use super::{GroupedWeights, QActivations, ShapeError, BLOCK, LANES, ROW_TILE};
+use super::{GroupedWeights, QActivations, ShapeError, BLOCK, LANES};
 use half::f16;
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::{__m512, __m512i};
 
 /// Bytes of one Q4_1 block in the file: d, m (f16 each), 16 bytes of codes.
 const FILE_BLOCK: usize = 20;
@@ -101,63 +103,58 @@ impl Q4Weights {
             }
         }
     }
+}
 
-    /// # Safety
-    /// AVX-512F, AVX-512BW, AVX-512 VNNI and F16C present.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
-    unsafe fn group_avx512(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+#[cfg(target_arch = "x86_64")]
+impl super::tiles::Layout for Q4Weights {
+    /// The block's 16 scales d and 16 minimums m.
+    type Params = (__m512, __m512);
+
+    fn inputs(&self) -> usize {
+        self.k
+    }
+
+    fn check_group(&self, g: usize) {
+        assert!(self.packed.len() >= (g + 1) * self.k / BLOCK * PACKED);
+    }
+
+    #[inline(always)]
+    unsafe fn registers(&self, g: usize, b: usize) -> ([__m512i; 8], Self::Params) {
         use std::arch::x86_64::*;
-        let blocks = self.k / BLOCK;
-        assert!(self.packed.len() >= (g + 1) * blocks * PACKED);
-        assert!(x.q.len() >= x.rows * self.k && dst.len() >= x.rows * LANES);
-        assert!(x.scale.len() >= x.rows * blocks && x.sum.len() >= x.rows * blocks);
-        let nibble = _mm512_set1_epi8(0x0F);
-        let mut row = 0;
-        while row < x.rows {
-            let tile = (x.rows - row).min(ROW_TILE);
-            let mut acc = [_mm512_setzero_ps(); ROW_TILE];
-            for b in 0..blocks {
-                // SAFETY: (g, b)'s 320 bytes lie inside `packed` (asserted above).
-                let at = unsafe { self.packed.as_ptr().add((g * blocks + b) * PACKED) };
-                // codes of inputs 4t .. 4t+4 for t = 0..8: low nibbles, then high
-                let mut w = [_mm512_setzero_si512(); 8];
-                for j in 0..4 {
-                    // SAFETY: register j's 64 bytes lie inside the (group, block).
-                    let bytes = unsafe { _mm512_loadu_si512(at.add(64 * j).cast()) };
-                    w[j] = _mm512_and_si512(bytes, nibble);
-                    w[j + 4] = _mm512_and_si512(_mm512_srli_epi16::<4>(bytes), nibble);
+        // SAFETY: (g, b)'s 320 bytes lie inside `packed` (checked group, b < blocks: the
+        // caller's contract); F16C present with AVX-512F.
+        unsafe {
+            let at = self.packed.as_ptr().add((g * self.k / BLOCK + b) * PACKED);
+            let nibble = _mm512_set1_epi8(0x0F);
+            // inputs 4t .. 4t+4 for t = 0..8: low nibbles of the 4 registers, then high
+            let bytes: [__m512i; 4] =
+                std::array::from_fn(|j| _mm512_loadu_si512(at.add(64 * j).cast()));
+            let registers = std::array::from_fn(|t| {
+                if t < 4 {
+                    _mm512_and_si512(bytes[t], nibble)
+                } else {
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(bytes[t - 4]), nibble)
                 }
-                // SAFETY: the 16 scales and 16 minimums lie inside the (group, block).
-                let (d, m) = unsafe {
-                    (
-                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(SCALES_AT).cast())),
-                        _mm512_cvtph_ps(_mm256_loadu_si256(at.add(MINS_AT).cast())),
-                    )
-                };
-                for (i, acc) in acc.iter_mut().enumerate().take(tile) {
-                    let r = row + i;
-                    // SAFETY: row r's block b: 32 bytes inside `x.q` (asserted above).
-                    let xq = unsafe { x.q.as_ptr().add(r * self.k + b * BLOCK) };
-                    let mut dot = _mm512_setzero_si512();
-                    for (t, w) in w.iter().enumerate() {
-                        // SAFETY: bytes 4t .. 4t+4 of the block's 32.
-                        let four = unsafe { xq.add(4 * t).cast::<i32>().read_unaligned() };
-                        dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four));
-                    }
-                    let s = x.scale[r * blocks + b];
-                    let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, *acc);
-                    let min_term = _mm512_set1_ps(s * x.sum[r * blocks + b] as f32);
-                    *acc = _mm512_fmadd_ps(m, min_term, *acc);
-                }
-            }
-            for (i, acc) in acc.iter().enumerate().take(tile) {
-                // SAFETY: dst is rows × 16 floats (asserted); row + i < rows.
-                unsafe { _mm512_storeu_ps(dst.as_mut_ptr().add((row + i) * LANES), *acc) };
-            }
-            row += tile;
+            });
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(SCALES_AT).cast()));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(at.add(MINS_AT).cast()));
+            (registers, (d, m))
         }
+    }
+
+    #[inline(always)]
+    unsafe fn accumulate(
+        acc: __m512,
+        dot: __m512i,
+        (d, m): Self::Params,
+        s: f32,
+        sum: i32,
+    ) -> __m512 {
+        use std::arch::x86_64::*;
+        // Σ (d·q + m)·s·x = d·s·Σ q·x + m·(s·Σx), in the scalar twin's order
+        let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
+        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc);
+        _mm512_fmadd_ps(m, _mm512_set1_ps(s * sum as f32), acc)
     }
 }
 
@@ -172,7 +169,7 @@ impl GroupedWeights for Q4Weights {
         #[cfg(target_arch = "x86_64")]
         if simd {
             // SAFETY: `simd` is `super::vnni_available()`, which checked the features.
-            unsafe { self.group_avx512(g, x, dst) };
+            unsafe { super::tiles::group(self, g, x, dst) };
             return;
         }
         let _ = simd;
