@@ -66,7 +66,7 @@ pub struct CommonArgs {
     /// sinks; compressed codecs only, at most the block size).
     #[arg(long, global = true, default_value_t = 0)]
     pub sink_tokens: usize,
-    /// How weights are held in memory (default: q4; f32 for `eval`).
+    /// How weights are held in memory (default: q4; f32 for `eval` and `calibrate`).
     #[arg(long, global = true, value_enum)]
     pub weights: Option<Weights>,
     /// How attention reads compressed pages.

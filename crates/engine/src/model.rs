@@ -305,8 +305,8 @@ impl Model {
         self.attention = path;
     }
 
-    /// Applies several linear layers to the same input; for 8-bit weights the input is quantized
-    /// once and shared.
+    /// Applies several linear layers to the same input; where all have our kernels, the input is
+    /// quantized once and the products run in one parallel pass.
     fn project<const N: usize>(
         &self,
         ws: [&Linear; N],
@@ -322,7 +322,8 @@ impl Model {
             matmul_many(&kernels, &acts, &mut outs)?;
             return Ok(outs);
         }
-        // some matrix left as stored (a shape our kernels cannot tile): one by one
+        // some matrix left as stored (a shape our kernels cannot tile, as an odd vocabulary's
+        // output): one by one, the input quantized again for each kernel (rare enough)
         for (w, out) in ws.iter().zip(outs.iter_mut()) {
             if let Linear::Candle(m) = w {
                 let input = Tensor::from_slice(x, (rows, x.len() / rows), &self.device)?;

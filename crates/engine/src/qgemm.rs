@@ -1,6 +1,7 @@
-//! 8-bit weight matrix products for the model's linear layers, fast for one row and for a batch.
+//! Weight matrix products for the model's linear layers, fast for one row and for a batch: the
+//! 8-bit layout here, the file's Q4_1 blocks in [`Q4Weights`], one SIMD loop for both (`tiles`).
 //!
-//! Weights are quantized per 32-element block to i8 with an f32 scale, then repacked so that each
+//! 8-bit weights are quantized per 32-element block to i8 with an f32 scale, then repacked so that each
 //! 32-bit lane of a 512-bit register belongs to a different output column:
 //!
 //! ```text
@@ -45,10 +46,10 @@ pub struct QWeights {
     scales: Vec<f32>,
 }
 
-/// Shape errors of the 8-bit kernel's entry points.
+/// Shape errors of the kernels' entry points.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShapeError {
-    /// [`QWeights::new`]: a matrix the kernel cannot hold.
+    /// [`QWeights::new`], [`Q4Weights::from_q4_1`]: a matrix the kernels cannot tile.
     #[error("weight matrix {n}×{k}: outputs must be a multiple of 16 and inputs of 32")]
     Weights {
         /// Outputs.
@@ -66,7 +67,16 @@ pub enum ShapeError {
         /// Values given.
         len: usize,
     },
-    /// [`QWeights::matmul`]: activations of another width than the weights' inputs.
+    /// [`Q4Weights::from_q4_1`]: data of another length than the matrix's blocks.
+    #[error("Q4_1 data of {got} bytes where the matrix's blocks take {expected}")]
+    Data {
+        /// Bytes the shape needs.
+        expected: usize,
+        /// Bytes given.
+        got: usize,
+    },
+    /// [`QWeights::matmul`] and the other products: activations of another width than the
+    /// weights' inputs, or gate and up matrices of different outputs.
     #[error("activations of width {activations} for weights of {weights} inputs")]
     Mismatch {
         /// The weights' inputs.
@@ -83,7 +93,7 @@ impl QWeights {
             || k == 0
             || !n.is_multiple_of(LANES)
             || !k.is_multiple_of(BLOCK)
-            || weights.len() != n * k
+            || n.checked_mul(k) != Some(weights.len())
         {
             return Err(ShapeError::Weights { n, k });
         }
@@ -133,6 +143,7 @@ impl QWeights {
     /// The scalar twin of the SIMD kernel: the same integer sums, and per (row, column) the same
     /// f32 operations in the same order (scale product, then one fused multiply-add per block).
     fn group_scalar(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        assert_eq!(x.k, self.k, "activations as wide as the inputs");
         let blocks = self.k / BLOCK;
         for r in 0..x.rows {
             for lane in 0..LANES {
@@ -158,7 +169,8 @@ impl QWeights {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl tiles::Layout for QWeights {
+// SAFETY: `check_group` asserts the group's weights and scales exist; `registers` reads no more.
+unsafe impl tiles::Layout for QWeights {
     /// The block's 16 weight scales.
     type Params = __m512;
 
@@ -196,15 +208,19 @@ impl tiles::Layout for QWeights {
         sum: i32,
     ) -> __m512 {
         use std::arch::x86_64::*;
-        // the weights carry +128: Σ (w + 128)·x − 128·Σx
-        let dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
-        let s = _mm512_mul_ps(wscale, _mm512_set1_ps(s));
-        _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc)
+        // SAFETY: AVX-512F present (the caller's contract).
+        unsafe {
+            // the weights carry +128: Σ (w + 128)·x − 128·Σx
+            let dot = _mm512_sub_epi32(dot, _mm512_set1_epi32(128 * sum));
+            let s = _mm512_mul_ps(wscale, _mm512_set1_ps(s));
+            _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc)
+        }
     }
 }
 
-/// A weight matrix in one of the kernels' layouts, its outputs in groups of 16 columns.
-pub trait GroupedWeights: Sync {
+/// A weight matrix in one of the kernels' layouts, its outputs in groups of 16 columns. Crate-
+/// private: `group`'s `simd` must come from [`vnni_available`].
+pub(crate) trait GroupedWeights: Sync {
     /// Outputs.
     fn n(&self) -> usize;
     /// Inputs.
@@ -236,7 +252,7 @@ impl GroupedWeights for QWeights {
 /// `outs[i] = x · ws[i]ᵀ` for matrices of the same input width, in one parallel pass over the
 /// groups of all of them: one fork and join for the q, k and v projections rather than three,
 /// and the small k and v matrices no longer leave a thread idle on their own.
-pub fn matmul_many(
+pub(crate) fn matmul_many(
     ws: &[&dyn GroupedWeights],
     x: &QActivations,
     outs: &mut [Vec<f32>],
@@ -265,6 +281,7 @@ pub fn matmul_many(
     by_group
         .par_chunks_mut(rows * LANES)
         .zip(work.par_iter())
+        // a group of one row is well under a microsecond: tasks of fewer cost more to hand out
         .with_min_len(4)
         .for_each(|(dst, (i, g))| ws[*i].group(*g, x, dst, simd));
     let mut groups = by_group.chunks_exact(rows * LANES);
@@ -273,7 +290,7 @@ pub fn matmul_many(
         out.clear();
         out.resize(rows * n, 0.0);
         for g in 0..n / LANES {
-            let Some(group) = groups.next() else { break };
+            let group = groups.next().expect("a result per group of every matrix");
             for (r, src) in group.chunks_exact(LANES).enumerate() {
                 out[r * n + g * LANES..][..LANES].copy_from_slice(src);
             }
@@ -286,7 +303,7 @@ pub fn matmul_many(
 /// makes a group's gate and up outputs combines them, so the exponentials are spread over the
 /// threads instead of following the products on one. Each element is computed as the model's
 /// plain loop would (`u · (g / (1 + e^−g))`).
-pub fn swiglu(
+pub(crate) fn swiglu(
     gate: &dyn GroupedWeights,
     up: &dyn GroupedWeights,
     x: &QActivations,
@@ -298,7 +315,12 @@ pub fn swiglu(
             activations: x.k,
         });
     }
-    assert_eq!(gate.n(), up.n(), "gate and up have the same outputs");
+    if gate.n() != up.n() {
+        return Err(ShapeError::Mismatch {
+            weights: gate.n(),
+            activations: up.n(),
+        });
+    }
     let (rows, n) = (x.rows, gate.n());
     out.clear();
     out.resize(rows * n, 0.0);
@@ -311,11 +333,12 @@ pub fn swiglu(
     by_group
         .par_chunks_mut(2 * rows * LANES)
         .enumerate()
+        // each task computes two matrices' groups and their exponentials
         .with_min_len(2)
-        .for_each(|(g, dst)| {
+        .for_each(|(group, dst)| {
             let (gates, ups) = dst.split_at_mut(rows * LANES);
-            gate.group(g, x, gates, simd);
-            up.group(g, x, ups, simd);
+            gate.group(group, x, gates, simd);
+            up.group(group, x, ups, simd);
             for (g, u) in gates.iter_mut().zip(ups.iter()) {
                 *g = u * (*g / (1.0 + (-*g).exp()));
             }
@@ -328,22 +351,24 @@ pub fn swiglu(
     Ok(())
 }
 
-/// Whether the AVX-512 VNNI kernel can run on this machine.
+/// Whether the AVX-512 VNNI kernels can run on this machine (AVX-512F, BW, VNNI and F16C),
+/// and not `PAGEDKV_FORCE_SCALAR`: looked up once, not on every product.
 pub fn vnni_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::env::var_os("PAGEDKV_FORCE_SCALAR").is_some() {
-            return false;
+    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::env::var_os("PAGEDKV_FORCE_SCALAR").is_none()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("f16c")
         }
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512vnni")
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
 }
 
 #[cfg(test)]
@@ -392,11 +417,13 @@ pub(super) mod tests {
 
     #[test]
     fn simd_and_scalar_are_bit_identical_and_rows_independent() {
+        // 15 rows: tiles of 8, 4, 2 and 1
+        const ROWS: usize = 15;
         let (n, k) = (64, 128);
         let w = QWeights::new(&data(n * k, 3), n, k).unwrap();
-        let x = data(9 * k, 4);
+        let x = data(ROWS * k, 4);
         let mut batch = QActivations::default();
-        batch.quantize(&x, 9, k).unwrap();
+        batch.quantize(&x, ROWS, k).unwrap();
         let groups = n / LANES;
         let simd_ran = vnni_available();
         println!(
@@ -408,16 +435,16 @@ pub(super) mod tests {
             }
         );
         for g in 0..groups {
-            let mut scalar = vec![0f32; 9 * LANES];
+            let mut scalar = vec![0f32; ROWS * LANES];
             w.group(g, &batch, &mut scalar, false);
-            let mut simd = vec![0f32; 9 * LANES];
+            let mut simd = vec![0f32; ROWS * LANES];
             w.group(g, &batch, &mut simd, simd_ran);
             assert_eq!(scalar, simd);
         }
         // a row alone gives exactly its row of the batch
         let mut all = Vec::new();
         w.matmul(&batch, &mut all).unwrap();
-        for r in 0..9 {
+        for r in 0..ROWS {
             let mut one = QActivations::default();
             one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
             let mut out = Vec::new();

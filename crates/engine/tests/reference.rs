@@ -25,8 +25,9 @@ fn exact_weights_agree_within_activation_quantization_noise() {
     }
 }
 
-/// Our Q4_1 kernel reads the same stored weights with the same 8-bit activation rounding as
-/// candle (per 32 inputs), so it is held to the same band as `exact`.
+/// Our Q4_1 kernel reads the same stored weights, and rounds activations to 8 bits per 32
+/// inputs as candle does (with an f32 scale and an exact code sum where candle keeps f16), so
+/// it is held to the same band as `exact`.
 #[test]
 fn q4_kernel_agrees_with_candle_on_the_stored_weights() {
     for (i, c) in common::compare(pagedkv_engine::WeightMode::Q4, 16)

@@ -104,25 +104,16 @@ impl QActivations {
     }
 }
 
-/// Whether [`quantize_block_avx512`] can run here (AVX-512F and BW, and not
-/// `PAGEDKV_FORCE_SCALAR`, which `super::vnni_available` also obeys).
+/// Whether [`quantize_block_avx512`] can run here: where the kernels can (its features are
+/// theirs in part), so that `PAGEDKV_FORCE_SCALAR` turns both off.
 fn quantize_simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::env::var_os("PAGEDKV_FORCE_SCALAR").is_none()
-            && is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::vnni_available()
 }
 
 /// [`quantize_block`] on 32 values in two registers, bit for bit: the maximum is exact in any
 /// order, and converting with the default rounding mode rounds half to even as the magic
-/// constant does. A block holding an infinity or NaN goes to the scalar twin, whose clamping
-/// of NaN the conversion does not share.
+/// constant does. A block holding an infinity or NaN, or so small that `1 / scale` overflows,
+/// goes to the scalar twin: its clamping of infinities and NaN the conversion does not share.
 ///
 /// # Safety
 /// AVX-512F and AVX-512BW present.
@@ -147,6 +138,9 @@ unsafe fn quantize_block_avx512(x: &[f32], out: &mut [i8]) -> (f32, i32) {
     }
     let amax = _mm512_reduce_max_ps(_mm512_max_ps(abs_a, abs_b));
     let scale = amax / 127.0;
+    if scale > 0.0 && !(1.0 / scale).is_finite() {
+        return quantize_block(x, out);
+    }
     let inv = _mm512_set1_ps(if scale > 0.0 { 1.0 / scale } else { 0.0 });
     let limit = _mm512_set1_epi32(127);
     let to_int = |v| {
@@ -190,7 +184,7 @@ mod tests {
             if simd {
                 "compared the AVX-512 quantizer with the scalar one"
             } else {
-                "no AVX-512 on this CPU: only the scalar quantizer was run"
+                "no AVX-512 VNNI on this CPU: only the scalar quantizer was run"
             }
         );
         let mut seed = 5u32;
@@ -207,6 +201,8 @@ mod tests {
         blocks.push([f32::MAX, -f32::MAX, 1.0, f32::MIN_POSITIVE].repeat(8));
         blocks.push([f32::NAN, 1.0, -2.0, 0.25].repeat(8));
         blocks.push([f32::INFINITY, 1.0, -2.0, 0.25].repeat(8));
+        // so small that 1 / scale overflows to infinity
+        blocks.push([1e-38, -1e-38, 0.0, 3e-39].repeat(8));
         for block in &blocks {
             let (mut scalar, mut vector) = ([0i8; BLOCK], [0i8; BLOCK]);
             let expected = quantize_block(block, &mut scalar);

@@ -41,13 +41,17 @@ impl Q4Weights {
     /// Repacks the file's Q4_1 data of a matrix of `n` rows (outputs) by `k` columns (inputs):
     /// row-major, `k / 32` blocks of 20 bytes per row.
     pub fn from_q4_1(data: &[u8], n: usize, k: usize) -> Result<Self, ShapeError> {
-        if n == 0
-            || k == 0
-            || !n.is_multiple_of(LANES)
-            || !k.is_multiple_of(BLOCK)
-            || data.len() != n * k / BLOCK * FILE_BLOCK
-        {
+        if n == 0 || k == 0 || !n.is_multiple_of(LANES) || !k.is_multiple_of(BLOCK) {
             return Err(ShapeError::Weights { n, k });
+        }
+        let expected = n
+            .checked_mul(k / BLOCK)
+            .and_then(|blocks| blocks.checked_mul(FILE_BLOCK));
+        if expected != Some(data.len()) {
+            return Err(ShapeError::Data {
+                expected: expected.unwrap_or(usize::MAX),
+                got: data.len(),
+            });
         }
         let blocks = k / BLOCK;
         let mut packed = vec![0u8; n / LANES * blocks * PACKED];
@@ -79,6 +83,7 @@ impl Q4Weights {
     /// same f32 operations in the same order (`d · s`, then a fused multiply-add for the codes
     /// and one for the minimum, per block).
     fn group_scalar(&self, g: usize, x: &QActivations, dst: &mut [f32]) {
+        assert_eq!(x.k, self.k, "activations as wide as the inputs");
         let blocks = self.k / BLOCK;
         for r in 0..x.rows {
             for lane in 0..LANES {
@@ -106,7 +111,8 @@ impl Q4Weights {
 }
 
 #[cfg(target_arch = "x86_64")]
-impl super::tiles::Layout for Q4Weights {
+// SAFETY: `check_group` asserts the group's blocks exist; `registers` reads no more.
+unsafe impl super::tiles::Layout for Q4Weights {
     /// The block's 16 scales d and 16 minimums m.
     type Params = (__m512, __m512);
 
@@ -122,7 +128,7 @@ impl super::tiles::Layout for Q4Weights {
     unsafe fn registers(&self, g: usize, b: usize) -> ([__m512i; 8], Self::Params) {
         use std::arch::x86_64::*;
         // SAFETY: (g, b)'s 320 bytes lie inside `packed` (checked group, b < blocks: the
-        // caller's contract); F16C present with AVX-512F.
+        // caller's contract); AVX-512F and BW present (512-bit loads, masks, conversions).
         unsafe {
             let at = self.packed.as_ptr().add((g * self.k / BLOCK + b) * PACKED);
             let nibble = _mm512_set1_epi8(0x0F);
@@ -151,10 +157,13 @@ impl super::tiles::Layout for Q4Weights {
         sum: i32,
     ) -> __m512 {
         use std::arch::x86_64::*;
-        // Σ (d·q + m)·s·x = d·s·Σ q·x + m·(s·Σx), in the scalar twin's order
-        let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
-        let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc);
-        _mm512_fmadd_ps(m, _mm512_set1_ps(s * sum as f32), acc)
+        // SAFETY: AVX-512F present (the caller's contract).
+        unsafe {
+            // Σ (d·q + m)·s·x = d·s·Σ q·x + m·(s·Σx), in the scalar twin's order
+            let ds = _mm512_mul_ps(d, _mm512_set1_ps(s));
+            let acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), ds, acc);
+            _mm512_fmadd_ps(m, _mm512_set1_ps(s * sum as f32), acc)
+        }
     }
 }
 
@@ -232,12 +241,14 @@ mod tests {
 
     #[test]
     fn simd_and_scalar_are_bit_identical_and_rows_independent() {
+        // 15 rows: tiles of 8, 4, 2 and 1
+        const ROWS: usize = 15;
         let (n, k) = (64, 128);
         let (file, _) = q4_1_matrix(n, k, 9);
         let w = Q4Weights::from_q4_1(&file, n, k).unwrap();
-        let x = data(9 * k, 10);
+        let x = data(ROWS * k, 10);
         let mut batch = QActivations::default();
-        batch.quantize(&x, 9, k).unwrap();
+        batch.quantize(&x, ROWS, k).unwrap();
         let simd_ran = vnni_available();
         println!(
             "{}",
@@ -248,15 +259,15 @@ mod tests {
             }
         );
         for g in 0..n / LANES {
-            let mut scalar = vec![0f32; 9 * LANES];
+            let mut scalar = vec![0f32; ROWS * LANES];
             w.group(g, &batch, &mut scalar, false);
-            let mut simd = vec![0f32; 9 * LANES];
+            let mut simd = vec![0f32; ROWS * LANES];
             w.group(g, &batch, &mut simd, simd_ran);
             assert_eq!(scalar, simd);
         }
         let mut all = [Vec::new()];
         matmul_many(&[&w], &batch, &mut all).unwrap();
-        for r in 0..9 {
+        for r in 0..ROWS {
             let mut one = QActivations::default();
             one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
             let mut out = [Vec::new()];
@@ -269,9 +280,23 @@ mod tests {
     fn bad_shapes_are_rejected() {
         let (file, _) = q4_1_matrix(16, 64, 1);
         assert!(Q4Weights::from_q4_1(&file, 16, 64).is_ok());
-        assert!(Q4Weights::from_q4_1(&file[1..], 16, 64).is_err());
+        assert_eq!(
+            Q4Weights::from_q4_1(&file[1..], 16, 64).unwrap_err(),
+            ShapeError::Data {
+                expected: 640,
+                got: 639
+            }
+        );
         assert!(Q4Weights::from_q4_1(&file, 32, 32).is_ok()); // same bytes, another shape
-        assert!(Q4Weights::from_q4_1(&file, 8, 128).is_err());
-        assert!(Q4Weights::from_q4_1(&file, 16, 48).is_err());
+        assert_eq!(
+            Q4Weights::from_q4_1(&file, 8, 128).unwrap_err(),
+            ShapeError::Weights { n: 8, k: 128 }
+        );
+        assert_eq!(
+            Q4Weights::from_q4_1(&file, 16, 48).unwrap_err(),
+            ShapeError::Weights { n: 16, k: 48 }
+        );
+        // a shape whose byte count overflows is refused, not wrapped
+        assert!(Q4Weights::from_q4_1(&file, usize::MAX - 15, 64).is_err());
     }
 }

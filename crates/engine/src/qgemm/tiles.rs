@@ -9,7 +9,12 @@ use std::arch::x86_64::*;
 use super::{QActivations, BLOCK, LANES};
 
 /// What a weight layout gives the shared loop.
-pub(super) trait Layout {
+///
+/// # Safety
+/// [`Self::check_group`] panics unless group `g`'s weights and parameters exist for every
+/// block of [`Self::inputs`] inputs, and [`Self::registers`] reads nothing else: the loop's
+/// unchecked reads rely on it.
+pub(super) unsafe trait Layout {
     /// Per-(group, block) values the scaling needs (the block's weight scales).
     type Params: Copy;
     /// Inputs (a multiple of 32).

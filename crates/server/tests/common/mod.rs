@@ -15,7 +15,7 @@ use serde_json::Value;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// Loads the model (fetching it when absent) with q8 weights, as `pagedkv serve` does.
+/// Loads the model (fetching it when absent) with q4 weights, as `pagedkv serve` does.
 pub fn load_model() -> (Model, pagedkv_engine::GgufTokenizer) {
     let path = ensure_model(None).expect("the model is fetched");
     Model::load(&path, WeightMode::Q4).expect("the model loads")
