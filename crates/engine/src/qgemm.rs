@@ -21,15 +21,39 @@
 
 use rayon::prelude::*;
 #[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::{__m512, __m512i};
+use std::arch::x86_64::{__m256, __m256i, __m512, __m512i};
 
 mod activations;
 mod q4_1;
 #[cfg(target_arch = "x86_64")]
 mod tiles;
+#[cfg(target_arch = "x86_64")]
+mod tiles_avx2;
 use activations::quantize_block;
 pub use activations::QActivations;
 pub use q4_1::Q4Weights;
+
+/// Runs `tile::<W, T>(w, g, x, dst, row)` (which returns `T`) over the rows of `x` in tiles of
+/// the sizes listed and then of 1, largest first: a tile's sums stay in registers, and a
+/// block's weights are loaded once per tile.
+#[cfg(target_arch = "x86_64")]
+macro_rules! by_row_tiles {
+    ($tile:ident::<$w:ty>($weights:expr, $g:expr, $x:expr, $dst:expr), [$($size:literal),+]) => {{
+        let mut row = 0;
+        while row < $x.rows {
+            // SAFETY (each): the caller's features; rows row .. row + T exist, and the caller
+            // asserted the lengths.
+            row += unsafe {
+                match $x.rows - row {
+                    $(left if left >= $size => $tile::<$w, $size>($weights, $g, $x, $dst, row),)+
+                    _ => $tile::<$w, 1>($weights, $g, $x, $dst, row),
+                }
+            };
+        }
+    }};
+}
+#[cfg(target_arch = "x86_64")]
+use by_row_tiles;
 
 /// Inputs per quantization block.
 const BLOCK: usize = 32;
@@ -218,16 +242,102 @@ unsafe impl tiles::Layout for QWeights {
     }
 }
 
-/// A weight matrix in one of the kernels' layouts, its outputs in groups of 16 columns. Crate-
-/// private: `group`'s `simd` must come from [`vnni_available`].
+#[cfg(target_arch = "x86_64")]
+// SAFETY: as the AVX-512 layout: `check_group` asserts the group's weights and scales exist.
+unsafe impl tiles_avx2::Layout2 for QWeights {
+    /// The 8 columns' weight scales.
+    type Params = __m256;
+
+    fn inputs(&self) -> usize {
+        self.k
+    }
+
+    fn check_group(&self, g: usize) {
+        tiles::Layout::check_group(self, g);
+    }
+
+    #[inline(always)]
+    unsafe fn params(&self, g: usize, b: usize, h: usize) -> __m256 {
+        let at = (g * self.k / BLOCK + b) * LANES + 8 * h;
+        // SAFETY: the (group, block)'s scales lie inside `scales` (the caller's contract).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(self.scales.as_ptr().add(at)) }
+    }
+
+    /// The weights as signed bytes (the stored +128 flipped back).
+    #[inline(always)]
+    unsafe fn register(&self, g: usize, b: usize, t: usize, h: usize) -> __m256i {
+        use std::arch::x86_64::*;
+        let at = (g * self.k / BLOCK + b) * BLOCK * LANES + 64 * t + 32 * h;
+        // SAFETY: 32 of the (group, block)'s 512 bytes (the caller's contract); AVX2 present.
+        unsafe {
+            let bytes = _mm256_loadu_si256(self.packed.as_ptr().add(at).cast());
+            _mm256_xor_si256(bytes, _mm256_set1_epi8(-128))
+        }
+    }
+
+    /// `Σ w·x` as `Σ |x| · (w·sign x)`: `vpmaddubsw` takes the unsigned |x| ≤ 127 and the
+    /// signed weights |w| ≤ 127, so a pair is at most 2·127² and does not saturate. The
+    /// scalar twin's `Σ (w + 128)·x − 128·Σx` is the same integer.
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 present (the caller's contract).
+        unsafe {
+            let pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(w, x));
+            _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn accumulate(acc: __m256, dot: __m256i, wscale: __m256, s: f32, _sum: i32) -> __m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 and FMA present (the caller's contract).
+        unsafe {
+            let s = _mm256_mul_ps(wscale, _mm256_set1_ps(s));
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc)
+        }
+    }
+}
+
+/// A weight matrix in one of the kernels' layouts, its outputs in groups of 16 columns.
 pub(crate) trait GroupedWeights: Sync {
     /// Outputs.
     fn n(&self) -> usize;
     /// Inputs.
     fn k(&self) -> usize;
-    /// Group `g`'s 16 outputs for every row of `x` into `dst` (`rows × 16`), by the SIMD
-    /// kernel when `simd` ([`vnni_available`]) and by its scalar twin otherwise.
-    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool);
+    /// Group `g`'s 16 outputs for every row of `x` into `dst` (`rows × 16`), by `kernel`
+    /// (one this CPU runs: panics otherwise).
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], kernel: Kernel);
+}
+
+/// Runs group `g` by `kernel`'s SIMD loop; false for the scalar kernel, whose twin the layout
+/// runs itself.
+#[cfg(target_arch = "x86_64")]
+fn simd_group<W: tiles::Layout + tiles_avx2::Layout2>(
+    w: &W,
+    g: usize,
+    x: &QActivations,
+    dst: &mut [f32],
+    kernel: Kernel,
+) -> bool {
+    assert!(
+        kernel.runs_here(),
+        "{kernel:?} kernels on a CPU without them"
+    );
+    match kernel {
+        // SAFETY: `runs_here` checked the features.
+        Kernel::Avx512Vnni => unsafe { tiles::group(w, g, x, dst) },
+        // SAFETY: as above.
+        Kernel::Avx2 => unsafe { tiles_avx2::group(w, g, x, dst) },
+        Kernel::Scalar => return false,
+    }
+    true
+}
+
+/// No SIMD loop off x86-64: the layout runs its scalar twin.
+#[cfg(not(target_arch = "x86_64"))]
+fn simd_group<W>(_: &W, _: usize, _: &QActivations, _: &mut [f32], _: Kernel) -> bool {
+    false
 }
 
 impl GroupedWeights for QWeights {
@@ -237,15 +347,10 @@ impl GroupedWeights for QWeights {
     fn k(&self) -> usize {
         self.k
     }
-    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is `vnni_available()`, which checked the features at run time.
-            unsafe { tiles::group(self, g, x, dst) };
-            return;
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], kernel: Kernel) {
+        if !simd_group(self, g, x, dst, kernel) {
+            self.group_scalar(g, x, dst);
         }
-        let _ = simd;
-        self.group_scalar(g, x, dst);
     }
 }
 
@@ -277,13 +382,13 @@ pub(crate) fn matmul_many(
         .collect();
     // per-group results [matrix][g][row][lane], then scattered to row-major
     let mut by_group = vec![0f32; work.len() * rows * LANES];
-    let simd = vnni_available();
+    let kernel = Kernel::detected();
     by_group
         .par_chunks_mut(rows * LANES)
         .zip(work.par_iter())
         // a group of one row is well under a microsecond: tasks of fewer cost more to hand out
         .with_min_len(4)
-        .for_each(|(dst, (i, g))| ws[*i].group(*g, x, dst, simd));
+        .for_each(|(dst, (i, g))| ws[*i].group(*g, x, dst, kernel));
     let mut groups = by_group.chunks_exact(rows * LANES);
     for (w, out) in ws.iter().zip(outs.iter_mut()) {
         let n = w.n();
@@ -329,7 +434,7 @@ pub(crate) fn swiglu(
     }
     // per group: its gate outputs (combined in place), then its up outputs
     let mut by_group = vec![0f32; n / LANES * 2 * rows * LANES];
-    let simd = vnni_available();
+    let kernel = Kernel::detected();
     by_group
         .par_chunks_mut(2 * rows * LANES)
         .enumerate()
@@ -337,8 +442,8 @@ pub(crate) fn swiglu(
         .with_min_len(2)
         .for_each(|(group, dst)| {
             let (gates, ups) = dst.split_at_mut(rows * LANES);
-            gate.group(group, x, gates, simd);
-            up.group(group, x, ups, simd);
+            gate.group(group, x, gates, kernel);
+            up.group(group, x, ups, kernel);
             for (g, u) in gates.iter_mut().zip(ups.iter()) {
                 *g = u * (*g / (1.0 + (-*g).exp()));
             }
@@ -351,24 +456,63 @@ pub(crate) fn swiglu(
     Ok(())
 }
 
-/// Whether the AVX-512 VNNI kernels can run on this machine (AVX-512F, BW, VNNI and F16C),
-/// and not `PAGEDKV_FORCE_SCALAR`: looked up once, not on every product.
+/// Which kernels the products run, fastest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kernel {
+    /// AVX-512F, BW, VNNI and F16C: `vpdpbusd` on 16 columns (`tiles`).
+    Avx512Vnni,
+    /// AVX2, FMA and F16C: `vpmaddubsw` on two halves of 8 columns (`tiles_avx2`).
+    Avx2,
+    /// The scalar twins.
+    Scalar,
+}
+
+impl Kernel {
+    /// Whether this CPU runs the kernel (detected once: it is asked on every group).
+    pub(crate) fn runs_here(self) -> bool {
+        static RUNS: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
+        RUNS.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                [
+                    has!("avx512f") && has!("avx512bw") && has!("avx512vnni") && has!("f16c"),
+                    has!("avx2") && has!("fma") && has!("f16c"),
+                    true,
+                ]
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                [false, false, true]
+            }
+        })[self as usize]
+    }
+
+    /// Every kernel this CPU runs, fastest first (the tests run each).
+    pub(crate) fn available() -> Vec<Kernel> {
+        [Kernel::Avx512Vnni, Kernel::Avx2, Kernel::Scalar]
+            .into_iter()
+            .filter(|k| k.runs_here())
+            .collect()
+    }
+
+    /// The fastest kernel this CPU runs, or the scalar twins under `PAGEDKV_FORCE_SCALAR`:
+    /// looked up once, not on every product.
+    pub(crate) fn detected() -> Kernel {
+        static DETECTED: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            if std::env::var_os("PAGEDKV_FORCE_SCALAR").is_some() {
+                Kernel::Scalar
+            } else {
+                Kernel::available()[0]
+            }
+        })
+    }
+}
+
+/// Whether the products run the AVX-512 VNNI kernels on this machine.
 pub fn vnni_available() -> bool {
-    static AVAILABLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            std::env::var_os("PAGEDKV_FORCE_SCALAR").is_none()
-                && is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("f16c")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    Kernel::detected() == Kernel::Avx512Vnni
 }
 
 #[cfg(test)]
@@ -424,23 +568,7 @@ pub(super) mod tests {
         let x = data(ROWS * k, 4);
         let mut batch = QActivations::default();
         batch.quantize(&x, ROWS, k).unwrap();
-        let groups = n / LANES;
-        let simd_ran = vnni_available();
-        println!(
-            "{}",
-            if simd_ran {
-                "compared the AVX-512 VNNI kernel with the scalar one"
-            } else {
-                "no AVX-512 VNNI on this CPU: only the scalar kernel was run"
-            }
-        );
-        for g in 0..groups {
-            let mut scalar = vec![0f32; ROWS * LANES];
-            w.group(g, &batch, &mut scalar, false);
-            let mut simd = vec![0f32; ROWS * LANES];
-            w.group(g, &batch, &mut simd, simd_ran);
-            assert_eq!(scalar, simd);
-        }
+        every_kernel_matches_the_scalar_twin(&w, &batch, "8-bit");
         // a row alone gives exactly its row of the batch
         let mut all = Vec::new();
         w.matmul(&batch, &mut all).unwrap();
@@ -450,6 +578,26 @@ pub(super) mod tests {
             let mut out = Vec::new();
             w.matmul(&one, &mut out).unwrap();
             assert_eq!(out, all[r * n..(r + 1) * n]);
+        }
+    }
+
+    /// Runs every group of `w` on `batch` by every kernel this CPU has and asserts the same
+    /// bits as the scalar twin, saying which kernels ran.
+    pub(in crate::qgemm) fn every_kernel_matches_the_scalar_twin(
+        w: &dyn GroupedWeights,
+        batch: &QActivations,
+        layout: &str,
+    ) {
+        let kernels = Kernel::available();
+        println!("{layout} layout: {kernels:?} compared with the scalar twin");
+        for g in 0..w.n() / LANES {
+            let mut scalar = vec![0f32; batch.rows * LANES];
+            w.group(g, batch, &mut scalar, Kernel::Scalar);
+            for &kernel in &kernels {
+                let mut out = vec![0f32; batch.rows * LANES];
+                w.group(g, batch, &mut out, kernel);
+                assert_eq!(scalar, out, "{layout}: {kernel:?}, group {g}");
+            }
         }
     }
 

@@ -74,6 +74,15 @@ impl QActivations {
 }
 
 impl QActivations {
+    /// Asserts what the kernels' unchecked reads rely on: activations of width `k` (the
+    /// weights' inputs), their codes, scales and sums all there, and `dst` holding 16 outputs
+    /// per row.
+    pub(super) fn assert_fits(&self, k: usize, dst: &[f32]) {
+        let blocks = k / BLOCK;
+        assert!(self.k == k && self.q.len() >= self.rows * k && dst.len() >= self.rows * 16);
+        assert!(self.scale.len() >= self.rows * blocks && self.sum.len() >= self.rows * blocks);
+    }
+
     /// Bytes `4t .. 4t + 4` of row `row`'s block `b`, as the kernels broadcast them.
     ///
     /// # Safety

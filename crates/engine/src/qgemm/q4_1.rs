@@ -16,10 +16,10 @@
 //! shift. Half the 8-bit layout's bytes per weight (0.625 against 1.125): single-sequence
 //! decode reads every weight once per token, so it runs at the speed of these bytes.
 
-use super::{GroupedWeights, QActivations, ShapeError, BLOCK, LANES};
+use super::{simd_group, GroupedWeights, Kernel, QActivations, ShapeError, BLOCK, LANES};
 use half::f16;
 #[cfg(target_arch = "x86_64")]
-use std::arch::x86_64::{__m512, __m512i};
+use std::arch::x86_64::{__m256, __m256i, __m512, __m512i};
 
 /// Bytes of one Q4_1 block in the file: d, m (f16 each), 16 bytes of codes.
 const FILE_BLOCK: usize = 20;
@@ -167,6 +167,80 @@ unsafe impl super::tiles::Layout for Q4Weights {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+// SAFETY: as the AVX-512 layout: `check_group` asserts the group's blocks exist.
+unsafe impl super::tiles_avx2::Layout2 for Q4Weights {
+    /// The 8 columns' scales d and minimums m.
+    type Params = (__m256, __m256);
+
+    fn inputs(&self) -> usize {
+        self.k
+    }
+
+    fn check_group(&self, g: usize) {
+        super::tiles::Layout::check_group(self, g);
+    }
+
+    #[inline(always)]
+    unsafe fn params(&self, g: usize, b: usize, h: usize) -> (__m256, __m256) {
+        use std::arch::x86_64::*;
+        // SAFETY: the (group, block)'s 8 + 8 f16 of this half lie inside `packed` (the
+        // caller's contract); F16C present.
+        unsafe {
+            let at = self
+                .packed
+                .as_ptr()
+                .add((g * self.k / BLOCK + b) * PACKED + 16 * h);
+            (
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(SCALES_AT).cast())),
+                _mm256_cvtph_ps(_mm_loadu_si128(at.add(MINS_AT).cast())),
+            )
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn register(&self, g: usize, b: usize, t: usize, h: usize) -> __m256i {
+        use std::arch::x86_64::*;
+        let at = (g * self.k / BLOCK + b) * PACKED + 64 * (t % 4) + 32 * h;
+        // SAFETY: 32 of the (group, block)'s code bytes (the caller's contract); AVX2 present.
+        unsafe {
+            let bytes = _mm256_loadu_si256(self.packed.as_ptr().add(at).cast());
+            let bytes = if t < 4 {
+                bytes
+            } else {
+                _mm256_srli_epi16::<4>(bytes)
+            };
+            _mm256_and_si256(bytes, _mm256_set1_epi8(0x0F))
+        }
+    }
+
+    /// Codes ≤ 15 against activations ≥ −128: a pair is at most 2·15·128, no saturation.
+    #[inline(always)]
+    unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 present (the caller's contract).
+        unsafe { _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)) }
+    }
+
+    #[inline(always)]
+    unsafe fn accumulate(
+        acc: __m256,
+        dot: __m256i,
+        (d, m): Self::Params,
+        s: f32,
+        sum: i32,
+    ) -> __m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: AVX2 and FMA present (the caller's contract).
+        unsafe {
+            // as the AVX-512 layout and the scalar twin
+            let ds = _mm256_mul_ps(d, _mm256_set1_ps(s));
+            let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), ds, acc);
+            _mm256_fmadd_ps(m, _mm256_set1_ps(s * sum as f32), acc)
+        }
+    }
+}
+
 impl GroupedWeights for Q4Weights {
     fn n(&self) -> usize {
         self.n
@@ -174,21 +248,17 @@ impl GroupedWeights for Q4Weights {
     fn k(&self) -> usize {
         self.k
     }
-    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], simd: bool) {
-        #[cfg(target_arch = "x86_64")]
-        if simd {
-            // SAFETY: `simd` is `super::vnni_available()`, which checked the features.
-            unsafe { super::tiles::group(self, g, x, dst) };
-            return;
+    fn group(&self, g: usize, x: &QActivations, dst: &mut [f32], kernel: Kernel) {
+        if !simd_group(self, g, x, dst, kernel) {
+            self.group_scalar(g, x, dst);
         }
-        let _ = simd;
-        self.group_scalar(g, x, dst);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{matmul_many, tests::data, vnni_available};
+    use super::super::matmul_many;
+    use super::super::tests::{data, every_kernel_matches_the_scalar_twin};
     use super::*;
 
     /// A Q4_1 matrix in the file's format from seeded values, and its dequantized f32 values.
@@ -249,22 +319,7 @@ mod tests {
         let x = data(ROWS * k, 10);
         let mut batch = QActivations::default();
         batch.quantize(&x, ROWS, k).unwrap();
-        let simd_ran = vnni_available();
-        println!(
-            "{}",
-            if simd_ran {
-                "compared the AVX-512 VNNI Q4_1 kernel with the scalar one"
-            } else {
-                "no AVX-512 VNNI on this CPU: only the scalar Q4_1 kernel was run"
-            }
-        );
-        for g in 0..n / LANES {
-            let mut scalar = vec![0f32; ROWS * LANES];
-            w.group(g, &batch, &mut scalar, false);
-            let mut simd = vec![0f32; ROWS * LANES];
-            w.group(g, &batch, &mut simd, simd_ran);
-            assert_eq!(scalar, simd);
-        }
+        every_kernel_matches_the_scalar_twin(&w, &batch, "Q4_1");
         let mut all = [Vec::new()];
         matmul_many(&[&w], &batch, &mut all).unwrap();
         for r in 0..ROWS {

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{QActivations, BLOCK, LANES};
+use super::{by_row_tiles, QActivations, BLOCK, LANES};
 
 /// What a weight layout gives the shared loop.
 ///
@@ -48,22 +48,8 @@ pub(super) unsafe trait Layout {
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
 pub(super) unsafe fn group<W: Layout>(w: &W, g: usize, x: &QActivations, dst: &mut [f32]) {
     w.check_group(g);
-    let blocks = w.inputs() / BLOCK;
-    assert!(x.k == w.inputs() && x.q.len() >= x.rows * x.k && dst.len() >= x.rows * LANES);
-    assert!(x.scale.len() >= x.rows * blocks && x.sum.len() >= x.rows * blocks);
-    let mut row = 0;
-    while row < x.rows {
-        // SAFETY (each): the features (this function's contract); rows row .. row + T exist
-        // and the lengths were asserted above.
-        row += unsafe {
-            match x.rows - row {
-                8.. => tile::<W, 8>(w, g, x, dst, row),
-                4.. => tile::<W, 4>(w, g, x, dst, row),
-                2.. => tile::<W, 2>(w, g, x, dst, row),
-                _ => tile::<W, 1>(w, g, x, dst, row),
-            }
-        };
-    }
+    x.assert_fits(w.inputs(), dst);
+    by_row_tiles!(tile::<W>(w, g, x, dst), [8, 4, 2]);
 }
 
 /// Group `g`'s outputs for rows `row .. row + T`; returns `T`.
