@@ -1,8 +1,9 @@
 //! Weight matrix products for the model's linear layers, fast for one row and for a batch: the
-//! 8-bit layout here, the file's Q4_1 blocks in [`Q4Weights`], one SIMD loop for both (`tiles`).
+//! 8-bit layout here, the file's Q4_1 blocks in [`Q4Weights`], and for both one loop per SIMD
+//! level: AVX-512 VNNI (`tiles`), AVX2 (`tiles_avx2`), and the layouts' scalar twins.
 //!
-//! 8-bit weights are quantized per 32-element block to i8 with an f32 scale, then repacked so that each
-//! 32-bit lane of a 512-bit register belongs to a different output column:
+//! 8-bit weights are quantized per 32-element block to i8 with an f32 scale, then repacked so
+//! that each 32-bit lane of a 512-bit register belongs to a different output column:
 //!
 //! ```text
 //!  group g = columns 16g .. 16g+15, block b = inputs 32b .. 32b+31
@@ -12,8 +13,9 @@
 //!
 //! Activations are quantized per row and block the same way. One `vpdpbusd` (AVX-512 VNNI) then
 //! adds 4 products for 16 columns at once; 8 of them give the block's integer dot product for 16
-//! columns, scaled and accumulated in f32. A group's weights are loaded once per block and reused
-//! for every row of the batch, so batched decode costs little more than one row.
+//! columns, scaled and accumulated in f32 (AVX2: `vpmaddubsw` and `vpmaddwd` on each half of 8
+//! columns). A group's weights are loaded once per block and tile of rows and reused for every
+//! row of the tile, so batched decode costs little more than one row.
 //!
 //! Every (row, column) goes through the same operations in the same order whatever the batch size
 //! and whichever path runs, so a sequence's logits do not depend on what it is batched with, and
@@ -35,18 +37,22 @@ pub use q4_1::Q4Weights;
 
 /// Runs `tile::<W, T>(w, g, x, dst, row)` (which returns `T`) over the rows of `x` in tiles of
 /// the sizes listed and then of 1, largest first: a tile's sums stay in registers, and a
-/// block's weights are loaded once per tile.
+/// block's weights are loaded once per tile. For the SIMD levels' `group` functions only, after
+/// their checks (`check_group`, `assert_fits`) and under their target features: the tile
+/// functions' contract.
 #[cfg(target_arch = "x86_64")]
 macro_rules! by_row_tiles {
     ($tile:ident::<$w:ty>($weights:expr, $g:expr, $x:expr, $dst:expr), [$($size:literal),+]) => {{
+        // the arguments evaluated outside the unsafe block below
+        let (weights, g, x, dst) = ($weights, $g, $x, $dst);
         let mut row = 0;
-        while row < $x.rows {
-            // SAFETY (each): the caller's features; rows row .. row + T exist, and the caller
-            // asserted the lengths.
+        while row < x.rows {
+            // SAFETY (each): the enclosing `group` has the features and asserted the lengths;
+            // rows row .. row + T exist (T ≤ rows − row).
             row += unsafe {
-                match $x.rows - row {
-                    $(left if left >= $size => $tile::<$w, $size>($weights, $g, $x, $dst, row),)+
-                    _ => $tile::<$w, 1>($weights, $g, $x, $dst, row),
+                match x.rows - row {
+                    $(left if left >= $size => $tile::<$w, $size>(weights, g, x, dst, row),)+
+                    _ => $tile::<$w, 1>(weights, g, x, dst, row),
                 }
             };
         }
@@ -244,7 +250,7 @@ unsafe impl tiles::Layout for QWeights {
 
 #[cfg(target_arch = "x86_64")]
 // SAFETY: as the AVX-512 layout: `check_group` asserts the group's weights and scales exist.
-unsafe impl tiles_avx2::Layout2 for QWeights {
+unsafe impl tiles_avx2::Avx2Layout for QWeights {
     /// The 8 columns' weight scales.
     type Params = __m256;
 
@@ -275,9 +281,10 @@ unsafe impl tiles_avx2::Layout2 for QWeights {
         }
     }
 
-    /// `Σ w·x` as `Σ |x| · (w·sign x)`: `vpmaddubsw` takes the unsigned |x| ≤ 127 and the
-    /// signed weights |w| ≤ 127, so a pair is at most 2·127² and does not saturate. The
-    /// scalar twin's `Σ (w + 128)·x − 128·Σx` is the same integer.
+    /// `Σ w·x` as `Σ |x| · (w·sign x)`: `vpmaddubsw` takes the unsigned |x| and the signed
+    /// weights, which are never −128 (quantized to ±127, so `w·sign x` cannot overflow), so a
+    /// pair is at most 2·128·127 and does not saturate. The scalar twin's
+    /// `Σ (w + 128)·x − 128·Σx` is the same integer.
     #[inline(always)]
     unsafe fn dot(w: __m256i, x: __m256i) -> __m256i {
         use std::arch::x86_64::*;
@@ -288,6 +295,7 @@ unsafe impl tiles_avx2::Layout2 for QWeights {
         }
     }
 
+    /// `dot` is already offset-free (see [`Self::dot`]): the code sum is not needed.
     #[inline(always)]
     unsafe fn accumulate(acc: __m256, dot: __m256i, wscale: __m256, s: f32, _sum: i32) -> __m256 {
         use std::arch::x86_64::*;
@@ -313,7 +321,7 @@ pub(crate) trait GroupedWeights: Sync {
 /// Runs group `g` by `kernel`'s SIMD loop; false for the scalar kernel, whose twin the layout
 /// runs itself.
 #[cfg(target_arch = "x86_64")]
-fn simd_group<W: tiles::Layout + tiles_avx2::Layout2>(
+fn simd_group<W: tiles::Layout + tiles_avx2::Avx2Layout>(
     w: &W,
     g: usize,
     x: &QActivations,
@@ -471,7 +479,7 @@ impl Kernel {
     /// Whether this CPU runs the kernel (detected once: it is asked on every group).
     pub(crate) fn runs_here(self) -> bool {
         static RUNS: std::sync::OnceLock<[bool; 3]> = std::sync::OnceLock::new();
-        RUNS.get_or_init(|| {
+        let runs = RUNS.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
             {
                 use std::arch::is_x86_feature_detected as has;
@@ -485,7 +493,12 @@ impl Kernel {
             {
                 [false, false, true]
             }
-        })[self as usize]
+        });
+        match self {
+            Kernel::Avx512Vnni => runs[0],
+            Kernel::Avx2 => runs[1],
+            Kernel::Scalar => runs[2],
+        }
     }
 
     /// Every kernel this CPU runs, fastest first (the tests run each).
@@ -588,7 +601,10 @@ pub(super) mod tests {
         batch: &QActivations,
         layout: &str,
     ) {
-        let kernels = Kernel::available();
+        let kernels: Vec<Kernel> = Kernel::available()
+            .into_iter()
+            .filter(|k| *k != Kernel::Scalar)
+            .collect();
         println!("{layout} layout: {kernels:?} compared with the scalar twin");
         for g in 0..w.n() / LANES {
             let mut scalar = vec![0f32; batch.rows * LANES];

@@ -113,8 +113,8 @@ impl QActivations {
     }
 }
 
-/// Whether [`quantize_block_avx512`] can run here: where the kernels can (its features are
-/// theirs in part), so that `PAGEDKV_FORCE_SCALAR` turns both off.
+/// Whether [`quantize_block_avx512`] runs: where the products run the AVX-512 VNNI kernels (its
+/// features are theirs in part), so that `PAGEDKV_FORCE_SCALAR` turns both off.
 fn quantize_simd_available() -> bool {
     super::vnni_available()
 }

@@ -1,7 +1,8 @@
 //! Q4_1 weight matrices read as the GGUF file stores them: 4-bit codes with an f16 scale and
-//! minimum per 32 weights (`w = d·q + m`), multiplied with 8-bit activations by `vpdpbusd`.
+//! minimum per 32 weights (`w = d·q + m`), multiplied with 8-bit activations by `vpdpbusd`
+//! (AVX-512 VNNI) or `vpmaddubsw` (AVX2).
 //!
-//! The codes are unsigned, as `vpdpbusd` wants its first operand, so no offset needs undoing;
+//! The codes are unsigned, as both instructions want their first operand, so no offset needs undoing;
 //! the minimum adds `m · Σ x` per block, and the activations' block sums are already there.
 //! A group's blocks are repacked so that each 32-bit lane belongs to a different output column:
 //!
@@ -169,7 +170,7 @@ unsafe impl super::tiles::Layout for Q4Weights {
 
 #[cfg(target_arch = "x86_64")]
 // SAFETY: as the AVX-512 layout: `check_group` asserts the group's blocks exist.
-unsafe impl super::tiles_avx2::Layout2 for Q4Weights {
+unsafe impl super::tiles_avx2::Avx2Layout for Q4Weights {
     /// The 8 columns' scales d and minimums m.
     type Params = (__m256, __m256);
 

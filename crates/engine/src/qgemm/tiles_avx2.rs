@@ -2,8 +2,9 @@
 //! are two halves of 8 (one per 256-bit register), and each register's 4 inputs × 8 columns
 //! are multiplied by `vpmaddubsw` (u8 × i8, adjacent pairs summed to i16) and `vpmaddwd` by
 //! ones (pairs of pairs to i32). A layout chooses the operands so that no pair saturates i16
-//! ([`Layout2::dot`]); the integer sums are then exact, the same as `vpdpbusd`'s, and the f32
-//! steps per (row, column) are the scalar twin's, so every path gives the same bits.
+//! ([`Avx2Layout::dot`]); the integer sums are then exact — the offset-free `Σ w·x`, which
+//! `vpdpbusd` reaches for the 8-bit layout only after subtracting its +128 offset — and the
+//! f32 steps per (row, column) are the scalar twin's, so every path gives the same bits.
 
 use std::arch::x86_64::*;
 
@@ -15,7 +16,7 @@ use super::{by_row_tiles, QActivations, BLOCK, LANES};
 /// [`Self::check_group`] panics unless group `g`'s weights and parameters exist for every
 /// block of [`Self::inputs`] inputs, and [`Self::register`] and [`Self::params`] read nothing
 /// else: the loop's unchecked reads rely on it.
-pub(super) unsafe trait Layout2 {
+pub(super) unsafe trait Avx2Layout {
     /// Per-(group, block, half) values the scaling needs.
     type Params: Copy;
     /// Inputs (a multiple of 32).
@@ -33,8 +34,8 @@ pub(super) unsafe trait Layout2 {
     /// # Safety
     /// As [`Self::params`]; `t < 8`.
     unsafe fn register(&self, g: usize, b: usize, t: usize, h: usize) -> __m256i;
-    /// The 8 columns' integer dot products of a register with 4 activation bytes (`x`, the
-    /// same 4 in every lane).
+    /// The 8 columns' integer dot products `Σ w·x` of a register with 4 activation bytes (`x`,
+    /// the same 4 in every lane), with no offset left to undo.
     ///
     /// # Safety
     /// AVX2 present.
@@ -57,7 +58,7 @@ pub(super) unsafe trait Layout2 {
 /// # Safety
 /// AVX2, FMA and F16C present.
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn group<W: Layout2>(w: &W, g: usize, x: &QActivations, dst: &mut [f32]) {
+pub(super) unsafe fn group<W: Avx2Layout>(w: &W, g: usize, x: &QActivations, dst: &mut [f32]) {
     w.check_group(g);
     x.assert_fits(w.inputs(), dst);
     by_row_tiles!(tile::<W>(w, g, x, dst), [4, 2]);
@@ -68,7 +69,7 @@ pub(super) unsafe fn group<W: Layout2>(w: &W, g: usize, x: &QActivations, dst: &
 /// # Safety
 /// As [`group`], after its checks; `row + T ≤ x.rows`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tile<W: Layout2, const T: usize>(
+unsafe fn tile<W: Avx2Layout, const T: usize>(
     w: &W,
     g: usize,
     x: &QActivations,
