@@ -24,9 +24,9 @@ pub enum Weights {
     Exact,
     /// Dequantized to f32 (no activation quantization in matmuls).
     F32,
-    /// Requantized to 8 bits at load (our SIMD kernel).
+    /// Requantized to 8 bits at load (our SIMD kernels).
     Q8,
-    /// Q4_1 read as stored by our SIMD kernel, other types as q8: the default.
+    /// Q4_1 read as stored by our SIMD kernels, other types as q8: the default.
     Q4,
 }
 
@@ -152,7 +152,7 @@ impl CommonArgs {
     }
 
     /// Loads (fetching if needed) the model and its tokenizer, weights held as `--weights`
-    /// says or else as q4 (Q4_1 read as stored by our kernel).
+    /// says or else as q4 (Q4_1 read as stored by our kernels).
     pub fn load_model(&self) -> Result<(Model, GgufTokenizer)> {
         self.load_model_or(WeightMode::Q4)
     }

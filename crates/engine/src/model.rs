@@ -38,12 +38,12 @@ pub enum WeightMode {
     /// Dequantized to f32 once at load: no activation quantization inside matmuls (for `eval`).
     F32,
     /// Requantized at load to 8 bits per weight (f32 scale per 32) for our kernels (AVX-512
-    /// VNNI, AVX2, scalar), which reuse each weight across the rows of a batch (for speed; see `qgemm`); a matrix whose
-    /// shape the kernel cannot tile (outputs not a multiple of 16) stays as stored.
+    /// VNNI, AVX2, scalar), which reuse each weight across the rows of a batch (see `qgemm`);
+    /// a matrix whose shape they cannot tile (outputs not a multiple of 16) stays as stored.
     Q8,
-    /// Q4_1 matrices read as stored by our kernels (`qgemm::Q4Weights`): the
-    /// file's own weights, at 0.625 bytes each; matrices of another type (the Q8_0 embedding
-    /// that doubles as output) as in `Q8`.
+    /// Q4_1 matrices read as stored by our kernels (`qgemm::Q4Weights`): the file's own
+    /// weights, at 0.625 bytes each; matrices of another type (the Q8_0 embedding that doubles
+    /// as output) as in `Q8`. The default of every command but `eval` and `calibrate`.
     Q4,
 }
 
