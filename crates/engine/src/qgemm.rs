@@ -553,23 +553,8 @@ pub(super) mod tests {
         qa.quantize(&x, rows, k).unwrap();
         let mut out = Vec::new();
         qw.matmul(&qa, &mut out).unwrap();
-        for r in 0..rows {
-            for c in 0..n {
-                let exact: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
-                    .sum();
-                // two 8-bit roundings per product: ≤ 1% of Σ|x·w| (values in ±2)
-                let bound = (0..k)
-                    .map(|i| (x[r * k + i] * w[c * k + i]).abs() as f64)
-                    .sum::<f64>()
-                    * 0.01;
-                assert!(
-                    (out[r * n + c] as f64 - exact).abs() <= bound,
-                    "({r},{c}): {} vs {exact}",
-                    out[r * n + c]
-                );
-            }
-        }
+        // two 8-bit roundings per product: ≤ 1% of Σ|x·w| (values in ±2)
+        within_the_f64_reference(&out, &x, &w, (rows, n, k), 0.01);
     }
 
     #[test]
@@ -578,41 +563,75 @@ pub(super) mod tests {
         const ROWS: usize = 15;
         let (n, k) = (64, 128);
         let w = QWeights::new(&data(n * k, 3), n, k).unwrap();
-        let x = data(ROWS * k, 4);
-        let mut batch = QActivations::default();
-        batch.quantize(&x, ROWS, k).unwrap();
-        every_kernel_matches_the_scalar_twin(&w, &batch, "8-bit");
-        // a row alone gives exactly its row of the batch
-        let mut all = Vec::new();
-        w.matmul(&batch, &mut all).unwrap();
-        for r in 0..ROWS {
-            let mut one = QActivations::default();
-            one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
-            let mut out = Vec::new();
-            w.matmul(&one, &mut out).unwrap();
-            assert_eq!(out, all[r * n..(r + 1) * n]);
-        }
+        bit_identical_on_every_kernel_and_row_by_row(&w, &data(ROWS * k, 4), ROWS, "8-bit");
     }
 
-    /// Runs every group of `w` on `batch` by every kernel this CPU has and asserts the same
-    /// bits as the scalar twin, saying which kernels ran.
-    pub(in crate::qgemm) fn every_kernel_matches_the_scalar_twin(
+    /// Quantizes `rows` rows of `x` as a batch and asserts, for every group of `w`, that every
+    /// SIMD kernel this CPU has gives the scalar twin's bits (saying which ran), and that each
+    /// row alone gives exactly its row of the batch.
+    pub(in crate::qgemm) fn bit_identical_on_every_kernel_and_row_by_row(
         w: &dyn GroupedWeights,
-        batch: &QActivations,
+        x: &[f32],
+        rows: usize,
         layout: &str,
     ) {
+        let (n, k) = (w.n(), w.k());
+        let mut batch = QActivations::default();
+        batch.quantize(x, rows, k).unwrap();
         let kernels: Vec<Kernel> = Kernel::available()
             .into_iter()
             .filter(|k| *k != Kernel::Scalar)
             .collect();
         println!("{layout} layout: {kernels:?} compared with the scalar twin");
-        for g in 0..w.n() / LANES {
-            let mut scalar = vec![0f32; batch.rows * LANES];
-            w.group(g, batch, &mut scalar, Kernel::Scalar);
+        for g in 0..n / LANES {
+            let mut scalar = vec![0f32; rows * LANES];
+            w.group(g, &batch, &mut scalar, Kernel::Scalar);
             for &kernel in &kernels {
-                let mut out = vec![0f32; batch.rows * LANES];
-                w.group(g, batch, &mut out, kernel);
+                let mut out = vec![0f32; rows * LANES];
+                w.group(g, &batch, &mut out, kernel);
                 assert_eq!(scalar, out, "{layout}: {kernel:?}, group {g}");
+            }
+        }
+        let mut all = [Vec::new()];
+        matmul_many(&[w], &batch, &mut all).unwrap();
+        for r in 0..rows {
+            let mut one = QActivations::default();
+            one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
+            let mut out = [Vec::new()];
+            matmul_many(&[w], &one, &mut out).unwrap();
+            assert_eq!(
+                out[0],
+                all[0][r * n..(r + 1) * n],
+                "{layout}: row {r} alone"
+            );
+        }
+    }
+
+    /// Asserts `out` (`rows × n`) is `x · wᵀ` (`x`: rows × k, `w`: n × k) within `fraction` of
+    /// `Σ|x·w|` per output, against an f64 reference.
+    pub(in crate::qgemm) fn within_the_f64_reference(
+        out: &[f32],
+        x: &[f32],
+        w: &[f32],
+        (rows, n, k): (usize, usize, usize),
+        fraction: f64,
+    ) {
+        for r in 0..rows {
+            for c in 0..n {
+                let (row, column) = (&x[r * k..(r + 1) * k], &w[c * k..(c + 1) * k]);
+                let exact: f64 = row
+                    .iter()
+                    .zip(column)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum();
+                let bound = row
+                    .iter()
+                    .zip(column)
+                    .map(|(a, b)| (a * b).abs() as f64)
+                    .sum::<f64>()
+                    * fraction;
+                let got = out[r * n + c] as f64;
+                assert!((got - exact).abs() <= bound, "({r},{c}): {got} vs {exact}");
             }
         }
     }

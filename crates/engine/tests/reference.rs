@@ -7,33 +7,10 @@
 
 mod common;
 
-#[test]
-fn exact_weights_agree_within_activation_quantization_noise() {
-    for (i, c) in common::compare(pagedkv_engine::WeightMode::Exact, 16)
-        .iter()
-        .enumerate()
-    {
-        assert!(c.max_diff <= 1.0, "prompt {i}: max |Δlogit| {}", c.max_diff);
-        assert_eq!(c.ours[0], c.theirs[0], "prompt {i}: next token differs");
-        let common_prefix = c
-            .ours
-            .iter()
-            .zip(&c.theirs)
-            .take_while(|(a, b)| a == b)
-            .count();
-        println!("prompt {i}: greedy tokens identical for {common_prefix} of 16");
-    }
-}
-
-/// Our Q4_1 kernel reads the same stored weights, and rounds activations to 8 bits per 32
-/// inputs as candle does (with an f32 scale and an exact code sum where candle keeps f16), so
-/// it is held to the same band as `exact`.
-#[test]
-fn q4_kernel_agrees_with_candle_on_the_stored_weights() {
-    for (i, c) in common::compare(pagedkv_engine::WeightMode::Q4, 16)
-        .iter()
-        .enumerate()
-    {
+/// Asserts that `mode` agrees with candle on the stored weights within the band above: logits
+/// within 1.0 and the same next token on every prompt; prints how long greedy stays the same.
+fn agrees_with_candle_within_the_band(mode: pagedkv_engine::WeightMode) {
+    for (i, c) in common::compare(mode, 16).iter().enumerate() {
         assert!(c.max_diff <= 1.0, "prompt {i}: max |Δlogit| {}", c.max_diff);
         assert_eq!(c.ours[0], c.theirs[0], "prompt {i}: next token differs");
         let common_prefix = c
@@ -47,4 +24,17 @@ fn q4_kernel_agrees_with_candle_on_the_stored_weights() {
             c.max_diff
         );
     }
+}
+
+#[test]
+fn exact_weights_agree_within_activation_quantization_noise() {
+    agrees_with_candle_within_the_band(pagedkv_engine::WeightMode::Exact);
+}
+
+/// Our Q4_1 kernel reads the same stored weights, and rounds activations to 8 bits per 32
+/// inputs as candle does (with an f32 scale and an exact code sum where candle keeps f16), so
+/// it is held to the same band as `exact`.
+#[test]
+fn q4_kernel_agrees_with_candle_on_the_stored_weights() {
+    agrees_with_candle_within_the_band(pagedkv_engine::WeightMode::Q4);
 }

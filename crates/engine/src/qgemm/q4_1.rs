@@ -259,7 +259,9 @@ impl GroupedWeights for Q4Weights {
 #[cfg(test)]
 mod tests {
     use super::super::matmul_many;
-    use super::super::tests::{data, every_kernel_matches_the_scalar_twin};
+    use super::super::tests::{
+        bit_identical_on_every_kernel_and_row_by_row, data, within_the_f64_reference,
+    };
     use super::*;
 
     /// A Q4_1 matrix in the file's format from seeded values, and its dequantized f32 values.
@@ -294,20 +296,8 @@ mod tests {
         acts.quantize(&x, rows, k).unwrap();
         let mut out = [Vec::new()];
         matmul_many(&[&weights], &acts, &mut out).unwrap();
-        for r in 0..rows {
-            for c in 0..n {
-                let exact: f64 = (0..k)
-                    .map(|i| x[r * k + i] as f64 * w[c * k + i] as f64)
-                    .sum();
-                // the activations' 8-bit rounding only: ≤ 0.5% of Σ|x·w|
-                let bound = (0..k)
-                    .map(|i| (x[r * k + i] * w[c * k + i]).abs() as f64)
-                    .sum::<f64>()
-                    * 0.005;
-                let got = out[0][r * n + c] as f64;
-                assert!((got - exact).abs() <= bound, "({r},{c}): {got} vs {exact}");
-            }
-        }
+        // the activations' 8-bit rounding only: ≤ 0.5% of Σ|x·w|
+        within_the_f64_reference(&out[0], &x, &w, (rows, n, k), 0.005);
     }
 
     #[test]
@@ -317,19 +307,7 @@ mod tests {
         let (n, k) = (64, 128);
         let (file, _) = q4_1_matrix(n, k, 9);
         let w = Q4Weights::from_q4_1(&file, n, k).unwrap();
-        let x = data(ROWS * k, 10);
-        let mut batch = QActivations::default();
-        batch.quantize(&x, ROWS, k).unwrap();
-        every_kernel_matches_the_scalar_twin(&w, &batch, "Q4_1");
-        let mut all = [Vec::new()];
-        matmul_many(&[&w], &batch, &mut all).unwrap();
-        for r in 0..ROWS {
-            let mut one = QActivations::default();
-            one.quantize(&x[r * k..(r + 1) * k], 1, k).unwrap();
-            let mut out = [Vec::new()];
-            matmul_many(&[&w], &one, &mut out).unwrap();
-            assert_eq!(out[0], all[0][r * n..(r + 1) * n]);
-        }
+        bit_identical_on_every_kernel_and_row_by_row(&w, &data(ROWS * k, 10), ROWS, "Q4_1");
     }
 
     #[test]
