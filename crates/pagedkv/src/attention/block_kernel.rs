@@ -282,26 +282,55 @@ unsafe fn codes16<const KIND: usize>(at: *const u8) -> __m512 {
             _ => {}
         }
     }
+    // Packed codes: each lane's field shifted to the bottom of its 32 bits and looked up as
+    // f32 by a permute, which reads only the low four bits of each lane's index (the bits
+    // above, the next fields, are ignored): two operations where masking and converting
+    // take three.
     // SAFETY (each arm): as above.
-    let ints = unsafe {
+    unsafe {
         match KIND {
-            8 => _mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast())),
+            8 => _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(at.cast()))),
             4 => {
                 // even lanes see the low 32 bits (codes 0..8), odd lanes the high (8..16)
                 let word = _mm512_set1_epi64(at.cast::<i64>().read_unaligned());
-                let up =
-                    _mm512_setr_epi32(28, 28, 24, 24, 20, 20, 16, 16, 12, 12, 8, 8, 4, 4, 0, 0);
-                _mm512_srli_epi32::<28>(_mm512_sllv_epi32(word, up))
+                let down =
+                    _mm512_setr_epi32(0, 0, 4, 4, 8, 8, 12, 12, 16, 16, 20, 20, 24, 24, 28, 28);
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(word, down), nibbles())
             }
             _ => {
                 let word = _mm512_set1_epi32(at.cast::<i32>().read_unaligned());
-                let up =
-                    _mm512_setr_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-                _mm512_srli_epi32::<30>(_mm512_sllv_epi32(word, up))
+                let down =
+                    _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+                _mm512_permutexvar_ps(_mm512_srlv_epi32(word, down), crumbs())
             }
         }
-    };
-    _mm512_cvtepi32_ps(ints)
+    }
+}
+
+/// The value of every 4-bit index as f32: the lookup table of a packed int4 code.
+#[inline(always)]
+fn nibbles() -> __m512 {
+    // SAFETY: AVX-512F present (the callers' features); 16 floats from a constant table.
+    unsafe { _mm512_loadu_ps(const { lookup(15) }.as_ptr()) }
+}
+
+/// The low two bits of every 4-bit index as f32: the lookup table of a packed int2 code
+/// (the index's upper two bits are the next code's).
+#[inline(always)]
+fn crumbs() -> __m512 {
+    // SAFETY: as for `nibbles`.
+    unsafe { _mm512_loadu_ps(const { lookup(3) }.as_ptr()) }
+}
+
+/// `i & mask` as f32 for every 4-bit index `i`.
+const fn lookup(mask: u32) -> [f32; 16] {
+    let mut out = [0f32; 16];
+    let mut i = 0;
+    while i < 16 {
+        out[i] = (i as u32 & mask) as f32;
+        i += 1;
+    }
+    out
 }
 
 /// Four f16 (scale, zero) pairs' worth of registers: sixteen pairs at `at` split into the
@@ -336,116 +365,237 @@ pub(super) unsafe fn pairs16(at: *const u8) -> (__m512, __m512) {
 pub(super) unsafe fn token_params<const KB: usize, const D: usize>(
     at: *const u8,
 ) -> [[__m512; 4]; 2] {
-    let load = |i: usize| {
+    // (no intrinsics inside closures: a closure would not carry the kernel's target
+    // features, and its intrinsics would be calls)
+    let mut x = [_mm512_setzero_ps(); 8];
+    for (i, x) in x.iter_mut().enumerate().take(D / 16) {
         // SAFETY: register i's 32 bytes lie inside the parameters (the caller's contract).
-        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32 * i).cast())) }
-    };
+        *x = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(at.add(32 * i).cast())) };
+    }
     let lane = |t| lane_of(KB, t);
     if D == 64 {
         // four tokens × (s₀, z₀, s₁, z₁) per register
         let zero = [_mm512_setzero_ps(); 4];
-        return [
-            by_component([load(0), load(1), load(2), load(3)], lane),
-            zero,
-        ];
+        return [by_component([x[0], x[1], x[2], x[3]], lane), zero];
     }
     // two tokens × (s₀, z₀, … s₃, z₃) per register: each token's first four components, then
     // its last four, gathered four tokens to a register
-    let pick = |first: i32| {
-        let index: [i32; 16] = std::array::from_fn(|i| (i as i32 / 4) * 8 + first + i as i32 % 4);
-        // SAFETY: 16 i32 read from a local array.
-        unsafe { _mm512_loadu_si512(index.as_ptr().cast()) }
+    let pick = |first: i32| -> [i32; 16] {
+        std::array::from_fn(|i| (i as i32 / 4) * 8 + first + i as i32 % 4)
     };
     let (low, high) = (pick(0), pick(4));
-    let x: [__m512; 8] = std::array::from_fn(load);
-    let quads =
-        |index| std::array::from_fn(|j| _mm512_permutex2var_ps(x[2 * j], index, x[2 * j + 1]));
-    [
-        by_component(quads(low), lane),
-        by_component(quads(high), lane),
-    ]
+    // SAFETY: 16 i32 read from each local array.
+    let (low, high) = unsafe {
+        (
+            _mm512_loadu_si512(low.as_ptr().cast()),
+            _mm512_loadu_si512(high.as_ptr().cast()),
+        )
+    };
+    let (mut lows, mut highs) = ([_mm512_setzero_ps(); 4], [_mm512_setzero_ps(); 4]);
+    for (j, (l, h)) in lows.iter_mut().zip(&mut highs).enumerate() {
+        *l = _mm512_permutex2var_ps(x[2 * j], low, x[2 * j + 1]);
+        *h = _mm512_permutex2var_ps(x[2 * j], high, x[2 * j + 1]);
+    }
+    [by_component(lows, lane), by_component(highs, lane)]
 }
 
-/// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
-/// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
-/// block; the pages of the block `ahead` further prefetched while one is read.
+/// A whole-block kernel's key side for `H` query heads: the scores of one slice at a time.
+pub(super) trait SliceScores {
+    /// Makes `keys` (a block's key page, of the length its layout gives) the page
+    /// [`SliceScores::scores`] reads: the work done once per block.
+    ///
+    /// # Safety
+    /// The features of the kernel implementing it present.
+    unsafe fn enter_block(&mut self, keys: &[u8]);
+
+    /// The scores (query · key, bias included) of slice `slice` of the entered block, token
+    /// lanes in the implementation's order.
+    ///
+    /// # Safety
+    /// As for [`SliceScores::enter_block`], which was called; `slice` < the block's slices.
+    unsafe fn scores(&mut self, slice: usize) -> [__m512; MAX_HEADS];
+}
+
+/// Reads a run of full blocks for `H` query heads (their rows of `blocks.q` from
+/// `first_head`), `keys` scoring each slice (token lanes in `LANES`' [`lane_of`] order) and
+/// the values added exactly ([`add_slice_values`]). Software-pipelined: the next slice's
+/// scores are issued between a slice's softmax step and its values, so the CPU overlaps the
+/// step's chain of dependent operations (and a block's query folding) with independent
+/// work instead of waiting for it. The pages of the block `ahead` further are prefetched
+/// while one is read when `prefetch` (the first head group of a run).
+///
+/// # Safety
+/// The features of `keys`' kernel present (AVX-512F and F16C among them).
+#[inline(always)]
+pub(super) unsafe fn read_slices<
+    S: SliceScores,
+    const LANES: usize,
+    const VB: usize,
+    const H: usize,
+    const D: usize,
+>(
+    blocks: &Blocks,
+    layout: &Pages,
+    (first_head, prefetch): (usize, bool),
+    keys: &mut S,
+    run: &mut Running,
+) {
+    let q = &blocks.q[first_head * D..(first_head + H) * D];
+    let run = &mut run.heads(first_head, H, D);
+    let per_block = layout.tokens / SLICE;
+    let pages = blocks.pages;
+    // (not a closure: one would not carry the kernel's target features)
+    macro_rules! enter {
+        ($b:expr) => {{
+            let (key_page, value_page) = pages[$b];
+            layout.check((H, D, SLICE), (key_page, value_page), q, run);
+            // SAFETY: the caller's contract; the pages' lengths checked.
+            unsafe { keys.enter_block(key_page) };
+        }};
+    }
+    if pages.is_empty() {
+        return;
+    }
+    enter!(0);
+    // SAFETY: the block is entered; it has slice 0.
+    let mut scores = unsafe { keys.scores(0) };
+    for (b, &(_, values)) in pages.iter().enumerate() {
+        if prefetch {
+            super::pages::prefetch_run(pages, b, blocks.ahead);
+        }
+        for slice in 0..per_block {
+            let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
+            for (h, w) in weights.iter_mut().enumerate().take(H) {
+                // SAFETY: AVX-512F present (the caller's contract).
+                *w = unsafe { run.softmax_step(h, D, scores[h]) };
+            }
+            if slice + 1 < per_block {
+                // SAFETY: the block is entered and has this slice.
+                scores = unsafe { keys.scores(slice + 1) };
+            } else if b + 1 < pages.len() {
+                enter!(b + 1);
+                // SAFETY: as above.
+                scores = unsafe { keys.scores(0) };
+            }
+            // SAFETY: the block's value page was checked on entering it; the slice's rows
+            // and parameters lie inside it.
+            unsafe {
+                add_slice_values::<LANES, VB, H, D>(
+                    values.as_ptr(),
+                    &layout.value,
+                    slice * SLICE,
+                    &weights,
+                    run,
+                )
+            };
+        }
+    }
+}
+
+/// Reads a run of full blocks (key and value pages each) for `heads` query heads (`q`:
+/// `heads × D`, already multiplied by the softmax scale), four at a time: each group of
+/// four through the whole run ([`read_slices`]), the outputs in the lanes of [`enter`].
 #[target_feature(enable = "avx512f,avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,
     run: &mut Running,
 ) {
     let layout = Pages::new(KB, VB, blocks.tokens, D);
-    read_run!(blocks, run, |keys, values, H, q, part| {
-        attend_block::<KB, VB, H, D>(keys, values, &layout, q, part)
-    });
+    for first in (0..blocks.heads).step_by(MAX_HEADS) {
+        let n = (blocks.heads - first).min(MAX_HEADS);
+        with_heads!(n, H, {
+            let mut keys = ExactKeys::<KB, H, D>::new(&blocks.q[first * D..], &layout);
+            // SAFETY: AVX-512F, AVX2, FMA and F16C present (this function's features).
+            unsafe {
+                read_slices::<_, KB, VB, H, D>(blocks, &layout, (first, first == 0), &mut keys, run)
+            };
+        });
+    }
 }
 
-/// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
-/// full block, the outputs in the lanes of [`enter`]: `keys` a channel-major key page of kind
-/// `KB` (f16 elements; integer codes with per-channel (scale, zero) pairs; fp8 codes with
-/// per-channel scales), `values` a token-major page of kind `VB` (f16; integer codes with
-/// per-token (scale, zero) pairs per group of 32 channels; fp8 codes with per-token scales).
-#[target_feature(enable = "avx512f,avx2,fma,f16c")]
-fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize>(
-    keys: &[u8],
-    values: &[u8],
-    layout: &Pages,
-    q: &[f32],
-    run: &mut Running,
-) {
-    layout.check((H, D, SLICE), (keys, values), q, run);
-    let Pages { key, value, tokens } = *layout;
-    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+/// The exact kernel's key side: a channel-major key page of kind `KB` (f16 elements; integer
+/// codes with per-channel (scale, zero) pairs; fp8 codes with per-channel scales) read in f32,
+/// token lanes in `KB`'s [`lane_of`] order.
+struct ExactKeys<'a, const KB: usize, const H: usize, const D: usize> {
+    /// `H × D` query rows, already multiplied by the softmax scale.
+    q: &'a [f32],
+    layout: Pages,
+    /// The entered page's codes.
+    codes: *const u8,
+    /// The query with the entered block's key scales folded in, per head.
+    folded: [[f32; D]; MAX_HEADS],
+    /// `q · z` per head: the key zero points' share of every score.
+    bias: [f32; MAX_HEADS],
+}
 
-    // keys: per-channel scales folded into the query, zero points into one constant per head
-    let mut folded = [[0f32; D]; MAX_HEADS];
-    let mut bias = [_mm512_setzero_ps(); MAX_HEADS];
-    if full(KB) {
-        for (h, row) in folded.iter_mut().enumerate().take(H) {
-            row.copy_from_slice(&q[h * D..(h + 1) * D]);
+impl<'a, const KB: usize, const H: usize, const D: usize> ExactKeys<'a, KB, H, D> {
+    fn new(q: &'a [f32], layout: &Pages) -> Self {
+        assert!(q.len() >= H * D);
+        Self {
+            q,
+            layout: *layout,
+            codes: std::ptr::null(),
+            folded: [[0.0; D]; MAX_HEADS],
+            bias: [0.0; MAX_HEADS],
         }
     }
-    for c in (0..D).step_by(16).take(if fp8(KB) { D / 16 } else { 0 }) {
-        // SAFETY: the scales of channels c .. c + 16 lie at code_bytes + 2c .. + 32 ≤ the page.
-        let s =
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(key.code_bytes + 2 * c).cast())) };
-        let s = _mm512_mul_ps(s, _mm512_set1_ps(unit(KB)));
-        for (h, row) in folded.iter_mut().enumerate().take(H) {
-            // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len() (asserted); c + 16 ≤ the row's D.
-            unsafe {
-                let x = _mm512_loadu_ps(q.as_ptr().add(h * D + c));
-                _mm512_storeu_ps(row.as_mut_ptr().add(c), _mm512_mul_ps(x, s));
+}
+
+impl<const KB: usize, const H: usize, const D: usize> SliceScores for ExactKeys<'_, KB, H, D> {
+    #[inline(always)]
+    unsafe fn enter_block(&mut self, keys: &[u8]) {
+        assert!(keys.len() >= self.layout.key.page_bytes());
+        let (kp, q, code_bytes) = (keys.as_ptr(), self.q, self.layout.key.code_bytes);
+        self.codes = kp;
+        // per-channel scales folded into the query, zero points into one constant per head
+        let folded = &mut self.folded;
+        let mut bias = [_mm512_setzero_ps(); MAX_HEADS];
+        if full(KB) {
+            for (h, row) in folded.iter_mut().enumerate().take(H) {
+                row.copy_from_slice(&q[h * D..(h + 1) * D]);
             }
         }
-    }
-    for c in (0..D)
-        .step_by(16)
-        .take(if integer(KB) { D / 16 } else { 0 })
-    {
-        // SAFETY: the pairs of channels c .. c + 16 lie at code_bytes + 4c .. + 64 ≤ the page.
-        let (s, z) = unsafe { pairs16(kp.add(key.code_bytes + 4 * c)) };
-        for h in 0..H {
-            // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len() (asserted).
-            let x = unsafe { _mm512_loadu_ps(q.as_ptr().add(h * D + c)) };
-            // SAFETY: c + 16 ≤ D = the row's length.
-            unsafe { _mm512_storeu_ps(folded[h].as_mut_ptr().add(c), _mm512_mul_ps(x, s)) };
-            bias[h] = _mm512_fmadd_ps(x, z, bias[h]);
+        for c in (0..D).step_by(16).take(if fp8(KB) { D / 16 } else { 0 }) {
+            // SAFETY: the scales of channels c .. c + 16 lie at code_bytes + 2c .. + 32 ≤ the
+            // page (asserted); AVX-512F and F16C present (the caller's contract).
+            let s =
+                unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(kp.add(code_bytes + 2 * c).cast())) };
+            let s = _mm512_mul_ps(s, _mm512_set1_ps(unit(KB)));
+            for (h, row) in folded.iter_mut().enumerate().take(H) {
+                // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len() (asserted by `new`); c + 16 ≤ D.
+                unsafe {
+                    let x = _mm512_loadu_ps(q.as_ptr().add(h * D + c));
+                    _mm512_storeu_ps(row.as_mut_ptr().add(c), _mm512_mul_ps(x, s));
+                }
+            }
+        }
+        for c in (0..D)
+            .step_by(16)
+            .take(if integer(KB) { D / 16 } else { 0 })
+        {
+            // SAFETY: the pairs of channels c .. c + 16 lie at code_bytes + 4c .. + 64 ≤ the
+            // page (asserted).
+            let (s, z) = unsafe { pairs16(kp.add(code_bytes + 4 * c)) };
+            for (h, b) in bias.iter_mut().enumerate().take(H) {
+                // SAFETY: h·D + c + 16 ≤ H·D ≤ q.len(); c + 16 ≤ D = the row's length.
+                unsafe {
+                    let x = _mm512_loadu_ps(q.as_ptr().add(h * D + c));
+                    _mm512_storeu_ps(folded[h].as_mut_ptr().add(c), _mm512_mul_ps(x, s));
+                    *b = _mm512_fmadd_ps(x, z, *b);
+                }
+            }
+        }
+        for (out, b) in self.bias.iter_mut().zip(bias).take(H) {
+            *out = _mm512_reduce_add_ps(b);
         }
     }
-    let bias: [f32; MAX_HEADS] = std::array::from_fn(|h| _mm512_reduce_add_ps(bias[h]));
 
-    // a channel's column holds the block's tokens; a value row one token's channels
-    let column = tokens * bits(KB) / 8;
-    let row = D * bits(VB) / 8;
-    let token_param_bytes = match value.params {
-        crate::codec::Params::TokenGroupPairs => D / VALUE_GROUP * 4,
-        crate::codec::Params::TokenScales => 2,
-        _ => 0,
-    };
-    for slice in 0..tokens / SLICE {
-        let first = slice * SLICE;
-        // SAFETY: the slice's codes start inside the column (first < tokens).
-        let kp = unsafe { kp.add(first * bits(KB) / 8) };
+    #[inline(always)]
+    unsafe fn scores(&mut self, slice: usize) -> [__m512; MAX_HEADS] {
+        // a channel's column holds the block's tokens
+        let column = self.layout.tokens * bits(KB) / 8;
+        // SAFETY: the slice's codes start inside each column (slice < the block's slices).
+        let kp = unsafe { self.codes.add(slice * SLICE * bits(KB) / 8) };
         // four accumulators per head (channels mod 4): enough independent FMA chains to
         // cover the FMA latency on two pipes even for one head
         let mut dots = [[_mm512_setzero_ps(); 4]; MAX_HEADS];
@@ -453,112 +603,137 @@ fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize
             // SAFETY: channel c + 3's column ends at (c + 4)·column ≤ code_bytes; the slice's
             // 16 codes lie inside it.
             let columns = unsafe {
-                let column = |c: usize| codes16::<KB>(kp.add(c * column));
-                [column(c), column(c + 1), column(c + 2), column(c + 3)]
+                [
+                    codes16::<KB>(kp.add(c * column)),
+                    codes16::<KB>(kp.add((c + 1) * column)),
+                    codes16::<KB>(kp.add((c + 2) * column)),
+                    codes16::<KB>(kp.add((c + 3) * column)),
+                ]
+            };
+            for (dots, folded) in dots.iter_mut().zip(&self.folded).take(H) {
+                for (i, column) in columns.iter().enumerate() {
+                    let qc = _mm512_set1_ps(folded[c + i]);
+                    dots[i] = _mm512_fmadd_ps(qc, *column, dots[i]);
+                }
+            }
+        }
+        let mut scores = [_mm512_setzero_ps(); MAX_HEADS];
+        for h in 0..H {
+            let [a, b, c, d] = dots[h];
+            let sum = _mm512_add_ps(_mm512_add_ps(a, b), _mm512_add_ps(c, d));
+            scores[h] = _mm512_add_ps(sum, _mm512_set1_ps(self.bias[h]));
+        }
+        scores
+    }
+}
+
+/// Adds one slice's values (tokens `first .. first + 16` of the token-major page of `VB`
+/// codes at `vp`, laid out as `value`) into the outputs of `H` heads, each token weighted by
+/// its softmax weight (`weights`: per head, token t in lane `lane_of(LANES, t)`): `p·s` per
+/// token and group of 32 channels as the broadcast operands of f32 FMAs, `Σ p·z` per token
+/// lane into the zero-point sums. The exact arithmetic both whole-block kernels read values
+/// with.
+///
+/// # Safety
+/// AVX-512F and F16C present; the slice's rows and parameters lie inside the page at `vp`;
+/// `run` holds `H` heads of `D` outputs.
+#[inline(always)]
+pub(super) unsafe fn add_slice_values<
+    const LANES: usize,
+    const VB: usize,
+    const H: usize,
+    const D: usize,
+>(
+    vp: *const u8,
+    value: &PageLayout,
+    first: usize,
+    weights: &[__m512; MAX_HEADS],
+    run: &mut Running,
+) {
+    // a row holds one token's channels
+    let row = D * bits(VB) / 8;
+    let token_param_bytes = match value.params {
+        crate::codec::Params::TokenGroupPairs => D / VALUE_GROUP * 4,
+        crate::codec::Params::TokenScales => 2,
+        _ => 0,
+    };
+    // SAFETY: the slice's rows and parameters lie inside the page (the caller's contract).
+    let (rows, params) = unsafe {
+        (
+            vp.add(first * row),
+            vp.add(value.code_bytes + first * token_param_bytes),
+        )
+    };
+    let scales: [[__m512; 4]; 2] = if full(VB) {
+        let one = _mm512_set1_ps(1.0);
+        [[one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]; 2]
+    } else if fp8(VB) {
+        // one scale per token for all channels, in the keys' token lanes
+        // SAFETY: the slice's 32 bytes of scales lie inside the parameters.
+        let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(params.cast())) };
+        let lanes: [i32; 16] = std::array::from_fn(|l| {
+            (0..16).position(|t| lane_of(LANES, t) == l).unwrap_or(l) as i32
+        });
+        // SAFETY: 16 i32 read from a local array.
+        let order = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
+        let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, s), _mm512_set1_ps(unit(VB)));
+        [[s, _mm512_setzero_ps(), s, _mm512_setzero_ps()]; 2]
+    } else {
+        // SAFETY: the slice's 16·D/32·4 bytes of parameters lie inside the page.
+        unsafe { token_params::<LANES, D>(params) }
+    };
+    for (half, [s0, z0, s1, z1]) in scales.into_iter().enumerate().take(D / 64) {
+        let mut w = [[[0f32; SLICE]; 2]; MAX_HEADS];
+        for h in 0..H {
+            // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
+            unsafe {
+                _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
+                _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
+                for (g, z) in [z0, z1]
+                    .into_iter()
+                    .enumerate()
+                    .take(if integer(VB) { 2 } else { 0 })
+                {
+                    let at = run.zeros[h][2 * half + g].as_mut_ptr();
+                    _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
+                }
+            }
+        }
+        let channels = 64 * half;
+        let mut acc = [[_mm512_setzero_ps(); 4]; MAX_HEADS];
+        for (h, a) in acc.iter_mut().enumerate().take(H) {
+            for (i, a) in a.iter_mut().enumerate() {
+                // SAFETY: h·D + channels + 16i + 16 ≤ H·D ≤ acc.len() (the caller's contract).
+                *a = unsafe { _mm512_loadu_ps(run.acc.as_ptr().add(h * D + channels + 16 * i)) };
+            }
+        }
+        for t in 0..SLICE {
+            let at = t * row + channels * bits(VB) / 8;
+            // SAFETY: token t's 64 channels from `channels` end inside its row.
+            let v = unsafe {
+                [
+                    codes16::<VB>(rows.add(at)),
+                    codes16::<VB>(rows.add(at + 2 * bits(VB))),
+                    codes16::<VB>(rows.add(at + 4 * bits(VB))),
+                    codes16::<VB>(rows.add(at + 6 * bits(VB))),
+                ]
             };
             for h in 0..H {
-                for (i, column) in columns.iter().enumerate() {
-                    let qc = _mm512_set1_ps(folded[h][c + i]);
-                    dots[h][i] = _mm512_fmadd_ps(qc, *column, dots[h][i]);
-                }
+                // token t's weight sits in the keys' lane for it
+                let lane = lane_of(LANES, t);
+                let (w0, w1) = (_mm512_set1_ps(w[h][0][lane]), _mm512_set1_ps(w[h][1][lane]));
+                acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
+                acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
+                acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
+                acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
             }
         }
-
-        // online softmax over the 16 scores of each head
-        let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
-        for h in 0..H {
-            let scores = _mm512_add_ps(
-                _mm512_add_ps(
-                    _mm512_add_ps(dots[h][0], dots[h][1]),
-                    _mm512_add_ps(dots[h][2], dots[h][3]),
-                ),
-                _mm512_set1_ps(bias[h]),
-            );
-            // SAFETY: AVX-512F present (this function's features).
-            weights[h] = unsafe { run.softmax_step(h, D, scores) };
-        }
-
-        // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
-        // SAFETY: the slice's rows and parameters lie inside the page (asserted above).
-        let (rows, params) = unsafe {
-            (
-                vp.add(first * row),
-                vp.add(value.code_bytes + first * token_param_bytes),
-            )
-        };
-        let scales: [[__m512; 4]; 2] = if full(VB) {
-            let one = _mm512_set1_ps(1.0);
-            [[one, _mm512_setzero_ps(), one, _mm512_setzero_ps()]; 2]
-        } else if fp8(VB) {
-            // one scale per token for all channels, in the keys' token lanes
-            // SAFETY: the slice's 32 bytes of scales lie inside the parameters.
-            let s = unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(params.cast())) };
-            let lanes: [i32; 16] = std::array::from_fn(|l| {
-                (0..16).position(|t| lane_of(KB, t) == l).unwrap_or(l) as i32
-            });
-            // SAFETY: 16 i32 read from a local array.
-            let order = unsafe { _mm512_loadu_si512(lanes.as_ptr().cast()) };
-            let s = _mm512_mul_ps(_mm512_permutexvar_ps(order, s), _mm512_set1_ps(unit(VB)));
-            [[s, _mm512_setzero_ps(), s, _mm512_setzero_ps()]; 2]
-        } else {
-            // SAFETY: the slice's 16·D/32·4 bytes of parameters lie inside the page.
-            unsafe { token_params::<KB, D>(params) }
-        };
-        for (half, [s0, z0, s1, z1]) in scales.into_iter().enumerate().take(D / 64) {
-            let mut w = [[[0f32; SLICE]; 2]; MAX_HEADS];
-            for h in 0..H {
-                // SAFETY: each row of `w` holds 16 floats; `zeros[h][g]` 16.
+        for (h, a) in acc.iter().enumerate().take(H) {
+            for (i, a) in a.iter().enumerate() {
+                // SAFETY: as for the loads.
                 unsafe {
-                    _mm512_storeu_ps(w[h][0].as_mut_ptr(), _mm512_mul_ps(weights[h], s0));
-                    _mm512_storeu_ps(w[h][1].as_mut_ptr(), _mm512_mul_ps(weights[h], s1));
-                    for (g, z) in
-                        [z0, z1]
-                            .into_iter()
-                            .enumerate()
-                            .take(if integer(VB) { 2 } else { 0 })
-                    {
-                        let at = run.zeros[h][2 * half + g].as_mut_ptr();
-                        _mm512_storeu_ps(at, _mm512_fmadd_ps(weights[h], z, _mm512_loadu_ps(at)));
-                    }
-                }
-            }
-            let channels = 64 * half;
-            let mut acc = [[_mm512_setzero_ps(); 4]; MAX_HEADS];
-            for (h, a) in acc.iter_mut().enumerate().take(H) {
-                for (i, a) in a.iter_mut().enumerate() {
-                    // SAFETY: h·D + channels + 16i + 16 ≤ H·D ≤ acc.len() (asserted).
-                    *a =
-                        unsafe { _mm512_loadu_ps(run.acc.as_ptr().add(h * D + channels + 16 * i)) };
-                }
-            }
-            for t in 0..SLICE {
-                let at = t * row + channels * bits(VB) / 8;
-                // SAFETY: token t's 64 channels from `channels` end inside its row.
-                let v = unsafe {
-                    [
-                        codes16::<VB>(rows.add(at)),
-                        codes16::<VB>(rows.add(at + 2 * bits(VB))),
-                        codes16::<VB>(rows.add(at + 4 * bits(VB))),
-                        codes16::<VB>(rows.add(at + 6 * bits(VB))),
-                    ]
+                    _mm512_storeu_ps(run.acc.as_mut_ptr().add(h * D + channels + 16 * i), *a)
                 };
-                for h in 0..H {
-                    // token t's weight sits in the keys' lane for it
-                    let lane = lane_of(KB, t);
-                    let (w0, w1) = (_mm512_set1_ps(w[h][0][lane]), _mm512_set1_ps(w[h][1][lane]));
-                    acc[h][0] = _mm512_fmadd_ps(w0, v[0], acc[h][0]);
-                    acc[h][1] = _mm512_fmadd_ps(w0, v[1], acc[h][1]);
-                    acc[h][2] = _mm512_fmadd_ps(w1, v[2], acc[h][2]);
-                    acc[h][3] = _mm512_fmadd_ps(w1, v[3], acc[h][3]);
-                }
-            }
-            for (h, a) in acc.iter().enumerate().take(H) {
-                for (i, a) in a.iter().enumerate() {
-                    // SAFETY: as for the loads.
-                    unsafe {
-                        _mm512_storeu_ps(run.acc.as_mut_ptr().add(h * D + channels + 16 * i), *a)
-                    };
-                }
             }
         }
     }

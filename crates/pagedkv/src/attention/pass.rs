@@ -51,8 +51,8 @@ impl WholeBlock {
     fn enter(self, group: usize, acc: &mut [f32]) {
         let d = self.head_dim;
         match self.kernel {
-            Kernel::Vnni => fast_kernel::enter(self.values, group, d, acc),
-            Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
+            // the fast kernel reads values as the exact one does, into the same lanes
+            Kernel::Vnni | Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
             // outputs in channel order throughout
             Kernel::Avx2 => {}
         }
@@ -61,8 +61,7 @@ impl WholeBlock {
     fn leave(self, group: usize, zeros: &mut [block_kernel::ZeroSums], acc: &mut [f32]) {
         let d = self.head_dim;
         match self.kernel {
-            Kernel::Vnni => fast_kernel::leave(self.values, group, d, zeros, acc),
-            Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
+            Kernel::Vnni | Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
             Kernel::Avx2 => block_kernel::add_zero_sums(group, d, zeros, acc),
         }
     }
