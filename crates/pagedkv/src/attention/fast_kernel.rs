@@ -78,8 +78,10 @@ const fn key_place(kind: usize, t: usize) -> u32 {
 /// How four channels' codes of a slice reach one register.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Gather {
-    /// Their window (at most two registers) loaded whole, bytes beyond it masked off.
-    Window { first: __mmask64, second: __mmask64 },
+    /// Their window (at most two registers) read as two whole registers: up to 128 bytes
+    /// past its first byte, which ends inside the page (checked per block: the key
+    /// parameters follow the codes).
+    Window,
     /// Each channel's slice loaded on its own (long columns: int8 in blocks over 32 tokens,
     /// int4 over 64), packed side by side.
     Pieces,
@@ -101,14 +103,8 @@ impl Consts {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")]
     fn new<const KB: usize>(column: usize) -> Self {
-        let window = window(KB, column);
-        let (gather, stride) = if window <= TWO_REGISTERS {
-            let bytes = |n: usize| if n >= 64 { !0 } else { (1u64 << n) - 1 };
-            let gather = Gather::Window {
-                first: bytes(window),
-                second: bytes(window.saturating_sub(64)),
-            };
-            (gather, column)
+        let (gather, stride) = if window(KB, column) <= TWO_REGISTERS {
+            (Gather::Window, column)
         } else {
             (Gather::Pieces, slice_bytes(KB))
         };
@@ -140,16 +136,16 @@ impl Consts {
 /// at its place.
 ///
 /// # Safety
-/// The four channels' slices readable at `at + j·column` (j < 4), `k` built for `KB` and
+/// The kernel's features present; the four channels' slices readable at `at + j·column`
+/// (j < 4) and, when `k` reads windows, the 128 bytes from `at`; `k` built for `KB` and
 /// `column`.
 #[inline(always)]
 unsafe fn key_quad<const KB: usize>(at: *const u8, column: usize, k: &Consts) -> __m512i {
     let codes = match k.gather {
-        // SAFETY: the masks cover the window, which the caller's contract makes readable;
-        // masked-off bytes are not read (masked loads suppress their faults).
-        Gather::Window { first, second } => unsafe {
-            let low = _mm512_maskz_loadu_epi8(first, at.cast());
-            let high = _mm512_maskz_loadu_epi8(second, at.wrapping_add(64).cast());
+        // SAFETY: the 128 bytes from `at` lie inside the page (the caller's contract).
+        Gather::Window => unsafe {
+            let low = _mm512_loadu_si512(at.cast());
+            let high = _mm512_loadu_si512(at.wrapping_add(64).cast());
             _mm512_permutex2var_epi8(low, k.permute, high)
         },
         Gather::Pieces => {
@@ -203,29 +199,68 @@ unsafe fn key_quad<const KB: usize>(at: *const u8, column: usize, k: &Consts) ->
     }
 }
 
-/// `x` (one head's folded query) rounded to integers `Q` of at most [`UNIT`] in magnitude
-/// with one scale, each split into signed bytes `Q = 256·high + low` (`low` in -128..128),
-/// written to `high` and `low`; returns the value of one step of `Q` (0 when every element
-/// is 0, or too small to scale).
+/// Each of four heads' registers (`x[h]`) reduced across its lanes, by the largest element
+/// (`LARGEST`) or the sum: every lane of 128-bit lane `h` of the result holds head `h`'s.
+/// One transposing reduction for all four instead of one horizontal reduction each.
 #[inline(always)]
-unsafe fn round_split(x: &[__m512], high: &mut [i8], low: &mut [i8]) -> f32 {
-    assert!(high.len() >= 16 * x.len() && low.len() >= 16 * x.len());
-    let magnitude = x.iter().fold(_mm512_setzero_ps(), |m, v| {
-        _mm512_max_ps(m, _mm512_abs_ps(*v))
-    });
-    let largest = _mm512_reduce_max_ps(magnitude);
-    let up = UNIT / largest;
-    let (up, step) = if up.is_finite() {
-        (up, largest * (1.0 / UNIT))
-    } else {
-        (0.0, 0.0)
-    };
-    for (i, v) in x.iter().enumerate() {
-        let q = _mm512_cvtps_epi32(_mm512_mul_ps(*v, _mm512_set1_ps(up)));
-        let h = _mm512_srai_epi32::<8>(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
-        let l = _mm512_sub_epi32(q, _mm512_slli_epi32::<8>(h));
-        // SAFETY: 16·(i + 1) ≤ 16·x.len() ≤ both lengths (asserted).
+unsafe fn across_lanes<const LARGEST: bool>(x: [__m512; MAX_HEADS]) -> __m512 {
+    // (a function, not a closure: a closure would not carry the kernel's target features)
+    #[inline(always)]
+    unsafe fn op<const LARGEST: bool>(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: AVX-512F present (the caller's contract).
         unsafe {
+            if LARGEST {
+                _mm512_max_ps(a, b)
+            } else {
+                _mm512_add_ps(a, b)
+            }
+        }
+    }
+    let [a, b, c, d] = x;
+    // SAFETY: as above.
+    unsafe {
+        // 256-bit halves folded: lanes 0..8 a's, 8..16 b's
+        let ab = op::<LARGEST>(
+            _mm512_shuffle_f32x4::<0x44>(a, b),
+            _mm512_shuffle_f32x4::<0xEE>(a, b),
+        );
+        let cd = op::<LARGEST>(
+            _mm512_shuffle_f32x4::<0x44>(c, d),
+            _mm512_shuffle_f32x4::<0xEE>(c, d),
+        );
+        // 128-bit lane h: head h's four partial results
+        let heads = op::<LARGEST>(
+            _mm512_shuffle_f32x4::<0x88>(ab, cd),
+            _mm512_shuffle_f32x4::<0xDD>(ab, cd),
+        );
+        let pairs = op::<LARGEST>(heads, _mm512_permute_ps::<0x4E>(heads));
+        op::<LARGEST>(pairs, _mm512_permute_ps::<0xB1>(pairs))
+    }
+}
+
+/// Lane `4h` of `x` in every lane.
+#[inline(always)]
+unsafe fn head_lane(x: __m512, h: usize) -> __m512 {
+    // SAFETY: AVX-512F present (the caller's contract).
+    unsafe { _mm512_permutexvar_ps(_mm512_set1_epi32(4 * h as i32), x) }
+}
+
+/// `x` (one head's folded query) times `up` rounded to integers `Q` (at most [`UNIT`] in
+/// magnitude when `up` is [`UNIT`] over its largest magnitude), each split into signed bytes
+/// `Q = 256·high + low` (`low` in -128..128), written to `high` and `low`.
+///
+/// # Safety
+/// The kernel's features present.
+#[inline(always)]
+unsafe fn round_split(x: &[__m512], up: __m512, high: &mut [i8], low: &mut [i8]) {
+    assert!(high.len() >= 16 * x.len() && low.len() >= 16 * x.len());
+    for (i, v) in x.iter().enumerate() {
+        // SAFETY: the features (the contract); 16·(i + 1) ≤ 16·x.len() ≤ both lengths
+        // (asserted).
+        unsafe {
+            let q = _mm512_cvtps_epi32(_mm512_mul_ps(*v, up));
+            let h = _mm512_srai_epi32::<8>(_mm512_add_epi32(q, _mm512_set1_epi32(128)));
+            let l = _mm512_sub_epi32(q, _mm512_slli_epi32::<8>(h));
             _mm_storeu_si128(
                 high.as_mut_ptr().add(16 * i).cast(),
                 _mm512_cvtepi32_epi8(h),
@@ -233,7 +268,6 @@ unsafe fn round_split(x: &[__m512], high: &mut [i8], low: &mut [i8]) -> f32 {
             _mm_storeu_si128(low.as_mut_ptr().add(16 * i).cast(), _mm512_cvtepi32_epi8(l));
         }
     }
-    step
 }
 
 /// Four adjacent bytes (elements `4i .. 4i + 4`) in every 32-bit lane.
@@ -288,8 +322,8 @@ struct IntegerKeys<'a, const KB: usize, const H: usize, const D: usize> {
     /// Per head: the value of one step of the rounded query, per token lane (with the codes'
     /// places undone).
     steps: [__m512; MAX_HEADS],
-    /// `q · z` per head: the key zero points' share of every score.
-    bias: [f32; MAX_HEADS],
+    /// `q · z` per head in every lane: the key zero points' share of every score.
+    bias: [__m512; MAX_HEADS],
 }
 
 impl<'a, const KB: usize, const H: usize, const D: usize> IntegerKeys<'a, KB, H, D> {
@@ -304,7 +338,8 @@ impl<'a, const KB: usize, const H: usize, const D: usize> IntegerKeys<'a, KB, H,
             low: [[0; D]; MAX_HEADS],
             // SAFETY: AVX-512F present (the kernel's features, checked before it runs).
             steps: [unsafe { _mm512_setzero_ps() }; MAX_HEADS],
-            bias: [0.0; MAX_HEADS],
+            // SAFETY: as above.
+            bias: [unsafe { _mm512_setzero_ps() }; MAX_HEADS],
         }
     }
 }
@@ -312,7 +347,10 @@ impl<'a, const KB: usize, const H: usize, const D: usize> IntegerKeys<'a, KB, H,
 impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKeys<'_, KB, H, D> {
     #[inline(always)]
     unsafe fn enter_block(&mut self, keys: &[u8]) {
+        // a window read from a slice of the last channels ends less than 128 bytes past the
+        // codes
         assert!(keys.len() >= self.layout.key.page_bytes());
+        assert!(keys.len() >= self.layout.key.code_bytes + TWO_REGISTERS);
         let (kp, q) = (keys.as_ptr(), self.q);
         self.codes = kp;
         let registers = D / 16;
@@ -333,14 +371,28 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
                 *b = _mm512_fmadd_ps(x, z, *b);
             }
         }
-        let heads = (self.high.iter_mut().zip(&mut self.low)).zip(&mut self.steps);
-        for (((high, low), step), folded) in heads.zip(&folded).take(H) {
-            // SAFETY: the kernel's features (the caller's contract).
-            let one = unsafe { round_split(&folded[..registers], high, low) };
-            *step = _mm512_mul_ps(self.consts.unplace, _mm512_set1_ps(one));
+        // one scale per head: its largest magnitude ↦ UNIT (none for a query of zeros, or
+        // too small to scale)
+        let mut largest = [_mm512_setzero_ps(); MAX_HEADS];
+        for (m, row) in largest.iter_mut().zip(&folded).take(H) {
+            for x in &row[..registers] {
+                *m = _mm512_max_ps(*m, _mm512_abs_ps(*x));
+            }
         }
-        for (out, b) in self.bias.iter_mut().zip(bias).take(H) {
-            *out = _mm512_reduce_add_ps(b);
+        // SAFETY: the kernel's features (the caller's contract).
+        let (largest, bias) =
+            unsafe { (across_lanes::<true>(largest), across_lanes::<false>(bias)) };
+        let scalable = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(largest, _mm512_setzero_ps());
+        let up = _mm512_maskz_div_ps(scalable, _mm512_set1_ps(UNIT), largest);
+        let step = _mm512_maskz_mul_ps(scalable, largest, _mm512_set1_ps(1.0 / UNIT));
+        let heads = (self.high.iter_mut().zip(&mut self.low)).zip(&mut self.steps);
+        for (h, (((high, low), steps), folded)) in heads.zip(&folded).enumerate().take(H) {
+            // SAFETY: as above.
+            unsafe {
+                round_split(&folded[..registers], head_lane(up, h), high, low);
+                *steps = _mm512_mul_ps(self.consts.unplace, head_lane(step, h));
+                self.bias[h] = head_lane(bias, h);
+            }
         }
     }
 
@@ -378,11 +430,7 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
             let high = _mm512_add_epi32(highs[h][0], highs[h][1]);
             let low = _mm512_add_epi32(lows[h][0], lows[h][1]);
             let dot = _mm512_add_epi32(_mm512_slli_epi32::<8>(high), low);
-            scores[h] = _mm512_fmadd_ps(
-                _mm512_cvtepi32_ps(dot),
-                self.steps[h],
-                _mm512_set1_ps(self.bias[h]),
-            );
+            scores[h] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), self.steps[h], self.bias[h]);
         }
         scores
     }
@@ -420,31 +468,53 @@ mod tests {
         let x: Vec<f32> = (0..64)
             .map(|i| ((i * 37 % 29) as f32 - 14.0) * 0.731 + if i == 5 { 40.0 } else { 0.0 })
             .collect();
-        // SAFETY: 4 registers loaded from 64 floats.
-        let regs: Vec<__m512> = (0..4)
-            .map(|i| unsafe { _mm512_loadu_ps(x[16 * i..].as_ptr()) })
-            .collect();
-        let (mut high, mut low) = ([0i8; 64], [0i8; 64]);
-        // SAFETY: the CPU has the features (checked above).
-        let step = unsafe { round_split(&regs, &mut high, &mut low) };
         let largest = x.iter().fold(0f32, |m, v| m.max(v.abs()));
-        assert!((step - largest / UNIT).abs() <= 1e-6 * step);
+        let step = largest / UNIT;
+        // the extremes beside the rest: each splits into bytes that hold it
+        let mut x = x;
+        x[..6].copy_from_slice(&[UNIT, -UNIT, 128.0, -128.0, 127.0, -129.5].map(|v| v * step));
+        // SAFETY: 4 registers loaded from 64 floats; the features (checked above).
+        let (mut high, mut low) = ([0i8; 64], [0i8; 64]);
+        unsafe {
+            let regs: Vec<__m512> = (0..4)
+                .map(|i| _mm512_loadu_ps(x[16 * i..].as_ptr()))
+                .collect();
+            round_split(&regs, _mm512_set1_ps(UNIT / largest), &mut high, &mut low);
+        }
         for (i, v) in x.iter().enumerate() {
             let q = 256 * i32::from(high[i]) + i32::from(low[i]);
-            let want = (v / step).round() as i32;
-            assert!((q - want).abs() <= 1, "element {i}: {q} for {want}");
+            let want = (v * (UNIT / largest)).round_ties_even() as i32;
+            assert_eq!(q, want, "element {i} ({v})");
             assert!(q.abs() <= UNIT as i32, "element {i}: {q} beyond the unit");
+            assert!((-128..128).contains(&i32::from(low[i])));
         }
-        // the extremes split into bytes that hold them
-        let ends = [UNIT, -UNIT, 128.0, -128.0, 127.0, -129.0].map(|v| v * (largest / UNIT));
-        let mut padded = [0f32; 16];
-        padded[..ends.len()].copy_from_slice(&ends);
-        padded[15] = largest;
-        // SAFETY: one register from 16 floats; the features as above.
-        let step = unsafe { round_split(&[_mm512_loadu_ps(padded.as_ptr())], &mut high, &mut low) };
-        for (i, v) in padded.iter().enumerate() {
-            let q = 256 * i32::from(high[i]) + i32::from(low[i]);
-            assert_eq!(q, (v / step).round() as i32, "extreme {v}");
+    }
+
+    #[test]
+    fn four_heads_reduce_across_their_lanes_together() {
+        if !available() {
+            println!("four_heads_reduce: no AVX-512 VNNI/VBMI on this CPU, not run");
+            return;
+        }
+        println!("four_heads_reduce: ran the AVX-512 transposing reduction");
+        let heads: Vec<[f32; 16]> = (0..4)
+            .map(|h| std::array::from_fn(|l| ((h * 31 + l * 7) % 23) as f32 - 3.0 * h as f32))
+            .collect();
+        // SAFETY: the features (checked above); 16 floats per register.
+        let (largest, sums) = unsafe {
+            let x: [__m512; 4] = std::array::from_fn(|h| _mm512_loadu_ps(heads[h].as_ptr()));
+            let (mut largest, mut sums) = ([0f32; 16], [0f32; 16]);
+            _mm512_storeu_ps(largest.as_mut_ptr(), across_lanes::<true>(x));
+            _mm512_storeu_ps(sums.as_mut_ptr(), across_lanes::<false>(x));
+            (largest, sums)
+        };
+        for (h, lanes) in heads.iter().enumerate() {
+            let max = lanes.iter().fold(f32::MIN, |m, v| m.max(*v));
+            let sum: f32 = lanes.iter().sum();
+            for l in 4 * h..4 * h + 4 {
+                assert_eq!(largest[l], max, "head {h}, lane {l}");
+                assert_eq!(sums[l], sum, "head {h}, lane {l}");
+            }
         }
     }
 
