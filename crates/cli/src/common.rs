@@ -35,9 +35,9 @@ pub enum Weights {
 pub enum Attention {
     /// f32 on the codes: within 1e-4 of the f64 reference (the oracle).
     Exact,
-    /// Integer dot products (16-bit query and weights) for int8/int4/int2 pages where the
-    /// CPU has AVX-512 VNNI and the layout has head_dim 64, blocks of 16 and at most 4 query
-    /// heads per kv head (other pages as exact): within 2e-3 of the output's scale.
+    /// Integer dot products on a 16-bit query for the keys of int8/int4/int2 pages where the
+    /// CPU has AVX-512 VNNI and VBMI and the layout has head_dim 64 or 128 and blocks of whole
+    /// 16-token slices (values, and other pages, as exact): within 2e-3 of the output's scale.
     Fast,
 }
 

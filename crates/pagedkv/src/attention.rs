@@ -126,10 +126,11 @@ pub enum AttentionPath {
     /// reconstruction (DESIGN §7). The oracle of every other path.
     #[default]
     Exact,
-    /// Integer dot products where a kernel for the pages exists (int8, int4 and int2 keys and
-    /// values at head_dim 64 or 128, blocks of 16, 32 or 64 tokens, on AVX-512 VNNI): the query, with the key scales folded in, and the softmax weights, with the
-    /// value scales folded in, rounded to 16-bit integers per block. Within 2e-3 of the
-    /// output's scale; every other page is read as on the exact path.
+    /// Integer dot products for the keys where a kernel for the pages exists (int8, int4 and
+    /// int2 keys and values at head_dim 64 or 128, blocks of whole 16-token slices, on
+    /// AVX-512 VNNI and VBMI): the query, with the key scales folded in, rounded to 16-bit
+    /// integers per block and head; values as on the exact path. Within 2e-3 of the output's
+    /// scale; every other page is read as on the exact path.
     Fast,
 }
 
