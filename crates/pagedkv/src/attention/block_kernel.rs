@@ -2,8 +2,10 @@
 //! pages (the pairs [`supported`] lists), at head_dim 64 or 128 and blocks of 16, 32 or 64
 //! tokens (any multiple of 16), read in one call: key parameters folded into the query, the
 //! scores, the online-softmax step and the weighted values, with nothing but each slice's 16
-//! weights passing through memory. Up to four query heads per call: a larger group is read in
-//! turns of four, block by block, so the pages are read from memory once.
+//! weights passing through memory. A run of blocks is read four query heads at a time: a
+//! larger group goes through the run once per four heads (a run of at most 32 blocks stays
+//! in the core's cache between turns), slice by slice, the next slice's scores issued before
+//! a slice's values ([`read_slices`]).
 //!
 //! The general path (`pages`) reads the same pages in separate calls, each converting its
 //! parameters through scratch buffers and reducing zero-point sums horizontally per block;
@@ -11,8 +13,8 @@
 //! the pace for int4 (about 950 cycles per block and kv head where the FMAs need 192). Here:
 //! - a block is read in slices of 16 tokens, one per lane ([`SLICE`]); the key parameters are
 //!   per block and folded once, the values' per token;
-//! - codes are widened in registers by shifts and one conversion per 16 codes, operations
-//!   this core runs beside its FMAs (byte permutes and `vpternlogd` compete with them); int4
+//! - codes are widened in registers by shifts and one conversion per 16 codes (packed codes:
+//!   a shift and a permute that looks the field up as f32); int4
 //!   codes come out in the lane order [`lane_of`] gives, which the block keeps throughout:
 //!   token lanes through the softmax, channel lanes in the outputs until [`leave`];
 //! - the key scales fold into the query once per block (`q·(s⊙x + z) = (q⊙s)·x + q·z`) and
