@@ -81,10 +81,10 @@ int main(void) {
     t0 = now();
     for (long n = 0; n < N / 2; n++)
         __asm__ volatile(
-            "vpbroadcastq (%0), %%zmm4\n vpsrlvd %%zmm30, %%zmm4, %%zmm4\n vpandd %%zmm31, %%zmm4, %%zmm4\n vcvtdq2ps %%zmm4, %%zmm4\n"
-            "vpbroadcastq 8(%0), %%zmm5\n vpsrlvd %%zmm30, %%zmm5, %%zmm5\n vpandd %%zmm31, %%zmm5, %%zmm5\n vcvtdq2ps %%zmm5, %%zmm5\n"
-            "vpbroadcastq 16(%0), %%zmm6\n vpsrlvd %%zmm30, %%zmm6, %%zmm6\n vpandd %%zmm31, %%zmm6, %%zmm6\n vcvtdq2ps %%zmm6, %%zmm6\n"
-            "vpbroadcastq 24(%0), %%zmm7\n vpsrlvd %%zmm30, %%zmm7, %%zmm7\n vpandd %%zmm31, %%zmm7, %%zmm7\n vcvtdq2ps %%zmm7, %%zmm7\n"
+            "vpbroadcastq (%0), %%zmm4\n vpsrlvd %%zmm30, %%zmm4, %%zmm4\n vpermps %%zmm31, %%zmm4, %%zmm4\n"
+            "vpbroadcastq 8(%0), %%zmm5\n vpsrlvd %%zmm30, %%zmm5, %%zmm5\n vpermps %%zmm31, %%zmm5, %%zmm5\n"
+            "vpbroadcastq 16(%0), %%zmm6\n vpsrlvd %%zmm30, %%zmm6, %%zmm6\n vpermps %%zmm31, %%zmm6, %%zmm6\n"
+            "vpbroadcastq 24(%0), %%zmm7\n vpsrlvd %%zmm30, %%zmm7, %%zmm7\n vpermps %%zmm31, %%zmm7, %%zmm7\n"
             "vfmadd231ps (%1)%{1to16%}, %%zmm4, %%zmm10\n vfmadd231ps 4(%1)%{1to16%}, %%zmm5, %%zmm11\n"
             "vfmadd231ps 8(%1)%{1to16%}, %%zmm6, %%zmm12\n vfmadd231ps 12(%1)%{1to16%}, %%zmm7, %%zmm13\n"
             "vfmadd231ps 256(%1)%{1to16%}, %%zmm4, %%zmm14\n vfmadd231ps 260(%1)%{1to16%}, %%zmm5, %%zmm15\n"

@@ -150,7 +150,7 @@ pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: S
     {
         let plain = layout.key_norm(layer).is_none() && layout.key_split(layer).is_none();
         pass::whole_block(layout, layer, simd, plain, AttentionPath::Fast)
-            .is_some_and(|k| k.kernel == pass::Kernel::Vnni)
+            .is_some_and(|k| k.kernel == pass::Kernel::Fast)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -1,8 +1,8 @@
 //! The fast path's whole-block kernel (issue 22's contract, see [`super::AttentionPath`]): one
 //! full block of integer pages (int8, int4 or int2 keys and values, any pair) at the
 //! geometries of [`super::block_kernel`] (head_dim 64 or 128, blocks of whole 16-token
-//! slices, four query heads per call), its keys read with integer dot products, its values
-//! as the exact kernel reads them.
+//! slices, query heads in groups of four), its keys read with integer dot products, its
+//! values as the exact kernel reads them.
 //!
 //! - The key scales fold into the query (`q·(s⊙x + z) = (q⊙s)·x + q·z`, as on the exact
 //!   path); the folded query is rounded to 16-bit integers, one scale per head and block
@@ -19,7 +19,7 @@
 //! - Values: the exact kernel's arithmetic and pipeline ([`read_slices`]), so the outputs sit
 //!   in that kernel's lanes ([`super::block_kernel::enter`]).
 //!
-//! Sums fit 32 bits: 128 channels × 255 × 128 < 2²³ for either byte, and 2²³·256 < 2³¹.
+//! Sums fit 32 bits: 128 channels × 255 × 128 < 2²² for either byte, and 2²²·257 < 2³¹.
 
 use std::arch::x86_64::*;
 
@@ -83,13 +83,13 @@ enum Gather {
     /// parameters follow the codes).
     Window,
     /// Each channel's slice loaded on its own (long columns: int8 in blocks over 32 tokens,
-    /// int4 over 64), packed side by side.
+    /// int4 over 80, int2 over 160), packed side by side.
     Pieces,
 }
 
-/// The loop-invariant registers of one kernel instance.
-struct Consts {
-    gather: Gather,
+/// How one kernel instance gathers key codes into token lanes: its loop-invariant registers.
+struct KeyGather {
+    mode: Gather,
     /// The byte permute putting channel `j`'s code of token `t` in byte `j` of lane `t`.
     permute: __m512i,
     /// Per lane, the bits of each byte's field at its place (int8: every bit).
@@ -98,12 +98,12 @@ struct Consts {
     unplace: __m512,
 }
 
-impl Consts {
+impl KeyGather {
     /// The constants for keys of kind `KB` in columns of `column` bytes.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx512vbmi,avx2,fma,f16c")]
     fn new<const KB: usize>(column: usize) -> Self {
-        let (gather, stride) = if window(KB, column) <= TWO_REGISTERS {
+        let (mode, stride) = if window(KB, column) <= TWO_REGISTERS {
             (Gather::Window, column)
         } else {
             (Gather::Pieces, slice_bytes(KB))
@@ -122,7 +122,7 @@ impl Consts {
         // SAFETY (each load): 64 bytes read from a local array of 64 bytes.
         unsafe {
             Self {
-                gather,
+                mode,
                 permute: _mm512_loadu_si512(permute.as_ptr().cast()),
                 mask: _mm512_loadu_si512(mask.as_ptr().cast()),
                 unplace: _mm512_loadu_ps(unplace.as_ptr()),
@@ -140,8 +140,8 @@ impl Consts {
 /// (j < 4) and, when `k` reads windows, the 128 bytes from `at`; `k` built for `KB` and
 /// `column`.
 #[inline(always)]
-unsafe fn key_quad<const KB: usize>(at: *const u8, column: usize, k: &Consts) -> __m512i {
-    let codes = match k.gather {
+unsafe fn key_quad<const KB: usize>(at: *const u8, column: usize, k: &KeyGather) -> __m512i {
+    let codes = match k.mode {
         // SAFETY: the 128 bytes from `at` lie inside the page (the caller's contract).
         Gather::Window => unsafe {
             let low = _mm512_loadu_si512(at.cast());
@@ -155,11 +155,15 @@ unsafe fn key_quad<const KB: usize>(at: *const u8, column: usize, k: &Consts) ->
             let packed = unsafe {
                 match KB {
                     INT8 => {
-                        let load = |j| _mm_loadu_si128(piece(j).cast());
-                        let low =
-                            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(load(0)), load(1));
-                        let high =
-                            _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(load(2)), load(3));
+                        // (loads outside closures: a closure would not carry the features)
+                        let (a, b, c, d) = (
+                            _mm_loadu_si128(piece(0).cast()),
+                            _mm_loadu_si128(piece(1).cast()),
+                            _mm_loadu_si128(piece(2).cast()),
+                            _mm_loadu_si128(piece(3).cast()),
+                        );
+                        let low = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(a), b);
+                        let high = _mm256_inserti128_si256::<1>(_mm256_castsi128_si256(c), d);
                         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(low), high)
                     }
                     INT4 => {
@@ -286,22 +290,14 @@ fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,
     run: &mut Running,
 ) {
-    let consts = Consts::new::<KB>(blocks.tokens * bits(KB) / 8);
+    let gather = KeyGather::new::<KB>(blocks.tokens * bits(KB) / 8);
     let layout = Pages::new(KB, VB, blocks.tokens, D);
     for first in (0..blocks.heads).step_by(MAX_HEADS) {
         let n = (blocks.heads - first).min(MAX_HEADS);
         with_heads!(n, H, {
-            let mut keys = IntegerKeys::<KB, H, D>::new(&blocks.q[first * D..], &layout, &consts);
+            let mut keys = IntegerKeys::<KB, H, D>::new(&blocks.q[first * D..], &layout, &gather);
             // SAFETY: the features of this kernel present (this function's).
-            unsafe {
-                read_slices::<_, IN_ORDER, VB, H, D>(
-                    blocks,
-                    &layout,
-                    (first, first == 0),
-                    &mut keys,
-                    run,
-                )
-            };
+            unsafe { read_slices::<_, IN_ORDER, VB, H, D>(blocks, &layout, first, &mut keys, run) };
         });
     }
 }
@@ -312,7 +308,7 @@ struct IntegerKeys<'a, const KB: usize, const H: usize, const D: usize> {
     /// `H × D` query rows, already multiplied by the softmax scale.
     q: &'a [f32],
     layout: Pages,
-    consts: &'a Consts,
+    gather: &'a KeyGather,
     /// The entered page's codes.
     codes: *const u8,
     /// The entered block's folded query per head, rounded and split into its high and low
@@ -327,12 +323,12 @@ struct IntegerKeys<'a, const KB: usize, const H: usize, const D: usize> {
 }
 
 impl<'a, const KB: usize, const H: usize, const D: usize> IntegerKeys<'a, KB, H, D> {
-    fn new(q: &'a [f32], layout: &Pages, consts: &'a Consts) -> Self {
+    fn new(q: &'a [f32], layout: &Pages, gather: &'a KeyGather) -> Self {
         assert!(q.len() >= H * D);
         Self {
             q,
             layout: *layout,
-            consts,
+            gather,
             codes: std::ptr::null(),
             high: [[0; D]; MAX_HEADS],
             low: [[0; D]; MAX_HEADS],
@@ -382,15 +378,17 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
         // SAFETY: the kernel's features (the caller's contract).
         let (largest, bias) =
             unsafe { (across_lanes::<true>(largest), across_lanes::<false>(bias)) };
-        let scalable = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(largest, _mm512_setzero_ps());
-        let up = _mm512_maskz_div_ps(scalable, _mm512_set1_ps(UNIT), largest);
-        let step = _mm512_maskz_mul_ps(scalable, largest, _mm512_set1_ps(1.0 / UNIT));
+        let positive = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(largest, _mm512_setzero_ps());
+        let up = _mm512_maskz_div_ps(positive, _mm512_set1_ps(UNIT), largest);
+        let scalable = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(up, _mm512_set1_ps(f32::INFINITY));
+        let up = _mm512_maskz_mov_ps(positive & scalable, up);
+        let step = _mm512_maskz_mul_ps(positive & scalable, largest, _mm512_set1_ps(1.0 / UNIT));
         let heads = (self.high.iter_mut().zip(&mut self.low)).zip(&mut self.steps);
         for (h, (((high, low), steps), folded)) in heads.zip(&folded).enumerate().take(H) {
             // SAFETY: as above.
             unsafe {
                 round_split(&folded[..registers], head_lane(up, h), high, low);
-                *steps = _mm512_mul_ps(self.consts.unplace, head_lane(step, h));
+                *steps = _mm512_mul_ps(self.gather.unplace, head_lane(step, h));
                 self.bias[h] = head_lane(bias, h);
             }
         }
@@ -407,11 +405,13 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
         let mut lows = [[_mm512_setzero_si512(); 2]; MAX_HEADS];
         for c in (0..D).step_by(8) {
             // SAFETY: channels c .. c + 8 lie inside the page's codes, whose columns hold the
-            // slice; the kernel's features (the caller's contract).
+            // slice, and a window read from channel c + 4 ≤ D − 4 ends less than 128 bytes
+            // past the codes, inside the page (asserted on entering the block); the kernel's
+            // features (the caller's contract).
             let quads = unsafe {
                 [
-                    key_quad::<KB>(kp.add(c * column), column, self.consts),
-                    key_quad::<KB>(kp.add((c + 4) * column), column, self.consts),
+                    key_quad::<KB>(kp.add(c * column), column, self.gather),
+                    key_quad::<KB>(kp.add((c + 4) * column), column, self.gather),
                 ]
             };
             for h in 0..H {
@@ -436,7 +436,7 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
     }
 }
 
-/// [`attend_block`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`;
+/// [`attend_run`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`;
 /// false (and nothing done) for a pair that is not [`supported`] or a geometry the kernels
 /// do not serve.
 ///
@@ -534,14 +534,14 @@ mod tests {
         for kind in [INT8, INT4, INT2] {
             let b = bits(kind);
             // windows of one and two registers, and pieces, at every slice
-            for tokens in [16, 32, 64, 128] {
+            for tokens in [16, 32, 64, 80, 128, 192] {
                 let column = tokens * b / 8;
                 // SAFETY: the features are present (checked above).
                 let k = unsafe {
                     match kind {
-                        INT8 => Consts::new::<INT8>(column),
-                        INT4 => Consts::new::<INT4>(column),
-                        _ => Consts::new::<INT2>(column),
+                        INT8 => KeyGather::new::<INT8>(column),
+                        INT4 => KeyGather::new::<INT4>(column),
+                        _ => KeyGather::new::<INT2>(column),
                     }
                 };
                 for slice in 0..tokens / SLICE {
@@ -566,7 +566,7 @@ mod tests {
                             assert_eq!(
                                 *lane, want,
                                 "kind {kind}, block {tokens} ({:?}): channels {c}.., token {t}",
-                                k.gather
+                                k.mode
                             );
                         }
                     }

@@ -28,8 +28,8 @@ const RUN_BLOCKS: usize = 32;
 pub(super) enum Kernel {
     /// The exact path's AVX-512 kernel (slices of 16 tokens).
     Avx512,
-    /// The fast path's AVX-512 VNNI kernel.
-    Vnni,
+    /// The fast path's kernel (AVX-512 VNNI and VBMI).
+    Fast,
     /// The exact path's AVX2 kernel (slices of 8 tokens): AVX2 machines, and blocks of 8 on
     /// AVX-512 ones.
     Avx2,
@@ -52,7 +52,7 @@ impl WholeBlock {
         let d = self.head_dim;
         match self.kernel {
             // the fast kernel reads values as the exact one does, into the same lanes
-            Kernel::Vnni | Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
+            Kernel::Fast | Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
             // outputs in channel order throughout
             Kernel::Avx2 => {}
         }
@@ -61,7 +61,7 @@ impl WholeBlock {
     fn leave(self, group: usize, zeros: &mut [block_kernel::ZeroSums], acc: &mut [f32]) {
         let d = self.head_dim;
         match self.kernel {
-            Kernel::Vnni | Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
+            Kernel::Fast | Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
             Kernel::Avx2 => block_kernel::add_zero_sums(group, d, zeros, acc),
         }
     }
@@ -91,7 +91,7 @@ impl WholeBlock {
         // SAFETY: the caller's contract.
         let done = unsafe {
             match self.kernel {
-                Kernel::Vnni => fast_kernel::dispatch(kb, vb, &blocks, run),
+                Kernel::Fast => fast_kernel::dispatch(kb, vb, &blocks, run),
                 Kernel::Avx512 => block_kernel::dispatch(kb, vb, &blocks, run),
                 Kernel::Avx2 => block_kernel::avx2::dispatch(kb, vb, &blocks, run),
             }
@@ -131,7 +131,7 @@ pub(super) fn whole_block(
                 && fast_kernel::supported(keys, values)
                 && fast_kernel::available() =>
         {
-            Kernel::Vnni
+            Kernel::Fast
         }
         Simd::Avx512 if wide && block_kernel::available() => Kernel::Avx512,
         Simd::Avx512 | Simd::Avx2 if narrow && block_kernel::avx2::available() => Kernel::Avx2,

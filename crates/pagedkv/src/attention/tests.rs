@@ -554,7 +554,7 @@ fn fast_path_meets_its_contract_at_every_level() {
     #[cfg(not(target_arch = "x86_64"))]
     let kernel = false;
     let levels = levels("fast_path_meets_its_contract");
-    println!("fast_path_meets_its_contract: the AVX-512 VNNI fast kernel ran: {kernel}");
+    println!("fast_path_meets_its_contract: the AVX-512 VNNI/VBMI fast kernel ran: {kernel}");
     let integers = [Codec::Int8, Codec::Int4, Codec::Int2];
     let mut pairs: Vec<(Codec, Codec)> = integers
         .iter()
