@@ -447,11 +447,18 @@ struct ExactKeys<'a, const KB: usize, const H: usize, const D: usize> {
 impl<'a, const KB: usize, const H: usize, const D: usize> ExactKeys<'a, KB, H, D> {
     fn new(q: &'a [f32], layout: &Pages) -> Self {
         assert!(q.len() >= H * D);
+        let mut folded = [[0.0; D]; MAX_HEADS];
+        if full(KB) {
+            // no parameters to fold: the query as it is, for every block
+            for (h, row) in folded.iter_mut().enumerate().take(H) {
+                row.copy_from_slice(&q[h * D..(h + 1) * D]);
+            }
+        }
         Self {
             q,
             layout: *layout,
             codes: std::ptr::null(),
-            folded: [[0.0; D]; MAX_HEADS],
+            folded,
             bias: [0.0; MAX_HEADS],
         }
     }
@@ -466,11 +473,6 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for ExactKeys<
         // per-channel scales folded into the query, zero points into one constant per head
         let folded = &mut self.folded;
         let mut bias = [_mm512_setzero_ps(); MAX_HEADS];
-        if full(KB) {
-            for (h, row) in folded.iter_mut().enumerate().take(H) {
-                row.copy_from_slice(&q[h * D..(h + 1) * D]);
-            }
-        }
         for c in (0..D).step_by(16).take(if fp8(KB) { D / 16 } else { 0 }) {
             // SAFETY: the scales of channels c .. c + 16 lie at code_bytes + 2c .. + 32 ≤ the
             // page (asserted); AVX-512F and F16C present (the caller's contract).

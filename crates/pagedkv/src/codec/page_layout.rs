@@ -102,6 +102,16 @@ impl PageLayout {
         }
     }
 
+    /// Bytes of one token's parameters in a page of `head_dim` channels whose parameters are
+    /// per token (a value page); 0 for other pages.
+    pub const fn token_param_bytes(&self, head_dim: usize) -> usize {
+        match self.params {
+            Params::TokenGroupPairs => head_dim.div_ceil(VALUE_GROUP) * 4,
+            Params::TokenScales => 2,
+            Params::None | Params::ChannelPairs | Params::ChannelScales => 0,
+        }
+    }
+
     /// Bytes of the whole page.
     pub const fn page_bytes(&self) -> usize {
         self.code_bytes + self.param_bytes

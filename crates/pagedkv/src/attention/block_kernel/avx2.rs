@@ -12,7 +12,6 @@ use super::{bits, fp8, full, integer, Blocks, Pages, Running, MAX_HEADS};
 use super::{BF16, E4M3, E5M2, F16};
 use crate::attention::pages::avx2::exp8;
 use crate::attention::softmax::{lazy_max, LAZY_MAX_SLACK};
-use crate::codec::{Params, VALUE_GROUP};
 
 /// Tokens read at once, one per lane: a block is read in slices of this many.
 pub(in crate::attention) const SLICE: usize = 8;
@@ -281,11 +280,7 @@ fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize
     // a channel's column holds the block's tokens; a value row one token's channels
     let column = tokens * bits(KB) / 8;
     let row = D * bits(VB) / 8;
-    let token_param_bytes = match value.params {
-        Params::TokenGroupPairs => D / VALUE_GROUP * 4,
-        Params::TokenScales => 2,
-        _ => 0,
-    };
+    let token_param_bytes = value.token_param_bytes(D);
     let chains = const { chains(H) };
     for slice in 0..tokens / SLICE {
         let first = slice * SLICE;

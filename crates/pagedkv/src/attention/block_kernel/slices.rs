@@ -6,7 +6,7 @@ use std::arch::x86_64::*;
 
 use super::{bits, codes16, fp8, full, integer, lane_of, token_params, unit};
 use super::{Blocks, Pages, Running, MAX_HEADS, SLICE};
-use crate::codec::{PageLayout, VALUE_GROUP};
+use crate::codec::PageLayout;
 
 /// A whole-block kernel's key side for `H` query heads: the scores of one slice at a time.
 pub(in crate::attention) trait SliceScores {
@@ -125,11 +125,7 @@ pub(super) unsafe fn add_slice_values<
 ) {
     // a row holds one token's channels
     let row = D * bits(VB) / 8;
-    let token_param_bytes = match value.params {
-        crate::codec::Params::TokenGroupPairs => D / VALUE_GROUP * 4,
-        crate::codec::Params::TokenScales => 2,
-        _ => 0,
-    };
+    let token_param_bytes = value.token_param_bytes(D);
     // SAFETY: the slice's rows and parameters lie inside the page (the caller's contract).
     let (rows, params) = unsafe {
         (
