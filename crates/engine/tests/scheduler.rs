@@ -262,6 +262,90 @@ fn swap_preemption_runs_64_requests_in_a_pool_for_16_identically() {
     assert_eq!(free_run, tight_run);
 }
 
+/// Repeated chats arriving while others run, through an int8 pool too small for them, with
+/// swap preemption: identical requests share cached prompt and generated blocks, a swapped
+/// sequence comes back holding some of them again, and every request still gets its lone run's
+/// tokens. The manager's invariants are checked after every step (a swap-in once handed a
+/// still-cached block of the sequence to another of its blocks, so it held one block twice).
+#[test]
+fn repeated_chats_arriving_under_swap_preemption_match_their_lone_runs() {
+    let tokenizer = &model().1;
+    let prompts: Vec<Vec<u32>> = ["rivers", "stars", "bread", "trains"]
+        .iter()
+        .map(|topic| {
+            let content = format!("Tell me one fact about {topic}.");
+            let user = ChatMessage {
+                role: "user".into(),
+                content,
+            };
+            tokenizer.chat_prompt(&[user]).unwrap()
+        })
+        .collect();
+    // arrival patterns: a request joins before a step with probability 1 / every
+    for (seed, every) in [(11u64, 6usize), (3, 2), (5, 4)] {
+        let mut scheduler = Scheduler::new(
+            &model().0,
+            cache_with(19, Codec::Int8),
+            SchedulerConfig::default(),
+        )
+        .unwrap();
+        // each chat alone first, as a server's first users would: their blocks stay cached
+        let lone: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                scheduler
+                    .submit(request(100 + i as u64, p.clone(), 48))
+                    .unwrap();
+                let mut tokens = Vec::new();
+                scheduler
+                    .run(|e| {
+                        if let Event::Token { token, .. } = e {
+                            tokens.push(*token)
+                        }
+                    })
+                    .unwrap();
+                tokens
+            })
+            .collect();
+        let mut rng = seed;
+        let mut next = || {
+            rng = rng
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (rng >> 33) as usize
+        };
+        let mut out: BTreeMap<u64, Vec<u32>> = BTreeMap::new();
+        let (mut submitted, mut finished) = (0u64, 0);
+        while finished < 24 {
+            if submitted < 24 && next() % every == 0 {
+                let prompt = prompts[submitted as usize % 4].clone();
+                scheduler.submit(request(submitted, prompt, 48)).unwrap();
+                out.insert(submitted, Vec::new());
+                submitted += 1;
+                continue;
+            }
+            for event in scheduler.step().unwrap() {
+                match event {
+                    Event::Token { id, token, .. } => out.get_mut(&id).unwrap().push(token),
+                    Event::Finished { .. } => finished += 1,
+                    Event::Admitted { .. } | Event::Preempted { .. } => {}
+                }
+            }
+            scheduler.cache().check_invariants().unwrap();
+        }
+        let stats = scheduler.stats();
+        println!(
+            "arrivals 1 in {every} (seed {seed}): {} swaps, {} prompt tokens cached",
+            stats.swaps, stats.cached_tokens
+        );
+        assert!(stats.swaps > 0, "the pool was smaller than the load");
+        for (id, tokens) in &out {
+            assert_eq!(tokens, &lone[*id as usize % 4], "request {id}, seed {seed}");
+        }
+    }
+}
+
 /// On a compressed cache a prompt gives the same tokens whether its prefix comes from the cache
 /// or is computed, and however the step budget chunks it: prefill chunks end at block
 /// boundaries, so every token reads earlier blocks as stored.

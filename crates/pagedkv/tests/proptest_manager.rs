@@ -1,8 +1,10 @@
 //! Random sequences of admit (prefix match) / append (including writes into shared, forked blocks:
-//! copy-on-write) / fork / free against a small pool, so eviction happens constantly. After every
-//! step: the manager's invariants (free + cached + owned = total, ref count = tables holding the
-//! block, no block twice in the free queue, map entries and block keys agree), every prefix-map
-//! entry holds the K/V of its prefix, and every sequence reads back what was written for it.
+//! copy-on-write) / fork / free / swap out and in (blocks still cached are shared again, the
+//! others imported) against a small pool, so eviction happens constantly. After every step: the
+//! manager's invariants (free + cached + owned = total, ref count = tables holding the block, no
+//! block twice in the free queue or in a table, map entries and block keys agree, a cached block
+//! a table holds is cached under that table's key), every prefix-map entry holds the K/V of its
+//! prefix, and every sequence reads back what was written for it.
 //!
 //! Cases: 1,000 by default; set `PAGEDKV_PROPTEST_CASES` for longer local runs.
 
@@ -11,7 +13,8 @@ mod common;
 use std::collections::HashMap;
 
 use common::*;
-use pagedkv::{BlockHash, KvCacheManager, KvError, SeqId};
+use pagedkv::tier::TieredStore;
+use pagedkv::{BlockHash, KvCacheManager, KvError, SeqId, SwappedOut};
 use proptest::prelude::*;
 
 #[derive(Debug, Clone)]
@@ -20,6 +23,8 @@ enum Op {
     Append { seq: usize, tokens: Vec<u32> },
     Fork { seq: usize },
     Free { seq: usize },
+    SwapOut { seq: usize },
+    SwapIn { which: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,6 +35,8 @@ fn op() -> impl Strategy<Value = Op> {
         4 => (any::<usize>(), prop::collection::vec(0u32..3, 1..7)).prop_map(|(seq, tokens)| Op::Append { seq, tokens }),
         1 => any::<usize>().prop_map(|seq| Op::Fork { seq }),
         2 => any::<usize>().prop_map(|seq| Op::Free { seq }),
+        2 => any::<usize>().prop_map(|seq| Op::SwapOut { seq }),
+        2 => any::<usize>().prop_map(|which| Op::SwapIn { which }),
     ]
 }
 
@@ -45,6 +52,9 @@ struct Harness {
     exact: bool,
     /// The reference model: each live sequence's committed tokens.
     live: Vec<(SeqId, Vec<u32>)>,
+    /// Sequences swapped out to `store`, with their committed tokens.
+    swapped: Vec<(SwappedOut, Vec<u32>)>,
+    store: TieredStore,
     /// Every full-block key ever produced, with the prefix it names.
     known: HashMap<BlockHash, Vec<u32>>,
     next_id: u64,
@@ -115,6 +125,34 @@ impl Harness {
                     .map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(self.m.free(id), Err(KvError::UnknownSequence(id)));
             }
+            Op::SwapOut { seq } => {
+                if self.live.is_empty() {
+                    return Ok(());
+                }
+                let (id, tokens) = self.live.swap_remove(seq % self.live.len());
+                let swapped = self
+                    .m
+                    .swap_out(id, &mut self.store)
+                    .map_err(|e| TestCaseError::fail(e.to_string()))?;
+                self.swapped.push((swapped, tokens));
+            }
+            Op::SwapIn { which } => {
+                if self.swapped.is_empty() {
+                    return Ok(());
+                }
+                let idx = which % self.swapped.len();
+                let before = fingerprint(&self.m);
+                match self.m.swap_in(&self.swapped[idx].0, &mut self.store) {
+                    Ok(()) => {
+                        let (swapped, tokens) = self.swapped.swap_remove(idx);
+                        self.live.push((swapped.seq(), tokens));
+                    }
+                    Err(KvError::OutOfBlocks { .. }) => {
+                        prop_assert_eq!(fingerprint(&self.m), before)
+                    }
+                    Err(e) => return Err(TestCaseError::fail(e.to_string())),
+                }
+            }
         }
         self.check()
     }
@@ -182,7 +220,7 @@ proptest! {
     fn manager_matches_model(ops in prop::collection::vec(op(), 1..60), blocks in 6usize..20, watermark in 0usize..2) {
         let mut m = KvCacheManager::new(small_layout(), blocks, b"proptest").unwrap();
         m.set_watermark_blocks(watermark);
-let mut h = Harness { m, exact: true, live: Vec::new(), known: HashMap::new(), next_id: 0 };
+let mut h = Harness { m, exact: true, live: Vec::new(), swapped: Vec::new(), store: TieredStore::in_memory(1 << 30), known: HashMap::new(), next_id: 0 };
         for op in ops {
             h.step(op)?;
         }
@@ -205,7 +243,7 @@ proptest! {
     fn compressed_manager_matches_model(ops in prop::collection::vec(op(), 1..60), blocks in 6usize..20) {
         let mut m = KvCacheManager::new(int8_layout(), blocks, b"proptest").unwrap();
         m.set_watermark_blocks(0);
-        let mut h = Harness { m, exact: false, live: Vec::new(), known: HashMap::new(), next_id: 0 };
+        let mut h = Harness { m, exact: false, live: Vec::new(), swapped: Vec::new(), store: TieredStore::in_memory(1 << 30), known: HashMap::new(), next_id: 0 };
         for op in ops {
             h.step(op)?;
         }

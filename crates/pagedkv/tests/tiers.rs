@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{prefix_hashes, rows, write_and_commit};
+use common::{check_contents, prefix_hashes, rows, small_layout, write_and_commit};
 use pagedkv::attention::{attend, Context, Scratch};
 use pagedkv::tier::payload::{self, PayloadError};
 use pagedkv::tier::{DiskTier, TierKey, TieredStore};
@@ -158,6 +158,37 @@ fn swap_in_shares_blocks_still_cached_and_is_all_or_nothing() {
     ));
     assert!(m.table(seq).is_err());
     m.swap_in(&swapped, &mut store).unwrap();
+}
+
+#[test]
+fn swap_in_never_hands_a_block_it_shares_to_another_of_its_blocks() {
+    // X's first block is a duplicate (computed beside Z's, so never cached) and its second is
+    // cached; when X swaps out, that cached block is next in the free queue, and swap-in must
+    // hold it before allocating the first block's slot (it once took it, and X held it twice)
+    let mut m = KvCacheManager::new(small_layout(), 4, b"swap-order").unwrap();
+    let mut store = TieredStore::in_memory(1 << 30);
+    let prompt = [1, 2, 3, 4, 5];
+    let (z, x, w) = (SeqId(1), SeqId(2), SeqId(3));
+    for seq in [z, x] {
+        assert_eq!(m.admit(seq, &prompt).unwrap().cached_tokens, 0);
+    }
+    for seq in [z, x] {
+        write_and_commit(&mut m, seq, &prompt);
+    }
+    m.free(z).unwrap();
+    write_and_commit(&mut m, x, &[6, 7, 8]);
+    // W takes the two free blocks: Z's cached first block is evicted
+    m.admit(w, &[9, 9, 9, 9, 9]).unwrap();
+    let swapped = m.swap_out(x, &mut store).unwrap();
+    let queue: Vec<BlockId> = m.pool().free_queue().collect();
+    assert_eq!(queue.len(), 2);
+    assert!(
+        m.pool().block_hash(queue[0]).unwrap().is_some(),
+        "X's cached block is next"
+    );
+    m.swap_in(&swapped, &mut store).unwrap();
+    m.check_invariants().unwrap();
+    check_contents(&m, x).unwrap();
 }
 
 fn sample_payload() -> (KvLayout, Vec<u8>, usize) {

@@ -5,7 +5,8 @@ use crate::block::BlockId;
 
 impl KvCacheManager {
     /// Checks the manager's invariants (pool structure, ref count = number of tables holding the
-    /// block, table shapes, prefix keys of committed blocks); the first violation is returned.
+    /// block, no block twice in a table, table shapes, prefix keys of committed blocks and of
+    /// the cached blocks tables hold); the first violation is returned.
     pub fn check_invariants(&self) -> std::result::Result<(), String> {
         self.pool.check_invariants()?;
         let bs = self.layout.block_size();
@@ -25,7 +26,17 @@ impl KvCacheManager {
             if keys.last() != table.hashes.last() {
                 return Err(format!("{id:?} has a stale prefix key"));
             }
-            for block in &table.blocks {
+            for (i, block) in table.blocks.iter().enumerate() {
+                if table.blocks[..i].contains(block) {
+                    return Err(format!("{id:?} holds {block:?} twice"));
+                }
+                // a cached block holds the prefix its key names: this table's, where it holds it
+                let cached = self.pool.block_hash(*block).map_err(|e| e.to_string())?;
+                if let (Some(key), Some(own)) = (cached, table.hashes.get(i)) {
+                    if key != *own {
+                        return Err(format!("{id:?} holds {block:?}, cached for another prefix"));
+                    }
+                }
                 holders[block.index()] += 1;
             }
         }

@@ -141,13 +141,15 @@ impl KvCacheManager {
                 free: self.pool.num_available(),
             });
         }
+        // every hit is held before anything is allocated: an idle hit is still in the free
+        // queue, and allocating first could evict it and hand its slot to another block
+        for b in hits.iter().flatten() {
+            self.pool.retain(*b)?;
+        }
         let mut blocks = Vec::with_capacity(decoded.len());
         for (block, hit) in decoded.iter().zip(&hits) {
             match hit {
-                Some(b) => {
-                    self.pool.retain(*b)?;
-                    blocks.push(*b);
-                }
+                Some(b) => blocks.push(*b),
                 None => {
                     let b = self.pool.allocate_one()?;
                     self.demote_evicted()?;
