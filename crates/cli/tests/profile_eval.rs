@@ -1,6 +1,12 @@
 //! The repository's 2.5-bit SmolLM2 profile, loaded by `eval` on the default text, gives the
-//! README's 2.5-bit row to its last printed digit, and fits nothing on the way (about 10 minutes
-//! on 2 cores: 8 windows of 512 tokens, the f32 reference and the profile).
+//! README's 2.5-bit row, and fits nothing on the way (about 3 minutes on 2 cores: 8 windows of
+//! 512 tokens, the f32 reference and the profile).
+//!
+//! The row is reproduced to its printed digits on the machine that measured it, and within
+//! [`SPREAD`] on others: `eval`'s f32 weights go through candle's matrix products, which block
+//! their sums by the CPU's cache sizes, so activations round differently from one CPU model to
+//! another, and FibQuant codes near a boundary between codewords flip. Measured: 86.4% top-1,
+//! +4.74% on an AMD Zen 5 (where the row was made), 86.1%, +4.71% on a Zen 4, KL 0.048 on both.
 
 use std::process::Command;
 
@@ -17,23 +23,25 @@ fn readme_row() -> [String; 4] {
     [1, 2, 3, 4].map(|i| cells[i + 1].to_string())
 }
 
-/// `value` printed with as many decimals as `shown` has.
-fn as_shown(value: f64, shown: &str) -> String {
+/// How far a cell may lie from the README's on another CPU: bits per element exactly, KL
+/// absolute, top-1 and ΔPPL in percentage points.
+const SPREAD: [f64; 4] = [0.0, 0.002, 0.5, 0.1];
+
+/// The number a cell shows ("86.4%", "+4.74%", "0.048", "−1.2%").
+fn shown_value(shown: &str) -> f64 {
+    shown
+        .trim_end_matches('%')
+        .replace('−', "-")
+        .trim_start_matches('+')
+        .parse()
+        .unwrap_or_else(|e| panic!("README cell `{shown}`: {e}"))
+}
+
+/// Half a unit of the cell's last printed digit: what rounding to it leaves.
+fn rounding(shown: &str) -> f64 {
     let digits = shown.trim_end_matches('%');
     let decimals = digits.split_once('.').map_or(0, |(_, d)| d.len());
-    let sign = if digits.starts_with('+') || digits.starts_with('−') {
-        "+"
-    } else {
-        ""
-    };
-    let mut out = format!("{value:.decimals$}");
-    if !sign.is_empty() && value >= 0.0 {
-        out.insert(0, '+');
-    }
-    if shown.ends_with('%') {
-        out.push('%');
-    }
-    out
+    0.5 * 10f64.powi(-(decimals as i32))
 }
 
 #[test]
@@ -70,7 +78,11 @@ fn the_2_5_bit_profile_reproduces_the_readme_row_without_fitting() {
     ];
     let readme = readme_row();
     println!("README {readme:?}; measured {measured:?}");
-    for (value, shown) in measured.iter().zip(&readme) {
-        assert_eq!(&as_shown(*value, shown), shown, "measured {measured:?}");
+    for ((value, shown), spread) in measured.iter().zip(&readme).zip(SPREAD) {
+        let off = (value - shown_value(shown)).abs();
+        assert!(
+            off <= rounding(shown) + spread + 1e-9,
+            "{value} against the README's {shown} (allowed: its rounding and {spread}); measured {measured:?}"
+        );
     }
 }
