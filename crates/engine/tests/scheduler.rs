@@ -281,7 +281,8 @@ fn repeated_chats_arriving_under_swap_preemption_match_their_lone_runs() {
             tokenizer.chat_prompt(&[user]).unwrap()
         })
         .collect();
-    // arrival patterns: a request joins before a step with probability 1 / every
+    // arrival patterns: each draw submits the next request with probability 1 / every (else a
+    // step runs)
     for (seed, every) in [(11u64, 6usize), (3, 2), (5, 4)] {
         let mut scheduler = Scheduler::new(
             &model().0,

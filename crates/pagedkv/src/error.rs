@@ -113,6 +113,17 @@ pub enum KvError {
         /// Token capacity of the reserved blocks.
         capacity: usize,
     },
+    /// Writing K/V into a block another sequence also holds (after a fork, before the write's
+    /// `reserve` made a private copy).
+    #[error(
+        "{seq:?} writes into {block:?}, which another sequence shares: reserve the tokens first"
+    )]
+    SharedBlockWrite {
+        /// The sequence.
+        seq: SeqId,
+        /// The shared block.
+        block: BlockId,
+    },
     /// Input contained NaN or infinity.
     #[error("non-finite value (NaN or infinity) in {what}")]
     NonFinite {

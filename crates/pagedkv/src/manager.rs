@@ -447,6 +447,9 @@ impl KvCacheManager {
             return Err(KvError::NonFinite { what: "K/V row" });
         }
         let block = table.blocks[pos / bs];
+        if self.pool.ref_count(block)? > 1 {
+            return Err(KvError::SharedBlockWrite { seq, block });
+        }
         self.storage.write_token(layer, block, pos % bs, k, v)
     }
 
@@ -527,13 +530,17 @@ impl KvCacheManager {
         self.publish(&sealed)
     }
 
-    /// Registers `child` as a copy of `parent` sharing all its blocks (ref counts + 1). The first
-    /// write either makes into a shared, partly filled block copies it first.
+    /// Registers `child` as a copy of `parent` sharing the blocks that hold its committed tokens
+    /// (ref counts + 1); blocks the parent reserved beyond them stay the parent's. Either
+    /// sequence's next `reserve` copies a shared, partly filled block before it is written (a
+    /// write into a block still shared is an error).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
         if self.seqs.contains_key(&child) {
             return Err(KvError::SequenceExists(child));
         }
         let mut table = self.table(parent)?.clone();
+        let holding = self.layout.blocks_for_tokens(table.tokens.len());
+        table.blocks.truncate(holding);
         for block in &table.blocks {
             self.pool.retain(*block)?;
         }

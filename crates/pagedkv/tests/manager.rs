@@ -90,6 +90,47 @@ fn fork_then_write_copies_the_shared_block() {
 }
 
 #[test]
+fn a_fork_shares_committed_blocks_only_and_a_shared_block_is_never_written() {
+    let mut m = manager(8);
+    let prompt: Vec<u32> = (0..4).collect();
+    m.admit(SeqId(1), &prompt[..1]).unwrap();
+    m.reserve(SeqId(1), 3).unwrap();
+    write_and_commit(&mut m, SeqId(1), &prompt);
+    // the parent reserves a block it has not written yet, then forks
+    m.reserve(SeqId(1), 2).unwrap();
+    m.fork(SeqId(1), SeqId(2)).unwrap();
+    assert_eq!(m.table(SeqId(2)).unwrap().blocks(), ids(&[0]));
+    assert_eq!(
+        m.pool().ref_count(BlockId(1)).unwrap(),
+        1,
+        "the reserved block stays the parent's"
+    );
+    m.reserve(SeqId(2), 2).unwrap();
+    write_and_commit(&mut m, SeqId(2), &[77, 78]);
+    write_and_commit(&mut m, SeqId(1), &[88, 89]);
+    check_contents(&m, SeqId(1)).unwrap();
+    check_contents(&m, SeqId(2)).unwrap();
+    m.check_invariants().unwrap();
+    // a partly filled block both hold: writing before `reserve` copies it is refused
+    m.fork(SeqId(1), SeqId(3)).unwrap();
+    m.reserve(SeqId(1), 1).unwrap();
+    m.reserve(SeqId(3), 1).unwrap();
+    let width = m.layout().token_width();
+    let row = vec![0.0; width];
+    m.fork(SeqId(3), SeqId(4)).unwrap();
+    let shared = m.table(SeqId(4)).unwrap().blocks()[1];
+    let refused = m.write_token(SeqId(3), 0, 6, &row, &row);
+    assert_eq!(
+        refused,
+        Err(KvError::SharedBlockWrite {
+            seq: SeqId(3),
+            block: shared
+        })
+    );
+    m.check_invariants().unwrap();
+}
+
+#[test]
 fn running_out_of_blocks_changes_nothing() {
     let mut m = manager(3);
     let prompt: Vec<u32> = (0..6).collect();

@@ -96,7 +96,8 @@ impl KvCacheManager {
 
     /// Brings a swapped-out sequence back: every payload is read and checked first, then blocks
     /// still in the prefix cache are shared and the others allocated and filled bit for bit.
-    /// All or nothing: `OutOfBlocks` (or a refused payload) leaves pool and store unchanged.
+    /// All or nothing: after `OutOfBlocks`, a refused payload or an image the storage refuses,
+    /// the store keeps every payload and the pool holds nothing of the sequence.
     pub fn swap_in(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
         let seq = swapped.seq;
         if self.seqs.contains_key(&seq) {
@@ -147,19 +148,17 @@ impl KvCacheManager {
             self.pool.retain(*b)?;
         }
         let mut blocks = Vec::with_capacity(decoded.len());
-        for (block, hit) in decoded.iter().zip(&hits) {
-            match hit {
-                Some(b) => blocks.push(*b),
-                None => {
-                    let b = self.pool.allocate_one()?;
-                    self.demote_evicted()?;
-                    self.storage.import_block(b, block.kind, block.image)?;
-                    if let Some(h) = block.hash {
-                        self.pool.register(b, h)?;
-                    }
-                    blocks.push(b);
+        if let Err(e) = self.fill_swapped_in(&decoded, &hits, &mut blocks) {
+            // an image the storage refuses (or a tier that fails while a block is demoted):
+            // give back what was held and allocated, so the sequence can still be recomputed
+            let allocated = blocks.iter().zip(&hits).filter(|(_, hit)| hit.is_none());
+            for b in hits.iter().flatten().chain(allocated.map(|(b, _)| b)) {
+                self.pool.release(*b)?;
+                if self.pool.ref_count(*b)? == 0 && self.pool.block_hash(*b)?.is_none() {
+                    self.storage.discard(*b);
                 }
             }
+            return Err(e);
         }
         self.seqs.insert(
             seq,
@@ -175,5 +174,86 @@ impl KvCacheManager {
             store.take(*key)?;
         }
         Ok(())
+    }
+
+    /// Swap-in's second half: the hits in order, and a fresh block for each miss, filled with
+    /// its image and registered under its key. `blocks` holds what was placed when it fails.
+    fn fill_swapped_in(
+        &mut self,
+        decoded: &[payload::BlockPayload<'_>],
+        hits: &[Option<BlockId>],
+        blocks: &mut Vec<BlockId>,
+    ) -> Result<()> {
+        for (block, hit) in decoded.iter().zip(hits) {
+            match hit {
+                Some(b) => blocks.push(*b),
+                None => {
+                    let b = self.pool.allocate_one()?;
+                    blocks.push(b);
+                    self.demote_evicted()?;
+                    self.storage.import_block(b, block.kind, block.image)?;
+                    if let Some(h) = block.hash {
+                        self.pool.register(b, h)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::ImageKind;
+    use crate::{Codec, KvLayout, LayoutSpec};
+
+    #[test]
+    fn an_image_the_storage_refuses_leaves_the_pool_holding_nothing_of_the_sequence() {
+        let mut spec = LayoutSpec::new(2, 2, 4, 32, Codec::Int8);
+        spec.block_size = 4;
+        let mut m = KvCacheManager::new(KvLayout::new(spec).unwrap(), 8, b"swap-refused").unwrap();
+        // six tokens: a sealed, cached block (a hit on swap-in) and an open one (imported)
+        let (seq, tokens) = (SeqId(1), (0..6).collect::<Vec<u32>>());
+        m.admit(seq, &tokens[..1]).unwrap();
+        m.reserve(seq, tokens.len() - 1).unwrap();
+        let width = m.layout().token_width();
+        for pos in 0..tokens.len() {
+            for layer in 0..2 {
+                let (k, v) = (vec![0.5 + pos as f32; width], vec![-0.25; width]);
+                m.write_token(seq, layer, pos, &k, &v).unwrap();
+            }
+        }
+        m.commit(seq, &tokens).unwrap();
+        let mut store = TieredStore::in_memory(1 << 30);
+        let swapped = m.swap_out(seq, &mut store).unwrap();
+        let available = m.num_available_blocks();
+        // the open block's payload, re-encoded as an image no storage takes: open, with sinks
+        let key = *swapped.keys.last().unwrap();
+        let good = store.get(key).unwrap().unwrap();
+        let storage = m.storage();
+        let open = payload::decode(m.layout(), &good, |k| storage.block_image_bytes(k)).unwrap();
+        let kind = ImageKind {
+            open: true,
+            sinks: true,
+        };
+        let bad = payload::encode(m.layout(), kind, open.hash, &open.tokens, open.image);
+        store.put(key, bad).unwrap();
+        assert!(matches!(
+            m.swap_in(&swapped, &mut store),
+            Err(KvError::ShapeMismatch { .. })
+        ));
+        assert!(m.table(seq).is_err());
+        assert_eq!(
+            m.num_available_blocks(),
+            available,
+            "the hit and the new block given back"
+        );
+        m.check_invariants().unwrap();
+        assert_eq!(m.storage().open_blocks(), 0, "no staging left behind");
+        // the payloads are still there: with the good image back, the sequence comes back
+        store.put(key, good).unwrap();
+        m.swap_in(&swapped, &mut store).unwrap();
+        m.check_invariants().unwrap();
     }
 }
