@@ -90,7 +90,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     println!("attention output, head 0: {:.4?}", &out[..4]);
 
-    // a fork shares every block; the first write to the shared last block copies it
+    // a fork shares the blocks holding its tokens; reserving copies the shared last block
     let c = SeqId(3);
     cache.fork(b, c)?;
     cache.reserve(c, 1)?;

@@ -113,10 +113,10 @@ pub enum KvError {
         /// Token capacity of the reserved blocks.
         capacity: usize,
     },
-    /// Writing K/V into a block another sequence also holds (after a fork, before the write's
-    /// `reserve` made a private copy).
+    /// Writing or committing K/V in a block another sequence also holds (after a fork, before
+    /// a `reserve` made a private copy).
     #[error(
-        "{seq:?} writes into {block:?}, which another sequence shares: reserve the tokens first"
+        "{seq:?} writes into {block:?}, which another sequence shares since a fork: reserve again for a private copy"
     )]
     SharedBlockWrite {
         /// The sequence.

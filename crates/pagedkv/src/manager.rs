@@ -423,7 +423,8 @@ impl KvCacheManager {
     }
 
     /// Writes one token's K and V for one layer at position `pos`, which must be reserved and not
-    /// yet committed (committed positions may be shared and are read-only).
+    /// yet committed (committed positions may be shared and are read-only), in a block no other
+    /// sequence holds (after a fork, `reserve` again first).
     pub fn write_token(
         &mut self,
         seq: SeqId,
@@ -494,6 +495,13 @@ impl KvCacheManager {
                 capacity,
             });
         }
+        // rows written before a fork are the parent's until its next `reserve` copies the block
+        let first = table.tokens.len() / bs;
+        for block in table.blocks[first..end.div_ceil(bs)].iter() {
+            if !tokens.is_empty() && self.pool.ref_count(*block)? > 1 {
+                return Err(KvError::SharedBlockWrite { seq, block: *block });
+            }
+        }
         table.tokens.extend_from_slice(tokens);
         let mut sealed = Vec::new();
         for block_idx in table.hashes.len()..table.tokens.len() / bs {
@@ -531,9 +539,10 @@ impl KvCacheManager {
     }
 
     /// Registers `child` as a copy of `parent` sharing the blocks that hold its committed tokens
-    /// (ref counts + 1); blocks the parent reserved beyond them stay the parent's. Either
-    /// sequence's next `reserve` copies a shared, partly filled block before it is written (a
-    /// write into a block still shared is an error).
+    /// (ref counts + 1); blocks the parent reserved beyond them stay the parent's. A partly
+    /// filled block is shared, with any slots the parent reserved in it: either sequence's
+    /// next `reserve` (of at least one token) copies it, and until then writing or committing
+    /// into it is an error ([`KvError::SharedBlockWrite`]).
     pub fn fork(&mut self, parent: SeqId, child: SeqId) -> Result<()> {
         if self.seqs.contains_key(&child) {
             return Err(KvError::SequenceExists(child));

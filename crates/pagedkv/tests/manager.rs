@@ -111,7 +111,7 @@ fn a_fork_shares_committed_blocks_only_and_a_shared_block_is_never_written() {
     check_contents(&m, SeqId(1)).unwrap();
     check_contents(&m, SeqId(2)).unwrap();
     m.check_invariants().unwrap();
-    // a partly filled block both hold: writing before `reserve` copies it is refused
+    // a partly filled block both hold: writing after the fork, before a new `reserve`, is refused
     m.fork(SeqId(1), SeqId(3)).unwrap();
     m.reserve(SeqId(1), 1).unwrap();
     m.reserve(SeqId(3), 1).unwrap();
@@ -125,6 +125,18 @@ fn a_fork_shares_committed_blocks_only_and_a_shared_block_is_never_written() {
         Err(KvError::SharedBlockWrite {
             seq: SeqId(3),
             block: shared
+        })
+    );
+    // rows written before a fork cannot be committed into the block it shared
+    m.reserve(SeqId(4), 1).unwrap();
+    m.write_token(SeqId(4), 0, 6, &row, &row).unwrap();
+    m.fork(SeqId(4), SeqId(5)).unwrap();
+    let tail = m.table(SeqId(5)).unwrap().blocks()[1];
+    assert_eq!(
+        m.commit(SeqId(4), &[9]),
+        Err(KvError::SharedBlockWrite {
+            seq: SeqId(4),
+            block: tail
         })
     );
     m.check_invariants().unwrap();

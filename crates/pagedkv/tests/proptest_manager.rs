@@ -1,5 +1,5 @@
-//! Random sequences of admit (prefix match) / append (including writes into shared, forked blocks:
-//! copy-on-write) / fork / free / swap out and in (blocks still cached are shared again, the
+//! Random sequences of admit (prefix match) / append (after a fork the reserve copies a shared,
+//! partly filled block: copy-on-write) / fork / free / swap out and in (blocks still cached are shared again, the
 //! others imported) against a small pool, so eviction happens constantly. After every step: the
 //! manager's invariants (free + cached + owned = total, ref count = tables holding the block, no
 //! block twice in the free queue or in a table, map entries and block keys agree, a cached block

@@ -228,7 +228,7 @@ impl KvCacheManager {
             let storage = &self.storage;
             let usable =
                 payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
-                    .is_ok_and(|p| !p.kind.open && p.hash == Some(hash));
+                    .is_ok_and(|p| !p.kind.open && storage.holds(p.kind) && p.hash == Some(hash));
             if !usable {
                 // a damaged or foreign payload is dropped and the block recomputed
                 store.take(TierKey(hash.0))?;

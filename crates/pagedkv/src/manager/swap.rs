@@ -96,8 +96,9 @@ impl KvCacheManager {
 
     /// Brings a swapped-out sequence back: every payload is read and checked first, then blocks
     /// still in the prefix cache are shared and the others allocated and filled bit for bit.
-    /// All or nothing: after `OutOfBlocks`, a refused payload or an image the storage refuses,
-    /// the store keeps every payload and the pool holds nothing of the sequence.
+    /// All or nothing: after `OutOfBlocks` or a refused payload (also an image of a kind the
+    /// layout cannot hold) nothing has changed; after a tier's failure while evicted blocks
+    /// are demoted, no sequence holds the blocks it took and the store keeps every payload.
     pub fn swap_in(&mut self, swapped: &SwappedOut, store: &mut TieredStore) -> Result<()> {
         let seq = swapped.seq;
         if self.seqs.contains_key(&seq) {
@@ -117,6 +118,12 @@ impl KvCacheManager {
             let block =
                 payload::decode(&self.layout, bytes, |kind| storage.block_image_bytes(kind))?;
             let end = ((i + 1) * bs).min(swapped.tokens.len());
+            if !self.storage.holds(block.kind) {
+                return Err(payload::PayloadError::Malformed(
+                    "block image of a kind this layout cannot hold",
+                )
+                .into());
+            }
             if block.tokens != swapped.tokens[i * bs..end]
                 || block.hash != swapped.hashes.get(i).copied()
             {
@@ -149,16 +156,25 @@ impl KvCacheManager {
         }
         let mut blocks = Vec::with_capacity(decoded.len());
         if let Err(e) = self.fill_swapped_in(&decoded, &hits, &mut blocks) {
-            // an image the storage refuses (or a tier that fails while a block is demoted):
-            // give back what was held and allocated, so the sequence can still be recomputed
-            let allocated = blocks.iter().zip(&hits).filter(|(_, hit)| hit.is_none());
-            for b in hits.iter().flatten().chain(allocated.map(|(b, _)| b)) {
-                self.pool.release(*b)?;
-                if self.pool.ref_count(*b)? == 0 && self.pool.block_hash(*b)?.is_none() {
-                    self.storage.discard(*b);
+            // (images were checked above: what fails here is a tier, while evicted blocks are
+            // demoted) give back what was held and allocated, tail first as `free` does; the
+            // new blocks have no key yet, so their staging goes
+            for i in (0..hits.len()).rev() {
+                let Some(b) = hits[i].or_else(|| blocks.get(i).copied()) else {
+                    continue;
+                };
+                self.pool.release(b)?;
+                if self.pool.ref_count(b)? == 0 && self.pool.block_hash(b)?.is_none() {
+                    self.storage.discard(b);
                 }
             }
             return Err(e);
+        }
+        // keys last: a block is offered to the prefix cache only once every image is in
+        for ((block, hit), b) in decoded.iter().zip(&hits).zip(&blocks) {
+            if let (None, Some(h)) = (hit, block.hash) {
+                self.pool.register(*b, h)?;
+            }
         }
         self.seqs.insert(
             seq,
@@ -177,7 +193,8 @@ impl KvCacheManager {
     }
 
     /// Swap-in's second half: the hits in order, and a fresh block for each miss, filled with
-    /// its image and registered under its key. `blocks` holds what was placed when it fails.
+    /// its image (not yet registered). On failure `blocks` holds the blocks shared or allocated
+    /// so far.
     fn fill_swapped_in(
         &mut self,
         decoded: &[payload::BlockPayload<'_>],
@@ -192,9 +209,6 @@ impl KvCacheManager {
                     blocks.push(b);
                     self.demote_evicted()?;
                     self.storage.import_block(b, block.kind, block.image)?;
-                    if let Some(h) = block.hash {
-                        self.pool.register(b, h)?;
-                    }
                 }
             }
         }
@@ -209,7 +223,7 @@ mod tests {
     use crate::{Codec, KvLayout, LayoutSpec};
 
     #[test]
-    fn an_image_the_storage_refuses_leaves_the_pool_holding_nothing_of_the_sequence() {
+    fn an_image_the_layout_cannot_hold_is_refused_before_anything_changes() {
         let mut spec = LayoutSpec::new(2, 2, 4, 32, Codec::Int8);
         spec.block_size = 4;
         let mut m = KvCacheManager::new(KvLayout::new(spec).unwrap(), 8, b"swap-refused").unwrap();
@@ -241,14 +255,10 @@ mod tests {
         store.put(key, bad).unwrap();
         assert!(matches!(
             m.swap_in(&swapped, &mut store),
-            Err(KvError::ShapeMismatch { .. })
+            Err(KvError::Payload(_))
         ));
         assert!(m.table(seq).is_err());
-        assert_eq!(
-            m.num_available_blocks(),
-            available,
-            "the hit and the new block given back"
-        );
+        assert_eq!(m.num_available_blocks(), available, "nothing taken");
         m.check_invariants().unwrap();
         assert_eq!(m.storage().open_blocks(), 0, "no staging left behind");
         // the payloads are still there: with the good image back, the sequence comes back

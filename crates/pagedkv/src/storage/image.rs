@@ -18,6 +18,14 @@ pub struct ImageKind {
 }
 
 impl KvStorage {
+    /// Whether a block image of this kind fits this layout: open images need staging (a
+    /// compressed layout), sink rows a sealed block of a layout that keeps sinks.
+    pub fn holds(&self, kind: ImageKind) -> bool {
+        let open_ok = !kind.open || self.staging.is_some();
+        let sinks_ok = !kind.sinks || (!kind.open && self.layout.sink_tokens() > 0);
+        open_ok && sinks_ok
+    }
+
     /// Bytes of one block's image of that kind (see [`export_block`](Self::export_block)).
     pub fn block_image_bytes(&self, kind: ImageKind) -> usize {
         let sinks = if kind.sinks && !kind.open {
@@ -97,18 +105,12 @@ impl KvStorage {
     pub fn import_block(&mut self, block: BlockId, kind: ImageKind, bytes: &[u8]) -> Result<()> {
         self.check(0, block)?;
         let open = kind.open;
-        if open && self.staging.is_none() {
+        if !self.holds(kind) {
             return Err(KvError::ShapeMismatch {
-                what: "open block image for a full-precision layout",
+                what: "block image of a kind this layout cannot hold (open in a full-precision \
+                       layout, or sink rows when open or in a layout without sinks)",
                 expected: 0,
                 got: bytes.len(),
-            });
-        }
-        if kind.sinks && (open || self.layout.sink_tokens() == 0) {
-            return Err(KvError::ShapeMismatch {
-                what: "sink rows in a block image (open, or a layout without sinks)",
-                expected: 0,
-                got: self.layout.sink_bytes(),
             });
         }
         let expected = self.block_image_bytes(kind);
