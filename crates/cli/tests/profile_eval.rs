@@ -3,9 +3,10 @@
 //! 512 tokens, the f32 reference and the profile).
 //!
 //! Each cell must lie within its printed rounding plus [`SPREAD`] of the README's, on any CPU
-//! (on the one that measured the row, an AMD Zen 5, it matches to the printed digits): `eval`'s f32 weights go through candle's matrix products, which block
-//! their sums by the CPU's cache sizes, so activations round differently from one CPU model to
-//! another, and FibQuant codes near a boundary between codewords flip. Measured: 86.4% top-1,
+//! (on the one that measured the row, an AMD Zen 5, it matches to the printed digits): `eval`'s
+//! f32 weights go through candle's matrix products, which block their sums by the CPU's cache
+//! sizes, so activations round differently from one CPU model to another, and FibQuant codes
+//! near a boundary between codewords flip. Measured: 86.4% top-1,
 //! +4.74% on an AMD Zen 5 (where the row was made), 86.1%, +4.71% on a Zen 4, KL 0.048 on both.
 
 use std::process::Command;

@@ -422,6 +422,15 @@ impl KvCacheManager {
         Ok(())
     }
 
+    /// `SharedBlockWrite` if another sequence holds `block` (a fork shared it; a `reserve` copies
+    /// it): rows are written and committed only into blocks of one sequence.
+    fn check_unshared(pool: &BlockPool, seq: SeqId, block: BlockId) -> Result<()> {
+        if pool.ref_count(block)? > 1 {
+            return Err(KvError::SharedBlockWrite { seq, block });
+        }
+        Ok(())
+    }
+
     /// Writes one token's K and V for one layer at position `pos`, which must be reserved and not
     /// yet committed (committed positions may be shared and are read-only), in a block no other
     /// sequence holds (after a fork, `reserve` again first).
@@ -448,9 +457,7 @@ impl KvCacheManager {
             return Err(KvError::NonFinite { what: "K/V row" });
         }
         let block = table.blocks[pos / bs];
-        if self.pool.ref_count(block)? > 1 {
-            return Err(KvError::SharedBlockWrite { seq, block });
-        }
+        Self::check_unshared(&self.pool, seq, block)?;
         self.storage.write_token(layer, block, pos % bs, k, v)
     }
 
@@ -496,10 +503,10 @@ impl KvCacheManager {
             });
         }
         // rows written before a fork are the parent's until its next `reserve` copies the block
-        let first = table.tokens.len() / bs;
-        for block in table.blocks[first..end.div_ceil(bs)].iter() {
-            if !tokens.is_empty() && self.pool.ref_count(*block)? > 1 {
-                return Err(KvError::SharedBlockWrite { seq, block: *block });
+        if !tokens.is_empty() {
+            let first = table.tokens.len() / bs;
+            for block in &table.blocks[first..end.div_ceil(bs)] {
+                Self::check_unshared(&self.pool, seq, *block)?;
             }
         }
         table.tokens.extend_from_slice(tokens);

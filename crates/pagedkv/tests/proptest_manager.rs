@@ -1,6 +1,7 @@
 //! Random sequences of admit (prefix match) / append (after a fork the reserve copies a shared,
-//! partly filled block: copy-on-write) / fork / free / swap out and in (blocks still cached are shared again, the
-//! others imported) against a small pool, so eviction happens constantly. After every step: the
+//! partly filled block: copy-on-write) / fork / free / swap out and in (blocks still cached are
+//! shared again, the others imported) against a small pool, so eviction happens constantly.
+//! After every step: the
 //! manager's invariants (free + cached + owned = total, ref count = tables holding the block, no
 //! block twice in the free queue or in a table, map entries and block keys agree, a cached block
 //! a table holds is cached under that table's key), every prefix-map entry holds the K/V of its
@@ -61,6 +62,18 @@ struct Harness {
 }
 
 impl Harness {
+    fn new(m: KvCacheManager, exact: bool) -> Self {
+        Self {
+            m,
+            exact,
+            live: Vec::new(),
+            swapped: Vec::new(),
+            store: TieredStore::in_memory(1 << 30),
+            known: HashMap::new(),
+            next_id: 0,
+        }
+    }
+
     fn step(&mut self, op: Op) -> Result<(), TestCaseError> {
         match op {
             Op::Admit { base, suffix } => {
@@ -220,7 +233,7 @@ proptest! {
     fn manager_matches_model(ops in prop::collection::vec(op(), 1..60), blocks in 6usize..20, watermark in 0usize..2) {
         let mut m = KvCacheManager::new(small_layout(), blocks, b"proptest").unwrap();
         m.set_watermark_blocks(watermark);
-let mut h = Harness { m, exact: true, live: Vec::new(), swapped: Vec::new(), store: TieredStore::in_memory(1 << 30), known: HashMap::new(), next_id: 0 };
+        let mut h = Harness::new(m, true);
         for op in ops {
             h.step(op)?;
         }
@@ -243,7 +256,7 @@ proptest! {
     fn compressed_manager_matches_model(ops in prop::collection::vec(op(), 1..60), blocks in 6usize..20) {
         let mut m = KvCacheManager::new(int8_layout(), blocks, b"proptest").unwrap();
         m.set_watermark_blocks(0);
-        let mut h = Harness { m, exact: false, live: Vec::new(), swapped: Vec::new(), store: TieredStore::in_memory(1 << 30), known: HashMap::new(), next_id: 0 };
+        let mut h = Harness::new(m, false);
         for op in ops {
             h.step(op)?;
         }
