@@ -10,7 +10,7 @@ use anyhow::{Context as _, Result};
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_llama, quantized_qwen2};
 use clap::{Args, Subcommand};
-use pagedkv::attention::{AttentionPath, Simd};
+use pagedkv::attention::{AttentionPath, Prefetch, Simd};
 use pagedkv::Codec;
 use pagedkv_engine::fetch::ensure_model;
 use pagedkv_engine::sampler::argmax;
@@ -169,7 +169,7 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
             )
         }
         BenchCommand::Codecs(args) => codecs(args),
-        BenchCommand::Attention(args) => attention(args, common.block_size),
+        BenchCommand::Attention(args) => attention(args, common.block_size, common.prefetch()),
         BenchCommand::Blocks(args) => blocks(args),
         BenchCommand::Prefix(args) => crate::bench_prefix::run(common, args),
     }
@@ -309,7 +309,7 @@ fn parse_heads(text: &str) -> Result<(usize, usize)> {
     }
 }
 
-fn attention(args: AttentionBench, block_size: usize) -> Result<()> {
+fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Result<()> {
     use pagedkv::attention::{attend_split_at, fast_kernel_reads, Context, Dispatch};
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
@@ -342,7 +342,7 @@ fn attention(args: AttentionBench, block_size: usize) -> Result<()> {
     );
     let probe = BandwidthProbe::new();
     println!(
-        "bench attention: decode, {query_heads} query / {kv_heads} kv heads, head_dim {d}, blocks of {bs}, {} layers per step, {threads} threads, {simd} kernels; median of {} rounds × {} steps, codecs interleaved",
+        "bench attention: decode, {query_heads} query / {kv_heads} kv heads, head_dim {d}, blocks of {bs}, {} layers per step, {threads} threads, {simd} kernels, prefetch {prefetch}; median of {} rounds × {} steps, codecs interleaved",
         args.layers, args.rounds, args.steps
     );
     println!(
@@ -404,7 +404,11 @@ fn attention(args: AttentionBench, block_size: usize) -> Result<()> {
             bandwidths.push(probe.measure(2));
             for (&(cache, path), times) in runs.iter().zip(times.iter_mut()) {
                 let storage = &caches[cache].2;
-                let dispatch = Dispatch { simd, path };
+                let dispatch = Dispatch {
+                    simd,
+                    path,
+                    prefetch,
+                };
                 // one untimed step brings this codec's pages and tables back in
                 for step in 0..args.steps + 1 {
                     let started = Instant::now();
@@ -447,6 +451,7 @@ fn attention(args: AttentionBench, block_size: usize) -> Result<()> {
                 "seconds_per_step": step, "kv_bytes_per_step": bytes, "bytes_per_second": rate,
                 "fraction_of_bandwidth": rate / bandwidth, "time_vs_f16": f16_time.map(|t| step / t),
                 "read_bandwidth_bytes_per_second": bandwidth, "simd": simd.to_string(),
+                "prefetch": prefetch.to_string(),
             }));
         }
     }

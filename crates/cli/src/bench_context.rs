@@ -205,10 +205,11 @@ pub fn run(common: &CommonArgs, args: GenerateBench) -> Result<()> {
         n => format!("1 and {n} sequences"),
     };
     println!(
-        "bench generate: a prompt of {context} tokens, then {} tokens; {sequences}; weights {:?}, threads {}, median of {} interleaved rounds",
+        "bench generate: a prompt of {context} tokens, then {} tokens; {sequences}; weights {:?}, threads {}, prefetch {}, median of {} interleaved rounds",
         args.tokens,
         model.weight_mode(),
         common.threads_label(),
+        common.prefetch(),
         args.rounds
     );
     if llama.is_none() {
@@ -298,7 +299,7 @@ pub fn run(common: &CommonArgs, args: GenerateBench) -> Result<()> {
                 "engine": "pagedkv", "kv": codec.to_string(), "sequences": n, "context": context,
                 "tokens": args.tokens, "prefill_tokens_per_s": prefill,
                 "decode_tokens_per_s": decode, "kv_gb_per_s": gbs,
-                "decode_vs_llama_cpp_f16": vs_llama,
+                "decode_vs_llama_cpp_f16": vs_llama, "prefetch": common.prefetch().to_string(),
             }));
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use pagedkv::attention::AttentionPath;
+use pagedkv::attention::{AttentionPath, Prefetch};
 use pagedkv::tier::RemoteStats;
 use pagedkv::{Codec, KvCacheManager, KvLayout};
 use pagedkv_engine::fetch::ensure_model;
@@ -41,6 +41,17 @@ pub enum Attention {
     Fast,
 }
 
+/// Which pages attention prefetches in software (see `Prefetch`).
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum PrefetchPages {
+    /// Pages of compressed codecs; full-precision pages are left to the CPU's prefetcher.
+    Compressed,
+    /// Every page.
+    All,
+    /// None.
+    Off,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct CommonArgs {
     /// GGUF model file (default: fetched into $PAGEDKV_HOME or ~/.cache/pagedkv).
@@ -72,6 +83,9 @@ pub struct CommonArgs {
     /// How attention reads compressed pages.
     #[arg(long, global = true, value_enum, default_value = "exact")]
     pub attention: Attention,
+    /// Which pages attention prefetches in software ahead of reading them.
+    #[arg(long, global = true, value_enum, default_value = "compressed")]
+    pub prefetch: PrefetchPages,
     /// A KV profile made by `pagedkv calibrate` for this model: codecs per layer and role, sink
     /// tokens, key means and key split, instead of --codec, --key-codec, --value-codec and
     /// --sink-tokens.
@@ -170,6 +184,7 @@ impl CommonArgs {
         let (mut model, tokenizer) =
             Model::load(&path, mode).with_context(|| format!("loading {}", path.display()))?;
         model.set_attention_path(self.attention_path());
+        model.set_prefetch(self.prefetch());
         Ok((model, tokenizer))
     }
 
@@ -178,6 +193,15 @@ impl CommonArgs {
         match self.attention {
             Attention::Exact => AttentionPath::Exact,
             Attention::Fast => AttentionPath::Fast,
+        }
+    }
+
+    /// The software prefetch `--prefetch` names.
+    pub fn prefetch(&self) -> Prefetch {
+        match self.prefetch {
+            PrefetchPages::Compressed => Prefetch::Compressed,
+            PrefetchPages::All => Prefetch::All,
+            PrefetchPages::Off => Prefetch::Off,
         }
     }
 

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Scratch};
+use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Prefetch, Scratch};
 use pagedkv::{KvCacheManager, SeqId};
 use rayon::prelude::*;
 
@@ -98,6 +98,8 @@ pub struct Model {
     mode: WeightMode,
     /// The arithmetic attention reads compressed pages with.
     attention: AttentionPath,
+    /// The pages attention prefetches in software.
+    prefetch: Prefetch,
     device: Device,
     stop_tokens: Vec<u32>,
     fingerprint: ModelFingerprint,
@@ -267,6 +269,7 @@ impl Model {
                 output,
                 mode,
                 attention: AttentionPath::Exact,
+                prefetch: Prefetch::default(),
                 device,
                 stop_tokens: tokenizer.stop_tokens(),
                 fingerprint,
@@ -303,6 +306,11 @@ impl Model {
     /// Reads compressed pages on `path` from now on.
     pub fn set_attention_path(&mut self, path: AttentionPath) {
         self.attention = path;
+    }
+
+    /// Prefetches the pages `prefetch` names from now on (see [`Prefetch`]).
+    pub fn set_prefetch(&mut self, prefetch: Prefetch) {
+        self.prefetch = prefetch;
     }
 
     /// Applies several linear layers to the same input; where all have our kernels, the input is
@@ -469,7 +477,10 @@ impl Model {
                         blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
-                    let dispatch = Dispatch::widest(self.attention);
+                    let dispatch = Dispatch {
+                        prefetch: self.prefetch,
+                        ..Dispatch::widest(self.attention)
+                    };
                     attention::attend_split_at(dispatch, storage, layer_idx, ctx, qr, scale, out)?;
                 }
             } else {

@@ -91,7 +91,7 @@ macro_rules! read_run {
         let blocks: &Blocks = $blocks;
         let d = blocks.head_dim;
         for (i, &($keys, $values)) in blocks.pages.iter().enumerate() {
-            $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.ahead);
+            $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.ahead, blocks.fetch);
             for first in (0..blocks.heads).step_by(MAX_HEADS) {
                 let n = (blocks.heads - first).min(MAX_HEADS);
                 let $q = &blocks.q[first * d..(first + n) * d];
@@ -159,21 +159,64 @@ pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: S
     }
 }
 
-/// Where and how passes run: the SIMD level and the arithmetic.
+/// Which pages a pass asks the cache for in software, a few blocks ahead of reading them.
+///
+/// Measured on an AMD Zen 4 (`pagedkv bench attention --prefetch all` against the default,
+/// docs/performance.md): full-precision pages, read near the memory's speed, took 1.3–1.5×
+/// longer with software prefetches than without, the CPU's own prefetcher following their
+/// streams better alone; int8 and fp8 pages, whose arithmetic is slower per byte, took
+/// 0.8–0.9× the time with them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Prefetch {
+    /// Pages of compressed codecs; full-precision pages (f32, f16, bf16) are left to the
+    /// CPU's prefetcher.
+    #[default]
+    Compressed,
+    /// Every page.
+    All,
+    /// None: the CPU's prefetcher alone.
+    Off,
+}
+
+impl Prefetch {
+    /// Whether pages of `codec` are prefetched in software.
+    pub fn fetches(self, codec: crate::Codec) -> bool {
+        match self {
+            Prefetch::Compressed => !codec.is_full_precision(),
+            Prefetch::All => true,
+            Prefetch::Off => false,
+        }
+    }
+}
+
+impl std::fmt::Display for Prefetch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Prefetch::Compressed => "compressed",
+            Prefetch::All => "all",
+            Prefetch::Off => "off",
+        })
+    }
+}
+
+/// Where and how passes run: the SIMD level, the arithmetic and the software prefetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Dispatch {
     /// The instruction sets passes may use.
     pub simd: Simd,
     /// The arithmetic of compressed pages.
     pub path: AttentionPath,
+    /// The pages prefetched in software.
+    pub prefetch: Prefetch,
 }
 
 impl Dispatch {
-    /// The widest level this CPU has, on `path`.
+    /// The widest level this CPU has, on `path`, with the default prefetch.
     pub fn widest(path: AttentionPath) -> Self {
         Self {
             simd: Simd::widest(),
             path,
+            prefetch: Prefetch::default(),
         }
     }
 }
@@ -216,6 +259,7 @@ pub struct Scratch {
     /// The dispatch level passes run at; `None`: the widest this CPU has.
     simd: Option<Simd>,
     path: AttentionPath,
+    prefetch: Prefetch,
 }
 
 impl Scratch {
@@ -232,6 +276,7 @@ impl Scratch {
     pub fn with(dispatch: Dispatch) -> Result<Self> {
         Ok(Self {
             path: dispatch.path,
+            prefetch: dispatch.prefetch,
             ..Self::at(dispatch.simd)?
         })
     }
@@ -530,6 +575,7 @@ pub fn attend_split_at(
         SPLIT_BUFFERS.with(|cell| {
             let (scratch, partial) = &mut *cell.borrow_mut();
             scratch.path = dispatch.path;
+            scratch.prefetch = dispatch.prefetch;
             query
                 .pass(*head)
                 .run(range.clone(), partial, scratch, simd)?;

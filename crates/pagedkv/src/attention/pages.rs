@@ -67,7 +67,7 @@ pub(super) struct PageScratch {
 /// apart, and hardware prefetchers stop at 4 KiB boundaries, so without this each page begins
 /// with a stall on memory.
 #[inline(always)]
-pub(super) fn prefetch(page: PageRef) {
+pub(super) fn prefetch_page(page: PageRef) {
     let bytes: &[u8] = match page {
         PageRef::F32(p) | PageRef::F32T(p) => bytemuck::cast_slice(p),
         PageRef::F16(p) | PageRef::F16T(p) => bytemuck::cast_slice(p),
@@ -93,14 +93,35 @@ pub(super) fn prefetch_bytes(bytes: &[u8]) {
     let _ = bytes;
 }
 
-/// Prefetches the pages of `runs[i + ahead]` while `runs[i]` is read (at `i` = 0, those of
-/// blocks 0 ..= `ahead`): what a whole-block kernel calls for each block of its run.
+/// Which of a block's two pages a pass prefetches in software ([`crate::attention::Prefetch`]
+/// for their codecs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Fetch {
+    pub keys: bool,
+    pub values: bool,
+}
+
+/// Prefetches the pages `fetch` names of `runs[i + ahead]` while `runs[i]` is read (at `i` =
+/// 0, those of blocks 0 ..= `ahead`): what a whole-block kernel calls for each block of its
+/// run.
 #[inline(always)]
-pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, ahead: usize) {
+pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, ahead: usize, fetch: Fetch) {
+    if fetch
+        == (Fetch {
+            keys: false,
+            values: false,
+        })
+    {
+        return;
+    }
     let first = if i == 0 { 0 } else { i + ahead };
     for (keys, values) in runs.iter().take(i + ahead + 1).skip(first) {
-        prefetch_bytes(keys);
-        prefetch_bytes(values);
+        if fetch.keys {
+            prefetch_bytes(keys);
+        }
+        if fetch.values {
+            prefetch_bytes(values);
+        }
     }
 }
 

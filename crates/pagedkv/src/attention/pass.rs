@@ -1,7 +1,7 @@
 //! One kv head's query group over a range of blocks: the loop that reads each block in its
 //! codec (whole-block kernel or page readers), sink rows, split keys and the online softmax.
 
-use super::pages::{accumulate_values, key_scores, prefetch, ScaledQuery, Shape};
+use super::pages::{accumulate_values, key_scores, prefetch_page, Fetch, ScaledQuery, Shape};
 use super::softmax::softmax_step;
 #[cfg(target_arch = "x86_64")]
 use super::{block_kernel, fast_kernel};
@@ -66,8 +66,8 @@ impl WholeBlock {
         }
     }
 
-    /// Reads a run of full blocks (key and value pages each), prefetching `ahead` blocks
-    /// ahead of the one being read.
+    /// Reads a run of full blocks (key and value pages each), prefetching the pages `fetch`
+    /// names `ahead` blocks ahead of the one being read.
     ///
     /// # Safety
     /// [`whole_block`] chose `self` (so the CPU has the kernel's features).
@@ -75,7 +75,7 @@ impl WholeBlock {
         self,
         group: usize,
         pages: &[(&[u8], &[u8])],
-        ahead: usize,
+        (ahead, fetch): (usize, Fetch),
         q: &[f32],
         run: &mut block_kernel::Running,
     ) {
@@ -85,6 +85,7 @@ impl WholeBlock {
             tokens: self.block_size,
             head_dim: self.head_dim,
             ahead,
+            fetch,
             heads: group,
             q,
         };
@@ -238,6 +239,7 @@ impl Pass<'_> {
             #[cfg(target_arch = "x86_64")]
             zeros,
             path,
+            prefetch,
             ..
         } = scratch;
         scores.resize(group * bs, 0.0);
@@ -260,6 +262,10 @@ impl Pass<'_> {
         // a miss to memory behind the reading of the blocks between
         let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
         let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
+        let fetch = Fetch {
+            keys: prefetch.fetches(layout.key_codec(self.layer)),
+            values: prefetch.fetches(layout.value_codec(self.layer)),
+        };
         // the whole-block kernel of this layer's pages, if any (no per-layer key transform)
         #[cfg(target_arch = "x86_64")]
         let plain = key_norm.is_none() && key_split.is_none();
@@ -321,7 +327,7 @@ impl Pass<'_> {
             };
             // SAFETY: `whole_block` chose the kernel (the features are present); lengths are
             // checked inside.
-            unsafe { kernel.attend(group, run_pages, ahead, scaled_q, &mut run) };
+            unsafe { kernel.attend(group, run_pages, (ahead, fetch), scaled_q, &mut run) };
             Ok(())
         };
         for block_idx in blocks {
@@ -340,8 +346,12 @@ impl Pass<'_> {
                 (self.ctx.blocks.get(block_idx + ahead), prefetched_by_kernel)
             {
                 if start + ahead * bs < self.ctx.len {
-                    prefetch(self.storage.key_page(self.layer, *next, self.head)?);
-                    prefetch(self.storage.value_page(self.layer, *next, self.head)?);
+                    if fetch.keys {
+                        prefetch_page(self.storage.key_page(self.layer, *next, self.head)?);
+                    }
+                    if fetch.values {
+                        prefetch_page(self.storage.value_page(self.layer, *next, self.head)?);
+                    }
                 }
             }
             #[cfg(target_arch = "x86_64")]

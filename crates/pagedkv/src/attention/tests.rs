@@ -479,12 +479,77 @@ fn a_block_outside_the_storage_is_an_error_on_every_path() {
         };
         for &simd in &levels {
             for path in [AttentionPath::Exact, AttentionPath::Fast] {
-                let mut scratch = Scratch::with(Dispatch { simd, path }).unwrap();
+                let dispatch = Dispatch {
+                    simd,
+                    path,
+                    prefetch: Prefetch::default(),
+                };
+                let mut scratch = Scratch::with(dispatch).unwrap();
                 let result = attend(&s, 0, ctx, &q, 0.125, &mut out, &mut scratch);
                 assert!(
                     matches!(result, Err(KvError::InvalidBlock(BlockId(99)))),
                     "{codec}, blocks of {bs}, {simd}, {path}: {result:?}"
                 );
+            }
+        }
+    }
+}
+
+/// Which pages are prefetched changes no bit of the output: full-precision, compressed and
+/// mixed layouts, whole-block kernels and page readers (blocks of 16 and 24), every level and
+/// path, one call and split-K; and the default prefetches exactly the compressed codecs' pages.
+#[test]
+fn prefetching_changes_no_bit_of_the_output() {
+    let levels = levels("prefetching_changes_no_bit");
+    for codec in Codec::FIXED {
+        assert_eq!(
+            Prefetch::default().fetches(codec),
+            !codec.is_full_precision()
+        );
+        assert!(Prefetch::All.fetches(codec) && !Prefetch::Off.fetches(codec));
+    }
+    let pairs = [
+        (Codec::F16, Codec::F16),
+        (Codec::Int4, Codec::Int4),
+        (Codec::F16, Codec::Int8),
+    ];
+    for ((key_codec, value_codec), bs) in pairs.into_iter().flat_map(|p| [(p, 16), (p, 24)]) {
+        let mut spec = LayoutSpec::new(1, 3, 9, 64, key_codec);
+        spec.value_codec = value_codec;
+        spec.block_size = bs;
+        let tokens = 40 * bs + 5;
+        let (s, blocks) = filled_layout(KvLayout::new(spec).unwrap(), tokens, 1.0);
+        let q: Vec<f32> = (0..9 * 64)
+            .map(|i| ((i * 5 % 13) as f32 - 6.0) / 4.0)
+            .collect();
+        let ctx = Context {
+            blocks: &blocks,
+            len: tokens,
+        };
+        for &simd in &levels {
+            for path in [AttentionPath::Exact, AttentionPath::Fast] {
+                let outputs: Vec<(Vec<f32>, Vec<f32>)> =
+                    [Prefetch::Compressed, Prefetch::All, Prefetch::Off]
+                        .into_iter()
+                        .map(|prefetch| {
+                            let dispatch = Dispatch {
+                                simd,
+                                path,
+                                prefetch,
+                            };
+                            let (mut one, mut split) = (vec![0.0; q.len()], vec![0.0; q.len()]);
+                            let mut scratch = Scratch::with(dispatch).unwrap();
+                            attend(&s, 0, ctx, &q, 0.125, &mut one, &mut scratch).unwrap();
+                            attend_split_at(dispatch, &s, 0, ctx, &q, 0.125, &mut split).unwrap();
+                            (one, split)
+                        })
+                        .collect();
+                for other in &outputs[1..] {
+                    assert_eq!(
+                        &outputs[0], other,
+                        "{key_codec}/{value_codec}, blocks of {bs}, {simd}, {path}"
+                    );
+                }
             }
         }
     }
@@ -632,6 +697,7 @@ fn fast_path_meets_its_contract_at_every_level() {
                     let dispatch = Dispatch {
                         simd,
                         path: AttentionPath::Fast,
+                        prefetch: Prefetch::default(),
                     };
                     let mut out = vec![0.0; q.len()];
                     let mut scratch = Scratch::with(dispatch).unwrap();

@@ -70,7 +70,7 @@ pub(in crate::attention) unsafe fn read_slices<
     // SAFETY: the block is entered; it has slice 0.
     let mut scores = unsafe { keys.scores(0) };
     for (b, &(_, values)) in pages.iter().enumerate() {
-        crate::attention::pages::prefetch_run(pages, b, blocks.ahead);
+        crate::attention::pages::prefetch_run(pages, b, blocks.ahead, blocks.fetch);
         for slice in 0..per_block {
             let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
             for (h, w) in weights.iter_mut().enumerate().take(H) {
