@@ -162,8 +162,8 @@ pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: S
 /// Which pages a pass asks the cache for in software, a few blocks ahead of reading them.
 ///
 /// Measured on an AMD Zen 4 (`pagedkv bench attention --prefetch all` against the default,
-/// docs/performance.md): full-precision pages, read near the memory's speed, took 1.3–1.5×
-/// longer with software prefetches than without, the CPU's own prefetcher following their
+/// docs/performance.md): full-precision pages, read near the memory's speed, took 1.3–1.75×
+/// as long with software prefetches as without, the CPU's own prefetcher following their
 /// streams better alone; int8 and fp8 pages, whose arithmetic is slower per byte, took
 /// 0.8–0.9× the time with them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -8,7 +8,7 @@ mod common;
 use common::{check_contents, prefix_hashes, rows, small_layout, write_and_commit};
 use pagedkv::attention::{attend, Context, Scratch};
 use pagedkv::tier::payload::{self, PayloadError};
-use pagedkv::tier::{DiskTier, TierKey, TieredStore};
+use pagedkv::tier::{DiskTier, HostTier, TierKey, TieredStore};
 use pagedkv::{BlockId, Codec, ImageKind, KvCacheManager, KvError, KvLayout, LayoutSpec, SeqId};
 use proptest::prelude::*;
 
@@ -189,6 +189,53 @@ fn swap_in_never_hands_a_block_it_shares_to_another_of_its_blocks() {
     m.swap_in(&swapped, &mut store).unwrap();
     m.check_invariants().unwrap();
     check_contents(&m, x).unwrap();
+}
+
+/// The disk under the prefix tier fails while swap-in demotes the cached block its allocation
+/// evicts: swap-in returns the tier's error, the sequence is not back and holds nothing, every
+/// block it took is free again, and the swapped payloads are all still in the store, so the
+/// same swap-in succeeds whole once the disk is back.
+#[test]
+fn a_tier_failing_while_swap_in_demotes_gives_every_block_back() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-rollback-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut m = KvCacheManager::new(small_layout(), 4, b"rollback").unwrap();
+    m.set_prefix_tier(TieredStore {
+        host: HostTier::new(0),
+        disk: Some(DiskTier::open(&dir, 1 << 20).unwrap()),
+    });
+    let mut store = TieredStore::in_memory(1 << 30);
+    let (z, x) = (SeqId(1), SeqId(2));
+    // Z leaves one cached block idle at the front of the free queue
+    m.admit(z, &[1, 2, 3, 4]).unwrap();
+    write_and_commit(&mut m, z, &[1, 2, 3, 4]);
+    m.free(z).unwrap();
+    // X: two full blocks and an open one, swapped out; its full blocks stay cached
+    let prompt: Vec<u32> = (11..20).collect();
+    m.admit(x, &prompt).unwrap();
+    write_and_commit(&mut m, x, &prompt);
+    let before = images(&m, x);
+    let swapped = m.swap_out(x, &mut store).unwrap();
+    let front = m.pool().free_queue().next().unwrap();
+    assert!(
+        m.pool().block_hash(front).unwrap().is_some(),
+        "Z's cached block is next"
+    );
+    // swap-in shares X's two cached blocks and allocates the open one's slot, which evicts
+    // Z's block: its demotion to the (now missing) disk fails
+    std::fs::remove_dir_all(&dir).unwrap();
+    let failed = m.swap_in(&swapped, &mut store);
+    assert!(matches!(failed, Err(KvError::Io { .. })), "{failed:?}");
+    assert!(matches!(m.table(x), Err(KvError::UnknownSequence(_))));
+    assert_eq!(m.num_available_blocks(), 4);
+    m.check_invariants().unwrap();
+    // nothing of X lost: back whole once the disk is
+    std::fs::create_dir_all(&dir).unwrap();
+    m.swap_in(&swapped, &mut store).unwrap();
+    m.check_invariants().unwrap();
+    check_contents(&m, x).unwrap();
+    assert_eq!(images(&m, x), before);
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn sample_payload() -> (KvLayout, Vec<u8>, usize) {
