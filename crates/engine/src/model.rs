@@ -497,6 +497,7 @@ impl Model {
                         ATTENTION_SCRATCH.with(|cell| {
                             let scratch = &mut *cell.borrow_mut();
                             scratch.set_path(self.attention);
+                            scratch.set_prefetch(self.prefetch);
                             attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
                         })
                     })?;

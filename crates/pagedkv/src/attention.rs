@@ -83,7 +83,7 @@ macro_rules! dispatch_pairs {
 /// The loop of a whole-block kernel over a run of `$blocks` (a `&Blocks`), expanded inside
 /// the kernel's own function (a closure handed to a helper without the kernel's target
 /// features is called, not inlined, once per block): each block's pages as `$keys` and
-/// `$values`, the pages `ahead` prefetched first, and its query heads four at a time as the
+/// `$values`, the pages `blocks.fetch` names prefetched first, and its query heads four at a time as the
 /// constant `$h`, their rows `$q` and their state `$part`.
 #[allow(unused_macros)] // used by the x86-64 kernels only
 macro_rules! read_run {
@@ -91,7 +91,7 @@ macro_rules! read_run {
         let blocks: &Blocks = $blocks;
         let d = blocks.head_dim;
         for (i, &($keys, $values)) in blocks.pages.iter().enumerate() {
-            $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.ahead, blocks.fetch);
+            $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.fetch);
             for first in (0..blocks.heads).step_by(MAX_HEADS) {
                 let n = (blocks.heads - first).min(MAX_HEADS);
                 let $q = &blocks.q[first * d..(first + n) * d];
@@ -162,7 +162,7 @@ pub fn fast_kernel_reads(layout: &crate::layout::KvLayout, layer: usize, simd: S
 /// Which pages a pass asks the cache for in software, a few blocks ahead of reading them.
 ///
 /// Measured on an AMD Zen 4 (`pagedkv bench attention --prefetch all` against the default,
-/// docs/performance.md): full-precision pages, read near the memory's speed, took 1.3–1.75×
+/// docs/performance.md): full-precision pages, read near the memory's speed, took 1.2–1.8×
 /// as long with software prefetches as without, the CPU's own prefetcher following their
 /// streams better alone; int8 and fp8 pages, whose arithmetic is slower per byte, took
 /// 0.8–0.9× the time with them.
@@ -302,6 +302,16 @@ impl Scratch {
     /// Passes with these buffers take `path` from now on.
     pub fn set_path(&mut self, path: AttentionPath) {
         self.path = path;
+    }
+
+    /// The pages passes with these buffers prefetch in software.
+    pub fn prefetch(&self) -> Prefetch {
+        self.prefetch
+    }
+
+    /// Passes with these buffers prefetch the pages `prefetch` names from now on.
+    pub fn set_prefetch(&mut self, prefetch: Prefetch) {
+        self.prefetch = prefetch;
     }
 }
 

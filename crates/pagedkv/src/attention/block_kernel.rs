@@ -140,14 +140,13 @@ impl Pages {
 }
 
 /// A run of full blocks for a kernel to read: their (key, value) pages, the block's tokens
-/// and head_dim, how many blocks ahead to prefetch which of their pages, and the query heads (`q`: `heads ×
-/// head_dim`, already multiplied by the softmax scale).
+/// and head_dim, which of their pages to prefetch how many blocks ahead, and the query heads
+/// (`q`: `heads × head_dim`, already multiplied by the softmax scale).
 #[derive(Clone, Copy)]
 pub(super) struct Blocks<'a> {
     pub pages: &'a [(&'a [u8], &'a [u8])],
     pub tokens: usize,
     pub head_dim: usize,
-    pub ahead: usize,
     pub fetch: super::pages::Fetch,
     pub heads: usize,
     pub q: &'a [f32],

@@ -63,9 +63,9 @@ pub(super) struct PageScratch {
     zero: Vec<f32>,
 }
 
-/// Asks the CPU to start loading a page into cache. Pages of one kv head lie `kv_heads` pages
-/// apart, and hardware prefetchers stop at 4 KiB boundaries, so without this each page begins
-/// with a stall on memory.
+/// Asks the CPU to start loading a page into cache, a few blocks before it is read: a
+/// compressed page is read slowly enough per byte that, without this, its first lines stall on
+/// memory (full-precision pages are left to the CPU's prefetcher, see [`Fetch::of`]).
 #[inline(always)]
 pub(super) fn prefetch_page(page: PageRef) {
     let bytes: &[u8] = match page {
@@ -77,7 +77,7 @@ pub(super) fn prefetch_page(page: PageRef) {
     prefetch_bytes(bytes);
 }
 
-/// [`prefetch`] of a page's bytes.
+/// [`prefetch_page`] of a page's bytes.
 #[inline(always)]
 pub(super) fn prefetch_bytes(bytes: &[u8]) {
     #[cfg(target_arch = "x86_64")]
@@ -93,27 +93,42 @@ pub(super) fn prefetch_bytes(bytes: &[u8]) {
     let _ = bytes;
 }
 
-/// Which of a block's two pages a pass prefetches in software ([`crate::attention::Prefetch`]
-/// for their codecs).
+/// What a pass prefetches in software: which of a block's two pages, `ahead` blocks before
+/// reading them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Fetch {
+    pub ahead: usize,
     pub keys: bool,
     pub values: bool,
 }
 
-/// Prefetches the pages `fetch` names of `runs[i + ahead]` while `runs[i]` is read (at `i` =
-/// 0, those of blocks 0 ..= `ahead`): what a whole-block kernel calls for each block of its
-/// run.
+impl Fetch {
+    /// The pages of `layer` that `prefetch` names (by the codec of each role), asked for
+    /// about `bytes` ahead of the block being read.
+    pub(super) fn of(
+        prefetch: crate::attention::Prefetch,
+        layout: &crate::layout::KvLayout,
+        layer: usize,
+        bytes: usize,
+    ) -> Self {
+        let block_bytes = layout.key_page_bytes(layer) + layout.value_page_bytes(layer);
+        Self {
+            ahead: (bytes / block_bytes.max(1)).clamp(1, 8),
+            keys: prefetch.fetches(layout.key_codec(layer)),
+            values: prefetch.fetches(layout.value_codec(layer)),
+        }
+    }
+}
+
+/// Prefetches the pages `fetch` names of `runs[i + fetch.ahead]` while `runs[i]` is read (at
+/// `i` = 0, those of blocks 0 ..= `fetch.ahead`): what a whole-block kernel calls for each
+/// block of its run.
 #[inline(always)]
-pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, ahead: usize, fetch: Fetch) {
-    if fetch
-        == (Fetch {
-            keys: false,
-            values: false,
-        })
-    {
+pub(super) fn prefetch_run(runs: &[(&[u8], &[u8])], i: usize, fetch: Fetch) {
+    if !fetch.keys && !fetch.values {
         return;
     }
+    let ahead = fetch.ahead;
     let first = if i == 0 { 0 } else { i + ahead };
     for (keys, values) in runs.iter().take(i + ahead + 1).skip(first) {
         if fetch.keys {

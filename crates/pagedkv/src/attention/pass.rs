@@ -67,7 +67,7 @@ impl WholeBlock {
     }
 
     /// Reads a run of full blocks (key and value pages each), prefetching the pages `fetch`
-    /// names `ahead` blocks ahead of the one being read.
+    /// names ahead of the one being read.
     ///
     /// # Safety
     /// [`whole_block`] chose `self` (so the CPU has the kernel's features).
@@ -75,7 +75,7 @@ impl WholeBlock {
         self,
         group: usize,
         pages: &[(&[u8], &[u8])],
-        (ahead, fetch): (usize, Fetch),
+        fetch: Fetch,
         q: &[f32],
         run: &mut block_kernel::Running,
     ) {
@@ -84,7 +84,6 @@ impl WholeBlock {
             pages,
             tokens: self.block_size,
             head_dim: self.head_dim,
-            ahead,
             fetch,
             heads: group,
             q,
@@ -260,12 +259,8 @@ impl Pass<'_> {
         let mut split_ready = false;
         // pages are asked for about 8 KiB ahead of the block being read: far enough to hide
         // a miss to memory behind the reading of the blocks between
-        let block_bytes = layout.key_page_bytes(self.layer) + layout.value_page_bytes(self.layer);
-        let ahead = (PREFETCH_BYTES / block_bytes.max(1)).clamp(1, 8);
-        let fetch = Fetch {
-            keys: prefetch.fetches(layout.key_codec(self.layer)),
-            values: prefetch.fetches(layout.value_codec(self.layer)),
-        };
+        let fetch = Fetch::of(*prefetch, layout, self.layer, PREFETCH_BYTES);
+        let ahead = fetch.ahead;
         // the whole-block kernel of this layer's pages, if any (no per-layer key transform)
         #[cfg(target_arch = "x86_64")]
         let plain = key_norm.is_none() && key_split.is_none();
@@ -327,7 +322,7 @@ impl Pass<'_> {
             };
             // SAFETY: `whole_block` chose the kernel (the features are present); lengths are
             // checked inside.
-            unsafe { kernel.attend(group, run_pages, (ahead, fetch), scaled_q, &mut run) };
+            unsafe { kernel.attend(group, run_pages, fetch, scaled_q, &mut run) };
             Ok(())
         };
         for block_idx in blocks {

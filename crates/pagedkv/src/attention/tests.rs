@@ -497,7 +497,8 @@ fn a_block_outside_the_storage_is_an_error_on_every_path() {
 
 /// Which pages are prefetched changes no bit of the output: full-precision, compressed and
 /// mixed layouts, whole-block kernels and page readers (blocks of 16 and 24), every level and
-/// path, one call and split-K; and the default prefetches exactly the compressed codecs' pages.
+/// path, one call and split-K; and each role's pages are prefetched by their own codec, by
+/// default exactly the compressed codecs' pages.
 #[test]
 fn prefetching_changes_no_bit_of_the_output() {
     let levels = levels("prefetching_changes_no_bit");
@@ -508,6 +509,17 @@ fn prefetching_changes_no_bit_of_the_output() {
         );
         assert!(Prefetch::All.fetches(codec) && !Prefetch::Off.fetches(codec));
     }
+    // each role by its own codec: f16 keys beside int8 values
+    let mut spec = LayoutSpec::new(1, 3, 9, 64, Codec::F16);
+    spec.value_codec = Codec::Int8;
+    let mixed = KvLayout::new(spec).unwrap();
+    let fetch = |prefetch| {
+        let f = super::pages::Fetch::of(prefetch, &mixed, 0, 8192);
+        (f.keys, f.values)
+    };
+    assert_eq!(fetch(Prefetch::Compressed), (false, true));
+    assert_eq!(fetch(Prefetch::All), (true, true));
+    assert_eq!(fetch(Prefetch::Off), (false, false));
     let pairs = [
         (Codec::F16, Codec::F16),
         (Codec::Int4, Codec::Int4),

@@ -216,7 +216,8 @@ fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) -> __m256
 
 /// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
 /// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
-/// block; the pages of the block `ahead` further prefetched while one is read.
+/// block; the pages `blocks.fetch` names of the block `ahead` further prefetched while one is
+/// read.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,

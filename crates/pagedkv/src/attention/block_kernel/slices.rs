@@ -30,8 +30,8 @@ pub(in crate::attention) trait SliceScores {
 /// the values added exactly ([`add_slice_values`]). Software-pipelined: the next slice's
 /// scores are issued between a slice's softmax step and its values, so the CPU overlaps the
 /// step's chain of dependent operations (and a block's query folding) with independent
-/// work instead of waiting for it. The pages of the block `ahead` further are prefetched
-/// while one is read (by every head group: a run is capped in blocks, not bytes, and need
+/// work instead of waiting for it. The pages `blocks.fetch` names of the block `ahead` further
+/// are prefetched while one is read (by every head group: a run is capped in blocks, not bytes, and need
 /// not stay in cache between groups).
 ///
 /// # Safety
@@ -70,7 +70,7 @@ pub(in crate::attention) unsafe fn read_slices<
     // SAFETY: the block is entered; it has slice 0.
     let mut scores = unsafe { keys.scores(0) };
     for (b, &(_, values)) in pages.iter().enumerate() {
-        crate::attention::pages::prefetch_run(pages, b, blocks.ahead, blocks.fetch);
+        crate::attention::pages::prefetch_run(pages, b, blocks.fetch);
         for slice in 0..per_block {
             let mut weights = [_mm512_setzero_ps(); MAX_HEADS];
             for (h, w) in weights.iter_mut().enumerate().take(H) {
