@@ -238,6 +238,41 @@ fn a_tier_failing_while_swap_in_demotes_gives_every_block_back() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A disk tier that fails while the host tier moves payloads to it loses none of them: the
+/// put returns the disk's error, every payload in memory stays readable (over capacity), and
+/// once the disk is back a later put moves them on.
+#[test]
+fn a_failing_disk_tier_loses_no_payload_the_host_tier_held() {
+    let dir = std::env::temp_dir().join(format!("pagedkv-disk-down-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut store = TieredStore {
+        host: HostTier::new(300),
+        disk: Some(DiskTier::open(&dir, 1 << 20).unwrap()),
+    };
+    let payload = |k: u128| vec![k as u8; 100];
+    for k in 1..=4 {
+        store.put(TierKey(k), payload(k)).unwrap();
+    }
+    assert!(
+        store.disk.as_ref().unwrap().contains(TierKey(1)),
+        "1 moved to disk"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    let failed = store.put(TierKey(5), payload(5));
+    assert!(matches!(failed, Err(KvError::Io { .. })), "{failed:?}");
+    for k in 2..=5 {
+        assert!(store.host.contains(TierKey(k)), "{k} kept in memory");
+        assert_eq!(store.get(TierKey(k)).unwrap(), Some(payload(k)), "{k}");
+    }
+    std::fs::create_dir_all(&dir).unwrap();
+    store.put(TierKey(6), payload(6)).unwrap();
+    assert!(store.host.used_bytes() <= 300);
+    for k in 2..=6 {
+        assert_eq!(store.get(TierKey(k)).unwrap(), Some(payload(k)), "{k}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 fn sample_payload() -> (KvLayout, Vec<u8>, usize) {
     let (m, seq) = filled(Codec::Int4);
     let block = m.table(seq).unwrap().blocks()[0];

@@ -26,10 +26,7 @@ impl HostTier {
     /// stay within capacity, oldest first — possibly the new payload itself if it alone is
     /// larger than the tier.
     pub fn put(&mut self, key: TierKey, payload: Vec<u8>) -> Vec<(TierKey, Vec<u8>)> {
-        self.take(key);
-        self.used += payload.len() as u64;
-        self.entries.insert(key, payload);
-        self.lru.touch(key);
+        self.keep(key, payload);
         let mut evicted = Vec::new();
         while self.used > self.capacity {
             let Some(oldest) = self.lru.oldest() else {
@@ -39,6 +36,16 @@ impl HostTier {
             evicted.push((oldest, bytes));
         }
         evicted
+    }
+
+    /// Holds `payload` under `key` (replacing an older one) whatever the capacity, as the most
+    /// recently used: how payloads [`HostTier::put`] evicted come back when they cannot move
+    /// on (a disk tier failing), rather than being lost.
+    pub fn keep(&mut self, key: TierKey, payload: Vec<u8>) {
+        self.take(key);
+        self.used += payload.len() as u64;
+        self.entries.insert(key, payload);
+        self.lru.touch(key);
     }
 
     /// The payload under `key`, marked as recently used.

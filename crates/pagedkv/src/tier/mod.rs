@@ -79,13 +79,26 @@ impl TieredStore {
     }
 
     /// Stores a payload; what no longer fits in memory moves to disk (or is dropped without
-    /// one). Returns the keys dropped altogether.
+    /// one). Returns the keys dropped altogether. If the disk fails, its error is returned and
+    /// nothing is lost: the payload is stored, and what was to move to disk stays in memory,
+    /// over capacity, until a later `put` moves it.
     pub fn put(&mut self, key: TierKey, payload: Vec<u8>) -> Result<Vec<TierKey>> {
         let mut dropped = Vec::new();
-        for (old, bytes) in self.host.put(key, payload) {
-            match self.disk.as_mut() {
-                Some(disk) => dropped.extend(disk.put(old, &bytes)?),
-                None => dropped.push(old),
+        let mut leaving = self.host.put(key, payload).into_iter();
+        while let Some((old, bytes)) = leaving.next() {
+            let Some(disk) = self.disk.as_mut() else {
+                dropped.push(old);
+                continue;
+            };
+            match disk.put(old, &bytes) {
+                Ok(evicted) => dropped.extend(evicted),
+                Err(failure) => {
+                    self.host.keep(old, bytes);
+                    for (old, bytes) in leaving {
+                        self.host.keep(old, bytes);
+                    }
+                    return Err(failure);
+                }
             }
         }
         Ok(dropped)
