@@ -83,8 +83,8 @@ macro_rules! dispatch_pairs {
 /// The loop of a whole-block kernel over a run of `$blocks` (a `&Blocks`), expanded inside
 /// the kernel's own function (a closure handed to a helper without the kernel's target
 /// features is called, not inlined, once per block): each block's pages as `$keys` and
-/// `$values`, the pages `blocks.fetch` names prefetched first, and its query heads four at a time as the
-/// constant `$h`, their rows `$q` and their state `$part`.
+/// `$values`, the pages `blocks.fetch` names prefetched first, and its query heads four at
+/// a time as the constant `$h`, their rows `$q` and their state `$part`.
 #[allow(unused_macros)] // used by the x86-64 kernels only
 macro_rules! read_run {
     ($blocks:expr, $run:expr, |$keys:ident, $values:ident, $h:ident, $q:ident, $part:ident| $body:block) => {{

@@ -63,9 +63,9 @@ pub(super) struct PageScratch {
     zero: Vec<f32>,
 }
 
-/// Asks the CPU to start loading a page into cache, a few blocks before it is read: a
-/// compressed page is read slowly enough per byte that, without this, its first lines stall on
-/// memory (full-precision pages are left to the CPU's prefetcher, see [`Fetch::of`]).
+/// Asks the CPU to start loading a page into cache, a few blocks before it is read: compressed
+/// pages measured faster with it, full-precision pages slower, their streams better followed
+/// by the CPU's own prefetcher (docs/performance.md, "Software prefetch"; [`Fetch::of`]).
 #[inline(always)]
 pub(super) fn prefetch_page(page: PageRef) {
     let bytes: &[u8] = match page {

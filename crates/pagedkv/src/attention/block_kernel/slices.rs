@@ -30,9 +30,9 @@ pub(in crate::attention) trait SliceScores {
 /// the values added exactly ([`add_slice_values`]). Software-pipelined: the next slice's
 /// scores are issued between a slice's softmax step and its values, so the CPU overlaps the
 /// step's chain of dependent operations (and a block's query folding) with independent
-/// work instead of waiting for it. The pages `blocks.fetch` names of the block `ahead` further
-/// are prefetched while one is read (by every head group: a run is capped in blocks, not bytes, and need
-/// not stay in cache between groups).
+/// work instead of waiting for it. The pages `blocks.fetch` names of the block `ahead`
+/// further are prefetched while one is read (by every head group: a run is capped in blocks,
+/// not bytes, and need not stay in cache between groups).
 ///
 /// # Safety
 /// The features of `keys`' kernel present (AVX-512F and F16C among them).
