@@ -86,6 +86,10 @@ pub struct AttentionBench {
     /// it has a kernel for at this level. The global --attention does not apply here.
     #[arg(long, default_value = "exact,fast")]
     paths: String,
+    /// Software prefetch policies measured side by side, interleaved in every round
+    /// (comma-separated: compressed, all, off; default: the global --prefetch).
+    #[arg(long)]
+    prefetches: Option<String>,
     /// Write the figures as JSON.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -99,6 +103,19 @@ fn parse_paths(names: &str) -> Result<Vec<AttentionPath>> {
             "exact" => Ok(AttentionPath::Exact),
             "fast" => Ok(AttentionPath::Fast),
             other => anyhow::bail!("unknown attention path `{other}` (exact, fast)"),
+        })
+        .collect()
+}
+
+/// Software prefetch policies by name (comma-separated).
+fn parse_prefetches(names: &str) -> Result<Vec<Prefetch>> {
+    names
+        .split(',')
+        .map(|name| match name.trim() {
+            "compressed" => Ok(Prefetch::Compressed),
+            "all" => Ok(Prefetch::All),
+            "off" => Ok(Prefetch::Off),
+            other => anyhow::bail!("unknown prefetch `{other}` (compressed, all, off)"),
         })
         .collect()
 }
@@ -334,6 +351,15 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
         .as_deref()
         .map_or(Ok(Simd::widest()), parse_simd)?;
     let paths = parse_paths(&args.paths)?;
+    let prefetches = match &args.prefetches {
+        Some(names) => parse_prefetches(names)?,
+        None => vec![prefetch],
+    };
+    let policies = prefetches
+        .iter()
+        .map(Prefetch::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     let (query_heads, kv_heads) = parse_heads(&args.heads)?;
     let (d, bs) = (args.head_dim, block_size);
     anyhow::ensure!(
@@ -342,7 +368,7 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
     );
     let probe = BandwidthProbe::new();
     println!(
-        "bench attention: decode, {query_heads} query / {kv_heads} kv heads, head_dim {d}, blocks of {bs}, {} layers per step, {threads} threads, {simd} kernels, prefetch {prefetch}; median of {} rounds × {} steps, codecs interleaved",
+        "bench attention: decode, {query_heads} query / {kv_heads} kv heads, head_dim {d}, blocks of {bs}, {} layers per step, {threads} threads, {simd} kernels, prefetch {policies}; median of {} rounds × {} steps, codecs interleaved",
         args.layers, args.rounds, args.steps
     );
     println!(
@@ -384,12 +410,13 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
             }
             caches.push((codec, layout, storage));
         }
-        // (cache, path) pairs measured: the fast path where it has its own kernel
-        let runs: Vec<(usize, AttentionPath)> = (0..caches.len())
+        // (cache, path, prefetch) measured: the fast path where it has its own kernel
+        let runs: Vec<(usize, AttentionPath, Prefetch)> = (0..caches.len())
             .flat_map(|i| paths.iter().map(move |p| (i, *p)))
             .filter(|(i, p)| {
                 *p == AttentionPath::Exact || fast_kernel_reads(&caches[*i].1, 0, simd)
             })
+            .flat_map(|(i, p)| prefetches.iter().map(move |f| (i, p, *f)))
             .collect();
         let q = gaussian(query_heads * d, 7);
         let mut out = vec![0f32; query_heads * d];
@@ -402,7 +429,7 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
         let mut bandwidths = Vec::with_capacity(args.rounds);
         for _ in 0..args.rounds {
             bandwidths.push(probe.measure(2));
-            for (&(cache, path), times) in runs.iter().zip(times.iter_mut()) {
+            for (&(cache, path, prefetch), times) in runs.iter().zip(times.iter_mut()) {
                 let storage = &caches[cache].2;
                 let dispatch = Dispatch {
                     simd,
@@ -423,11 +450,16 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
         }
         let steps: Vec<f64> = times.into_iter().map(median).collect();
         let bandwidth = median(bandwidths);
-        let f16_time = runs
-            .iter()
-            .position(|(i, p)| caches[*i].0 == Codec::F16 && *p == AttentionPath::Exact)
-            .map(|i| steps[i]);
-        for (&(cache, path), step) in runs.iter().zip(steps) {
+        // against f16 read with the same prefetch
+        let f16_time = |prefetch: Prefetch| {
+            runs.iter()
+                .position(|(i, p, f)| {
+                    caches[*i].0 == Codec::F16 && *p == AttentionPath::Exact && *f == prefetch
+                })
+                .map(|i| steps[i])
+        };
+        for (&(cache, path, prefetch), &step) in runs.iter().zip(&steps) {
+            let f16_time = f16_time(prefetch);
             let (codec, layout, _) = &caches[cache];
             // bytes of every page read: whole blocks, keys and values, every layer
             let bytes = (0..args.layers)
@@ -437,14 +469,19 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
             let rate = bytes / step;
             let vs_f16 = f16_time.map_or("-".to_string(), |t| format!("{:.2}", step / t));
             println!(
-                "{:>16} {:>6} {context:>7} {:>11.1} {:>13.2} {:>9.1} {:>9.0}% {vs_f16:>9} {:>10.1}",
+                "{:>16} {:>6} {context:>7} {:>11.1} {:>13.2} {:>9.1} {:>9.0}% {vs_f16:>9} {:>10.1}{}",
                 codec.to_string(),
                 path.to_string(),
                 step * 1e6,
                 step * 1e9 / (context * args.layers) as f64,
                 rate / 1e9,
                 100.0 * rate / bandwidth,
-                bandwidth / 1e9
+                bandwidth / 1e9,
+                if prefetches.len() > 1 {
+                    format!("  prefetch {prefetch}")
+                } else {
+                    String::new()
+                }
             );
             rows.push(serde_json::json!({
                 "codec": codec.to_string(), "attention": path.to_string(), "context": context, "layers": args.layers,

@@ -77,7 +77,8 @@ fn bad_flags_get_clear_errors() {
         args
     };
     let (damaged, foreign) = (path("damaged-profile.json"), path("foreign-profile.json"));
-    let rows: Vec<(Vec<String>, &str)> = vec![
+    let rows: Vec<(Vec<String>, &str)> =
+        vec![
         (
             g(&["--kv-profile", &damaged]),
             "the file is damaged or was edited",
@@ -167,6 +168,12 @@ fn bad_flags_get_clear_errors() {
                 .map(String::from)
                 .to_vec(),
             "unknown attention path `quick` (exact, fast)",
+        ),
+        (
+            ["bench", "attention", "--contexts", "16", "--prefetches", "some"]
+                .map(String::from)
+                .to_vec(),
+            "unknown prefetch `some` (compressed, all, off)",
         ),
         (
             ["bench", "attention", "--contexts", "16", "--heads", "9/2"]
