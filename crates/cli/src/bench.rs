@@ -95,29 +95,40 @@ pub struct AttentionBench {
     json: Option<std::path::PathBuf>,
 }
 
-/// Attention paths by name (comma-separated).
-fn parse_paths(names: &str) -> Result<Vec<AttentionPath>> {
+/// A comma-separated list of names, each one of `choices` (named `what` in the error).
+fn parse_names<T: Copy>(names: &str, what: &str, choices: &[(&str, T)]) -> Result<Vec<T>> {
     names
         .split(',')
-        .map(|name| match name.trim() {
-            "exact" => Ok(AttentionPath::Exact),
-            "fast" => Ok(AttentionPath::Fast),
-            other => anyhow::bail!("unknown attention path `{other}` (exact, fast)"),
+        .map(|name| {
+            let name = name.trim();
+            match choices.iter().find(|(known, _)| *known == name) {
+                Some((_, value)) => Ok(*value),
+                None => {
+                    let known: Vec<&str> = choices.iter().map(|(known, _)| *known).collect();
+                    anyhow::bail!("unknown {what} `{name}` ({})", known.join(", "))
+                }
+            }
         })
         .collect()
 }
 
+/// Attention paths by name (comma-separated).
+fn parse_paths(names: &str) -> Result<Vec<AttentionPath>> {
+    let choices = [
+        ("exact", AttentionPath::Exact),
+        ("fast", AttentionPath::Fast),
+    ];
+    parse_names(names, "attention path", &choices)
+}
+
 /// Software prefetch policies by name (comma-separated).
 fn parse_prefetches(names: &str) -> Result<Vec<Prefetch>> {
-    names
-        .split(',')
-        .map(|name| match name.trim() {
-            "compressed" => Ok(Prefetch::Compressed),
-            "all" => Ok(Prefetch::All),
-            "off" => Ok(Prefetch::Off),
-            other => anyhow::bail!("unknown prefetch `{other}` (compressed, all, off)"),
-        })
-        .collect()
+    let choices = [
+        ("compressed", Prefetch::Compressed),
+        ("all", Prefetch::All),
+        ("off", Prefetch::Off),
+    ];
+    parse_names(names, "prefetch", &choices)
 }
 
 /// A dispatch level by name.
