@@ -95,40 +95,27 @@ pub struct AttentionBench {
     json: Option<std::path::PathBuf>,
 }
 
-/// A comma-separated list of names, each one of `choices` (named `what` in the error).
-fn parse_names<T: Copy>(names: &str, what: &str, choices: &[(&str, T)]) -> Result<Vec<T>> {
+/// A comma-separated list of names, each the name (`Display`) of one of `choices` (called
+/// `what` in the error).
+fn parse_names<T: Copy + std::fmt::Display>(
+    names: &str,
+    what: &str,
+    choices: &[T],
+) -> Result<Vec<T>> {
     names
         .split(',')
         .map(|name| {
             let name = name.trim();
-            match choices.iter().find(|(known, _)| *known == name) {
-                Some((_, value)) => Ok(*value),
-                None => {
-                    let known: Vec<&str> = choices.iter().map(|(known, _)| *known).collect();
-                    anyhow::bail!("unknown {what} `{name}` ({})", known.join(", "))
-                }
-            }
+            choices
+                .iter()
+                .find(|choice| choice.to_string() == name)
+                .copied()
+                .with_context(|| {
+                    let known: Vec<String> = choices.iter().map(T::to_string).collect();
+                    format!("unknown {what} `{name}` ({})", known.join(", "))
+                })
         })
         .collect()
-}
-
-/// Attention paths by name (comma-separated).
-fn parse_paths(names: &str) -> Result<Vec<AttentionPath>> {
-    let choices = [
-        ("exact", AttentionPath::Exact),
-        ("fast", AttentionPath::Fast),
-    ];
-    parse_names(names, "attention path", &choices)
-}
-
-/// Software prefetch policies by name (comma-separated).
-fn parse_prefetches(names: &str) -> Result<Vec<Prefetch>> {
-    let choices = [
-        ("compressed", Prefetch::Compressed),
-        ("all", Prefetch::All),
-        ("off", Prefetch::Off),
-    ];
-    parse_names(names, "prefetch", &choices)
 }
 
 /// A dispatch level by name.
@@ -361,9 +348,13 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
         .simd
         .as_deref()
         .map_or(Ok(Simd::widest()), parse_simd)?;
-    let paths = parse_paths(&args.paths)?;
+    let paths = parse_names(
+        &args.paths,
+        "attention path",
+        &[AttentionPath::Exact, AttentionPath::Fast],
+    )?;
     let prefetches = match &args.prefetches {
-        Some(names) => parse_prefetches(names)?,
+        Some(names) => parse_names(names, "prefetch", &Prefetch::ALL)?,
         None => vec![prefetch],
     };
     let policies = prefetches

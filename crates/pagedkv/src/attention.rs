@@ -179,6 +179,9 @@ pub enum Prefetch {
 }
 
 impl Prefetch {
+    /// Every policy.
+    pub const ALL: [Prefetch; 3] = [Prefetch::Compressed, Prefetch::All, Prefetch::Off];
+
     /// Whether pages of `codec` are prefetched in software.
     pub fn fetches(self, codec: crate::Codec) -> bool {
         match self {
