@@ -21,6 +21,8 @@
 //!
 //! Sums fit 32 bits: 128 channels × 255 × 128 < 2²² for either byte, and 2²²·257 < 2³¹.
 
+pub(super) mod avx2;
+
 use std::arch::x86_64::*;
 
 use super::block_kernel::{bits, pairs16, read_slices, Blocks, Pages, Running, SliceScores};
@@ -52,7 +54,7 @@ pub(super) fn available() -> bool {
 
 /// Whether the kernel reads keys of kind `kb` with values of kind `vb`: integer kinds.
 pub(super) fn supported(kb: usize, vb: usize) -> bool {
-    matches!(kb, INT8 | INT4 | INT2) && matches!(vb, INT8 | INT4 | INT2)
+    integer_pairs!(pair_listed!(kb, vb))
 }
 
 /// Bytes of one channel's codes in a slice of 16 tokens.
@@ -444,14 +446,11 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores for IntegerKey
 /// [`available`] must have answered true.
 pub(super) unsafe fn dispatch(kb: usize, vb: usize, blocks: &Blocks, run: &mut Running) -> bool {
     super::block_kernel::serves(blocks.head_dim, blocks.tokens)
-        && dispatch_pairs!(
+        && integer_pairs!(dispatch_pairs!(
             attend_run,
             (kb, vb, blocks.head_dim),
-            (blocks, run);
-            INT8 / INT8, INT8 / INT4, INT8 / INT2,
-            INT4 / INT8, INT4 / INT4, INT4 / INT2,
-            INT2 / INT8, INT2 / INT4, INT2 / INT2
-        )
+            (blocks, run)
+        ))
 }
 
 #[cfg(test)]

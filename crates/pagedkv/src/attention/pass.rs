@@ -33,6 +33,9 @@ pub(super) enum Kernel {
     /// The exact path's AVX2 kernel (slices of 8 tokens): AVX2 machines, and blocks of 8 on
     /// AVX-512 ones.
     Avx2,
+    /// The fast path's AVX2 kernel (the AVX2 kernel with integer key products): where the
+    /// exact path reads with [`Kernel::Avx2`].
+    FastAvx2,
 }
 
 /// The whole-block kernel a pass reads its full blocks with: page kinds, geometry and kernel.
@@ -54,7 +57,7 @@ impl WholeBlock {
             // the fast kernel reads values as the exact one does, into the same lanes
             Kernel::Fast | Kernel::Avx512 => block_kernel::enter(self.values, group, d, acc),
             // outputs in channel order throughout
-            Kernel::Avx2 => {}
+            Kernel::Avx2 | Kernel::FastAvx2 => {}
         }
     }
 
@@ -62,7 +65,7 @@ impl WholeBlock {
         let d = self.head_dim;
         match self.kernel {
             Kernel::Fast | Kernel::Avx512 => block_kernel::leave(self.values, group, d, zeros, acc),
-            Kernel::Avx2 => block_kernel::add_zero_sums(group, d, zeros, acc),
+            Kernel::Avx2 | Kernel::FastAvx2 => block_kernel::add_zero_sums(group, d, zeros, acc),
         }
     }
 
@@ -93,7 +96,12 @@ impl WholeBlock {
             match self.kernel {
                 Kernel::Fast => fast_kernel::dispatch(kb, vb, &blocks, run),
                 Kernel::Avx512 => block_kernel::dispatch(kb, vb, &blocks, run),
-                Kernel::Avx2 => block_kernel::avx2::dispatch(kb, vb, &blocks, run),
+                Kernel::Avx2 => {
+                    block_kernel::avx2::dispatch(kb, vb, &blocks, run, AttentionPath::Exact)
+                }
+                Kernel::FastAvx2 => {
+                    block_kernel::avx2::dispatch(kb, vb, &blocks, run, AttentionPath::Fast)
+                }
             }
         };
         assert!(done, "whole_block chose a pair its kernel reads");
@@ -134,6 +142,14 @@ pub(super) fn whole_block(
             Kernel::Fast
         }
         Simd::Avx512 if wide && block_kernel::available() => Kernel::Avx512,
+        Simd::Avx512 | Simd::Avx2
+            if narrow
+                && path == AttentionPath::Fast
+                && fast_kernel::supported(keys, values)
+                && block_kernel::avx2::available() =>
+        {
+            Kernel::FastAvx2
+        }
         Simd::Avx512 | Simd::Avx2 if narrow && block_kernel::avx2::available() => Kernel::Avx2,
         _ => return None,
     };

@@ -10,8 +10,10 @@ use std::arch::x86_64::*;
 
 use super::{bits, fp8, full, integer, Blocks, Pages, Running, MAX_HEADS};
 use super::{BF16, E4M3, E5M2, F16};
+use crate::attention::fast_kernel::avx2::IntegerKeys8;
 use crate::attention::pages::avx2::exp8;
 use crate::attention::softmax::{lazy_max, LAZY_MAX_SLACK};
+use crate::attention::AttentionPath;
 
 /// Tokens read at once, one per lane: a block is read in slices of this many.
 pub(in crate::attention) const SLICE: usize = 8;
@@ -100,7 +102,7 @@ const fn unit(kind: usize) -> f32 {
 /// AVX2 and F16C present; 32 bytes readable at `at`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn pairs8(at: *const u8) -> (__m256, __m256) {
+pub(in crate::attention) unsafe fn pairs8(at: *const u8) -> (__m256, __m256) {
     // SAFETY: 32 bytes readable at `at` (the caller's contract).
     let (a, b) = unsafe {
         (
@@ -216,94 +218,177 @@ fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) -> __m256
 
 /// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
 /// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
-/// block; the pages `blocks.fetch` names of the block `ahead` further prefetched while one is
-/// read.
+/// block, keys scored in f32 ([`FloatKeys`]); the pages `blocks.fetch` names of the block
+/// `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,
     run: &mut Running,
 ) {
-    let layout = Pages::new(KB, VB, blocks.tokens, D);
-    read_run!(blocks, run, |keys, values, H, q, part| {
-        attend_block::<KB, VB, H, D>(keys, values, &layout, q, part)
-    });
+    read_run!(FloatKeys::<KB, VB, D>, blocks, run);
 }
 
-/// Attends `H` query heads (`q`: `H × D`, already multiplied by the softmax scale) to one
-/// full block of `KB` keys (channel-major) and `VB` values (token-major), the outputs in
-/// channel order (the values' zero-point sums pending in `run.zeros`).
+/// [`attend_run`] with the fast path's key side ([`IntegerKeys8`]: integer dot products on
+/// the query rounded to 16 bits).
 #[target_feature(enable = "avx2,fma,f16c")]
-fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize>(
-    keys: &[u8],
-    values: &[u8],
+fn attend_run_fast<const KB: usize, const VB: usize, const D: usize>(
+    blocks: &Blocks,
+    run: &mut Running,
+) {
+    read_run!(IntegerKeys8::<KB, VB, D>, blocks, run);
+}
+
+/// The AVX2 kernel's key side for `H` query heads: made for their query rows once per run,
+/// entered for each block's key page, then the scores (query · key, bias included) of each
+/// slice of 8 tokens, token t in lane t.
+pub(in crate::attention) trait SliceScores8 {
+    /// Makes `keys` (a block's key page, laid out as `layout.key`, checked against it) the
+    /// page [`SliceScores8::scores`] reads: the work done once per block.
+    ///
+    /// # Safety
+    /// The features of the kernel implementing it present (AVX2, FMA and F16C among them).
+    unsafe fn enter(&mut self, keys: &[u8], layout: &Pages);
+
+    /// The scores of slice `slice`.
+    ///
+    /// # Safety
+    /// As for [`SliceScores8::enter`]; `slice` < the block's slices.
+    unsafe fn scores(&self, slice: usize) -> [__m256; MAX_HEADS];
+}
+
+/// The exact path's key side: the key scales folded into the query in f32, every code
+/// widened to f32 and multiplied by one FMA per head.
+struct FloatKeys<'a, const KB: usize, const H: usize, const D: usize> {
+    /// `H × D` query rows, already multiplied by the softmax scale.
+    q: &'a [f32],
+    folded: [[f32; D]; MAX_HEADS],
+    /// `q · z` per head: the key zero points' share of every score.
+    bias: [f32; MAX_HEADS],
+    codes: *const u8,
+    /// Bytes of one channel's column (the block's tokens).
+    column: usize,
+}
+
+impl<'a, const KB: usize, const H: usize, const D: usize> FloatKeys<'a, KB, H, D> {
+    fn new(q: &'a [f32]) -> Self {
+        assert!(q.len() >= H * D);
+        Self {
+            q,
+            folded: [[0.0; D]; MAX_HEADS],
+            bias: [0.0; MAX_HEADS],
+            codes: std::ptr::null(),
+            column: 0,
+        }
+    }
+}
+
+impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for FloatKeys<'_, KB, H, D> {
+    #[inline(always)]
+    unsafe fn enter(&mut self, keys: &[u8], layout: &Pages) {
+        assert!(keys.len() >= layout.key.page_bytes());
+        let (kp, q, folded) = (keys.as_ptr(), self.q, &mut self.folded);
+        // per-channel scales folded into the query, zero points into one constant per head
+        let mut bias = [_mm256_setzero_ps(); MAX_HEADS];
+        for c in (0..D).step_by(8) {
+            let (s, z) = if full(KB) {
+                (_mm256_set1_ps(1.0), _mm256_setzero_ps())
+            } else if fp8(KB) {
+                // SAFETY: the scales of channels c .. c + 8 lie at code_bytes + 2c .. + 16
+                // (the page's length asserted).
+                let s = unsafe {
+                    _mm256_cvtph_ps(_mm_loadu_si128(
+                        kp.add(layout.key.code_bytes + 2 * c).cast(),
+                    ))
+                };
+                (
+                    _mm256_mul_ps(s, _mm256_set1_ps(unit(KB))),
+                    _mm256_setzero_ps(),
+                )
+            } else {
+                // SAFETY: the pairs of channels c .. c + 8 lie at code_bytes + 4c .. + 32.
+                unsafe { pairs8(kp.add(layout.key.code_bytes + 4 * c)) }
+            };
+            for h in 0..H {
+                // SAFETY: h·D + c + 8 ≤ H·D ≤ q.len() (asserted); c + 8 ≤ D, the row's length.
+                unsafe {
+                    let x = _mm256_loadu_ps(q.as_ptr().add(h * D + c));
+                    _mm256_storeu_ps(folded[h].as_mut_ptr().add(c), _mm256_mul_ps(x, s));
+                    bias[h] = _mm256_fmadd_ps(x, z, bias[h]);
+                }
+            }
+        }
+        self.bias = std::array::from_fn(|h| {
+            let mut lanes = [0f32; 8];
+            // SAFETY: 8 floats written to a local array.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), bias[h]) };
+            lanes.iter().sum()
+        });
+        self.codes = kp;
+        self.column = layout.tokens * bits(KB) / 8;
+    }
+
+    // (a chain's and a head's indices serve the folded query and the sums alike)
+    #[allow(clippy::needless_range_loop)]
+    #[inline(always)]
+    unsafe fn scores(&self, slice: usize) -> [__m256; MAX_HEADS] {
+        let chains = const { chains(H) };
+        // SAFETY: the slice's codes start inside each column (slice < the block's slices).
+        let kp = unsafe { self.codes.add(slice * SLICE * bits(KB) / 8) };
+        let mut dots = [[_mm256_setzero_ps(); 4]; MAX_HEADS];
+        for c in (0..D).step_by(chains) {
+            for i in 0..chains {
+                // SAFETY: channel c + i < D; its slice of 8 codes lies inside its column.
+                let codes = unsafe { codes8::<KB>(kp.add((c + i) * self.column)) };
+                for h in 0..H {
+                    let qc = _mm256_set1_ps(self.folded[h][c + i]);
+                    dots[h][i] = _mm256_fmadd_ps(qc, codes, dots[h][i]);
+                }
+            }
+        }
+        std::array::from_fn(|h| {
+            dots[h][..chains]
+                .iter()
+                .fold(_mm256_set1_ps(self.bias[h]), |a, x| _mm256_add_ps(a, *x))
+        })
+    }
+}
+
+/// Attends `H` query heads (`q`, those `key_side` was made for) to one full block of keys
+/// (channel-major, scored by `key_side`) and `VB` values (token-major), the outputs in
+/// channel order (the values' zero-point sums pending in `run.zeros`).
+///
+/// # Safety
+/// The features of `K`'s kernel present (AVX2, FMA and F16C among them).
+#[inline(always)]
+pub(in crate::attention) unsafe fn attend_block<
+    K: SliceScores8,
+    const VB: usize,
+    const H: usize,
+    const D: usize,
+>(
+    key_side: &mut K,
+    (keys, values): (&[u8], &[u8]),
     layout: &Pages,
     q: &[f32],
     run: &mut Running,
 ) {
     layout.check((H, D, SLICE), (keys, values), q, run);
-    let Pages { key, value, tokens } = *layout;
-    let (kp, vp) = (keys.as_ptr(), values.as_ptr());
+    let Pages { value, tokens, .. } = *layout;
+    let vp = values.as_ptr();
+    // SAFETY: the kernel's features (the caller's contract); the page checked.
+    unsafe { key_side.enter(keys, layout) };
 
-    // keys: per-channel scales folded into the query, zero points into one constant per head
-    let mut folded = [[0f32; D]; MAX_HEADS];
-    let mut bias = [_mm256_setzero_ps(); MAX_HEADS];
-    for c in (0..D).step_by(8) {
-        let (s, z) = if full(KB) {
-            (_mm256_set1_ps(1.0), _mm256_setzero_ps())
-        } else if fp8(KB) {
-            // SAFETY: the scales of channels c .. c + 8 lie at code_bytes + 2c .. + 16.
-            let s =
-                unsafe { _mm256_cvtph_ps(_mm_loadu_si128(kp.add(key.code_bytes + 2 * c).cast())) };
-            (
-                _mm256_mul_ps(s, _mm256_set1_ps(unit(KB))),
-                _mm256_setzero_ps(),
-            )
-        } else {
-            // SAFETY: the pairs of channels c .. c + 8 lie at code_bytes + 4c .. + 32.
-            unsafe { pairs8(kp.add(key.code_bytes + 4 * c)) }
-        };
-        for h in 0..H {
-            // SAFETY: h·D + c + 8 ≤ H·D ≤ q.len() (asserted); c + 8 ≤ D, the row's length.
-            unsafe {
-                let x = _mm256_loadu_ps(q.as_ptr().add(h * D + c));
-                _mm256_storeu_ps(folded[h].as_mut_ptr().add(c), _mm256_mul_ps(x, s));
-                bias[h] = _mm256_fmadd_ps(x, z, bias[h]);
-            }
-        }
-    }
-    let bias: [f32; MAX_HEADS] = std::array::from_fn(|h| {
-        let mut lanes = [0f32; 8];
-        // SAFETY: 8 floats written to a local array.
-        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), bias[h]) };
-        lanes.iter().sum()
-    });
-
-    // a channel's column holds the block's tokens; a value row one token's channels
-    let column = tokens * bits(KB) / 8;
+    // a value row holds one token's channels
     let row = D * bits(VB) / 8;
     let token_param_bytes = value.token_param_bytes(D);
-    let chains = const { chains(H) };
     for slice in 0..tokens / SLICE {
         let first = slice * SLICE;
-        // SAFETY: the slice's codes start inside each column (first < tokens).
-        let kp = unsafe { kp.add(first * bits(KB) / 8) };
-        let mut dots = [[_mm256_setzero_ps(); 4]; MAX_HEADS];
-        for c in (0..D).step_by(chains) {
-            for i in 0..chains {
-                // SAFETY: channel c + i < D; its slice of 8 codes lies inside its column.
-                let codes = unsafe { codes8::<KB>(kp.add((c + i) * column)) };
-                for h in 0..H {
-                    let qc = _mm256_set1_ps(folded[h][c + i]);
-                    dots[h][i] = _mm256_fmadd_ps(qc, codes, dots[h][i]);
-                }
-            }
-        }
+        // SAFETY: as above; slice < the block's slices.
+        let sums = unsafe { key_side.scores(slice) };
         let mut weights = [_mm256_setzero_ps(); MAX_HEADS];
         for h in 0..H {
-            let sum = dots[h][..chains]
-                .iter()
-                .fold(_mm256_set1_ps(bias[h]), |a, x| _mm256_add_ps(a, *x));
-            weights[h] = softmax_step(run, h, D, sum);
+            // SAFETY: the kernel's features (the caller's contract).
+            weights[h] = unsafe { softmax_step(run, h, D, sums[h]) };
         }
 
         // values: (p·s) per token and group as broadcast operands, Σ p·z per token lane
@@ -386,9 +471,10 @@ fn attend_block<const KB: usize, const VB: usize, const H: usize, const D: usize
     }
 }
 
-/// [`attend_block`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`;
-/// false (and nothing done) for a pair that
-/// is not [`super::supported`] or a geometry not [`serves`]d.
+/// [`attend_block`] over a run of `blocks` with keys of kind `kb` and values of kind `vb`,
+/// its keys scored as `path` asks; false (and nothing done) for a pair the path's key side
+/// does not read (the exact one: [`super::supported`]; the fast one: integer pairs) or a
+/// geometry not [`serves`]d.
 ///
 /// # Safety
 /// [`available`] must have answered true.
@@ -397,14 +483,19 @@ pub(in crate::attention) unsafe fn dispatch(
     vb: usize,
     blocks: &Blocks,
     run: &mut Running,
+    path: AttentionPath,
 ) -> bool {
     use super::{INT2, INT4, INT8};
-    serves(blocks.head_dim, blocks.tokens)
-        && exact_pairs!(dispatch_pairs!(
-            attend_run,
-            (kb, vb, blocks.head_dim),
-            (blocks, run)
-        ))
+    let d = blocks.head_dim;
+    serves(d, blocks.tokens)
+        && match path {
+            AttentionPath::Exact => {
+                exact_pairs!(dispatch_pairs!(attend_run, (kb, vb, d), (blocks, run)))
+            }
+            AttentionPath::Fast => {
+                integer_pairs!(dispatch_pairs!(attend_run_fast, (kb, vb, d), (blocks, run)))
+            }
+        }
 }
 
 #[cfg(test)]
