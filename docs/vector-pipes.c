@@ -1,4 +1,4 @@
-// Throughput of the AVX-512 instructions the attention kernels are made of, on this core:
+// Throughput of the AVX-512 (and AVX2) instructions the attention kernels are made of, on this core:
 // how many of each it retires per nanosecond when nothing depends on anything (twelve
 // independent registers), alone and in pairs, and the two kernels' key loops as they are
 // compiled (one iteration: the fast kernel's two groups of four channels for four heads, the
@@ -36,7 +36,22 @@ static double now(void) {
 #define FMA_SRLV(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n vpsrlvd %%zmm28, %%zmm29, %%zmm1" #i "\n"
 #define FMA_CVT(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n vcvtdq2ps %%zmm29, %%zmm1" #i "\n"
 #define FMA_PERMPS(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n vpermps %%zmm28, %%zmm29, %%zmm1" #i "\n"
+#define FMA_DPBUSD(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n vpdpbusd %%zmm28, %%zmm29, %%zmm1" #i "\n"
+#define FMA_DPWSSD(i) "vfmadd231ps %%zmm30, %%zmm31, %%zmm" #i "\n vpdpwssd %%zmm28, %%zmm29, %%zmm1" #i "\n"
 #define FOUR(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7)
+// AVX2's registers (what the forced-AVX2 kernels issue): FMAs, 16-bit integer products
+// (vpmaddwd), adds, and pairs
+#define FMA_Y(i) "vfmadd231ps %%ymm14, %%ymm15, %%ymm" #i "\n"
+#define MADD_Y(i) "vpmaddwd %%ymm14, %%ymm15, %%ymm" #i "\n"
+#define FMA_MADD_Y(i) "vfmadd231ps %%ymm14, %%ymm15, %%ymm" #i "\n vpmaddwd %%ymm12, %%ymm13, %%ymm" #i "\n"
+#define MADD_ADD_Y(i) "vpmaddwd %%ymm14, %%ymm15, %%ymm" #i "\n vpaddd %%ymm12, %%ymm13, %%ymm8\n"
+#define EIGHT(op) op(0) op(1) op(2) op(3) op(4) op(5) op(6) op(7)
+#define PAIRED(name, body)                                                                 \
+    do {                                                                                   \
+        double t0 = now();                                                                 \
+        for (long n = 0; n < N; n++) __asm__ volatile(body::: "memory");                   \
+        printf("%-28s %5.2f instructions per ns\n", name, N * 16 / (now() - t0) / 1e9);    \
+    } while (0)
 
 int main(void) {
     static char buf[4096] __attribute__((aligned(64)));
@@ -61,6 +76,20 @@ int main(void) {
         }
         printf("%-28s %5.2f instructions per ns\n", pairs[p].name, N * 16 / (now() - t0) / 1e9);
     }
+    // integer products and FMAs compete for the same pipes on a Zen 4 (one 512-bit of
+    // either per cycle, together as alone)
+    PAIRED("vfmadd231ps + vpdpbusd", FOUR(FMA_DPBUSD));
+    PAIRED("vfmadd231ps + vpdpwssd", FOUR(FMA_DPWSSD));
+    {
+        double t0 = now();
+        for (long n = 0; n < N; n++) __asm__ volatile(EIGHT(FMA_Y) EIGHT(FMA_Y)::: "memory");
+        printf("%-28s %5.2f per ns\n", "ymm vfmadd231ps", N * 16 / (now() - t0) / 1e9);
+        t0 = now();
+        for (long n = 0; n < N; n++) __asm__ volatile(EIGHT(MADD_Y) EIGHT(MADD_Y)::: "memory");
+        printf("%-28s %5.2f per ns\n", "ymm vpmaddwd", N * 16 / (now() - t0) / 1e9);
+    }
+    PAIRED("ymm vfmadd231ps + vpmaddwd", EIGHT(FMA_MADD_Y));
+    PAIRED("ymm vpmaddwd + vpaddd", EIGHT(MADD_ADD_Y));
 
     static int q[256];
     double t0 = now();

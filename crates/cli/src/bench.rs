@@ -78,10 +78,6 @@ pub struct AttentionBench {
     /// Rounds over all codecs (the median of every round's steps is reported).
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-    /// The attention kernels' dispatch level: avx512, avx2 or portable (default: the widest
-    /// this CPU has).
-    #[arg(long)]
-    simd: Option<String>,
     /// Attention paths measured (comma-separated: exact, fast); the fast path only for codecs
     /// it has a kernel for at this level. The global --attention does not apply here.
     #[arg(long, default_value = "exact,fast")]
@@ -116,15 +112,6 @@ fn parse_names<T: Copy + std::fmt::Display>(
                 })
         })
         .collect()
-}
-
-/// A dispatch level by name.
-fn parse_simd(name: &str) -> Result<Simd> {
-    let level = Simd::ALL
-        .into_iter()
-        .find(|l| l.to_string() == name)
-        .with_context(|| format!("unknown --simd `{name}` (avx512, avx2, portable)"))?;
-    Ok(level.check()?)
 }
 
 #[derive(Debug, Args)]
@@ -184,7 +171,9 @@ pub fn run(common: &CommonArgs, command: BenchCommand) -> Result<()> {
             )
         }
         BenchCommand::Codecs(args) => codecs(args),
-        BenchCommand::Attention(args) => attention(args, common.block_size, common.prefetch()),
+        BenchCommand::Attention(args) => {
+            attention(args, common.block_size, common.prefetch(), common.simd()?)
+        }
         BenchCommand::Blocks(args) => blocks(args),
         BenchCommand::Prefix(args) => crate::bench_prefix::run(common, args),
     }
@@ -324,7 +313,12 @@ fn parse_heads(text: &str) -> Result<(usize, usize)> {
     }
 }
 
-fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Result<()> {
+fn attention(
+    args: AttentionBench,
+    block_size: usize,
+    prefetch: Prefetch,
+    simd: Simd,
+) -> Result<()> {
     use pagedkv::attention::{attend_split_at, fast_kernel_reads, Context, Dispatch};
     use pagedkv::codec::synthetic::gaussian;
     use pagedkv::{BlockId, KvLayout, KvStorage, LayoutSpec};
@@ -344,10 +338,6 @@ fn attention(args: AttentionBench, block_size: usize, prefetch: Prefetch) -> Res
     );
     let codecs = parse_codecs(&args.codecs)?;
     let threads = rayon::current_num_threads();
-    let simd = args
-        .simd
-        .as_deref()
-        .map_or(Ok(Simd::widest()), parse_simd)?;
     let paths = parse_names(
         &args.paths,
         "attention path",

@@ -200,15 +200,18 @@ pub fn run(common: &CommonArgs, args: GenerateBench) -> Result<()> {
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let llama = LlamaCpp::installed()?;
+    let simd = common.simd()?;
     let sequences = match args.concurrent {
         1 => "1 sequence".to_string(),
         n => format!("1 and {n} sequences"),
     };
     println!(
-        "bench generate: a prompt of {context} tokens, then {} tokens; {sequences}; weights {:?}, threads {}, prefetch {}, median of {} interleaved rounds",
+        "bench generate: a prompt of {context} tokens, then {} tokens; {sequences}; weights {:?}, threads {}, {} kernels, attention {}, prefetch {}, median of {} interleaved rounds",
         args.tokens,
         model.weight_mode(),
         common.threads_label(),
+        simd,
+        common.attention_path(),
         common.prefetch(),
         args.rounds
     );
@@ -300,6 +303,7 @@ pub fn run(common: &CommonArgs, args: GenerateBench) -> Result<()> {
                 "tokens": args.tokens, "prefill_tokens_per_s": prefill,
                 "decode_tokens_per_s": decode, "kv_gb_per_s": gbs,
                 "decode_vs_llama_cpp_f16": vs_llama, "prefetch": common.prefetch().to_string(),
+                "simd": simd.to_string(), "attention": common.attention_path().to_string(),
             }));
         }
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
-use pagedkv::attention::{AttentionPath, Prefetch};
+use pagedkv::attention::{AttentionPath, Prefetch, Simd};
 use pagedkv::tier::RemoteStats;
 use pagedkv::{Codec, KvCacheManager, KvLayout};
 use pagedkv_engine::fetch::ensure_model;
@@ -35,9 +35,9 @@ pub enum Weights {
 pub enum Attention {
     /// f32 on the codes: within 1e-4 of the f64 reference (the oracle).
     Exact,
-    /// Integer dot products on a 16-bit query for the keys of int8/int4/int2 pages where the
-    /// CPU has AVX-512 VNNI and VBMI and the layout has head_dim 64 or 128 and blocks of whole
-    /// 16-token slices (values, and other pages, as exact): within 2e-3 of the output's scale.
+    /// Integer dot products on a 16-bit query for the keys of int8/int4/int2 pages at head_dim
+    /// 64 or 128 and blocks of whole 8-token slices (AVX-512 VNNI and VBMI, or AVX2; values,
+    /// and other pages, as exact): within 2e-3 of the output's scale.
     Fast,
 }
 
@@ -86,6 +86,10 @@ pub struct CommonArgs {
     /// Which pages attention prefetches in software ahead of reading them.
     #[arg(long, global = true, value_enum, default_value = "compressed")]
     pub prefetch: PrefetchPages,
+    /// The attention kernels' dispatch level: avx512, avx2 or portable (default: the widest
+    /// this CPU has).
+    #[arg(long, global = true)]
+    pub simd: Option<String>,
     /// A KV profile made by `pagedkv calibrate` for this model: codecs per layer and role, sink
     /// tokens, key means and key split, instead of --codec, --key-codec, --value-codec and
     /// --sink-tokens.
@@ -173,6 +177,8 @@ impl CommonArgs {
 
     /// Loads the model with `default` weights unless `--weights` is given.
     pub fn load_model_or(&self, default: WeightMode) -> Result<(Model, GgufTokenizer)> {
+        // a bad --simd named before the model is fetched or read
+        let simd = self.simd()?;
         let path = ensure_model(self.model.as_deref())?;
         let mode = match self.weights {
             Some(Weights::Exact) => WeightMode::Exact,
@@ -185,7 +191,21 @@ impl CommonArgs {
             Model::load(&path, mode).with_context(|| format!("loading {}", path.display()))?;
         model.set_attention_path(self.attention_path());
         model.set_prefetch(self.prefetch());
+        model.set_simd(simd)?;
         Ok((model, tokenizer))
+    }
+
+    /// The dispatch level `--simd` names (the widest this CPU has without it); an error for
+    /// a name that is none, or a level this CPU lacks.
+    pub fn simd(&self) -> Result<Simd> {
+        let Some(name) = self.simd.as_deref() else {
+            return Ok(Simd::widest());
+        };
+        let level = Simd::ALL
+            .into_iter()
+            .find(|l| l.to_string() == name)
+            .with_context(|| format!("unknown --simd `{name}` (avx512, avx2, portable)"))?;
+        Ok(level.check()?)
     }
 
     /// The attention path `--attention` names.

@@ -16,7 +16,7 @@ use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
-use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Prefetch, Scratch};
+use pagedkv::attention::{self, AttentionPath, Context, Dispatch, Prefetch, Scratch, Simd};
 use pagedkv::{KvCacheManager, SeqId};
 use rayon::prelude::*;
 
@@ -100,6 +100,8 @@ pub struct Model {
     attention: AttentionPath,
     /// The pages attention prefetches in software.
     prefetch: Prefetch,
+    /// The instruction sets attention may use (the widest this CPU has by default).
+    simd: Simd,
     device: Device,
     stop_tokens: Vec<u32>,
     fingerprint: ModelFingerprint,
@@ -270,6 +272,7 @@ impl Model {
                 mode,
                 attention: AttentionPath::Exact,
                 prefetch: Prefetch::default(),
+                simd: Simd::widest(),
                 device,
                 stop_tokens: tokenizer.stop_tokens(),
                 fingerprint,
@@ -311,6 +314,13 @@ impl Model {
     /// Prefetches the pages `prefetch` names from now on (see [`Prefetch`]).
     pub fn set_prefetch(&mut self, prefetch: Prefetch) {
         self.prefetch = prefetch;
+    }
+
+    /// Runs attention at dispatch level `simd` from now on (an AVX-512 machine can run the
+    /// kernels an AVX2 one runs); an error, and nothing changed, if this CPU lacks it.
+    pub fn set_simd(&mut self, simd: Simd) -> Result<()> {
+        self.simd = simd.check()?;
+        Ok(())
     }
 
     /// Applies several linear layers to the same input; where all have our kernels, the input is
@@ -478,8 +488,9 @@ impl Model {
                         len: pos + 1,
                     };
                     let dispatch = Dispatch {
+                        simd: self.simd,
+                        path: self.attention,
                         prefetch: self.prefetch,
-                        ..Dispatch::widest(self.attention)
                     };
                     attention::attend_split_at(dispatch, storage, layer_idx, ctx, qr, scale, out)?;
                 }
@@ -498,6 +509,7 @@ impl Model {
                             let scratch = &mut *cell.borrow_mut();
                             scratch.set_path(self.attention);
                             scratch.set_prefetch(self.prefetch);
+                            scratch.set_simd(self.simd)?;
                             attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
                         })
                     })?;

@@ -153,10 +153,10 @@ pub enum AttentionPath {
     #[default]
     Exact,
     /// Integer dot products for the keys where a kernel for the pages exists (int8, int4 and
-    /// int2 keys and values at head_dim 64 or 128, blocks of whole 16-token slices, on
-    /// AVX-512 VNNI and VBMI): the query, with the key scales folded in, rounded to 16-bit
-    /// integers per block and head; values as on the exact path. Within 2e-3 of the output's
-    /// scale; every other page is read as on the exact path.
+    /// int2 keys and values at head_dim 64 or 128: blocks of whole 16-token slices on AVX-512
+    /// VNNI and VBMI, of whole 8-token slices on AVX2): the query, with the key scales folded
+    /// in, rounded to 16-bit integers per block and head; values as on the exact path. Within
+    /// 2e-3 of the output's scale; every other page is read as on the exact path.
     Fast,
 }
 
@@ -341,6 +341,13 @@ impl Scratch {
     /// Passes with these buffers prefetch the pages `prefetch` names from now on.
     pub fn set_prefetch(&mut self, prefetch: Prefetch) {
         self.prefetch = prefetch;
+    }
+
+    /// Runs its passes at `simd` from now on; an error, and nothing changed, if this CPU
+    /// lacks it.
+    pub fn set_simd(&mut self, simd: Simd) -> Result<()> {
+        self.simd = Some(simd.check()?);
+        Ok(())
     }
 }
 
