@@ -179,26 +179,36 @@ unsafe fn token_params<const D: usize>(at: *const u8) -> [[__m256; 4]; 2] {
 /// The online-softmax step of head `h` (`d` outputs) over a slice's 8 `scores`: the weights
 /// `exp(s − reference)`, added into the head's running sums (its first 8 lanes); when the
 /// reference point moves, everything summed so far is rescaled to it.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) -> __m256 {
+///
+/// # Safety
+/// AVX2 and FMA present. (Inlined into the kernel rather than called once per head and
+/// slice: the call spilled the kernel's registers.)
+#[inline(always)]
+unsafe fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) -> __m256 {
+    // SAFETY (the intrinsics): AVX2 and FMA present (the caller's contract).
+    let over = unsafe {
+        _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(
+            scores,
+            _mm256_set1_ps(run.max[h] + LAZY_MAX_SLACK),
+        ))
+    };
     let max_in = run.max[h];
-    let over = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(
-        scores,
-        _mm256_set1_ps(max_in + LAZY_MAX_SLACK),
-    ));
     let max = if over != 0 || max_in == f32::NEG_INFINITY {
-        let m = _mm_max_ps(
-            _mm256_castps256_ps128(scores),
-            _mm256_extractf128_ps::<1>(scores),
-        );
-        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-        let m = _mm_max_ss(m, _mm_movehdup_ps(m));
-        lazy_max(max_in, _mm_cvtss_f32(m))
+        // SAFETY: as above.
+        let m = unsafe {
+            let m = _mm_max_ps(
+                _mm256_castps256_ps128(scores),
+                _mm256_extractf128_ps::<1>(scores),
+            );
+            let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+            _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+        };
+        lazy_max(max_in, m)
     } else {
         max_in
     };
-    let e = exp8(_mm256_sub_ps(scores, _mm256_set1_ps(max)));
+    // SAFETY: as above.
+    let e = unsafe { exp8(_mm256_sub_ps(scores, _mm256_set1_ps(max))) };
     if max != max_in {
         // the reference point moved: everything summed so far rescaled to it
         let correction = (max_in - max).exp();
@@ -208,7 +218,7 @@ fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) -> __m256
         run.lanes[h].iter_mut().for_each(rescale);
         run.max[h] = max;
     }
-    // SAFETY: `lanes[h]` holds 16 floats; the first 8 are read and written.
+    // SAFETY: as above; `lanes[h]` holds 16 floats, the first 8 read and written.
     unsafe {
         let at = run.lanes[h].as_mut_ptr();
         _mm256_storeu_ps(at, _mm256_add_ps(_mm256_loadu_ps(at), e));
