@@ -1,9 +1,9 @@
 // Throughput of the AVX-512 (and AVX2) instructions the attention kernels are made of, on this core:
-// how many of each it retires per nanosecond when nothing depends on anything (twelve
+// how many of each it retires per nanosecond when nothing depends on anything (eight or twelve
 // independent registers), alone and in pairs, and the two kernels' key loops as they are
 // compiled (one iteration: the fast kernel's two groups of four channels for four heads, the
 // exact kernel's four channels for four heads). Used by docs/performance.md ("Why int4 does
-// not reach 0.4× f16"). Needs an AVX-512 VNNI/VBMI CPU:
+// not reach 0.4× f16", "The fast path on AVX2"). Needs an AVX-512 VNNI/VBMI CPU:
 //
 //   cc -O2 -o /tmp/vector-pipes docs/vector-pipes.c && /tmp/vector-pipes
 #include <stdio.h>
@@ -83,10 +83,10 @@ int main(void) {
     {
         double t0 = now();
         for (long n = 0; n < N; n++) __asm__ volatile(EIGHT(FMA_Y) EIGHT(FMA_Y)::: "memory");
-        printf("%-28s %5.2f per ns\n", "ymm vfmadd231ps", N * 16 / (now() - t0) / 1e9);
+        printf("%-28s %5.2f instructions per ns\n", "ymm vfmadd231ps", N * 16 / (now() - t0) / 1e9);
         t0 = now();
         for (long n = 0; n < N; n++) __asm__ volatile(EIGHT(MADD_Y) EIGHT(MADD_Y)::: "memory");
-        printf("%-28s %5.2f per ns\n", "ymm vpmaddwd", N * 16 / (now() - t0) / 1e9);
+        printf("%-28s %5.2f instructions per ns\n", "ymm vpmaddwd", N * 16 / (now() - t0) / 1e9);
     }
     PAIRED("ymm vfmadd231ps + vpmaddwd", EIGHT(FMA_MADD_Y));
     PAIRED("ymm vpmaddwd + vpaddd", EIGHT(MADD_ADD_Y));

@@ -65,6 +65,8 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> Result<()> {
     let pool = cli.common.thread_pool()?;
     let common = &cli.common;
+    // a bad --simd is an error for every command, before any work
+    common.simd()?;
     match cli.command {
         Command::Demo(args) => pool.install(|| demo::run(common, args)),
         Command::Generate(args) => pool.install(|| generate::run(common, args)),

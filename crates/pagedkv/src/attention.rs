@@ -80,43 +80,9 @@ macro_rules! dispatch_pairs {
     };
 }
 
-/// The AVX2 whole-block kernel's loop over a run of `$blocks` (a `&Blocks`) with `KB` keys
-/// scored by `$keys::<KB, H, D>` (a `SliceScores8`) and `VB` values, expanded inside the
-/// kernel's own function (a closure handed to a helper without the kernel's target features
-/// is called, not inlined, once per block): the query heads four at a time, their key side
-/// made once per group and run, then each block, the pages `blocks.fetch` names prefetched
-/// first (by every group: a run is capped in blocks, not bytes).
-#[allow(unused_macros)] // used by the x86-64 kernels only
-macro_rules! read_run {
-    ($keys:ident::<$kb:ident, $vb:ident, $d:ident>, $blocks:expr, $run:expr) => {{
-        let blocks: &$crate::attention::block_kernel::Blocks = $blocks;
-        let layout = $crate::attention::block_kernel::Pages::new($kb, $vb, blocks.tokens, $d);
-        for first in (0..blocks.heads).step_by($crate::attention::block_kernel::MAX_HEADS) {
-            let n = (blocks.heads - first).min($crate::attention::block_kernel::MAX_HEADS);
-            let q = &blocks.q[first * $d..(first + n) * $d];
-            let part = &mut $run.heads(first, n, $d);
-            with_heads!(n, H, {
-                let mut key_side = $keys::<$kb, H, $d>::new(q);
-                for (i, &pages) in blocks.pages.iter().enumerate() {
-                    $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.fetch);
-                    // SAFETY: the features of the function this expands in are the kernel's.
-                    unsafe {
-                        $crate::attention::block_kernel::avx2::attend_block::<_, $vb, H, $d>(
-                            &mut key_side,
-                            pages,
-                            &layout,
-                            q,
-                            part,
-                        )
-                    }
-                }
-            });
-        }
-    }};
-}
-
-/// The integer (key kind, value kind) pairs, every one of them, listed once: the fast
-/// kernels read these. Hands the list to `$callback!` after its own arguments.
+/// The integer (key kind, value kind) pairs, which the fast kernels read (the exact path's
+/// list, `exact_pairs!`, holds them too). Hands the list to `$callback!` after its own
+/// arguments.
 #[allow(unused_macros)] // used by the x86-64 kernels only
 macro_rules! integer_pairs {
     ($callback:ident!($($args:tt)*)) => {

@@ -1,8 +1,9 @@
-//! The fast path's whole-block kernel (issue 22's contract, see [`super::AttentionPath`]): one
-//! full block of integer pages (int8, int4 or int2 keys and values, any pair) at the
-//! geometries of [`super::block_kernel`] (head_dim 64 or 128, blocks of whole 16-token
-//! slices, query heads in groups of four), its keys read with integer dot products, its
-//! values as the exact kernel reads them.
+//! The fast path's AVX-512 whole-block kernel (issue 22's contract, see
+//! [`super::AttentionPath`]): one full block of integer pages (int8, int4 or int2 keys and
+//! values, any pair) at the geometries of [`super::block_kernel`] (head_dim 64 or 128, blocks
+//! of whole 16-token slices, query heads in groups of four), its keys read with integer dot
+//! products, its values as the exact kernel reads them. Its AVX2 twin is a key side of the
+//! AVX2 kernel ([`avx2`]).
 //!
 //! - The key scales fold into the query (`q·(s⊙x + z) = (q⊙s)·x + q·z`, as on the exact
 //!   path); the folded query is rounded to 16-bit integers, one scale per head and block
@@ -69,7 +70,7 @@ const fn window(kind: usize, column: usize) -> usize {
 }
 
 /// The factor a key code of token `t` carries in its lane (its place in its byte).
-const fn key_place(kind: usize, t: usize) -> u32 {
+pub(super) const fn key_place(kind: usize, t: usize) -> u32 {
     match kind {
         INT4 => 1 << (4 * (t % 2)),
         INT2 => 1 << (2 * (t % 4)),

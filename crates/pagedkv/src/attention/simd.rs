@@ -12,7 +12,7 @@ use crate::error::{KvError, Result};
 pub enum Simd {
     /// The baseline target: no SIMD beyond what the build enables (x86-64: SSE2).
     Portable,
-    /// AVX2 with FMA and F16C: the page readers' loops as the compiler vectorizes them.
+    /// AVX2 with FMA and F16C: the hand-written 256-bit page loops and whole-block kernel.
     Avx2,
     /// AVX-512 (F, with AVX2, FMA and F16C): the hand-written page and whole-block loops.
     Avx512,

@@ -619,10 +619,11 @@ fn every_geometry_and_block_size_matches_the_reference() {
 }
 
 /// The fast path against the f64 reference on the codec's reconstruction, within its contract
-/// (2e-3 of the output's scale): every integer key/value pair at the fast kernel's geometries
-/// (head_dim 64 and 128, blocks of 16, 32 and 64), groups of 1 to 8, keys with outlier channels (a few channels 30× the rest: the
-/// case where an 8-bit query fails), contexts of whole blocks and not, decode and split-K;
-/// other codecs (read on the exact path) too. Prints whether the fast kernel ran.
+/// (2e-3 of the output's scale): every integer key/value pair at the fast kernels' geometries
+/// (head_dim 64 and 128, blocks of 8, 16, 32 and 64), groups of 1 to 8, keys with outlier
+/// channels (a few channels 30× the rest: the case where an 8-bit query fails), contexts of
+/// whole blocks and not, decode and split-K; other codecs (read on the exact path) too.
+/// Asserts which fast kernel reads each geometry at each level and prints whether each ran.
 #[test]
 fn fast_path_meets_its_contract_at_every_level() {
     #[cfg(target_arch = "x86_64")]

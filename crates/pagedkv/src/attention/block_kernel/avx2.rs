@@ -15,6 +15,33 @@ use crate::attention::pages::avx2::exp8;
 use crate::attention::softmax::{lazy_max, LAZY_MAX_SLACK};
 use crate::attention::AttentionPath;
 
+/// The AVX2 whole-block kernel's loop over a run of `$blocks` (a `&Blocks`) with `KB` keys
+/// scored by `$keys::<KB, H, D>` (a [`SliceScores8`] made by its `unsafe fn new`) and `VB` values, expanded inside the
+/// kernel's own function (a closure handed to a helper without the kernel's target features
+/// is called, not inlined, once per block): the query heads four at a time, their key side
+/// made once per group and run, then each block, the pages `blocks.fetch` names prefetched
+/// first (by every group: a run is capped in blocks, not bytes).
+macro_rules! read_run {
+    ($keys:ident, $kb:ident, $vb:ident, $d:ident, $blocks:expr, $run:expr) => {{
+        let blocks: &$crate::attention::block_kernel::Blocks = $blocks;
+        let layout = $crate::attention::block_kernel::Pages::new($kb, $vb, blocks.tokens, $d);
+        for first in (0..blocks.heads).step_by($crate::attention::block_kernel::MAX_HEADS) {
+            let n = (blocks.heads - first).min($crate::attention::block_kernel::MAX_HEADS);
+            let q = &blocks.q[first * $d..(first + n) * $d];
+            let part = &mut $run.heads(first, n, $d);
+            with_heads!(n, H, {
+                // SAFETY: the features of the function this expands in are the kernel's.
+                let mut key_side = unsafe { $keys::<$kb, H, $d>::new(q) };
+                for (i, &pages) in blocks.pages.iter().enumerate() {
+                    $crate::attention::pages::prefetch_run(blocks.pages, i, blocks.fetch);
+                    // SAFETY: the features of the function this expands in are the kernel's.
+                    unsafe { attend_block::<_, $vb, H, $d>(&mut key_side, pages, &layout, q, part) }
+                }
+            });
+        }
+    }};
+}
+
 /// Tokens read at once, one per lane: a block is read in slices of this many.
 pub(in crate::attention) const SLICE: usize = 8;
 
@@ -227,15 +254,15 @@ unsafe fn softmax_step(run: &mut Running, h: usize, d: usize, scores: __m256) ->
 }
 
 /// [`attend_block`] over a run of full blocks (key and value pages each) for `heads` query
-/// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time block by
-/// block, keys scored in f32 ([`FloatKeys`]); the pages `blocks.fetch` names of the block
-/// `ahead` further prefetched while one is read.
+/// heads (`q`: `heads × D`, already multiplied by the softmax scale), four at a time, each
+/// group through the whole run, keys scored in f32 ([`ExactKeys8`]); the pages
+/// `blocks.fetch` names of the block `ahead` further prefetched while one is read.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn attend_run<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,
     run: &mut Running,
 ) {
-    read_run!(FloatKeys::<KB, VB, D>, blocks, run);
+    read_run!(ExactKeys8, KB, VB, D, blocks, run);
 }
 
 /// [`attend_run`] with the fast path's key side ([`IntegerKeys8`]: integer dot products on
@@ -245,7 +272,7 @@ fn attend_run_fast<const KB: usize, const VB: usize, const D: usize>(
     blocks: &Blocks,
     run: &mut Running,
 ) {
-    read_run!(IntegerKeys8::<KB, VB, D>, blocks, run);
+    read_run!(IntegerKeys8, KB, VB, D, blocks, run);
 }
 
 /// The AVX2 kernel's key side for `H` query heads: made for their query rows once per run,
@@ -257,18 +284,18 @@ pub(in crate::attention) trait SliceScores8 {
     ///
     /// # Safety
     /// The features of the kernel implementing it present (AVX2, FMA and F16C among them).
-    unsafe fn enter(&mut self, keys: &[u8], layout: &Pages);
+    unsafe fn enter_block(&mut self, keys: &[u8], layout: &Pages);
 
     /// The scores of slice `slice`.
     ///
     /// # Safety
-    /// As for [`SliceScores8::enter`]; `slice` < the block's slices.
+    /// As for [`SliceScores8::enter_block`]; `slice` < the block's slices.
     unsafe fn scores(&self, slice: usize) -> [__m256; MAX_HEADS];
 }
 
 /// The exact path's key side: the key scales folded into the query in f32, every code
 /// widened to f32 and multiplied by one FMA per head.
-struct FloatKeys<'a, const KB: usize, const H: usize, const D: usize> {
+struct ExactKeys8<'a, const KB: usize, const H: usize, const D: usize> {
     /// `H × D` query rows, already multiplied by the softmax scale.
     q: &'a [f32],
     folded: [[f32; D]; MAX_HEADS],
@@ -279,8 +306,13 @@ struct FloatKeys<'a, const KB: usize, const H: usize, const D: usize> {
     column: usize,
 }
 
-impl<'a, const KB: usize, const H: usize, const D: usize> FloatKeys<'a, KB, H, D> {
-    fn new(q: &'a [f32]) -> Self {
+impl<'a, const KB: usize, const H: usize, const D: usize> ExactKeys8<'a, KB, H, D> {
+    /// The key side of the `H` query rows `q` (already multiplied by the softmax scale).
+    ///
+    /// # Safety
+    /// None beyond the kernel's (an `unsafe fn` as [`IntegerKeys8::new`] is, which
+    /// [`read_run`] calls alike).
+    unsafe fn new(q: &'a [f32]) -> Self {
         assert!(q.len() >= H * D);
         Self {
             q,
@@ -292,9 +324,9 @@ impl<'a, const KB: usize, const H: usize, const D: usize> FloatKeys<'a, KB, H, D
     }
 }
 
-impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for FloatKeys<'_, KB, H, D> {
+impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for ExactKeys8<'_, KB, H, D> {
     #[inline(always)]
-    unsafe fn enter(&mut self, keys: &[u8], layout: &Pages) {
+    unsafe fn enter_block(&mut self, keys: &[u8], layout: &Pages) {
         assert!(keys.len() >= layout.key.page_bytes());
         let (kp, q, folded) = (keys.as_ptr(), self.q, &mut self.folded);
         // per-channel scales folded into the query, zero points into one constant per head
@@ -355,11 +387,15 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for FloatKeys
                 }
             }
         }
-        std::array::from_fn(|h| {
-            dots[h][..chains]
-                .iter()
-                .fold(_mm256_set1_ps(self.bias[h]), |a, x| _mm256_add_ps(a, *x))
-        })
+        // (loops, not closures: a closure would not carry the kernel's target features)
+        let mut sums = [_mm256_setzero_ps(); MAX_HEADS];
+        for h in 0..H {
+            sums[h] = _mm256_set1_ps(self.bias[h]);
+            for chain in &dots[h][..chains] {
+                sums[h] = _mm256_add_ps(sums[h], *chain);
+            }
+        }
+        sums
     }
 }
 
@@ -386,7 +422,7 @@ pub(in crate::attention) unsafe fn attend_block<
     let Pages { value, tokens, .. } = *layout;
     let vp = values.as_ptr();
     // SAFETY: the kernel's features (the caller's contract); the page checked.
-    unsafe { key_side.enter(keys, layout) };
+    unsafe { key_side.enter_block(keys, layout) };
 
     // a value row holds one token's channels
     let row = D * bits(VB) / 8;

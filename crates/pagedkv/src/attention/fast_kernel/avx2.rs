@@ -21,19 +21,12 @@ use std::arch::x86_64::*;
 
 use crate::attention::block_kernel::avx2::{pairs8, SliceScores8, SLICE};
 use crate::attention::block_kernel::{bits, Pages, MAX_HEADS};
-use crate::attention::block_kernel::{INT2, INT4, INT8};
+use crate::attention::block_kernel::{INT4, INT8};
+
+use super::key_place;
 
 /// Largest magnitude of a rounded query.
 const UNIT: f32 = 32767.0;
-
-/// The factor a key code of token `t` carries in its lane (its place in its byte).
-const fn key_place(kind: usize, t: usize) -> u32 {
-    match kind {
-        INT4 => 1 << (4 * (t % 2)),
-        INT2 => 1 << (2 * (t % 4)),
-        _ => 1,
-    }
-}
 
 /// Where token `t`'s code of a channel sits in a column's slice: its byte.
 const fn code_byte(kind: usize, t: usize) -> usize {
@@ -124,6 +117,9 @@ pub(in crate::attention) struct IntegerKeys8<'a, const KB: usize, const H: usize
     codes: *const u8,
     /// Bytes of one channel's column (the block's tokens).
     column: usize,
+    /// The byte shuffle and the mask of [`code_pair`] for `KB` (kept in the key side: built
+    /// where the compiler sees them as constants, it merged the shuffle with the loads into
+    /// a slower sequence).
     shuffle: __m256i,
     mask: __m256i,
     /// 1 / the codes' places, per token lane.
@@ -131,13 +127,17 @@ pub(in crate::attention) struct IntegerKeys8<'a, const KB: usize, const H: usize
 }
 
 impl<'a, const KB: usize, const H: usize, const D: usize> IntegerKeys8<'a, KB, H, D> {
+    /// The key side of the `H` query rows `q` (already multiplied by the softmax scale).
+    ///
+    /// # Safety
+    /// AVX2 present.
     #[inline(always)]
-    pub(in crate::attention) fn new(q: &'a [f32]) -> Self {
+    pub(in crate::attention) unsafe fn new(q: &'a [f32]) -> Self {
         assert!(q.len() >= H * D);
         let (shuffle, mask) = const { shuffle_and_mask(KB) };
         let unplace: [f32; SLICE] = std::array::from_fn(|t| 1.0 / key_place(KB, t) as f32);
-        // SAFETY (each load): read from a local array of its length; AVX present (the
-        // kernel's features, checked before it runs).
+        // SAFETY (each load): read from a local array of its length; AVX2 present (the
+        // caller's contract).
         unsafe {
             Self {
                 q,
@@ -158,7 +158,7 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for IntegerKe
     // (a head's index serves its query row, its folded registers and its sums alike)
     #[allow(clippy::needless_range_loop)]
     #[inline(always)]
-    unsafe fn enter(&mut self, keys: &[u8], layout: &Pages) {
+    unsafe fn enter_block(&mut self, keys: &[u8], layout: &Pages) {
         assert!(keys.len() >= layout.key.page_bytes());
         let (kp, q) = (keys.as_ptr(), self.q);
         // scales folded into the query, zero points into a bias; the largest magnitudes
@@ -196,7 +196,7 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for IntegerKe
                 // packing interleaves the halves: 64-bit pieces back in order
                 let packed =
                     _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packs_epi32(low, high));
-                // SAFETY: 16 i16 written at 16i < D.
+                // SAFETY: 16 i16 written at 16i .. 16i + 16 ≤ D.
                 unsafe {
                     _mm256_storeu_si256(self.query[h].as_mut_ptr().add(16 * i).cast(), packed)
                 };
@@ -233,9 +233,12 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for IntegerKe
                 dots[h] = _mm256_add_epi32(dots[h], products);
             }
         }
-        std::array::from_fn(|h| {
-            _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[h]), self.steps[h], self.bias[h])
-        })
+        // (a loop, not a closure: a closure would not carry the kernel's target features)
+        let mut scores = [_mm256_setzero_ps(); MAX_HEADS];
+        for h in 0..H {
+            scores[h] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dots[h]), self.steps[h], self.bias[h]);
+        }
+        scores
     }
 }
 
@@ -268,6 +271,8 @@ unsafe fn across<const LARGEST: bool>(x: __m256) -> __m256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::attention::block_kernel::INT2;
 
     /// Code `i` of `bits`-bit codes packed lowest bits first.
     fn code(bytes: &[u8], bits: usize, i: usize) -> u8 {
