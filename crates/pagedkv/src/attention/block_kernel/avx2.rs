@@ -16,11 +16,12 @@ use crate::attention::softmax::{lazy_max, LAZY_MAX_SLACK};
 use crate::attention::AttentionPath;
 
 /// The AVX2 whole-block kernel's loop over a run of `$blocks` (a `&Blocks`) with `KB` keys
-/// scored by `$keys::<KB, H, D>` (a [`SliceScores8`] made by its `unsafe fn new`) and `VB` values, expanded inside the
-/// kernel's own function (a closure handed to a helper without the kernel's target features
-/// is called, not inlined, once per block): the query heads four at a time, their key side
-/// made once per group and run, then each block, the pages `blocks.fetch` names prefetched
-/// first (by every group: a run is capped in blocks, not bytes).
+/// scored by `$keys::<KB, H, D>` (a [`SliceScores8`] made by its `unsafe fn new`) and `VB`
+/// values, expanded inside the kernel's own function (a closure handed to a helper without
+/// the kernel's target features is called, not inlined, once per block): the query heads
+/// four at a time, their key side made once per group and run, then each block, the pages
+/// `blocks.fetch` names prefetched first (by every group: a run is capped in blocks, not
+/// bytes).
 macro_rules! read_run {
     ($keys:ident, $kb:ident, $vb:ident, $d:ident, $blocks:expr, $run:expr) => {{
         let blocks: &$crate::attention::block_kernel::Blocks = $blocks;
@@ -311,7 +312,7 @@ impl<'a, const KB: usize, const H: usize, const D: usize> ExactKeys8<'a, KB, H, 
     ///
     /// # Safety
     /// None beyond the kernel's (an `unsafe fn` as [`IntegerKeys8::new`] is, which
-    /// [`read_run`] calls alike).
+    /// `read_run!` calls alike).
     unsafe fn new(q: &'a [f32]) -> Self {
         assert!(q.len() >= H * D);
         Self {
@@ -351,7 +352,8 @@ impl<const KB: usize, const H: usize, const D: usize> SliceScores8 for ExactKeys
                 unsafe { pairs8(kp.add(layout.key.code_bytes + 4 * c)) }
             };
             for h in 0..H {
-                // SAFETY: h·D + c + 8 ≤ H·D ≤ q.len() (asserted); c + 8 ≤ D, the row's length.
+                // SAFETY: h·D + c + 8 ≤ H·D ≤ q.len() (asserted by `new`); c + 8 ≤ D, the
+                // row's length.
                 unsafe {
                     let x = _mm256_loadu_ps(q.as_ptr().add(h * D + c));
                     _mm256_storeu_ps(folded[h].as_mut_ptr().add(c), _mm256_mul_ps(x, s));

@@ -1,6 +1,6 @@
-//! The fast path's key side for the AVX2 whole-block kernel ([`crate::attention::block_kernel::avx2`],
-//! slices of 8 tokens, values read exactly), on AVX2 machines and for blocks of 8 on
-//! AVX-512 ones: keys scored by integer dot products.
+//! The fast path's key side for the AVX2 whole-block kernel
+//! ([`crate::attention::block_kernel::avx2`], slices of 8 tokens, values read exactly), on
+//! AVX2 machines and for blocks of 8 on AVX-512 ones: keys scored by integer dot products.
 //!
 //! - The key scales fold into the query as on the exact path; the folded query is rounded to
 //!   16-bit integers, one scale per head and block (an 8-bit query fails the contract on
