@@ -157,7 +157,10 @@ fn bad_flags_get_clear_errors() {
             "`sink_tokens` = 20 exceeds the supported maximum 16",
         ),
         (g(&["--cache-mib", "99999999999999"]), "is too large"),
-        (g(&["--simd", "avx9"]), "unknown --simd `avx9` (avx512, avx2, portable)"),
+        (
+            g(&["--simd", "avx9"]),
+            "unknown --simd `avx9` (avx512, avx2, portable)",
+        ),
         (
             ["bench", "attention", "--contexts", "16", "--simd", "avx9"]
                 .map(String::from)

@@ -96,12 +96,9 @@ pub struct Model {
     out_norm: Vec<f32>,
     output: Linear,
     mode: WeightMode,
-    /// The arithmetic attention reads compressed pages with.
-    attention: AttentionPath,
-    /// The pages attention prefetches in software.
-    prefetch: Prefetch,
-    /// The instruction sets attention may use (the widest this CPU has by default).
-    simd: Simd,
+    /// How attention runs: the instruction sets it may use (the widest this CPU has by
+    /// default), the arithmetic it reads compressed pages with, the pages it prefetches.
+    dispatch: Dispatch,
     device: Device,
     stop_tokens: Vec<u32>,
     fingerprint: ModelFingerprint,
@@ -270,9 +267,7 @@ impl Model {
                 out_norm,
                 output,
                 mode,
-                attention: AttentionPath::Exact,
-                prefetch: Prefetch::default(),
-                simd: Simd::widest(),
+                dispatch: Dispatch::widest(AttentionPath::Exact),
                 device,
                 stop_tokens: tokenizer.stop_tokens(),
                 fingerprint,
@@ -303,23 +298,23 @@ impl Model {
 
     /// The attention path (exact by default; see [`AttentionPath`]).
     pub fn attention_path(&self) -> AttentionPath {
-        self.attention
+        self.dispatch.path
     }
 
     /// Reads compressed pages on `path` from now on.
     pub fn set_attention_path(&mut self, path: AttentionPath) {
-        self.attention = path;
+        self.dispatch.path = path;
     }
 
     /// Prefetches the pages `prefetch` names from now on (see [`Prefetch`]).
     pub fn set_prefetch(&mut self, prefetch: Prefetch) {
-        self.prefetch = prefetch;
+        self.dispatch.prefetch = prefetch;
     }
 
     /// Runs attention at dispatch level `simd` from now on (an AVX-512 machine can run the
     /// kernels an AVX2 one runs); an error, and nothing changed, if this CPU lacks it.
     pub fn set_simd(&mut self, simd: Simd) -> Result<()> {
-        self.simd = simd.check()?;
+        self.dispatch.simd = simd.check()?;
         Ok(())
     }
 
@@ -487,12 +482,15 @@ impl Model {
                         blocks: &tables[*item_idx],
                         len: pos + 1,
                     };
-                    let dispatch = Dispatch {
-                        simd: self.simd,
-                        path: self.attention,
-                        prefetch: self.prefetch,
-                    };
-                    attention::attend_split_at(dispatch, storage, layer_idx, ctx, qr, scale, out)?;
+                    attention::attend_split_at(
+                        self.dispatch,
+                        storage,
+                        layer_idx,
+                        ctx,
+                        qr,
+                        scale,
+                        out,
+                    )?;
                 }
             } else {
                 attn_out
@@ -507,9 +505,7 @@ impl Model {
                         // each thread's buffers kept from call to call (a call per layer)
                         ATTENTION_SCRATCH.with(|cell| {
                             let scratch = &mut *cell.borrow_mut();
-                            scratch.set_path(self.attention);
-                            scratch.set_prefetch(self.prefetch);
-                            scratch.set_simd(self.simd)?;
+                            scratch.set_dispatch(self.dispatch)?;
                             attention::attend(storage, layer_idx, ctx, qr, scale, out, scratch)
                         })
                     })?;

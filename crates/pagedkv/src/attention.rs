@@ -309,10 +309,12 @@ impl Scratch {
         self.prefetch = prefetch;
     }
 
-    /// Runs its passes at `simd` from now on; an error, and nothing changed, if this CPU
-    /// lacks it.
-    pub fn set_simd(&mut self, simd: Simd) -> Result<()> {
-        self.simd = Some(simd.check()?);
+    /// Passes with these buffers run as `dispatch` says from now on; an error, and nothing
+    /// changed, if this CPU cannot run its level.
+    pub fn set_dispatch(&mut self, dispatch: Dispatch) -> Result<()> {
+        self.simd = Some(dispatch.simd.check()?);
+        self.path = dispatch.path;
+        self.prefetch = dispatch.prefetch;
         Ok(())
     }
 }
