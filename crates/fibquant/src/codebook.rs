@@ -11,6 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use statrs::distribution::{Beta, ContinuousCDF, Normal};
 
+use crate::fixed_scan::FixedCodebook;
 use crate::scan;
 
 /// Golden ratio.
@@ -40,6 +41,8 @@ pub struct Codebook {
     /// Codeword indices sorted by radius, and the radii in that order (for pruned search).
     by_radius: Vec<u32>,
     radii: Vec<f32>,
+    /// The codewords in fixed point, for the encoder's search.
+    fixed: FixedCodebook,
 }
 
 /// Standard normal samples by Box–Muller over ChaCha8 (value-stable for a given seed).
@@ -172,8 +175,10 @@ impl Codebook {
             .map(|i| norms[*i as usize].sqrt())
             .collect();
         norms.resize(stride, f32::INFINITY);
+        let fixed = FixedCodebook::new(k, &words, stride);
         Self {
             k,
+            fixed,
             words,
             columns,
             norms,
@@ -268,15 +273,16 @@ impl Codebook {
     }
 
     /// The index of the codeword nearest to each block of `blocks` (consecutive blocks of k)
-    /// into `out`: what [`Self::nearest`] gives each, sixteen blocks searched at once where
-    /// the exhaustive scan applies.
+    /// into `out`, as the encoder searches: in fixed point where the exhaustive scan applies
+    /// ([`crate::fixed_scan`]: the nearest to within 2⁻¹³ of a block's scale, the same index
+    /// on every CPU), by the exact pruned walk above [`MAX_SCANNED_N`] codewords.
     pub fn nearest_blocks(&self, blocks: &[f32], out: &mut [u16]) {
         if self.k <= 3 && self.len() > MAX_SCANNED_N {
             for (index, block) in out.iter_mut().zip(blocks.chunks_exact(self.k)) {
                 *index = self.nearest_pruned(block) as u16;
             }
         } else {
-            scan::nearest_blocks(&self.columns, &self.norms, self.stride, self.k, blocks, out);
+            self.fixed.nearest_blocks(blocks, out);
         }
     }
 

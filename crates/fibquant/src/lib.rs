@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod codebook;
+pub mod fixed_scan;
 pub mod pack;
 pub mod payload;
 pub mod rotation;
@@ -238,35 +239,41 @@ impl FibQuant {
     }
 
     /// Encodes consecutive vectors (`rows`: a multiple of d) into consecutive codes (`out`:
-    /// as many times `code_bytes`), reusing one scratch buffer. On error `out` may be
-    /// partly written.
+    /// as many times `code_bytes`): every vector normalized and rotated, then the nearest
+    /// codewords of all their blocks searched together. On error `out` may be partly written.
     pub fn encode_rows(&self, rows: &[f32], out: &mut [u8]) -> Result<(), FibQuantError> {
         let (d, k) = (self.profile.d, self.profile.k);
         let count = rows.len() / d;
         check_len("vectors", count * d, rows.len())?;
         check_len("codes", count * self.code_bytes(), out.len())?;
-        if !rows.iter().all(|v| v.is_finite()) {
-            return Err(FibQuantError::NonFinite);
-        }
-        let mut u = vec![0f32; d];
-        let mut indices = vec![0u16; d / k];
-        for (x, code) in rows
-            .chunks_exact(d)
+        let mut rotated = rows.to_vec();
+        for (u, code) in rotated
+            .chunks_exact_mut(d)
             .zip(out.chunks_exact_mut(self.code_bytes()))
         {
-            let norm = norm_f64(x) as f32;
+            // a sum of squares in f64 is finite exactly when every f32 term is
+            let norm = norm_f64(u);
+            if !norm.is_finite() {
+                return Err(FibQuantError::NonFinite);
+            }
+            let norm = norm as f32;
             if norm > f16::MAX.to_f32() {
                 return Err(FibQuantError::NormOutOfRange { norm });
             }
             code[..2].copy_from_slice(&f16::from_f32(norm).to_le_bytes());
             if norm > 0.0 {
-                u.iter_mut().zip(x).for_each(|(o, v)| *o = v / norm);
+                self.rotation.apply_scaled(u, 1.0 / norm);
             } else {
                 u.fill(0.0);
             }
-            self.rotation.apply(&mut u);
-            self.codebook.nearest_blocks(&u, &mut indices);
-            pack::pack(&indices, self.bits, &mut code[2..]);
+        }
+        let mut indices = vec![0u16; count * (d / k)];
+        self.codebook.nearest_blocks(&rotated, &mut indices);
+        for (indices, code) in indices
+            .chunks_exact(d / k)
+            .zip(out.chunks_exact_mut(self.code_bytes()))
+        {
+            pack::pack(indices, self.bits, &mut code[2..]);
         }
         Ok(())
     }

@@ -69,6 +69,18 @@ impl Rotation {
         }
     }
 
+    /// Rotates `scale·x` in place (the encoder's normalization in the same pass; equal to
+    /// [`apply`](Self::apply) of the scaled vector up to rounding).
+    pub fn apply_scaled(&self, x: &mut [f32], scale: f32) {
+        match self {
+            Rotation::Hadamard(r) => r.apply_scaled_with(x, scale, Isa::widest()),
+            Rotation::Haar(r) => {
+                x.iter_mut().for_each(|v| *v *= scale);
+                r.apply(x)
+            }
+        }
+    }
+
     /// Undoes [`apply`](Self::apply) and multiplies by `scale`.
     pub fn inverse_scaled(&self, x: &mut [f32], scale: f32) {
         self.inverse_scaled_with(x, scale, Isa::widest());
@@ -171,6 +183,16 @@ impl HadamardRotation {
         x.iter_mut().for_each(|v| *v *= norm);
     }
 
+    /// Rotates `scale·x` in place: signs, scale and 1/√d in one multiply before the
+    /// transform.
+    pub fn apply_scaled_with(&self, x: &mut [f32], scale: f32, isa: Isa) {
+        let factor = scale / (x.len() as f32).sqrt();
+        x.iter_mut()
+            .zip(&self.signs)
+            .for_each(|(v, s)| *v *= s * factor);
+        fwht(x, isa);
+    }
+
     /// Undoes [`apply`](Self::apply) in place (the normalized FWHT is its own inverse).
     pub fn inverse(&self, x: &mut [f32]) {
         self.inverse_scaled(x, 1.0);
@@ -242,10 +264,70 @@ fn fwht(x: &mut [f32], isa: Isa) {
     fwht_portable(x)
 }
 
+/// The transform with AVX-512 for d ≥ 16: the stages within sixteen coordinates (h = 1, 2,
+/// 4, 8) on each register with a lane swap and a masked subtraction, then the stages between
+/// registers, in registers up to d = 256 (the compiler's vectorization of the portable loops
+/// handles halves shorter than a register a few elements at a time). Each element sees the
+/// same additions in the same order as in [`fwht_portable`] (a + b is b + a exactly), so the
+/// results are identical.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 fn fwht_avx512(x: &mut [f32]) {
-    fwht_portable(x)
+    use std::arch::x86_64::*;
+    const HELD: usize = 16;
+    let n = x.len();
+    if n < 16 {
+        return fwht_portable(x);
+    }
+    let chunks = x.as_chunks_mut::<16>().0;
+    if n > 16 * HELD {
+        for chunk in chunks {
+            // SAFETY: a chunk holds 16 floats; the CPU has AVX-512F (this function's feature).
+            unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), within_register(chunk)) };
+        }
+        return stages_from(x, 16);
+    }
+    let mut v = [_mm512_setzero_ps(); HELD];
+    for (v, chunk) in v.iter_mut().zip(chunks.iter()) {
+        // SAFETY: as above.
+        *v = unsafe { within_register(chunk) };
+    }
+    let registers = chunks.len();
+    let mut h = 1;
+    while h < registers {
+        for r in (0..registers).filter(|r| r & h == 0) {
+            let (a, b) = (v[r], v[r + h]);
+            v[r] = _mm512_add_ps(a, b);
+            v[r + h] = _mm512_sub_ps(a, b);
+        }
+        h *= 2;
+    }
+    for (chunk, v) in chunks.iter_mut().zip(v) {
+        // SAFETY: a chunk holds 16 floats.
+        unsafe { _mm512_storeu_ps(chunk.as_mut_ptr(), v) };
+    }
+}
+
+/// Stages h = 1, 2, 4, 8 of sixteen coordinates in one register: lane i's partner is lane
+/// i ^ h, and lanes with bit h set take partner − own.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn within_register(chunk: &[f32; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    // SAFETY: the chunk holds 16 floats.
+    let v = unsafe { _mm512_loadu_ps(chunk.as_ptr()) };
+    let swapped = _mm512_permute_ps::<0b10_11_00_01>(v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, swapped), 0xAAAA, swapped, v);
+    let swapped = _mm512_permute_ps::<0b01_00_11_10>(v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, swapped), 0xCCCC, swapped, v);
+    let swapped = _mm512_shuffle_f32x4::<0b10_11_00_01>(v, v);
+    let v = _mm512_mask_sub_ps(_mm512_add_ps(v, swapped), 0xF0F0, swapped, v);
+    let swapped = _mm512_shuffle_f32x4::<0b01_00_11_10>(v, v);
+    _mm512_mask_sub_ps(_mm512_add_ps(v, swapped), 0xFF00, swapped, v)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -268,7 +350,13 @@ fn fwht_portable(x: &mut [f32]) {
         }
         h = 4;
     }
-    while h < n {
+    stages_from(x, h);
+}
+
+/// The stages from half-length `h` on, each on contiguous halves.
+#[inline(always)]
+fn stages_from(x: &mut [f32], mut h: usize) {
+    while h < x.len() {
         for pair in x.chunks_exact_mut(2 * h) {
             let (lo, hi) = pair.split_at_mut(h);
             for (a, b) in lo.iter_mut().zip(hi.iter_mut()) {
@@ -289,8 +377,10 @@ mod tests {
     #[test]
     fn simd_transform_matches_the_portable_one_and_the_definition() {
         println!("fwht: the widest level on this CPU is {:?}", Isa::widest());
-        for d in [1usize, 2, 4, 8, 64, 128, 1024] {
-            let x: Vec<f32> = (0..d).map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3).collect();
+        for d in [1usize, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024] {
+            let x: Vec<f32> = (0..d)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.3 + (i as f32).sqrt() * 1e-3)
+                .collect();
             let mut plain = x.clone();
             fwht_portable(&mut plain);
             // every level this CPU has (the others fall back to the portable loop)

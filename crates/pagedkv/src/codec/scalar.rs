@@ -243,6 +243,12 @@ fn check_page(
     Ok(())
 }
 
+/// True when no value is NaN or infinite: a reduction without an early exit, which
+/// vectorizes (`all` stops at the first bad value and so checks one value at a time).
+fn all_finite(values: &[f32]) -> bool {
+    values.iter().fold(true, |finite, x| finite & x.is_finite())
+}
+
 /// Encodes one page of f32 rows (`block_size × head_dim`, token-major) into `out`, which must be
 /// exactly `codec.page_bytes(role, …)` long. FibQuant pages are encoded by the fibquant crate.
 pub fn encode_page(
@@ -254,7 +260,7 @@ pub fn encode_page(
     out: &mut [u8],
 ) -> Result<()> {
     check_page(codec, role, block_size, head_dim, rows.len(), out.len())?;
-    if !rows.iter().all(|x| x.is_finite()) {
+    if !all_finite(rows) {
         return Err(KvError::NonFinite {
             what: "page to encode",
         });
