@@ -67,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
     let common = &cli.common;
     // a bad --simd is an error for every command, before any work
     common.simd()?;
+    pagedkv_engine::fetch::keep_codebooks();
     match cli.command {
         Command::Demo(args) => pool.install(|| demo::run(common, args)),
         Command::Generate(args) => pool.install(|| generate::run(common, args)),

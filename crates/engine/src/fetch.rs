@@ -22,6 +22,12 @@ pub fn cache_dir() -> PathBuf {
     home.join(".cache").join("pagedkv")
 }
 
+/// Makes this process keep the FibQuant codebooks it builds in the cache directory's
+/// `codebooks/` and read them back later (refining the largest takes half a minute).
+pub fn keep_codebooks() {
+    fibquant::keep_codebooks_in(cache_dir().join("codebooks"));
+}
+
 /// The default model path in the cache directory.
 pub fn default_model_path() -> PathBuf {
     cache_dir().join(MODEL_FILE)

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use statrs::distribution::{Beta, ContinuousCDF, Normal};
 
-use crate::fixed_scan::FixedCodebook;
+use crate::fixed_scan::{check_blocks, FixedCodebook};
 use crate::scan;
 
 /// Golden ratio.
@@ -23,6 +23,8 @@ const SAMPLES_PER_CODEWORD: usize = 1000;
 const LLOYD_ITERATIONS: usize = 30;
 /// Codewords are padded to a multiple of this for the SIMD scan.
 const LANES: usize = scan::LANES;
+/// Blocks below which a search is not split over threads.
+const BLOCKS_PER_THREAD: usize = 4096;
 /// Up to this many codewords the exhaustive SIMD scan is used for every k.
 pub const MAX_SCANNED_N: usize = 4096;
 
@@ -124,11 +126,13 @@ impl Codebook {
         let mut refined = spiral.clone();
         let mut sums = vec![0f64; count * k];
         let mut counts = vec![0usize; count];
+        let mut nearest = vec![0u16; train.len() / k];
         for _ in 0..LLOYD_ITERATIONS {
             sums.fill(0.0);
             counts.fill(0);
-            for sample in train.chunks_exact(k) {
-                let i = refined.nearest(sample);
+            refined.nearest_each(&train, &mut nearest);
+            for (sample, i) in train.chunks_exact(k).zip(&nearest) {
+                let i = *i as usize;
                 counts[i] += 1;
                 for (s, v) in sums[i * k..(i + 1) * k].iter_mut().zip(sample) {
                     *s += *v as f64;
@@ -230,6 +234,35 @@ impl Codebook {
         }
     }
 
+    /// [`Self::nearest`] of each block of `blocks` (consecutive blocks of k) into `out`, the
+    /// same indices: sixteen blocks at once per register where the exhaustive scan applies,
+    /// the blocks split over the machine's cores (refinement searches 1000·N samples thirty
+    /// times; each thread's share is searched independently, so the split changes nothing).
+    pub fn nearest_each(&self, blocks: &[f32], out: &mut [u16]) {
+        let k = self.k;
+        check_blocks(k, blocks, out);
+        if self.k <= 3 && self.len() > MAX_SCANNED_N {
+            for (index, block) in out.iter_mut().zip(blocks.chunks_exact(k)) {
+                *index = self.nearest_pruned(block) as u16;
+            }
+            return;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let threads = cores.min(out.len() / BLOCKS_PER_THREAD).max(1);
+        let share = out.len().div_ceil(threads);
+        let search = |blocks: &[f32], out: &mut [u16]| {
+            scan::nearest_blocks(&self.columns, &self.norms, self.stride, k, blocks, out)
+        };
+        if threads == 1 {
+            return search(blocks, out);
+        }
+        std::thread::scope(|scope| {
+            for (blocks, out) in blocks.chunks(share * k).zip(out.chunks_mut(share)) {
+                scope.spawn(move || search(blocks, out));
+            }
+        });
+    }
+
     /// Exact nearest codeword with radial pruning: since ‖x − c‖ ≥ |‖x‖ − ‖c‖|, codewords are
     /// visited outwards from the radius of `x` in radius order, and the walk in a direction stops
     /// once that bound alone exceeds the best distance. Ties go to the smaller index.
@@ -296,10 +329,14 @@ impl Codebook {
 
     /// Mean squared error of quantizing `samples` (blocks of k) to their nearest codewords.
     pub fn distortion(&self, samples: &[f32]) -> f64 {
+        let count = samples.len() / self.k;
+        let mut nearest = vec![0u16; count];
+        self.nearest_each(&samples[..count * self.k], &mut nearest);
         let total: f64 = samples
             .chunks_exact(self.k)
-            .map(|s| {
-                let w = self.word(self.nearest(s));
+            .zip(&nearest)
+            .map(|(s, i)| {
+                let w = self.word(*i as usize);
                 w.iter()
                     .zip(s)
                     .map(|(a, b)| ((a - b) as f64).powi(2))

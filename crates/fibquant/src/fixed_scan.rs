@@ -101,12 +101,7 @@ impl FixedCodebook {
     /// ran. Every level gives the same indices.
     pub fn nearest_blocks_with(&self, blocks: &[f32], out: &mut [u16], isa: Isa) -> Isa {
         let k = self.k;
-        assert_eq!(
-            blocks.len(),
-            k * out.len(),
-            "blocks of {k} for {} indices",
-            out.len()
-        );
+        check_blocks(k, blocks, out);
         #[cfg(target_arch = "x86_64")]
         if k <= 2 * MAX_PAIRS {
             let vnni = || {
@@ -183,6 +178,17 @@ impl FixedCodebook {
         }
         lanes
     }
+}
+
+/// Panics unless `blocks` holds one block of k coordinates per index of `out` (a caller's
+/// mistake, not input).
+pub(crate) fn check_blocks(k: usize, blocks: &[f32], out: &[u16]) {
+    assert_eq!(
+        blocks.len(),
+        k * out.len(),
+        "blocks of {k} for {} indices",
+        out.len()
+    );
 }
 
 /// `vpmaddwd` on one lane: the sum of the two 16-bit products, wrapping.

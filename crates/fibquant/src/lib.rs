@@ -18,6 +18,7 @@ pub mod rotation;
 pub mod scan;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use half::f16;
@@ -182,9 +183,29 @@ impl FibQuant {
             return Ok(q.clone());
         }
         // built outside the lock; two threads racing build the same deterministic quantizer
-        let built = Arc::new(Self::new(profile)?);
+        let built = Arc::new(Self::read_or_build(profile, CODEBOOK_DIR.get())?);
         let mut guard = cache.lock().unwrap_or_else(|e| e.into_inner());
         Ok(guard.entry(profile).or_insert(built).clone())
+    }
+
+    /// The quantizer of `profile`, its codebook read from `dir` when an earlier process left
+    /// it there, else built (refined) and written there for the next one. The cache only
+    /// saves time: a file that is missing, unreadable, corrupt (its checksum) or of another
+    /// shape is rebuilt and replaced, and a directory that cannot be written costs only the
+    /// rebuild next time.
+    pub fn read_or_build(profile: Profile, dir: Option<&PathBuf>) -> Result<Self, FibQuantError> {
+        validate(profile)?;
+        let Some(dir) = dir else {
+            return Self::new(profile);
+        };
+        let path = dir.join(codebook_file(profile));
+        if let Some(codebook) = read_codebook(&path, profile) {
+            return Self::with_codebook(profile, codebook);
+        }
+        let built = Self::new(profile)?;
+        // not kept: the next process builds it again
+        let _unwritable = write_codebook(&path, &built.codebook);
+        Ok(built)
     }
 
     /// The profile.
@@ -313,6 +334,48 @@ impl FibQuant {
     }
 }
 
+/// Where [`FibQuant::shared`] keeps built codebooks between processes, once set.
+static CODEBOOK_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// Bumped whenever [`Codebook::build`] would give other codewords for a profile, so that files
+/// of an older build are not read.
+const CODEBOOK_BUILD: u32 = 1;
+
+/// Makes [`FibQuant::shared`] keep the codebooks it builds in `dir` (created when needed) and
+/// read them back in later processes: refining N = 4096 codewords takes about half a minute on
+/// two cores, reading the file milliseconds. Set once per process, before the first quantizer
+/// is built; returns false (and changes nothing) if it was set before.
+pub fn keep_codebooks_in(dir: PathBuf) -> bool {
+    CODEBOOK_DIR.set(dir).is_ok()
+}
+
+/// The file name of a profile's codebook: everything it depends on (the rotation does not
+/// enter the codebook).
+fn codebook_file(profile: Profile) -> String {
+    let Profile { d, k, n, seed, .. } = profile;
+    format!("fibquant-build{CODEBOOK_BUILD}-d{d}-k{k}-n{n}-seed{seed:016x}.codebook")
+}
+
+/// The codebook stored at `path` if it is there, intact and of the profile's shape. Every
+/// failure here means the same (no stored codebook to use: the caller builds one): a missing
+/// file (the first run), an unreadable one, a checksum or shape that does not match.
+fn read_codebook(path: &std::path::Path, profile: Profile) -> Option<Codebook> {
+    let bytes = std::fs::read(path).ok()?;
+    payload::codebook_from_bytes(&bytes)
+        .ok()
+        .filter(|codebook| codebook.k() == profile.k && codebook.len() == profile.n)
+}
+
+/// Writes a codebook to `path` by a rename, so that a reader never sees half a file.
+fn write_codebook(path: &std::path::Path, codebook: &Codebook) -> std::io::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = path.with_extension(format!("partial{}", std::process::id()));
+    std::fs::write(&partial, payload::codebook_to_bytes(codebook))?;
+    std::fs::rename(&partial, path)
+}
+
 /// Checks that a profile can be built.
 fn validate(profile: Profile) -> Result<(), FibQuantError> {
     let invalid = |reason| Err(FibQuantError::InvalidProfile { profile, reason });
@@ -431,6 +494,39 @@ mod tests {
             assert!(payload::codebook_from_bytes(&bytes[..len]).is_err());
         }
         assert!(FibQuant::with_codebook(Profile::new(64, 2, 32, 9), q.codebook().clone()).is_err());
+    }
+
+    /// The first build writes the codebook, the second reads it back (the same codewords);
+    /// a corrupted file is rebuilt and replaced; an unwritable directory still builds.
+    #[test]
+    fn codebooks_kept_on_disk_are_read_back_and_corrupt_ones_rebuilt() {
+        let dir = std::env::temp_dir().join(format!("fibquant-codebooks-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let profile = Profile::new(64, 2, 16, 11);
+        let path = dir.join(codebook_file(profile));
+        let built = FibQuant::read_or_build(profile, Some(&dir)).unwrap();
+        let written = std::fs::read(&path).expect("the codebook was written");
+        let read = FibQuant::read_or_build(profile, Some(&dir)).unwrap();
+        assert_eq!(read.codebook(), built.codebook());
+        assert_eq!(read.codebook(), FibQuant::new(profile).unwrap().codebook());
+        // a flipped byte fails the checksum: rebuilt, and the file restored
+        let mut corrupt = written.clone();
+        corrupt[20] ^= 0x40;
+        std::fs::write(&path, &corrupt).unwrap();
+        let rebuilt = FibQuant::read_or_build(profile, Some(&dir)).unwrap();
+        assert_eq!(rebuilt.codebook(), built.codebook());
+        assert_eq!(std::fs::read(&path).unwrap(), written);
+        // another profile's file under this name (N differs): not used
+        let other = FibQuant::new(Profile::new(64, 2, 32, 11)).unwrap();
+        std::fs::write(&path, payload::codebook_to_bytes(other.codebook())).unwrap();
+        let again = FibQuant::read_or_build(profile, Some(&dir)).unwrap();
+        assert_eq!(again.codebook(), built.codebook());
+        // a directory that is a file: nothing written, the quantizer still built
+        let blocked = dir.join("a-file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let unkept = FibQuant::read_or_build(profile, Some(&blocked)).unwrap();
+        assert_eq!(unkept.codebook(), built.codebook());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -260,31 +260,41 @@ impl SplitPlan {
             });
         }
         out[..PAGE_HEADER].copy_from_slice(&largest.to_le_bytes());
-        let mut indices = [0u16; CHUNK / 2];
-        for ((m, norm), token) in moved
-            .chunks_exact(d)
-            .zip(&norms)
-            .zip(out[PAGE_HEADER..].chunks_exact_mut(self.token_bytes))
-        {
+        let codes = &mut out[PAGE_HEADER..];
+        for (norm, token) in norms.iter().zip(codes.chunks_exact_mut(self.token_bytes)) {
             token[0] = norm_byte(largest.to_f32(), *norm);
-            let inv = if *norm > 0.0 {
-                (1.0 / norm) as f32
-            } else {
-                0.0
-            };
-            for (c, fq) in self.quantizers.iter().enumerate() {
-                let Some(fq) = fq else { continue };
-                let k = fq.profile().k;
-                let blocks = CHUNK / k;
-                let mut block = [0f32; 4];
-                for (b, x) in m[c * CHUNK..(c + 1) * CHUNK].chunks_exact(k).enumerate() {
-                    x.iter().zip(&mut block).for_each(|(x, o)| *o = x * inv);
-                    indices[b] = fq.codebook().nearest(&block[..k]) as u16;
-                }
-                let bits = fq.index_bits();
-                let start = self.offsets[c];
-                let len = fibquant::pack::packed_len(blocks, bits);
-                fibquant::pack::pack(&indices[..blocks], bits, &mut token[start..start + len]);
+        }
+        // each chunk's blocks of every token, at unit norm, searched together
+        let mut blocks = vec![0f32; tokens * CHUNK];
+        let mut indices = vec![0u16; tokens * CHUNK];
+        for (c, fq) in self.quantizers.iter().enumerate() {
+            let Some(fq) = fq else { continue };
+            for ((m, norm), chunk) in moved
+                .chunks_exact(d)
+                .zip(&norms)
+                .zip(blocks.chunks_exact_mut(CHUNK))
+            {
+                let inv = if *norm > 0.0 {
+                    (1.0 / norm) as f32
+                } else {
+                    0.0
+                };
+                chunk
+                    .iter_mut()
+                    .zip(&m[c * CHUNK..(c + 1) * CHUNK])
+                    .for_each(|(o, x)| *o = x * inv);
+            }
+            let per_token = CHUNK / fq.profile().k;
+            let indices = &mut indices[..tokens * per_token];
+            fq.codebook().nearest_blocks(&blocks, indices);
+            let bits = fq.index_bits();
+            let start = self.offsets[c];
+            let len = fibquant::pack::packed_len(per_token, bits);
+            for (token_indices, token) in indices
+                .chunks_exact(per_token)
+                .zip(codes.chunks_exact_mut(self.token_bytes))
+            {
+                fibquant::pack::pack(token_indices, bits, &mut token[start..start + len]);
             }
         }
         Ok(())
