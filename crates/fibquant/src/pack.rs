@@ -32,23 +32,28 @@ pub fn pack(indices: &[u16], bits: u32, out: &mut [u8]) {
     }
 }
 
-/// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes).
+/// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes; bytes past
+/// the end read as 0). Each index is cut from the eight bytes at its first bit (at most
+/// 7 + 16 bits are needed), so there is no inner loop per byte.
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u16]) {
     if bits == 8 {
         out.iter_mut().zip(bytes).for_each(|(o, b)| *o = *b as u16);
         return;
     }
     let mask = (1u64 << bits) - 1;
-    let (mut acc, mut held) = (0u64, 0u32);
-    let mut next = bytes.iter();
-    for idx in out.iter_mut() {
-        while held < bits {
-            acc |= (*next.next().unwrap_or(&0) as u64) << held;
-            held += 8;
-        }
-        *idx = (acc & mask) as u16;
-        acc >>= bits;
-        held -= bits;
+    for (i, idx) in out.iter_mut().enumerate() {
+        let bit = i * bits as usize;
+        let at = bit / 8;
+        let word = match bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+            Some(eight) => u64::from_le_bytes(*eight),
+            None => {
+                let mut eight = [0u8; 8];
+                let tail = bytes.get(at..).unwrap_or(&[]);
+                eight[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
+                u64::from_le_bytes(eight)
+            }
+        };
+        *idx = ((word >> (bit % 8)) & mask) as u16;
     }
 }
 
@@ -67,6 +72,11 @@ mod tests {
             let mut back = vec![0u16; indices.len()];
             unpack(&bytes, bits, &mut back);
             assert_eq!(back, indices, "{bits} bits");
+            // past the end reads as zero bits, never out of bounds
+            let mut longer = vec![0u16; indices.len() + 3];
+            unpack(&bytes, bits, &mut longer);
+            assert_eq!(&longer[..indices.len()], &indices[..], "{bits} bits");
+            assert_eq!(&longer[indices.len()..], &[0, 0, 0], "{bits} bits");
         }
     }
 }

@@ -1,7 +1,7 @@
 //! FibQuant pages read as codes, never decoded (DESIGN §6): per query head, the rotated query
 //! `q' = Πq` and a table `L[b][n] = ⟨q'_b, c_n⟩` turn a key's logit into `ν·Σ_b L[b][idx_b]`;
-//! values add `p·ν` into bins `A[b][n]`, and only at the end of the pass is
-//! `Σ_n A[b][n]·c_n` formed per block and rotated back once.
+//! values add `p·ν·ĉ` (a token's vector in the rotated space, put together from its codewords)
+//! into a rotated sum per query head, rotated back once at the end of the pass.
 
 use std::sync::Arc;
 
@@ -15,20 +15,18 @@ use crate::key_norm::KeyNorm;
 use super::pages::{ScaledQuery, Shape};
 use super::Simd;
 
-/// Tables and bins of one kv head's pass, reused across heads and calls.
+/// Tables and sums of one kv head's pass, reused across heads and calls.
 #[derive(Debug, Default, Clone)]
 pub(super) struct FibTables {
     quantizer: Option<(Codec, Arc<FibQuant>)>,
     /// `group × blocks × N` query tables, valid while `tables_ready`.
     tables: Vec<f32>,
     tables_ready: bool,
-    /// `group × blocks × N` value bins, in use while `bins_used`.
-    bins: Vec<f32>,
-    bins_used: bool,
     indices: Vec<u16>,
     rotated: Vec<f32>,
-    /// Fast path (k = 2 or 4, byte indices, blocks of 16, AVX-512): the rotated queries
-    /// (`group × d`) and the value sum in the rotated space, rotated back once in `finish`.
+    /// Fast path (k = 2 or 4, byte indices, blocks of 16, AVX-512 or AVX2): the rotated
+    /// queries (`group × d`); every path: the value sum in the rotated space (`group × d`),
+    /// rotated back once in `finish`.
     rotated_q: Vec<f32>,
     rotated_ready: bool,
     rotated_acc: Vec<f32>,
@@ -50,10 +48,9 @@ fn isa(simd: Simd) -> fibquant::Isa {
 }
 
 impl FibTables {
-    /// Forgets the previous head's tables and bins.
+    /// Forgets the previous head's tables and sums.
     pub(super) fn start_head(&mut self) {
         self.tables_ready = false;
-        self.bins_used = false;
         self.bias_ready = false;
         self.rotated_ready = false;
         self.rotated_used = false;
@@ -290,7 +287,7 @@ impl FibTables {
         Ok(())
     }
 
-    /// Adds `p·ν` of each token of a value page into the bins of its codewords.
+    /// Adds `p·ν·ĉ` of each token of a value page into the rotated sums.
     #[inline(always)]
     pub(super) fn accumulate(
         &mut self,
@@ -340,28 +337,35 @@ impl FibTables {
             };
             return Ok(());
         }
-        let (k, words) = (fq.profile().k, fq.profile().n);
-        let blocks = d / k;
-        if !self.bins_used {
-            self.bins.clear();
-            self.bins.resize(group * blocks * words, 0.0);
-            self.bins_used = true;
+        // the token's vector in the rotated space, put together from its codewords, added
+        // into the rotated sums (not into per-codeword bins: those are group × blocks × N
+        // floats to clear and fold per pass, 0.8 MB per kv head at N = 4096)
+        if !self.rotated_used {
+            self.rotated_acc.clear();
+            self.rotated_acc.resize(group * d, 0.0);
+            self.rotated_used = true;
         }
+        let (k, words) = (fq.profile().k, fq.codebook().words());
+        self.rotated.resize(d, 0.0);
         let largest = page_norm(bytes)?;
         for t in 0..n {
             let norm = self.read_code(fq, bytes, largest, t)?;
-            for g in 0..group {
+            for (block, i) in self.rotated.chunks_exact_mut(k).zip(&self.indices) {
+                // element by element: a copy of k floats would be a call to memmove
+                let word = &words[*i as usize * k..][..k];
+                block.iter_mut().zip(word).for_each(|(o, w)| *o = *w);
+            }
+            for (g, acc) in self.rotated_acc.chunks_exact_mut(d).enumerate() {
                 let w = probs[g * bs + t] * norm;
-                let bins = &mut self.bins[g * blocks * words..(g + 1) * blocks * words];
-                for (b, i) in self.indices.iter().enumerate() {
-                    bins[b * words + *i as usize] += w;
-                }
+                acc.iter_mut()
+                    .zip(&self.rotated)
+                    .for_each(|(a, v)| *a += w * v);
             }
         }
         Ok(())
     }
 
-    /// Rescales query head `g`'s bins (online softmax: a new running maximum).
+    /// Rescales query head `g`'s value sum (online softmax: a new running maximum).
     #[inline(always)]
     pub(super) fn rescale(&mut self, g: usize, group: usize, correction: f32) {
         if self.rotated_used {
@@ -370,63 +374,32 @@ impl FibTables {
                 .iter_mut()
                 .for_each(|a| *a *= correction);
         }
-        if self.bins_used {
-            let per = self.bins.len() / group;
-            self.bins[g * per..(g + 1) * per]
-                .iter_mut()
-                .for_each(|b| *b *= correction);
-        }
     }
 
-    /// Adds the binned values, rotated back, into `acc` (`group × d`).
+    /// Adds the value sums, rotated back, into `acc` (`group × d`).
     #[inline(always)]
     pub(super) fn finish(&mut self, shape: Shape, acc: &mut [f32]) {
-        if self.rotated_used {
-            if let Some((_, fq)) = self.quantizer.clone() {
-                let d = shape.d;
-                for (a, r) in acc
-                    .chunks_exact_mut(d)
-                    .zip(self.rotated_acc.chunks_exact_mut(d))
-                {
-                    fq.unrotate_scaled_with(r, 1.0, isa(shape.simd));
-                    a.iter_mut().zip(r.iter()).for_each(|(a, r)| *a += r);
-                }
-            }
-            self.rotated_used = false;
-        }
-        if !self.bins_used {
+        if !self.rotated_used {
             return;
         }
-        let Shape { group, d, .. } = shape;
-        let Some((_, fq)) = self.quantizer.clone() else {
-            return;
-        };
-        let (k, words) = (fq.profile().k, fq.profile().n);
-        let blocks = d / k;
-        self.rotated.resize(d, 0.0);
-        for g in 0..group {
-            let bins = &self.bins[g * blocks * words..(g + 1) * blocks * words];
-            for b in 0..blocks {
-                let bin = &bins[b * words..(b + 1) * words];
-                for j in 0..k {
-                    let column = &fq.codebook().column(j)[..words];
-                    self.rotated[b * k + j] = super::softmax::dot(bin, column);
-                }
+        if let Some((_, fq)) = self.quantizer.clone() {
+            let d = shape.d;
+            for (a, r) in acc
+                .chunks_exact_mut(d)
+                .zip(self.rotated_acc.chunks_exact_mut(d))
+            {
+                fq.unrotate_scaled_with(r, 1.0, isa(shape.simd));
+                a.iter_mut().zip(r.iter()).for_each(|(a, r)| *a += r);
             }
-            fq.unrotate_scaled_with(&mut self.rotated, 1.0, isa(shape.simd));
-            acc[g * d..(g + 1) * d]
-                .iter_mut()
-                .zip(&self.rotated)
-                .for_each(|(a, r)| *a += r);
         }
-        self.bins_used = false;
+        self.rotated_used = false;
     }
 }
 
 /// The AVX-512 path for 2- and 4-coordinate codewords with byte indices and blocks of 16: a
 /// token's rotated vector is put together in registers from its codewords (one load each), so
-/// neither tables nor bins are written; values are summed in the rotated space and rotated back
-/// once per pass.
+/// no tables are written; values are summed in the rotated space and rotated back once per
+/// pass.
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
