@@ -34,26 +34,31 @@ pub fn pack(indices: &[u16], bits: u32, out: &mut [u8]) {
 
 /// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes; bytes past
 /// the end read as 0). Each index is cut from the eight bytes at its first bit (at most
-/// 7 + 16 bits are needed), so there is no inner loop per byte.
+/// 7 + 16 bits are needed), so there is no inner loop per byte; the last seven bytes are
+/// copied once into a zero-padded window for the indices that start there.
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u16]) {
     if bits == 8 {
         out.iter_mut().zip(bytes).for_each(|(o, b)| *o = *b as u16);
         return;
     }
     let mask = (1u64 << bits) - 1;
+    let len = bytes.len();
+    // windows starting before `whole` lie inside `bytes`
+    let whole = len.saturating_sub(7);
+    let mut tail = [0u8; 16];
+    tail[..len - whole].copy_from_slice(&bytes[whole..]);
     for (i, idx) in out.iter_mut().enumerate() {
         let bit = i * bits as usize;
         let at = bit / 8;
-        let word = match bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
-            Some(eight) => u64::from_le_bytes(*eight),
-            None => {
-                let mut eight = [0u8; 8];
-                let tail = bytes.get(at..).unwrap_or(&[]);
-                eight[..tail.len().min(8)].copy_from_slice(&tail[..tail.len().min(8)]);
-                u64::from_le_bytes(eight)
-            }
+        let window = if let Some(eight) = bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
+            eight
+        } else if at < len {
+            // at − whole ≤ 6, so the window ends inside `tail`
+            tail[at - whole..].first_chunk::<8>().unwrap_or(&[0; 8])
+        } else {
+            &[0; 8]
         };
-        *idx = ((word >> (bit % 8)) & mask) as u16;
+        *idx = ((u64::from_le_bytes(*window) >> (bit % 8)) & mask) as u16;
     }
 }
 
@@ -63,15 +68,16 @@ mod tests {
 
     #[test]
     fn round_trips_every_width() {
-        for bits in 1..=16u32 {
-            let indices: Vec<u16> = (0..37u32)
+        // counts whose packing is shorter than one 8-byte window, and longer
+        for (bits, count) in (1..=16u32).flat_map(|b| [1usize, 2, 3, 5, 37].map(|c| (b, c))) {
+            let indices: Vec<u16> = (0..count as u32)
                 .map(|i| ((i * 2_654_435_761u32) >> 7) as u16 & ((1u32 << bits) - 1) as u16)
                 .collect();
             let mut bytes = vec![0u8; packed_len(indices.len(), bits)];
             pack(&indices, bits, &mut bytes);
             let mut back = vec![0u16; indices.len()];
             unpack(&bytes, bits, &mut back);
-            assert_eq!(back, indices, "{bits} bits");
+            assert_eq!(back, indices, "{bits} bits, {count} indices");
             // past the end reads as zero bits, never out of bounds
             let mut longer = vec![0u16; indices.len() + 3];
             unpack(&bytes, bits, &mut longer);
