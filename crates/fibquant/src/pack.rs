@@ -32,33 +32,23 @@ pub fn pack(indices: &[u16], bits: u32, out: &mut [u8]) {
     }
 }
 
-/// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes; bytes past
-/// the end read as 0). Each index is cut from the eight bytes at its first bit (at most
-/// 7 + 16 bits are needed), so there is no inner loop per byte; the last seven bytes are
-/// copied once into a zero-padded window for the indices that start there.
+/// Unpacks `out.len()` indices of `bits` bits from `bytes` (`packed_len` bytes).
 pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u16]) {
     if bits == 8 {
         out.iter_mut().zip(bytes).for_each(|(o, b)| *o = *b as u16);
         return;
     }
     let mask = (1u64 << bits) - 1;
-    let len = bytes.len();
-    // windows starting before `whole` lie inside `bytes`
-    let whole = len.saturating_sub(7);
-    let mut tail = [0u8; 16];
-    tail[..len - whole].copy_from_slice(&bytes[whole..]);
-    for (i, idx) in out.iter_mut().enumerate() {
-        let bit = i * bits as usize;
-        let at = bit / 8;
-        let window = if let Some(eight) = bytes.get(at..).and_then(|rest| rest.first_chunk::<8>()) {
-            eight
-        } else if at < len {
-            // at − whole ≤ 6, so the window ends inside `tail`
-            tail[at - whole..].first_chunk::<8>().unwrap_or(&[0; 8])
-        } else {
-            &[0; 8]
-        };
-        *idx = ((u64::from_le_bytes(*window) >> (bit % 8)) & mask) as u16;
+    let (mut acc, mut held) = (0u64, 0u32);
+    let mut next = bytes.iter();
+    for idx in out.iter_mut() {
+        while held < bits {
+            acc |= (*next.next().unwrap_or(&0) as u64) << held;
+            held += 8;
+        }
+        *idx = (acc & mask) as u16;
+        acc >>= bits;
+        held -= bits;
     }
 }
 
