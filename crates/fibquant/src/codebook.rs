@@ -43,8 +43,8 @@ pub struct Codebook {
     /// Codeword indices sorted by radius, and the radii in that order (for pruned search).
     by_radius: Vec<u32>,
     radii: Vec<f32>,
-    /// The codewords in fixed point, for the encoder's search.
-    fixed: FixedCodebook,
+    /// The codewords in fixed point, for the encoder's search (up to [`MAX_SCANNED_N`]).
+    fixed: Option<FixedCodebook>,
 }
 
 /// Standard normal samples by Box–Muller over ChaCha8 (value-stable for a given seed).
@@ -179,7 +179,7 @@ impl Codebook {
             .map(|i| norms[*i as usize].sqrt())
             .collect();
         norms.resize(stride, f32::INFINITY);
-        let fixed = FixedCodebook::new(k, &words, stride);
+        let fixed = (n <= MAX_SCANNED_N).then(|| FixedCodebook::new(k, &words, stride));
         Self {
             k,
             fixed,
@@ -306,16 +306,14 @@ impl Codebook {
     }
 
     /// The index of the codeword nearest to each block of `blocks` (consecutive blocks of k)
-    /// into `out`, as the encoder searches: in fixed point where the exhaustive scan applies
-    /// ([`crate::fixed_scan`]: the nearest to within 2⁻¹³ of a block's scale, the same index
-    /// on every CPU), by the exact pruned walk above [`MAX_SCANNED_N`] codewords.
+    /// into `out`, as the encoder searches: up to [`MAX_SCANNED_N`] codewords in fixed point
+    /// ([`crate::fixed_scan`]: the nearest to within the coordinates' rounding, about 2⁻¹³ of
+    /// the unit, the same index on every CPU); above that exactly ([`Self::nearest_each`]),
+    /// since the fixed-point score gives up as many low bits as an index takes.
     pub fn nearest_blocks(&self, blocks: &[f32], out: &mut [u16]) {
-        if self.k <= 3 && self.len() > MAX_SCANNED_N {
-            for (index, block) in out.iter_mut().zip(blocks.chunks_exact(self.k)) {
-                *index = self.nearest_pruned(block) as u16;
-            }
-        } else {
-            self.fixed.nearest_blocks(blocks, out);
+        match &self.fixed {
+            Some(fixed) => fixed.nearest_blocks(blocks, out),
+            None => self.nearest_each(blocks, out),
         }
     }
 

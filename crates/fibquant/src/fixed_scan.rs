@@ -5,10 +5,11 @@
 //! `x̂ = ⌊x·2¹³⌉`, `ĉ = ⌊c·2¹⁴⌉` (`s_i ≈ 2²⁶·(‖c_i‖² − 2⟨x, c_i⟩)`, the squared distance less
 //! ‖x‖²). The score's low bits are then replaced by the codeword's index, so one integer
 //! minimum keeps both the smallest score and the first index holding it (no compare and
-//! blend per codeword); the bits lost (8 for 256 codewords: 2⁻¹⁸ of the unit) are far below
-//! the rounding of the coordinates (about 2⁻¹³). Integer sums do not depend on their order,
+//! blend per codeword); the bits lost (8 for 256 codewords: 2⁻¹⁸ of the unit; 12 for 4,096:
+//! 2⁻¹⁴) are below the rounding of the coordinates (about 2⁻¹³). Codebooks above 4,096
+//! codewords are searched exactly instead ([`crate::Codebook::nearest_blocks`]). Integer sums do not depend on their order,
 //! so every path — AVX-512 VNNI, AVX2, portable — returns the same index, and a lane
-//! multiplies two coordinates per instruction (`vpdpwssd`, `vpmaddwd`) where the float
+//! multiplies two coordinates per instruction (`vpdpwssds`, `vpmaddwd`) where the float
 //! search of [`crate::scan`] spends a multiply and a subtraction on each. A block whose two
 //! nearest codewords are nearer each other than the rounding may take either; codebook
 //! refinement keeps the exact float search.
@@ -205,9 +206,8 @@ mod x86 {
     use super::{FixedCodebook, LANES, MAX_PAIRS};
 
     /// Sixteen blocks per register, one per lane, the codewords in turn: per codeword its
-    /// norm broadcast, one `vpdpwssd` per coordinate pair, then the running minimum
-    /// (`vpminsd`, a one-cycle chain) and its index (kept where the score is strictly lower,
-    /// so each lane keeps the first index of its minimum).
+    /// norm broadcast, one `vpdpwssds` per coordinate pair, the index put in the score's low
+    /// bits (an and and an or, one `vpternlogd`) and the running minimum (`vpminsd`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub(super) fn nearest_blocks_vnni<const P: usize>(
         book: &FixedCodebook,
@@ -291,7 +291,11 @@ mod x86 {
             unsafe {
                 let v = _mm512_mul_ps(_mm512_loadu_ps(chunk.as_ptr()), one);
                 let v = _mm512_max_ps(minus_one, _mm512_min_ps(one, v));
-                let halves = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(v));
+                // rounded to nearest-even whatever the MXCSR says, as `round_ties_even`
+                let rounded = _mm512_cvt_roundps_epi32::<
+                    { _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC },
+                >(v);
+                let halves = _mm512_cvtepi32_epi16(rounded);
                 _mm256_storeu_si256(stream.as_mut_ptr().add(8 * c).cast(), halves);
             }
         }
@@ -322,7 +326,7 @@ mod x86 {
     }
 
     /// Eight blocks per register, otherwise as [`nearest_blocks_vnni`]: `vpmaddwd` and an
-    /// add per coordinate pair, a compare and a blend for the index.
+    /// add per coordinate pair, an and and an or for the index, `vpminsd`.
     #[target_feature(enable = "avx2")]
     pub(super) fn nearest_blocks_avx2<const P: usize>(
         book: &FixedCodebook,
@@ -332,7 +336,8 @@ mod x86 {
         const WIDTH: usize = 8;
         let (k, stride) = (book.k, book.stride);
         assert!(k.div_ceil(2) == P && P <= MAX_PAIRS && book.pairs.len() == P * stride);
-        assert!(book.norms.len() == stride && blocks.len() == k * out.len());
+        assert!(book.norms.len() == stride && book.numbers.len() == stride);
+        assert!(blocks.len() == k * out.len());
         for (group, out) in blocks.chunks(WIDTH * k).zip(out.chunks_mut(WIDTH)) {
             let lanes = book.lanes::<WIDTH>(group);
             // SAFETY: each row of `lanes` holds 8 i32.
@@ -383,8 +388,7 @@ mod tests {
     fn every_level_gives_the_portable_indices() {
         let mut ran = Vec::new();
         let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        for k in 1..=9 {
-            let (n, stride) = (100usize, 112usize);
+        for (k, (n, stride)) in (1..=9).flat_map(|k| [(k, (100usize, 112usize)), (k, (256, 256))]) {
             let mut words: Vec<f32> = (0..n * k)
                 .map(|_| random(&mut state) / (k as f32).sqrt())
                 .collect();
@@ -398,8 +402,13 @@ mod tests {
                     .collect();
                 blocks[..k].copy_from_slice(&seventh);
                 if count > 2 {
-                    blocks[k..2 * k].fill(3.0); // outside the unit ball: clamped
+                    // outside the unit ball, infinite, NaN: clamped or zero, on every path
+                    blocks[k..2 * k].fill(3.0);
+                    blocks[k] = -f32::INFINITY;
                     blocks[2 * k] = f32::NAN;
+                    if k > 1 {
+                        blocks[2 * k + 1] = -7.5;
+                    }
                 }
                 let mut want = vec![0u16; count];
                 book.nearest_blocks_with(&blocks, &mut want, Isa::Portable);

@@ -1,6 +1,7 @@
 //! FibQuant vector quantization (DESIGN §6, after Lee & Kim 2026): a vector x ∈ R^d is stored
 //! as its norm ν (f16) and, for u = Π·x/ν (Π a seeded randomized Hadamard rotation), the index of
-//! the nearest codeword of each block of k coordinates, bit-packed at ⌈log2 N⌉ bits.
+//! the nearest codeword of each block of k coordinates (to within a fixed-point rounding up to
+//! 4,096 codewords, [`fixed_scan`]), bit-packed at ⌈log2 N⌉ bits.
 //!
 //! ```text
 //!  code = [ν: f16 little-endian][indices: d/k × ⌈log2 N⌉ bits, packed LSB first]
@@ -282,7 +283,8 @@ impl FibQuant {
                 return Err(FibQuantError::NormOutOfRange { norm });
             }
             code[..2].copy_from_slice(&f16::from_f32(norm).to_le_bytes());
-            if norm > 0.0 {
+            // below the smallest normal f32, 1/norm is infinite (and the f16 norm is 0)
+            if norm >= f32::MIN_POSITIVE {
                 self.rotation.apply_scaled(u, 1.0 / norm);
             } else {
                 u.fill(0.0);
@@ -353,7 +355,8 @@ pub fn keep_codebooks_in(dir: PathBuf) -> bool {
 /// enter the codebook).
 fn codebook_file(profile: Profile) -> String {
     let Profile { d, k, n, seed, .. } = profile;
-    format!("fibquant-build{CODEBOOK_BUILD}-d{d}-k{k}-n{n}-seed{seed:016x}.codebook")
+    let format = payload::VERSION;
+    format!("fibquant-build{CODEBOOK_BUILD}-format{format}-d{d}-k{k}-n{n}-seed{seed:016x}.codebook")
 }
 
 /// The codebook stored at `path` if it is there, intact and of the profile's shape. Every
@@ -371,9 +374,16 @@ fn write_codebook(path: &std::path::Path, codebook: &Codebook) -> std::io::Resul
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    let partial = path.with_extension(format!("partial{}", std::process::id()));
-    std::fs::write(&partial, payload::codebook_to_bytes(codebook))?;
-    std::fs::rename(&partial, path)
+    // one partial file per process and thread, removed if it cannot be put in place
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let write = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let partial = path.with_extension(format!("partial-{}-{write}", std::process::id()));
+    let written = std::fs::write(&partial, payload::codebook_to_bytes(codebook))
+        .and_then(|()| std::fs::rename(&partial, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// Checks that a profile can be built.
@@ -527,6 +537,21 @@ mod tests {
         let unkept = FibQuant::read_or_build(profile, Some(&blocked)).unwrap();
         assert_eq!(unkept.codebook(), built.codebook());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Pins a small profile's codebook: a change to [`Codebook::build`] that moves codewords
+    /// must come with a new `CODEBOOK_BUILD`, or processes would read back codebooks of the
+    /// older build from disk (and pages encoded with them would decode wrongly).
+    #[test]
+    fn a_codebook_build_that_changes_codewords_changes_its_number() {
+        let q = FibQuant::new(Profile::new(64, 4, 64, 7)).unwrap();
+        let digest = q.codebook_digest();
+        println!("build {CODEBOOK_BUILD}, digest {digest:#018x}");
+        assert_eq!(
+            (CODEBOOK_BUILD, digest),
+            (1, 0x65e5_a6a8_9164_5b52),
+            "bump CODEBOOK_BUILD and this pin"
+        );
     }
 
     #[test]

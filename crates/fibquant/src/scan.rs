@@ -35,8 +35,8 @@ pub fn nearest(columns: &[f32], norms: &[f32], stride: usize, x: &[f32]) -> usiz
 /// of k long) into `out`: for each block exactly what [`nearest`] returns. On AVX-512 sixteen
 /// blocks are searched at once, one per lane, with the codewords in turn (the same operations
 /// in the same order per block, one compare per codeword and no horizontal reduction per
-/// block: a page encodes in about 0.6 of the time it took with one [`nearest`] per block);
-/// elsewhere, block by block.
+/// block: about 0.6 of the time of one [`nearest`] per block); elsewhere, block by block.
+/// Codebook refinement's search, and the encoder's above 4,096 codewords.
 pub fn nearest_blocks(
     columns: &[f32],
     norms: &[f32],

@@ -20,6 +20,7 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use crate::attention::Simd;
 use crate::error::{KvError, Result};
 
 /// Block starts whose rotation angles are tabulated; later blocks compute theirs directly.
@@ -236,6 +237,7 @@ impl KeyNorm {
         scale: f32,
         bias: &mut [f32],
         rotated: &mut Vec<f32>,
+        simd: Simd,
     ) {
         let pairs = self.head_dim / 2;
         let (alpha, beta) = coefficients.split_at(pairs);
@@ -250,17 +252,20 @@ impl KeyNorm {
         let bs = self.block_size;
         let n = bias.len().min(bs);
         let bias = &mut bias[..n];
+        // the pass's level (a pass runs at a level only where the CPU has it)
         #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
+        match simd {
+            Simd::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
                 // SAFETY: the CPU supports AVX-512F, checked on the line above.
                 return unsafe { add_rotations_avx512(a, b, &self.within, bs, bias) };
             }
-            if std::arch::is_x86_feature_detected!("avx2") {
+            Simd::Avx2 | Simd::Avx512 if std::arch::is_x86_feature_detected!("avx2") => {
                 // SAFETY: the CPU supports AVX2, checked on the line above.
                 return unsafe { add_rotations_avx2(a, b, &self.within, bs, bias) };
             }
+            _ => {}
         }
+        let _ = simd;
         add_rotations(a, b, &self.within, bs, bias)
     }
 }
@@ -388,7 +393,7 @@ mod tests {
         // a tabulated start, an untabulated one, and a partial block
         for (start, n) in [(8usize, 4usize), (TABULATED_POSITIONS + 4, 4), (12, 3)] {
             let mut bias = vec![0f32; n];
-            norm.add_block_bias(&coef, start, 0.5, &mut bias, &mut scratch);
+            norm.add_block_bias(&coef, start, 0.5, &mut bias, &mut scratch, Simd::widest());
             let mut shift = vec![0f32; d];
             for (t, b) in bias.iter().enumerate() {
                 norm.shift(0, 0, start + t, &mut shift);

@@ -131,7 +131,9 @@ impl FibTables {
         scale: f32,
         scores: &mut [f32],
     ) {
-        let Shape { group, d, bs, .. } = shape;
+        let Shape {
+            group, d, bs, simd, ..
+        } = shape;
         for g in 0..group {
             let coefficients = &self.bias_coefficients[g * d..(g + 1) * d];
             c.add_block_bias(
@@ -140,6 +142,7 @@ impl FibTables {
                 scale,
                 &mut scores[g * bs..g * bs + n],
                 &mut self.bias,
+                simd,
             );
         }
     }

@@ -48,7 +48,7 @@ pub(super) struct ScaledQuery<'a> {
 /// Buffers reused across pages.
 #[derive(Debug, Default, Clone)]
 pub(super) struct PageScratch {
-    /// FibQuant's query tables and value bins (kept across the blocks of a pass).
+    /// FibQuant's query tables and rotated value sums (kept across the blocks of a pass).
     pub fib: FibTables,
     /// A converted page (f16/bf16, or a packed full-precision page).
     page: Vec<f32>,
