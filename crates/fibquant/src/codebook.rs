@@ -227,11 +227,17 @@ impl Codebook {
     /// the pruned walk, whose branches defeat the CPU); the radially pruned walk above that, for
     /// k ≤ 3 where the radius bound discards most codewords.
     pub fn nearest(&self, x: &[f32]) -> usize {
-        if self.k <= 3 && self.len() > MAX_SCANNED_N {
+        if self.walks_radii() {
             self.nearest_pruned(x)
         } else {
             self.nearest_exhaustive(x)
         }
+    }
+
+    /// True where exact searches walk outwards in radius ([`Self::nearest_pruned`]) instead of
+    /// scanning every codeword: above [`MAX_SCANNED_N`] codewords, for k ≤ 3.
+    fn walks_radii(&self) -> bool {
+        self.k <= 3 && self.len() > MAX_SCANNED_N
     }
 
     /// [`Self::nearest`] of each block of `blocks` (consecutive blocks of k) into `out`, the
@@ -241,7 +247,7 @@ impl Codebook {
     pub fn nearest_each(&self, blocks: &[f32], out: &mut [u16]) {
         let k = self.k;
         check_blocks(k, blocks, out);
-        if self.k <= 3 && self.len() > MAX_SCANNED_N {
+        if self.walks_radii() {
             for (index, block) in out.iter_mut().zip(blocks.chunks_exact(k)) {
                 *index = self.nearest_pruned(block) as u16;
             }

@@ -7,8 +7,9 @@
 //! minimum keeps both the smallest score and the first index holding it (no compare and
 //! blend per codeword); the bits lost (8 for 256 codewords: 2⁻¹⁸ of the unit; 12 for 4,096:
 //! 2⁻¹⁴) are below the rounding of the coordinates (about 2⁻¹³). Codebooks above 4,096
-//! codewords are searched exactly instead ([`crate::Codebook::nearest_blocks`]). Integer sums do not depend on their order,
-//! so every path — AVX-512 VNNI, AVX2, portable — returns the same index, and a lane
+//! codewords are searched exactly instead ([`crate::Codebook::nearest_blocks`]). Integer sums
+//! do not depend on their order, so every path — AVX-512 VNNI, AVX2, portable — returns the
+//! same index, and a lane
 //! multiplies two coordinates per instruction (`vpdpwssds`, `vpmaddwd`) where the float
 //! search of [`crate::scan`] spends a multiply and a subtraction on each. A block whose two
 //! nearest codewords are nearer each other than the rounding may take either; codebook
@@ -279,6 +280,10 @@ mod x86 {
     /// pairs dealt out to their registers. The clamp keeps NaN (as `vminps` passes on its
     /// second operand), which converts to `0x8000_0000` and truncates to 0, as the scalar
     /// rounding gives.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and BW (inlined into [`nearest_blocks_vnni`], which
+    /// enables them).
     #[inline(always)]
     unsafe fn rounded_pairs<const P: usize>(group: &[f32]) -> [__m512i; MAX_PAIRS] {
         assert!(group.len() == 2 * P * LANES);

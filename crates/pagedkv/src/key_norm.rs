@@ -20,7 +20,6 @@
 
 use xxhash_rust::xxh3::xxh3_64;
 
-use crate::attention::Simd;
 use crate::error::{KvError, Result};
 
 /// Block starts whose rotation angles are tabulated; later blocks compute theirs directly.
@@ -237,7 +236,6 @@ impl KeyNorm {
         scale: f32,
         bias: &mut [f32],
         rotated: &mut Vec<f32>,
-        simd: Simd,
     ) {
         let pairs = self.head_dim / 2;
         let (alpha, beta) = coefficients.split_at(pairs);
@@ -251,94 +249,20 @@ impl KeyNorm {
         });
         let bs = self.block_size;
         let n = bias.len().min(bs);
-        let bias = &mut bias[..n];
-        // the pass's level (a pass runs at a level only where the CPU has it)
-        #[cfg(target_arch = "x86_64")]
-        match simd {
-            Simd::Avx512 if std::arch::is_x86_feature_detected!("avx512f") => {
-                // SAFETY: the CPU supports AVX-512F, checked on the line above.
-                return unsafe { add_rotations_avx512(a, b, &self.within, bs, bias) };
+        let (cos, sin) = self.within.split_at(pairs * bs);
+        for i in 0..pairs {
+            let (ai, bi) = (a[i], b[i]);
+            let (c, s) = (&cos[i * bs..i * bs + n], &sin[i * bs..i * bs + n]);
+            for t in 0..n {
+                bias[t] += ai * c[t] + bi * s[t];
             }
-            Simd::Avx2 | Simd::Avx512 if std::arch::is_x86_feature_detected!("avx2") => {
-                // SAFETY: the CPU supports AVX2, checked on the line above.
-                return unsafe { add_rotations_avx2(a, b, &self.within, bs, bias) };
-            }
-            _ => {}
-        }
-        let _ = simd;
-        add_rotations(a, b, &self.within, bs, bias)
-    }
-}
-
-/// `bias[t] += a_i·cos_i[t] + b_i·sin_i[t]` over the pairs i, from the within-block angle
-/// tables (`pairs` rows of cos, then of sin, `bs` each): a multiply and two adds per pair and
-/// token in the same order at every width (no fused multiply-add), so the wider copies below
-/// give the same sums; they are the loop compiled for AVX2 and AVX-512, where it reads a
-/// block's tokens in one or two registers instead of four.
-#[inline(always)]
-fn add_rotations(a: &[f32], b: &[f32], within: &[f32], bs: usize, bias: &mut [f32]) {
-    let n = bias.len();
-    let (cos, sin) = within.split_at(a.len() * bs);
-    for (i, (ai, bi)) in a.iter().zip(b).enumerate() {
-        let (c, s) = (&cos[i * bs..i * bs + n], &sin[i * bs..i * bs + n]);
-        for ((o, c), s) in bias.iter_mut().zip(c).zip(s) {
-            *o += ai * c + bi * s;
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn add_rotations_avx2(a: &[f32], b: &[f32], within: &[f32], bs: usize, bias: &mut [f32]) {
-    add_rotations(a, b, within, bs, bias)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn add_rotations_avx512(a: &[f32], b: &[f32], within: &[f32], bs: usize, bias: &mut [f32]) {
-    add_rotations(a, b, within, bs, bias)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The AVX2 and AVX-512 copies of the bias loop give the portable loop's sums bit for bit
-    /// (whole blocks and a partial one); says which ran.
-    #[test]
-    fn block_bias_is_the_same_at_every_width() {
-        let (pairs, bs) = (32usize, 16usize);
-        let value = |i: usize| ((i * 2_654_435_761) % 1000) as f32 / 500.0 - 1.0;
-        let a: Vec<f32> = (0..pairs).map(value).collect();
-        let b: Vec<f32> = (0..pairs).map(|i| value(i + 77)).collect();
-        let within: Vec<f32> = (0..2 * pairs * bs).map(|i| value(i + 1000)).collect();
-        let mut ran = vec!["portable"];
-        for n in [16, 7] {
-            let start: Vec<f32> = (0..n).map(|t| value(t + 5000)).collect();
-            let mut want = start.clone();
-            add_rotations(&a, &b, &within, bs, &mut want);
-            #[cfg(target_arch = "x86_64")]
-            {
-                if std::arch::is_x86_feature_detected!("avx2") {
-                    let mut got = start.clone();
-                    // SAFETY: the CPU supports AVX2 (checked).
-                    unsafe { add_rotations_avx2(&a, &b, &within, bs, &mut got) };
-                    assert_eq!(got, want, "AVX2, {n} tokens");
-                    ran.push("avx2");
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    let mut got = start.clone();
-                    // SAFETY: the CPU supports AVX-512F (checked).
-                    unsafe { add_rotations_avx512(&a, &b, &within, bs, &mut got) };
-                    assert_eq!(got, want, "AVX-512, {n} tokens");
-                    ran.push("avx512");
-                }
-            }
-        }
-        ran.sort_unstable();
-        ran.dedup();
-        println!("block bias loops run: {ran:?}");
-    }
     use crate::calibration::KeyNormFit;
 
     fn rope(x: &[f32], pos: usize, base: f32) -> Vec<f32> {
@@ -393,7 +317,7 @@ mod tests {
         // a tabulated start, an untabulated one, and a partial block
         for (start, n) in [(8usize, 4usize), (TABULATED_POSITIONS + 4, 4), (12, 3)] {
             let mut bias = vec![0f32; n];
-            norm.add_block_bias(&coef, start, 0.5, &mut bias, &mut scratch, Simd::widest());
+            norm.add_block_bias(&coef, start, 0.5, &mut bias, &mut scratch);
             let mut shift = vec![0f32; d];
             for (t, b) in bias.iter().enumerate() {
                 norm.shift(0, 0, start + t, &mut shift);

@@ -131,9 +131,7 @@ impl FibTables {
         scale: f32,
         scores: &mut [f32],
     ) {
-        let Shape {
-            group, d, bs, simd, ..
-        } = shape;
+        let Shape { group, d, bs, .. } = shape;
         for g in 0..group {
             let coefficients = &self.bias_coefficients[g * d..(g + 1) * d];
             c.add_block_bias(
@@ -142,7 +140,6 @@ impl FibTables {
                 scale,
                 &mut scores[g * bs..g * bs + n],
                 &mut self.bias,
-                simd,
             );
         }
     }
@@ -315,14 +312,15 @@ impl FibTables {
         probs: &[f32],
     ) -> Result<()> {
         let Shape { group, d, bs, .. } = shape;
+        // every path adds into the rotated sums, started at the pass's first value page
+        if !self.rotated_used {
+            self.rotated_acc.clear();
+            self.rotated_acc.resize(group * d, 0.0);
+            self.rotated_used = true;
+        }
         #[cfg(target_arch = "x86_64")]
         if Self::fast(fq, shape) {
             let largest = Self::check_page(fq, bytes, n)?;
-            if !self.rotated_used {
-                self.rotated_acc.clear();
-                self.rotated_acc.resize(group * d, 0.0);
-                self.rotated_used = true;
-            }
             let words = fq.codebook().words();
             // SAFETY: as in `key_scores`.
             unsafe {
@@ -343,11 +341,6 @@ impl FibTables {
         // the token's vector in the rotated space, put together from its codewords, added
         // into the rotated sums (not into per-codeword bins: those are group × blocks × N
         // floats to clear and fold per pass, 0.8 MB per kv head at N = 4096)
-        if !self.rotated_used {
-            self.rotated_acc.clear();
-            self.rotated_acc.resize(group * d, 0.0);
-            self.rotated_used = true;
-        }
         let (k, words) = (fq.profile().k, fq.codebook().words());
         self.rotated.resize(d, 0.0);
         let largest = page_norm(bytes)?;
@@ -399,12 +392,12 @@ impl FibTables {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 /// The AVX-512 path for 2- and 4-coordinate codewords with byte indices and blocks of 16: a
 /// token's rotated vector is put together in registers from its codewords (one load each), so
 /// no tables are written; values are summed in the rotated space and rotated back once per
 /// pass.
-#[cfg(target_arch = "x86_64")]
-mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
