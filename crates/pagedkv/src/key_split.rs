@@ -35,6 +35,9 @@ use crate::error::{KvError, Result};
 /// Coordinates per chunk.
 pub const CHUNK: usize = 16;
 
+/// Most chunks a head holds: head_dim up to 256.
+const MAX_CHUNKS: usize = 16;
+
 /// Codecs a chunk may take, cheapest first (None: dropped).
 pub const LADDER: [Option<Codec>; 9] = [
     None,
@@ -84,6 +87,8 @@ pub struct SplitPlan {
     rotations: Vec<HadamardRotation>,
     /// Byte offset of each chunk's indices in a token's code (after the norm byte).
     offsets: Vec<usize>,
+    /// Each kept chunk's indices and tables, for [`SplitPlan::scores`].
+    lookups: Vec<ChunkLookup>,
     token_bytes: usize,
     /// `√(kept / head_dim)`: a kept coordinate's share of a unit head_dim-wide vector.
     kept_share: f32,
@@ -100,6 +105,7 @@ impl SplitPlan {
         scale: Vec<f32>,
     ) -> Result<Self> {
         if chunks.len() * CHUNK != head_dim
+            || chunks.len() > MAX_CHUNKS
             || order.len() != scale.len()
             || order.is_empty()
             || !order.len().is_multiple_of(head_dim)
@@ -155,6 +161,21 @@ impl SplitPlan {
             offsets.push(token_bytes);
             token_bytes += chunk_bits(*c).div_ceil(8);
         }
+        let mut lookups = Vec::new();
+        let mut table = 0;
+        for (fq, &offset) in quantizers.iter().zip(&offsets) {
+            let Some(fq) = fq else { continue };
+            let (blocks, words) = (CHUNK / fq.profile().k, fq.profile().n);
+            let bits = fq.index_bits() as usize;
+            lookups.push(ChunkLookup {
+                offset,
+                bits,
+                blocks,
+                words,
+                table,
+            });
+            table += blocks * words;
+        }
         let kept = chunks.iter().filter(|c| c.is_some()).count() * CHUNK;
         if kept == 0 {
             return Err(KvError::InvalidKeyNorm("a key split keeps no chunk".into()));
@@ -168,6 +189,7 @@ impl SplitPlan {
             quantizers,
             rotations,
             offsets,
+            lookups,
             token_bytes,
             kept_share: (kept as f32 / head_dim as f32).sqrt(),
         })
@@ -386,11 +408,32 @@ impl SplitPlan {
                 let chunk = &mut moved[c * CHUNK..(c + 1) * CHUNK];
                 self.rotations[c].apply(chunk);
                 let (k, n) = (fq.profile().k, fq.profile().n);
+                let codebook = fq.codebook();
                 for x in chunk.chunks_exact(k) {
                     let table = &mut out[at..at + n];
-                    for (j, xj) in x.iter().enumerate() {
-                        let column = &fq.codebook().column(j)[..n];
-                        table.iter_mut().zip(column).for_each(|(l, c)| *l += xj * c);
+                    // each entry written once (the ladder's k is 2 or 4; a pass per coordinate
+                    // read and wrote the whole table k times), summed in that pass's order
+                    match *x {
+                        [x0, x1] => {
+                            let (c0, c1) = (&codebook.column(0)[..n], &codebook.column(1)[..n]);
+                            for ((l, a), b) in table.iter_mut().zip(c0).zip(c1) {
+                                *l = x0 * a + x1 * b;
+                            }
+                        }
+                        [x0, x1, x2, x3] => {
+                            let (c0, c1) = (&codebook.column(0)[..n], &codebook.column(1)[..n]);
+                            let (c2, c3) = (&codebook.column(2)[..n], &codebook.column(3)[..n]);
+                            let columns = c0.iter().zip(c1).zip(c2).zip(c3);
+                            for (l, (((a, b), c), e)) in table.iter_mut().zip(columns) {
+                                *l = x0 * a + x1 * b + x2 * c + x3 * e;
+                            }
+                        }
+                        _ => {
+                            for (j, xj) in x.iter().enumerate() {
+                                let column = &codebook.column(j)[..n];
+                                table.iter_mut().zip(column).for_each(|(l, c)| *l += xj * c);
+                            }
+                        }
                     }
                     at += n;
                 }
@@ -438,34 +481,105 @@ impl SplitPlan {
             });
         }
         let largest = page_norm(page)?;
-        let mut indices = [0u16; CHUNK / 2];
+        let mut lookups = [0u32; MAX_CHUNKS * CHUNK / 2];
         for (t, token) in page[PAGE_HEADER..]
             .chunks_exact(self.token_bytes)
             .take(n)
             .enumerate()
         {
-            let norm = token_norm(largest, token[0]) * scale;
-            for g in 0..groups {
-                scores[g * stride + t] = 0.0;
-            }
-            let mut at = 0;
-            for (c, fq) in self.quantizers.iter().enumerate() {
-                let Some(fq) = fq else { continue };
-                let words = fq.profile().n;
-                let indices = self.chunk_indices(c, fq, token, &mut indices);
-                for (g, table) in tables.chunks_exact(per_query).enumerate() {
-                    let sum: f32 = indices
-                        .iter()
-                        .enumerate()
-                        .map(|(b, i)| table[at + b * words + *i as usize])
-                        .sum();
-                    scores[g * stride + t] += sum * norm;
+            // every block's entry in a query's tables, found once for all the query heads
+            let mut count = 0;
+            let token_start = PAGE_HEADER + t * self.token_bytes;
+            let mut ends = [0usize; MAX_CHUNKS];
+            for (chunk, end) in self.lookups.iter().zip(&mut ends) {
+                let (bits, words) = (chunk.bits, chunk.words);
+                let code = code_bits(page, token_start + chunk.offset, chunk.blocks * bits);
+                for b in 0..chunk.blocks {
+                    // a ladder codebook has 2^bits words: every index is in range
+                    let index = (code >> (b * bits)) as usize & (words - 1);
+                    lookups[count] = (chunk.table + b * words + index) as u32;
+                    count += 1;
                 }
-                at += indices.len() * words;
+                *end = count;
+            }
+            let norm = token_norm(largest, token[0]) * scale;
+            let ends = &ends[..self.lookups.len()];
+            for first in (0..groups).step_by(4) {
+                let tables = &tables[first * per_query..];
+                let out = &mut scores[first * stride + t..];
+                let lookups = (&lookups[..count], ends);
+                match groups - first {
+                    1 => score_heads::<1>(tables, per_query, lookups, norm, out, stride),
+                    2 => score_heads::<2>(tables, per_query, lookups, norm, out, stride),
+                    3 => score_heads::<3>(tables, per_query, lookups, norm, out, stride),
+                    _ => score_heads::<4>(tables, per_query, lookups, norm, out, stride),
+                }
             }
         }
         Ok(())
     }
+}
+
+/// One token's scores for `H` query heads (`tables`: theirs, `per_query` entries each, one
+/// after another) into `out[h·stride]`, from its table entries and where each chunk's end
+/// (`lookups`): per chunk a sum of its entries, scaled by `norm` and added to the score. The
+/// heads' sums are independent chains interleaved, for the CPU to overlap.
+fn score_heads<const H: usize>(
+    tables: &[f32],
+    per_query: usize,
+    (lookups, ends): (&[u32], &[usize]),
+    norm: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let tables: [&[f32]; H] = std::array::from_fn(|h| &tables[h * per_query..(h + 1) * per_query]);
+    let mut scores = [0f32; H];
+    let mut start = 0;
+    for &end in ends {
+        let mut sums = [0f32; H];
+        for &l in &lookups[start..end] {
+            for (sum, table) in sums.iter_mut().zip(&tables) {
+                *sum += table[l as usize];
+            }
+        }
+        for (score, sum) in scores.iter_mut().zip(sums) {
+            *score += sum * norm;
+        }
+        start = end;
+    }
+    for (h, score) in scores.into_iter().enumerate() {
+        out[h * stride] = score;
+    }
+}
+
+/// At least the `bits` bits (at most 128: a chunk's indices, at most 8 blocks of 10 bits on
+/// the ladder) of a page from byte `at`, lowest first; the bits above them are whatever
+/// follows in the page, or zero past its end.
+fn code_bits(page: &[u8], at: usize, bits: usize) -> u128 {
+    if let Some(bytes) = page
+        .get(at..at + 16)
+        .and_then(|b| <[u8; 16]>::try_from(b).ok())
+    {
+        // one load, where bytes gathered through memory would stall its read on their stores
+        return u128::from_le_bytes(bytes);
+    }
+    page[at..at + bits.div_ceil(8)]
+        .iter()
+        .rev()
+        .fold(0u128, |code, b| code << 8 | u128::from(*b))
+}
+
+/// Where a kept chunk's indices lie in a token's code and its blocks' tables in a query's.
+#[derive(Debug, Clone, Copy)]
+struct ChunkLookup {
+    /// Byte offset of the indices in a token's code.
+    offset: usize,
+    bits: usize,
+    blocks: usize,
+    /// Codewords (table entries) per block: `2^bits`.
+    words: usize,
+    /// Offset of the first block's table in a query's tables.
+    table: usize,
 }
 
 /// The split of every layer whose key codec a plan was made for.

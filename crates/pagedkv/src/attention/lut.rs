@@ -15,6 +15,31 @@ use crate::key_norm::KeyNorm;
 use super::pages::{ScaledQuery, Shape};
 use super::Simd;
 
+/// [`FibTables::read_code`] into `indices` (the code's `d / k` blocks).
+#[inline(always)]
+fn read_code_into(
+    q: &FibQuant,
+    bytes: &[u8],
+    largest: f32,
+    t: usize,
+    indices: &mut [u16],
+) -> Result<f32> {
+    let tb = token_bytes(q);
+    let code = &bytes[PAGE_HEADER + t * tb..PAGE_HEADER + (t + 1) * tb];
+    fibquant::pack::unpack(&code[1..], q.index_bits(), indices);
+    let n = q.profile().n;
+    if let Some(bad) = indices.iter().find(|i| **i as usize >= n) {
+        return Err(KvError::FibQuant(fibquant::FibQuantError::BadIndex {
+            index: *bad as usize,
+            n,
+        }));
+    }
+    Ok(token_norm(largest, code[0]))
+}
+
+/// Rotated coordinates the general value sum adds at a time.
+const SUM_WIDTH: usize = 16;
+
 /// Tables and sums of one kv head's pass, reused across heads and calls.
 #[derive(Debug, Default, Clone)]
 pub(super) struct FibTables {
@@ -23,6 +48,10 @@ pub(super) struct FibTables {
     tables: Vec<f32>,
     tables_ready: bool,
     indices: Vec<u16>,
+    /// A value page's codeword indices (tokens × blocks) and `p·ν` (heads × tokens), for
+    /// [`FibTables::accumulate_in_chunks`].
+    page_indices: Vec<u16>,
+    weights: Vec<f32>,
     rotated: Vec<f32>,
     /// Fast path (k = 2 or 4, byte indices, blocks of 16, AVX-512 or AVX2): the rotated
     /// queries (`group × d`); every path: the value sum in the rotated space (`group × d`),
@@ -172,19 +201,8 @@ impl FibTables {
     /// outside the codebook is an error (a corrupt page), never an out-of-bounds read.
     #[inline(always)]
     fn read_code(&mut self, q: &FibQuant, bytes: &[u8], largest: f32, t: usize) -> Result<f32> {
-        let tb = token_bytes(q);
-        let code = &bytes[PAGE_HEADER + t * tb..PAGE_HEADER + (t + 1) * tb];
-        let blocks = q.profile().d / q.profile().k;
-        self.indices.resize(blocks, 0);
-        fibquant::pack::unpack(&code[1..], q.index_bits(), &mut self.indices);
-        let n = q.profile().n;
-        if let Some(bad) = self.indices.iter().find(|i| **i as usize >= n) {
-            return Err(KvError::FibQuant(fibquant::FibQuantError::BadIndex {
-                index: *bad as usize,
-                n,
-            }));
-        }
-        Ok(token_norm(largest, code[0]))
+        self.indices.resize(q.profile().d / q.profile().k, 0);
+        read_code_into(q, bytes, largest, t, &mut self.indices)
     }
 
     /// `scores[g·bs + t] = scale·⟨q_g, k̂_t⟩` from the codes of a key page.
@@ -342,8 +360,15 @@ impl FibTables {
         // into the rotated sums (not into per-codeword bins: those are group × blocks × N
         // floats to clear and fold per pass, 0.8 MB per kv head at N = 4096)
         let (k, words) = (fq.profile().k, fq.codebook().words());
-        self.rotated.resize(d, 0.0);
         let largest = page_norm(bytes)?;
+        if d.is_multiple_of(SUM_WIDTH) {
+            match k {
+                2 => return self.accumulate_in_chunks::<2>(fq, bytes, largest, n, shape, probs),
+                4 => return self.accumulate_in_chunks::<4>(fq, bytes, largest, n, shape, probs),
+                _ => {}
+            }
+        }
+        self.rotated.resize(d, 0.0);
         for t in 0..n {
             let norm = self.read_code(fq, bytes, largest, t)?;
             for (block, i) in self.rotated.chunks_exact_mut(k).zip(&self.indices) {
@@ -358,6 +383,67 @@ impl FibTables {
                     .for_each(|(a, v)| *a += w * v);
             }
         }
+        Ok(())
+    }
+
+    /// [`Self::accumulate_with`]'s general sum, `SUM_WIDTH` rotated coordinates at a time: each
+    /// token's codes read once, and up to four heads' sums of those coordinates kept in local
+    /// arrays over the page's tokens (in registers where the target has them), so the rotated
+    /// sums are read and written once per page, not once per token and head. The same
+    /// additions in the same order as token by token: the same sums.
+    fn accumulate_in_chunks<const K: usize>(
+        &mut self,
+        fq: &FibQuant,
+        bytes: &[u8],
+        largest: f32,
+        n: usize,
+        shape: Shape,
+        probs: &[f32],
+    ) -> Result<()> {
+        let Shape { group, d, bs, .. } = shape;
+        assert_eq!(fq.profile().k, K);
+        let words = fq.codebook().words();
+        let blocks = d / K;
+        let mut indices = std::mem::take(&mut self.page_indices);
+        indices.resize(n * blocks, 0);
+        self.weights.resize(group * n, 0.0);
+        for t in 0..n {
+            // (on a corrupt page the scratch is dropped: the next page allocates it again)
+            let token = &mut indices[t * blocks..(t + 1) * blocks];
+            let norm = read_code_into(fq, bytes, largest, t, token)?;
+            for g in 0..group {
+                self.weights[g * n + t] = probs[g * bs + t] * norm;
+            }
+        }
+        let per_chunk = SUM_WIDTH / K;
+        for first in (0..group).step_by(4) {
+            with_heads!((group - first).min(4), H, {
+                for j in 0..d / SUM_WIDTH {
+                    let mut sums = [[0f32; SUM_WIDTH]; H];
+                    for (h, sums) in sums.iter_mut().enumerate() {
+                        let at = (first + h) * d + SUM_WIDTH * j;
+                        sums.copy_from_slice(&self.rotated_acc[at..at + SUM_WIDTH]);
+                    }
+                    for t in 0..n {
+                        let mut v = [0f32; SUM_WIDTH];
+                        let codes = &indices[t * blocks + j * per_chunk..][..per_chunk];
+                        for (piece, &i) in v.chunks_exact_mut(K).zip(codes) {
+                            // K floats: a copy of a known length, inlined
+                            piece.copy_from_slice(&words[i as usize * K..][..K]);
+                        }
+                        for (h, sums) in sums.iter_mut().enumerate() {
+                            let w = self.weights[(first + h) * n + t];
+                            sums.iter_mut().zip(&v).for_each(|(s, x)| *s += w * x);
+                        }
+                    }
+                    for (h, sums) in sums.iter().enumerate() {
+                        let at = (first + h) * d + SUM_WIDTH * j;
+                        self.rotated_acc[at..at + SUM_WIDTH].copy_from_slice(sums);
+                    }
+                }
+            });
+        }
+        self.page_indices = indices;
         Ok(())
     }
 
