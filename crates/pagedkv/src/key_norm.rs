@@ -254,8 +254,8 @@ impl KeyNorm {
         let n = bias.len().min(bs);
         let (cos, sin) = self.within.split_at(pairs * bs);
         // sixteen tokens at a time, summed over every pair in a local array the compiler keeps
-        // in registers (adding into `bias` pair by pair stored and reloaded it 32 times a
-        // block); the same additions in the same order, so the same sums
+        // in registers (adding into `bias` pair by pair stored and reloaded it once per pair);
+        // the same additions in the same order, so the same sums
         for first in (0..n).step_by(TOKENS_AT_ONCE) {
             // a whole run of the block's table when it has one (the tokens past `n` summed and
             // dropped): fixed lengths, so the sums stay in registers

@@ -87,7 +87,7 @@ pub struct SplitPlan {
     rotations: Vec<HadamardRotation>,
     /// Byte offset of each chunk's indices in a token's code (after the norm byte).
     offsets: Vec<usize>,
-    /// Each kept chunk's indices and tables, for [`SplitPlan::scores`].
+    /// Where each kept chunk's indices and tables lie, for [`SplitPlan::scores`].
     lookups: Vec<ChunkLookup>,
     token_bytes: usize,
     /// `√(kept / head_dim)`: a kept coordinate's share of a unit head_dim-wide vector.
@@ -96,7 +96,7 @@ pub struct SplitPlan {
 
 impl SplitPlan {
     /// A plan from its parts (see [`SplitPlan::fit`], in `calibration`); `order` must hold a permutation of the head's
-    /// coordinates per head and `scale` positive finite factors.
+    /// coordinates per head and `scale` positive finite factors; head_dim at most 256.
     pub fn new(
         for_codec: Codec,
         head_dim: usize,
@@ -105,7 +105,6 @@ impl SplitPlan {
         scale: Vec<f32>,
     ) -> Result<Self> {
         if chunks.len() * CHUNK != head_dim
-            || chunks.len() > MAX_CHUNKS
             || order.len() != scale.len()
             || order.is_empty()
             || !order.len().is_multiple_of(head_dim)
@@ -115,6 +114,12 @@ impl SplitPlan {
                 expected: head_dim,
                 got: chunks.len() * CHUNK,
             });
+        }
+        if chunks.len() > MAX_CHUNKS {
+            return Err(KvError::InvalidKeyNorm(format!(
+                "a key split holds at most {MAX_CHUNKS} chunks (head_dim up to {})",
+                MAX_CHUNKS * CHUNK
+            )));
         }
         for perm in order.chunks_exact(head_dim) {
             let mut seen = vec![false; head_dim];
@@ -412,7 +417,7 @@ impl SplitPlan {
                 for x in chunk.chunks_exact(k) {
                     let table = &mut out[at..at + n];
                     // each entry written once (the ladder's k is 2 or 4; a pass per coordinate
-                    // read and wrote the whole table k times), summed in that pass's order
+                    // read and wrote the whole table k times), summed in those passes' order
                     match *x {
                         [x0, x1] => {
                             let (c0, c1) = (&codebook.column(0)[..n], &codebook.column(1)[..n]);
@@ -424,8 +429,8 @@ impl SplitPlan {
                             let (c0, c1) = (&codebook.column(0)[..n], &codebook.column(1)[..n]);
                             let (c2, c3) = (&codebook.column(2)[..n], &codebook.column(3)[..n]);
                             let columns = c0.iter().zip(c1).zip(c2).zip(c3);
-                            for (l, (((a, b), c), e)) in table.iter_mut().zip(columns) {
-                                *l = x0 * a + x1 * b + x2 * c + x3 * e;
+                            for (l, (((w0, w1), w2), w3)) in table.iter_mut().zip(columns) {
+                                *l = x0 * w0 + x1 * w1 + x2 * w2 + x3 * w3;
                             }
                         }
                         _ => {
@@ -481,7 +486,7 @@ impl SplitPlan {
             });
         }
         let largest = page_norm(page)?;
-        let mut lookups = [0u32; MAX_CHUNKS * CHUNK / 2];
+        let mut entries = [0u32; MAX_CHUNKS * CHUNK / 2];
         for (t, token) in page[PAGE_HEADER..]
             .chunks_exact(self.token_bytes)
             .take(n)
@@ -497,7 +502,7 @@ impl SplitPlan {
                 for b in 0..chunk.blocks {
                     // a ladder codebook has 2^bits words: every index is in range
                     let index = (code >> (b * bits)) as usize & (words - 1);
-                    lookups[count] = (chunk.table + b * words + index) as u32;
+                    entries[count] = (chunk.table + b * words + index) as u32;
                     count += 1;
                 }
                 *end = count;
@@ -507,12 +512,12 @@ impl SplitPlan {
             for first in (0..groups).step_by(4) {
                 let tables = &tables[first * per_query..];
                 let out = &mut scores[first * stride + t..];
-                let lookups = (&lookups[..count], ends);
+                let entries = (&entries[..count], ends);
                 match groups - first {
-                    1 => score_heads::<1>(tables, per_query, lookups, norm, out, stride),
-                    2 => score_heads::<2>(tables, per_query, lookups, norm, out, stride),
-                    3 => score_heads::<3>(tables, per_query, lookups, norm, out, stride),
-                    _ => score_heads::<4>(tables, per_query, lookups, norm, out, stride),
+                    1 => score_heads::<1>(tables, per_query, entries, norm, out, stride),
+                    2 => score_heads::<2>(tables, per_query, entries, norm, out, stride),
+                    3 => score_heads::<3>(tables, per_query, entries, norm, out, stride),
+                    _ => score_heads::<4>(tables, per_query, entries, norm, out, stride),
                 }
             }
         }
@@ -521,13 +526,13 @@ impl SplitPlan {
 }
 
 /// One token's scores for `H` query heads (`tables`: theirs, `per_query` entries each, one
-/// after another) into `out[h·stride]`, from its table entries and where each chunk's end
-/// (`lookups`): per chunk a sum of its entries, scaled by `norm` and added to the score. The
+/// after another) into `out[h·stride]`, from the token's table entries and where each chunk's
+/// entries end: per chunk a sum of its entries, scaled by `norm` and added to the score. The
 /// heads' sums are independent chains interleaved, for the CPU to overlap.
 fn score_heads<const H: usize>(
     tables: &[f32],
     per_query: usize,
-    (lookups, ends): (&[u32], &[usize]),
+    (entries, ends): (&[u32], &[usize]),
     norm: f32,
     out: &mut [f32],
     stride: usize,
@@ -537,7 +542,7 @@ fn score_heads<const H: usize>(
     let mut start = 0;
     for &end in ends {
         let mut sums = [0f32; H];
-        for &l in &lookups[start..end] {
+        for &l in &entries[start..end] {
             for (sum, table) in sums.iter_mut().zip(&tables) {
                 *sum += table[l as usize];
             }
@@ -556,12 +561,10 @@ fn score_heads<const H: usize>(
 /// the ladder) of a page from byte `at`, lowest first; the bits above them are whatever
 /// follows in the page, or zero past its end.
 fn code_bits(page: &[u8], at: usize, bits: usize) -> u128 {
-    if let Some(bytes) = page
-        .get(at..at + 16)
-        .and_then(|b| <[u8; 16]>::try_from(b).ok())
-    {
+    debug_assert!(bits <= 128);
+    if let Some(bytes) = page.get(at..).and_then(<[u8]>::first_chunk::<16>) {
         // one load, where bytes gathered through memory would stall its read on their stores
-        return u128::from_le_bytes(bytes);
+        return u128::from_le_bytes(*bytes);
     }
     page[at..at + bits.div_ceil(8)]
         .iter()
@@ -734,6 +737,47 @@ mod tests {
                 }
             }
             assert!(err / spread < 0.1, "head {head}: {}", err / spread);
+        }
+    }
+
+    /// Groups of 1 to 9 query heads (read four at a time), part of a page, scores spaced
+    /// wider than the page: every head's score is the decoded key's logit.
+    #[test]
+    fn scores_match_the_decode_for_every_group_size() {
+        let codec = Codec::FibQuant { k: 4, n: 256 };
+        let (k, q) = energies();
+        let plan = SplitPlan::fit(codec, 64, &k, &q).unwrap();
+        let (tokens, n, stride) = (16, 13, 20);
+        let x = rows(5, tokens, 64, &k);
+        let mut page = vec![0u8; plan.page_bytes(tokens)];
+        plan.encode_page(0, &x, &mut page).unwrap();
+        let mut back = vec![0f32; x.len()];
+        plan.decode_page(0, &page, &mut back).unwrap();
+        for groups in 1..=9 {
+            let queries: Vec<f32> = rows(40 + groups as u64, groups, 64, &q);
+            let mut tables = Vec::new();
+            plan.query_tables(0, &queries, &mut tables);
+            let mut scores = vec![f32::NAN; groups * stride];
+            plan.scores(&page, n, &tables, 0.5, stride, &mut scores)
+                .unwrap();
+            for (g, qg) in queries.chunks_exact(64).enumerate() {
+                for t in 0..n {
+                    let decoded: f64 = back[t * 64..(t + 1) * 64]
+                        .iter()
+                        .zip(qg)
+                        .map(|(a, b)| (a * b) as f64)
+                        .sum();
+                    let s = scores[g * stride + t] as f64;
+                    assert!(
+                        (s - 0.5 * decoded).abs() <= 1e-4 * (1.0 + decoded.abs()),
+                        "{groups} heads, head {g}, token {t}: {s} vs {decoded}"
+                    );
+                }
+                // nothing written past the page's tokens
+                assert!(scores[g * stride + n..(g + 1) * stride]
+                    .iter()
+                    .all(|s| s.is_nan()));
+            }
         }
     }
 

@@ -401,7 +401,7 @@ impl FibTables {
         probs: &[f32],
     ) -> Result<()> {
         let Shape { group, d, bs, .. } = shape;
-        assert_eq!(fq.profile().k, K);
+        debug_assert_eq!(fq.profile().k, K);
         let words = fq.codebook().words();
         let blocks = d / K;
         let mut indices = std::mem::take(&mut self.page_indices);
