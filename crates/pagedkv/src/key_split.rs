@@ -486,14 +486,6 @@ impl SplitPlan {
             });
         }
         let largest = page_norm(page)?;
-        // where each chunk's entries end among a token's (the same for every token)
-        let mut ends = [0usize; MAX_CHUNKS];
-        let mut count = 0;
-        for (chunk, end) in self.lookups.iter().zip(&mut ends) {
-            count += chunk.blocks;
-            *end = count;
-        }
-        let ends = &ends[..self.lookups.len()];
         let mut entries = [0u32; MAX_CHUNKS * CHUNK / 2];
         for (t, token) in page[PAGE_HEADER..]
             .chunks_exact(self.token_bytes)
@@ -501,19 +493,22 @@ impl SplitPlan {
             .enumerate()
         {
             // every block's entry in a query's tables, found once for all the query heads
+            let mut count = 0;
             let token_start = PAGE_HEADER + t * self.token_bytes;
-            let mut at = 0;
-            for chunk in &self.lookups {
+            let mut ends = [0usize; MAX_CHUNKS];
+            for (chunk, end) in self.lookups.iter().zip(&mut ends) {
                 let (bits, words) = (chunk.bits, chunk.words);
                 let code = code_bits(page, token_start + chunk.offset, chunk.blocks * bits);
                 for b in 0..chunk.blocks {
                     // a ladder codebook has 2^bits words: every index is in range
                     let index = (code >> (b * bits)) as usize & (words - 1);
-                    entries[at] = (chunk.table + b * words + index) as u32;
-                    at += 1;
+                    entries[count] = (chunk.table + b * words + index) as u32;
+                    count += 1;
                 }
+                *end = count;
             }
             let norm = token_norm(largest, token[0]) * scale;
+            let ends = &ends[..self.lookups.len()];
             for first in (0..groups).step_by(4) {
                 let tables = &tables[first * per_query..];
                 let out = &mut scores[first * stride + t..];
