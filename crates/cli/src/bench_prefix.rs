@@ -11,7 +11,7 @@ use clap::Args;
 use pagedkv::tier::{DiskTier, HostTier, RemoteStats, TieredStore};
 use pagedkv::{Codec, KvCacheManager};
 use pagedkv_engine::{Event, Model, Request, SamplingParams, Scheduler, SchedulerConfig};
-use pagedkv_redis::LocalRedis;
+use pagedkv_redis::{LocalRedis, DEFAULT_FETCH_BUDGET};
 
 use crate::bench::median;
 use crate::common::{attach_shared_tier, CommonArgs};
@@ -191,7 +191,7 @@ fn measure(
         pool.push(t);
         // one engine computes and publishes the prompt (not timed) ...
         let mut cache = fresh()?;
-        let published = attach_shared_tier(&mut cache, model, url, None)?;
+        let published = attach_shared_tier(&mut cache, model, url, None, DEFAULT_FETCH_BUDGET)?;
         let (_, cache) = time_to_first_token(model, cache, &p)?;
         drop(cache); // waits for the queued writes
         anyhow::ensure!(
@@ -201,7 +201,7 @@ fn measure(
         );
         // ... and another, with an empty cache, finds it in Redis
         let mut cache = fresh()?;
-        let fetched = attach_shared_tier(&mut cache, model, url, None)?;
+        let fetched = attach_shared_tier(&mut cache, model, url, None, DEFAULT_FETCH_BUDGET)?;
         let (t, _) = time_to_first_token(model, cache, &p)?;
         redis.push(t);
         anyhow::ensure!(

@@ -330,6 +330,11 @@ pub struct SharedTierArgs {
     /// Expiry of published blocks in seconds (default: until Redis evicts them).
     #[arg(long, requires = "shared_tier")]
     pub shared_tier_ttl_s: Option<u64>,
+    /// The longest an admission spends fetching a prompt's blocks from the shared tier, in
+    /// milliseconds (its first round trip always goes); the rest is computed, and the prompt's
+    /// report says `store_timed_out`.
+    #[arg(long, requires = "shared_tier", default_value_t = pagedkv_redis::DEFAULT_FETCH_BUDGET.as_millis() as u64)]
+    pub shared_tier_fetch_budget_ms: u64,
 }
 
 impl SharedTierArgs {
@@ -346,12 +351,14 @@ impl SharedTierArgs {
             anyhow::bail!("--shared-tier-ttl-s must be at least 1");
         }
         let ttl = self.shared_tier_ttl_s.map(Duration::from_secs);
-        attach_shared_tier(cache, model, url, ttl).map(Some)
+        let budget = Duration::from_millis(self.shared_tier_fetch_budget_ms);
+        attach_shared_tier(cache, model, url, ttl, budget).map(Some)
     }
 }
 
 /// Puts a shared tier on `url` (`redis://HOST:PORT[/DB]`) below the cache: sealed blocks are
-/// published there (expiring after `ttl`, if given) and prompts continue their chains there.
+/// published there (expiring after `ttl`, if given) and prompts continue their chains there,
+/// fetching for at most `fetch_budget` each.
 /// A store that does not answer is a warning, not an error: the cache then runs on its own
 /// until the store is back.
 pub fn attach_shared_tier(
@@ -359,9 +366,11 @@ pub fn attach_shared_tier(
     model: &Model,
     url: &str,
     ttl: Option<Duration>,
+    fetch_budget: Duration,
 ) -> Result<Arc<RemoteStats>> {
     let config = RedisConfig {
         ttl,
+        fetch_budget,
         ..RedisConfig::new(url, &model.fingerprint().hex(), cache.layout())
     };
     let store = RedisStore::connect(config)?;

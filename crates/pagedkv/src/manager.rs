@@ -271,15 +271,14 @@ impl KvCacheManager {
         // the chain may continue in the prefix tier: those blocks come back instead of being
         // recomputed (they take fresh blocks, so the demand above already counts them)
         let parent = hashes.last().copied().or(root);
-        let (mut from_tier, mut damaged) = self.match_prefix_in_tier(prompt, hits.len(), parent)?;
-        let mut unavailable = false;
+        let (mut from_tier, damaged) = self.match_prefix_in_tier(prompt, hits.len(), parent)?;
+        let mut remote_stop = RemoteStop::Miss;
         if !damaged {
             let matched = hits.len() + from_tier.len();
             let parent = from_tier.last().map(|t| t.0).or(parent);
             let (remote, stop) = self.match_prefix_in_remote(prompt, matched, parent, root);
             from_tier.extend(remote);
-            damaged = stop == RemoteStop::Damaged;
-            unavailable = stop == RemoteStop::Unavailable;
+            remote_stop = stop;
         }
         let found = hits.len() + from_tier.len();
         let matchable = (prompt.len() - 1) / bs;
@@ -290,11 +289,13 @@ impl KvCacheManager {
         let last_found = from_tier.last().map(|t| t.0).or(parent);
         let report = PrefixReport::new(bs, matchable, pool_hits, &levels, || {
             if damaged {
-                MissReason::Damaged
-            } else if unavailable {
-                MissReason::StoreUnavailable
-            } else {
-                self.miss_reason(prompt, found, last_found)
+                return MissReason::Damaged;
+            }
+            match remote_stop {
+                RemoteStop::Damaged => MissReason::Damaged,
+                RemoteStop::Unavailable => MissReason::StoreUnavailable,
+                RemoteStop::OutOfTime => MissReason::StoreTimedOut,
+                RemoteStop::Miss => self.miss_reason(prompt, found, last_found),
             }
         });
         for block in &hits {

@@ -27,11 +27,14 @@ pub enum MissReason {
     Damaged,
     /// The chain might have continued in the shared store, but the store did not answer.
     StoreUnavailable,
+    /// The shared store was still answering when the admission's fetch budget ran out; the
+    /// chain might have continued there.
+    StoreTimedOut,
 }
 
 impl MissReason {
     /// The reason's wire name: `none`, `no_entry`, `partial_block`, `evicted`, `damaged`,
-    /// `store_unavailable`.
+    /// `store_unavailable`, `store_timed_out`.
     pub fn name(&self) -> &'static str {
         match self {
             MissReason::None => "none",
@@ -40,6 +43,7 @@ impl MissReason {
             MissReason::Evicted { .. } => "evicted",
             MissReason::Damaged => "damaged",
             MissReason::StoreUnavailable => "store_unavailable",
+            MissReason::StoreTimedOut => "store_timed_out",
         }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pagedkv::tier::payload;
-use pagedkv::tier::{RemoteError, RemoteKey, RemoteStats, RemoteStore};
+use pagedkv::tier::{FetchedRun, RemoteError, RemoteKey, RemoteStats, RemoteStore, RunCut};
 use pagedkv::{BlockHash, KvLayout};
 
 pub use local_server::LocalRedis;
@@ -46,6 +46,9 @@ pub enum RedisTierError {
     Thread(#[from] std::io::Error),
 }
 
+/// How long an admission's fetch may take by default (see [`RedisConfig::fetch_budget`]).
+pub const DEFAULT_FETCH_BUDGET: Duration = Duration::from_millis(200);
+
 /// Settings of a [`RedisStore`].
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -55,6 +58,9 @@ pub struct RedisConfig {
     pub namespace: String,
     /// Budget of every call: connecting, reading, writing.
     pub timeout: Duration,
+    /// Budget of a whole fetch at admission (its first round trip always goes): the longest a
+    /// slow store can hold up an admission beyond one call.
+    pub fetch_budget: Duration,
     /// Writes waiting for the writer thread; beyond, writes are dropped.
     pub queue_capacity: usize,
     /// Expiry of published blocks (`None`: until Redis evicts them).
@@ -71,6 +77,7 @@ impl RedisConfig {
             url: url.to_string(),
             namespace: format!("pagedkv:{}:{model}:{:032x}", payload::VERSION, digest.0),
             timeout: Duration::from_millis(200),
+            fetch_budget: DEFAULT_FETCH_BUDGET,
             queue_capacity: 1024,
             ttl: None,
             keys_per_fetch: 16,
@@ -321,13 +328,19 @@ impl RemoteStore for RedisStore {
         }
     }
 
-    fn fetch_run(&mut self, keys: &[RemoteKey]) -> Result<Vec<Vec<u8>>, RemoteError> {
+    fn fetch_run(&mut self, keys: &[RemoteKey]) -> Result<FetchedRun, RemoteError> {
         // one budget for the whole run: a slow store costs at most that per admission
-        let deadline = Instant::now() + self.config.timeout;
-        let mut found = Vec::new();
+        let deadline = Instant::now() + self.config.fetch_budget;
+        let mut payloads = Vec::new();
+        let cut = |payloads, cut| {
+            Ok(FetchedRun {
+                payloads,
+                cut: Some(cut),
+            })
+        };
         for chunk in keys.chunks(self.config.keys_per_fetch.max(1)) {
-            if !found.is_empty() && Instant::now() > deadline {
-                return Ok(found);
+            if !payloads.is_empty() && Instant::now() >= deadline {
+                return cut(payloads, RunCut::OutOfTime);
             }
             let names: Vec<String> = chunk.iter().map(|k| self.config.key(k)).collect();
             let result = self.reader.run(|c| {
@@ -339,25 +352,28 @@ impl RemoteStore for RedisStore {
             let values = match result {
                 Ok(values) => values,
                 // the failure is counted above; what came before it is still good
-                Err(e) if found.is_empty() => return Err(e.into()),
+                Err(e) if payloads.is_empty() => return Err(e.into()),
                 Err(LinkError::Open | LinkError::Failed(_) | LinkError::Refused(_)) => {
-                    return Ok(found)
+                    return cut(payloads, RunCut::Unavailable)
                 }
             };
             for value in values {
                 match value {
                     Some(bytes) => {
                         RemoteStats::bump(&self.stats.hits);
-                        found.push(bytes);
+                        payloads.push(bytes);
                     }
                     None => {
                         RemoteStats::bump(&self.stats.misses);
-                        return Ok(found);
+                        return cut(payloads, RunCut::Missing);
                     }
                 }
             }
         }
-        Ok(found)
+        Ok(FetchedRun {
+            payloads,
+            cut: None,
+        })
     }
 
     fn probe_run(&mut self, keys: &[RemoteKey]) -> Result<usize, RemoteError> {

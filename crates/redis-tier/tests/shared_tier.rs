@@ -161,6 +161,29 @@ fn a_store_that_goes_down_costs_only_hits_and_hits_resume_when_it_is_back() {
 }
 
 #[test]
+fn a_fetch_out_of_time_keeps_what_it_fetched_and_says_so() {
+    let redis = LocalRedis::start(&redis_binary(), &[]).unwrap();
+    let layout = layout(Codec::Int8);
+    let (mut a, a_stats) = cache_on(&redis.url(), &layout, MODEL);
+    let p = prompt(5, 100); // 6 cacheable blocks
+    run_prompt(&mut a, 1, &p, None);
+    wait_for_writes(&a_stats, 6);
+    // a zero budget: the first round trip (two keys) goes, the deadline has passed after it
+    let config = RedisConfig {
+        fetch_budget: Duration::ZERO,
+        keys_per_fetch: 2,
+        ..RedisConfig::new(&redis.url(), MODEL, &layout)
+    };
+    let mut b = KvCacheManager::new(layout.clone(), 256, MODEL.as_bytes()).unwrap();
+    b.set_remote_store(Box::new(RedisStore::connect(config).unwrap()));
+    let admission = b.admit(SeqId(1), &p).unwrap();
+    assert_eq!(admission.report.remote_tokens, 2 * BLOCK);
+    assert_eq!(admission.report.reason, MissReason::StoreTimedOut);
+    assert_eq!(admission.report.reason.name(), "store_timed_out");
+    b.check_invariants().unwrap();
+}
+
+#[test]
 fn a_damaged_value_is_a_miss_and_is_deleted() {
     let redis = LocalRedis::start(&redis_binary(), &[]).unwrap();
     let layout = layout(Codec::Int4);

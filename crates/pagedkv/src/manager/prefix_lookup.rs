@@ -8,7 +8,7 @@ use crate::block::BlockId;
 use crate::error::Result;
 use crate::prefix::{hash_block, BlockHash, CacheSalt};
 use crate::prefix_report::{MissReason, PrefixReport};
-use crate::tier::{payload, RemoteError, RemoteKey, TierKey, TierLevel};
+use crate::tier::{payload, RemoteError, RemoteKey, RunCut, TierKey, TierLevel};
 
 /// A block found below the pool: its key, its payload, and the tier it came from.
 pub(super) type FetchedBlock = (BlockHash, Vec<u8>, TierLevel);
@@ -22,6 +22,8 @@ pub(super) enum RemoteStop {
     Damaged,
     /// The store did not answer.
     Unavailable,
+    /// The fetch's time budget ran out.
+    OutOfTime,
 }
 
 impl KvCacheManager {
@@ -107,12 +109,12 @@ impl KvCacheManager {
         if keys.is_empty() {
             return (Vec::new(), RemoteStop::Miss);
         }
-        let payloads = match store.fetch_run(&keys) {
-            Ok(payloads) => payloads,
+        let run = match store.fetch_run(&keys) {
+            Ok(run) => run,
             Err(RemoteError::Unavailable(_)) => return (Vec::new(), RemoteStop::Unavailable),
         };
-        let mut found = Vec::with_capacity(payloads.len());
-        for (key, bytes) in keys.iter().zip(payloads) {
+        let mut found = Vec::with_capacity(run.payloads.len());
+        for (key, bytes) in keys.iter().zip(run.payloads) {
             let storage = &self.storage;
             let usable =
                 payload::decode(&self.layout, &bytes, |kind| storage.block_image_bytes(kind))
@@ -123,7 +125,12 @@ impl KvCacheManager {
             }
             found.push((key.prefix, bytes, TierLevel::Remote));
         }
-        (found, RemoteStop::Miss)
+        let stop = match run.cut {
+            None | Some(RunCut::Missing) => RemoteStop::Miss,
+            Some(RunCut::Unavailable) => RemoteStop::Unavailable,
+            Some(RunCut::OutOfTime) => RemoteStop::OutOfTime,
+        };
+        (found, stop)
     }
 
     /// Offers sealed, registered blocks to the shared store, if there is one.

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 
 pub use disk::DiskTier;
 pub use host::HostTier;
-pub use remote::{RemoteError, RemoteKey, RemoteStats, RemoteStore};
+pub use remote::{FetchedRun, RemoteError, RemoteKey, RemoteStats, RemoteStore, RunCut};
 
 use crate::error::Result;
 

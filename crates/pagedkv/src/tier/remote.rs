@@ -29,6 +29,26 @@ pub enum RemoteError {
     Unavailable(String),
 }
 
+/// What a fetch of consecutive keys returned: the payloads of the leading keys, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FetchedRun {
+    /// One payload per leading key.
+    pub payloads: Vec<Vec<u8>>,
+    /// Why the run ended before the last key; `None` when every key had a payload.
+    pub cut: Option<RunCut>,
+}
+
+/// Why a fetch ended before its last key. The payloads before the cut are good either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunCut {
+    /// The next key has no payload.
+    Missing,
+    /// The store stopped answering partway.
+    Unavailable,
+    /// The fetch's time budget ran out with keys left to ask for.
+    OutOfTime,
+}
+
 /// A store shared between engines. Calls come from the engine's thread between steps, so an
 /// implementation must bound the time each takes (a timeout per call) and never block on
 /// writes.
@@ -37,9 +57,9 @@ pub trait RemoteStore: Send + std::fmt::Debug {
     /// queued is dropped (and counted by the implementation).
     fn publish(&mut self, key: RemoteKey, payload: Vec<u8>);
 
-    /// The payloads stored under consecutive `keys`, fetched in one round trip, up to the first
-    /// key that has none (so the result is a prefix of `keys`).
-    fn fetch_run(&mut self, keys: &[RemoteKey]) -> Result<Vec<Vec<u8>>, RemoteError>;
+    /// The payloads stored under consecutive `keys`, in order, up to the first key that has
+    /// none, and why the run ended early if it did. Fails only when nothing could be fetched.
+    fn fetch_run(&mut self, keys: &[RemoteKey]) -> Result<FetchedRun, RemoteError>;
 
     /// How many leading `keys` have a payload, without transferring them (a dry run's lookup).
     fn probe_run(&mut self, keys: &[RemoteKey]) -> Result<usize, RemoteError>;
