@@ -6,7 +6,8 @@
 //!   before it reaches the pool).
 //! - Writes are write-behind: [`RemoteStore::publish`] only queues (bounded); a writer thread
 //!   sends `SET key value NX [PX ttl]`. A full queue drops the write and counts it.
-//! - Reads: `MGET` of the next run of keys, in chunks, stopping at the first miss.
+//! - Reads: `MGET` of the next run of keys, in chunks, stopping at the first miss or when the
+//!   admission's fetch budget ([`RedisConfig::fetch_budget`]) has run out.
 //! - Faults cost only hits: every call has a timeout; after a failure a circuit breaker
 //!   answers "unavailable" at once, and tries the store again after a backoff that doubles up
 //!   to [`MAX_BACKOFF`]. Nothing here returns an error to a client of the engine.
@@ -332,15 +333,11 @@ impl RemoteStore for RedisStore {
         // one budget for the whole run: a slow store costs at most that per admission
         let deadline = Instant::now() + self.config.fetch_budget;
         let mut payloads = Vec::new();
-        let cut = |payloads, cut| {
-            Ok(FetchedRun {
-                payloads,
-                cut: Some(cut),
-            })
-        };
         for chunk in keys.chunks(self.config.keys_per_fetch.max(1)) {
+            // (a later round trip follows only a first that found every key)
             if !payloads.is_empty() && Instant::now() >= deadline {
-                return cut(payloads, RunCut::OutOfTime);
+                RemoteStats::bump(&self.stats.budget_cuts);
+                return Ok(FetchedRun::cut_short(payloads, RunCut::OutOfTime));
             }
             let names: Vec<String> = chunk.iter().map(|k| self.config.key(k)).collect();
             let result = self.reader.run(|c| {
@@ -354,7 +351,7 @@ impl RemoteStore for RedisStore {
                 // the failure is counted above; what came before it is still good
                 Err(e) if payloads.is_empty() => return Err(e.into()),
                 Err(LinkError::Open | LinkError::Failed(_) | LinkError::Refused(_)) => {
-                    return cut(payloads, RunCut::Unavailable)
+                    return Ok(FetchedRun::cut_short(payloads, RunCut::Unavailable))
                 }
             };
             for value in values {
@@ -365,15 +362,12 @@ impl RemoteStore for RedisStore {
                     }
                     None => {
                         RemoteStats::bump(&self.stats.misses);
-                        return cut(payloads, RunCut::Missing);
+                        return Ok(FetchedRun::cut_short(payloads, RunCut::Missing));
                     }
                 }
             }
         }
-        Ok(FetchedRun {
-            payloads,
-            cut: None,
-        })
+        Ok(FetchedRun::whole(payloads))
     }
 
     fn probe_run(&mut self, keys: &[RemoteKey]) -> Result<usize, RemoteError> {

@@ -1,6 +1,6 @@
 //! The shared tier against a real `redis-server` (started here on a loopback port, stopped by
 //! its process id): blocks one cache publishes are found by another, bit for bit; faults cost
-//! only hits; damaged values are misses and deleted; Redis's own eviction causes no errors;
+//! only hits; a fetch out of time keeps what it fetched; damaged values are misses and deleted; Redis's own eviction causes no errors;
 //! salts, models and codecs never see each other's blocks.
 
 use std::path::PathBuf;
@@ -172,14 +172,20 @@ fn a_fetch_out_of_time_keeps_what_it_fetched_and_says_so() {
     let config = RedisConfig {
         fetch_budget: Duration::ZERO,
         keys_per_fetch: 2,
+        // a slow first call must not fail it: the budget is what this test cuts on
+        timeout: Duration::from_secs(5),
         ..RedisConfig::new(&redis.url(), MODEL, &layout)
     };
     let mut b = KvCacheManager::new(layout.clone(), 256, MODEL.as_bytes()).unwrap();
-    b.set_remote_store(Box::new(RedisStore::connect(config).unwrap()));
+    let store = RedisStore::connect(config).unwrap();
+    let b_stats = store.stats();
+    b.set_remote_store(Box::new(store));
     let admission = b.admit(SeqId(1), &p).unwrap();
     assert_eq!(admission.report.remote_tokens, 2 * BLOCK);
     assert_eq!(admission.report.reason, MissReason::StoreTimedOut);
     assert_eq!(admission.report.reason.name(), "store_timed_out");
+    assert_eq!(admission.report.first_missed_block, Some(2));
+    assert_eq!(RemoteStats::get(&b_stats.budget_cuts), 1);
     b.check_invariants().unwrap();
 }
 
@@ -215,6 +221,7 @@ fn a_damaged_value_is_a_miss_and_is_deleted() {
         "the blocks before the damaged one"
     );
     assert_eq!(admission.report.first_missed_block, Some(2));
+    assert_eq!(RemoteStats::get(&b_stats.budget_cuts), 1);
     assert_eq!(admission.report.reason, MissReason::Damaged);
     assert_eq!(RemoteStats::get(&b_stats.damaged), 1);
     let exists: bool = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();

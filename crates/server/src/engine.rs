@@ -459,6 +459,7 @@ impl Engine<'_> {
         let now = [
             ("hit_blocks", &r.hits),
             ("misses", &r.misses),
+            ("fetch_budget_cuts", &r.budget_cuts),
             ("writes", &r.writes),
             ("writes_dropped", &r.writes_dropped),
             ("damaged", &r.damaged),

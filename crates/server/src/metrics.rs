@@ -43,8 +43,8 @@ pub struct Metrics {
     pub kv_bytes_per_token: Gauge,
     /// Batched forward passes (one per engine step that ran the model).
     pub forward_steps: Counter,
-    /// Shared-store events, by kind (`hit_blocks`, `misses`, `writes`, `writes_dropped`,
-    /// `damaged`, `read_errors`, `write_errors`, `delete_errors`).
+    /// Shared-store events, by kind (`hit_blocks`, `misses`, `fetch_budget_cuts`, `writes`,
+    /// `writes_dropped`, `damaged`, `read_errors`, `write_errors`, `delete_errors`).
     pub remote: Family<Labels, Counter>,
     /// 1 while the shared store answers, 0 while it is down (absent without one).
     pub remote_up: Gauge,

@@ -28,7 +28,8 @@ pub(super) enum RemoteStop {
 
 impl KvCacheManager {
     /// What `prompt` would find in the cache now, changing nothing (a dry run of admission:
-    /// tier payloads are located, not read, so a damaged one shows only at admission).
+    /// tier payloads are located, not read, so a damaged one, or a fetch cut by the shared
+    /// tier's time budget, shows only at admission).
     pub fn lookup_prefix(&mut self, prompt: &[u32], salt: Option<CacheSalt>) -> PrefixReport {
         let bs = self.layout.block_size();
         let root = CacheSalt::root(salt);

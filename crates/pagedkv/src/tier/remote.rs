@@ -38,12 +38,30 @@ pub struct FetchedRun {
     pub cut: Option<RunCut>,
 }
 
+impl FetchedRun {
+    /// Every key's payload.
+    pub fn whole(payloads: Vec<Vec<u8>>) -> Self {
+        Self {
+            payloads,
+            cut: None,
+        }
+    }
+
+    /// The payloads of the keys before the run was cut, and why it was.
+    pub fn cut_short(payloads: Vec<Vec<u8>>, why: RunCut) -> Self {
+        Self {
+            payloads,
+            cut: Some(why),
+        }
+    }
+}
+
 /// Why a fetch ended before its last key. The payloads before the cut are good either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RunCut {
     /// The next key has no payload.
     Missing,
-    /// The store stopped answering partway.
+    /// The store stopped answering partway (or refused a call).
     Unavailable,
     /// The fetch's time budget ran out with keys left to ask for.
     OutOfTime,
@@ -75,6 +93,8 @@ pub struct RemoteStats {
     pub hits: AtomicU64,
     /// Fetches that ended at a missing key.
     pub misses: AtomicU64,
+    /// Fetches cut short by their time budget.
+    pub budget_cuts: AtomicU64,
     /// Failed reads (timeouts, connection errors).
     pub read_errors: AtomicU64,
     /// Failed writes.
