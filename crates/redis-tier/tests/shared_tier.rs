@@ -221,7 +221,6 @@ fn a_damaged_value_is_a_miss_and_is_deleted() {
         "the blocks before the damaged one"
     );
     assert_eq!(admission.report.first_missed_block, Some(2));
-    assert_eq!(RemoteStats::get(&b_stats.budget_cuts), 1);
     assert_eq!(admission.report.reason, MissReason::Damaged);
     assert_eq!(RemoteStats::get(&b_stats.damaged), 1);
     let exists: bool = redis::cmd("EXISTS").arg(&key).query(&mut c).unwrap();
