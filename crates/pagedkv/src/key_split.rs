@@ -167,17 +167,19 @@ impl SplitPlan {
             token_bytes += chunk_bits(*c).div_ceil(8);
         }
         let mut lookups = Vec::new();
-        let mut table = 0;
+        let (mut table, mut entries_end) = (0, 0);
         for (fq, &offset) in quantizers.iter().zip(&offsets) {
             let Some(fq) = fq else { continue };
             let (blocks, words) = (CHUNK / fq.profile().k, fq.profile().n);
             let bits = fq.index_bits() as usize;
+            entries_end += blocks;
             lookups.push(ChunkLookup {
                 offset,
                 bits,
                 blocks,
                 words,
                 table,
+                entries_end,
             });
             table += blocks * words;
         }
@@ -495,8 +497,7 @@ impl SplitPlan {
             // every block's entry in a query's tables, found once for all the query heads
             let mut count = 0;
             let token_start = PAGE_HEADER + t * self.token_bytes;
-            let mut ends = [0usize; MAX_CHUNKS];
-            for (chunk, end) in self.lookups.iter().zip(&mut ends) {
+            for chunk in &self.lookups {
                 let (bits, words) = (chunk.bits, chunk.words);
                 let code = code_bits(page, token_start + chunk.offset, chunk.blocks * bits);
                 for b in 0..chunk.blocks {
@@ -505,14 +506,12 @@ impl SplitPlan {
                     entries[count] = (chunk.table + b * words + index) as u32;
                     count += 1;
                 }
-                *end = count;
             }
             let norm = token_norm(largest, token[0]) * scale;
-            let ends = &ends[..self.lookups.len()];
             for first in (0..groups).step_by(4) {
                 let tables = &tables[first * per_query..];
                 let out = &mut scores[first * stride + t..];
-                let entries = (&entries[..count], ends);
+                let entries = (&entries[..count], self.lookups.as_slice());
                 match groups - first {
                     1 => score_heads::<1>(tables, per_query, entries, norm, out, stride),
                     2 => score_heads::<2>(tables, per_query, entries, norm, out, stride),
@@ -526,13 +525,13 @@ impl SplitPlan {
 }
 
 /// One token's scores for `H` query heads (`tables`: theirs, `per_query` entries each, one
-/// after another) into `out[h·stride]`, from the token's table entries and where each chunk's
-/// entries end: per chunk a sum of its entries, scaled by `norm` and added to the score. The
+/// after another) into `out[h·stride]`, from the token's table entries and the plan's kept
+/// chunks: per chunk a sum of its entries, scaled by `norm` and added to the score. The
 /// heads' sums are independent chains interleaved, for the CPU to overlap.
 fn score_heads<const H: usize>(
     tables: &[f32],
     per_query: usize,
-    (entries, ends): (&[u32], &[usize]),
+    (entries, chunks): (&[u32], &[ChunkLookup]),
     norm: f32,
     out: &mut [f32],
     stride: usize,
@@ -540,7 +539,10 @@ fn score_heads<const H: usize>(
     let tables: [&[f32]; H] = std::array::from_fn(|h| &tables[h * per_query..(h + 1) * per_query]);
     let mut scores = [0f32; H];
     let mut start = 0;
-    for &end in ends {
+    for &ChunkLookup {
+        entries_end: end, ..
+    } in chunks
+    {
         let mut sums = [0f32; H];
         for &l in &entries[start..end] {
             for (sum, table) in sums.iter_mut().zip(&tables) {
@@ -583,6 +585,8 @@ struct ChunkLookup {
     words: usize,
     /// Offset of the first block's table in a query's tables.
     table: usize,
+    /// Where this chunk's entries end among a token's (the kept chunks' blocks so far).
+    entries_end: usize,
 }
 
 /// The split of every layer whose key codec a plan was made for.
